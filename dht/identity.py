@@ -69,7 +69,7 @@ class PeerID:
 
     def short(self) -> str:
         """A short form for log lines: the last 6 characters."""
-        return "…" + self._b58[-6:]
+        return "..." + self._b58[-6:]
 
     @property
     def public_key_bytes(self) -> bytes:

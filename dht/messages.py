@@ -40,7 +40,6 @@ def unpackb(data: bytes | memoryview, *, max_size_bytes: int = DEFAULT_MAX_MESSA
             data,
             raw=False,
             strict_map_key=False,
-            max_buffer_size=max_size_bytes,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
         raise ProtocolError(f"malformed msgpack ({type(e).__name__}: {e})") from None
