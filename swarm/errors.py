@@ -67,5 +67,9 @@ class NotFoundError(SwarmError, LookupError):
     """No peer, key or record was found."""
 
 
+class BootstrapError(SwarmError):
+    """None of the initial peers answered, so the node could not join the swarm."""
+
+
 class VerificationError(SwarmError):
     """A receipt, verdict or attestation is invalid."""
