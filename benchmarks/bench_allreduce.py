@@ -1,0 +1,275 @@
+"""All-reduce benchmark: 4 peers (one process each) average 100 MiB of fp32 on loopback.
+
+Compares, in the same run, swarm's butterfly all-reduce (encrypted transport, fixed agreed group: the exchange
+only), ``torch.distributed.all_reduce`` with gloo, and hivemind's ``DecentralizedAverager`` (the all-reduce
+after its matchmaking, via ``require_trigger``). Prints one JSON object as the last line: median seconds per
+round of each, the ratios, and the peak RSS of a swarm peer above its idle RSS.
+
+    python benchmarks/bench_allreduce.py [--size-mib 100] [--peers 4] [--rounds 3] [--skip-hivemind]
+
+``BENCH_ROUND_TIMEOUT_S`` (default 300) bounds each round; a peer that hangs past it dumps its stack and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import faulthandler
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from typing import Any
+
+import psutil
+import torch
+
+from dht.identity import Identity, PeerID
+from dht.maddr import parse_maddr
+from dht.transport import Transport, TransportConfig
+from swarm.averaging.allreduce import AllReduceServer, Group, run_allreduce
+from swarm.averaging.config import AveragerConfig
+from swarm.averaging.messages import MemberInfo, round_id_of
+from swarm.averaging.wire import CompressionPartCodec
+
+ROUND_TIMEOUT_S = float(os.environ.get("BENCH_ROUND_TIMEOUT_S", "300"))
+
+
+def _numel(size_mib: float) -> int:
+    return int(size_mib * 1024 * 1024) // 4
+
+
+# ---------------------------------------------------------------- swarm
+
+
+async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
+    cfg = AveragerConfig(allreduce_timeout_s=ROUND_TIMEOUT_S, part_timeout_s=60.0, join_timeout_s=60.0)
+    tcfg = TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=60.0)
+    async with Transport(Identity.generate(), tcfg) as transport:
+        conn.send((transport.peer_id.to_bytes(), transport.listen_maddrs))
+        peers = await asyncio.to_thread(conn.recv)
+        members = []
+        for i, (raw, maddrs) in enumerate(peers):
+            members.append(MemberInfo(peer_id=raw, maddrs=tuple(maddrs), ready_at=float(i)))
+            if i != rank:
+                transport.add_addresses(PeerID(raw), [parse_maddr(m) for m in maddrs])
+        server = AllReduceServer(cfg, transport, CompressionPartCodec("none"))
+        server.register()
+        idle_rss = psutil.Process().memory_info().rss
+        tensor = torch.randn(_numel(size_mib), generator=torch.Generator().manual_seed(rank))
+        times = []
+        for r in range(rounds + 1):
+            key = f"bench/avg/0/{r}"
+            group = Group(group_key=key, round_id=round_id_of(key, tuple(members)), members=tuple(members),
+                          my_index=rank)
+            server.expect(key, group.round_id)
+            await asyncio.to_thread(conn.recv)  # the go signal
+            start, cpu_start = time.perf_counter(), time.process_time()
+            outcome = await run_allreduce(server, group, tensor, 1.0)
+            times.append(time.perf_counter() - start)
+            if outcome.lost_owners or outcome.dropped_senders:
+                raise RuntimeError(f"peer {rank} lost peers in round {r}: {outcome}")
+            conn.send((times[-1], time.process_time() - cpu_start))
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        conn.send({"idle_rss": idle_rss, "peak_rss": peak_rss})
+
+
+def _swarm_main(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
+    torch.set_num_threads(1)  # 4 peers share the machine's cores: no intra-op thread pools fighting
+    faulthandler.dump_traceback_later(ROUND_TIMEOUT_S, exit=True)  # a hung peer shows where it hangs
+    asyncio.run(_swarm_peer(rank, size_mib, rounds, conn))
+
+
+def bench_swarm(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(peers)]
+    procs = [ctx.Process(target=_swarm_main, args=(i, size_mib, rounds, pipes[i][1])) for i in range(peers)]
+    for p in procs:
+        p.start()
+    try:
+        infos = [_recv(pipes[i][0]) for i in range(peers)]
+        for parent, _ in pipes:
+            parent.send(infos)
+        round_times, round_cpu = [], []
+        for _ in range(rounds + 1):
+            for parent, _ in pipes:
+                parent.send("go")
+            answers = [_recv(parent) for parent, _ in pipes]
+            round_times.append(max(wall for wall, _ in answers))
+            round_cpu.append(statistics.mean(cpu for _, cpu in answers))
+        mem = [_recv(parent) for parent, _ in pipes]
+    finally:
+        _join(procs)
+    above = max(m["peak_rss"] - m["idle_rss"] for m in mem)
+    return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times,
+            "cpu_s_per_peer": statistics.median(round_cpu[1:]), "peak_rss_above_idle_mib": above / 2**20}
+
+
+# ---------------------------------------------------------------- gloo
+
+
+def _gloo_main(rank: int, peers: int, port: int, size_mib: float, rounds: int, conn: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=peers)
+    tensor = torch.randn(_numel(size_mib), generator=torch.Generator().manual_seed(rank))
+    times, cpu = [], []
+    for _ in range(rounds + 1):
+        dist.barrier()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        dist.all_reduce(tensor)
+        tensor /= peers
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    dist.destroy_process_group()
+    conn.send((times, cpu))
+
+
+def bench_gloo(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(peers)]
+    procs = [ctx.Process(target=_gloo_main, args=(i, peers, port, size_mib, rounds, pipes[i][1])) for i in range(peers)]
+    for p in procs:
+        p.start()
+    try:
+        per_peer = [_recv(parent) for parent, _ in pipes]
+    finally:
+        _join(procs)
+    round_times = [max(t[r] for t, _ in per_peer) for r in range(rounds + 1)]
+    round_cpu = [statistics.mean(c[r] for _, c in per_peer) for r in range(rounds + 1)]
+    return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times,
+            "cpu_s_per_peer": statistics.median(round_cpu[1:])}
+
+
+# ---------------------------------------------------------------- hivemind
+
+
+def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
+    import hivemind
+    from hivemind.averaging.control import AveragingStage
+
+    torch.set_num_threads(1)
+    mp.set_start_method("fork", force=True)  # hivemind's averager is an mp.Process that must fork, not spawn
+    initial = conn.recv()
+    dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    conn.send([str(a) for a in dht.get_visible_maddrs()])
+    tensor = torch.randn(_numel(size_mib), generator=torch.Generator().manual_seed(rank))
+    averager = hivemind.averaging.DecentralizedAverager(
+        [tensor], dht, start=True, prefix="bench", target_group_size=4, min_group_size=4,
+        min_matchmaking_time=5.0, request_timeout=3.0, allreduce_timeout=ROUND_TIMEOUT_S,
+    )
+    times = []
+    try:
+        for _ in range(rounds + 1):
+            conn.recv()  # the go signal
+            control = averager.step(wait=False, require_trigger=True, timeout=ROUND_TIMEOUT_S)
+            deadline = time.monotonic() + ROUND_TIMEOUT_S
+            while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("hivemind matchmaking did not finish")
+                time.sleep(0.01)
+            conn.send("matched")
+            conn.recv()  # everyone matched: start the all-reduce together
+            start = time.perf_counter()
+            control.allow_allreduce()
+            result = control.result(timeout=ROUND_TIMEOUT_S)
+            times.append(time.perf_counter() - start)
+            if not result or len(result) != 4:
+                raise RuntimeError(f"hivemind averaged with {0 if not result else len(result)} peers, not 4")
+        conn.send(times)
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+
+
+def bench_hivemind(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(peers)]
+    procs = [ctx.Process(target=_hivemind_main, args=(i, size_mib, rounds, pipes[i][1])) for i in range(peers)]
+    for p in procs:
+        p.start()
+    try:
+        pipes[0][0].send([])
+        first = _recv(pipes[0][0])
+        for parent, _ in pipes[1:]:
+            parent.send(first)
+            _recv(parent)
+        for _ in range(rounds + 1):
+            for parent, _ in pipes:
+                parent.send("go")
+            for parent, _ in pipes:
+                _recv(parent)
+            for parent, _ in pipes:
+                parent.send("start")
+        per_peer = [_recv(parent) for parent, _ in pipes]
+    finally:
+        _join(procs)
+    round_times = [max(t[r] for t in per_peer) for r in range(rounds + 1)]
+    return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times}
+
+
+# ---------------------------------------------------------------- main
+
+
+def _recv(conn: Any) -> Any:
+    if not conn.poll(ROUND_TIMEOUT_S * 2):
+        raise TimeoutError("a benchmark peer did not answer in time")
+    return conn.recv()
+
+
+def _join(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(timeout=30)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=float, default=100.0)
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--only-hivemind", action="store_true", help="debugging: run hivemind alone, print its figures")
+    args = parser.parse_args()
+    tensor_mib = _numel(args.size_mib) * 4 / 2**20
+    if args.only_hivemind:
+        print(json.dumps({"hivemind": bench_hivemind(args.peers, args.size_mib, args.rounds)}))
+        return
+    swarm = bench_swarm(args.peers, args.size_mib, args.rounds)
+    print(f"swarm: {swarm}", flush=True)
+    gloo = bench_gloo(args.peers, args.size_mib, args.rounds)
+    print(f"gloo: {gloo}", flush=True)
+    hive = None if args.skip_hivemind else bench_hivemind(args.peers, args.size_mib, args.rounds)
+    print(f"hivemind: {hive}", flush=True)
+    result = {
+        "benchmark": "allreduce",
+        "peers": args.peers,
+        "tensor_mib": tensor_mib,
+        "rounds": args.rounds,
+        "swarm_median_s": round(swarm["median_s"], 4),
+        "gloo_median_s": round(gloo["median_s"], 4),
+        "hivemind_median_s": None if hive is None else round(hive["median_s"], 4),
+        "swarm_over_gloo": round(swarm["median_s"] / gloo["median_s"], 3),
+        "swarm_cpu_s_per_peer": round(swarm["cpu_s_per_peer"], 4),
+        "gloo_cpu_s_per_peer": round(gloo["cpu_s_per_peer"], 4),
+        "swarm_over_hivemind": None if hive is None else round(swarm["median_s"] / hive["median_s"], 3),
+        "swarm_peak_rss_above_idle_mib": round(swarm["peak_rss_above_idle_mib"], 1),
+        "swarm_peak_rss_over_tensor": round(swarm["peak_rss_above_idle_mib"] / tensor_mib, 3),
+        "goal": "swarm_over_gloo <= 1.5, swarm_over_hivemind <= 0.5, swarm_peak_rss_over_tensor <= 3",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

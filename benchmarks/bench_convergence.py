@@ -1,0 +1,124 @@
+"""Convergence benchmark: the default run trained by a single-process loop and by a 4-node local swarm.
+
+In the same run: the plain single-process PyTorch loop (same model, global batch, optimizer and data source)
+trains for ``--steps`` steps; then `swarm-node local --nodes 4` trains the same run for the same steps, once with
+no lossy codec and once with ``blockwise8`` activations. Prints both loss curves, the final-loss ratios (mean of
+the last ``--tail`` steps, swarm / single), both throughputs in tokens/s (the swarm's measured from its first
+microbatch to its last step, i.e. without process start-up), and writes a PNG plot of the curves.
+
+    python benchmarks/bench_convergence.py [--steps 30] [--nodes 4] [--config FILE] [--out-dir DIR] [--skip-lossy]
+
+Goals (issue #6): ratio <= 1.05 without lossy codecs, <= 1.10 with blockwise8 activations; swarm tokens/s >= 0.5x
+the single-process loop on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm.config import RunConfig
+from swarm.model.local_train import train_local
+
+
+def run_swarm(run: RunConfig, *, nodes: int, steps: int, work_dir: Path, label: str) -> dict[str, Any]:
+    config_path = work_dir / f"{label}.toml"
+    config_path.write_text(run.to_toml())
+    if RunConfig.from_toml(config_path) != run:
+        raise SystemExit("internal: the written TOML does not reproduce the run config")
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", str(nodes), "--steps", str(steps), "--json",
+         "--config", str(config_path), "--run-dir", str(work_dir / label)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"the {label} swarm failed (exit {proc.returncode}); logs in {work_dir / label}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary["wall_s_with_startup"] = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def tail_mean(curve: list[float], tail: int) -> float:
+    return sum(curve[-tail:]) / len(curve[-tail:])
+
+
+def plot(curves: dict[str, list[float]], floor: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, curve in curves.items():
+        ax.plot(range(len(curve)), curve, label=label)
+    if floor is not None:
+        ax.axhline(floor, color="gray", linestyle="--", label=f"loss floor {floor:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean training loss (nats)")
+    ax.set_title("tiny GPT: single process vs 4-node swarm")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--skip-lossy", action="store_true", help="skip the blockwise8-activations swarm")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as each node process does
+    run = RunConfig.from_toml(args.config)
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-convergence-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _, single = train_local(run, steps=args.steps)
+    swarm = run_swarm(run, nodes=args.nodes, steps=args.steps, work_dir=out_dir, label="swarm-none")
+    curves = {"single process": single.losses, f"{args.nodes}-node swarm": swarm["loss_curve"]}
+    result: dict[str, Any] = {
+        "benchmark": "convergence",
+        "run_id": run.run_id,
+        "steps": args.steps,
+        "loss_floor": single.loss_floor,
+        "single": {"loss_curve": [round(x, 4) for x in single.losses], "final_loss": round(tail_mean(single.losses, args.tail), 4),
+                   "samples": single.samples, "tokens_per_s": round(single.tokens_per_s, 1), "elapsed_s": round(single.elapsed_s, 2)},
+        "swarm": {k: swarm[k] for k in ("loss_curve", "samples", "tokens_per_s", "elapsed_s", "wall_s_with_startup", "stages")}
+        | {"final_loss": round(tail_mean(swarm["loss_curve"], args.tail), 4)},
+    }
+    result["final_loss_ratio"] = round(result["swarm"]["final_loss"] / result["single"]["final_loss"], 4)
+    result["tokens_per_s_ratio"] = round(swarm["tokens_per_s"] / single.tokens_per_s, 4)
+    if not args.skip_lossy:
+        lossy_run = dataclasses.replace(run, codecs=dataclasses.replace(run.codecs, activations="blockwise8"))
+        lossy = run_swarm(lossy_run, nodes=args.nodes, steps=args.steps, work_dir=out_dir, label="swarm-blockwise8")
+        curves[f"{args.nodes}-node swarm, blockwise8 activations"] = lossy["loss_curve"]
+        result["swarm_blockwise8"] = {k: lossy[k] for k in ("loss_curve", "samples", "tokens_per_s", "elapsed_s")} | {
+            "final_loss": round(tail_mean(lossy["loss_curve"], args.tail), 4)}
+        result["final_loss_ratio_blockwise8"] = round(result["swarm_blockwise8"]["final_loss"] / result["single"]["final_loss"], 4)
+    plot_path = out_dir / "convergence.png"
+    plot(curves, single.loss_floor, plot_path)
+    result["plot"] = str(plot_path)
+    result["goals"] = {
+        "final_loss_ratio<=1.05": result["final_loss_ratio"] <= 1.05,
+        "final_loss_ratio_blockwise8<=1.10": result.get("final_loss_ratio_blockwise8", 99) <= 1.10,
+        "tokens_per_s_ratio>=0.5": result["tokens_per_s_ratio"] >= 0.5,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The averager the training loop calls once per step: matchmaking, then butterfly all-reduce, in place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dht.identity import PeerID
+from dht.transport import Transport
+from swarm.averaging.allreduce import AllReduceServer, run_allreduce
+from swarm.averaging.config import AveragerConfig
+from swarm.averaging.matchmaking import GroupStore, Matchmaker
+from swarm.averaging.partition import flat_view_or_copy, unflatten_into
+from swarm.averaging.wire import CompressionPartCodec, PartCodec
+from swarm.errors import SwarmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AveragingResult:
+    """The outcome of one :meth:`Averager.step`.
+
+    ``with_others``: the tensors now hold an average with at least one other peer. ``group_size``: members of
+    the agreed group (1 when alone). ``lost_peers``: members whose span or parts were lost in the exchange
+    (their share fell back to local values or was left out of the mean).
+    """
+
+    with_others: bool
+    group_size: int
+    group: tuple[PeerID, ...] = ()
+    lost_peers: tuple[PeerID, ...] = ()
+    round_id: bytes = b""
+
+
+class Averager:
+    """Averages a stage's tensors with the peers that are ready under the same group key."""
+
+    def __init__(
+        self, config: AveragerConfig, *, transport: Transport, dht: GroupStore,
+        codec: PartCodec | None = None, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.codec = codec if codec is not None else CompressionPartCodec(config.codec)
+        self.server = AllReduceServer(config, transport, self.codec)
+        self.matchmaker = Matchmaker(config, transport, dht, self.server, clock=clock)
+        self.server.register()
+        self.matchmaker.register()
+
+    async def step(
+        self, tensors: Sequence[torch.Tensor], *, weight: float, group_key: str, timeout_s: float | None = None,
+        target_group_size: int | None = None,
+    ) -> AveragingResult:
+        """Average ``tensors`` in place with the group under ``group_key``, weighted by ``weight`` (samples).
+
+        ``target_group_size`` overrides the config's for this call (e.g. the stage's current number of peers, so
+        the group closes as soon as all of them are visible).
+
+        Never raises on peer faults: when no group forms the tensors keep their own values and ``with_others`` is
+        False; when the round breaks part-way, each part holds the group's average or keeps its own values
+        (``lost_peers`` names who failed). Bounded by ``timeout_s`` (default: every phase's deadline added up).
+        """
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise SwarmError(f"weight must be a finite number of samples > 0, got {weight!r}")
+        if not tensors:
+            raise SwarmError("step() needs at least one tensor to average")
+        if target_group_size is not None and (
+            not isinstance(target_group_size, int) or isinstance(target_group_size, bool) or target_group_size < 1
+        ):
+            raise SwarmError(f"target_group_size must be None or an int >= 1, got {target_group_size!r}")
+        cfg = self.config
+        total_s = timeout_s or cfg.matchmaking_time_s + cfg.join_timeout_s + 2 * cfg.rpc_timeout_s + cfg.allreduce_timeout_s
+        me = self.transport.peer_id.short()
+        flat = await asyncio.to_thread(flat_view_or_copy, tensors)
+        try:
+            async with asyncio.timeout(total_s):
+                group = await self.matchmaker.form_group(group_key, float(weight), target_group_size=target_group_size)
+                if len(group.members) == 1:
+                    return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,),
+                                           round_id=group.round_id)
+                log.info("%s: averaging %d values with %d peers under %r (round %s)", me, flat.numel(),
+                         len(group.members), group_key, group.round_id.hex()[:8])
+                outcome = await run_allreduce(self.server, group, flat, float(weight))
+        except TimeoutError:
+            log.warning("%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
+                        me, group_key, total_s)
+            return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,))
+        except (SwarmError, OSError) as e:
+            log.warning("%s: averaging under %r failed (%s); parts not averaged keep local values", me, group_key, e)
+            return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,))
+        await asyncio.to_thread(unflatten_into, flat, tensors)
+        members = tuple(group.peer(i) for i in range(len(group.members)))
+        lost = tuple(dict.fromkeys(outcome.lost_owners + outcome.dropped_senders))
+        return AveragingResult(with_others=len(lost) < len(members) - 1, group_size=len(members), group=members,
+                               lost_peers=lost, round_id=group.round_id)

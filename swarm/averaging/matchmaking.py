@@ -1,0 +1,250 @@
+"""Matchmaking through the DHT: peers ready under one group key agree on one ordered membership.
+
+The rule (see docs/averaging.md):
+
+1. A peer ready to average stores ``(ready_at, weight, bandwidth, client_mode, maddrs)`` under the group key,
+   subkey ``[owner:<its PeerID>]`` (signed), and gathers: it re-reads the key until ``target_group_size``
+   entries are visible or ``matchmaking_time_s`` has passed.
+2. Members are ranked by ``(ready_at, PeerID bytes)``. At the end of its window, a peer that ranks first among
+   the entries it sees is the **leader**: it asks the others it sees (best ranked first, up to the target) to
+   join (``avg.join``); a peer accepts the first leader that ranks before it while it is still looking, and
+   from then on accepts no other. The leader sends the final ordered membership to those who accepted
+   (``avg.begin``), with ``round_id = sha256(group_key, members)``; each member checks the id and membership.
+3. A peer that is not a leader waits up to ``join_timeout_s`` for a leader's begin. A group smaller than
+   ``min_group_size``, or no begin in time, means the peer averages alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from dht.identity import PeerID
+from dht.maddr import parse_maddr
+from dht.messages import Message
+from dht.records import owner_subkey
+from dht.transport import RpcContext, Transport
+from swarm.averaging.allreduce import AllReduceServer, Group
+from swarm.averaging.config import AveragerConfig
+from swarm.averaging.messages import (
+    MAX_GROUP_SIZE,
+    BeginReply,
+    BeginRequest,
+    JoinReply,
+    JoinRequest,
+    MemberInfo,
+    round_id_of,
+)
+from swarm.errors import AddressError, IdentityError, ProtocolError, SwarmError
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+
+
+class GroupStore(Protocol):
+    """What matchmaking needs from the DHT (``dht.DHT`` implements it): store a subkey, read all subkeys."""
+
+    async def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None) -> bool: ...
+
+    async def get(self, key: str, latest: bool = False) -> Any: ...
+
+
+@dataclass(kw_only=True)
+class _Looking:
+    """Our state while forming a group under one key."""
+
+    me: MemberInfo
+    target: int
+    phase: str = "gathering"  # gathering -> leading | following -> done
+    leader: bytes | None = None
+    begin: asyncio.Future[BeginRequest] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def alone(group_key: str, me: MemberInfo) -> Group:
+    """The one-member group a peer averages in when no group forms."""
+    return Group(group_key=group_key, round_id=round_id_of(group_key, (me,)), members=(me,), my_index=0)
+
+
+class Matchmaker:
+    """Forms groups under a key through the DHT and the ``avg.join`` / ``avg.begin`` RPCs."""
+
+    def __init__(
+        self, config: AveragerConfig, transport: Transport, dht: GroupStore, server: AllReduceServer,
+        *, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.dht = dht
+        self.server = server
+        self.clock = clock
+        self._looking: dict[str, _Looking] = {}
+
+    def register(self) -> None:
+        self.transport.register("avg.join", JoinRequest, self.rpc_join)
+        self.transport.register("avg.begin", BeginRequest, self.rpc_begin)
+
+    def my_info(self, weight: float) -> MemberInfo:
+        return MemberInfo(peer_id=self.transport.peer_id.to_bytes(), maddrs=tuple(self.transport.listen_maddrs),
+                          ready_at=self.clock(), weight=weight, bandwidth=self.config.bandwidth,
+                          client_mode=self.config.client_mode)
+
+    async def form_group(self, group_key: str, weight: float, *, target_group_size: int | None = None) -> Group:
+        """Agree on a group under ``group_key`` (or return a group of one); bounded by the config's deadlines.
+
+        ``target_group_size`` (default: the config's) is where gathering stops and the most a leader recruits.
+        """
+        if group_key in self._looking:
+            raise SwarmError(f"already averaging under {group_key!r}; call step() once per key at a time")
+        target = self.config.target_group_size if target_group_size is None else target_group_size
+        if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= MAX_GROUP_SIZE:
+            raise SwarmError(f"target_group_size must be an int in [1, {MAX_GROUP_SIZE}], got {target!r}")
+        state = _Looking(me=self.my_info(weight), target=target)
+        self._looking[group_key] = state
+        try:
+            return await self._form(group_key, state)
+        finally:
+            state.phase = "done"
+            self._looking.pop(group_key, None)
+
+    async def _form(self, group_key: str, state: _Looking) -> Group:
+        me = state.me
+        value = {"ready_at": me.ready_at, "weight": me.weight, "bandwidth": me.bandwidth,
+                 "client_mode": me.client_mode, "maddrs": list(me.maddrs)}
+        await self.dht.store(group_key, value, self.clock() + self.config.record_ttl_s,
+                             subkey=owner_subkey(self.transport.peer_id))
+        seen = await self._gather(group_key, state)
+        if state.phase == "gathering" and len(seen) == 1:
+            log.info("%s: nobody else under %r; averaging alone", self.transport.peer_id.short(), group_key)
+            return alone(group_key, me)
+        if state.phase == "gathering" and min(seen, key=MemberInfo.rank).peer_id == me.peer_id:
+            state.phase = "leading"
+            return await self._lead(group_key, state, seen)
+        if state.phase == "gathering":
+            state.phase = "waiting"
+        try:
+            async with asyncio.timeout(self.config.join_timeout_s):
+                begin = await state.begin
+        except TimeoutError:
+            log.info("%s: no group under %r in time; averaging alone", self.transport.peer_id.short(), group_key)
+            return alone(group_key, me)
+        index = next((i for i, m in enumerate(begin.members) if m.peer_id == me.peer_id), None)
+        if index is None:
+            log.info("%s: the leader closed %r without us; averaging alone", self.transport.peer_id.short(), group_key)
+            return alone(group_key, me)
+        return Group(group_key=group_key, round_id=begin.round_id, members=begin.members, my_index=index)
+
+    async def _gather(self, group_key: str, state: _Looking) -> list[MemberInfo]:
+        """Re-read the key until the target is visible, the window ends, or a leader recruits us."""
+        loop = asyncio.get_running_loop()
+        window_end = loop.time() + self.config.matchmaking_time_s
+        seen = [state.me]
+        while state.phase == "gathering":
+            seen = await self._entries(group_key, state.me)
+            if len(seen) >= state.target or loop.time() >= window_end:
+                break
+            state.wake.clear()
+            try:
+                async with asyncio.timeout(min(self.config.poll_interval_s, max(0.0, window_end - loop.time()))):
+                    await state.wake.wait()
+            except TimeoutError:
+                pass
+        return seen
+
+    async def _entries(self, group_key: str, me: MemberInfo) -> list[MemberInfo]:
+        """Live entries under the key (ours included), parsed; malformed entries are skipped with a warning."""
+        found = await self.dht.get(group_key, latest=True)
+        members = {me.peer_id: me}
+        if isinstance(found, dict):
+            for subkey, item in found.items():
+                member = self._parse_entry(subkey, item.value)
+                if member is not None and member.peer_id not in members:
+                    members[member.peer_id] = member
+        return list(members.values())
+
+    def _parse_entry(self, subkey: Any, value: Any) -> MemberInfo | None:
+        try:
+            if not (isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]")):
+                raise ProtocolError(f"subkey {subkey!r} is not an owner marker")
+            peer_id = PeerID.from_base58(subkey[len("[owner:") : -1])
+            if not isinstance(value, dict):
+                raise ProtocolError("value is not a map")
+            return MemberInfo.from_wire({**value, "peer_id": peer_id.to_bytes()})
+        except (ProtocolError, IdentityError) as e:
+            log.warning("%s: skipping a malformed matchmaking entry: %s", self.transport.peer_id.short(), e)
+            return None
+
+    async def _lead(self, group_key: str, state: _Looking, seen: list[MemberInfo]) -> Group:
+        """Recruit the peers we see, then send the final membership to those who accepted."""
+        me = state.me
+        candidates = sorted((m for m in seen if m.peer_id != me.peer_id), key=MemberInfo.rank)
+        candidates = candidates[: state.target - 1]
+        request = JoinRequest(group_key=group_key, leader=me)
+        replies = await asyncio.gather(*(self._call(m, "avg.join", request, JoinReply) for m in candidates))
+        accepted = [m for m, r in zip(candidates, replies) if r is not None and r.accepted]
+        members = tuple(sorted([me, *accepted], key=MemberInfo.rank))
+        min_size = min(self.config.min_group_size, state.target)
+        if len(members) < min_size:
+            log.info("%s: only %d of min %d peers joined under %r; averaging alone", self.transport.peer_id.short(),
+                     len(members), min_size, group_key)
+            members = (me,)
+        round_id = round_id_of(group_key, members)
+        self.server.expect(group_key, round_id)
+        begin = BeginRequest(group_key=group_key, round_id=round_id, members=members)
+        await asyncio.gather(*(self._call(m, "avg.begin", begin, BeginReply) for m in accepted))
+        return Group(group_key=group_key, round_id=round_id, members=members, my_index=members.index(me))
+
+    async def _call(self, member: MemberInfo, method: str, request: Message, reply_type: type[M]) -> M | None:
+        peer = PeerID(member.peer_id)
+        self._learn_addresses(member)
+        try:
+            return await self.transport.call(peer, method, request, reply_type, timeout_s=self.config.rpc_timeout_s)
+        except (SwarmError, OSError) as e:
+            log.warning("%s: %s to %s failed: %s", self.transport.peer_id.short(), method, peer.short(), e)
+            return None
+
+    def _learn_addresses(self, member: MemberInfo) -> None:
+        peer = PeerID(member.peer_id)
+        addrs = []
+        for text in member.maddrs:
+            try:
+                addrs.append(parse_maddr(text))
+            except AddressError as e:
+                log.warning("%s: ignoring a bad address of %s: %s", self.transport.peer_id.short(), peer.short(), e)
+        if addrs and peer != self.transport.peer_id:
+            self.transport.add_addresses(peer, addrs)
+
+    async def rpc_join(self, ctx: RpcContext, request: JoinRequest) -> JoinReply:
+        """Accept the first leader that ranks before us while we are still looking under its key."""
+        state = self._looking.get(request.group_key)
+        if state is None or state.phase in ("leading", "done"):
+            return JoinReply(accepted=False, reason="not looking for a group under this key")
+        if request.leader.peer_id != ctx.peer_id.to_bytes():
+            return JoinReply(accepted=False, reason="the leader must be the caller")
+        if state.leader is not None:
+            return JoinReply(accepted=state.leader == ctx.peer_id.to_bytes(), reason="already following a leader")
+        if not request.leader.rank() < state.me.rank():
+            return JoinReply(accepted=False, reason="the leader must rank before the follower")
+        state.leader = request.leader.peer_id
+        state.phase = "following"
+        state.wake.set()
+        return JoinReply(accepted=True)
+
+    async def rpc_begin(self, ctx: RpcContext, request: BeginRequest) -> BeginReply:
+        """Take the leader's final membership if it is the leader we follow and it lists us."""
+        state = self._looking.get(request.group_key)
+        if state is None or state.leader != ctx.peer_id.to_bytes() or state.begin.done():
+            return BeginReply(accepted=False, reason="not following this leader under this key")
+        if round_id_of(request.group_key, request.members) != request.round_id:
+            raise ProtocolError("round_id does not match the membership; refusing the group")
+        listed = state.me.peer_id in {m.peer_id for m in request.members}
+        if listed:
+            for member in request.members:
+                self._learn_addresses(member)
+            self.server.expect(request.group_key, request.round_id)
+        state.begin.set_result(request)  # not listed: the leader closed the group without us; we go alone
+        return BeginReply(accepted=listed, reason="" if listed else "the membership does not list this peer")

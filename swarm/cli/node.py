@@ -1,0 +1,105 @@
+"""`swarm-node`: run a swarm node. Parses options into a NodeConfig and calls Node.run.
+
+    swarm-node start --listen /ip4/0.0.0.0/tcp/31337 --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW... \
+        [--data-dir DIR] [--identity FILE]
+
+Prints ``listening on <multiaddr with /p2p/PeerID>`` as soon as it listens; SIGINT/SIGTERM stop it cleanly
+(exit code 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dht.transport import TransportConfig
+from swarm.cli.logs import setup_logging
+from swarm.cli.training import export, local, training_config, training_options
+from swarm.errors import SwarmError
+from swarm.node import Node, NodeConfig
+from swarm.trainer import TrainingConfig
+from swarm.validator import ValidatorConfig
+
+
+def _split_maddrs(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Accept repeated options, comma- or space-separated lists."""
+    return tuple(part for value in values for part in value.replace(",", " ").split() if part)
+
+
+def _print_listening(maddrs: tuple[str, ...]) -> None:
+    for maddr in maddrs:
+        print(f"listening on {maddr}", flush=True)
+
+
+def _print_serving(stage: int | None) -> None:
+    print(f"serving stage {stage if stage is not None else 'none (trainer)'}", flush=True)
+
+
+async def _run_until_signal(config: NodeConfig) -> None:
+    stop_event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_event.set)
+    try:
+        await Node(config).run(stop_event, on_listening=_print_listening, on_serving=_print_serving)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _role(cfg: TrainingConfig | ValidatorConfig | None) -> dict[str, Any]:
+    """The NodeConfig field a role config goes to."""
+    return {"validator": cfg} if isinstance(cfg, ValidatorConfig) else {"training": cfg}
+
+
+@click.group()
+def main() -> None:
+    """Run a node of the swarm."""
+
+
+@main.command()
+@click.option("--listen", "listen", multiple=True, default=("/ip4/127.0.0.1/tcp/0",), show_default=True,
+              help="Multiaddr to listen on (repeatable). Use /ip4/0.0.0.0/tcp/PORT to accept other machines.")
+@click.option("--initial-peers", "initial_peers", multiple=True,
+              help="Multiaddrs (with /p2p/<PeerID>) of peers to join through; repeatable or comma-separated.")
+@click.argument("more_initial_peers", nargs=-1, metavar="[MADDR]...")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path.home() / ".swarm",
+              show_default=True, help="Directory for the node's state (its identity key is identity.pem there).")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PEM Ed25519 key file to use instead of <data-dir>/identity.pem (must exist).")
+@click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for an answer to one request.")
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@training_options
+def start(
+    listen: tuple[str, ...], initial_peers: tuple[str, ...], more_initial_peers: tuple[str, ...], data_dir: Path,
+    identity_path: Path | None, rpc_timeout_s: float, log_level: str, **training: Any,
+) -> None:
+    """Start a node: listen, join through the initial peers, serve until SIGINT/SIGTERM."""
+    setup_logging(log_level)
+    try:
+        config = NodeConfig(
+            transport=TransportConfig(listen_maddrs=_split_maddrs(listen), rpc_timeout_s=rpc_timeout_s),
+            initial_peers=_split_maddrs(initial_peers + more_initial_peers),
+            data_dir=data_dir.expanduser(),
+            identity_path=identity_path.expanduser() if identity_path is not None else None,
+            **_role(training_config(data_dir=data_dir.expanduser(), rpc_timeout_s=rpc_timeout_s, **training)),
+        )
+        asyncio.run(_run_until_signal(config))
+    except SwarmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:  # a SIGINT before the signal handlers were installed: still a clean stop
+        sys.exit(0)
+
+
+main.add_command(local)
+main.add_command(export)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""`swarm-dht stages`: the per-stage view of a run (peers, throughput, step; loss, samples/s) from the DHT alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dht import DHT
+from swarm.cli.dht import json_option, run_with_dht
+from swarm.config import RunConfig
+from swarm.view import SwarmView, format_table, peers_key, progress_key
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Run config TOML of the swarm (default: examples/tiny_gpt.toml); gives the run id and stages.")
+@json_option
+@click.pass_context
+def stages(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+    """Per stage: the peers serving it, their summed throughput and newest step; overall loss and samples/s."""
+    run = RunConfig.from_toml(config_path)
+
+    async def action(dht: DHT) -> dict[str, Any]:
+        view = SwarmView.parse(await dht.get(peers_key(run.run_id), latest=True),
+                               await dht.get(progress_key(run.run_id), latest=True))
+        return {"run_id": run.run_id, **view.summary(run.pipeline.num_stages)}
+
+    summary = run_with_dht(ctx, action)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"run {summary['run_id']}")
+        click.echo(format_table(summary))

@@ -1,0 +1,171 @@
+"""Cut the model at block boundaries into pipeline stages; a `StageModel` per stage, the loss at the last.
+
+Stage 0 holds the embedding, the last stage holds the final norm, the head and the loss. The head is tied to
+the token embedding: in one process (`PipelineModel`) they are one Parameter; across machines stage 0 and the
+last stage each hold the matrix (``StageModel.tied_name`` names it) and add each other's averaged gradient of it
+every step (`swarm.tied`), so both apply the same update.
+A user factory ``package.module:function`` may replace the tiny GPT: it is called with the `RunConfig` and
+returns ``(list_of_stage_modules, loss_fn)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from swarm.config import RunConfig
+from swarm.errors import ConfigError, SwarmError
+from swarm.model.gpt import build_gpt_pieces, lm_loss
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StageInputError(SwarmError):
+    """An activation sent to a stage has the wrong shape or dtype; the request is rejected."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """What a stage accepts: dtype, and the shape after the batch dimension (-1 = any length up to max)."""
+
+    dtype: torch.dtype
+    tail_shape: tuple[int, ...]
+    max_value: int | None = None
+
+    def check(self, x: torch.Tensor, *, stage: int, max_batch: int) -> None:
+        """Raise StageInputError unless ``x`` fits this spec."""
+        if x.dtype != self.dtype:
+            raise StageInputError(f"stage {stage} expects {self.dtype} inputs, got {x.dtype}; check the run config")
+        if x.dim() != 1 + len(self.tail_shape) or not 1 <= x.shape[0] <= max_batch:
+            raise StageInputError(
+                f"stage {stage} expects inputs of shape [1..{max_batch}, {', '.join(map(str, self.tail_shape))}], "
+                f"got {list(x.shape)}"
+            )
+        for got, want in zip(x.shape[1:], self.tail_shape):
+            if want >= 0 and got != want:
+                raise StageInputError(
+                    f"stage {stage} expects inputs of shape [B, {', '.join(map(str, self.tail_shape))}], got {list(x.shape)}"
+                )
+        if self.max_value is not None and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.max_value):
+            raise StageInputError(f"stage {stage} expects token ids in [0, {self.max_value}), got out-of-range ids")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise StageInputError(f"stage {stage} got non-finite activations (NaN or inf); the request is rejected")
+
+
+class StageModel(nn.Module):
+    """One pipeline stage: ``forward(inputs) -> outputs``; the last stage also has ``loss(outputs, targets)``."""
+
+    def __init__(self, body: nn.Module, *, index: int, num_stages: int, input_spec: InputSpec, loss_fn: LossFn,
+                 tied_name: str | None = None) -> None:
+        super().__init__()
+        self.tied_name = tied_name  # the parameter shared with another stage (embedding <-> head), if any
+        self.body = body
+        self.index = index
+        self.num_stages = num_stages
+        self.input_spec = input_spec
+        self._loss_fn = loss_fn
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss (last stage only)."""
+        if not self.is_last:
+            raise SwarmError(f"stage {self.index} is not the last stage and computes no loss")
+        return self._loss_fn(outputs, targets)
+
+
+class PipelineModel(nn.Module):
+    """All stages chained in one process: the single-process model that checkpoints load into."""
+
+    def __init__(self, stages: list[StageModel]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = ids
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.stages[-1].loss(self(ids), targets)
+
+
+def stage_block_ranges(num_blocks: int, num_stages: int) -> list[range]:
+    """Contiguous, near-equal block ranges per stage (earlier stages get the extra block)."""
+    base, extra = divmod(num_blocks, num_stages)
+    ranges, start = [], 0
+    for i in range(num_stages):
+        size = base + (1 if i < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def build_stages(cfg: RunConfig) -> list[StageModel]:
+    """Every stage of the run with its deterministic initial weights (identical on every node)."""
+    if cfg.model.factory:
+        return _stages_from_factory(cfg)
+    m = cfg.model
+    embedding, blocks, head = build_gpt_pieces(m, cfg.seed)
+    n = cfg.pipeline.num_stages
+    head.weight = embedding.tokens.weight  # tied (across stages: see swarm.tied)
+    hidden = InputSpec(dtype=torch.float32, tail_shape=(m.seq_len, m.d_model))
+    stages = []
+    for i, blocks_range in enumerate(stage_block_ranges(m.num_blocks, n)):
+        pieces: list[nn.Module] = [embedding] if i == 0 else []
+        pieces += [blocks[b] for b in blocks_range]
+        if i == n - 1:
+            pieces.append(head)
+        spec = InputSpec(dtype=torch.int64, tail_shape=(m.seq_len,), max_value=m.vocab_size) if i == 0 else hidden
+        tied = None if n == 1 else "body.0.tokens.weight" if i == 0 else f"body.{len(pieces) - 1}.weight" if i == n - 1 else None
+        stages.append(StageModel(nn.Sequential(*pieces), index=i, num_stages=n, input_spec=spec, loss_fn=lm_loss,
+                                 tied_name=tied))
+    return stages
+
+
+def build_stage(cfg: RunConfig, index: int) -> StageModel:
+    """One stage of the run (builds all, keeps one: the model is small and the weights must match)."""
+    if not 0 <= index < cfg.pipeline.num_stages:
+        raise ConfigError(f"stage must be in [0, {cfg.pipeline.num_stages}), got {index}")
+    return build_stages(cfg)[index]
+
+
+def _stages_from_factory(cfg: RunConfig) -> list[StageModel]:
+    module_name, _, func_name = cfg.model.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.factory {cfg.model.factory!r} cannot be imported: {e}") from None
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        modules, loss_fn = factory(cfg)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    if len(modules) != cfg.pipeline.num_stages:
+        raise ConfigError(
+            f"model.factory returned {len(modules)} stage modules but pipeline.num_stages is {cfg.pipeline.num_stages}"
+        )
+    m = cfg.model
+    stages = []
+    for i, module in enumerate(modules):
+        spec = getattr(module, "input_spec", None)
+        if spec is None:
+            spec = (InputSpec(dtype=torch.int64, tail_shape=(m.seq_len,), max_value=m.vocab_size) if i == 0
+                    else InputSpec(dtype=torch.float32, tail_shape=(m.seq_len, m.d_model)))
+        stages.append(StageModel(module, index=i, num_stages=len(modules), input_spec=spec, loss_fn=loss_fn))
+    return stages

@@ -1,0 +1,141 @@
+"""One swarm node: its identity and its transport (the DHT join and the training role plug in here later).
+
+``Node.run(stop_event)`` loads or creates the identity, listens, joins through the initial peers, serves until
+the event is set, and shuts down cleanly (no task left running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dht import DHT, DHTConfig
+from dht.identity import Identity, PeerID
+from dht.maddr import PeerAddress, parse_maddr
+from dht.transport import Transport, TransportConfig
+from swarm.errors import AddressError, ConfigError, SwarmError
+from swarm.trainer import TrainingConfig, TrainingRole
+from swarm.validator import ValidatorConfig, ValidatorRole
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE_NAME = "identity.pem"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """What one node needs: where it listens (``transport.listen_maddrs``), whom it joins, where it keeps state.
+
+    The identity key is ``identity_path`` when given (it must exist), else ``<data_dir>/identity.pem``
+    (created with mode 0600 on first start).
+    """
+
+    transport: TransportConfig = field(default_factory=lambda: TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)))
+    initial_peers: tuple[str, ...] = ()
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".swarm")
+    identity_path: Path | None = None
+    training: TrainingConfig | None = None  # the training role (None: a DHT-only node)
+    validator: ValidatorConfig | None = None  # the validator role (--role validator), instead of training
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transport, TransportConfig):
+            raise ConfigError(f"transport must be a TransportConfig, got {type(self.transport).__name__}")
+        if not isinstance(self.initial_peers, tuple):
+            raise ConfigError("initial_peers must be a tuple of multiaddr strings")
+        for maddr in self.initial_peers:
+            try:
+                parse_maddr(maddr)
+            except AddressError as e:
+                raise ConfigError(f"initial_peers: {e}") from None
+        if not isinstance(self.data_dir, Path):
+            raise ConfigError(f"data_dir must be a pathlib.Path, got {type(self.data_dir).__name__}")
+        if self.identity_path is not None and not isinstance(self.identity_path, Path):
+            raise ConfigError(f"identity_path must be a pathlib.Path or None, got {type(self.identity_path).__name__}")
+        if self.training is not None and not isinstance(self.training, TrainingConfig):
+            raise ConfigError(f"training must be a TrainingConfig or None, got {type(self.training).__name__}")
+        if self.validator is not None and (self.training is not None or not isinstance(self.validator, ValidatorConfig)):
+            raise ConfigError("validator must be a ValidatorConfig, and a node cannot both train and validate")
+
+    @property
+    def key_path(self) -> Path:
+        return self.identity_path if self.identity_path is not None else self.data_dir / IDENTITY_FILE_NAME
+
+
+class Node:
+    """A running node: owns its identity and transport; ``start()`` / ``stop()`` or ``run(stop_event)``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.identity: Identity | None = None
+        self.transport: Transport | None = None
+        self.dht: DHT | None = None
+
+    @property
+    def peer_id(self) -> PeerID:
+        if self.identity is None:
+            raise SwarmError("the node has not started yet; call start() first")
+        return self.identity.peer_id
+
+    @property
+    def listen_maddrs(self) -> tuple[str, ...]:
+        return self.transport.listen_maddrs if self.transport is not None else ()
+
+    async def start(self) -> None:
+        """Load (or create) the identity and start listening. Does not join yet: see run()."""
+        cfg = self.config
+        if cfg.identity_path is not None:
+            self.identity = Identity.load(cfg.identity_path)
+        else:
+            self.identity = Identity.load_or_create(cfg.key_path)
+        self.transport = Transport(self.identity, cfg.transport)
+        self.transport.on_peer_connected(self._on_peer_connected)
+        await self.transport.start()
+        log.info("node %s listening on %s", self.identity.peer_id.short(), ", ".join(self.listen_maddrs))
+
+    async def stop(self) -> None:
+        """Stop serving: close every connection and wait for every task the node owns."""
+        if self.dht is not None:
+            await self.dht.shutdown()
+        if self.transport is not None:
+            await self.transport.stop()
+            log.info("node %s stopped", self.peer_id.short())
+
+    async def run(
+        self, stop_event: asyncio.Event, *, on_listening: Callable[[tuple[str, ...]], None] | None = None,
+        on_serving: Callable[[int | None], None] | None = None,
+    ) -> None:
+        """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
+
+        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``).
+        """
+        try:
+            await self.start()
+            if on_listening is not None:
+                on_listening(self.listen_maddrs)
+            await self._join()
+            if self.config.training is not None and self.transport is not None:
+                role = TrainingRole(self.config.training, transport=self.transport, dht=self.dht, on_serving=on_serving)
+                await role.run(stop_event)
+            elif self.config.validator is not None and self.transport is not None and self.identity is not None:
+                validator = ValidatorRole(self.config.validator, transport=self.transport, dht=self.dht,
+                                          identity=self.identity)
+                await validator.run(stop_event)
+            else:
+                await stop_event.wait()
+        finally:
+            await self.stop()
+
+    async def _join(self) -> None:
+        """Join the DHT through the initial peers (BootstrapError if none answers; the first node has none)."""
+        if self.transport is None:
+            raise SwarmError("the node has not started yet; call start() first")
+        dht = DHT.create(DHTConfig(initial_peers=self.config.initial_peers), identity=self.identity,
+                         transport=self.transport)
+        await dht.start()
+        self.dht = dht
+
+    def _on_peer_connected(self, peer_id: PeerID, addr: PeerAddress) -> None:
+        log.info("node %s connected to peer %s (%s)", self.peer_id.short(), peer_id.short(), addr.to_maddr())

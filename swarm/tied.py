@@ -1,0 +1,130 @@
+"""The tied embedding/head across machines: stage 0 and the last stage add each other's gradient of it.
+
+In one process the token embedding (stage 0) and the output head (last stage) are one Parameter, whose gradient
+is the sum of both uses. Across machines each of the two stages holds the matrix (``StageModel.tied_name``).
+After a step's within-stage average, each server keeps its averaged gradient of the matrix for that step
+(`TiedStore`) and fetches the other stage's with ``stage.tied``; both then set the sum
+``stage-0 part + last-stage part`` (the same order on both sides, so the same bits) and apply the same optimizer
+update, so the two copies stay equal. If the other part cannot be fetched in time, the stage applies its own part
+only and logs it: the copies then drift apart until the next successful exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from compression import CodecPolicy, get_codec, serialize_tensor
+from dht.identity import PeerID
+from dht.messages import Message
+from dht.transport import RpcContext, Transport
+from swarm.errors import SwarmError
+from swarm.model.stages import StageInputError
+from swarm.stage_rpc import decode
+from swarm.stage_server import StageServer
+
+log = logging.getLogger(__name__)
+
+KEPT_STEPS = 8
+WAIT_STEP_S = 0.01
+
+
+@dataclass(frozen=True, kw_only=True)
+class TiedRequest(Message):
+    """``stage.tied``: the averaged gradient of the tied matrix at ``step`` of the answering peer's ``stage``."""
+
+    run_id: str
+    stage: int
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TiedReply(Message):
+    grad: bytes
+
+
+class TiedStore:
+    """This node's averaged tied-matrix gradients of its last few steps; the handler waits for a missing step."""
+
+    def __init__(self) -> None:
+        self._grads: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._changed = asyncio.Event()
+
+    def put(self, step: int, grad: torch.Tensor) -> None:
+        self._grads[step] = grad.detach().clone()
+        while len(self._grads) > KEPT_STEPS:
+            self._grads.popitem(last=False)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def get(self, step: int) -> torch.Tensor:
+        """The gradient of ``step``, waiting for it (the caller's deadline bounds the wait)."""
+        while step not in self._grads:
+            if self._grads and step < next(iter(self._grads)):
+                raise StageInputError(f"the tied gradient of step {step} is no longer kept (oldest: {next(iter(self._grads))})")
+            await self._changed.wait()
+        return self._grads[step]
+
+
+def tied_index(server: StageServer) -> int | None:
+    """The position of the tied matrix in ``server.parameters()`` (None if this stage has none)."""
+    name = server.model.tied_name
+    if name is None:
+        return None
+    target = dict(server.model.named_parameters())[name]
+    return next(i for i, p in enumerate(server.parameters()) if p is target)
+
+
+class TiedService:
+    """Serves ``stage.tied`` from a `TiedStore`, and combines this stage's part with the other stage's."""
+
+    def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str, num_stages: int,
+                 server_of: Callable[[], StageServer | None], rpc_timeout_s: float) -> None:
+        self.transport = transport
+        self.policy = policy
+        self.run_id = run_id
+        self.num_stages = num_stages
+        self.server_of = server_of
+        self.rpc_timeout_s = rpc_timeout_s
+        self.store = TiedStore()
+
+    def register(self) -> None:
+        self.transport.register("stage.tied", TiedRequest, self.rpc_tied)
+
+    async def rpc_tied(self, ctx: RpcContext, req: TiedRequest) -> TiedReply:
+        server = self.server_of()
+        if req.run_id != self.run_id or server is None or server.index != req.stage or tied_index(server) is None:
+            raise StageInputError(f"this node does not hold the tied matrix of stage {req.stage} of run {req.run_id!r}")
+        grad = await self.store.get(req.step)
+        return TiedReply(grad=await asyncio.to_thread(serialize_tensor, grad, get_codec("none")))  # exact bits
+
+    async def combine(self, server: StageServer, step: int, grads: list[torch.Tensor], other_peers: Sequence[PeerID]) -> bool:
+        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts; False if alone."""
+        index = tied_index(server)
+        if index is None or self.num_stages == 1:
+            return True
+        mine = grads[index]
+        self.store.put(step, mine)
+        other_stage = self.num_stages - 1 if server.index == 0 else 0
+        for peer in other_peers:
+            try:
+                reply = await self.transport.call(peer, "stage.tied", TiedRequest(run_id=self.run_id, stage=other_stage, step=step),
+                                                  TiedReply, timeout_s=self.rpc_timeout_s)
+                theirs = decode(reply.grad, f"tied gradient from {peer.short()}", dtype=mine.dtype)
+                if theirs.shape != mine.shape:
+                    raise StageInputError(f"tied gradient of shape {list(theirs.shape)}, expected {list(mine.shape)}")
+            except (SwarmError, TimeoutError, OSError) as e:
+                log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(), step,
+                            peer.short(), e)
+                continue
+            first, last = (mine, theirs) if server.index == 0 else (theirs, mine)
+            grads[index] = first + last
+            return True
+        log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
+                    self.transport.peer_id.short(), other_stage, step)
+        return False

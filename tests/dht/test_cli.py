@@ -1,0 +1,97 @@
+"""`swarm-dht` against a local swarm of real `swarm-node start` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dht.identity import Identity
+from dht.maddr import parse_maddr
+from swarm.cli.dht import main
+
+NODE_CMD = [sys.executable, "-c", "from swarm.cli.node import main; main()", "start", "--log-level", "WARNING"]
+
+
+def _spawn(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([*NODE_CMD, "--data-dir", str(tmp_path / name), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def _maddr(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # printed as soon as the node listens; the test timeout bounds the wait
+    assert line.startswith("listening on "), line
+    return line.split()[-1]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    if "--rpc-timeout" not in args:  # generous: the test machine may be busy
+        args = ("--rpc-timeout", "10", *args)
+    result = CliRunner().invoke(main, list(args), env=env)
+    return result.exit_code, result.output
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_swarm_dht_inspects_a_local_swarm(tmp_path: Path) -> None:
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs.append(_spawn(tmp_path, "a"))
+        first = _maddr(procs[0])
+        maddrs = [first]
+        for name in ("b", "c"):
+            procs.append(_spawn(tmp_path, name, "--initial-peers", first))
+            maddrs.append(_maddr(procs[-1]))
+        env = {"SWARM_INITIAL_PEERS": first}
+
+        code, out = _cli("peers", "--json", env=env)
+        assert code == 0, out
+        listed = {row["peer_id"]: row for row in json.loads(out)}
+        assert set(listed) == {str(parse_maddr(m).peer_id) for m in maddrs}
+        assert all(row["maddrs"] and row["role"] is None for row in listed.values())
+
+        code, out = _cli("--initial-peers", maddrs[2], "put", "greeting", '{"hi": 1}', "--ttl", "60")
+        assert code == 0 and "True" in out, out
+        code, out = _cli("get", "greeting", "--json", env=env)
+        assert code == 0 and json.loads(out)[0]["value"] == {"hi": 1}, out
+
+        key = tmp_path / "me.pem"
+        me = Identity.from_seed(b"\x05" * 32)
+        me.save(key)
+        code, out = _cli("put", "run1/peers", '{"role": "driver", "stage": 0}', "--ttl", "60", "--owned",
+                         "--identity", str(key), env=env)
+        assert code == 0, out
+        code, out = _cli("get", "run1/peers", "--latest", "--json", env=env)
+        rows = json.loads(out)
+        assert rows[0]["subkey"] == f"[owner:{me.peer_id}]" and rows[0]["value"]["role"] == "driver"
+
+        code, out = _cli("routing-table", "--json", env=env)
+        assert code == 0, out
+        assert {r["peer_id"] for r in json.loads(out)} == {str(parse_maddr(m).peer_id) for m in maddrs[1:]}
+        code, out = _cli("routing-table", env=env)
+        assert out.splitlines()[0].split() == ["BUCKET", "PEER_ID", "MADDRS"]
+
+        code, out = _cli("get", "no-such-key", env=env)
+        assert code == 1 and "(none)" in out
+        code, out = _cli("put", "k", "v", "--ttl", "5", "--owned", env=env)
+        assert code != 0 and "--identity" in out
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.communicate(timeout=30)
+
+
+def test_no_answering_initial_peer_is_a_clear_error() -> None:
+    code, out = _cli("--initial-peers", "/ip4/127.0.0.1/tcp/9", "--rpc-timeout", "1", "get", "k")
+    assert code == 1 and "none of the 1 initial peers answered" in out
+    code, out = _cli("get", "k", env={"SWARM_INITIAL_PEERS": ""})
+    assert code == 2 and "SWARM_INITIAL_PEERS" in out

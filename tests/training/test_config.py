@@ -1,0 +1,68 @@
+"""RunConfig: TOML loading, validation naming the field, canonical hash, join check."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from swarm.config import DEFAULT_CONFIG_PATH, RunConfig
+from swarm.errors import ConfigError
+
+
+def test_default_run_loads_and_has_a_stable_run_id() -> None:
+    cfg = RunConfig.from_toml()
+    again = RunConfig.from_toml(DEFAULT_CONFIG_PATH)
+    assert cfg == again
+    assert cfg.run_id == again.run_id and cfg.run_id.startswith("tiny-gpt-")
+    assert cfg.pipeline.num_stages == 2
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    cfg = RunConfig.from_toml()
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml())
+    assert RunConfig.from_toml(path) == cfg
+
+
+def test_any_change_changes_the_run_id() -> None:
+    cfg = RunConfig.from_toml()
+    other = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=cfg.optimizer.lr * 2))
+    assert other.run_id != cfg.run_id
+
+
+def test_join_check_names_the_differing_field() -> None:
+    cfg = RunConfig.from_toml()
+    other = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, microbatch_size=4))
+    cfg.check_same_run(cfg.to_dict())
+    with pytest.raises(ConfigError, match="batch.microbatch_size"):
+        cfg.check_same_run(other)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[model]\nd_model = 65\nnum_heads = 4\n", "model.d_model"),
+        ("[batch]\ntarget_batch_size = 4\nmicrobatch_size = 8\n", "batch.microbatch_size"),
+        ("[optimizer]\nname = 'lion'\n", "optimizer.name"),
+        ("[codecs]\nactivations = 'zip'\n", "codecs.activations"),
+        ("[pipeline]\nnum_stages = 9\n", "pipeline.num_stages"),
+        ("[model]\nfrobnicate = 1\n", "frobnicate"),
+        ("[data]\nsource = 'text'\n", "data.path"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        RunConfig.from_toml(path)
+
+
+def test_unreadable_or_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        RunConfig.from_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(bad)

@@ -1,0 +1,126 @@
+"""`swarm-dht attestations --verify` against a real DHT node process: good, replayed and tampered attestations."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from verif_helpers import make_identity
+
+from dht import DHT, DHTConfig
+from dht.identity import Identity
+from dht.transport import TransportConfig
+from swarm.cli.dht import main
+from verification.attestation import GENESIS_DIGEST, attestation_key, build_attestation, publish_attestation
+from verification.common import digest_parts, owner_subkey
+from verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt
+from verification.rewards import RewardConfig, compute_rewards
+
+# A bare DHT node process (independent of the training CLI): prints its multiaddr, serves until stdin closes.
+DHT_NODE = """
+import asyncio, sys
+from dht import DHT, DHTConfig
+from dht.transport import TransportConfig
+
+async def main():
+    cfg = DHTConfig(transport=TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)), maintenance_interval_s=3600.0)
+    async with DHT.create(cfg) as dht:
+        print("listening on", dht.listen_maddrs[0], flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+CFG = RewardConfig(window_steps=10)
+
+
+def client(identity: Identity, maddr: str) -> DHT:
+    return DHT.create(DHTConfig(initial_peers=(maddr,), client_mode=True, rpc_timeout_s=3.0,
+                                transport=TransportConfig(), maintenance_interval_s=3600.0), identity=identity)
+
+
+async def populate(maddr: str) -> None:
+    server, caller, orch = make_identity("cli-server"), make_identity("cli-caller"), make_identity("cli-orch")
+    async with client(caller, maddr) as caller_dht, client(orch, maddr) as orch_dht:
+        for run in ("good", "tampered"):
+            prev = None
+            for window in (0, 1):
+                claim = WorkClaim(run_id=run, step=10 * window + 1, stage=0, server=server.peer_id.to_bytes(),
+                                  caller=caller.peer_id.to_bytes(), microbatch_id=f"mb-{window}", kind="forward",
+                                  input_hash=digest_parts([b"i"]), output_hash=digest_parts([b"o"]), num_samples=2)
+                batch = ReceiptBatch(run_id=run, window=window, publisher=caller.peer_id.to_bytes(),
+                                     receipts=[sign_receipt(caller, claim, sign_ack(server, claim))])
+                assert await publish_receipts(caller_dht, batch, time.time() + 600)
+                receipts = {caller.peer_id: batch}
+                out = compute_rewards(run, window, receipts, {}, [], CFG)
+                att = build_attestation(orch, run_id=run, window=window, term=1, cfg=CFG, outcome=out, receipts=receipts,
+                                        verdicts={}, prev_digest=prev.digest if prev else GENESIS_DIGEST, issued_at=1.0)
+                if run == "tampered" and window == 1:
+                    att = dataclasses.replace(att, shares=[dataclasses.replace(att.shares[0], work=99.0)])
+                assert await publish_attestation(orch_dht, att, time.time() + 600)
+                prev = att
+            if run == "good":  # window 0's attestation replayed as window 2's
+                replayed = _first(run, orch, caller, server)
+                assert await orch_dht.store(attestation_key(run, 2), replayed.pack(), time.time() + 600, subkey=owner_subkey(orch.peer_id))
+
+
+def _first(run: str, orch: Identity, caller: Identity, server: Identity):
+    claim = WorkClaim(run_id=run, step=1, stage=0, server=server.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
+                      microbatch_id="mb-0", kind="forward", input_hash=digest_parts([b"i"]),
+                      output_hash=digest_parts([b"o"]), num_samples=2)
+    batch = ReceiptBatch(run_id=run, window=0, publisher=caller.peer_id.to_bytes(),
+                         receipts=[sign_receipt(caller, claim, sign_ack(server, claim))])
+    receipts = {caller.peer_id: batch}
+    out = compute_rewards(run, 0, receipts, {}, [], CFG)
+    return build_attestation(orch, run_id=run, window=0, term=1, cfg=CFG, outcome=out, receipts=receipts,
+                             verdicts={}, prev_digest=GENESIS_DIGEST, issued_at=1.0)
+
+
+def cli(maddr: str, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["--initial-peers", maddr, "attestations", *args])
+    return result.exit_code, result.output
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_attestations_verify_good_replayed_and_tampered(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", DHT_NODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parents[2],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        maddr = line.split()[-1]
+        asyncio.run(populate(maddr))
+
+        code, out = cli(maddr, "--run", "good", "--window", "1", "--verify", "--json")
+        assert code == 0, out
+        rows = json.loads(out)
+        assert [r["window"] for r in rows] == [1] and rows[0]["ok"] and rows[0]["verified"]
+        assert sum(rows[0]["shares"].values()) == pytest.approx(1.0)
+
+        code, out = cli(maddr, "--run", "good", "--verify", "--json")
+        rows = json.loads(out)
+        assert code == 1 and [r["window"] for r in rows] == [0, 1, 2]
+        assert rows[0]["ok"] and rows[1]["ok"] and not rows[2]["ok"]
+        assert any("replayed" in p for p in rows[2]["problems"])
+
+        code, out = cli(maddr, "--run", "tampered", "--window", "1", "--verify", "--json")
+        assert code == 1 and "no validly signed attestation" in out and "signature does not verify" in out
+        code, out = cli(maddr, "--run", "tampered", "--window", "1")
+        assert code == 0 and "WINDOW" in out.splitlines()[0]
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -1,0 +1,29 @@
+"""`swarm-node local --validators 1 --misbehave lazy:1`: a real swarm of processes flags the cheater and attests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_local_swarm_flags_exactly_the_lazy_node(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", "4", "--validators", "1", "--misbehave", "lazy:1",
+           "--steps", "15", "--json", "--config", str(REPO / "examples" / "tiny_gpt_checked.toml"),
+           "--run-dir", str(tmp_path / "run"), "--timeout", "380"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert proc.stdout.strip(), proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ok"], summary
+    assert len(summary["misbehaving"]) == 1
+    assert summary["flagged"] == summary["misbehaving"]
+    assert summary["attestations"] >= 2
+    assert summary["rewards"] and sum(summary["rewards"].values()) == pytest.approx(1.0, abs=1e-4)

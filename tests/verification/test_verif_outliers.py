@@ -1,0 +1,129 @@
+"""Gradient checks: the outlier rule, replay detection, signed reports, and their effect on rewards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from verif_helpers import MemoryStore, make_identity
+
+from swarm.averaging.reducer import centered_clip
+from swarm.errors import ConfigError
+from verification.attestation import GENESIS_DIGEST, build_attestation, verify_attestation
+from verification.common import digest_parts
+from verification.outliers import (
+    OutlierConfig, ReplayDetector, fetch_reports, find_outliers, publish_report, reported_peers, sign_report)
+from verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
+from verification.rewards import RewardConfig, compute_rewards
+
+RUN = "run-outliers"
+CFG = OutlierConfig()
+
+
+def honest_parts(peers, seed: int, dim: int = 256) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randn(dim, generator=g)
+    # heterogeneous honest noise: each peer's minibatch gradient has its own noise level (0.5x..3x the signal)
+    return {p: true + torch.randn(dim, generator=g) * (0.5 + 2.5 * i / len(peers)) for i, p in enumerate(peers)}
+
+
+def test_sign_flip_is_an_outlier_and_honest_parts_never_are():
+    peers = [make_identity(f"p{i}").peer_id for i in range(8)]
+    for seed in range(200):
+        parts = honest_parts(peers, seed)
+        center = centered_clip(list(parts.values()), [1.0] * 8, tau=5.0, iterations=20)
+        assert find_outliers(parts, center, seed, CFG) == []
+    parts = honest_parts(peers, 999)
+    for cheater in peers[:2]:
+        parts[cheater] = parts[cheater] * -1000.0
+    center = centered_clip(list(parts.values()), [1.0] * 8, tau=5.0, iterations=20)
+    found = find_outliers(parts, center, 7, CFG)
+    assert sorted(e.peer for e in found) == sorted(p.to_bytes() for p in peers[:2])
+    assert all(e.reason == "outlier" and e.step == 7 for e in found)
+    assert find_outliers(dict(list(parts.items())[:2]), center, 7, CFG) == []  # too few senders to judge
+
+
+def test_replayed_parts_are_detected_exactly():
+    det = ReplayDetector(OutlierConfig(replay_memory_steps=4))
+    peer = make_identity("r").peer_id
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(64, generator=g)
+    assert det.observe(peer, "span-0", 1, old) is None
+    assert det.observe(peer, "span-0", 2, torch.randn(64, generator=g)) is None
+    hit = det.observe(peer, "span-0", 3, old.clone())
+    assert hit is not None and hit.reason == "replayed" and hit.step == 3
+    assert det.observe(peer, "span-1", 3, old.clone()) is None  # another span: not the same part
+    assert det.observe(peer, "span-0", 20, old.clone()) is None  # forgotten after replay_memory_steps
+
+
+async def test_reports_round_trip_and_need_distinct_reporters(caplog):
+    store = MemoryStore()
+    cheater, *honest = [make_identity(f"m{i}") for i in range(5)]
+    entries = find_outliers({h.peer_id: torch.ones(8) for h in honest} | {cheater.peer_id: -1000 * torch.ones(8)},
+                            torch.ones(8), 3, CFG)
+    for reporter in honest[:2]:
+        await publish_report(store, sign_report(reporter, run_id=RUN, window=0, entries=entries), 1e9)
+    # the cheater reports an honest peer; one reporter is not enough
+    lie = find_outliers({h.peer_id: torch.ones(8) for h in honest[1:]} | {honest[0].peer_id: 99 * torch.ones(8)},
+                        torch.ones(8), 3, CFG)
+    await publish_report(store, sign_report(cheater, run_id=RUN, window=0, entries=lie), 1e9)
+    await store.store(f"{RUN}/outliers/0", b"\x00junk", 1e9, subkey="[owner:zzz]")
+    reports = await fetch_reports(store, RUN, 0)
+    assert set(reports) == {honest[0].peer_id, honest[1].peer_id, cheater.peer_id}
+    assert "malformed outlier report" in caplog.text
+    assert set(reported_peers(reports, 2)) == {cheater.peer_id}
+
+
+def test_reported_peer_gets_zero_and_the_attestation_verifies():
+    cheater, a, caller, r1, r2, orch = [make_identity(f"x{i}") for i in range(6)]
+    receipts = []
+    for server in (cheater, a):
+        claim = WorkClaim(run_id=RUN, step=1, stage=0, server=server.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
+                          microbatch_id=f"mb-{server.peer_id.short()}", kind="forward", input_hash=digest_parts([b"i"]),
+                          output_hash=digest_parts([b"o"]), num_samples=3)
+        receipts.append(sign_receipt(caller, claim, sign_ack(server, claim)))
+    rb = {caller.peer_id: ReceiptBatch(run_id=RUN, window=0, publisher=caller.peer_id.to_bytes(), receipts=receipts)}
+    entries = find_outliers({a.peer_id: torch.ones(4), r1.peer_id: torch.ones(4), cheater.peer_id: -1e3 * torch.ones(4)},
+                            torch.ones(4), 1, CFG)
+    reports = {r.peer_id: sign_report(r, run_id=RUN, window=0, entries=entries) for r in (r1, r2)}
+    cfg = RewardConfig(window_steps=10)
+    out = compute_rewards(RUN, 0, rb, {}, [], cfg, reports)
+    assert out.shares == {a.peer_id: 1.0, cheater.peer_id: 0.0} and out.flagged == {cheater.peer_id}
+    att = build_attestation(orch, run_id=RUN, window=0, term=1, cfg=cfg, outcome=out, receipts=rb, verdicts={},
+                            prev_digest=GENESIS_DIGEST, issued_at=1.0, reports=reports)
+    assert verify_attestation(att, run_id=RUN, window=0, prev=None, receipts=rb, verdicts={}, reports=reports) == []
+    assert verify_attestation(att, run_id=RUN, window=0, prev=None, receipts=rb, verdicts={}, reports={})
+
+
+def test_centered_clip_keeps_training_within_5_percent_with_2_of_8_sign_flippers():
+    """Linear regression by 8 peers; 2 send gradients x(-1000). With CenteredClip (tau 0.05) the held-out loss
+    stays within 5% of the honest run's; with a plain mean the attacked run diverges."""
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(32, generator=g)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 32, generator=g)
+        return x, x @ w_true + 0.1 * torch.randn(n, generator=g)
+
+    data = [batch(256) for _ in range(8)]
+    x_test, y_test = batch(1024)
+
+    def train(cheaters: int, reduce) -> float:
+        w = torch.zeros(32)
+        for _ in range(100):
+            grads = [2 * x.T @ (x @ w - y) / len(y) for x, y in data]
+            grads = [gr * -1000.0 if i < cheaters else gr for i, gr in enumerate(grads)]
+            w = w - 0.05 * reduce(grads).float()
+        return float(((x_test @ w - y_test) ** 2).mean())
+
+    mean = lambda grads: torch.stack(grads).mean(0)  # noqa: E731
+    clip = lambda grads: centered_clip(grads, [1.0] * len(grads), tau=0.05, iterations=20)  # noqa: E731
+    honest = train(0, mean)
+    assert train(2, clip) == pytest.approx(honest, rel=0.05)
+    assert not train(2, mean) <= 10 * honest
+
+
+def test_outlier_config_names_the_bad_field():
+    with pytest.raises(ConfigError, match="distance_ratio"):
+        OutlierConfig(distance_ratio=0.5)
+    with pytest.raises(ConfigError, match="min_senders"):
+        OutlierConfig(min_senders=2)
