@@ -1,7 +1,7 @@
 """The run: one TOML file describes what the swarm trains; its canonical hash is the run id.
 
-A :class:`RunConfig` has sections ``model``, ``pipeline``, ``batch``, ``optimizer``, ``codecs``, ``data`` and a
-``seed``. Two nodes may train together only if their configs are identical; :meth:`RunConfig.check_same_run`
+A :class:`RunConfig` has sections ``model``, ``pipeline``, ``batch``, ``optimizer``, ``codecs``, ``data``,
+``verification``, ``averaging`` and a ``seed``. Two nodes may train together only if their configs are identical; :meth:`RunConfig.check_same_run`
 names the first differing field so a misconfigured node is refused with a useful error.
 """
 
@@ -117,21 +117,34 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CodecsConfig:
-    """Codec per role (names from ``compression``); tensors under ``min_compress_numel`` go uncompressed."""
+    """Codec per role (names from ``compression``); tensors under ``min_compress_numel`` go uncompressed.
+
+    ``topk_fraction`` (share of values kept, in (0, 1]) and ``blockwise8_blocksize`` configure those codecs
+    wherever a role names them; their defaults are `compression.CodecPolicy`'s.
+    """
 
     activations: str = "none"
     activation_grads: str = "none"
     allreduce: str = "none"
     state: str = "none"
     min_compress_numel: int = 1024
+    topk_fraction: float = 0.01
+    blockwise8_blocksize: int = 4096
 
     def __post_init__(self) -> None:
         from compression import codec_names
+        from compression.blockwise8 import VALID_BLOCKSIZES
 
         for name in ("activations", "activation_grads", "allreduce", "state"):
             if getattr(self, name) not in codec_names():
                 raise ConfigError(f"codecs.{name} must be one of {codec_names()}, got {getattr(self, name)!r}")
         _check_int(self, "min_compress_numel", 0, 1 << 40, "codecs")
+        fraction = self.topk_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+            raise ConfigError(f"codecs.topk_fraction must be a number in (0, 1], got {fraction!r}")
+        blocksize = self.blockwise8_blocksize
+        if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
+            raise ConfigError(f"codecs.blockwise8_blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
 
     def policy(self) -> Any:
         """The `compression.CodecPolicy` of these settings."""
@@ -139,7 +152,8 @@ class CodecsConfig:
 
         try:
             return CodecPolicy(activations=self.activations, activation_grads=self.activation_grads,
-                               allreduce=self.allreduce, state=self.state, min_compress_numel=self.min_compress_numel)
+                               allreduce=self.allreduce, state=self.state, min_compress_numel=self.min_compress_numel,
+                               topk_fraction=self.topk_fraction, blockwise8_blocksize=self.blockwise8_blocksize)
         except ConfigError as e:
             raise ConfigError(f"codecs: {e}") from None
 
@@ -160,6 +174,22 @@ class DataConfig:
         _check_float(self, "markov_concentration", 1e-4, 1e4, "data")
 
 
+@dataclass(frozen=True, kw_only=True)
+class AveragingSettings:
+    """How a stage's peers reduce their gradients: a plain weighted ``mean``, or ``centered_clip`` (robust to a
+    minority of peers sending huge or sign-flipped gradients; ``clip_tau`` is in gradient-norm units per part)."""
+
+    reduction: str = "mean"
+    clip_tau: float = 1.0
+    clip_iterations: int = 20
+
+    def __post_init__(self) -> None:
+        if self.reduction not in ("mean", "centered_clip"):
+            raise ConfigError(f"averaging.reduction must be 'mean' or 'centered_clip', got {self.reduction!r}")
+        _check_float(self, "clip_tau", 1e-9, 1e9, "averaging")
+        _check_int(self, "clip_iterations", 1, 10_000, "averaging")
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "pipeline": PipelineConfig,
@@ -168,6 +198,7 @@ _SECTIONS: dict[str, type] = {
     "codecs": CodecsConfig,
     "data": DataConfig,
     "verification": VerificationSettings,
+    "averaging": AveragingSettings,
 }
 
 
@@ -184,6 +215,7 @@ class RunConfig:
     codecs: CodecsConfig = field(default_factory=CodecsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     verification: VerificationSettings = field(default_factory=VerificationSettings)
+    averaging: AveragingSettings = field(default_factory=AveragingSettings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not self.name.replace("-", "").replace("_", "").isalnum():

@@ -97,6 +97,7 @@ async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str,
     nodes: list[NodeProcess] = []
     out: TextIO = sys.stderr if cfg.as_json else sys.stdout
     started = time.monotonic()
+    error: str | None = None
     try:
         async with asyncio.timeout(cfg.timeout_s):
             cheats = misbehave_args(cfg.num_nodes, cfg.misbehave)
@@ -109,9 +110,33 @@ async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str,
                 nodes.append(node)
                 print(f"node {i}: {node.maddr} validator", file=out, flush=True)
             await _watch(cfg, run, nodes, out, started)
+    except TimeoutError:
+        stuck = [n.index for n in nodes if n.proc.returncode is None]
+        error = (f"the run did not finish within --timeout {cfg.timeout_s:.0f}s; nodes still running: {stuck}; "
+                 f"see their logs in {run_dir}")
+        print(error, file=sys.stderr, flush=True)
+        for index in stuck:
+            _print_log_tail(run_dir / f"node-{index}.log", index)
     finally:
         await _stop_all(nodes)
-    return _summarize(cfg, run, run_dir, nodes)
+    summary = _summarize(cfg, run, run_dir, nodes)
+    if error is not None:
+        summary["ok"] = False
+        summary["error"] = error
+    return summary
+
+
+def _print_log_tail(path: Path, index: int, num_lines: int = 40) -> None:
+    """Copy the last lines of a node's log to stderr, so a stuck run can be diagnosed from its output alone."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-num_lines:]
+    except OSError as e:
+        print(f"node {index}: no log ({e})", file=sys.stderr)
+        return
+    print(f"--- last {len(lines)} lines of node-{index}.log ---", file=sys.stderr)
+    for line in lines:
+        print(f"node {index}| {line}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 async def _start_node(cfg: LaunchConfig, run_dir: Path, index: int, bootstrap: str | None,
@@ -219,7 +244,7 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
     starts = [s["first_sample_time"] for s in summaries if s.get("first_sample_time")]
     ends = [s["end_time"] for s in summaries if s.get("end_time")]
     elapsed = max(ends) - min(starts) if starts and ends else 0.0
-    steps = min((s.get("step", 0) for s in summaries), default=0)
+    steps = min((s.get("step", 0) for s in summaries if s.get("role") != "validator"), default=0)
     floor = make_source(run).loss_floor
     checks = rewards_summary([Path(s["ledger_path"]) for s in summaries if s.get("ledger_path")], run.run_id)
     return {

@@ -16,7 +16,6 @@ is reached:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import random
@@ -45,6 +44,7 @@ from swarm.training_config import TrainingConfig
 from swarm.view import SwarmView, config_key, peers_key, progress_key
 from swarm.verifying import NodeVerification
 from swarm.wiring import NoPeerError, PeerSelector
+from verification.attestation import fetch_attestations
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,12 @@ class TrainingRole:
                                 server_of=lambda: self.server, rpc_timeout_s=cfg.rpc_timeout_s)
         self.tied.register()
         transport.register("step.hint", StepHint, self.rpc_step_hint)
+        avg = cfg.run.averaging
         self.averager = Averager(AveragerConfig(
             matchmaking_time_s=cfg.matchmaking_time_s, allreduce_timeout_s=cfg.allreduce_timeout_s,
             codec=cfg.run.codecs.allreduce, rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0), poll_interval_s=0.05,
+            reduction=avg.reduction, clip_tau=avg.clip_tau, clip_iterations=avg.clip_iterations,
+            inspect_parts=self.checks.inspect_parts,
         ), transport=transport, dht=dht)
         self.my_samples: dict[int, int] = {}
         self.inflight: dict[int, int] = {}
@@ -102,8 +105,10 @@ class TrainingRole:
         self._changed = asyncio.Event()
         self._refresh_now = asyncio.Event()
         self._published = 0.0
+        self._published_samples: dict[int, int] = {}  # the step and samples of the last published progress record
         self._behind_since: float | None = None
         self._step_opened = time.monotonic()
+        self.finished_time: float | None = None  # when max_steps was reached (the run's end, lingering excluded)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -141,7 +146,11 @@ class TrainingRole:
         while not stop_event.is_set():
             if self.cfg.max_steps is not None and self._current_step() >= self.cfg.max_steps:
                 log.info("%s: reached max_steps=%d; stopping", self.me.short(), self.cfg.max_steps)
-                break
+                self.finished_time = time.time()
+                if self.server is not None:
+                    await asyncio.to_thread(self.save_checkpoint)
+                await self._serve_validators(stop_event, self.cfg.max_steps)
+                raise _Done()
             try:
                 async with asyncio.timeout(self.cfg.poll_interval_s):
                     await stop_event.wait()
@@ -150,6 +159,35 @@ class TrainingRole:
         if self.server is not None:
             await asyncio.to_thread(self.save_checkpoint)
         raise _Done()
+
+    async def _serve_validators(self, stop_event: asyncio.Event, max_steps: int) -> None:
+        """After ``max_steps``, with validators in the run: keep serving (their ``verify.fetch`` of the last windows'
+        work, receipts still to publish) until the last attestable window is attested, at most ``finish_linger_s``.
+        Leaving at once would leave that work unchecked, so a cheater's last windows would go unflagged."""
+        settings = self.run_cfg.verification
+        last = settings.last_attestable_window(max_steps)
+        validators = [p for p, r in self.view.peers.items() if r.role == "validator"]
+        if not settings.enabled or last < 0 or not validators or self.cfg.finish_linger_s <= 0:
+            return
+        log.info("%s: serving %d validator(s) until window %d is attested (at most %.0fs)", self.me.short(),
+                 len(validators), last, self.cfg.finish_linger_s)
+        deadline = time.monotonic() + self.cfg.finish_linger_s
+        while not stop_event.is_set() and time.monotonic() < deadline:
+            try:
+                async with asyncio.timeout(self.cfg.dht_timeout_s):
+                    if await fetch_attestations(self.dht, self.run_id, last):
+                        log.info("%s: window %d is attested; leaving", self.me.short(), last)
+                        return
+            except (SwarmError, TimeoutError, OSError) as e:
+                log.debug("%s: could not read window %d's attestations: %s", self.me.short(), last, e)
+            try:
+                async with asyncio.timeout(min(1.0, max(deadline - time.monotonic(), 0.01))):
+                    await stop_event.wait()
+            except TimeoutError:
+                pass
+        if not stop_event.is_set():
+            log.warning("%s: window %d was not attested within %.0fs; leaving anyway", self.me.short(), last,
+                        self.cfg.finish_linger_s)
 
     # ---- joining -------------------------------------------------------------------------------------------
 
@@ -180,8 +218,13 @@ class TrainingRole:
                 log.warning("%s: ignoring checkpoint: %s", self.me.short(), e)
         peer, step = self.view.newest_step(stage)
         if peer is not None and peer != self.me and step > server.step:
-            await self.sync_from(peer, server)
-        elif (peer is None or peer == self.me) and server.step < self.swarm_step():
+            try:
+                await self.sync_from(peer, server)
+            except (SwarmError, TimeoutError, OSError) as e:  # e.g. its record outlived it: serve, don't die
+                self.selectors[stage].report_failure(peer)
+                log.warning("%s: state download from %s failed: %s", self.me.short(), peer.short(), e)
+                peer = None
+        if (peer is None or peer == self.me) and server.step < self.swarm_step():
             log.warning("%s: stage %d has no peer to download its state from; serving %s weights at the swarm's step %d",
                         self.me.short(), stage, "checkpointed" if server.step else "initial", self.swarm_step())
             server.skip_to(self.swarm_step())
@@ -246,8 +289,23 @@ class TrainingRole:
         record = ProgressRecord(step=step, samples=self.my_samples.get(step, 0), samples_per_s=self.samples_driven / elapsed,
                                 loss=sum(losses) / len(losses) if losses else None, time=time.time())
         self.view.progress[self.me] = record
+        self._published_samples = {step: record.samples}
         await self._store(progress_key(self.run_id), record.to_wire(), ttl_s=2 * self.cfg.record_period_s + 60,
                           subkey=owner_subkey(self.me))
+
+    async def _publish_final_part(self, step: int, *, closed: bool = False) -> None:
+        """Publish this driver's samples of ``step`` unless already published (and, unless ``closed``, once no
+        microbatch of it is in flight: after this node's own server closed the step none can count any more).
+
+        A step can close while this driver's last part is unpublished (its other microbatch was still in flight);
+        the stages that learn of the step's samples only from progress records would then wait for it forever.
+        """
+        mine = self.my_samples.get(step, 0)
+        if mine == 0 or (self.inflight.get(step, 0) and not closed) or self._published_samples.get(step) == mine:
+            return
+        self._published = time.monotonic()
+        await self.publish_progress(step)
+        await self._send_step_hints(step)
 
     async def _view_loop(self) -> None:
         while True:
@@ -275,7 +333,7 @@ class TrainingRole:
             except (SwarmError, TimeoutError, OSError) as e:
                 log.debug("%s: step hint to %s failed: %s", self.me.short(), peer.short(), e)
 
-        await asyncio.gather(*(send(p) for p in self.view.peers if p != self.me))
+        await asyncio.gather(*(send(p) for p, r in self.view.peers.items() if p != self.me and r.stage is not None))
 
     async def _record_loop(self) -> None:
         while True:
@@ -328,15 +386,17 @@ class TrainingRole:
         step = server.step
         closed = time.monotonic()
         await asyncio.to_thread(server.close_step)
+        await self._publish_final_part(step, closed=True)
         grads = self.checks.misbehaviour.gradients(step, await asyncio.to_thread(server.mean_gradients))
         peers = self.view.stage_peers(server.index)
         others = [p for p in peers if p != self.me]
         if others:
-            _set_group_size(self.averager, len(others) + 1)
             result = await self.averager.step(grads, weight=max(float(server.samples), 1e-3),
-                                              group_key=f"{self.run_id}/avg/{server.index}/{step}")
+                                              group_key=f"{self.run_id}/avg/{server.index}/{step}",
+                                              target_group_size=len(others) + 1)
+            await self.checks.inspect(step, server.index, result.inspected)
             if not result.with_others:
-                log.warning("%s: step %d of stage %d averaged alone (peers: %d); will re-sync from a peer",
+                log.warning("%s: step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",
                             self.me.short(), step, server.index, len(others))
                 self.needs_sync = True
         averaged = time.monotonic()
@@ -345,7 +405,8 @@ class TrainingRole:
             await self.tied.combine(server, step, grads, self.rng.sample(self.view.stage_peers(other),
                                                                          len(self.view.stage_peers(other))))
         tied_done = time.monotonic()
-        await asyncio.to_thread(server.apply_step, grads)
+        if not (self.needs_sync and await self._adopt_reference_state(server, step + 1)):
+            await asyncio.to_thread(server.apply_step, grads)
         self._notify()
         now = time.monotonic()
         elapsed, self._step_opened = now - self._step_opened, now
@@ -359,7 +420,9 @@ class TrainingRole:
     async def _catch_up(self, server: StageServer) -> None:
         peer, newest = self.view.newest_step(server.index)
         now = time.monotonic()
-        ahead = peer is not None and peer != self.me and newest >= server.step + (0 if self.needs_sync else 1)
+        # strictly ahead: a server's weights change only together with its step, so that validators replaying
+        # a step's work with the weights they downloaded for that step never see two versions of them
+        ahead = peer is not None and peer != self.me and newest >= server.step + 1
         if not ahead and self.swarm_step() <= server.step + 1:
             self._behind_since = None
             return
@@ -382,6 +445,33 @@ class TrainingRole:
                 await asyncio.to_thread(server.skip_to, server.step)
             self._behind_since = None
             await self.publish_record()
+
+    async def _adopt_reference_state(self, server: StageServer, next_step: int) -> bool:
+        """After averaging alone, at the step boundary: load the state of ``next_step`` from a peer of the stage
+        (the one with the smallest PeerID first) instead of applying this node's own update, so the replicas meet
+        again. The reference replica (smallest PeerID) keeps its own. False: apply the own update (no peer got
+        there within ``behind_grace_s``; the next boundary tries again)."""
+        deadline = time.monotonic() + self.cfg.behind_grace_s
+        while time.monotonic() < deadline:
+            peers = sorted(self.view.stage_peers(server.index), key=lambda p: p.to_bytes())
+            if not peers or peers[0] == self.me:
+                self.needs_sync = False
+                return False
+            for peer in peers:
+                record = self.view.peers.get(peer)
+                if peer == self.me or record is None or record.step < next_step:
+                    continue
+                try:
+                    await self.sync_from(peer, server)
+                    self.needs_sync = False
+                    return True
+                except (SwarmError, TimeoutError, OSError) as e:
+                    self.selectors[server.index].report_failure(peer)
+                    log.warning("%s: state download from %s failed: %s", self.me.short(), peer.short(), e)
+            await self._wait_change(self.cfg.poll_interval_s)
+        log.warning("%s: no peer of stage %d reached step %d within %.1fs; applying own update", self.me.short(),
+                    server.index, next_step, self.cfg.behind_grace_s)
+        return False
 
     # ---- driving --------------------------------------------------------------------------------------------
 
@@ -426,7 +516,7 @@ class TrainingRole:
             try:
                 loss = await self.driver.run_microbatch(mb)
             except StaleStepError:
-                continue
+                loss = None
             except NoPeerError as e:
                 missing = [s for s in range(self.run_cfg.pipeline.num_stages) if not self._peers_of(s)]
                 log.warning("%s: %s; stages without a peer: %s; waiting", self.me.short(), e, missing or "none")
@@ -434,6 +524,9 @@ class TrainingRole:
                 continue
             finally:
                 self.inflight[step] -= mb.num_samples
+            if loss is None:  # the step closed first: the others must still see this driver's whole part of it
+                await self._publish_final_part(step)
+                continue
             self.my_samples[step] = self.my_samples.get(step, 0) + mb.num_samples
             self.samples_driven += mb.num_samples
             self.losses.setdefault(step, []).append(loss)
@@ -457,7 +550,7 @@ class TrainingRole:
                     due = min(due, time.monotonic() + self.cfg.poll_interval_s * 10 * self.rng.uniform(0.5, 1.5))
             await self.refresh_view()
             server = self.server
-            if server is None:
+            if server is None or self.finished_time is not None:
                 continue
             peers = [StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or self.cfg.balance.default_throughput)
                      for p, r in self.view.peers.items() if r.stage is not None]
@@ -495,7 +588,7 @@ class TrainingRole:
             "stage": self.server.index if self.server else None, "step": self._current_step(),
             "losses": {str(k): v for k, v in sorted(self.losses.items())},
             "samples": self.samples_driven, "elapsed_s": time.monotonic() - self.started,
-            "first_sample_time": self.first_sample_time, "end_time": time.time(),
+            "first_sample_time": self.first_sample_time, "end_time": self.finished_time or time.time(),
             "loss_floor": self.data.loss_floor, "run_id": self.run_id,
             "served_samples": self.server.total_samples if self.server else 0,
             "verification": self.checks.summary(),
@@ -504,12 +597,3 @@ class TrainingRole:
         tmp.write_text(json.dumps(summary))
         tmp.replace(self.cfg.summary_path)
 
-
-def _set_group_size(averager: Averager, size: int) -> None:
-    """Gather exactly the stage's current peers so the group closes as soon as all are ready.
-
-    Workaround: `Averager.step` has no per-call group size; its matchmaker reads ``config.target_group_size``.
-    """
-    matchmaker = getattr(averager, "matchmaker", None)
-    if matchmaker is not None and matchmaker.config.target_group_size != size:
-        matchmaker.config = dataclasses.replace(matchmaker.config, target_group_size=max(size, matchmaker.config.min_group_size))

@@ -39,6 +39,7 @@ class TrainingConfig:
     behind_grace_s: float = 5.0
     rebalance_interval_s: float = 20.0
     start_after_peers: int = 0
+    finish_linger_s: float = 60.0  # after max_steps, keep serving validators until the last window is attested
     seed: int = 0
     wiring: WiringConfig = field(default_factory=WiringConfig)
     driver: DriverConfig = field(default_factory=DriverConfig)
@@ -67,6 +68,8 @@ class TrainingConfig:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
         if not isinstance(self.start_after_peers, int) or not 0 <= self.start_after_peers <= 100_000:
             raise ConfigError(f"start_after_peers must be an int in [0, 100000], got {self.start_after_peers!r}")
+        if not isinstance(self.finish_linger_s, (int, float)) or not 0 <= self.finish_linger_s <= 86400:
+            raise ConfigError(f"finish_linger_s must be in [0, 86400] seconds (0: leave at once), got {self.finish_linger_s!r}")
         if not isinstance(self.rebalance_interval_s, (int, float)) or not 0 <= self.rebalance_interval_s <= 86400:
             raise ConfigError(f"rebalance_interval_s must be in [0, 86400] (0 disables), got {self.rebalance_interval_s!r}")
 

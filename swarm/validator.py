@@ -204,9 +204,9 @@ class ValidatorRole:
         return self._newest_seen
 
     async def is_serving(self, peer: PeerID) -> bool:
-        """Whether ``peer`` is still up, so that not answering ``verify.fetch`` is its fault: listed, the run not
-        over, and it answers a DHT ping."""
-        if peer not in self.view.peers or (self.cfg.max_steps is not None and self.newest_step() >= self.cfg.max_steps):
+        """Whether ``peer`` is still up, so that not answering ``verify.fetch`` is its fault: listed and it answers a
+        DHT ping (a server that reached ``max_steps`` keeps serving until the last window is attested)."""
+        if peer not in self.view.peers:
             return False
         try:
             async with asyncio.timeout(self.cfg.dht_timeout_s):
@@ -219,7 +219,7 @@ class ValidatorRole:
         """With ``max_steps``, the last window that closes ``settle_steps`` before the swarm stops (else None)."""
         if self.cfg.max_steps is None:
             return None
-        return (self.cfg.max_steps - self.settings.settle_steps) // self.settings.window_steps - 1
+        return self.settings.last_attestable_window(self.cfg.max_steps)
 
     def finished(self) -> bool:
         """With ``max_steps``: every attestable window was checked and has an accepted attestation."""

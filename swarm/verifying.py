@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from dht.identity import Identity, PeerID
 from swarm.errors import ConfigError, SwarmError
 from swarm.misbehave import MisbehaveConfig, Misbehaviour
+from verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
 from verification.orchestrator import Orchestrator, OrchestratorConfig
 from verification.settings import VerificationSettings
 from verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
@@ -65,11 +66,15 @@ class NodeVerification:
         self.witness: ServerWitness | None = None
         self.collector: ReceiptCollector | None = None
         self.orchestrator: Orchestrator | None = None
+        self.gradients: GradientChecker | None = None
         if settings.enabled:
             wcfg = WitnessConfig(run_id=run_id, window_steps=settings.window_steps, retention=settings.retention(),
                                  publish_timeout_s=cfg.dht_timeout_s)
             self.witness = ServerWitness(identity, wcfg)
             self.collector = ReceiptCollector(identity, wcfg, dht)
+            if settings.outlier_min_reporters > 0:
+                self.gradients = GradientChecker(identity, GradientCheckConfig(
+                    run_id=run_id, window_steps=settings.window_steps, outliers=settings.outliers()), dht)
             if cfg.orchestrator_candidate:
                 self.orchestrator = Orchestrator(identity, orchestrator_config(
                     settings, run_id=run_id, role="candidate", ledger_path=cfg.ledger_path, tick_s=cfg.tick_s,
@@ -88,11 +93,24 @@ class NodeVerification:
             try:
                 self._forge(step, current_stage())
                 await self.collector.flush(step, now=time.time())
+                if self.gradients is not None:
+                    async with asyncio.timeout(self.cfg.dht_timeout_s):
+                        await self.gradients.flush()
                 if self.orchestrator is not None:
                     await self.orchestrator.tick()
             except (SwarmError, TimeoutError, OSError) as e:
                 log.warning("%s: verification round failed, retrying: %s", self.identity.peer_id.short(), e)
             await asyncio.sleep(self.cfg.tick_s)
+
+    @property
+    def inspect_parts(self) -> int:
+        """How many parts of each span the all-reduce keeps per sender for gradient checks (0: none)."""
+        return 1 if self.gradients is not None else 0
+
+    async def inspect(self, step: int, stage: int, parts: Sequence[InspectedValues]) -> None:
+        """Check the all-reduce parts this node reduced at ``step`` for outlier and replayed gradients."""
+        if self.gradients is not None and parts:
+            await asyncio.to_thread(self.gradients.inspect, step, stage, parts)
 
     def _forge(self, step: int, stage: int | None) -> None:
         if self.misbehaviour.kind != "forge-receipts" or step in self._forged_steps or self.collector is None:

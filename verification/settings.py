@@ -54,6 +54,10 @@ class VerificationSettings:
                 f"verification.retention_steps ({self.retention_steps}) must exceed window_steps + settle_steps "
                 f"({self.window_steps + self.settle_steps}) so servers still hold a window's work when it is checked")
 
+    def last_attestable_window(self, max_steps: int) -> int:
+        """For a run that stops at ``max_steps``: the last window closing ``settle_steps`` before the end (-1: none)."""
+        return (max_steps - self.settle_steps) // self.window_steps - 1
+
     def tolerance(self) -> ToleranceConfig:
         return ToleranceConfig(min_cosine=self.min_cosine, max_norm_ratio_deviation=self.max_norm_ratio_deviation)
 

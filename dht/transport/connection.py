@@ -1,10 +1,11 @@
 """One TCP connection: the Noise handshake, encrypted records, mux frames, streams, drain with a deadline.
 
-The connection is an ``asyncio.BufferedProtocol``: the socket reads into one fixed buffer, which is split into
-length-prefixed Noise records and decrypted in ``buffer_updated`` (no per-record coroutine switch; a large
-frame's records decrypt straight into its payload buffer), and frames go to their streams synchronously.
-Writes are synchronous too (encrypted straight into a reused buffer, see WriteScratch); callers then ``await drain()``,
-which has the ``write_timeout_s`` deadline, so frames of concurrent streams never interleave mid-frame.
+The connection is an ``asyncio.BufferedProtocol``: the socket reads into one buffer (80 KiB, grown to 1 MiB while
+bulk data flows, see ``trim_read_buffer``), which is split into length-prefixed Noise records and decrypted in
+``buffer_updated`` (no per-record coroutine switch; a large frame's records decrypt straight into its payload
+buffer), and frames go to their streams synchronously. Writes are synchronous too (encrypted straight into a
+reused buffer, see WriteScratch); callers then ``await drain()``, which has the ``write_timeout_s`` deadline, so
+frames of concurrent streams never interleave mid-frame.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from dht.identity import Identity, PeerID
 from dht.transport.config import MAX_NOISE_MESSAGE_BYTES, TransportConfig
-from dht.transport.framing import FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_PREFIX, Frame, FrameParser, FrameType
+from dht.transport.framing import (
+    FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_PREFIX, Frame, FrameParser, FrameType, WriteScratch,
+)
 from dht.transport.noise import TAG_LEN, CipherState, HandshakeState, make_payload, verify_payload
 from dht.transport.streams import Stream
 from swarm.errors import HandshakeError, PeerIDMismatchError, ProtocolError, RpcTimeoutError, SwarmError, TransportError
@@ -28,27 +31,10 @@ from swarm.errors import HandshakeError, PeerIDMismatchError, ProtocolError, Rpc
 log = logging.getLogger(__name__)
 
 MAX_PLAINTEXT_BYTES = MAX_NOISE_MESSAGE_BYTES - TAG_LEN
-_READ_BUFFER_BYTES = 1 << 20  # the socket reads straight into this (BufferedProtocol); >= 2 records
-
-
-class WriteScratch:
-    """One reusable buffer that frames are encrypted into, shared by a transport's connections.
-
-    Writes are synchronous, so one buffer serves them all; it is reused only when the socket took every byte
-    (write buffer empty afterwards), so a transport that keeps a reference to unsent data never sees it change.
-    """
-
-    def __init__(self, max_bytes: int = 2 * 1024 * 1024) -> None:
-        self._buffer: bytearray | None = None
-        self._max_bytes = max_bytes
-
-    def take(self, size: int) -> bytearray:
-        buffer, self._buffer = self._buffer, None
-        return buffer if buffer is not None and len(buffer) >= size else bytearray(size)
-
-    def give_back(self, buffer: bytearray) -> None:
-        if len(buffer) <= self._max_bytes:
-            self._buffer = buffer
+_RECORD_SPACE_BYTES = MAX_NOISE_MESSAGE_BYTES + 2  # one whole length-prefixed record
+_SMALL_READ_BUFFER_BYTES = 80 * 1024  # idle and small-RPC connections: one whole record fits
+_LARGE_READ_BUFFER_BYTES = 1 << 20  # while bulk data flows: fewer, larger socket reads
+_FULL_READS_TO_GROW = 2  # consecutive reads that fill the small buffer before it grows
 
 
 class ConnectionOwner(Protocol):
@@ -81,9 +67,12 @@ class Connection(asyncio.BufferedProtocol):
         self.last_active_s = time.monotonic()
         self.close_reason = ""
         self._transport: asyncio.Transport | None = None
-        self._rbuf = bytearray(_READ_BUFFER_BYTES)
+        self._rbuf = bytearray(_SMALL_READ_BUFFER_BYTES)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
+        self._offered_bytes = 0  # size of the view get_buffer handed out last
+        self._full_reads = 0  # consecutive reads that filled that view
+        self._filled_since_trim = False
         self._reading_paused = False
         self._handshake_waiter: asyncio.Future[None] | None = None
         self._send: CipherState | None = None
@@ -118,23 +107,47 @@ class Connection(asyncio.BufferedProtocol):
         self.owner.on_connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._rbuf) - self._rend < MAX_NOISE_MESSAGE_BYTES + 2:  # move the partial record to the front
+        if len(self._rbuf) - self._rend < _RECORD_SPACE_BYTES:  # move the partial record to the front
             unread = self._rend - self._rstart
             self._rbuf[:unread] = self._rbuf[self._rstart : self._rend]
             self._rstart, self._rend = 0, unread
+        self._offered_bytes = len(self._rbuf) - self._rend
         return self._rview[self._rend :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._rend += nbytes
+        self._grow_or_count(nbytes == self._offered_bytes)
         if self._recv is not None:
             self._process_records(self._recv)
             return
         # Handshaking: the handshake coroutine takes its messages out; hold the rest (pause when full).
         if self._handshake_waiter is not None and not self._handshake_waiter.done():
             self._handshake_waiter.set_result(None)
-        if self._rend - self._rstart > len(self._rbuf) - 2 * (MAX_NOISE_MESSAGE_BYTES + 2) and self._transport:
+        if self._rend - self._rstart > len(self._rbuf) - _RECORD_SPACE_BYTES and self._transport:
             self._transport.pause_reading()
             self._reading_paused = True
+
+    def _grow_or_count(self, full: bool) -> None:
+        """Grow the small read buffer once reads keep filling it (bulk data is flowing)."""
+        self._full_reads = self._full_reads + 1 if full else 0
+        self._filled_since_trim |= full
+        if self._full_reads >= _FULL_READS_TO_GROW and len(self._rbuf) < _LARGE_READ_BUFFER_BYTES:
+            self._resize_read_buffer(_LARGE_READ_BUFFER_BYTES)
+
+    def trim_read_buffer(self) -> None:
+        """Shrink a large read buffer back if no read filled it since the last call (the transport's reaper
+        calls this every period, so a connection that went quiet holds only the small buffer)."""
+        unread = self._rend - self._rstart
+        if not self._filled_since_trim and len(self._rbuf) > _SMALL_READ_BUFFER_BYTES and unread < _RECORD_SPACE_BYTES:
+            self._resize_read_buffer(_SMALL_READ_BUFFER_BYTES)
+        self._filled_since_trim = False
+
+    def _resize_read_buffer(self, size_bytes: int) -> None:
+        unread = self._rend - self._rstart
+        rbuf = bytearray(size_bytes)
+        rbuf[:unread] = self._rview[self._rstart : self._rend]
+        self._rbuf, self._rview = rbuf, memoryview(rbuf)
+        self._rstart, self._rend, self._full_reads = 0, unread, 0
 
     def _process_records(self, recv: CipherState) -> None:
         """Decrypt and dispatch every complete record in the read buffer."""

@@ -26,6 +26,26 @@ RECORD_PREFIX = struct.Struct(">H")
 WINDOW_PAYLOAD = struct.Struct(">I")
 
 
+class WriteScratch:
+    """One reusable buffer that frames are encrypted into, shared by a transport's connections.
+
+    Writes are synchronous, so one buffer serves them all; it is reused only when the socket took every byte
+    (write buffer empty afterwards), so a transport that keeps a reference to unsent data never sees it change.
+    """
+
+    def __init__(self, max_bytes: int = 2 * 1024 * 1024) -> None:
+        self._buffer: bytearray | None = None
+        self._max_bytes = max_bytes
+
+    def take(self, size: int) -> bytearray:
+        buffer, self._buffer = self._buffer, None
+        return buffer if buffer is not None and len(buffer) >= size else bytearray(size)
+
+    def give_back(self, buffer: bytearray) -> None:
+        if len(buffer) <= self._max_bytes:
+            self._buffer = buffer
+
+
 class FrameType(enum.IntEnum):
     REQUEST = 1  # payload: packb([method, timeout_ms, body])
     REPLY = 2  # payload: packb(body)

@@ -17,8 +17,8 @@ from dht.maddr import PeerAddress, format_maddr, parse_maddr
 from dht.messages import Message
 from dht.transport import rpc
 from dht.transport.config import TransportConfig
-from dht.transport.connection import Connection, WriteScratch
-from dht.transport.framing import FLAG_CHUNKS, ErrorCode, Frame, decode_request
+from dht.transport.connection import Connection
+from dht.transport.framing import FLAG_CHUNKS, ErrorCode, Frame, WriteScratch, decode_request
 from dht.transport.rpc import Chunk, HandlerEntry, StreamHandler, StreamReply, UnaryHandler
 from dht.transport.streams import Stream
 from swarm.errors import ConfigError, HandshakeError, OverloadedError, ProtocolError, SwarmError, TransportError
@@ -394,3 +394,5 @@ class Transport:
                     self._all.discard(conn)
                 elif conn.is_open and not conn.streams and now - conn.last_active_s > self.config.idle_timeout_s:
                     conn.close(f"idle for over idle_timeout_s={self.config.idle_timeout_s}s", warn=False)
+                elif conn.is_open:
+                    conn.trim_read_buffer()

@@ -71,11 +71,23 @@ class RoundState:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InspectedPart:
+    """One part of the span this peer reduced, for gradient checks: what each member sent for the values
+    ``[start, end)`` of the flat tensor, and the reduced center (mean or CenteredClip)."""
+
+    start: int
+    end: int
+    values: dict[PeerID, torch.Tensor]
+    center: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
 class AllReduceOutcome:
     """What happened in one exchange: owners whose span we could not (fully) get, senders the owner dropped."""
 
     lost_owners: tuple[PeerID, ...]
     dropped_senders: tuple[PeerID, ...]
+    inspected: tuple[InspectedPart, ...] = ()
 
 
 class AllReduceServer:
@@ -236,7 +248,11 @@ async def run_allreduce(
                     flat[my_start + start : my_start + end].copy_(values)
     lost = tuple(group.peer(j) for j, (s, e) in enumerate(spans) if j != me and e > s and not done.get(j, False))
     dropped = tuple(group.peer(i) for i in sorted(reducer.failed)) if reducer is not None else ()
-    return AllReduceOutcome(lost_owners=lost, dropped_senders=dropped)
+    inspected = () if reducer is None else tuple(
+        InspectedPart(start=my_start + my_parts[i][0], end=my_start + my_parts[i][1],
+                      values={group.peer(s): v for s, v in sorted(values.items())}, center=center)
+        for i, (values, center) in sorted(reducer.inspected.items()))
+    return AllReduceOutcome(lost_owners=lost, dropped_senders=dropped, inspected=inspected)
 
 
 async def _serve_until_settled(state: RoundState, part_timeout_s: float) -> None:

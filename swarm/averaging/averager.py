@@ -13,7 +13,7 @@ import torch
 
 from dht.identity import PeerID
 from dht.transport import Transport
-from swarm.averaging.allreduce import AllReduceServer, run_allreduce
+from swarm.averaging.allreduce import AllReduceServer, InspectedPart, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.matchmaking import GroupStore, Matchmaker
 from swarm.averaging.partition import flat_view_or_copy, unflatten_into
@@ -37,6 +37,7 @@ class AveragingResult:
     group: tuple[PeerID, ...] = ()
     lost_peers: tuple[PeerID, ...] = ()
     round_id: bytes = b""
+    inspected: tuple[InspectedPart, ...] = ()  # with ``inspect_parts``: the members' values of parts we reduced
 
 
 class Averager:
@@ -99,4 +100,4 @@ class Averager:
         members = tuple(group.peer(i) for i in range(len(group.members)))
         lost = tuple(dict.fromkeys(outcome.lost_owners + outcome.dropped_senders))
         return AveragingResult(with_others=len(lost) < len(members) - 1, group_size=len(members), group=members,
-                               lost_peers=lost, round_id=group.round_id)
+                               lost_peers=lost, round_id=group.round_id, inspected=outcome.inspected)

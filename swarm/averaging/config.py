@@ -31,6 +31,8 @@ class AveragerConfig:
     - ``bandwidth``: announced to the group; spans are proportional when every member announces one.
     - ``client_mode``: this peer sends and receives but owns (reduces) no span.
     - ``reduction``: ``mean`` or ``centered_clip`` (with ``clip_tau`` and ``clip_iterations``).
+    - ``inspect_parts``: keep every member's values of the first N parts of our span and return them in
+      `AveragingResult.inspected`, so the caller can check for outlier or replayed gradients.
     - ``record_ttl_s``: lifetime of this peer's matchmaking record in the DHT.
     - ``max_part_bytes``: the largest encoded chunk accepted from a peer.
     """
@@ -49,6 +51,7 @@ class AveragerConfig:
     reduction: str = "mean"
     clip_tau: float = 1.0
     clip_iterations: int = 20
+    inspect_parts: int = 0
     record_ttl_s: float = 120.0
     poll_interval_s: float = 0.25
 
@@ -78,4 +81,5 @@ class AveragerConfig:
 
     def reduction_config(self) -> ReductionConfig:
         """The owner's reduction settings."""
-        return ReductionConfig(reduction=self.reduction, clip_tau=self.clip_tau, clip_iterations=self.clip_iterations)
+        return ReductionConfig(reduction=self.reduction, clip_tau=self.clip_tau, clip_iterations=self.clip_iterations,
+                               inspect_parts=self.inspect_parts)

@@ -28,6 +28,9 @@ class ReductionConfig:
     reduction: str = "mean"
     clip_tau: float = 1.0
     clip_iterations: int = 20
+    # gradient checks (verification): keep each sender's values of the first N parts; senders weighing less than
+    # one sample (a peer that served nothing this step) are left out, their zero gradients prove nothing
+    inspect_parts: int = 0
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -36,6 +39,8 @@ class ReductionConfig:
             raise ConfigError(f"clip_tau must be a finite number > 0, got {self.clip_tau!r}")
         if not isinstance(self.clip_iterations, int) or not 1 <= self.clip_iterations <= 10_000:
             raise ConfigError(f"clip_iterations must be an int in [1, 10000], got {self.clip_iterations!r}")
+        if not isinstance(self.inspect_parts, int) or not 0 <= self.inspect_parts <= 64:
+            raise ConfigError(f"inspect_parts must be an int in [0, 64], got {self.inspect_parts!r}")
 
 
 def centered_clip(values: Sequence[torch.Tensor], weights: Sequence[float], *, tau: float, iterations: int) -> torch.Tensor:
@@ -89,6 +94,9 @@ class SpanReducer:
         self._held: list[list[tuple[float, torch.Tensor]]] = [[] for _ in self.parts]
         self._done = [asyncio.Event() for _ in self.parts]
         self._claimed = [False] * len(self.parts)
+        # gradient checks: each sender's values of the first ``inspect_parts`` parts, and their reduced center
+        self._samples: dict[int, dict[int, torch.Tensor]] = {}
+        self.inspected: dict[int, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
 
     def add(self, sender: int, part_index: int, values: torch.Tensor, weight: float) -> None:
         """Take ``sender``'s values for one part; SwarmError if it is unexpected, duplicate or misshaped."""
@@ -103,13 +111,18 @@ class SpanReducer:
             raise SwarmError(f"part {part_index} should have {end - start} values, got {values.numel()}")
         if not (weight > 0 and math.isfinite(weight)):
             raise SwarmError(f"sender weight must be finite and > 0, got {weight}")
+        flat = values.reshape(-1)
         if self.config.reduction == "mean":
             acc = self._acc[part_index]
             if acc is None:
                 acc = self._acc[part_index] = torch.zeros(end - start, dtype=torch.float64)
-            acc.add_(values.reshape(-1), alpha=weight)
+            acc.add_(flat, alpha=weight)
+            if part_index < self.config.inspect_parts and weight >= 1.0:
+                self._samples.setdefault(part_index, {})[sender] = flat.clone()
         else:
-            self._held[part_index].append((weight, values.reshape(-1).clone()))
+            self._held[part_index].append((weight, flat.clone()))
+            if part_index < self.config.inspect_parts and weight >= 1.0:
+                self._samples.setdefault(part_index, {})[sender] = self._held[part_index][-1][1]
         self._weight[part_index] += weight
         self._delivered[part_index].add(sender)
 
@@ -149,6 +162,9 @@ class SpanReducer:
                         iterations=self.config.clip_iterations,
                     )
                     self._acc[i] = result.to(torch.float32)
+                samples = self._samples.pop(i, None)
+                if samples:
+                    self.inspected[i] = (samples, self._acc[i])
             self._done[i].set()
 
     def has_result(self, part_index: int) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from swarm.cli.dht import emit, json_option, main, run_with_dht
+from swarm.cli.dht_client import emit, json_option, run_with_dht
 from verification.audit import audit_run
 
 
@@ -36,6 +36,3 @@ def attestations(ctx: click.Context, run_id: str, window: int | None, verify: bo
     emit(rows, ("window", "orchestrator", "term", "ok", "shares", "problems"), as_json)
     if not audits or (verify and not all(a.ok for a in audits)):
         sys.exit(1)
-
-
-main.add_command(attestations)

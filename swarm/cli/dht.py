@@ -5,95 +5,33 @@
     swarm-dht put KEY VALUE --ttl SECONDS [--subkey S] [--owned --identity FILE] [--json]
     swarm-dht routing-table [--json]
 
-``--initial-peers`` may come from ``SWARM_INITIAL_PEERS``. Other areas add commands to the group with
-``main.add_command(cmd)`` (at the end of this file), using :func:`json_option`, :func:`run_with_dht` and
-:func:`emit`; `stages` (swarm/cli/stages.py) and `attestations` (swarm/cli/attestations.py) are added so.
+``--initial-peers`` may come from ``SWARM_INITIAL_PEERS``. Commands of other areas are plain ``click.command``s
+built on :mod:`swarm.cli.dht_client` (:func:`json_option`, :func:`run_with_dht`, :func:`emit`), which never
+imports this module; they are added to the group here with ``main.add_command(cmd)``: `stages`
+(swarm/cli/stages.py) and `attestations` (swarm/cli/attestations.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from dht import DHT, DHTConfig, owner_subkey
+from dht import DHT, owner_subkey
 from dht.identity import Identity, PeerID
 from dht.maddr import parse_maddr
 from dht.records import ValueWithExpiration
+from swarm.cli.attestations import attestations
+from swarm.cli.dht_client import ClientOptions, emit, json_option, run_with_dht, split_maddrs
 from swarm.cli.logs import setup_logging
+from swarm.cli.stages import stages
 from swarm.errors import SwarmError
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClientOptions:
-    """The group's options, shared by every command."""
-
-    initial_peers: tuple[str, ...]
-    rpc_timeout_s: float
-
-
-def _split_maddrs(values: Sequence[str]) -> tuple[str, ...]:
-    return tuple(part for value in values for part in value.replace(",", " ").split() if part)
-
-
-def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``--json`` flag every command takes."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
-
-
-def run_with_dht(
-    ctx: click.Context, action: Callable[[DHT], Awaitable[T]], *, identity: Identity | None = None
-) -> T:
-    """Join as a client-mode node through the group's initial peers, run ``action(dht)``, leave; errors exit 1."""
-    opts: ClientOptions = ctx.obj
-    if not opts.initial_peers:
-        raise click.UsageError("give --initial-peers (or set SWARM_INITIAL_PEERS) to reach a swarm")
-
-    async def main() -> T:
-        config = DHTConfig(initial_peers=opts.initial_peers, client_mode=True, rpc_timeout_s=opts.rpc_timeout_s,
-                           lookup_timeout_s=max(8.0, 2 * opts.rpc_timeout_s), maintenance_interval_s=3600.0)
-        async with DHT.create(config, identity=identity) as dht:
-            return await action(dht)
-
-    try:
-        return asyncio.run(main())
-    except SwarmError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-
-
-def emit(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
-    """Print ``rows`` as a JSON list, or as an aligned table of ``columns``."""
-    if as_json:
-        click.echo(json.dumps(rows, default=str))
-        return
-    if not rows:
-        click.echo("(none)")
-        return
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) or "-"
-    if isinstance(value, (dict,)):
-        return json.dumps(value, default=str)
-    return str(value)
+__all__ = ["ClientOptions", "emit", "json_option", "main", "run_with_dht"]
 
 
 @click.group()
@@ -107,7 +45,7 @@ def _cell(value: Any) -> str:
 def main(ctx: click.Context, initial_peers: tuple[str, ...], rpc_timeout_s: float, log_level: str) -> None:
     """Inspect a swarm's DHT (joins as a client-mode node, which nobody routes to)."""
     setup_logging(log_level)
-    ctx.obj = ClientOptions(initial_peers=_split_maddrs(initial_peers), rpc_timeout_s=rpc_timeout_s)
+    ctx.obj = ClientOptions(initial_peers=split_maddrs(initial_peers), rpc_timeout_s=rpc_timeout_s)
 
 
 def _owner_of(subkey: Any) -> str | None:
@@ -226,9 +164,7 @@ def routing_table(ctx: click.Context, as_json: bool) -> None:
     emit(run_with_dht(ctx, action), ("bucket", "peer_id", "maddrs"), as_json)
 
 
-import swarm.cli.attestations  # noqa: E402,F401  (registers `attestations` with main.add_command)
-from swarm.cli.stages import stages  # noqa: E402
-
+main.add_command(attestations)
 main.add_command(stages)
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from dht import DHT
-from swarm.cli.dht import json_option, run_with_dht
+from swarm.cli.dht_client import json_option, run_with_dht
 from swarm.config import RunConfig
 from swarm.view import SwarmView, format_table, peers_key, progress_key
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,10 @@ from dht.identity import Identity
 from dht.maddr import parse_maddr
 from swarm.cli.dht import main
 
-NODE_CMD = [sys.executable, "-c", "from swarm.cli.node import main; main()", "start", "--log-level", "WARNING"]
+# DHT-only nodes (--role dht): this test exercises the DHT, and training nodes would compete for the CPU
+NODE_CMD = [sys.executable, "-c", "from swarm.cli.node import main; main()", "start", "--role", "dht",
+            "--log-level", "WARNING"]
+JOIN_DEADLINE_S = 60.0
 
 
 def _spawn(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[str]:
@@ -30,6 +34,21 @@ def _maddr(proc: subprocess.Popen[str]) -> str:
     line = proc.stdout.readline()  # printed as soon as the node listens; the test timeout bounds the wait
     assert line.startswith("listening on "), line
     return line.split()[-1]
+
+
+def _wait_joined(first: str, others: list[str]) -> None:
+    """Wait until ``first`` lists every other node in its routing table.
+
+    A node prints ``listening on`` before it joins through its initial peers, so the line alone does not say that
+    the swarm knows it yet.
+    """
+    want = {str(parse_maddr(m).peer_id) for m in others}
+    deadline = time.monotonic() + JOIN_DEADLINE_S
+    while True:  # bounded by the deadline; each round is one request to `first`
+        code, out = _cli("--initial-peers", first, "routing-table", "--json")
+        if code == 0 and want <= {row["peer_id"] for row in json.loads(out)}:
+            return
+        assert time.monotonic() < deadline, f"{first} did not learn of {sorted(want)} in {JOIN_DEADLINE_S} s: {out}"
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -50,6 +69,7 @@ def test_swarm_dht_inspects_a_local_swarm(tmp_path: Path) -> None:
         for name in ("b", "c"):
             procs.append(_spawn(tmp_path, name, "--initial-peers", first))
             maddrs.append(_maddr(procs[-1]))
+        _wait_joined(first, maddrs[1:])
         env = {"SWARM_INITIAL_PEERS": first}
 
         code, out = _cli("peers", "--json", env=env)

@@ -6,7 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
+from compression import CodecPolicy
 from swarm.config import DEFAULT_CONFIG_PATH, RunConfig
 from swarm.errors import ConfigError
 
@@ -66,3 +68,34 @@ def test_unreadable_or_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
     bad.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         RunConfig.from_toml(bad)
+
+
+def test_codec_parameters_reach_the_policy(tmp_path: Path) -> None:
+    defaults = RunConfig.from_toml().codecs.policy()
+    assert (defaults.topk_fraction, defaults.blockwise8_blocksize) == (
+        CodecPolicy().topk_fraction, CodecPolicy().blockwise8_blocksize)
+    path = tmp_path / "run.toml"
+    path.write_text("[codecs]\nallreduce = 'topk'\ntopk_fraction = 0.25\nblockwise8_blocksize = 256\n")
+    cfg = RunConfig.from_toml(path)
+    policy = cfg.codecs.policy()
+    assert (policy.topk_fraction, policy.blockwise8_blocksize) == (0.25, 256)
+    assert policy.codec_for("allreduce", torch.zeros(4096)).fraction == 0.25
+    codecs = dataclasses.replace(cfg.codecs, topk_fraction=0.5)
+    assert dataclasses.replace(cfg, codecs=codecs).run_id != cfg.run_id  # peers must agree on it
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[codecs]\ntopk_fraction = 0\n", "codecs.topk_fraction"),
+        ("[codecs]\ntopk_fraction = 1.5\n", "codecs.topk_fraction"),
+        ("[codecs]\ntopk_fraction = 'half'\n", "codecs.topk_fraction"),
+        ("[codecs]\nblockwise8_blocksize = 1000\n", "codecs.blockwise8_blocksize"),
+        ("[codecs]\nblockwise8_blocksize = 4096.0\n", "codecs.blockwise8_blocksize"),
+    ],
+)
+def test_bad_codec_parameters_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        RunConfig.from_toml(path)
