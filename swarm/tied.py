@@ -7,6 +7,11 @@ After a step's within-stage average, each server keeps its averaged gradient of 
 ``stage-0 part + last-stage part`` (the same order on both sides, so the same bits) and apply the same optimizer
 update, so the two copies stay equal. If the other part cannot be fetched in time, the stage applies its own part
 only and logs it: the copies then drift apart until the next successful exchange.
+
+A stage asks the other stage's peers one at a time in the given order, but starts the next one as soon as a
+request fails or after ``hedge_s`` without an answer (the first answer wins, the others are cancelled), so one
+slow or stuck peer costs ``hedge_s``, not ``rpc_timeout_s``. A server already past a step whose gradient it never
+kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 KEPT_STEPS = 8
 WAIT_STEP_S = 0.01
+HEDGE_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +68,9 @@ class TiedStore:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def has(self, step: int) -> bool:
+        return step in self._grads
+
     async def get(self, step: int) -> torch.Tensor:
         """The gradient of ``step``, waiting for it (the caller's deadline bounds the wait)."""
         while step not in self._grads:
@@ -84,8 +93,9 @@ class TiedService:
     """Serves ``stage.tied`` from a `TiedStore`, and combines this stage's part with the other stage's."""
 
     def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str, num_stages: int,
-                 server_of: Callable[[], StageServer | None], rpc_timeout_s: float) -> None:
+                 server_of: Callable[[], StageServer | None], rpc_timeout_s: float, hedge_s: float = HEDGE_S) -> None:
         self.transport = transport
+        self.hedge_s = hedge_s
         self.policy = policy
         self.run_id = run_id
         self.num_stages = num_stages
@@ -100,6 +110,9 @@ class TiedService:
         server = self.server_of()
         if req.run_id != self.run_id or server is None or server.index != req.stage or tied_index(server) is None:
             raise StageInputError(f"this node does not hold the tied matrix of stage {req.stage} of run {req.run_id!r}")
+        if server.step > req.step and not self.store.has(req.step):  # it was put before the step advanced, or never
+            raise StageInputError(f"stage {server.index} is at step {server.step} and has no tied gradient of step "
+                                  f"{req.step} (it skipped or downloaded that step); ask another peer")
         grad = await self.store.get(req.step)
         return TiedReply(grad=await asyncio.to_thread(serialize_tensor, grad, get_codec("none")))  # exact bits
 
@@ -111,20 +124,47 @@ class TiedService:
         mine = grads[index]
         self.store.put(step, mine)
         other_stage = self.num_stages - 1 if server.index == 0 else 0
-        for peer in other_peers:
-            try:
-                reply = await self.transport.call(peer, "stage.tied", TiedRequest(run_id=self.run_id, stage=other_stage, step=step),
-                                                  TiedReply, timeout_s=self.rpc_timeout_s)
-                theirs = decode(reply.grad, f"tied gradient from {peer.short()}", dtype=mine.dtype)
-                if theirs.shape != mine.shape:
-                    raise StageInputError(f"tied gradient of shape {list(theirs.shape)}, expected {list(mine.shape)}")
-            except (SwarmError, TimeoutError, OSError) as e:
-                log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(), step,
-                            peer.short(), e)
-                continue
-            first, last = (mine, theirs) if server.index == 0 else (theirs, mine)
-            grads[index] = first + last
-            return True
-        log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
-                    self.transport.peer_id.short(), other_stage, step)
-        return False
+        request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
+        peers = [p for p in other_peers if p != self.transport.peer_id]  # a stale view may still list us there
+        theirs = await self._first_answer(peers, request, mine)
+        if theirs is None:
+            log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
+                        self.transport.peer_id.short(), other_stage, step)
+            return False
+        first, last = (mine, theirs) if server.index == 0 else (theirs, mine)
+        grads[index] = first + last
+        return True
+
+    async def _first_answer(
+        self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The first gradient any of ``peers`` sends; the next peer is asked on a failure or after ``hedge_s``."""
+        queue = list(peers)
+        pending: set[asyncio.Task[torch.Tensor | None]] = set()
+        try:
+            while queue or pending:
+                if queue:
+                    pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine)))
+                done, pending = await asyncio.wait(pending, timeout=self.hedge_s if queue else None,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if (theirs := task.result()) is not None:
+                        return theirs
+            return None
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor) -> torch.Tensor | None:
+        """``peer``'s tied gradient of the request's step, or None (the failure is logged)."""
+        try:
+            reply = await self.transport.call(peer, "stage.tied", request, TiedReply, timeout_s=self.rpc_timeout_s)
+            theirs = decode(reply.grad, f"tied gradient from {peer.short()}", dtype=mine.dtype)
+            if theirs.shape != mine.shape:
+                raise StageInputError(f"tied gradient of shape {list(theirs.shape)}, expected {list(mine.shape)}")
+            return theirs
+        except (SwarmError, TimeoutError, OSError) as e:
+            log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
+                        request.step, peer.short(), e)
+            return None

@@ -99,6 +99,8 @@ class AllReduceServer:
         self.codec = codec
         self._rounds: dict[tuple[str, bytes], RoundState] = {}
         self._expected: dict[tuple[str, bytes], asyncio.Event] = {}
+        self._forming: set[str] = set()  # group keys our matchmaker is still forming a group under
+        self._agreed = asyncio.Event()  # set (and replaced) whenever a round is expected or a key stops forming
 
     def register(self) -> None:
         self.transport.register_stream("avg.part", PartHeader, self.rpc_part)
@@ -107,6 +109,24 @@ class AllReduceServer:
     def expect(self, group_key: str, round_id: bytes) -> None:
         """A round we agreed to: requests for it wait (up to ``join_timeout_s``) until it opens."""
         self._expected.setdefault((group_key, round_id), asyncio.Event())
+        self._wake()
+
+    def forming(self, group_key: str, active: bool) -> None:
+        """Our matchmaker is (``active``) or is no longer forming a group under ``group_key``.
+
+        While it is, a request for an unknown round under that key waits (up to ``join_timeout_s``) for our own
+        ``avg.begin``: the leader sends the membership to all followers at once, so a follower that got it first
+        may already stream to us before ours arrived. Once the key is no longer forming, unknown rounds fail.
+        """
+        if active:
+            self._forming.add(group_key)
+        else:
+            self._forming.discard(group_key)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._agreed.set()
+        self._agreed = asyncio.Event()
 
     def open(self, state: RoundState) -> None:
         key = (state.group.group_key, state.group.round_id)
@@ -120,11 +140,18 @@ class AllReduceServer:
 
     async def _round_for(self, ctx: RpcContext, group_key: str, round_id: bytes) -> tuple[RoundState, int]:
         key = (group_key, round_id)
-        event = self._expected.get(key)
-        if event is None:
-            raise SwarmError(f"no averaging round {round_id.hex()[:8]} under {group_key!r} here; not a member")
-        async with asyncio.timeout(self.config.join_timeout_s):
-            await event.wait()
+        try:
+            async with asyncio.timeout(self.config.join_timeout_s):
+                event = self._expected.get(key)
+                while event is None and group_key in self._forming:  # our begin may still be on its way
+                    await self._agreed.wait()
+                    event = self._expected.get(key)
+                if event is None:
+                    raise SwarmError(f"no averaging round {round_id.hex()[:8]} under {group_key!r} here; not a member")
+                await event.wait()
+        except TimeoutError:
+            raise SwarmError(f"averaging round {round_id.hex()[:8]} under {group_key!r} did not start here within "
+                             f"{self.config.join_timeout_s:.1f}s") from None
         state = self._rounds.get(key)
         if state is None:
             raise SwarmError(f"averaging round {round_id.hex()[:8]} under {group_key!r} is already over")

@@ -11,13 +11,18 @@ The rule (see docs/averaging.md):
    from then on accepts no other. The leader sends the final ordered membership to those who accepted
    (``avg.begin``), with ``round_id = sha256(group_key, members)``; each member checks the id and membership.
 3. A peer that is not a leader waits up to ``join_timeout_s`` for a leader's begin. A group smaller than
-   ``min_group_size``, or no begin in time, means the peer averages alone.
+   ``min_group_size``, or no begin in time, means the peer averages alone. While it waits without a leader it
+   re-reads the key: when the peers ranked before it have withdrawn (below), it leads the peers still looking.
+4. A peer done with matchmaking (in a group or alone) **withdraws**: it replaces its entry with
+   ``{"closed": true}`` (a later expiration wins), so peers that come later neither wait for it to lead nor
+   count it as a peer still to come. Gathering also stops once looking + withdrawn entries reach the target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +68,7 @@ class _Looking:
     leader: bytes | None = None
     begin: asyncio.Future[BeginRequest] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    expiration_time: float = 0.0  # of our entry under the key; the withdrawal is stored just after it
 
 
 def alone(group_key: str, me: MemberInfo) -> Group:
@@ -105,33 +111,45 @@ class Matchmaker:
             raise SwarmError(f"target_group_size must be an int in [1, {MAX_GROUP_SIZE}], got {target!r}")
         state = _Looking(me=self.my_info(weight), target=target)
         self._looking[group_key] = state
+        self.server.forming(group_key, True)
         try:
-            return await self._form(group_key, state)
+            group = await self._form(group_key, state)
         finally:
             state.phase = "done"
             self._looking.pop(group_key, None)
+            self.server.forming(group_key, False)
+        await self._withdraw(group_key, state)
+        return group
 
     async def _form(self, group_key: str, state: _Looking) -> Group:
         me = state.me
         value = {"ready_at": me.ready_at, "weight": me.weight, "bandwidth": me.bandwidth,
                  "client_mode": me.client_mode, "maddrs": list(me.maddrs)}
-        await self.dht.store(group_key, value, self.clock() + self.config.record_ttl_s,
-                             subkey=owner_subkey(self.transport.peer_id))
+        state.expiration_time = self.clock() + self.config.record_ttl_s
+        await self.dht.store(group_key, value, state.expiration_time, subkey=owner_subkey(self.transport.peer_id))
         seen = await self._gather(group_key, state)
-        if state.phase == "gathering" and len(seen) == 1:
-            log.info("%s: nobody else under %r; averaging alone", self.transport.peer_id.short(), group_key)
-            return alone(group_key, me)
-        if state.phase == "gathering" and min(seen, key=MemberInfo.rank).peer_id == me.peer_id:
-            state.phase = "leading"
-            return await self._lead(group_key, state, seen)
-        if state.phase == "gathering":
-            state.phase = "waiting"
-        try:
-            async with asyncio.timeout(self.config.join_timeout_s):
-                begin = await state.begin
-        except TimeoutError:
-            log.info("%s: no group under %r in time; averaging alone", self.transport.peer_id.short(), group_key)
-            return alone(group_key, me)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.join_timeout_s
+        while True:
+            if state.phase in ("gathering", "waiting") and len(seen) == 1:
+                log.info("%s: nobody else under %r; averaging alone", self.transport.peer_id.short(), group_key)
+                return alone(group_key, me)
+            if state.phase in ("gathering", "waiting") and min(seen, key=MemberInfo.rank).peer_id == me.peer_id:
+                state.phase = "leading"
+                return await self._lead(group_key, state, seen)
+            if state.phase == "gathering":
+                state.phase = "waiting"
+            try:
+                async with asyncio.timeout(min(self.config.poll_interval_s, max(0.0, deadline - loop.time()))):
+                    begin = await asyncio.shield(state.begin)
+                break
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    log.info("%s: no group under %r in time; averaging alone", self.transport.peer_id.short(),
+                             group_key)
+                    return alone(group_key, me)
+            if state.phase == "waiting":  # no leader yet: has the one ranked first among us withdrawn?
+                seen = (await self._entries(group_key, me))[0]
         index = next((i for i, m in enumerate(begin.members) if m.peer_id == me.peer_id), None)
         if index is None:
             log.info("%s: the leader closed %r without us; averaging alone", self.transport.peer_id.short(), group_key)
@@ -139,13 +157,14 @@ class Matchmaker:
         return Group(group_key=group_key, round_id=begin.round_id, members=begin.members, my_index=index)
 
     async def _gather(self, group_key: str, state: _Looking) -> list[MemberInfo]:
-        """Re-read the key until the target is visible, the window ends, or a leader recruits us."""
+        """Re-read the key until the target is visible (looking or withdrawn), the window ends, or a leader
+        recruits us."""
         loop = asyncio.get_running_loop()
         window_end = loop.time() + self.config.matchmaking_time_s
         seen = [state.me]
         while state.phase == "gathering":
-            seen = await self._entries(group_key, state.me)
-            if len(seen) >= state.target or loop.time() >= window_end:
+            seen, withdrawn = await self._entries(group_key, state.me)
+            if len(seen) + withdrawn >= state.target or loop.time() >= window_end:
                 break
             state.wake.clear()
             try:
@@ -155,16 +174,31 @@ class Matchmaker:
                 pass
         return seen
 
-    async def _entries(self, group_key: str, me: MemberInfo) -> list[MemberInfo]:
-        """Live entries under the key (ours included), parsed; malformed entries are skipped with a warning."""
+    async def _entries(self, group_key: str, me: MemberInfo) -> tuple[list[MemberInfo], int]:
+        """Entries still looking under the key (ours included), parsed, and the number of withdrawn ones;
+        malformed entries are skipped with a warning."""
         found = await self.dht.get(group_key, latest=True)
         members = {me.peer_id: me}
+        withdrawn, mine = 0, owner_subkey(self.transport.peer_id)
         if isinstance(found, dict):
             for subkey, item in found.items():
+                if isinstance(item.value, dict) and item.value.get("closed") is True:
+                    # owner subkeys are signed by their owner: one withdrawal per peer, never forged
+                    withdrawn += isinstance(subkey, str) and subkey.startswith("[owner:") and subkey != mine
+                    continue
                 member = self._parse_entry(subkey, item.value)
                 if member is not None and member.peer_id not in members:
                     members[member.peer_id] = member
-        return list(members.values())
+        return list(members.values()), withdrawn
+
+    async def _withdraw(self, group_key: str, state: _Looking) -> None:
+        """Replace our entry by ``{"closed": true}`` (bounded by ``rpc_timeout_s``; a failure only logs)."""
+        try:
+            async with asyncio.timeout(self.config.rpc_timeout_s):
+                await self.dht.store(group_key, {"closed": True}, math.nextafter(state.expiration_time, math.inf),
+                                     subkey=owner_subkey(self.transport.peer_id))
+        except (SwarmError, OSError, TimeoutError) as e:
+            log.warning("%s: could not withdraw from %r: %s", self.transport.peer_id.short(), group_key, e)
 
     def _parse_entry(self, subkey: Any, value: Any) -> MemberInfo | None:
         try:

@@ -269,3 +269,35 @@ async def test_centered_clip_end_to_end_bounds_two_attackers_of_eight() -> None:
         for flat in flats[:6]:
             assert float((flat.double()[p] - honest_mean[p]).norm()) <= bound * 1.001
         assert float((plain[p] - honest_mean[p]).norm()) > 100 * bound
+
+
+@pytest.mark.parametrize("reduction", ["mean", "centered_clip"])
+async def test_inspect_parts_returns_every_members_values_and_the_center(reduction: str) -> None:
+    """With ``inspect_parts=1`` each owner returns what every member sent for the first part of its span and the
+    reduced center of that part; members that served nothing (weight < 1) are left out."""
+    num_peers = 3
+    weights = [2.0, 3.0, 0.001]
+    flats = [flatten_tensors(random_tensors(200 + i, SHAPES)) for i in range(num_peers)]
+    originals = [f.clone() for f in flats]
+    async with transports(num_peers) as ts:
+        cfg = _config(inspect_parts=1, reduction=reduction, clip_tau=100.0)
+        servers = _servers(ts, cfg, CompressionPartCodec("none"))
+        groups = fixed_groups(ts, "run/avg/0/2")
+        outcomes = await _run(servers, groups, flats, weights)
+    for me, (outcome, group) in enumerate(zip(outcomes, groups)):
+        start, end = group.spans(originals[0].numel())[me]
+        assert len(outcome.inspected) == 1
+        part = outcome.inspected[0]
+        assert part.start == start and part.end == start + min(end - start, part_numel(cfg.part_size_bytes))
+        assert sorted(part.values) == sorted(group.peer(i) for i in range(2))  # the weight-0.001 member is left out
+        for i in range(2):
+            assert torch.equal(part.values[group.peer(i)], originals[i][part.start:part.end])
+        torch.testing.assert_close(part.center, flats[me][part.start:part.end])
+
+
+async def test_inspect_parts_off_keeps_nothing() -> None:
+    flats = [flatten_tensors(random_tensors(300 + i, SHAPES)) for i in range(2)]
+    async with transports(2) as ts:
+        servers = _servers(ts, _config(), CompressionPartCodec("none"))
+        outcomes = await _run(servers, fixed_groups(ts, "run/avg/0/3"), flats, [1.0, 1.0])
+    assert all(o.inspected == () for o in outcomes)

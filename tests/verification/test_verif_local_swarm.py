@@ -35,3 +35,24 @@ def test_local_swarm_flags_exactly_the_lazy_node(tmp_path: Path) -> None:
     assert summary["flagged"] == summary["misbehaving"], (summary, logs)
     assert summary["attestations"] >= 2, (summary, logs)
     assert summary["rewards"] and sum(summary["rewards"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_swarm_flags_exactly_the_sign_flip_and_replay_nodes(tmp_path: Path) -> None:
+    """6 nodes (3 per stage) with CenteredClip: the all-reduce owners report the x(-1000) sender as an outlier
+    and the replayer's repeated parts; both are flagged (paid nothing from their first flagged window on, which
+    the attestation tests check), nobody else is."""
+    cmd = [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", "6", "--validators", "1",
+           "--misbehave", "sign-flip:1", "--misbehave", "replay:1", "--steps", "15", "--json",
+           "--config", str(REPO / "examples" / "tiny_gpt_robust.toml"), "--run-dir", str(tmp_path / "run"),
+           "--timeout", "540"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, cwd=REPO)
+    assert proc.stdout.strip(), proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    logs = proc.stderr[-6000:]
+    assert summary["ok"], (summary, logs)
+    assert len(summary["misbehaving"]) == 2
+    assert summary["flagged"] == summary["misbehaving"], (summary, logs)
+    assert sum(summary["rewards"].values()) == pytest.approx(1.0, abs=1e-4)

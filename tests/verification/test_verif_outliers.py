@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+
 import pytest
 import torch
 from verif_helpers import MemoryStore, make_identity
 
+from dht.identity import PeerID
 from swarm.averaging.reducer import centered_clip
 from swarm.errors import ConfigError
 from verification.attestation import GENESIS_DIGEST, build_attestation, verify_attestation
 from verification.common import digest_parts
+from verification.gradient_checks import GradientCheckConfig, GradientChecker
 from verification.outliers import (
     OutlierConfig, ReplayDetector, fetch_reports, find_outliers, publish_report, reported_peers, sign_report)
 from verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
@@ -127,3 +132,50 @@ def test_outlier_config_names_the_bad_field():
         OutlierConfig(distance_ratio=0.5)
     with pytest.raises(ConfigError, match="min_senders"):
         OutlierConfig(min_senders=2)
+
+
+@dataclass(frozen=True)
+class _Part:
+    start: int
+    end: int
+    values: dict
+    center: torch.Tensor
+
+
+async def test_gradient_checker_reports_sign_flip_and_replay_once_per_window(identities, memory_store, caplog):
+    """A node's checks over its reduced all-reduce parts: the sign-flipper and the replayer are reported in a
+    signed report per window (each once), honest senders never; the published report counts toward flagging."""
+    me, honest, flipper, replayer = identities[:4]
+    cfg = GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig())
+    checker = GradientChecker(me, cfg, memory_store)
+    gen = torch.Generator().manual_seed(5)
+    stale = torch.randn(64, generator=gen)
+    for step in range(3):
+        grads = {p.peer_id: torch.randn(64, generator=gen) for p in (me, honest)}
+        grads[flipper.peer_id] = -1000.0 * torch.randn(64, generator=gen)
+        grads[replayer.peer_id] = stale.clone()
+        center = centered_clip(list(grads.values()), [1.0] * len(grads), tau=5.0, iterations=20)
+        new = checker.inspect(step, 0, [_Part(start=0, end=64, values=grads, center=center)])
+        reasons = sorted((PeerID(e.peer), e.reason) for e in new)
+        if step == 0:
+            assert reasons == [(flipper.peer_id, "outlier")]
+        elif step == 1:
+            assert reasons == [(replayer.peer_id, "replayed")]
+        else:
+            assert reasons == []  # already reported in this window
+    async with asyncio.timeout(5):
+        assert await checker.flush(now=1000.0) == 1
+        assert await checker.flush(now=1001.0) == 0  # nothing new
+        reports = await fetch_reports(memory_store, "run", 0)
+    report = reports[me.peer_id]
+    assert report.is_valid()
+    assert sorted((PeerID(e.peer), e.reason) for e in report.entries) == sorted(
+        [(flipper.peer_id, "outlier"), (replayer.peer_id, "replayed")])
+    assert honest.peer_id not in {PeerID(e.peer) for e in report.entries}
+
+
+def test_gradient_check_config_names_the_bad_field():
+    with pytest.raises(ConfigError, match="window_steps"):
+        GradientCheckConfig(run_id="run", window_steps=0, outliers=OutlierConfig())
+    with pytest.raises(ConfigError, match="report_ttl_s"):
+        GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig(), report_ttl_s=-1)

@@ -1,0 +1,85 @@
+"""swarm.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not ``rpc_timeout_s``; a
+peer past a step it never kept answers at once; a node never asks itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from dht.transport import Transport
+from swarm.config import RunConfig
+from swarm.model import StageInputError, build_stages
+from swarm.model.optim import make_optimizer
+from swarm.stage_server import StageServer, StageServerConfig
+from swarm.tied import TiedRequest, TiedService, tied_index
+from tests.averaging.conftest import transports
+
+RPC_TIMEOUT_S = 30.0  # far above every test's own deadline: a test that waits for it fails
+
+
+@pytest.fixture(scope="module")
+def cfg() -> RunConfig:
+    return RunConfig.from_toml()
+
+
+def _server(cfg: RunConfig, index: int) -> StageServer:
+    stage = build_stages(cfg)[index]
+    return StageServer(stage, make_optimizer(stage.parameters(), cfg.optimizer), cfg.optimizer, StageServerConfig())
+
+
+def _service(cfg: RunConfig, t: Transport, server: StageServer) -> TiedService:
+    service = TiedService(t, cfg.codecs.policy(), run_id="run", num_stages=2, server_of=lambda: server,
+                          rpc_timeout_s=RPC_TIMEOUT_S, hedge_s=0.05)
+    service.register()
+    return service
+
+
+def _grads(server: StageServer, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen) for p in server.parameters()]
+
+
+async def test_a_stuck_peer_of_the_other_stage_costs_the_hedge_not_the_rpc_timeout(cfg: RunConfig) -> None:
+    async with transports(3, salt=21) as ts:
+        first, stuck, ready = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1)
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, stuck, ready))]
+        theirs = _grads(ready, 1)[tied_index(ready)]  # type: ignore[index]
+        services[2].store.put(0, theirs)  # the stuck peer never finishes step 0
+        grads = _grads(first, 2)
+        mine = grads[tied_index(first)].clone()  # type: ignore[index]
+        async with asyncio.timeout(10):
+            combined = await services[0].combine(first, 0, grads, [ts[1].peer_id, ts[2].peer_id])
+    assert combined
+    assert torch.equal(grads[tied_index(first)], mine + theirs)  # type: ignore[index]
+
+
+async def test_a_peer_past_the_step_without_its_gradient_answers_at_once(cfg: RunConfig) -> None:
+    async with transports(2, salt=22) as ts:
+        first, moved_on = _server(cfg, 0), _server(cfg, 1)
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, moved_on))]
+        moved_on.skip_to(3)  # it downloaded a peer's state of step 3: steps 0..2 never reach its store
+        grads = _grads(first, 3)
+        mine = grads[tied_index(first)].clone()  # type: ignore[index]
+        async with asyncio.timeout(10):
+            with pytest.raises(StageInputError, match="no tied gradient of step 1"):
+                await services[1].rpc_tied(None, TiedRequest(run_id="run", stage=1, step=1))  # type: ignore[arg-type]
+            combined = await services[0].combine(first, 1, grads, [ts[1].peer_id])
+    assert not combined and torch.equal(grads[tied_index(first)], mine)  # type: ignore[index]
+
+
+async def test_a_node_listed_in_the_other_stage_never_asks_itself(
+    cfg: RunConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with transports(2, salt=23) as ts:
+        first, other = _server(cfg, 0), _server(cfg, 1)
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, other))]
+        theirs = _grads(other, 4)[tied_index(other)]  # type: ignore[index]
+        services[1].store.put(5, theirs)
+        grads = _grads(first, 5)
+        with caplog.at_level(logging.WARNING, logger="swarm.tied"):
+            async with asyncio.timeout(10):
+                combined = await services[0].combine(first, 5, grads, [ts[0].peer_id, ts[1].peer_id])
+    assert combined and not [r for r in caplog.records if "failed" in r.getMessage()]
