@@ -89,8 +89,9 @@ class Misbehaviour:
         if self.cfg.kind == "sign-flip":
             return [g * SIGN_FLIP_FACTOR for g in grads]
         if self.cfg.kind == "replay":
-            if self._first_gradients is None:
-                self._first_gradients = [g.detach().clone() for g in grads]
+            shapes = [g.shape for g in grads]
+            if self._first_gradients is None or [g.shape for g in self._first_gradients] != shapes:
+                self._first_gradients = [g.detach().clone() for g in grads]  # first step (of this stage)
                 return grads
             return [g.clone() for g in self._first_gradients]
         return grads

@@ -74,7 +74,8 @@ class NodeVerification:
             self.collector = ReceiptCollector(identity, wcfg, dht)
             if settings.outlier_min_reporters > 0:
                 self.gradients = GradientChecker(identity, GradientCheckConfig(
-                    run_id=run_id, window_steps=settings.window_steps, outliers=settings.outliers()), dht)
+                    run_id=run_id, window_steps=settings.window_steps, outliers=settings.outliers(),
+                    min_reporters=settings.outlier_min_reporters), dht)
             if cfg.orchestrator_candidate:
                 self.orchestrator = Orchestrator(identity, orchestrator_config(
                     settings, run_id=run_id, role="candidate", ledger_path=cfg.ledger_path, tick_s=cfg.tick_s,
@@ -96,6 +97,7 @@ class NodeVerification:
                 if self.gradients is not None:
                     async with asyncio.timeout(self.cfg.dht_timeout_s):
                         await self.gradients.flush()
+                        await self.gradients.refresh_reported(step // self.settings.window_steps)
                 if self.orchestrator is not None:
                     await self.orchestrator.tick()
             except (SwarmError, TimeoutError, OSError) as e:
@@ -106,6 +108,10 @@ class NodeVerification:
     def inspect_parts(self) -> int:
         """How many parts of each span the all-reduce keeps per sender for gradient checks (0: none)."""
         return 1 if self.gradients is not None else 0
+
+    def offenders(self) -> frozenset[PeerID]:
+        """Peers this node's gradient checks caught (left out of its all-reduce spans and state downloads)."""
+        return self.gradients.offenders() if self.gradients is not None else frozenset()
 
     async def inspect(self, step: int, stage: int, parts: Sequence[InspectedValues]) -> None:
         """Check the all-reduce parts this node reduced at ``step`` for outlier and replayed gradients."""

@@ -8,6 +8,7 @@ malformed ones are skipped with a warning.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +75,11 @@ class SwarmView:
     def step_samples(self, step: int) -> int:
         return step_samples(self.progress.values(), step)
 
-    def newest_step(self, stage: int) -> tuple[PeerID | None, int]:
-        """The peer of ``stage`` with the newest step, and that step."""
+    def newest_step(self, stage: int, exclude: Collection[PeerID] = ()) -> tuple[PeerID | None, int]:
+        """The peer of ``stage`` with the newest step (peers in ``exclude`` left out), and that step."""
         best: tuple[PeerID | None, int] = (None, -1)
         for p, r in self.peers.items():
-            if r.stage == stage and r.step > best[1]:
+            if r.stage == stage and r.step > best[1] and p not in exclude:
                 best = (p, r.step)
         return best
 

@@ -94,8 +94,12 @@ class ReplayDetector:
         self._seen: OrderedDict[tuple[PeerID, str, bytes], int] = OrderedDict()
 
     def observe(self, peer: PeerID, span: str, step: int, part: torch.Tensor) -> OutlierEntry | None:
-        """Record ``part``; an entry if ``peer`` sent exactly these values for ``span`` at an earlier step."""
+        """Record ``part``; an entry if ``peer`` sent exactly these values for ``span`` at an earlier step. An
+        all-zero part proves nothing (an honest peer whose downstream stage returned zero gradients sends one
+        every step) and is ignored."""
         data = part.detach().contiguous().cpu().reshape(-1)
+        if not bool(data.any()):
+            return None
         digest = hashlib.sha256(str(data.dtype).encode() + data.numpy().tobytes()).digest()
         key = (peer, span, digest)
         while self._seen and next(iter(self._seen.values())) < step - self.cfg.replay_memory_steps:

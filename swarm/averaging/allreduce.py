@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -63,6 +63,7 @@ class RoundState:
     finished_fetch: set[int] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     encoded: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # part -> (result bytes, fetches left)
+    excluded: set[int] = field(default_factory=set)  # members whose parts this owner refuses (gradient checks)
 
     def fetches_settled(self) -> bool:
         others = set(range(len(self.group.members))) - {self.group.my_index}
@@ -88,6 +89,7 @@ class AllReduceOutcome:
     lost_owners: tuple[PeerID, ...]
     dropped_senders: tuple[PeerID, ...]
     inspected: tuple[InspectedPart, ...] = ()
+    excluded: tuple[PeerID, ...] = ()
 
 
 class AllReduceServer:
@@ -166,6 +168,9 @@ class AllReduceServer:
         reducer = state.reducer
         if reducer is None:
             raise SwarmError("this peer owns no span in the round (client mode or empty span)")
+        if sender in state.excluded:
+            raise SwarmError(f"{ctx.peer_id.short()} is left out of this peer's span: its gradient parts failed "
+                             "this peer's gradient checks (outlier or replayed)")
         if sender in state.started:
             raise SwarmError(f"{ctx.peer_id.short()} opened avg.part twice in one round")
         state.started.add(sender)
@@ -229,11 +234,14 @@ class AllReduceServer:
 
 
 async def run_allreduce(
-    server: AllReduceServer, group: Group, flat: torch.Tensor, weight: float
+    server: AllReduceServer, group: Group, flat: torch.Tensor, weight: float,
+    exclude: Collection[PeerID] = (),
 ) -> AllReduceOutcome:
     """Average ``flat`` (1-D float32) with ``group`` in place; returns who was lost. Never raises on peer faults.
 
     Bounded by ``allreduce_timeout_s``: at the deadline, spans and parts not yet received keep our own values.
+    Members in ``exclude`` (found cheating by this peer's gradient checks) are left out of the span this peer
+    reduces: their ``avg.part`` is refused; they may still fetch the result.
     """
     cfg = server.config
     loop = asyncio.get_running_loop()
@@ -250,14 +258,18 @@ async def run_allreduce(
                               config=cfg.reduction_config())
         for index, (start, end) in enumerate(my_parts):
             reducer.add(me, index, flat[my_start + start : my_start + end], weight)
-    state = RoundState(group=group, span_parts=my_parts, reducer=reducer)
+    excluded = {j for j in range(len(group.members)) if j != me and group.peer(j) in exclude}
+    for j in sorted(excluded):
+        if reducer is not None:
+            reducer.fail(j)
+    state = RoundState(group=group, span_parts=my_parts, reducer=reducer, excluded=excluded)
     server.open(state)
     done: dict[int, bool] = {}
     try:
         async with asyncio.timeout_at(deadline):
             async with asyncio.TaskGroup() as tg:
                 for j, (start, end) in enumerate(spans):
-                    if j != me and end > start:
+                    if j != me and end > start and j not in excluded:  # an excluded owner's span keeps our values
                         parts = part_bounds(end - start, numel_per_part)
                         tg.create_task(_exchange(server, group, j, flat[start:end], parts, weight, deadline, done))
                 if reducer is not None:
@@ -273,13 +285,15 @@ async def run_allreduce(
                 values = await reducer.wait_part(index)
                 if values is not None:
                     flat[my_start + start : my_start + end].copy_(values)
-    lost = tuple(group.peer(j) for j, (s, e) in enumerate(spans) if j != me and e > s and not done.get(j, False))
-    dropped = tuple(group.peer(i) for i in sorted(reducer.failed)) if reducer is not None else ()
+    lost = tuple(group.peer(j) for j, (s, e) in enumerate(spans)
+                 if j != me and e > s and j not in excluded and not done.get(j, False))
+    dropped = tuple(group.peer(i) for i in sorted(reducer.failed - excluded)) if reducer is not None else ()
     inspected = () if reducer is None else tuple(
         InspectedPart(start=my_start + my_parts[i][0], end=my_start + my_parts[i][1],
                       values={group.peer(s): v for s, v in sorted(values.items())}, center=center)
         for i, (values, center) in sorted(reducer.inspected.items()))
-    return AllReduceOutcome(lost_owners=lost, dropped_senders=dropped, inspected=inspected)
+    return AllReduceOutcome(lost_owners=lost, dropped_senders=dropped, inspected=inspected,
+                            excluded=tuple(group.peer(j) for j in sorted(excluded)))
 
 
 async def _serve_until_settled(state: RoundState, part_timeout_s: float) -> None:
@@ -290,12 +304,12 @@ async def _serve_until_settled(state: RoundState, part_timeout_s: float) -> None
     await reducer.finish_ready()
     try:
         async with asyncio.timeout(part_timeout_s):
-            while not state.started >= (reducer.expected - {state.group.my_index}):
+            while not (state.started | reducer.failed) >= (reducer.expected - {state.group.my_index}):
                 state.changed.clear()
                 await state.changed.wait()
                 await reducer.finish_ready()
     except TimeoutError:
-        for sender in reducer.expected - state.started - {state.group.my_index}:
+        for sender in reducer.expected - state.started - reducer.failed - {state.group.my_index}:
             log.warning("round %s: sender %s never sent its parts; dropped", state.group.round_id.hex()[:8],
                         state.group.peer(sender).short())
             reducer.fail(sender)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,7 @@ class AveragingResult:
     lost_peers: tuple[PeerID, ...] = ()
     round_id: bytes = b""
     inspected: tuple[InspectedPart, ...] = ()  # with ``inspect_parts``: the members' values of parts we reduced
+    excluded: tuple[PeerID, ...] = ()  # members left out by ``exclude`` (neither lost nor averaged with)
 
 
 class Averager:
@@ -57,12 +58,13 @@ class Averager:
 
     async def step(
         self, tensors: Sequence[torch.Tensor], *, weight: float, group_key: str, timeout_s: float | None = None,
-        target_group_size: int | None = None,
+        target_group_size: int | None = None, exclude: Collection[PeerID] = (),
     ) -> AveragingResult:
         """Average ``tensors`` in place with the group under ``group_key``, weighted by ``weight`` (samples).
 
         ``target_group_size`` overrides the config's for this call (e.g. the stage's current number of peers, so
-        the group closes as soon as all of them are visible).
+        the group closes as soon as all of them are visible). ``exclude``: peers whose parts this peer refuses
+        in the span it reduces (its gradient checks found them cheating); they do not count as lost.
 
         Never raises on peer faults: when no group forms the tensors keep their own values and ``with_others`` is
         False; when the round breaks part-way, each part holds the group's average or keeps its own values
@@ -82,13 +84,14 @@ class Averager:
         flat = await asyncio.to_thread(flat_view_or_copy, tensors)
         try:
             async with asyncio.timeout(total_s):
-                group = await self.matchmaker.form_group(group_key, float(weight), target_group_size=target_group_size)
+                group = await self.matchmaker.form_group(group_key, float(weight), target_group_size=target_group_size,
+                                                         exclude=exclude)
                 if len(group.members) == 1:
                     return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,),
                                            round_id=group.round_id)
                 log.info("%s: averaging %d values with %d peers under %r (round %s)", me, flat.numel(),
                          len(group.members), group_key, group.round_id.hex()[:8])
-                outcome = await run_allreduce(self.server, group, flat, float(weight))
+                outcome = await run_allreduce(self.server, group, flat, float(weight), exclude=exclude)
         except TimeoutError:
             log.warning("%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
                         me, group_key, total_s)
@@ -99,5 +102,7 @@ class Averager:
         await asyncio.to_thread(unflatten_into, flat, tensors)
         members = tuple(group.peer(i) for i in range(len(group.members)))
         lost = tuple(dict.fromkeys(outcome.lost_owners + outcome.dropped_senders))
-        return AveragingResult(with_others=len(lost) < len(members) - 1, group_size=len(members), group=members,
-                               lost_peers=lost, round_id=group.round_id, inspected=outcome.inspected)
+        others = len(members) - 1 - len(outcome.excluded)
+        return AveragingResult(with_others=len(lost) < others, group_size=len(members), group=members,
+                               lost_peers=lost, round_id=group.round_id, inspected=outcome.inspected,
+                               excluded=outcome.excluded)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -69,6 +69,7 @@ class _Looking:
     begin: asyncio.Future[BeginRequest] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     expiration_time: float = 0.0  # of our entry under the key; the withdrawal is stored just after it
+    exclude: frozenset[bytes] = frozenset()  # PeerIDs we neither recruit nor follow (caught by gradient checks)
 
 
 def alone(group_key: str, me: MemberInfo) -> Group:
@@ -99,17 +100,19 @@ class Matchmaker:
                           ready_at=self.clock(), weight=weight, bandwidth=self.config.bandwidth,
                           client_mode=self.config.client_mode)
 
-    async def form_group(self, group_key: str, weight: float, *, target_group_size: int | None = None) -> Group:
+    async def form_group(self, group_key: str, weight: float, *, target_group_size: int | None = None,
+                         exclude: Collection[PeerID] = ()) -> Group:
         """Agree on a group under ``group_key`` (or return a group of one); bounded by the config's deadlines.
 
         ``target_group_size`` (default: the config's) is where gathering stops and the most a leader recruits.
+        Peers in ``exclude`` are neither counted, recruited nor followed.
         """
         if group_key in self._looking:
             raise SwarmError(f"already averaging under {group_key!r}; call step() once per key at a time")
         target = self.config.target_group_size if target_group_size is None else target_group_size
         if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= MAX_GROUP_SIZE:
             raise SwarmError(f"target_group_size must be an int in [1, {MAX_GROUP_SIZE}], got {target!r}")
-        state = _Looking(me=self.my_info(weight), target=target)
+        state = _Looking(me=self.my_info(weight), target=target, exclude=frozenset(p.to_bytes() for p in exclude))
         self._looking[group_key] = state
         self.server.forming(group_key, True)
         try:
@@ -149,7 +152,7 @@ class Matchmaker:
                              group_key)
                     return alone(group_key, me)
             if state.phase == "waiting":  # no leader yet: has the one ranked first among us withdrawn?
-                seen = (await self._entries(group_key, me))[0]
+                seen = (await self._entries(group_key, me, state.exclude))[0]
         index = next((i for i, m in enumerate(begin.members) if m.peer_id == me.peer_id), None)
         if index is None:
             log.info("%s: the leader closed %r without us; averaging alone", self.transport.peer_id.short(), group_key)
@@ -163,7 +166,7 @@ class Matchmaker:
         window_end = loop.time() + self.config.matchmaking_time_s
         seen = [state.me]
         while state.phase == "gathering":
-            seen, withdrawn = await self._entries(group_key, state.me)
+            seen, withdrawn = await self._entries(group_key, state.me, state.exclude)
             if len(seen) + withdrawn >= state.target or loop.time() >= window_end:
                 break
             state.wake.clear()
@@ -174,9 +177,10 @@ class Matchmaker:
                 pass
         return seen
 
-    async def _entries(self, group_key: str, me: MemberInfo) -> tuple[list[MemberInfo], int]:
-        """Entries still looking under the key (ours included), parsed, and the number of withdrawn ones;
-        malformed entries are skipped with a warning."""
+    async def _entries(self, group_key: str, me: MemberInfo,
+                       exclude: frozenset[bytes] = frozenset()) -> tuple[list[MemberInfo], int]:
+        """Entries still looking under the key (ours included, ``exclude`` left out), parsed, and the number of
+        withdrawn ones; malformed entries are skipped with a warning."""
         found = await self.dht.get(group_key, latest=True)
         members = {me.peer_id: me}
         withdrawn, mine = 0, owner_subkey(self.transport.peer_id)
@@ -187,7 +191,7 @@ class Matchmaker:
                     withdrawn += isinstance(subkey, str) and subkey.startswith("[owner:") and subkey != mine
                     continue
                 member = self._parse_entry(subkey, item.value)
-                if member is not None and member.peer_id not in members:
+                if member is not None and member.peer_id not in members and member.peer_id not in exclude:
                     members[member.peer_id] = member
         return list(members.values()), withdrawn
 
@@ -259,6 +263,8 @@ class Matchmaker:
             return JoinReply(accepted=False, reason="not looking for a group under this key")
         if request.leader.peer_id != ctx.peer_id.to_bytes():
             return JoinReply(accepted=False, reason="the leader must be the caller")
+        if request.leader.peer_id in state.exclude:
+            return JoinReply(accepted=False, reason="this peer's gradient checks caught the leader; not following")
         if state.leader is not None:
             return JoinReply(accepted=state.leader == ctx.peer_id.to_bytes(), reason="already following a leader")
         if not request.leader.rank() < state.me.rank():

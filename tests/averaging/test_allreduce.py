@@ -301,3 +301,31 @@ async def test_inspect_parts_off_keeps_nothing() -> None:
         servers = _servers(ts, _config(), CompressionPartCodec("none"))
         outcomes = await _run(servers, fixed_groups(ts, "run/avg/0/3"), flats, [1.0, 1.0])
     assert all(o.inspected == () for o in outcomes)
+
+
+async def test_excluded_member_is_left_out_of_this_owners_span_and_its_span_keeps_local_values() -> None:
+    """Peer 0 excludes peer 2 (its gradient checks caught it): peer 0's span is the mean of peers 0 and 1 only,
+    peer 0 keeps its own values for peer 2's span, and the round still counts as averaged with others."""
+    flats = [flatten_tensors(random_tensors(400 + i, SHAPES)) for i in range(3)]
+    originals = [f.clone() for f in flats]
+    async with transports(3) as ts:
+        cfg = _config()
+        servers = _servers(ts, cfg, CompressionPartCodec("none"))
+        groups = fixed_groups(ts, "run/avg/0/4")
+        for s, g in zip(servers, groups):
+            s.expect(g.group_key, g.round_id)
+        async with asyncio.timeout(60):
+            outcomes = await asyncio.gather(
+                run_allreduce(servers[0], groups[0], flats[0], 1.0, exclude={ts[2].peer_id}),
+                run_allreduce(servers[1], groups[1], flats[1], 1.0),
+                run_allreduce(servers[2], groups[2], flats[2], 1.0))
+    spans = groups[0].spans(originals[0].numel())
+    (a0, b0), (a1, b1), (a2, b2) = spans
+    honest_mean = (originals[0].double() + originals[1].double()) / 2
+    torch.testing.assert_close(flats[0][a0:b0].double(), honest_mean[a0:b0])
+    torch.testing.assert_close(flats[0][a2:b2], originals[0][a2:b2])  # the excluded owner's span: own values
+    full_mean = sum(o.double() for o in originals) / 3
+    torch.testing.assert_close(flats[0][a1:b1].double(), full_mean[a1:b1])  # peer 1 still reduces all three
+    assert outcomes[0].excluded == (ts[2].peer_id,)
+    assert outcomes[0].lost_owners == () and outcomes[0].dropped_senders == ()
+    assert ts[0].peer_id in outcomes[2].dropped_senders  # peer 0 sent nothing to the excluded member's span

@@ -45,7 +45,7 @@ def test_local_swarm_flags_exactly_the_sign_flip_and_replay_nodes(tmp_path: Path
     and the replayer's repeated parts; both are flagged (paid nothing from their first flagged window on, which
     the attestation tests check), nobody else is."""
     cmd = [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", "6", "--validators", "1",
-           "--misbehave", "sign-flip:1", "--misbehave", "replay:1", "--steps", "15", "--json",
+           "--misbehave", "sign-flip:1", "--misbehave", "replay:1", "--steps", "20", "--json",
            "--config", str(REPO / "examples" / "tiny_gpt_robust.toml"), "--run-dir", str(tmp_path / "run"),
            "--timeout", "540"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, cwd=REPO)

@@ -103,6 +103,8 @@ def test_misbehaviour_hooks():
     replay = Misbehaviour(MisbehaveConfig(kind="replay"))
     first = replay.gradients(0, [x])[0]
     assert torch.equal(replay.gradients(1, [torch.randn(4, 8)])[0], first)
+    moved = [torch.randn(3, 5), torch.randn(5)]  # the replayer moved to a stage with other parameters
+    assert replay.gradients(2, moved) is moved and torch.equal(replay.gradients(3, [torch.randn(3, 5), torch.randn(5)])[1], moved[1])
     forger = make_identity("forger")
     forged = Misbehaviour(MisbehaveConfig(kind="forge-receipts")).forged_receipts(forger, run_id="r", step=1, stage=0)
     assert forged and all(r.problem() is not None for r in forged)

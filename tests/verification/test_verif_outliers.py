@@ -58,6 +58,8 @@ def test_replayed_parts_are_detected_exactly():
     assert hit is not None and hit.reason == "replayed" and hit.step == 3
     assert det.observe(peer, "span-1", 3, old.clone()) is None  # another span: not the same part
     assert det.observe(peer, "span-0", 20, old.clone()) is None  # forgotten after replay_memory_steps
+    zeros = torch.zeros(64)  # an honest peer behind a stage that returned zero gradients: no evidence
+    assert det.observe(peer, "span-2", 21, zeros) is None and det.observe(peer, "span-2", 22, zeros.clone()) is None
 
 
 async def test_reports_round_trip_and_need_distinct_reporters(caplog):
@@ -172,6 +174,14 @@ async def test_gradient_checker_reports_sign_flip_and_replay_once_per_window(ide
     assert sorted((PeerID(e.peer), e.reason) for e in report.entries) == sorted(
         [(flipper.peer_id, "outlier"), (replayer.peer_id, "replayed")])
     assert honest.peer_id not in {PeerID(e.peer) for e in report.entries}
+    # a later window: the offenders are restated (this node leaves them out of its spans, so it cannot catch
+    # them again, and flagging needs enough reporters within one window)
+    honest_only = {p.peer_id: torch.randn(64, generator=gen) for p in (me, honest)}
+    assert checker.inspect(7, 0, [_Part(start=0, end=64, values=honest_only, center=honest_only[me.peer_id])]) == []
+    async with asyncio.timeout(5):
+        assert await checker.flush(now=1002.0) == 1
+        later = (await fetch_reports(memory_store, "run", 1))[me.peer_id]
+    assert {PeerID(e.peer) for e in later.entries} == {flipper.peer_id, replayer.peer_id}
 
 
 def test_gradient_check_config_names_the_bad_field():
@@ -179,3 +189,30 @@ def test_gradient_check_config_names_the_bad_field():
         GradientCheckConfig(run_id="run", window_steps=0, outliers=OutlierConfig())
     with pytest.raises(ConfigError, match="report_ttl_s"):
         GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig(), report_ttl_s=-1)
+
+
+def test_gradient_checker_offenders_are_the_peers_it_found(identities, memory_store):
+    me, honest, flipper = identities[:3]
+    checker = GradientChecker(me, GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig()), memory_store)
+    assert checker.offenders() == frozenset()
+    gen = torch.Generator().manual_seed(9)
+    grads = {p.peer_id: torch.randn(32, generator=gen) for p in (me, honest)}
+    grads[flipper.peer_id] = -1000.0 * torch.randn(32, generator=gen)
+    center = centered_clip(list(grads.values()), [1.0] * 3, tau=5.0, iterations=20)
+    checker.inspect(0, 1, [_Part(start=0, end=32, values=grads, center=center)])
+    assert checker.offenders() == frozenset({flipper.peer_id})
+
+
+def test_replay_is_caught_when_the_span_bounds_move(identities, memory_store):
+    """The group changed between two steps, so this node reduces a different slice: the replayer's stale flat
+    gradient is still caught through the blocks at aligned offsets both slices contain."""
+    me, honest, replayer = identities[:3]
+    checker = GradientChecker(me, GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig(),
+                                                      replay_block_numel=1024), memory_store)
+    gen = torch.Generator().manual_seed(11)
+    stale = torch.randn(20_000, generator=gen)  # the replayer's whole flat gradient, re-sent every step
+    for step, (start, end) in enumerate([(0, 6000), (2500, 9000)]):
+        values = {me.peer_id: torch.randn(end - start, generator=gen),
+                  honest.peer_id: torch.randn(end - start, generator=gen), replayer.peer_id: stale[start:end]}
+        new = checker.inspect(step, 0, [_Part(start=start, end=end, values=values, center=values[me.peer_id])])
+        assert [(PeerID(e.peer), e.reason) for e in new] == ([] if step == 0 else [(replayer.peer_id, "replayed")])
