@@ -64,7 +64,8 @@ class StageService:
 
     def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str,
                  server_of: Callable[[], StageServer | None], witness: ServerWitness | None = None,
-                 collector: ReceiptCollector | None = None, misbehaviour: Misbehaviour | None = None) -> None:
+                 collector: ReceiptCollector | None = None, misbehaviour: Misbehaviour | None = None,
+                 refuse: Callable[[PeerID], bool] | None = None) -> None:
         self.transport = transport
         self.policy = policy
         self.run_id = run_id
@@ -72,6 +73,7 @@ class StageService:
         self.witness = witness  # verification: retains served work for verify.fetch and acks it
         self.collector = collector  # verification: signs receipts for callers' own upstream work
         self.misbehaviour = misbehaviour  # --misbehave (tests and demos only)
+        self.refuse = refuse  # callers this node serves no work for (caught by its gradient checks)
 
     def register(self) -> None:
         self.transport.register("stage.forward", ForwardRequest, self.rpc_forward)
@@ -91,6 +93,11 @@ class StageService:
         return self.witness.witness(caller=ctx.peer_id, step=req.step, stage=req.stage, microbatch_id=req.microbatch_id,
                                     kind=kind, inputs=inputs, outputs=outputs, num_samples=num_samples)
 
+    def _check_caller(self, ctx: RpcContext) -> None:
+        if self.refuse is not None and self.refuse(ctx.peer_id):
+            raise StageInputError(f"refusing work for {ctx.peer_id.short()}: this node's gradient checks caught it "
+                                  "sending outlier or replayed gradients")
+
     def _server(self, run_id: str, stage: int) -> StageServer:
         server = self.server_of()
         if run_id != self.run_id:
@@ -100,6 +107,7 @@ class StageService:
         return server
 
     async def rpc_forward(self, ctx: RpcContext, req: ForwardRequest) -> ForwardReply:
+        self._check_caller(ctx)
         server = self._server(req.run_id, req.stage)
         device = _device_of(server)
         inputs = decode(req.inputs, "inputs", dtype=server.model.input_spec.dtype, device=device)
@@ -110,6 +118,7 @@ class StageService:
         return ForwardReply(outputs=encoded, ack=self._ack(ctx, req, "forward", [encoded], int(inputs.shape[0])))
 
     async def rpc_backward(self, ctx: RpcContext, req: BackwardRequest) -> BackwardReply:
+        self._check_caller(ctx)
         server = self._server(req.run_id, req.stage)
         device = _device_of(server)
         inputs = decode(req.inputs, "inputs", dtype=server.model.input_spec.dtype, device=device)

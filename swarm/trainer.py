@@ -87,7 +87,8 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                              name=self.me.short())
         self.service = StageService(transport, self.policy, run_id=self.run_id, server_of=lambda: self.server,
                                     witness=self.checks.witness, collector=self.checks.collector,
-                                    misbehaviour=self.checks.misbehaviour)
+                                    misbehaviour=self.checks.misbehaviour,
+                                    refuse=lambda peer: peer in self.checks.offenders())
         self.service.register()
         self.tied = TiedService(transport, self.policy, run_id=self.run_id, num_stages=cfg.run.pipeline.num_stages,
                                 server_of=lambda: self.server, rpc_timeout_s=cfg.rpc_timeout_s)

@@ -123,3 +123,27 @@ def test_apply_step_updates_and_checkpoint_round_trips(cfg: RunConfig, tmp_path:
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_state(tmp_path / "bad.safetensors")
+
+
+async def test_stage_service_refuses_work_for_caught_peers(cfg: RunConfig) -> None:
+    """A caller this node's gradient checks caught gets a clear error and no work; others are served."""
+    from compression import Role
+    from dht.identity import Identity
+    from dht.transport import RpcContext
+    from swarm.messages import ForwardRequest
+    from swarm.stage_rpc import StageService, encode
+
+    server = make_server(cfg, 0)
+    cheater, honest = Identity.generate().peer_id, Identity.generate().peer_id
+    service = StageService(transport=None, policy=cfg.codecs.policy(), run_id=cfg.run_id,  # type: ignore[arg-type]
+                           server_of=lambda: server, refuse=lambda peer: peer == cheater)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    req = ForwardRequest(run_id=cfg.run_id, stage=0, step=0, microbatch_id="mb", inputs=encode(tokens, cfg.codecs.policy(), Role.ACTIVATIONS))
+
+    def ctx(peer):
+        return RpcContext(peer_id=peer, remote_host="127.0.0.1", remote_port=1, method="stage.forward")
+
+    with pytest.raises(StageInputError, match="gradient checks caught it"):
+        await service.rpc_forward(ctx(cheater), req)
+    reply = await service.rpc_forward(ctx(honest), req)
+    assert reply.outputs
