@@ -30,6 +30,7 @@ from swarm.view import SwarmView, format_table, peers_key, progress_key
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
+CHEATER_GRACE_S = 20.0  # after every honest node exited, how long misbehaving (--misbehave) nodes may still run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,7 @@ class NodeProcess:
     maddr: str | None = None
     stage: str | None = None
     lines: list[str] = field(default_factory=list)
+    misbehaving: bool = False
 
 
 def launch(cfg: LaunchConfig) -> int:
@@ -103,6 +105,7 @@ async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str,
             cheats = misbehave_args(cfg.num_nodes, cfg.misbehave)
             for i in range(cfg.num_nodes):
                 node = await _start_node(cfg, run_dir, i, nodes[0].maddr if nodes else None, cheats.get(i, ()))
+                node.misbehaving = i in cheats
                 nodes.append(node)
                 print(f"node {i}: {node.maddr} serving stage {node.stage}", file=out, flush=True)
             for i in range(cfg.num_nodes, cfg.num_nodes + cfg.num_validators):
@@ -186,7 +189,15 @@ async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], ou
     try:
         async with DHT.create(dht_cfg) as dht:
             train_started: float | None = None
+            honest_done_at: float | None = None
             while not all(w.done() for w in waits):
+                if all(w.done() for w, n in zip(waits, nodes) if not n.misbehaving):
+                    # the honest swarm finished; cheaters cut off by its checks may never reach max_steps
+                    honest_done_at = honest_done_at or time.monotonic()
+                    if time.monotonic() - honest_done_at > CHEATER_GRACE_S:
+                        log.warning("the honest nodes finished %.0fs ago; stopping the misbehaving ones",
+                                    CHEATER_GRACE_S)
+                        break
                 try:
                     async with asyncio.timeout(cfg.table_interval_s * 2):
                         view = SwarmView.parse(await dht.get(peers_key(run.run_id), latest=True),
@@ -244,7 +255,9 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
     starts = [s["first_sample_time"] for s in summaries if s.get("first_sample_time")]
     ends = [s["end_time"] for s in summaries if s.get("end_time")]
     elapsed = max(ends) - min(starts) if starts and ends else 0.0
-    steps = min((s.get("step", 0) for s in summaries if s.get("role") != "validator"), default=0)
+    # the run's steps: those of the honest training nodes (a cheater cut off by the checks may lag behind)
+    steps = min((s.get("step", 0) for s in summaries
+                 if s.get("role") != "validator" and not (s.get("verification") or {}).get("misbehave")), default=0)
     floor = make_source(run).loss_floor
     checks = rewards_summary([Path(s["ledger_path"]) for s in summaries if s.get("ledger_path")], run.run_id)
     return {

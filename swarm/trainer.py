@@ -142,7 +142,9 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                 tg.create_task(self.checks.run(self._current_step, lambda: self.server.index if self.server else None))
                 for worker in range(self.cfg.inflight_microbatches):
                     tg.create_task(self._drive_loop(worker))
-                if self.cfg.rebalance_interval_s > 0 and self.cfg.stage is None and self.cfg.role == "auto":
+                # a --misbehave demo node stays on the stage it joined: the demo measures detection, not a chase
+                if (self.cfg.rebalance_interval_s > 0 and self.cfg.stage is None and self.cfg.role == "auto"
+                        and self.checks.misbehaviour.kind is None):
                     tg.create_task(self._rebalance_loop())
         except* _Done:
             pass
