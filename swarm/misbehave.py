@@ -91,7 +91,8 @@ class Misbehaviour:
         if self.cfg.kind == "replay":
             shapes = [g.shape for g in grads]
             if self._first_gradients is None or [g.shape for g in self._first_gradients] != shapes:
-                self._first_gradients = [g.detach().clone() for g in grads]  # first step (of this stage)
+                if any(bool(g.any()) for g in grads):  # the first step (of this stage) with work to replay
+                    self._first_gradients = [g.detach().clone() for g in grads]
                 return grads
             return [g.clone() for g in self._first_gradients]
         return grads

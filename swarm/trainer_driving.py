@@ -154,9 +154,8 @@ class DrivingMixin:
             server = self.server
             if server is None or self.finished_time is not None:
                 continue
-            offenders = self.checks.offenders()  # peers caught cheating add nothing to a stage's capacity
             peers = [StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or self.cfg.balance.default_throughput)
-                     for p, r in self.view.peers.items() if r.stage is not None and p not in offenders]
+                     for p, r in self.view.peers.items() if r.stage is not None]
             target = choose_move(peers, self.run_cfg.pipeline.num_stages, me=self.me.to_base58(), cfg=self.cfg.balance)
             if target is not None:
                 log.info("%s: moving from stage %d to stage %d to raise the swarm's bottleneck",

@@ -110,12 +110,14 @@ class StepsMixin:
         await asyncio.to_thread(server.close_step)
         await self._publish_final_part(step, closed=True)
         grads = self.checks.misbehaviour.gradients(step, await asyncio.to_thread(server.mean_gradients))
-        offenders = self.checks.offenders()  # caught by this node's gradient checks: not waited for, not averaged
-        others = [p for p in self.view.stage_peers(server.index) if p != self.me and p not in offenders]
+        # offenders (caught here or by a quorum) are left out of this node's span; confirmed ones are not even
+        # grouped with, while a suspect only this node caught still is, so that its other peers can confirm it
+        offenders, confirmed = self.checks.offenders(), self.checks.confirmed_offenders()
+        others = [p for p in self.view.stage_peers(server.index) if p != self.me and p not in confirmed]
         if others:
             result = await self.averager.step(grads, weight=max(float(server.samples), 1e-3),
                                               group_key=f"{self.run_id}/avg/{server.index}/{step}",
-                                              target_group_size=len(others) + 1, exclude=offenders)
+                                              target_group_size=len(others) + 1, exclude=offenders, avoid=confirmed)
             await self.checks.inspect(step, server.index, result.inspected)
             if not result.with_others:
                 log.warning("%s: step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",

@@ -78,7 +78,7 @@ class StageReplayer:
 
     A check uses the weights the checked server itself had at that step (replicas differ for a while after a
     failed averaging round, and an honest server must not be flagged for that). If that server's state could
-    not be downloaded (it refused or failed), the weights every other replica agreed on are used; if its state
+    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if its state
     was simply not fetched in time, the check is inconclusive.
     """
 
@@ -108,8 +108,10 @@ class StageReplayer:
         others = [v for (s, t, _), v in self._states.items() if s == stage and t == step]
         if server is not None and (stage, step, server) not in self.refused:
             raise ReplayUnavailableError(f"the weights {server.short()} had at step {step} were not downloaded")
-        if not others or len({d for d, _ in others}) != 1:
-            raise ReplayUnavailableError(f"no agreed weights of stage {stage} at step {step}")
+        # agreement needs two replicas at least: one other replica may itself have diverged (a cheater
+        # averaging alone), and checking an honest server against it would flag the honest server
+        if len(others) < 2 or len({d for d, _ in others}) != 1:
+            raise ReplayUnavailableError(f"no weights of stage {stage} at step {step} that two replicas agree on")
         return others[0][1]
 
     def _load(self, stage: int, step: int, server: PeerID | None) -> StageModel:

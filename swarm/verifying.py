@@ -113,6 +113,11 @@ class NodeVerification:
         """Peers this node's gradient checks caught (left out of its all-reduce spans and state downloads)."""
         return self.gradients.offenders() if self.gradients is not None else frozenset()
 
+    def confirmed_offenders(self) -> frozenset[PeerID]:
+        """Offenders a quorum of peers reported: avoided in matchmaking too (one node's own finding alone is
+        not, so that its stage peers still group with the offender and can confirm it)."""
+        return self.gradients.confirmed() if self.gradients is not None else frozenset()
+
     async def inspect(self, step: int, stage: int, parts: Sequence[InspectedValues]) -> None:
         """Check the all-reduce parts this node reduced at ``step`` for outlier and replayed gradients."""
         if self.gradients is not None and parts:

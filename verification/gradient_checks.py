@@ -131,6 +131,10 @@ class GradientChecker:
                 return [entry]
         return []
 
+    def confirmed(self) -> frozenset[PeerID]:
+        """The offenders that a quorum of peers reported (what the orchestrator flags)."""
+        return frozenset(self._reported)
+
     def offenders(self) -> frozenset[PeerID]:
         """Every peer this node found sending outlier or replayed parts in the windows it remembers: the all-reduce
         leaves them out of the spans this node reduces, and this node never adopts their state."""

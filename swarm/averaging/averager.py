@@ -58,13 +58,14 @@ class Averager:
 
     async def step(
         self, tensors: Sequence[torch.Tensor], *, weight: float, group_key: str, timeout_s: float | None = None,
-        target_group_size: int | None = None, exclude: Collection[PeerID] = (),
+        target_group_size: int | None = None, exclude: Collection[PeerID] = (), avoid: Collection[PeerID] = (),
     ) -> AveragingResult:
         """Average ``tensors`` in place with the group under ``group_key``, weighted by ``weight`` (samples).
 
         ``target_group_size`` overrides the config's for this call (e.g. the stage's current number of peers, so
         the group closes as soon as all of them are visible). ``exclude``: peers whose parts this peer refuses
         in the span it reduces (its gradient checks found them cheating); they do not count as lost.
+        ``avoid``: peers matchmaking neither counts, recruits nor follows (confirmed cheaters).
 
         Never raises on peer faults: when no group forms the tensors keep their own values and ``with_others`` is
         False; when the round breaks part-way, each part holds the group's average or keeps its own values
@@ -85,7 +86,7 @@ class Averager:
         try:
             async with asyncio.timeout(total_s):
                 group = await self.matchmaker.form_group(group_key, float(weight), target_group_size=target_group_size,
-                                                         exclude=exclude)
+                                                         exclude=avoid)
                 if len(group.members) == 1:
                     return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,),
                                            round_id=group.round_id)

@@ -122,8 +122,8 @@ async def test_bad_calls_raise() -> None:
             await averager.step(random_tensors(0, SHAPES), weight=1.0, group_key="k", target_group_size=0)
 
 
-async def test_peers_excluded_by_everyone_else_are_never_grouped_with() -> None:
-    """Peers 0-2 exclude peer 3 (their gradient checks caught it): they average among themselves and hold the
+async def test_peers_avoided_by_everyone_else_are_never_grouped_with() -> None:
+    """Peers 0-2 avoid and exclude peer 3 (a quorum reported it): they average among themselves and hold the
     mean of their own values; peer 3 ends up alone with its values unchanged, whatever its rank."""
     tensors = [random_tensors(60 + i, SHAPES) for i in range(4)]
     originals = [flatten_tensors(t).clone() for t in tensors]
@@ -132,7 +132,7 @@ async def test_peers_excluded_by_everyone_else_are_never_grouped_with() -> None:
         cheater = averagers[3].transport.peer_id
         async with asyncio.timeout(60):
             results = await asyncio.gather(
-                *(a.step(t, weight=w, group_key="run/avg/0/9", exclude={cheater}, target_group_size=3)
+                *(a.step(t, weight=w, group_key="run/avg/0/9", exclude={cheater}, avoid={cheater}, target_group_size=3)
                   for a, t, w in zip(averagers[:3], tensors[:3], weights[:3])),
                 averagers[3].step(tensors[3], weight=weights[3], group_key="run/avg/0/9", target_group_size=4))
     honest_mean = _mean(originals[:3], weights[:3])

@@ -101,6 +101,7 @@ def test_misbehaviour_hooks():
     assert float(torch.nn.functional.cosine_similarity(noisy.flatten(), x.flatten(), dim=0)) < 0.99
     assert torch.equal(Misbehaviour(MisbehaveConfig(kind="sign-flip")).gradients(0, [x])[0], x * -1000.0)
     replay = Misbehaviour(MisbehaveConfig(kind="replay"))
+    assert torch.equal(replay.gradients(0, [torch.zeros(4, 8)])[0], torch.zeros(4, 8))  # nothing served yet
     first = replay.gradients(0, [x])[0]
     assert torch.equal(replay.gradients(1, [torch.randn(4, 8)])[0], first)
     moved = [torch.randn(3, 5), torch.randn(5)]  # the replayer moved to a stage with other parameters
@@ -153,10 +154,16 @@ def test_replayer_uses_the_checked_servers_own_weights():
     with pytest.raises(ReplayUnavailableError, match="not downloaded"):
         replayer.recompute(stage=1, step=3, kind="forward", inputs=x, server=c)
     replayer.refused.add((1, 3, c))
-    with pytest.raises(ReplayUnavailableError, match="no agreed weights"):
+    with pytest.raises(ReplayUnavailableError, match="two replicas agree on"):  # a and b differ
         replayer.recompute(stage=1, step=3, kind="forward", inputs=x, server=c)
+    lonely = StageReplayer(RUN, keep_steps=4)  # one other replica is no agreement: it may have diverged itself
+    lonely.add_state(state_b, b)
+    lonely.refused.add((1, 3, c))
+    with pytest.raises(ReplayUnavailableError, match="two replicas agree on"):
+        lonely.recompute(stage=1, step=3, kind="forward", inputs=x, server=c)
     agreed = StageReplayer(RUN, keep_steps=4)
     agreed.add_state(state_a, a)
+    agreed.add_state(state_a, make_identity("w-d").peer_id)
     agreed.refused.add((1, 3, c))
     assert torch.equal(agreed.recompute(stage=1, step=3, kind="forward", inputs=x, server=c)[0], out_a)
 
