@@ -52,3 +52,8 @@ def fixed_groups(
 def random_tensors(seed: int, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=gen) for shape in shapes]
+
+
+def weighted_mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The float64 reference: the weighted mean of flat tensors."""
+    return sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)

@@ -14,7 +14,7 @@ from swarm.averaging.allreduce import AllReduceOutcome, AllReduceServer, Group, 
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.partition import flatten_tensors, part_bounds, part_numel
 from swarm.averaging.wire import CompressionPartCodec, PartCodec
-from tests.averaging.conftest import fixed_groups, random_tensors, transports
+from tests.averaging.conftest import weighted_mean, fixed_groups, random_tensors, transports
 
 SHAPES = [(37, 11), (1001,), (3,)]  # 1411 values: not divisible by 2..8
 
@@ -42,16 +42,13 @@ async def _run(
         return list(await asyncio.gather(*(run_allreduce(s, g, f, w) for s, g, f, w in zip(servers, groups, flats, weights))))
 
 
-def _weighted_mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    return sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)
-
 
 @pytest.mark.parametrize("num_peers", [2, 3, 5, 8])
 async def test_exact_weighted_mean(num_peers: int) -> None:
     gen = torch.Generator().manual_seed(num_peers)
     weights = (torch.rand(num_peers, generator=gen) * 10 + 0.1).tolist()
     flats = [flatten_tensors(random_tensors(100 + i, SHAPES)) for i in range(num_peers)]
-    expected = _weighted_mean(flats, weights)
+    expected = weighted_mean(flats, weights)
     async with transports(num_peers) as ts:
         servers = _servers(ts, _config(), CompressionPartCodec("none"))
         outcomes = await _run(servers, fixed_groups(ts, "run/avg/0/1"), flats, weights)
@@ -67,7 +64,7 @@ async def test_lossy_codecs_stay_within_their_error_bound(codec: str, tolerance:
     block's absolute maximum (< 5 here), so a sender's error is at most ~0.02 per value, twice on the way."""
     weights = [1.0, 2.0, 3.0, 4.0]
     flats = [flatten_tensors(random_tensors(200 + i, SHAPES)) for i in range(4)]
-    expected = _weighted_mean(flats, weights)
+    expected = weighted_mean(flats, weights)
     async with transports(4) as ts:
         servers = _servers(ts, _config(codec=codec), CompressionPartCodec(codec))
         await _run(servers, fixed_groups(ts, "run/avg/0/2"), flats, weights)
@@ -79,7 +76,7 @@ async def test_lossy_codecs_stay_within_their_error_bound(codec: str, tolerance:
 async def test_bandwidth_proportional_spans_and_client_mode() -> None:
     weights = [1.0, 1.0, 2.0]
     flats = [flatten_tensors(random_tensors(300 + i, SHAPES)) for i in range(3)]
-    expected = _weighted_mean(flats, weights)
+    expected = weighted_mean(flats, weights)
     async with transports(3) as ts:
         servers = _servers(ts, _config(), CompressionPartCodec("none"))
         groups = fixed_groups(ts, "k", bandwidths=[10.0, 30.0, 5.0], client_mode=[False, False, True])
@@ -96,7 +93,7 @@ async def test_member_that_dies_before_sending_is_dropped_and_others_finish() ->
     flats = [flatten_tensors(random_tensors(400 + i, SHAPES)) for i in range(4)]
     own = [f.clone() for f in flats]
     alive = [0, 1, 3]
-    expected = _weighted_mean([flats[i] for i in alive], [weights[i] for i in alive])
+    expected = weighted_mean([flats[i] for i in alive], [weights[i] for i in alive])
     cfg = _config(part_timeout_s=1.0, allreduce_timeout_s=10.0)
     async with transports(4) as ts:
         servers = _servers(ts, cfg, CompressionPartCodec("none"))
@@ -137,7 +134,7 @@ class _GarbageCodec:
 async def test_sender_of_garbage_is_dropped_and_the_rest_average() -> None:
     weights = [1.0, 1.0, 1.0]
     flats = [flatten_tensors(random_tensors(500 + i, SHAPES)) for i in range(3)]
-    expected_honest = _weighted_mean(flats[:2], weights[:2])
+    expected_honest = weighted_mean(flats[:2], weights[:2])
     async with transports(3) as ts:
         good = CompressionPartCodec("none")
         cfg = _config()
@@ -205,8 +202,8 @@ async def test_member_that_stalls_or_dies_mid_round_is_dropped(killed: bool) -> 
     weights = [1.0, 2.0, 3.0, 4.0]
     flats = [flatten_tensors(random_tensors(700 + i, SHAPES)) for i in range(4)]
     own = [f.clone() for f in flats]
-    mean_all = _weighted_mean(flats, weights)
-    mean_alive = _weighted_mean(flats[:3], weights[:3])
+    mean_all = weighted_mean(flats, weights)
+    mean_alive = weighted_mean(flats[:3], weights[:3])
     cfg = _config(part_timeout_s=8.0 if killed else 1.0, allreduce_timeout_s=20.0)
     release = threading.Event()
     good = CompressionPartCodec("none")
@@ -321,10 +318,10 @@ async def test_excluded_member_is_left_out_of_this_owners_span_and_its_span_keep
                 run_allreduce(servers[2], groups[2], flats[2], 1.0))
     spans = groups[0].spans(originals[0].numel())
     (a0, b0), (a1, b1), (a2, b2) = spans
-    honest_mean = (originals[0].double() + originals[1].double()) / 2
+    honest_mean = weighted_mean(originals[:2], [1.0, 1.0])
     torch.testing.assert_close(flats[0][a0:b0].double(), honest_mean[a0:b0])
     torch.testing.assert_close(flats[0][a2:b2], originals[0][a2:b2])  # the excluded owner's span: own values
-    full_mean = sum(o.double() for o in originals) / 3
+    full_mean = weighted_mean(originals, [1.0, 1.0, 1.0])
     torch.testing.assert_close(flats[0][a1:b1].double(), full_mean[a1:b1])  # peer 1 still reduces all three
     assert outcomes[0].excluded == (ts[2].peer_id,)
     assert outcomes[0].lost_owners == () and outcomes[0].dropped_senders == ()

@@ -15,7 +15,7 @@ from dht.records import owner_subkey
 from swarm.averaging import Averager, AveragerConfig, AveragingResult
 from swarm.averaging.partition import flatten_tensors
 from swarm.errors import SwarmError
-from tests.averaging.conftest import random_tensors, transports
+from tests.averaging.conftest import random_tensors, transports, weighted_mean
 
 SHAPES = [(13, 7), (501,)]
 
@@ -49,14 +49,11 @@ async def _steps(
         )))
 
 
-def _mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    return sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)
-
 
 async def test_four_peers_match_through_the_dht_and_hold_the_weighted_mean() -> None:
     tensors = [random_tensors(10 + i, SHAPES) for i in range(4)]
     weights = [3.0, 1.0, 7.0, 2.0]
-    expected = _mean([flatten_tensors(t) for t in tensors], weights)
+    expected = weighted_mean([flatten_tensors(t) for t in tensors], weights)
     async with swarm(4, _config()) as averagers:
         results = await _steps(averagers, tensors, weights, ["run/avg/0/1"] * 4)
     assert all(r.with_others and r.group_size == 4 and r.lost_peers == () for r in results)
@@ -70,8 +67,8 @@ async def test_two_groups_under_different_keys_never_mix() -> None:
     flats = [flatten_tensors(t) for t in tensors]
     weights = [1.0, 2.0, 3.0, 4.0]
     keys = ["run/avg/0/7", "run/avg/0/8", "run/avg/0/7", "run/avg/0/8"]
-    expected = {"run/avg/0/7": _mean([flats[0], flats[2]], [1.0, 3.0]),
-                "run/avg/0/8": _mean([flats[1], flats[3]], [2.0, 4.0])}
+    expected = {"run/avg/0/7": weighted_mean([flats[0], flats[2]], [1.0, 3.0]),
+                "run/avg/0/8": weighted_mean([flats[1], flats[3]], [2.0, 4.0])}
     async with swarm(4, _config(), salt=1) as averagers:  # config target 4; per call: 2
         results = await _steps(averagers, tensors, weights, keys, target_group_size=2)
     for t, r, k in zip(tensors, results, keys):
@@ -101,7 +98,7 @@ async def test_group_below_min_size_averages_alone() -> None:
 async def test_malformed_matchmaking_entries_are_skipped() -> None:
     """A peer that stores garbage under the key (its own, signed subkey) is ignored by the others."""
     tensors = [random_tensors(50 + i, SHAPES) for i in range(2)]
-    expected = _mean([flatten_tensors(t) for t in tensors], [1.0, 1.0])
+    expected = weighted_mean([flatten_tensors(t) for t in tensors], [1.0, 1.0])
     async with swarm(3, _config(target_group_size=3, matchmaking_time_s=1.5), salt=3) as averagers:
         bad = averagers[2]
         await bad.matchmaker.dht.store("run/avg/0/1", {"ready_at": "soon"}, time.time() + 60.0,
@@ -135,7 +132,7 @@ async def test_peers_avoided_by_everyone_else_are_never_grouped_with() -> None:
                 *(a.step(t, weight=w, group_key="run/avg/0/9", exclude={cheater}, avoid={cheater}, target_group_size=3)
                   for a, t, w in zip(averagers[:3], tensors[:3], weights[:3])),
                 averagers[3].step(tensors[3], weight=weights[3], group_key="run/avg/0/9", target_group_size=4))
-    honest_mean = _mean(originals[:3], weights[:3])
+    honest_mean = weighted_mean(originals[:3], weights[:3])
     for r, t in zip(results[:3], tensors[:3]):
         assert r.with_others and cheater not in r.group
         torch.testing.assert_close(flatten_tensors(t).double(), honest_mean, rtol=1e-6, atol=1e-6)

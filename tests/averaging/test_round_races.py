@@ -25,7 +25,7 @@ from swarm.averaging.allreduce import AllReduceServer, run_allreduce
 from swarm.averaging.partition import flatten_tensors
 from swarm.averaging.wire import CompressionPartCodec
 from swarm.errors import SwarmError
-from tests.averaging.conftest import fixed_groups, random_tensors, transports
+from tests.averaging.conftest import fixed_groups, random_tensors, transports, weighted_mean
 
 SHAPES = [(37, 11), (301,)]
 
@@ -37,9 +37,6 @@ def _config(**kw: object) -> AveragerConfig:
     base.update(kw)
     return AveragerConfig(**base)  # type: ignore[arg-type]
 
-
-def _mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    return sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)
 
 
 async def _until(condition: object, what: str, timeout_s: float = 10.0) -> None:
@@ -56,7 +53,7 @@ async def test_a_member_whose_begin_is_late_waits_for_it_instead_of_rejecting_th
     cfg = _config()
     weights = [1.0, 2.0, 3.0]
     flats = [flatten_tensors(random_tensors(60 + i, SHAPES)) for i in range(3)]
-    expected = _mean(flats, weights)
+    expected = weighted_mean(flats, weights)
     async with transports(3, salt=11) as ts:
         servers = [AllReduceServer(cfg, t, CompressionPartCodec("none")) for t in ts]
         for s in servers:
@@ -127,7 +124,7 @@ async def test_peers_after_one_that_went_alone_still_group_without_waiting_for_i
     """Peer 0 (ranked first: ready first) finished its round alone; peers 1 and 2 then see 3 entries under the
     key (the target). They must not wait for peer 0 to lead them: its entry is withdrawn."""
     tensors = [random_tensors(70 + i, SHAPES) for i in range(3)]
-    expected = _mean([flatten_tensors(t) for t in tensors[1:]], [1.0, 1.0])
+    expected = weighted_mean([flatten_tensors(t) for t in tensors[1:]], [1.0, 1.0])
     async with swarm(3, _config(join_timeout_s=20.0), salt=13) as avgs:
         async with asyncio.timeout(60):
             first = await avgs[0].step(tensors[0], weight=1.0, group_key="run/avg/1/4", target_group_size=1)
@@ -143,7 +140,7 @@ async def test_a_waiting_peer_leads_once_the_peer_ranked_first_withdraws() -> No
     """Peers 1 and 2 see peer 0 looking (ranked first) and wait for it to lead; it withdraws without recruiting
     them (it formed another group): peer 1, now first, leads peer 2 before the join deadline."""
     tensors = [random_tensors(80 + i, SHAPES) for i in range(2)]
-    expected = _mean([flatten_tensors(t) for t in tensors], [1.0, 1.0])
+    expected = weighted_mean([flatten_tensors(t) for t in tensors], [1.0, 1.0])
     key = "run/avg/0/9"
     async with swarm(3, _config(join_timeout_s=20.0), salt=14) as avgs:
         ghost = avgs[0].matchmaker
