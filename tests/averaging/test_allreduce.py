@@ -14,7 +14,7 @@ from swarm.averaging.allreduce import AllReduceOutcome, AllReduceServer, Group, 
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.partition import flatten_tensors, part_bounds, part_numel
 from swarm.averaging.wire import CompressionPartCodec, PartCodec
-from tests.averaging.conftest import weighted_mean, fixed_groups, random_tensors, transports
+from tests.averaging.conftest import fixed_groups, random_tensors, transports, weighted_mean
 
 SHAPES = [(37, 11), (1001,), (3,)]  # 1411 values: not divisible by 2..8
 
