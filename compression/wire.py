@@ -125,6 +125,33 @@ def decode_chunk(
     device: torch.device | str | None = None,
 ) -> DecodedChunk:
     """Check one message against its header and the limits, then decode its values (flat)."""
+    codec, encoded, shape, offset = _parse_chunk(data, max_numel=max_numel, max_size_bytes=max_size_bytes)
+    values = codec.decode(encoded, device=device)
+    return DecodedChunk(shape=shape, dtype=encoded.dtype, offset=offset, values=values)
+
+
+def decode_chunk_into(data: bytes | bytearray | memoryview, out: torch.Tensor) -> None:
+    """Decode one message whose values are exactly ``out.numel()`` elements into ``out`` (cast to its dtype).
+
+    The header and sizes are checked as in :func:`decode_chunk`, with ``out``'s size as the limit. A codec with
+    a ``decode_into(encoded, out)`` method writes straight into ``out`` (``none``: one copy out of the received
+    bytes); any other decodes to a new tensor first. Raises CodecError and leaves ``out`` unchanged when the
+    message is bad (every check runs before the first write).
+    """
+    codec, encoded, _, _ = _parse_chunk(data, max_numel=out.numel(), max_size_bytes=DEFAULT_MAX_SIZE_BYTES)
+    if encoded.numel != out.numel():
+        raise PayloadSizeError(f"chunk has {encoded.numel} values, expected {out.numel()}")
+    decode_into = getattr(codec, "decode_into", None)
+    if decode_into is not None:
+        decode_into(encoded, out.reshape(-1))
+    else:
+        out.reshape(-1).copy_(codec.decode(encoded, device=out.device).reshape(-1))
+
+
+def _parse_chunk(
+    data: bytes | bytearray | memoryview, *, max_numel: int, max_size_bytes: int
+) -> tuple[Codec, Encoded, tuple[int, ...], int]:
+    """Check one message against its header and the limits: its codec, payload, whole shape and offset."""
     view = memoryview(data).cast("B")
     if view.nbytes < _FIXED.size:
         raise PayloadSizeError(f"a tensor message of {view.nbytes} bytes is shorter than its {_FIXED.size}-byte header")
@@ -158,8 +185,7 @@ def decode_chunk(
             f"{payload_size} and {view.nbytes - start} bytes came: truncated or corrupt, drop it"
         )
     encoded = Encoded(codec=codec.name, dtype=dtype, shape=(numel,), params=params, payload=(view[start:],))
-    values = codec.decode(encoded, device=device)
-    return DecodedChunk(shape=tuple(shape), dtype=dtype, offset=offset, values=values)
+    return codec, encoded, tuple(shape), offset
 
 
 def deserialize_tensor(

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dht.identity import Identity, PeerID
 from dht.transport.config import MAX_NOISE_MESSAGE_BYTES, TransportConfig
 from dht.transport.framing import (
-    FRAME_HEADER, FRAME_HEADER_BYTES, RECORD_PREFIX, Frame, FrameParser, FrameType, WriteScratch,
+    FRAME_HEADER, FRAME_HEADER_BYTES, PING_PAYLOAD_BYTES, RECORD_PREFIX, Frame, FrameParser, FrameType, WriteScratch,
 )
 from dht.transport.noise import TAG_LEN, CipherState, HandshakeState, make_payload, verify_payload
 from dht.transport.streams import Stream
@@ -306,10 +306,13 @@ class Connection(asyncio.BufferedProtocol):
             stream = Stream(self, frame.stream_id, "?", window_bytes=self.config.stream_window_bytes)
             self.streams[frame.stream_id] = stream
             self.owner.on_request(self, stream, frame)
-        elif ftype is FrameType.PING:
-            self.send_frame(0, FrameType.PONG, 0, frame.payload)
-        elif ftype is FrameType.PONG:
-            waiter = self._pings.pop(frame.payload, None)
+        elif ftype is FrameType.PING or ftype is FrameType.PONG:
+            if len(frame.payload) != PING_PAYLOAD_BYTES:
+                raise ProtocolError(f"{ftype.name} frame of {len(frame.payload)} bytes; expected {PING_PAYLOAD_BYTES}")
+            if ftype is FrameType.PING:
+                self.send_frame(0, FrameType.PONG, 0, frame.payload)
+                return
+            waiter = self._pings.pop(bytes(frame.payload), None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         elif stream is None:
@@ -326,7 +329,7 @@ class Connection(asyncio.BufferedProtocol):
         elif ftype is FrameType.WINDOW:
             stream.on_window(frame.payload)
         elif ftype is FrameType.RESET:
-            reason = frame.payload[:1000].decode("utf-8", "replace")
+            reason = bytes(frame.payload[:1000]).decode("utf-8", "replace")
             stream.fail(TransportError(f"{self.peer_short} reset the stream {stream.method}: {reason}"))
 
     # -- client helpers --
@@ -357,7 +360,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def ping(self, timeout_s: float) -> float:
         """Round-trip time of a PING frame, in seconds."""
-        token = os.urandom(8)
+        token = os.urandom(PING_PAYLOAD_BYTES)
         waiter = asyncio.get_running_loop().create_future()
         self._pings[token] = waiter
         start = time.perf_counter()

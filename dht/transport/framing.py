@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
+
 from dht.messages import packb, unpackb
 from swarm.errors import FrameTooLargeError, ProtocolError
 
@@ -24,6 +26,7 @@ FRAME_HEADER = struct.Struct(">IBBI")
 FRAME_HEADER_BYTES = FRAME_HEADER.size
 RECORD_PREFIX = struct.Struct(">H")
 WINDOW_PAYLOAD = struct.Struct(">I")
+PING_PAYLOAD_BYTES = 8
 
 
 class WriteScratch:
@@ -76,7 +79,7 @@ class Frame:
     stream_id: int
     type: FrameType
     flags: int
-    payload: bytes | bytearray
+    payload: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,8 @@ class FrameParser:
 
     The payload length is checked against ``max_frame_size_bytes`` as soon as the header is complete, before
     any buffer for it exists. A payload over ``DIRECT_PAYLOAD_BYTES`` gets one buffer that records may decrypt
-    into directly (``direct_target`` / ``advance``) and is delivered as a bytearray; smaller ones as bytes.
+    into directly (``direct_target`` / ``advance``) and is delivered as a writable memoryview that nothing else
+    refers to (uninitialized memory, filled completely before delivery: no zero-fill pass); smaller ones as bytes.
     Raises ProtocolError (or FrameTooLargeError) on anything malformed.
     """
 
@@ -133,7 +137,7 @@ class FrameParser:
         self._head: tuple[int, FrameType, int] | None = None
         self._need = 0
         self._parts: list[memoryview] = []
-        self._buffer: bytearray | None = None
+        self._buffer: memoryview | None = None
         self._filled = 0
 
     @property
@@ -145,7 +149,7 @@ class FrameParser:
         """Where the next ``size`` plaintext bytes go if they all belong to the current large payload, else None."""
         if self._buffer is None or self._need < size or size == 0:
             return None
-        return memoryview(self._buffer)[self._filled : self._filled + size]
+        return self._buffer[self._filled : self._filled + size]
 
     def advance(self, size: int) -> None:
         """``size`` bytes were written into the view ``direct_target`` gave."""
@@ -199,14 +203,14 @@ class FrameParser:
         self._head = (stream_id, frame_type, flags)
         self._need = length
         if length > self.DIRECT_PAYLOAD_BYTES:
-            self._buffer, self._filled = bytearray(length), 0
+            self._buffer, self._filled = memoryview(numpy.empty(length, dtype=numpy.uint8)), 0
 
     def _finish(self) -> None:
         head, parts, buffer = self._head, self._parts, self._buffer
         if head is None:
             raise ProtocolError("frame payload without a header; this is a bug in the frame parser")
         self._head, self._parts, self._buffer = None, [], None
-        payload: bytes | bytearray
+        payload: bytes | memoryview
         if buffer is not None:
             payload = buffer
         else:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 Chunk = bytes | bytearray | memoryview
-ReplyFrame = tuple[FrameType, int, bytes | bytearray]  # (REPLY or ERROR, flags, payload)
+ReplyFrame = tuple[FrameType, int, bytes | memoryview]  # (REPLY or ERROR, flags, payload)
 UnaryHandler = Callable[["RpcContext", Any], Awaitable[Message]]
 StreamHandler = Callable[
     ["RpcContext", Any, AsyncIterator[bytes]], Awaitable[tuple[Message, AsyncIterable[Chunk] | None]]

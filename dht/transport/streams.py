@@ -34,7 +34,7 @@ class Stream:
         self.conn = conn
         self.id = stream_id
         self.method = method
-        self.reply: asyncio.Future[tuple[FrameType, int, bytes | bytearray]] | None = None
+        self.reply: asyncio.Future[tuple[FrameType, int, bytes | memoryview]] | None = None
         self.handler_task: asyncio.Task[None] | None = None
         self._queue: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -57,7 +57,7 @@ class Stream:
             self._allowance += extra
             self.conn.send_frame(self.id, FrameType.WINDOW, 0, WINDOW_PAYLOAD.pack(extra))
 
-    def on_data(self, payload: bytes | bytearray) -> None:
+    def on_data(self, payload: bytes | memoryview) -> None:
         if self.remote_ended or not self.expects_chunks:
             raise ProtocolError(f"DATA on stream {self.id} ({self.method}) that has no open chunk direction")
         if self._allowance <= 0:
@@ -71,7 +71,7 @@ class Stream:
         self.remote_ended = True
         self._push(_END)
 
-    def on_window(self, payload: bytes | bytearray) -> None:
+    def on_window(self, payload: bytes | memoryview) -> None:
         if len(payload) != WINDOW_PAYLOAD.size:
             raise ProtocolError(f"WINDOW frame of {len(payload)} bytes; expected {WINDOW_PAYLOAD.size}")
         self._credit += WINDOW_PAYLOAD.unpack(payload)[0]

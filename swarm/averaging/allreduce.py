@@ -176,11 +176,13 @@ class AllReduceServer:
         state.started.add(sender)
         state.changed.set()
         received, why = 0, "the stream was cancelled (connection lost)"
+        scratch = torch.empty(max(end - start for start, end in state.span_parts), dtype=torch.float32)
         try:
             for index, (start, end) in enumerate(state.span_parts):
                 async with asyncio.timeout(self.config.part_timeout_s):
                     data = await anext(chunks)
-                values = await _codec_call(self.codec, self.codec.decode, data, end - start)
+                values = scratch[: end - start]  # the reducer copies what it keeps
+                await _codec_call(self.codec, self.codec.decode_into, data, values)
                 reducer.add(sender, index, values, header.weight)
                 received += 1
                 await reducer.finish_ready()
@@ -357,8 +359,8 @@ async def _exchange(
                 if received >= len(parts):
                     raise SwarmError("owner sent more parts than its span has")
                 start, end = parts[received]
-                if data:
-                    span[start:end].copy_(await _codec_call(codec, codec.decode, data, end - start))
+                if data:  # decode_into leaves our values in place if the part is bad
+                    await _codec_call(codec, codec.decode_into, data, span[start:end])
                 received += 1
         return received
 

@@ -1,8 +1,10 @@
 """The owner's side of butterfly all-reduce: reduce the parts of one span from all senders as they arrive.
 
-Each part (about 512 KiB of the span) is reduced on its own. With ``mean`` a part is accumulated in float64 as
-chunks arrive (``acc += w * x``, nothing per sender is kept) and kept as float32 once reduced; with ``centered_clip`` the part's values from each
-sender are held until the part is complete, then CenteredClip runs on that part only. A part is complete when
+Each part (about 512 KiB of the span) is reduced on its own. With ``mean`` a part is accumulated in float32 as
+chunks arrive (``acc += w * x``, nothing per sender is kept), as gloo and NCCL do: a float64 accumulator costs a
+conversion pass per sender (10x the time of the float32 add) for an error far below any codec's. With
+``centered_clip`` the part's values from each sender are held until the part is complete, then CenteredClip runs
+(in float64) on that part only. A part is complete when
 every expected sender has delivered it or has been declared failed; its result is the weighted mean (or the
 clipped center) over the senders that delivered that part.
 """
@@ -89,7 +91,7 @@ class SpanReducer:
         self.failed: set[int] = set()
         self._delivered: list[set[int]] = [set() for _ in self.parts]
         self._weight = [0.0] * len(self.parts)
-        # per part: a float64 accumulator while it is open, its float32 result once reduced (allocated lazily)
+        # per part: a float32 accumulator while it is open, its result once reduced (allocated lazily)
         self._acc: list[torch.Tensor | None] = [None] * len(self.parts)
         self._held: list[list[tuple[float, torch.Tensor]]] = [[] for _ in self.parts]
         self._done = [asyncio.Event() for _ in self.parts]
@@ -114,9 +116,10 @@ class SpanReducer:
         flat = values.reshape(-1)
         if self.config.reduction == "mean":
             acc = self._acc[part_index]
-            if acc is None:
-                acc = self._acc[part_index] = torch.zeros(end - start, dtype=torch.float64)
-            acc.add_(flat, alpha=weight)
+            if acc is None:  # the first sender's weighted values start the sum (no zero fill)
+                self._acc[part_index] = torch.mul(flat, weight, out=torch.empty(end - start, dtype=torch.float32))
+            else:
+                acc.add_(flat, alpha=weight)
             if part_index < self.config.inspect_parts and weight >= 1.0:
                 self._samples.setdefault(part_index, {})[sender] = flat.clone()
         else:
@@ -151,7 +154,7 @@ class SpanReducer:
                     acc = self._acc[i]
                     if acc is None:
                         raise SwarmError(f"internal: part {i} has weight but no accumulator")
-                    self._acc[i] = acc.div_(self._weight[i]).to(torch.float32)
+                    acc.div_(self._weight[i])
                 else:
                     held, self._held[i] = self._held[i], []
                     result = await asyncio.to_thread(

@@ -6,12 +6,15 @@ from typing import Protocol
 
 import torch
 
-from compression import deserialize_tensor, get_codec, serialize_tensor
-from swarm.errors import CodecError, ConfigError, SwarmError
+from compression import decode_chunk_into, get_codec, serialize_tensor
+from swarm.errors import ConfigError, SwarmError
 
 
 class PartCodec(Protocol):
-    """Encodes one part (a 1-D float32 tensor) to bytes and back; ``decode`` raises CodecError on bad bytes.
+    """Encodes one part (a 1-D float32 tensor) to bytes, and decodes bytes into a part's slot.
+
+    ``decode_into`` writes exactly ``out.numel()`` values into ``out``, or raises CodecError (bad bytes, wrong
+    size, NaN/Inf) and leaves ``out`` unchanged.
 
     ``inline`` is True when both are plain byte copies (about 50 us per 512 KiB part), cheap enough to run on
     the event loop; otherwise the all-reduce runs them in a worker thread.
@@ -22,7 +25,7 @@ class PartCodec(Protocol):
 
     def encode(self, values: torch.Tensor) -> bytes: ...
 
-    def decode(self, data: bytes, numel: int) -> torch.Tensor: ...
+    def decode_into(self, data: bytes, out: torch.Tensor) -> None: ...
 
 
 class CompressionPartCodec:
@@ -42,8 +45,5 @@ class CompressionPartCodec:
     def encode(self, values: torch.Tensor) -> bytes:
         return serialize_tensor(values.reshape(-1), self._codec)
 
-    def decode(self, data: bytes, numel: int) -> torch.Tensor:
-        tensor = deserialize_tensor(data, max_numel=numel)
-        if tensor.numel() != numel:
-            raise CodecError(f"part has {tensor.numel()} values, expected {numel}")
-        return tensor.reshape(-1).to(torch.float32)
+    def decode_into(self, data: bytes, out: torch.Tensor) -> None:
+        decode_chunk_into(data, out)

@@ -127,8 +127,8 @@ class _GarbageCodec:
     def encode(self, values: torch.Tensor) -> bytes:
         return b"\xff" * 64
 
-    def decode(self, data: bytes, numel: int) -> torch.Tensor:
-        return self.inner.decode(data, numel)
+    def decode_into(self, data: bytes, out: torch.Tensor) -> None:
+        self.inner.decode_into(data, out)
 
 
 async def test_sender_of_garbage_is_dropped_and_the_rest_average() -> None:
@@ -189,8 +189,8 @@ class _StallingCodec:
             self.release.wait(timeout=30)
         return self.inner.encode(values)
 
-    def decode(self, data: bytes, numel: int) -> torch.Tensor:
-        return self.inner.decode(data, numel)
+    def decode_into(self, data: bytes, out: torch.Tensor) -> None:
+        self.inner.decode_into(data, out)
 
 
 @pytest.mark.parametrize("killed", [False, True])

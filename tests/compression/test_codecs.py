@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -133,6 +135,17 @@ def test_every_codec_refuses_nan_and_inf(name: str) -> None:
         x[123] = bad
         with pytest.raises(NonFiniteError):
             serialize_tensor(x, get_codec(name))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted() -> None:
+    # the finiteness check sums first; an overflowing sum of finite values must fall back to the exact check
+    for dtype in (torch.float32, torch.float16):
+        big = torch.full((64,), torch.finfo(dtype).max / 2, dtype=dtype)
+        assert math.isinf(big.sum().item())
+        assert torch.equal(roundtrip(get_codec("none"), big), big)
+        big[5] = float("nan")
+        with pytest.raises(NonFiniteError):
+            serialize_tensor(big, get_codec("none"))
 
 
 def test_fp16_refuses_overflow_instead_of_clamping() -> None:

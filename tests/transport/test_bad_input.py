@@ -125,6 +125,8 @@ async def test_handshake_with_the_wrong_key(server: Transport, make_transport: M
         ("forged_record", "failed authentication"),
         ("truncated_then_eof", "truncated"),
         ("truncated_then_silence", None),
+        ("large_pong", "PONG frame of 100000 bytes; expected 8"),  # a large payload is an unhashable buffer
+        ("short_ping", "PING frame of 3 bytes; expected 8"),
     ],
 )
 async def test_bad_frames_after_the_handshake(
@@ -139,6 +141,13 @@ async def test_bad_frames_after_the_handshake(
         peer.write_frame(1, 99, 0, b"")
     elif case == "forged_record":
         peer.write_record(random.Random(1).randbytes(100))
+    elif case == "large_pong":  # header and payload over several records, as a real sender splits them
+        assert peer.send is not None
+        data = FRAME_HEADER.pack(0, FrameType.PONG, 0, 100_000) + bytes(100_000)
+        for i in range(0, len(data), 60_000):
+            peer.write_record(peer.send.encrypt_with_ad(b"", data[i : i + 60_000]))
+    elif case == "short_ping":
+        peer.write_frame(0, FrameType.PING, 0, b"abc")
     else:
         peer.write_frame(1, FrameType.REQUEST, 0, b"x" * 10, length=100)  # announces 100 bytes, sends 10
         if case == "truncated_then_eof":
