@@ -22,10 +22,12 @@ from compression.wire import (
     DecodedChunk,
     decode_chunk,
     decode_chunk_into,
+    decode_chunk_values,
     decode_chunks,
     deserialize_tensor,
     iter_encode_chunks,
     serialize_tensor,
+    serialize_tensor_parts,
 )
 
 __all__ = [
@@ -46,10 +48,12 @@ __all__ = [
     "codec_names",
     "decode_chunk",
     "decode_chunk_into",
+    "decode_chunk_values",
     "decode_chunks",
     "deserialize_tensor",
     "get_codec",
     "iter_encode_chunks",
     "register_codec",
     "serialize_tensor",
+    "serialize_tensor_parts",
 ]

@@ -65,8 +65,8 @@ class Encoded:
 class Codec(Protocol):
     """A tensor codec. ``name``/``codec_id`` identify it in configs and on the wire.
 
-    A codec may also offer ``decode_into(encoded, out)``, writing the values into an existing tensor of the same
-    numel; :func:`compression.wire.decode_chunk_into` uses it when present (``none`` does, saving a copy).
+    A codec may also offer ``decode_view(encoded)``: the CPU values without a copy, as a read-only view of the
+    payload; :func:`compression.wire.decode_chunk_values` uses it when present (``none`` does).
     """
 
     name: ClassVar[str]

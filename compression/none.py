@@ -44,13 +44,12 @@ class NoneCodec:
         ensure_finite(flat, "a 'none' payload")
         return flat.to(target_device(device), copy=True).reshape(encoded.shape)
 
-    def decode_into(self, encoded: Encoded, out: torch.Tensor) -> None:
-        """Copy the payload's values straight into ``out`` (same numel; cast to its dtype and device); every
-        check (size, NaN/Inf) runs before the copy, so a bad payload leaves ``out`` unchanged."""
+    def decode_view(self, encoded: Encoded) -> torch.Tensor:
+        """The payload's values without a copy: a read-only view of the payload buffer (checked for NaN/Inf)."""
         buf = checked_payload(self, encoded)
         flat = tensor_from_buffer(buf, encoded.dtype, offset_bytes=0, count=encoded.numel)
         ensure_finite(flat, "a 'none' payload")
-        out.copy_(flat.reshape(out.shape))
+        return flat.reshape(encoded.shape)
 
     def payload_size_bytes(self, *, numel: int, dtype: torch.dtype, params: Params) -> int:
         return numel * dtype.itemsize

@@ -22,6 +22,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import torch
@@ -63,6 +64,11 @@ class DecodedChunk:
 
 
 def _pack(encoded: Encoded, codec: Codec, *, shape: tuple[int, ...], offset: int) -> bytes:
+    return b"".join(_pack_parts(encoded, codec, shape=shape, offset=offset))
+
+
+def _pack_parts(encoded: Encoded, codec: Codec, *, shape: tuple[int, ...], offset: int) -> tuple[Any, ...]:
+    """The message as buffers to concatenate: the header, then the codec's payload parts (not copied)."""
     dtype_code = _DTYPE_CODES.get(encoded.dtype)
     if dtype_code is None:
         raise UnsupportedDtypeError(f"dtype {encoded.dtype} has no wire code; send one of {list(_DTYPE_CODES)}")
@@ -75,13 +81,23 @@ def _pack(encoded: Encoded, codec: Codec, *, shape: tuple[int, ...], offset: int
     )  # fmt: skip
     head_size = _FIXED.size + 8 * len(shape) + len(params)
     padding = bytes(-head_size % 8)
-    return b"".join((fixed, struct.pack(f"<{len(shape)}Q", *shape), params, padding, *encoded.payload))
+    return (b"".join((fixed, struct.pack(f"<{len(shape)}Q", *shape), params, padding)), *encoded.payload)
 
 
 def serialize_tensor(tensor: torch.Tensor, codec: Codec) -> bytes:
     """Encode a whole tensor (any device) into one self-describing message."""
     encoded = codec.encode(tensor)
     return _pack(encoded, codec, shape=tuple(tensor.shape), offset=0)
+
+
+def serialize_tensor_parts(tensor: torch.Tensor, codec: Codec) -> tuple[Any, ...]:
+    """The message of :func:`serialize_tensor` as buffers whose concatenation it is, without joining them.
+
+    With ``none`` the payload is a view of the tensor's own memory (no copy): hand the buffers to something that
+    consumes them (a transport that encrypts them) before the tensor changes.
+    """
+    encoded = codec.encode(tensor)
+    return _pack_parts(encoded, codec, shape=tuple(tensor.shape), offset=0)
 
 
 def chunk_numel(codec: Codec, dtype: torch.dtype, chunk_size_bytes: int) -> int:
@@ -130,22 +146,28 @@ def decode_chunk(
     return DecodedChunk(shape=shape, dtype=encoded.dtype, offset=offset, values=values)
 
 
+def decode_chunk_values(data: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
+    """The flat values of a one-chunk message of exactly ``numel`` elements, copied only if the codec must.
+
+    The header and sizes are checked as in :func:`decode_chunk`, with ``numel`` as the limit. A codec with a
+    ``decode_view(encoded)`` method (``none``) returns a read-only view of ``data``: valid while ``data`` lives
+    and is unchanged, never to be written into. Raises CodecError on a bad message.
+    """
+    codec, encoded, _, _ = _parse_chunk(data, max_numel=numel, max_size_bytes=DEFAULT_MAX_SIZE_BYTES)
+    if encoded.numel != numel:
+        raise PayloadSizeError(f"chunk has {encoded.numel} values, expected {numel}")
+    decode_view = getattr(codec, "decode_view", None)
+    values = decode_view(encoded) if decode_view is not None else codec.decode(encoded)
+    return values.reshape(-1)
+
+
 def decode_chunk_into(data: bytes | bytearray | memoryview, out: torch.Tensor) -> None:
     """Decode one message whose values are exactly ``out.numel()`` elements into ``out`` (cast to its dtype).
 
-    The header and sizes are checked as in :func:`decode_chunk`, with ``out``'s size as the limit. A codec with
-    a ``decode_into(encoded, out)`` method writes straight into ``out`` (``none``: one copy out of the received
-    bytes); any other decodes to a new tensor first. Raises CodecError and leaves ``out`` unchanged when the
+    With ``none`` this is one copy out of ``data``. Raises CodecError and leaves ``out`` unchanged when the
     message is bad (every check runs before the first write).
     """
-    codec, encoded, _, _ = _parse_chunk(data, max_numel=out.numel(), max_size_bytes=DEFAULT_MAX_SIZE_BYTES)
-    if encoded.numel != out.numel():
-        raise PayloadSizeError(f"chunk has {encoded.numel} values, expected {out.numel()}")
-    decode_into = getattr(codec, "decode_into", None)
-    if decode_into is not None:
-        decode_into(encoded, out.reshape(-1))
-    else:
-        out.reshape(-1).copy_(codec.decode(encoded, device=out.device).reshape(-1))
+    out.reshape(-1).copy_(decode_chunk_values(data, out.numel()))
 
 
 def _parse_chunk(

@@ -35,6 +35,7 @@ _RECORD_SPACE_BYTES = MAX_NOISE_MESSAGE_BYTES + 2  # one whole length-prefixed r
 _SMALL_READ_BUFFER_BYTES = 80 * 1024  # idle and small-RPC connections: one whole record fits
 _LARGE_READ_BUFFER_BYTES = 1 << 20  # while bulk data flows: fewer, larger socket reads
 _FULL_READS_TO_GROW = 2  # consecutive reads that fill the small buffer before it grows
+_MERGED_HEAD_BYTES = 4096  # a frame's first buffer up to this size goes in the frame header's record
 
 
 class ConnectionOwner(Protocol):
@@ -250,17 +251,26 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- writing --
 
-    def send_frame(self, stream_id: int, ftype: FrameType, flags: int, payload: bytes | bytearray | memoryview) -> None:
-        """Encrypt one frame into records and hand it to the socket (a no-op once the connection is closed)."""
+    def send_frame(
+        self, stream_id: int, ftype: FrameType, flags: int,
+        payload: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...],
+    ) -> None:
+        """Encrypt one frame into records and hand it to the socket (a no-op once the connection is closed).
+
+        A tuple payload is sent as the concatenation of its buffers, each encrypted straight from its memory.
+        """
         if self._closed.done() or self._transport is None or self._send is None:
             return
-        view = memoryview(payload).cast("B")
-        size = view.nbytes
+        views = [memoryview(b).cast("B") for b in (payload if isinstance(payload, tuple) else (payload,))]
+        size = sum(v.nbytes for v in views)
         header = FRAME_HEADER.pack(stream_id, ftype, flags, size)
         if size + FRAME_HEADER_BYTES <= MAX_PLAINTEXT_BYTES:
-            pieces: list[bytes | memoryview] = [header + view]
+            pieces: list[bytes | memoryview] = [b"".join((header, *views))]
         else:
-            pieces = [header] + [view[i : i + MAX_PLAINTEXT_BYTES] for i in range(0, size, MAX_PLAINTEXT_BYTES)]
+            pieces = [header]
+            if views[0].nbytes <= _MERGED_HEAD_BYTES:  # a small leading buffer (a message head) shares a record
+                pieces[0] = header + views.pop(0)
+            pieces += [v[i : i + MAX_PLAINTEXT_BYTES] for v in views for i in range(0, v.nbytes, MAX_PLAINTEXT_BYTES)]
         total = sum(len(p) for p in pieces) + len(pieces) * (2 + TAG_LEN)
         out = self._scratch.take(total)
         out_view = memoryview(out)[:total]

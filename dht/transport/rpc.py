@@ -27,7 +27,8 @@ from swarm.errors import OverloadedError, ProtocolError, RemoteError, RpcTimeout
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
-Chunk = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview
+Chunk = Buffer | tuple[Buffer, ...]  # a tuple is sent as one DATA frame, its buffers concatenated but never joined
 ReplyFrame = tuple[FrameType, int, bytes | memoryview]  # (REPLY or ERROR, flags, payload)
 UnaryHandler = Callable[["RpcContext", Any], Awaitable[Message]]
 StreamHandler = Callable[

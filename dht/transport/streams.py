@@ -127,9 +127,12 @@ class Stream:
             self._consumed = 0
         return item
 
-    async def send_chunk(self, chunk: bytes | bytearray | memoryview, timeout_s: float) -> None:
-        """Send one chunk as one DATA frame once the peer has granted credit; bounded by ``timeout_s``."""
-        size = memoryview(chunk).nbytes
+    async def send_chunk(
+        self, chunk: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...], timeout_s: float
+    ) -> None:
+        """Send one chunk (a buffer, or a tuple of buffers sent concatenated) as one DATA frame once the peer
+        has granted credit; bounded by ``timeout_s``."""
+        size = sum(memoryview(b).nbytes for b in chunk) if isinstance(chunk, tuple) else memoryview(chunk).nbytes
         if size > self.conn.config.max_frame_size_bytes:
             raise TransportError(
                 f"chunk of {size} bytes on {self.method} exceeds max_frame_size_bytes="

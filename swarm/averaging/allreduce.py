@@ -62,7 +62,7 @@ class RoundState:
     started: set[int] = field(default_factory=set)
     finished_fetch: set[int] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    encoded: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # part -> (result bytes, fetches left)
+    encoded: dict[int, tuple[tuple[Any, ...], int]] = field(default_factory=dict)  # part -> (message, fetches left)
     excluded: set[int] = field(default_factory=set)  # members whose parts this owner refuses (gradient checks)
 
     def fetches_settled(self) -> bool:
@@ -176,14 +176,12 @@ class AllReduceServer:
         state.started.add(sender)
         state.changed.set()
         received, why = 0, "the stream was cancelled (connection lost)"
-        scratch = torch.empty(max(end - start for start, end in state.span_parts), dtype=torch.float32)
         try:
             for index, (start, end) in enumerate(state.span_parts):
                 async with asyncio.timeout(self.config.part_timeout_s):
                     data = await anext(chunks)
-                values = scratch[: end - start]  # the reducer copies what it keeps
-                await _codec_call(self.codec, self.codec.decode_into, data, values)
-                reducer.add(sender, index, values, header.weight)
+                values = await _codec_call(self.codec, self.codec.decode, data, end - start)
+                reducer.add(sender, index, values, header.weight)  # may be a view of data: the reducer copies
                 received += 1
                 await reducer.finish_ready()
             async with asyncio.timeout(self.config.part_timeout_s):
@@ -203,14 +201,14 @@ class AllReduceServer:
 
     async def rpc_result(
         self, ctx: RpcContext, request: ResultRequest, chunks: AsyncIterator[bytes]
-    ) -> tuple[ResultHeader, AsyncIterator[bytes]]:
+    ) -> tuple[ResultHeader, AsyncIterator[bytes | tuple[Any, ...]]]:
         """Stream our reduced span back, one part per chunk as soon as it is reduced (empty: no result)."""
         state, sender = await self._round_for(ctx, request.group_key, request.round_id)
         if state.reducer is None:
             raise SwarmError("this peer owns no span in the round (client mode or empty span)")
         return ResultHeader(num_parts=len(state.span_parts)), self._results(state, sender)
 
-    async def _results(self, state: RoundState, sender: int) -> AsyncIterator[bytes]:
+    async def _results(self, state: RoundState, sender: int) -> AsyncIterator[bytes | tuple[Any, ...]]:
         reducer = state.reducer
         if reducer is None:
             raise SwarmError("internal: a result stream for a round without a reducer")
@@ -331,7 +329,9 @@ async def _exchange(
     peer = group.peer(owner)
     loop = asyncio.get_running_loop()
 
-    async def encoded_parts() -> AsyncIterator[bytes]:
+    async def encoded_parts() -> AsyncIterator[tuple[Any, ...]]:
+        # 'none' yields views of `span`; each is encrypted (copied) as soon as the stream has credit. The owner's
+        # result for a part lands in `span` only after it has our part, so an unsent view never sees it change.
         for start, end in parts:
             yield await _codec_call(codec, codec.encode, span[start:end])
 

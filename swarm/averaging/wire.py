@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from compression import decode_chunk_into, get_codec, serialize_tensor
+from compression import decode_chunk_into, decode_chunk_values, get_codec, serialize_tensor_parts
 from swarm.errors import ConfigError, SwarmError
 
 
 class PartCodec(Protocol):
-    """Encodes one part (a 1-D float32 tensor) to bytes, and decodes bytes into a part's slot.
+    """Encodes one part (a 1-D float32 tensor) to bytes and back.
 
-    ``decode_into`` writes exactly ``out.numel()`` values into ``out``, or raises CodecError (bad bytes, wrong
-    size, NaN/Inf) and leaves ``out`` unchanged.
+    ``encode`` returns the message as buffers to send in order (one DATA frame, not joined first); they may be
+    views of the part's memory, so they are sent before the part changes. ``decode`` returns the part's float32
+    values, possibly a read-only view of ``data`` (the receiver copies what it keeps); ``decode_into`` writes
+    them into ``out``. Both raise CodecError on bad bytes, a wrong size or NaN/Inf, and ``decode_into`` then
+    leaves ``out`` unchanged.
 
     ``inline`` is True when both are plain byte copies (about 50 us per 512 KiB part), cheap enough to run on
     the event loop; otherwise the all-reduce runs them in a worker thread.
@@ -23,7 +26,9 @@ class PartCodec(Protocol):
     name: str
     inline: bool
 
-    def encode(self, values: torch.Tensor) -> bytes: ...
+    def encode(self, values: torch.Tensor) -> tuple[Any, ...]: ...
+
+    def decode(self, data: bytes, numel: int) -> torch.Tensor: ...
 
     def decode_into(self, data: bytes, out: torch.Tensor) -> None: ...
 
@@ -42,8 +47,11 @@ class CompressionPartCodec:
         self.name = name
         self.inline = name == "none"
 
-    def encode(self, values: torch.Tensor) -> bytes:
-        return serialize_tensor(values.reshape(-1), self._codec)
+    def encode(self, values: torch.Tensor) -> tuple[Any, ...]:
+        return serialize_tensor_parts(values.reshape(-1), self._codec)
+
+    def decode(self, data: bytes, numel: int) -> torch.Tensor:
+        return decode_chunk_values(data, numel).to(torch.float32)
 
     def decode_into(self, data: bytes, out: torch.Tensor) -> None:
         decode_chunk_into(data, out)

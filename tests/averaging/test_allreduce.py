@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -124,8 +125,11 @@ class _GarbageCodec:
     def __init__(self, inner: PartCodec) -> None:
         self.inner = inner
 
-    def encode(self, values: torch.Tensor) -> bytes:
-        return b"\xff" * 64
+    def encode(self, values: torch.Tensor) -> tuple[bytes, ...]:
+        return (b"\xff" * 64,)
+
+    def decode(self, data: bytes, numel: int) -> torch.Tensor:
+        return self.inner.decode(data, numel)
 
     def decode_into(self, data: bytes, out: torch.Tensor) -> None:
         self.inner.decode_into(data, out)
@@ -180,7 +184,7 @@ class _StallingCodec:
         self.stalled = threading.Event()
         self.lock = threading.Lock()
 
-    def encode(self, values: torch.Tensor) -> bytes:
+    def encode(self, values: torch.Tensor) -> tuple[Any, ...]:
         with self.lock:
             self.remaining -= 1
             stall = self.remaining < 0
@@ -188,6 +192,9 @@ class _StallingCodec:
             self.stalled.set()
             self.release.wait(timeout=30)
         return self.inner.encode(values)
+
+    def decode(self, data: bytes, numel: int) -> torch.Tensor:
+        return self.inner.decode(data, numel)
 
     def decode_into(self, data: bytes, out: torch.Tensor) -> None:
         self.inner.decode_into(data, out)

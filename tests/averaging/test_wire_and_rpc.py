@@ -22,22 +22,27 @@ from tests.averaging.conftest import transports
 def test_part_codec_round_trip(name: str) -> None:
     codec: PartCodec = CompressionPartCodec(name)
     values = torch.linspace(-2.0, 2.0, 5000)
+    data = b"".join(codec.encode(values))  # the buffers go out as one frame: the receiver sees them joined
     decoded = torch.full((5000,), float("nan"))
-    codec.decode_into(codec.encode(values), decoded)
+    codec.decode_into(data, decoded)
+    viewed = codec.decode(data, 5000)
+    assert viewed.dtype == torch.float32 and torch.equal(viewed, decoded)
     assert (decoded - values).abs().max().item() <= (0.0 if name == "none" else 0.02)
     assert codec.inline == (name == "none")
 
 
 def test_part_codec_rejects_wrong_size_garbage_and_unknown_names() -> None:
     codec = CompressionPartCodec("none")
-    data = codec.encode(torch.zeros(10))
-    nan_data = bytearray(codec.encode(torch.ones(10)))
+    data = b"".join(codec.encode(torch.zeros(10)))
+    nan_data = bytearray(b"".join(codec.encode(torch.ones(10))))
     nan_data[-4:] = torch.tensor([float("nan")]).numpy().tobytes()
     out = torch.full((11,), 7.0)
     for bad, slot in ((data, out), (data, out[:9]), (b"\x00" * 40, out[:10]), (data[:-4], out[:10]),
                       (bytes(nan_data), out[:10])):  # wrong size either way, garbage, truncated, NaN
         with pytest.raises(CodecError):
             codec.decode_into(bad, slot)
+        with pytest.raises(CodecError):
+            codec.decode(bad, slot.numel())
         assert torch.equal(out, torch.full((11,), 7.0))  # a refused part leaves the slot unchanged
     with pytest.raises(ConfigError, match="codec"):
         CompressionPartCodec("zip")

@@ -11,11 +11,14 @@ import torch
 from compression import (
     ChunkAssembler,
     decode_chunk,
+    decode_chunk_into,
+    decode_chunk_values,
     decode_chunks,
     deserialize_tensor,
     get_codec,
     iter_encode_chunks,
     serialize_tensor,
+    serialize_tensor_parts,
 )
 from compression.errors import (
     CorruptPayloadError,
@@ -275,3 +278,32 @@ def test_non_contiguous_and_requires_grad_inputs(name: str) -> None:
         assert torch.equal(y, x.detach())
     chunked = decode_chunks(iter_encode_chunks(x, codec, chunk_size_bytes=2048))
     assert chunked.shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "blockwise8"])
+def test_message_parts_values_and_into_agree_with_the_whole_message(name: str) -> None:
+    x = gaussian(5000)
+    codec = get_codec(name)
+    parts = serialize_tensor_parts(x, codec)
+    assert b"".join(bytes(p) for p in parts) == serialize_tensor(x, codec)
+    data = serialize_tensor(x, codec)
+    values = decode_chunk_values(data, 5000)
+    out = torch.full((5000,), float("nan"))
+    decode_chunk_into(data, out)
+    assert torch.equal(values, out) and torch.equal(values, deserialize_tensor(data))
+    with pytest.raises(PayloadSizeError):
+        decode_chunk_values(data, 5001)  # a bigger slot than the message
+    with pytest.raises(CodecError):
+        decode_chunk_into(data, out[:4999])  # a smaller one: over the limit
+    assert torch.equal(out, values)  # a refused message leaves the slot unchanged
+
+
+def test_none_parts_share_the_tensor_memory_and_values_view_the_message() -> None:
+    x = gaussian(1000)
+    parts = serialize_tensor_parts(x, get_codec("none"))
+    x[0] = 123.0  # the payload is a view: no copy was made
+    assert torch.frombuffer(bytearray(parts[-1]), dtype=torch.float32)[0].item() == 123.0
+    data = bytearray(serialize_tensor(x, get_codec("none")))
+    values = decode_chunk_values(data, 1000)
+    data[-4:] = torch.tensor([5.0]).numpy().tobytes()  # a view of the received bytes: no copy either
+    assert values[-1].item() == 5.0

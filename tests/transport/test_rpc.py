@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -183,6 +184,34 @@ async def test_stream_both_directions_keeps_chunk_boundaries(make_transport: Mak
             assert s.reply.number == len(sent)
             got = [chunk async for chunk in s.chunks()]
     assert got == list(reversed(sent))
+
+
+async def test_tuple_chunks_arrive_as_one_concatenated_chunk(make_transport: MakeTransport) -> None:
+    """A chunk given as a tuple of buffers is one DATA frame: small, large, with a small head, empty parts."""
+    server, client = await make_transport(), await make_transport()
+
+    async def collect(ctx: RpcContext, header: Echo, chunks: AsyncIterator[bytes]) -> tuple[Echo, None]:
+        got.extend([bytes(c) async for c in chunks])
+        return Echo(number=len(got)), None
+
+    got: list[bytes] = []
+    rng = random.Random(7)
+    tuples = [
+        (b"head", b"", b"tail"),  # fits one record
+        (rng.randbytes(64), memoryview(rng.randbytes(300_000))),  # a head that shares the header's record
+        (rng.randbytes(70_000), bytearray(rng.randbytes(65_000)), rng.randbytes(1)),  # record-sized pieces
+        (b"",),
+    ]
+
+    async def send() -> AsyncIterator[tuple[bytes | bytearray | memoryview, ...]]:
+        for t in tuples:
+            yield t
+
+    server.register_stream("test.collect", Echo, collect)
+    async with asyncio.timeout(10):
+        async with client.open_stream(server.listen_maddrs[0], "test.collect", Echo(), Echo, chunks=send()) as s:
+            assert s.reply.number == len(tuples)
+    assert got == [b"".join(bytes(b) for b in t) for t in tuples]
 
 
 async def test_stream_without_chunks_and_unary_reply(make_transport: MakeTransport) -> None:
