@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ def run_swarm(run: RunConfig, *, nodes: int, steps: int, work_dir: Path, label: 
     config_path.write_text(run.to_toml())
     if RunConfig.from_toml(config_path) != run:
         raise SystemExit("internal: the written TOML does not reproduce the run config")
+    shutil.rmtree(work_dir / label, ignore_errors=True)  # an earlier run's checkpoints would resume at its end
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", str(nodes), "--steps", str(steps), "--json",

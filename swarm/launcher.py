@@ -104,7 +104,7 @@ async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str,
         async with asyncio.timeout(cfg.timeout_s):
             cheats = misbehave_args(cfg.num_nodes, cfg.misbehave)
             for i in range(cfg.num_nodes):
-                node = await _start_node(cfg, run_dir, i, nodes[0].maddr if nodes else None, cheats.get(i, ()))
+                node = await _start_after_bootstrap(cfg, run_dir, i, nodes, cheats.get(i, ()))
                 node.misbehaving = i in cheats
                 nodes.append(node)
                 print(f"node {i}: {node.maddr} serving stage {node.stage}", file=out, flush=True)
@@ -140,6 +140,21 @@ def _print_log_tail(path: Path, index: int, num_lines: int = 40) -> None:
     for line in lines:
         print(f"node {index}| {line}", file=sys.stderr)
     sys.stderr.flush()
+
+
+async def _start_after_bootstrap(cfg: LaunchConfig, run_dir: Path, index: int, nodes: list[NodeProcess],
+                                 role_args: tuple[str, ...]) -> NodeProcess:
+    """Start node ``index`` with node 0 as its initial peer; if it fails because node 0 is gone, say so."""
+    try:
+        return await _start_node(cfg, run_dir, index, nodes[0].maddr if nodes else None, role_args)
+    except SwarmError as e:
+        if not nodes or nodes[0].proc.returncode is None:
+            raise
+        raise SwarmError(
+            f"{e}: node 0, its initial peer, had already exited (code {nodes[0].proc.returncode}). If {run_dir} "
+            f"holds checkpoints of an earlier run at --steps {cfg.steps}, node 0 resumed there and stopped at "
+            "once: use a new --run-dir or more --steps"
+        ) from None
 
 
 async def _start_node(cfg: LaunchConfig, run_dir: Path, index: int, bootstrap: str | None,

@@ -4,7 +4,9 @@ The rule (see docs/averaging.md):
 
 1. A peer ready to average stores ``(ready_at, weight, bandwidth, client_mode, maddrs)`` under the group key,
    subkey ``[owner:<its PeerID>]`` (signed), and gathers: it re-reads the key until ``target_group_size``
-   entries are visible or ``matchmaking_time_s`` has passed.
+   entries are visible or ``matchmaking_time_s`` has passed. If then another peer ranks first among what it
+   sees, it tells that peer to re-read the key at once (``avg.ready``): that peer may have read the key just
+   before this entry landed, and would otherwise see it only at its next poll.
 2. Members are ranked by ``(ready_at, PeerID bytes)``. At the end of its window, a peer that ranks first among
    the entries it sees is the **leader**: it asks the others it sees (best ranked first, up to the target) to
    join (``avg.join``); a peer accepts the first leader that ranks before it while it is still looking, and
@@ -42,6 +44,8 @@ from swarm.averaging.messages import (
     JoinReply,
     JoinRequest,
     MemberInfo,
+    ReadyHint,
+    ReadyHintReply,
     round_id_of,
 )
 from swarm.errors import AddressError, IdentityError, ProtocolError, SwarmError
@@ -70,6 +74,7 @@ class _Looking:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     expiration_time: float = 0.0  # of our entry under the key; the withdrawal is stored just after it
     exclude: frozenset[bytes] = frozenset()  # PeerIDs we neither recruit nor follow (caught by gradient checks)
+    seen: frozenset[bytes] = frozenset()  # PeerIDs our last read of the key found (a hint from one wakes nothing)
 
 
 def alone(group_key: str, me: MemberInfo) -> Group:
@@ -94,6 +99,7 @@ class Matchmaker:
     def register(self) -> None:
         self.transport.register("avg.join", JoinRequest, self.rpc_join)
         self.transport.register("avg.begin", BeginRequest, self.rpc_begin)
+        self.transport.register("avg.ready", ReadyHint, self.rpc_ready)
 
     def my_info(self, weight: float) -> MemberInfo:
         return MemberInfo(peer_id=self.transport.peer_id.to_bytes(), maddrs=tuple(self.transport.listen_maddrs),
@@ -131,6 +137,9 @@ class Matchmaker:
         state.expiration_time = self.clock() + self.config.record_ttl_s
         await self.dht.store(group_key, value, state.expiration_time, subkey=owner_subkey(self.transport.peer_id))
         seen = await self._gather(group_key, state)
+        first = min(seen, key=MemberInfo.rank)
+        if state.phase == "gathering" and first.peer_id != me.peer_id:
+            await self._hint(group_key, first)  # it may have read the key before our entry landed
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.join_timeout_s
         while True:
@@ -167,6 +176,7 @@ class Matchmaker:
         seen = [state.me]
         while state.phase == "gathering":
             seen, withdrawn = await self._entries(group_key, state.me, state.exclude)
+            state.seen = frozenset(m.peer_id for m in seen)
             if len(seen) + withdrawn >= state.target or loop.time() >= window_end:
                 break
             state.wake.clear()
@@ -194,6 +204,17 @@ class Matchmaker:
                 if member is not None and member.peer_id not in members and member.peer_id not in exclude:
                     members[member.peer_id] = member
         return list(members.values()), withdrawn
+
+    async def _hint(self, group_key: str, first: MemberInfo) -> None:
+        """Tell the peer ranked first that we are here (``avg.ready``), bounded by ``poll_interval_s``: it would
+        see us at its next poll anyway, so a failure costs at most one poll and only logs at debug level."""
+        self._learn_addresses(first)
+        peer = PeerID(first.peer_id)
+        try:
+            await self.transport.call(peer, "avg.ready", ReadyHint(group_key=group_key), ReadyHintReply,
+                                      timeout_s=self.config.poll_interval_s)
+        except (SwarmError, OSError) as e:
+            log.debug("%s: avg.ready to %s failed: %s", self.transport.peer_id.short(), peer.short(), e)
 
     async def _withdraw(self, group_key: str, state: _Looking) -> None:
         """Replace our entry by ``{"closed": true}`` (bounded by ``rpc_timeout_s``; a failure only logs)."""
@@ -273,6 +294,16 @@ class Matchmaker:
         state.phase = "following"
         state.wake.set()
         return JoinReply(accepted=True)
+
+    async def rpc_ready(self, ctx: RpcContext, request: ReadyHint) -> ReadyHintReply:
+        """A peer announced itself under a key we are gathering under: re-read the key now. Only a caller our last
+        read did not find wakes us, so a peer repeating the hint cannot make us read the DHT in a loop."""
+        state = self._looking.get(request.group_key)
+        caller = ctx.peer_id.to_bytes()
+        if state is None or state.phase != "gathering" or caller in state.seen or caller in state.exclude:
+            return ReadyHintReply(woken=False)
+        state.wake.set()
+        return ReadyHintReply(woken=True)
 
     async def rpc_begin(self, ctx: RpcContext, request: BeginRequest) -> BeginReply:
         """Take the leader's final membership if it is the leader we follow and it lists us."""

@@ -80,6 +80,22 @@ class JoinReply(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReadyHint(Message):
+    """A peer that just announced itself under ``group_key`` tells the peer ranked first to re-read the key now
+    (instead of at its next poll), so the group closes one round trip after the last member is ready."""
+
+    group_key: str
+
+    def __post_init__(self) -> None:
+        _check_key(self.group_key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadyHintReply(Message):
+    woken: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class BeginRequest(Message):
     """The leader's final, ordered membership; every member starts the all-reduce with exactly this list."""
 

@@ -11,6 +11,8 @@ from swarm.averaging.messages import (
     JoinRequest,
     MemberInfo,
     PartHeader,
+    ReadyHint,
+    ReadyHintReply,
     ResultRequest,
     round_id_of,
 )
@@ -30,6 +32,8 @@ def test_round_trips() -> None:
         BeginRequest(group_key="run/avg/0/1", round_id=rid, members=members),
         PartHeader(group_key="k", round_id=rid, weight=2.0),
         ResultRequest(group_key="k", round_id=rid),
+        ReadyHint(group_key="run/avg/0/1"),
+        ReadyHintReply(woken=True),
     ):
         assert type(msg).unpack(msg.pack()) == msg
 
@@ -65,3 +69,9 @@ def test_begin_rejects_duplicate_members_and_bad_member_fields() -> None:
         MemberInfo.from_wire({**m.to_wire(), "peer_id": b"abc"})
     with pytest.raises(ProtocolError, match="bandwidth"):
         MemberInfo.from_wire({**m.to_wire(), "bandwidth": 0.0})
+
+
+def test_ready_hint_rejects_a_bad_key() -> None:
+    for wire in ({"group_key": ""}, {"group_key": 5}, {}):
+        with pytest.raises(ProtocolError):
+            ReadyHint.unpack(packb(wire))

@@ -22,6 +22,7 @@ from dht.records import owner_subkey
 from dht.transport import RpcContext
 from swarm.averaging import Averager, AveragerConfig
 from swarm.averaging.allreduce import AllReduceServer, run_allreduce
+from swarm.averaging.messages import ReadyHint, ReadyHintReply
 from swarm.averaging.partition import flatten_tensors
 from swarm.averaging.wire import CompressionPartCodec
 from swarm.errors import SwarmError
@@ -177,3 +178,36 @@ async def test_a_late_peer_seeing_only_withdrawn_entries_stops_gathering_at_once
             assert all(r.group_size == 2 for r in pair)
             late = await avgs[2].step(tensors[2], weight=1.0, group_key="run/avg/0/2", target_group_size=3)
     assert not late.with_others and late.group_size == 1
+
+
+async def test_a_ready_hint_wakes_the_peer_ranked_first_instead_of_its_next_poll() -> None:
+    """Peer 0 read the key before peer 1 stored its entry, and would re-read only after its 30 s poll. Peer 1
+    sees peer 0 ranked first and sends it `avg.ready`: peer 0 re-reads at once and leads, well inside the 10 s
+    the steps get. A hint from a peer the last read already found, or under a key nobody gathers under, wakes
+    nothing."""
+    tensors = [random_tensors(100 + i, SHAPES) for i in range(2)]
+    expected = weighted_mean([flatten_tensors(t) for t in tensors], [1.0, 2.0])
+    key = "run/avg/0/11"
+    async with swarm(3, _config(poll_interval_s=30.0, join_timeout_s=20.0), salt=16) as avgs:
+        async with asyncio.timeout(30):
+            first = asyncio.create_task(avgs[0].step(tensors[0], weight=1.0, group_key=key, target_group_size=2,
+                                                     timeout_s=10.0))
+            try:
+                looking = avgs[0].matchmaker._looking
+                await _until(lambda: key in looking and looking[key].seen == {avgs[0].transport.peer_id.to_bytes()},
+                             "peer 0 read the key and found only itself")
+                me = avgs[0].transport.peer_id
+                seen_ctx = RpcContext(peer_id=me, remote_host="127.0.0.1", remote_port=1, method="avg.ready")
+                assert not (await avgs[0].matchmaker.rpc_ready(seen_ctx, ReadyHint(group_key=key))).woken
+                other_key = await avgs[2].transport.call(me, "avg.ready", ReadyHint(group_key="run/avg/0/12"),
+                                                         ReadyHintReply)
+                assert not other_key.woken and not looking[key].wake.is_set()
+                second = await avgs[1].step(tensors[1], weight=2.0, group_key=key, target_group_size=2,
+                                            timeout_s=10.0)
+                results = [await first, second]
+            finally:
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+    assert all(r.with_others and r.group_size == 2 for r in results)
+    for t in tensors:
+        torch.testing.assert_close(flatten_tensors(t).double(), expected, rtol=1e-6, atol=1e-6)
