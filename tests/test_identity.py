@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -41,6 +42,32 @@ def test_sign_and_verify() -> None:
     assert not identity.peer_id.verify(signature, b"other")
     assert not identity.peer_id.verify(signature[:10], b"data")
     assert not Identity.from_seed(b"\x04" * 32).peer_id.verify(signature, b"data")
+
+
+def test_verified_signatures_are_cached_and_only_exact_triples_hit() -> None:
+    identity, other = Identity.from_seed(b"\x51" * 32), Identity.from_seed(b"\x52" * 32)
+    signature = identity.sign(b"record")
+    calls = []
+    real = PeerID.public_key
+
+    class Counting:
+        def __init__(self, peer: PeerID) -> None:
+            self.key = real(peer)
+
+        def verify(self, sig: bytes, data: bytes) -> None:
+            calls.append(data)
+            self.key.verify(sig, data)
+
+    with mock.patch.object(PeerID, "public_key", lambda peer: Counting(peer)):
+        assert identity.peer_id.verify(signature, b"record")
+        assert identity.peer_id.verify(bytearray(signature), memoryview(b"record"))  # cached: no second check
+        assert calls == [b"record"]
+        # a cached success never stands in for another key, signature or message: each of these is checked
+        assert not other.peer_id.verify(signature, b"record")
+        assert not identity.peer_id.verify(signature, b"record!")
+        assert not identity.peer_id.verify(bytes(64), b"record")
+        assert not identity.peer_id.verify(signature, b"record!")  # failures are never cached
+    assert len(calls) == 5
 
 
 def test_bad_peer_ids_are_rejected() -> None:

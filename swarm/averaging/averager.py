@@ -86,13 +86,15 @@ class Averager:
         try:
             async with asyncio.timeout(total_s):
                 group = await self.matchmaker.form_group(group_key, float(weight), target_group_size=target_group_size,
-                                                         exclude=avoid)
-                if len(group.members) == 1:
-                    return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,),
-                                           round_id=group.round_id)
-                log.info("%s: averaging %d values with %d peers under %r (round %s)", me, flat.numel(),
-                         len(group.members), group_key, group.round_id.hex()[:8])
-                outcome = await run_allreduce(self.server, group, flat, float(weight), exclude=exclude)
+                                                         exclude=avoid, withdraw=False)
+                async with asyncio.TaskGroup() as tg:  # the withdrawal is for later peers: not on our critical path
+                    tg.create_task(self.matchmaker.withdraw(group_key))
+                    if len(group.members) == 1:
+                        return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,),
+                                               round_id=group.round_id)
+                    log.info("%s: averaging %d values with %d peers under %r (round %s)", me, flat.numel(),
+                             len(group.members), group_key, group.round_id.hex()[:8])
+                    outcome = await run_allreduce(self.server, group, flat, float(weight), exclude=exclude)
         except TimeoutError:
             log.warning("%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
                         me, group_key, total_s)

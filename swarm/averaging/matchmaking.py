@@ -52,6 +52,7 @@ from swarm.errors import AddressError, IdentityError, ProtocolError, SwarmError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+MAX_PENDING_WITHDRAWALS = 1024
 
 
 class GroupStore(Protocol):
@@ -95,6 +96,7 @@ class Matchmaker:
         self.server = server
         self.clock = clock
         self._looking: dict[str, _Looking] = {}
+        self._stored: dict[str, float] = {}  # keys of formed groups whose entry is not withdrawn yet -> its expiry
 
     def register(self) -> None:
         self.transport.register("avg.join", JoinRequest, self.rpc_join)
@@ -107,11 +109,12 @@ class Matchmaker:
                           client_mode=self.config.client_mode)
 
     async def form_group(self, group_key: str, weight: float, *, target_group_size: int | None = None,
-                         exclude: Collection[PeerID] = ()) -> Group:
+                         exclude: Collection[PeerID] = (), withdraw: bool = True) -> Group:
         """Agree on a group under ``group_key`` (or return a group of one); bounded by the config's deadlines.
 
         ``target_group_size`` (default: the config's) is where gathering stops and the most a leader recruits.
-        Peers in ``exclude`` are neither counted, recruited nor followed.
+        Peers in ``exclude`` are neither counted, recruited nor followed. With ``withdraw=False`` the caller
+        withdraws our entry itself (:meth:`withdraw`), e.g. while the all-reduce already runs.
         """
         if group_key in self._looking:
             raise SwarmError(f"already averaging under {group_key!r}; call step() once per key at a time")
@@ -127,7 +130,11 @@ class Matchmaker:
             state.phase = "done"
             self._looking.pop(group_key, None)
             self.server.forming(group_key, False)
-        await self._withdraw(group_key, state)
+        self._stored[group_key] = state.expiration_time
+        while len(self._stored) > MAX_PENDING_WITHDRAWALS:  # a caller cancelled before withdrawing: forget the oldest
+            self._stored.pop(next(iter(self._stored)))
+        if withdraw:
+            await self.withdraw(group_key)
         return group
 
     async def _form(self, group_key: str, state: _Looking) -> Group:
@@ -216,11 +223,15 @@ class Matchmaker:
         except (SwarmError, OSError) as e:
             log.debug("%s: avg.ready to %s failed: %s", self.transport.peer_id.short(), peer.short(), e)
 
-    async def _withdraw(self, group_key: str, state: _Looking) -> None:
-        """Replace our entry by ``{"closed": true}`` (bounded by ``rpc_timeout_s``; a failure only logs)."""
+    async def withdraw(self, group_key: str) -> None:
+        """Replace our entry under ``group_key`` (if a formed group left one) by ``{"closed": true}``, bounded by
+        ``rpc_timeout_s``; a failure only logs."""
+        expiration_time = self._stored.pop(group_key, None)
+        if expiration_time is None:
+            return
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
-                await self.dht.store(group_key, {"closed": True}, math.nextafter(state.expiration_time, math.inf),
+                await self.dht.store(group_key, {"closed": True}, math.nextafter(expiration_time, math.inf),
                                      subkey=owner_subkey(self.transport.peer_id))
         except (SwarmError, OSError, TimeoutError) as e:
             log.warning("%s: could not withdraw from %r: %s", self.transport.peer_id.short(), group_key, e)
