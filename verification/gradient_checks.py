@@ -14,6 +14,7 @@ distinct peers in a window. The trainer also leaves caught peers out of its all-
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,16 @@ class GradientChecker:
         self._known: dict[tuple[bytes, str], OutlierEntry] = {}  # every finding, with its first evidence
         self._dirty: set[int] = set()
         self._reported: dict[PeerID, str] = {}  # peers reported by a quorum of others (read from the DHT)
+        # `inspect` runs in a worker thread, the rest on the event loop: the state above changes under this lock,
+        # and the offender sets are rebuilt then, so the per-RPC `offenders()` is a plain read
+        self._lock = threading.Lock()
+        self._offenders: frozenset[PeerID] = frozenset()
+        self._confirmed: frozenset[PeerID] = frozenset()
+
+    def _rebuild_sets(self) -> None:
+        """Recompute the offender sets (the lock is held)."""
+        self._confirmed = frozenset(self._reported)
+        self._offenders = frozenset(PeerID(peer) for peer, _ in self._known) | self._confirmed
 
     def inspect(self, step: int, stage: int, parts: Sequence[InspectedValues]) -> list[OutlierEntry]:
         """Apply the rule to one round's inspected parts; returns the new findings about other peers (CPU work:
@@ -96,6 +107,11 @@ class GradientChecker:
             for peer, values in sorted(part.values.items()):
                 if peer != me:
                     found += self._replays_in(peer, stage, step, part.start, values)
+        with self._lock:
+            return self._record(me, step, stage, found)
+
+    def _record(self, me: PeerID, step: int, stage: int, found: list[OutlierEntry]) -> list[OutlierEntry]:
+        """Keep the new findings of one round (the lock is held); returns them."""
         window = step // self.cfg.window_steps
         if window not in self._windows and self._known:
             self._dirty.add(window)  # a new window: restate the offenders caught earlier (see `flush`)
@@ -115,6 +131,7 @@ class GradientChecker:
             self._windows.discard(min(self._windows))
         while len(self._known) > self.cfg.max_known_offenders:
             self._known.pop(next(iter(self._known)))
+        self._rebuild_sets()
         return new
 
     def _replays_in(self, peer: PeerID, stage: int, step: int, start: int, values: torch.Tensor) -> list[OutlierEntry]:
@@ -133,12 +150,12 @@ class GradientChecker:
 
     def confirmed(self) -> frozenset[PeerID]:
         """The offenders that a quorum of peers reported (what the orchestrator flags)."""
-        return frozenset(self._reported)
+        return self._confirmed
 
     def offenders(self) -> frozenset[PeerID]:
         """Every peer this node found sending outlier or replayed parts in the windows it remembers: the all-reduce
         leaves them out of the spans this node reduces, and this node never adopts their state."""
-        return frozenset(PeerID(peer) for peer, _ in self._known) | frozenset(self._reported)
+        return self._offenders
 
     async def refresh_reported(self, window: int) -> frozenset[PeerID]:
         """Read the reports of ``window`` and the one before from the DHT; peers reported by ``min_reporters``
@@ -151,7 +168,9 @@ class GradientChecker:
             reports = await fetch_reports(self.store, self.cfg.run_id, w)
             for peer, reason in reported_peers(reports, self.cfg.min_reporters).items():
                 if peer != me and peer not in self._reported:
-                    self._reported[peer] = reason
+                    with self._lock:
+                        self._reported[peer] = reason
+                        self._rebuild_sets()
                     added.add(peer)
                     log.warning("%s: %s was reported by a quorum of peers (%s); avoiding it", me.short(),
                                 peer.short(), reason)
@@ -165,11 +184,14 @@ class GradientChecker:
         deadline; a window whose store fails is retried at the next flush."""
         stored = 0
         now = time.time() if now is None else now
-        for window in sorted(self._dirty):
-            entries = sorted(self._known.values(), key=lambda e: (e.peer, e.reason))
+        with self._lock:
+            dirty, known = sorted(self._dirty), list(self._known.values())
+        for window in dirty:
+            entries = sorted(known, key=lambda e: (e.peer, e.reason))
             report = sign_report(self.identity, run_id=self.cfg.run_id, window=window, entries=entries)
             if await publish_report(self.store, report, now + self.cfg.report_ttl_s):
-                self._dirty.discard(window)
+                with self._lock:
+                    self._dirty.discard(window)
                 stored += 1
             else:
                 log.warning("%s: storing the outlier report of window %d found no peer; retrying",
