@@ -148,6 +148,8 @@ class DHT:
         if self._owns_transport and self._transport is not None:
             await self._transport.stop()
             self._transport = None
+        elif self._protocol is not None:  # a shared transport stays up: stop serving the DHT on it
+            self._protocol.unregister()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -22,6 +22,7 @@ from dht.records import Record, RecordChecker
 from dht.routing import ID_BYTES, Contact, RoutingTable, id_from_bytes, id_to_bytes, key_id_of_packed
 from dht.storage import RecordStorage
 from dht.transport import RpcContext, Transport
+from dht.transport.rpc import UnaryHandler
 from swarm.errors import AddressError, IdentityError, ProtocolError, RecordError, SwarmError
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,23 @@ class DHTProtocol:
             return None
         return NodeInfo(peer_id=self.peer_id.to_bytes(), maddrs=self.transport.listen_maddrs[:MAX_MADDRS_PER_PEER])
 
+    def _methods(self) -> tuple[tuple[str, type[Message], UnaryHandler], ...]:
+        return (
+            ("dht.ping", PingRequest, self.rpc_ping),
+            ("dht.find_node", FindNodeRequest, self.rpc_find_node),
+            ("dht.find_value", FindValueRequest, self.rpc_find_value),
+            ("dht.store", StoreRequest, self.rpc_store),
+            ("dht.routing_table", RoutingTableRequest, self.rpc_routing_table),
+        )
+
     def register(self) -> None:
-        t = self.transport
-        t.register("dht.ping", PingRequest, self.rpc_ping)
-        t.register("dht.find_node", FindNodeRequest, self.rpc_find_node)
-        t.register("dht.find_value", FindValueRequest, self.rpc_find_value)
-        t.register("dht.store", StoreRequest, self.rpc_store)
-        t.register("dht.routing_table", RoutingTableRequest, self.rpc_routing_table)
+        for method, request_type, handler in self._methods():
+            self.transport.register(method, request_type, handler)
+
+    def unregister(self) -> None:
+        """Stop serving the DHT methods (the transport is shared and stays up)."""
+        for method, _, _ in self._methods():
+            self.transport.unregister(method)
 
     # -- peers seen --
 

@@ -127,6 +127,11 @@ class Transport:
         """Serve streaming ``method``: ``async handler(ctx, request, chunks) -> (reply, reply_chunks | None)``."""
         self._register(HandlerEntry(method=method, request_type=request_type, handler=handler, streaming=True))
 
+    def unregister(self, method: str) -> None:
+        """Stop serving ``method`` (a component sharing the transport shut down); requests for it then get
+        ``unknown_method``. A no-op if it is not registered."""
+        self._handlers.pop(method, None)
+
     def _register(self, entry: HandlerEntry) -> None:
         if entry.method in self._handlers:
             raise ConfigError(f"method {entry.method!r} is already registered on this transport")

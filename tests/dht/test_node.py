@@ -18,7 +18,7 @@ from dht.protocol import FindNodeRequest, FindNodeReply, NodeInfo, PingReply, Pi
 from dht.records import Record, make_record
 from dht.routing import key_id_of
 from dht.storage import MemoryStorage, StorageConfig
-from dht.transport import TransportConfig
+from dht.transport import Transport, TransportConfig
 from swarm.errors import BootstrapError, RecordError, RemoteError
 
 
@@ -274,3 +274,19 @@ async def test_validators_and_custom_storage_plug_in() -> None:
             odd = make_record("even/b", 3, clock() + 30)
             for node in [*s.nodes[:3], mine]:
                 assert await lax.protocol.call_store(node.peer_id, [odd]) == [False]
+
+
+async def test_a_dht_on_a_shared_transport_stops_serving_on_shutdown_and_a_new_one_can_take_over() -> None:
+    """The transport outlives the DHT: after shutdown its dht.* methods answer `unknown_method`, and a new DHT
+    can register on the same transport and serve."""
+    identity = make_identity(0, salt="shared")
+    async with asyncio.timeout(30), Transport(identity, TransportConfig(listen_maddrs=LOOPBACK)) as shared, \
+            DHT.create(dht_config(), identity=make_identity(1, salt="shared")) as other:
+        async with DHT.create(dht_config(), identity=identity, transport=shared):
+            reply = await other.transport.call(shared.listen_maddrs[0], "dht.ping", PingRequest(), PingReply)
+            assert reply.peer.peer_id == identity.peer_id.to_bytes()
+        with pytest.raises(RemoteError, match="unknown_method"):
+            await other.transport.call(shared.listen_maddrs[0], "dht.ping", PingRequest(), PingReply)
+        async with DHT.create(dht_config(), identity=identity, transport=shared):
+            reply = await other.transport.call(shared.listen_maddrs[0], "dht.ping", PingRequest(), PingReply)
+            assert reply.peer.peer_id == identity.peer_id.to_bytes()
