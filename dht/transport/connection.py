@@ -153,29 +153,26 @@ class Connection(asyncio.BufferedProtocol):
     def _process_records(self, recv: CipherState) -> None:
         """Decrypt and dispatch every complete record in the read buffer."""
         view, pos, end = self._rview, self._rstart, self._rend
+        parser, closed = self._parser, self._closed
         try:
-            while end - pos >= 2 and not self._closed.done():
+            while end - pos >= 2 and not closed.done():  # the hot loop of bulk transfers: kept flat on purpose
                 size = (view[pos] << 8) | view[pos + 1]
                 if end - pos - 2 < size:
                     break
                 record = view[pos + 2 : pos + 2 + size]
                 pos += 2 + size
-                self._on_record(recv, record)
+                plain = size - TAG_LEN
+                if plain < 0:
+                    raise ProtocolError("a Noise record shorter than its tag; closing the connection")
+                target = parser.direct_target(plain)  # inside a large frame's payload: decrypt straight into it
+                if target is not None:
+                    recv.decrypt_into(record, target)
+                    parser.advance(plain)
+                else:
+                    parser.feed(recv.decrypt_with_ad(b"", record))
         except SwarmError as e:
             self.close(f"{e}", warn=True)
         self._rstart = pos
-
-    def _on_record(self, recv: CipherState, record: memoryview) -> None:
-        """Decrypt one record: straight into a large frame's payload buffer when it lies inside it."""
-        size = len(record) - TAG_LEN
-        if size < 0:
-            raise ProtocolError("a Noise record shorter than its tag; closing the connection")
-        target = self._parser.direct_target(size)
-        if target is not None:
-            recv.decrypt_into(record, target)
-            self._parser.advance(size)
-        else:
-            self._parser.feed(recv.decrypt_with_ad(b"", record))
 
     def eof_received(self) -> bool:
         if self._send is None:

@@ -37,8 +37,7 @@ HASH_LEN = 32
 DH_LEN = 32
 TAG_LEN = 16
 MAX_NONCE = 2**64 - 1  # reserved by the spec; never used
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_NONCE = struct.Struct(">Q")
+_NONCE = struct.Struct(">4xQ")  # 32 zero bits, then the 64-bit counter big-endian (the Noise AESGCM nonce)
 
 
 def _hash(data: bytes) -> bytes:
@@ -77,11 +76,11 @@ class CipherState:
         return self._aead is not None
 
     def _next_nonce(self) -> bytes:
-        if self.n >= MAX_NONCE - 1:
+        n = self.n
+        if n >= MAX_NONCE - 1:
             raise ProtocolError("Noise nonce exhausted; reconnect to get fresh keys")
-        nonce = _NONCE_PREFIX + _NONCE.pack(self.n)
-        self.n += 1
-        return nonce
+        self.n = n + 1
+        return _NONCE.pack(n)
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes | memoryview) -> bytes:
         if self._aead is None:
