@@ -39,8 +39,13 @@ def _b58encode(raw: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _b58decode(text: str) -> bytes:
+def _b58decode_cached(text: str) -> bytes:
     return base58.b58decode(text)  # a ValueError is raised, never cached
+
+
+def _b58decode(text: str) -> bytes:
+    # a PeerID prints as 52 characters: longer text (from a peer) is decoded, and refused, without a cache entry
+    return _b58decode_cached(text) if len(text) <= 64 else base58.b58decode(text)
 
 
 class _VerifiedSignatures:

@@ -4,9 +4,8 @@ Each part (about 512 KiB of the span) is reduced on its own. With ``mean`` a par
 chunks arrive (``acc += w * x``, nothing per sender is kept), as gloo and NCCL do: a float64 accumulator costs a
 conversion pass per sender (10x the time of the float32 add) for an error far below any codec's. With
 ``centered_clip`` the part's values from each sender are held until the part is complete, then CenteredClip runs
-(in float64) on that part only. A part is complete when
-every expected sender has delivered it or has been declared failed; its result is the weighted mean (or the
-clipped center) over the senders that delivered that part.
+(in float64) on that part only. A part is complete when every expected sender has delivered it or has been
+declared failed; its result is the weighted mean (or the clipped center) over the senders that delivered it.
 """
 
 from __future__ import annotations
