@@ -325,10 +325,13 @@ class Connection(asyncio.BufferedProtocol):
         elif stream is None:
             return  # a late frame for a stream that is finished or cancelled here: harmless
         elif ftype is FrameType.REPLY or ftype is FrameType.ERROR:
-            if stream.reply is None or (stream.reply.done() and stream.error is None):
+            reply = stream.reply
+            # a second answer is a protocol error; an answer to a call we reset, or whose caller was cancelled
+            # (its future is cancelled at once, the stream is dropped a loop turn later), is just late
+            if reply is None or (reply.done() and not reply.cancelled() and stream.error is None):
                 raise ProtocolError(f"unexpected {ftype.name} on stream {frame.stream_id}")
-            if not stream.reply.done():  # else: we gave up on this stream already
-                stream.reply.set_result((ftype, frame.flags, frame.payload))
+            if not reply.done():
+                reply.set_result((ftype, frame.flags, frame.payload))
         elif ftype is FrameType.DATA:
             stream.on_data(frame.payload)
         elif ftype is FrameType.END:

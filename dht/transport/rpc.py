@@ -169,6 +169,8 @@ async def call(conn: Connection, method: str, request: Message, reply_type: type
             raise TransportError(f"{method} on {conn.peer_short} streams its reply; call it with open_stream()")
         return _parse_reply(conn, stream, result, reply_type)
     finally:
+        if stream.reply is not None and stream.reply.cancelled():  # the caller was cancelled: stop the handler
+            stream.reset("the caller cancelled the call")
         conn.streams.pop(stream.id, None)
 
 

@@ -55,7 +55,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     if "--rpc-timeout" not in args:  # generous: the test machine may be busy
         args = ("--rpc-timeout", "10", *args)
     result = CliRunner().invoke(main, list(args), env=env)
-    return result.exit_code, result.output
+    # what a user pipes is stdout (log lines go to stderr); a failure shows both
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
 
 @pytest.mark.integration

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 
 from dht.maddr import parse_maddr
-from dht.messages import Message
+from dht.messages import Message, packb
 from dht.transport import RpcContext, Transport, TransportConfig
+from dht.transport.framing import Frame, FrameType
 from swarm.errors import (
     ConfigError,
     OverloadedError,
@@ -212,6 +213,38 @@ async def test_tuple_chunks_arrive_as_one_concatenated_chunk(make_transport: Mak
         async with client.open_stream(server.listen_maddrs[0], "test.collect", Echo(), Echo, chunks=send()) as s:
             assert s.reply.number == len(tuples)
     assert got == [b"".join(bytes(b) for b in t) for t in tuples]
+
+
+async def test_a_reply_racing_the_callers_cancellation_is_dropped_not_a_protocol_error(
+    make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lookup cancels its pending calls once it has its answer; a reply already being processed in that loop
+    turn finds the call's future cancelled but its stream not yet dropped. That reply is late, not a second
+    reply: the connection stays up, and the cancelled call resets the stream so the handler stops."""
+    server, client = await make_transport(), await make_transport()
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def slow(ctx: RpcContext, request: Echo) -> Echo:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.set()
+        return Echo()
+
+    server.register("test.slow", Echo, slow)
+    server.register("test.echo", Echo, _echo)
+    async with asyncio.timeout(10):
+        task = asyncio.create_task(client.call(server.listen_maddrs[0], "test.slow", Echo(), Echo))
+        await started.wait()
+        (conn,) = client._conns[server.peer_id]
+        (stream_id,) = conn.streams
+        task.cancel()  # cancels the reply future now; the call's `finally` runs at the task's next turn
+        conn._on_frame(Frame(stream_id, FrameType.REPLY, 0, packb(Echo().to_wire())))  # the reply, this turn
+        await asyncio.gather(task, return_exceptions=True)
+        await stopped.wait()  # the RESET reached the handler
+        assert conn.is_open and "unexpected REPLY" not in caplog.text
+        assert (await client.call(server.listen_maddrs[0], "test.echo", Echo(number=1), Echo)).number == 2
 
 
 async def test_stream_without_chunks_and_unary_reply(make_transport: MakeTransport) -> None:
