@@ -86,7 +86,8 @@ def _first(run: str, orch: Identity, caller: Identity, server: Identity):
 
 def cli(maddr: str, *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, ["--initial-peers", maddr, "attestations", *args])
-    return result.exit_code, result.output
+    # what a user pipes is stdout (log lines go to stderr); a failure shows both
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
 
 @pytest.mark.integration
