@@ -269,9 +269,11 @@ async def run_allreduce(
         async with asyncio.timeout_at(deadline):
             async with asyncio.TaskGroup() as tg:
                 for j, (start, end) in enumerate(spans):
-                    if j != me and end > start and j not in excluded:  # an excluded owner's span keeps our values
+                    if j != me and end > start and j not in excluded:
                         parts = part_bounds(end - start, numel_per_part)
                         tg.create_task(_exchange(server, group, j, flat[start:end], parts, weight, deadline, done))
+                    elif j != me and end > start:  # an excluded owner's span keeps our values; tell it now
+                        tg.create_task(_decline(server, group, j, weight, deadline))
                 if reducer is not None:
                     tg.create_task(_serve_until_settled(state, cfg.part_timeout_s))
     except TimeoutError:
@@ -368,6 +370,25 @@ async def _exchange(
         tg.create_task(_logged(upload(), "upload to", peer, server))
         down = tg.create_task(_logged(download(), "download from", peer, server))
     done[owner] = down.result() == len(parts)
+
+
+async def _decline(server: AllReduceServer, group: Group, owner: int, weight: float, deadline: float) -> None:
+    """Open ``avg.part`` to an owner we exclude and end it with no parts: the owner drops us at once instead of
+    waiting ``part_timeout_s`` for parts that will never come (and so stalling every member's round)."""
+    peer = group.peer(owner)
+    header = PartHeader(group_key=group.group_key, round_id=group.round_id, weight=weight)
+    timeout_s = min(server.config.part_timeout_s, max(0.1, deadline - asyncio.get_running_loop().time()))
+    try:
+        async with server.transport.open_stream(peer, "avg.part", header, PartAck, chunks=_no_chunks(),
+                                                timeout_s=timeout_s):
+            pass
+    except (SwarmError, OSError) as e:  # the owner answers the empty stream with an error: that is the point
+        log.debug("%s: declined to send parts to %s (excluded): %s", server.transport.peer_id.short(), peer.short(), e)
+
+
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
 
 
 async def _logged(coro: Awaitable[T], what: str, peer: PeerID, server: AllReduceServer) -> T | None:
