@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from dht.identity import Identity, PeerID
 from dht.transport.config import MAX_NOISE_MESSAGE_BYTES, TransportConfig
 from dht.transport.framing import (
-    FRAME_HEADER, FRAME_HEADER_BYTES, PING_PAYLOAD_BYTES, RECORD_PREFIX, Frame, FrameParser, FrameType, WriteScratch,
+    FRAME_HEADER, FRAME_HEADER_BYTES, PING_PAYLOAD_BYTES, RECORD_PREFIX, Chunk, Frame, FrameParser, FrameType,
+    WriteScratch,
 )
 from dht.transport.noise import TAG_LEN, CipherState, HandshakeState, make_payload, verify_payload
 from dht.transport.streams import Stream
@@ -248,10 +249,7 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- writing --
 
-    def send_frame(
-        self, stream_id: int, ftype: FrameType, flags: int,
-        payload: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...],
-    ) -> None:
+    def send_frame(self, stream_id: int, ftype: FrameType, flags: int, payload: Chunk) -> None:
         """Encrypt one frame into records and hand it to the socket (a no-op once the connection is closed).
 
         A tuple payload is sent as the concatenation of its buffers, each encrypted straight from its memory.

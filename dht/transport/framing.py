@@ -28,6 +28,9 @@ RECORD_PREFIX = struct.Struct(">H")
 WINDOW_PAYLOAD = struct.Struct(">I")
 PING_PAYLOAD_BYTES = 8
 
+Buffer = bytes | bytearray | memoryview
+Chunk = Buffer | tuple[Buffer, ...]  # a tuple is sent as one DATA frame, its buffers concatenated but never joined
+
 
 class WriteScratch:
     """One reusable buffer that frames are encrypted into, shared by a transport's connections.

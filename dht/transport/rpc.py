@@ -14,6 +14,7 @@ from dht.messages import Message, packb
 from dht.transport.connection import Connection
 from dht.transport.framing import (
     FLAG_CHUNKS,
+    Chunk,
     ErrorCode,
     FrameType,
     RequestHead,
@@ -27,8 +28,6 @@ from swarm.errors import OverloadedError, ProtocolError, RemoteError, RpcTimeout
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
-Buffer = bytes | bytearray | memoryview
-Chunk = Buffer | tuple[Buffer, ...]  # a tuple is sent as one DATA frame, its buffers concatenated but never joined
 ReplyFrame = tuple[FrameType, int, bytes | memoryview]  # (REPLY or ERROR, flags, payload)
 UnaryHandler = Callable[["RpcContext", Any], Awaitable[Message]]
 StreamHandler = Callable[

@@ -13,7 +13,7 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from dht.transport.config import INITIAL_STREAM_WINDOW_BYTES
-from dht.transport.framing import WINDOW_PAYLOAD, FrameType
+from dht.transport.framing import WINDOW_PAYLOAD, Chunk, FrameType
 from swarm.errors import ProtocolError, RpcTimeoutError, TransportError
 
 if TYPE_CHECKING:
@@ -127,9 +127,7 @@ class Stream:
             self._consumed = 0
         return item
 
-    async def send_chunk(
-        self, chunk: bytes | bytearray | memoryview | tuple[bytes | bytearray | memoryview, ...], timeout_s: float
-    ) -> None:
+    async def send_chunk(self, chunk: Chunk, timeout_s: float) -> None:
         """Send one chunk (a buffer, or a tuple of buffers sent concatenated) as one DATA frame once the peer
         has granted credit; bounded by ``timeout_s``."""
         size = sum(memoryview(b).nbytes for b in chunk) if isinstance(chunk, tuple) else memoryview(chunk).nbytes

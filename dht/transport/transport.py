@@ -18,8 +18,8 @@ from dht.messages import Message
 from dht.transport import rpc
 from dht.transport.config import TransportConfig
 from dht.transport.connection import Connection
-from dht.transport.framing import FLAG_CHUNKS, ErrorCode, Frame, WriteScratch, decode_request
-from dht.transport.rpc import Chunk, HandlerEntry, StreamHandler, StreamReply, UnaryHandler
+from dht.transport.framing import FLAG_CHUNKS, Chunk, ErrorCode, Frame, WriteScratch, decode_request
+from dht.transport.rpc import HandlerEntry, StreamHandler, StreamReply, UnaryHandler
 from dht.transport.streams import Stream
 from swarm.errors import ConfigError, HandshakeError, OverloadedError, ProtocolError, SwarmError, TransportError
 

@@ -259,8 +259,8 @@ async def run_allreduce(
         for index, (start, end) in enumerate(my_parts):
             reducer.add(me, index, flat[my_start + start : my_start + end], weight)
     excluded = {j for j in range(len(group.members)) if j != me and group.peer(j) in exclude}
-    for j in sorted(excluded):
-        if reducer is not None:
+    if reducer is not None:
+        for j in excluded:
             reducer.fail(j)
     state = RoundState(group=group, span_parts=my_parts, reducer=reducer, excluded=excluded)
     server.open(state)
@@ -269,11 +269,13 @@ async def run_allreduce(
         async with asyncio.timeout_at(deadline):
             async with asyncio.TaskGroup() as tg:
                 for j, (start, end) in enumerate(spans):
-                    if j != me and end > start and j not in excluded:
+                    if j == me or end <= start:
+                        continue
+                    if j in excluded:  # an excluded owner's span keeps our values; tell it now
+                        tg.create_task(_decline(server, group, j, weight, deadline))
+                    else:
                         parts = part_bounds(end - start, numel_per_part)
                         tg.create_task(_exchange(server, group, j, flat[start:end], parts, weight, deadline, done))
-                    elif j != me and end > start:  # an excluded owner's span keeps our values; tell it now
-                        tg.create_task(_decline(server, group, j, weight, deadline))
                 if reducer is not None:
                     tg.create_task(_serve_until_settled(state, cfg.part_timeout_s))
     except TimeoutError:
