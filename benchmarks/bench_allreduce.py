@@ -3,7 +3,8 @@
 Compares, in the same run, swarm's butterfly all-reduce (encrypted transport, fixed agreed group: the exchange
 only), ``torch.distributed.all_reduce`` with gloo, and hivemind's ``DecentralizedAverager`` (the all-reduce
 after its matchmaking, via ``require_trigger``). Prints one JSON object as the last line: median seconds per
-round of each, the ratios, and the peak RSS of a swarm peer above its idle RSS.
+round of each, the ratios, the peak RSS of a swarm peer above its idle RSS, and the CPU an encrypted round cannot
+avoid (gloo's plus AES-GCM's on the same bytes: `encrypted_floor_over_gloo`).
 
     python benchmarks/bench_allreduce.py [--size-mib 100] [--peers 4] [--rounds 3] [--skip-hivemind]
 
@@ -105,6 +106,30 @@ def bench_swarm(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
     above = max(m["peak_rss"] - m["idle_rss"] for m in mem)
     return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times,
             "cpu_s_per_peer": statistics.median(round_cpu[1:]), "peak_rss_above_idle_mib": above / 2**20}
+
+
+# ---------------------------------------------------------------- the cipher's share
+
+
+def bench_cipher(peers: int, size_mib: float) -> float:
+    """CPU seconds one swarm peer's transport spends in AES-GCM per round (both directions), on an idle core.
+
+    A butterfly round sends and receives ``2 (N-1)/N`` of the tensor per peer, as gloo's ring does; the cipher
+    is the one cost an encrypted all-reduce adds to gloo's work whatever its language, so gloo's CPU plus this
+    is the least CPU an encrypted round can take.
+    """
+    from dht.transport.connection import MAX_PLAINTEXT_BYTES
+    from dht.transport.noise import TAG_LEN, CipherState
+
+    each_way = int(2 * (peers - 1) / peers * _numel(size_mib) * 4)
+    plain, sealed = bytearray(MAX_PLAINTEXT_BYTES), bytearray(MAX_PLAINTEXT_BYTES + TAG_LEN)
+    sender, receiver = CipherState(bytes(32)), CipherState(bytes(32))
+    records = -(-each_way // MAX_PLAINTEXT_BYTES)
+    start = time.process_time()
+    for _ in range(records):
+        sender.encrypt_into(plain, memoryview(sealed))
+        receiver.decrypt_into(sealed, memoryview(plain))
+    return time.process_time() - start
 
 
 # ---------------------------------------------------------------- gloo
@@ -250,6 +275,8 @@ def main() -> None:
     print(f"swarm: {swarm}", flush=True)
     gloo = bench_gloo(args.peers, args.size_mib, args.rounds)
     print(f"gloo: {gloo}", flush=True)
+    cipher_cpu_s = bench_cipher(args.peers, args.size_mib)
+    floor_cpu_s = gloo["cpu_s_per_peer"] + cipher_cpu_s
     hive = None if args.skip_hivemind else bench_hivemind(args.peers, args.size_mib, args.rounds)
     print(f"hivemind: {hive}", flush=True)
     result = {
@@ -263,6 +290,12 @@ def main() -> None:
         "swarm_over_gloo": round(swarm["median_s"] / gloo["median_s"], 3),
         "swarm_cpu_s_per_peer": round(swarm["cpu_s_per_peer"], 4),
         "gloo_cpu_s_per_peer": round(gloo["cpu_s_per_peer"], 4),
+        # rounds are CPU-bound when peers outnumber cores: then gloo's CPU plus the cipher's bounds what an
+        # encrypted all-reduce can reach, and the rest of swarm's CPU is its own overhead (Python, framing, checks)
+        "cores": os.cpu_count(),
+        "cipher_cpu_s_per_peer": round(cipher_cpu_s, 4),
+        "encrypted_floor_over_gloo": round(floor_cpu_s / gloo["cpu_s_per_peer"], 3),
+        "swarm_overhead_cpu_s_per_peer": round(swarm["cpu_s_per_peer"] - floor_cpu_s, 4),
         "swarm_over_hivemind": None if hive is None else round(swarm["median_s"] / hive["median_s"], 3),
         "swarm_peak_rss_above_idle_mib": round(swarm["peak_rss_above_idle_mib"], 1),
         "swarm_peak_rss_over_tensor": round(swarm["peak_rss_above_idle_mib"] / tensor_mib, 3),
