@@ -8,10 +8,17 @@ After a step's within-stage average, each server keeps its averaged gradient of 
 update, so the two copies stay equal. If the other part cannot be fetched in time, the stage applies its own part
 only and logs it: the copies then drift apart until the next successful exchange.
 
-A stage asks the other stage's peers one at a time in the given order, but starts the next one as soon as a
-request fails or after ``hedge_s`` without an answer (the first answer wins, the others are cancelled), so one
-slow or stuck peer costs ``hedge_s``, not ``rpc_timeout_s``. A server already past a step whose gradient it never
-kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
+One peer's answer is not trusted alone when others can be asked: a stage asks two peers of the other stage at
+once and takes the value they agree on; if they differ it asks a third (``MAX_ANSWERS``) and combines the answers
+with a coordinate-wise median (`robust_combine`), so one peer that sends a bad gradient (sign-flipped, scaled,
+stale) moves no value outside the range of the honest answers. Honest peers of one stage hold the same averaged
+gradient, bit for bit with a lossless all-reduce codec, so two equal answers end the exchange and the median of
+answers with an identical majority is that value exactly: both stages still add the same bits.
+
+A peer that fails is replaced by the next one at once, and one more is asked after ``hedge_s`` without a
+decision, so a slow or stuck peer costs ``hedge_s``, not ``rpc_timeout_s``. An answer no other peer confirms
+within ``hedge_s`` is used alone (the other stage has one live peer). A server already past a step whose
+gradient it never kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 KEPT_STEPS = 8
 WAIT_STEP_S = 0.01
 HEDGE_S = 2.0
+MAX_ANSWERS = 3  # a median of 3 outvotes one bad answer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +134,7 @@ class TiedService:
         other_stage = self.num_stages - 1 if server.index == 0 else 0
         request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
         peers = [p for p in other_peers if p != self.transport.peer_id]  # a stale view may still list us there
-        theirs = await self._first_answer(peers, request, mine)
+        theirs = await self._agreed_answer(peers, request, mine)
         if theirs is None:
             log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
                         self.transport.peer_id.short(), other_stage, step)
@@ -135,36 +143,69 @@ class TiedService:
         grads[index] = first + last
         return True
 
-    async def _first_answer(
+    async def _agreed_answer(
         self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor
     ) -> torch.Tensor | None:
-        """The first gradient any of ``peers`` sends; the next peer is asked on a failure or after ``hedge_s``."""
-        queue = list(peers)
-        pending: set[asyncio.Task[torch.Tensor | None]] = set()
+        """The other stage's gradient as ``peers`` agree on it (`robust_combine` of up to ``MAX_ANSWERS``); None
+        if none answers. Two equal answers settle it; differing ones call for a third."""
+        queue, answers = list(peers), list[tuple[PeerID, torch.Tensor]]()
+        pending: set[asyncio.Task[tuple[PeerID, torch.Tensor] | None]] = set()
         try:
-            while queue or pending:
-                if queue:
+            while not _settled(answers):
+                wanted = (2 if len(answers) < 2 else MAX_ANSWERS) - len(answers)
+                while queue and len(pending) < wanted:
                     pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine)))
-                done, pending = await asyncio.wait(pending, timeout=self.hedge_s if queue else None,
+                if not pending:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=self.hedge_s if queue or answers else None,
                                                    return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if (theirs := task.result()) is not None:
-                        return theirs
-            return None
+                answers += [answer for task in done if (answer := task.result()) is not None]
+                if not done and queue:  # nobody answered within hedge_s: ask one more
+                    pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine)))
+                elif not done:  # the answers in hand are all that came within hedge_s
+                    break
         finally:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if not answers:
+            return None
+        if len(answers) > 1 and not _settled(answers[:2]):
+            log.warning("%s: peers %s sent differing tied gradients of step %d; using their coordinate-wise median",
+                        self.transport.peer_id.short(), ", ".join(p.short() for p, _ in answers), request.step)
+        return robust_combine([grad for _, grad in answers])
 
-    async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor) -> torch.Tensor | None:
-        """``peer``'s tied gradient of the request's step, or None (the failure is logged)."""
+    async def _fetch(
+        self, peer: PeerID, request: TiedRequest, mine: torch.Tensor
+    ) -> tuple[PeerID, torch.Tensor] | None:
+        """``peer`` and its tied gradient of the request's step, or None (the failure is logged)."""
         try:
             reply = await self.transport.call(peer, "stage.tied", request, TiedReply, timeout_s=self.rpc_timeout_s)
             theirs = decode(reply.grad, f"tied gradient from {peer.short()}", dtype=mine.dtype)
             if theirs.shape != mine.shape:
                 raise StageInputError(f"tied gradient of shape {list(theirs.shape)}, expected {list(mine.shape)}")
-            return theirs
+            return peer, theirs
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
                         request.step, peer.short(), e)
             return None
+
+
+def _settled(answers: Sequence[tuple[PeerID, torch.Tensor]]) -> bool:
+    """Enough answers to decide: two that are bit for bit equal, or ``MAX_ANSWERS``."""
+    if len(answers) >= MAX_ANSWERS:
+        return True
+    return any(torch.equal(a, b) for i, (_, a) in enumerate(answers) for _, b in answers[i + 1 :])
+
+
+def robust_combine(answers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The coordinate-wise median of ``answers``, with a zero added to an even count.
+
+    One answer is returned as is. With two, each value is the one of smaller magnitude if both have its sign,
+    else 0: never larger than, nor opposite to, the honest one's. With three, one bad answer cannot move a value
+    outside the range of the other two. An identical majority gives exactly its value (the same bits).
+    """
+    if len(answers) == 1:
+        return answers[0]
+    values = list(answers) + ([torch.zeros_like(answers[0])] if len(answers) % 2 == 0 else [])
+    return torch.stack(values).median(dim=0).values

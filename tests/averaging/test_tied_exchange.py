@@ -1,5 +1,6 @@
 """swarm.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not ``rpc_timeout_s``; a
-peer past a step it never kept answers at once; a node never asks itself."""
+peer past a step it never kept answers at once; a node never asks itself; one peer sending a bad tied gradient
+is outvoted by two honest ones (same bits as honest), and against one honest one moves no value beyond it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from swarm.config import RunConfig
 from swarm.model import StageInputError, build_stages
 from swarm.model.optim import make_optimizer
 from swarm.stage_server import StageServer, StageServerConfig
-from swarm.tied import TiedRequest, TiedService, tied_index
+from swarm.tied import TiedRequest, TiedService, robust_combine, tied_index
 from tests.averaging.conftest import transports
 
 RPC_TIMEOUT_S = 30.0  # far above every test's own deadline: a test that waits for it fails
@@ -83,3 +84,60 @@ async def test_a_node_listed_in_the_other_stage_never_asks_itself(
             async with asyncio.timeout(10):
                 combined = await services[0].combine(first, 5, grads, [ts[0].peer_id, ts[1].peer_id])
     assert combined and not [r for r in caplog.records if "failed" in r.getMessage()]
+
+
+async def test_one_bad_peer_of_three_is_outvoted_to_the_honest_bits(
+    cfg: RunConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with transports(4, salt=24) as ts:
+        first, liar, honest_a, honest_b = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1), _server(cfg, 1)
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, liar, honest_a, honest_b))]
+        theirs = _grads(honest_a, 6)[tied_index(honest_a)]  # type: ignore[index]
+        services[1].store.put(2, theirs * -1000)
+        services[2].store.put(2, theirs)
+        services[3].store.put(2, theirs)
+        grads = _grads(first, 7)
+        mine = grads[tied_index(first)].clone()  # type: ignore[index]
+        with caplog.at_level(logging.WARNING, logger="swarm.tied"):
+            async with asyncio.timeout(10):
+                # the liar is among the first two asked: they differ, so a third is asked
+                combined = await services[0].combine(first, 2, grads, [ts[1].peer_id, ts[2].peer_id, ts[3].peer_id])
+    assert combined
+    assert torch.equal(grads[tied_index(first)], mine + theirs)  # type: ignore[index]
+    assert any("differing tied gradients" in r.getMessage() for r in caplog.records)
+
+
+async def test_against_one_honest_peer_a_bad_answer_moves_no_value_beyond_the_honest_one(cfg: RunConfig) -> None:
+    async with transports(3, salt=25) as ts:
+        first, liar, honest = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1)
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, liar, honest))]
+        index = tied_index(first)
+        assert index is not None
+        theirs = _grads(honest, 8)[tied_index(honest)]  # type: ignore[index]
+        bad = theirs * -1000 + torch.randn(theirs.shape, generator=torch.Generator().manual_seed(9)) * 50
+        services[1].store.put(4, bad)
+        services[2].store.put(4, theirs)
+        grads = _grads(first, 10)
+        mine = grads[index].clone()
+        async with asyncio.timeout(10):
+            combined = await services[0].combine(first, 4, grads, [ts[1].peer_id, ts[2].peer_id])
+    assert combined
+    used = grads[index] - mine  # the other stage's part as combined (to float rounding of the sum)
+    assert bool((used.abs() <= theirs.abs() * (1 + 1e-6) + 1e-6).all())  # never larger than the honest value
+    assert bool((used * theirs >= 0).all())  # never of the opposite sign
+    plain_mean = (bad + theirs) / 2
+    assert (used - theirs).norm() < 0.01 * (plain_mean - theirs).norm()
+
+
+def test_robust_combine_is_exact_for_an_identical_majority_and_bounded_otherwise() -> None:
+    gen = torch.Generator().manual_seed(11)
+    honest, other = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    assert torch.equal(robust_combine([honest]), honest)
+    assert torch.equal(robust_combine([honest, honest]), honest)
+    assert torch.equal(robust_combine([honest * 1e6, honest, honest]), honest)
+    three = robust_combine([honest, other, honest * -1000])
+    lo, hi = torch.minimum(honest, other), torch.maximum(honest, other)
+    assert bool(((three >= lo) & (three <= hi)).all())  # within the range of the two honest answers
+    two = robust_combine([honest, other])
+    assert bool((two.abs() <= torch.minimum(honest.abs(), other.abs())).all())
+    assert bool(((two == 0) | (torch.sign(two) == torch.sign(honest))).all())
