@@ -67,12 +67,19 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """How the model is cut: ``num_stages`` contiguous groups of blocks."""
+    """How the model is cut: ``num_stages`` contiguous groups of blocks.
+
+    ``retie_every_steps``: every that many steps, stage 0 and the last stage set their copies of the tied
+    embedding/head matrix to the mean of both before the update, which repairs any drift a failed ``stage.tied``
+    exchange left (0: never; a no-op, bit for bit, while the copies are equal).
+    """
 
     num_stages: int = 2
+    retie_every_steps: int = 10
 
     def __post_init__(self) -> None:
         _check_int(self, "num_stages", 1, 256, "pipeline")
+        _check_int(self, "retie_every_steps", 0, 1_000_000, "pipeline")
 
 
 @dataclass(frozen=True, kw_only=True)

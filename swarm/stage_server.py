@@ -174,6 +174,22 @@ class StageServer:
             self.step = self.step + 1 if new_step is None else new_step
             self._reset()
 
+    def parameter_copy(self, index: int) -> torch.Tensor:
+        """A copy of parameter ``index`` (as ``parameters()`` orders them), taken under the step lock."""
+        with self.lock:
+            return self.parameters()[index].detach().clone()
+
+    def set_parameter(self, index: int, value: torch.Tensor) -> None:
+        """Overwrite parameter ``index`` (same shape) between steps: the step must be closed."""
+        with self.lock:
+            if self.accepting:
+                raise SwarmError("set_parameter while the step is open; close the step first")
+            target = self.parameters()[index]
+            if value.shape != target.shape:
+                raise SwarmError(f"set_parameter: shape {list(value.shape)}, expected {list(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
+
     def skip_to(self, step: int) -> None:
         """Drop this step's accumulation and serve ``step`` (after downloading state)."""
         with self.lock:

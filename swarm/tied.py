@@ -17,7 +17,12 @@ answers with an identical majority is that value exactly: both stages still add 
 
 A peer that fails is replaced by the next one at once, and one more is asked after ``hedge_s`` without a
 decision, so a slow or stuck peer costs ``hedge_s``, not ``rpc_timeout_s``. An answer no other peer confirms
-within ``hedge_s`` is used alone (the other stage has one live peer). A server already past a step whose
+within ``hedge_s`` is used alone (the other stage has one live peer).
+
+Re-tying: a failed exchange leaves the two copies different, and so would a step where the stages combined
+differing answers. Every ``retie_every_steps`` steps (run config, ``[pipeline]``) each side also sends its copy of
+the matrix as it was before the step's update, and both set ``(stage-0 copy + last-stage copy) / 2`` before
+applying the update: the copies are equal again (a no-op, bit for bit, when they already were). A server already past a step whose
 gradient it never kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
 """
 
@@ -59,18 +64,22 @@ class TiedRequest(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class TiedReply(Message):
+    """The step's averaged tied gradient; on re-tie steps also the matrix before the step's update."""
+
     grad: bytes
+    weight: bytes = b""
 
 
 class TiedStore:
-    """This node's averaged tied-matrix gradients of its last few steps; the handler waits for a missing step."""
+    """This node's averaged tied-matrix gradients of its last few steps (with the matrix itself on re-tie steps);
+    the handler waits for a missing step."""
 
     def __init__(self) -> None:
-        self._grads: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._grads: OrderedDict[int, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._changed = asyncio.Event()
 
-    def put(self, step: int, grad: torch.Tensor) -> None:
-        self._grads[step] = grad.detach().clone()
+    def put(self, step: int, grad: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        self._grads[step] = (grad.detach().clone(), weight)
         while len(self._grads) > KEPT_STEPS:
             self._grads.popitem(last=False)
         self._changed.set()
@@ -79,8 +88,8 @@ class TiedStore:
     def has(self, step: int) -> bool:
         return step in self._grads
 
-    async def get(self, step: int) -> torch.Tensor:
-        """The gradient of ``step``, waiting for it (the caller's deadline bounds the wait)."""
+    async def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradient (and matrix, on re-tie steps) of ``step``, waiting for it (the caller bounds the wait)."""
         while step not in self._grads:
             if self._grads and step < next(iter(self._grads)):
                 raise StageInputError(f"the tied gradient of step {step} is no longer kept (oldest: {next(iter(self._grads))})")
@@ -101,8 +110,10 @@ class TiedService:
     """Serves ``stage.tied`` from a `TiedStore`, and combines this stage's part with the other stage's."""
 
     def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str, num_stages: int,
-                 server_of: Callable[[], StageServer | None], rpc_timeout_s: float, hedge_s: float = HEDGE_S) -> None:
+                 server_of: Callable[[], StageServer | None], rpc_timeout_s: float, hedge_s: float = HEDGE_S,
+                 retie_every_steps: int = 0) -> None:
         self.transport = transport
+        self.retie_every_steps = retie_every_steps
         self.hedge_s = hedge_s
         self.policy = policy
         self.run_id = run_id
@@ -121,47 +132,61 @@ class TiedService:
         if server.step > req.step and not self.store.has(req.step):  # it was put before the step advanced, or never
             raise StageInputError(f"stage {server.index} is at step {server.step} and has no tied gradient of step "
                                   f"{req.step} (it skipped or downloaded that step); ask another peer")
-        grad = await self.store.get(req.step)
-        return TiedReply(grad=await asyncio.to_thread(serialize_tensor, grad, get_codec("none")))  # exact bits
+        grad, weight = await self.store.get(req.step)
+        exact = get_codec("none")  # exact bits
+        return TiedReply(grad=await asyncio.to_thread(serialize_tensor, grad, exact),
+                         weight=b"" if weight is None else await asyncio.to_thread(serialize_tensor, weight, exact))
 
     async def combine(self, server: StageServer, step: int, grads: list[torch.Tensor], other_peers: Sequence[PeerID]) -> bool:
-        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts; False if alone."""
+        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts; False if alone.
+
+        On a re-tie step also set the server's matrix to the mean of both copies (the step must be closed).
+        """
         index = tied_index(server)
         if index is None or self.num_stages == 1:
             return True
         mine = grads[index]
-        self.store.put(step, mine)
+        retie = self.retie_every_steps > 0 and step % self.retie_every_steps == 0
+        my_weight = await asyncio.to_thread(server.parameter_copy, index) if retie else None
+        self.store.put(step, mine, my_weight)
         other_stage = self.num_stages - 1 if server.index == 0 else 0
         request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
         peers = [p for p in other_peers if p != self.transport.peer_id]  # a stale view may still list us there
-        theirs = await self._agreed_answer(peers, request, mine)
-        if theirs is None:
+        answer = await self._agreed_answer(peers, request, mine, retie)
+        if answer is None:
             log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
                         self.transport.peer_id.short(), other_stage, step)
             return False
+        theirs, their_weight = answer
         first, last = (mine, theirs) if server.index == 0 else (theirs, mine)
         grads[index] = first + last
+        if my_weight is not None and their_weight is not None:
+            drift = float((my_weight - their_weight).abs().max())
+            if drift > 0:
+                log.info("%s: re-tied the tied matrix with stage %d at step %d (the copies differed by up to %.3g)",
+                         self.transport.peer_id.short(), other_stage, step, drift)
+                await asyncio.to_thread(server.set_parameter, index, (my_weight + their_weight) * 0.5)  # commutative
         return True
 
     async def _agreed_answer(
-        self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The other stage's gradient as ``peers`` agree on it (`robust_combine` of up to ``MAX_ANSWERS``); None
-        if none answers. Two equal answers settle it; differing ones call for a third."""
-        queue, answers = list(peers), list[tuple[PeerID, torch.Tensor]]()
-        pending: set[asyncio.Task[tuple[PeerID, torch.Tensor] | None]] = set()
+        self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor, with_weight: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The other stage's gradient (and matrix, ``with_weight``) as ``peers`` agree on it (`robust_combine` of
+        up to ``MAX_ANSWERS``); None if none answers. Two equal answers settle it; differing ones call for a third."""
+        queue, answers = list(peers), list[_Answer]()
+        pending: set[asyncio.Task[_Answer | None]] = set()
         try:
             while not _settled(answers):
                 wanted = (2 if len(answers) < 2 else MAX_ANSWERS) - len(answers)
                 while queue and len(pending) < wanted:
-                    pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine)))
+                    pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine, with_weight)))
                 if not pending:
                     break
                 done, pending = await asyncio.wait(pending, timeout=self.hedge_s if queue or answers else None,
                                                    return_when=asyncio.FIRST_COMPLETED)
                 answers += [answer for task in done if (answer := task.result()) is not None]
                 if not done and queue:  # nobody answered within hedge_s: ask one more
-                    pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine)))
+                    pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine, with_weight)))
                 elif not done:  # the answers in hand are all that came within hedge_s
                     break
         finally:
@@ -172,30 +197,52 @@ class TiedService:
             return None
         if len(answers) > 1 and not _settled(answers[:2]):
             log.warning("%s: peers %s sent differing tied gradients of step %d; using their coordinate-wise median",
-                        self.transport.peer_id.short(), ", ".join(p.short() for p, _ in answers), request.step)
-        return robust_combine([grad for _, grad in answers])
+                        self.transport.peer_id.short(), ", ".join(a.peer.short() for a in answers), request.step)
+        grad = robust_combine([a.grad for a in answers])
+        weights = [a.weight for a in answers if a.weight is not None]
+        return grad, robust_combine(weights) if with_weight and len(weights) == len(answers) else None
 
-    async def _fetch(
-        self, peer: PeerID, request: TiedRequest, mine: torch.Tensor
-    ) -> tuple[PeerID, torch.Tensor] | None:
-        """``peer`` and its tied gradient of the request's step, or None (the failure is logged)."""
+    async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor, with_weight: bool) -> _Answer | None:
+        """``peer``'s tied gradient (and matrix, ``with_weight``) of the request's step, or None (logged)."""
         try:
             reply = await self.transport.call(peer, "stage.tied", request, TiedReply, timeout_s=self.rpc_timeout_s)
             theirs = decode(reply.grad, f"tied gradient from {peer.short()}", dtype=mine.dtype)
             if theirs.shape != mine.shape:
                 raise StageInputError(f"tied gradient of shape {list(theirs.shape)}, expected {list(mine.shape)}")
-            return peer, theirs
+            weight = None
+            if with_weight:
+                if not reply.weight:
+                    raise StageInputError(f"no tied matrix with the gradient of re-tie step {request.step}")
+                weight = decode(reply.weight, f"tied matrix from {peer.short()}", dtype=mine.dtype)
+                if weight.shape != mine.shape:
+                    raise StageInputError(f"tied matrix of shape {list(weight.shape)}, expected {list(mine.shape)}")
+            return _Answer(peer=peer, grad=theirs, weight=weight)
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
                         request.step, peer.short(), e)
             return None
 
 
-def _settled(answers: Sequence[tuple[PeerID, torch.Tensor]]) -> bool:
+@dataclass(frozen=True)
+class _Answer:
+    peer: PeerID
+    grad: torch.Tensor
+    weight: torch.Tensor | None
+
+    def same(self, other: _Answer) -> bool:
+        """Bit for bit the same gradient (and matrix)."""
+        if not torch.equal(self.grad, other.grad):
+            return False
+        if self.weight is None or other.weight is None:
+            return self.weight is other.weight
+        return torch.equal(self.weight, other.weight)
+
+
+def _settled(answers: Sequence[_Answer]) -> bool:
     """Enough answers to decide: two that are bit for bit equal, or ``MAX_ANSWERS``."""
     if len(answers) >= MAX_ANSWERS:
         return True
-    return any(torch.equal(a, b) for i, (_, a) in enumerate(answers) for _, b in answers[i + 1 :])
+    return any(a.same(b) for i, a in enumerate(answers) for b in answers[i + 1 :])
 
 
 def robust_combine(answers: Sequence[torch.Tensor]) -> torch.Tensor:

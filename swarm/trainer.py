@@ -91,7 +91,8 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                                     refuse=lambda peer: peer in self.checks.offenders())
         self.service.register()
         self.tied = TiedService(transport, self.policy, run_id=self.run_id, num_stages=cfg.run.pipeline.num_stages,
-                                server_of=lambda: self.server, rpc_timeout_s=cfg.rpc_timeout_s)
+                                server_of=lambda: self.server, rpc_timeout_s=cfg.rpc_timeout_s,
+                                retie_every_steps=cfg.run.pipeline.retie_every_steps)
         self.tied.register()
         transport.register("step.hint", StepHint, self.rpc_step_hint)
         avg = cfg.run.averaging

@@ -1,6 +1,7 @@
 """swarm.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not ``rpc_timeout_s``; a
 peer past a step it never kept answers at once; a node never asks itself; one peer sending a bad tied gradient
-is outvoted by two honest ones (same bits as honest), and against one honest one moves no value beyond it."""
+is outvoted by two honest ones (same bits as honest), and against one honest one moves no value beyond it; on
+re-tie steps two drifted copies of the matrix become equal again (their mean), and only on those."""
 
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ def _server(cfg: RunConfig, index: int) -> StageServer:
     return StageServer(stage, make_optimizer(stage.parameters(), cfg.optimizer), cfg.optimizer, StageServerConfig())
 
 
-def _service(cfg: RunConfig, t: Transport, server: StageServer) -> TiedService:
+def _service(cfg: RunConfig, t: Transport, server: StageServer, retie_every_steps: int = 0) -> TiedService:
     service = TiedService(t, cfg.codecs.policy(), run_id="run", num_stages=2, server_of=lambda: server,
-                          rpc_timeout_s=RPC_TIMEOUT_S, hedge_s=0.05)
+                          rpc_timeout_s=RPC_TIMEOUT_S, hedge_s=0.05, retie_every_steps=retie_every_steps)
     service.register()
     return service
 
@@ -141,3 +142,28 @@ def test_robust_combine_is_exact_for_an_identical_majority_and_bounded_otherwise
     two = robust_combine([honest, other])
     assert bool((two.abs() <= torch.minimum(honest.abs(), other.abs())).all())
     assert bool(((two == 0) | (torch.sign(two) == torch.sign(honest))).all())
+
+
+async def test_a_retie_step_makes_drifted_copies_equal_again_and_other_steps_leave_them(cfg: RunConfig) -> None:
+    async with transports(2, salt=26) as ts:
+        first, last = _server(cfg, 0), _server(cfg, 1)
+        services = [_service(cfg, t, s, retie_every_steps=5) for t, s in zip(ts, (first, last))]
+        i0, i1 = tied_index(first), tied_index(last)
+        assert i0 is not None and i1 is not None
+        drifted = first.parameter_copy(i0) + 0.01 * torch.randn(first.parameters()[i0].shape,
+                                                                 generator=torch.Generator().manual_seed(12))
+        for server in (first, last):
+            server.close_step()
+        last.set_parameter(i1, drifted)  # as a failed exchange some steps ago would have left it
+        before = (first.parameter_copy(i0), last.parameter_copy(i1))
+        grads = (_grads(first, 13), _grads(last, 14))
+        async with asyncio.timeout(10):  # step 7: not a re-tie step
+            assert all(await asyncio.gather(services[0].combine(first, 7, grads[0], [ts[1].peer_id]),
+                                            services[1].combine(last, 7, grads[1], [ts[0].peer_id])))
+        assert torch.equal(first.parameter_copy(i0), before[0]) and torch.equal(last.parameter_copy(i1), before[1])
+        async with asyncio.timeout(10):  # step 10: re-tie
+            assert all(await asyncio.gather(services[0].combine(first, 10, grads[0], [ts[1].peer_id]),
+                                            services[1].combine(last, 10, grads[1], [ts[0].peer_id])))
+        assert torch.equal(first.parameter_copy(i0), last.parameter_copy(i1))  # the same bits on both sides
+        torch.testing.assert_close(first.parameter_copy(i0), (before[0] + before[1]) / 2)
+        assert torch.equal(grads[0][i0], grads[1][i1])  # and the same combined gradient

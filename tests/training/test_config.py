@@ -50,6 +50,7 @@ def test_join_check_names_the_differing_field() -> None:
         ("[optimizer]\nname = 'lion'\n", "optimizer.name"),
         ("[codecs]\nactivations = 'zip'\n", "codecs.activations"),
         ("[pipeline]\nnum_stages = 9\n", "pipeline.num_stages"),
+        ("[pipeline]\nretie_every_steps = -1\n", "pipeline.retie_every_steps"),
         ("[model]\nfrobnicate = 1\n", "frobnicate"),
         ("[data]\nsource = 'text'\n", "data.path"),
     ],
