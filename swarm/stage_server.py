@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -161,12 +162,25 @@ class StageServer:
             scale = 1.0 / self.samples if self.samples else 0.0
             return [(p.grad.detach() * scale).cpu() for p in self.parameters()]
 
-    def apply_step(self, gradients: list[torch.Tensor], *, new_step: int | None = None) -> None:
-        """Set ``gradients`` (the step's averaged mean), apply the optimizer, zero, open the next step."""
+    def apply_step(
+        self, gradients: list[torch.Tensor], *, new_step: int | None = None, replace: Mapping[int, torch.Tensor] = {}
+    ) -> None:
+        """Set ``gradients`` (the step's averaged mean), apply the optimizer, zero, open the next step.
+
+        ``replace``: parameters (by index in ``parameters()``) overwritten before the update, in the same locked
+        section, so weights still change only together with the step number (the tied matrix's re-tie).
+        """
         with self.lock:
             params = self.parameters()
             if len(gradients) != len(params):
                 raise SwarmError(f"apply_step got {len(gradients)} gradients for {len(params)} parameters")
+            for index, value in replace.items():
+                if value.shape != params[index].shape:
+                    raise SwarmError(f"apply_step: parameter {index} replaced by shape {list(value.shape)}, "
+                                     f"expected {list(params[index].shape)}")
+            with torch.no_grad():
+                for index, value in replace.items():
+                    params[index].copy_(value)
             for p, g in zip(params, gradients):
                 p.grad.copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
@@ -178,17 +192,6 @@ class StageServer:
         """A copy of parameter ``index`` (as ``parameters()`` orders them), taken under the step lock."""
         with self.lock:
             return self.parameters()[index].detach().clone()
-
-    def set_parameter(self, index: int, value: torch.Tensor) -> None:
-        """Overwrite parameter ``index`` (same shape) between steps: the step must be closed."""
-        with self.lock:
-            if self.accepting:
-                raise SwarmError("set_parameter while the step is open; close the step first")
-            target = self.parameters()[index]
-            if value.shape != target.shape:
-                raise SwarmError(f"set_parameter: shape {list(value.shape)}, expected {list(target.shape)}")
-            with torch.no_grad():
-                target.copy_(value)
 
     def skip_to(self, step: int) -> None:
         """Drop this step's accumulation and serve ``step`` (after downloading state)."""

@@ -32,7 +32,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -137,14 +137,17 @@ class TiedService:
         return TiedReply(grad=await asyncio.to_thread(serialize_tensor, grad, exact),
                          weight=b"" if weight is None else await asyncio.to_thread(serialize_tensor, weight, exact))
 
-    async def combine(self, server: StageServer, step: int, grads: list[torch.Tensor], other_peers: Sequence[PeerID]) -> bool:
-        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts; False if alone.
+    async def combine(
+        self, server: StageServer, step: int, grads: list[torch.Tensor], other_peers: Sequence[PeerID]
+    ) -> TiedOutcome:
+        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts.
 
-        On a re-tie step also set the server's matrix to the mean of both copies (the step must be closed).
+        On a re-tie step whose copies differ, the outcome's ``replace`` holds the mean of both copies, for
+        ``StageServer.apply_step(..., replace=...)`` to set together with the update.
         """
         index = tied_index(server)
         if index is None or self.num_stages == 1:
-            return True
+            return TiedOutcome(combined=True)
         mine = grads[index]
         retie = self.retie_every_steps > 0 and step % self.retie_every_steps == 0
         my_weight = await asyncio.to_thread(server.parameter_copy, index) if retie else None
@@ -156,17 +159,17 @@ class TiedService:
         if answer is None:
             log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
                         self.transport.peer_id.short(), other_stage, step)
-            return False
+            return TiedOutcome(combined=False)
         theirs, their_weight = answer
         first, last = (mine, theirs) if server.index == 0 else (theirs, mine)
         grads[index] = first + last
         if my_weight is not None and their_weight is not None:
             drift = float((my_weight - their_weight).abs().max())
             if drift > 0:
-                log.info("%s: re-tied the tied matrix with stage %d at step %d (the copies differed by up to %.3g)",
+                log.info("%s: re-tying the tied matrix with stage %d at step %d (the copies differed by up to %.3g)",
                          self.transport.peer_id.short(), other_stage, step, drift)
-                await asyncio.to_thread(server.set_parameter, index, (my_weight + their_weight) * 0.5)  # commutative
-        return True
+                return TiedOutcome(combined=True, replace={index: (my_weight + their_weight) * 0.5})  # commutative
+        return TiedOutcome(combined=True)
 
     async def _agreed_answer(
         self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor, with_weight: bool
@@ -221,6 +224,14 @@ class TiedService:
             log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
                         request.step, peer.short(), e)
             return None
+
+
+@dataclass(frozen=True)
+class TiedOutcome:
+    """``combined``: the other stage's part was added; ``replace``: parameters to set with the update (re-tie)."""
+
+    combined: bool
+    replace: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

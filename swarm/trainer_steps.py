@@ -24,6 +24,8 @@ from swarm.errors import SwarmError
 from swarm.tied import tied_index
 
 if TYPE_CHECKING:
+    import torch
+
     from dht.identity import PeerID
     from swarm.averaging import Averager
     from swarm.config import RunConfig
@@ -124,13 +126,14 @@ class StepsMixin:
                             self.me.short(), step, server.index, len(others))
                 self.needs_sync = True
         averaged = time.monotonic()
+        retie: dict[int, torch.Tensor] = {}
         if tied_index(server) is not None:
             other = self.run_cfg.pipeline.num_stages - 1 if server.index == 0 else 0
             trusted = [p for p in self.view.stage_peers(other) if p not in offenders]
-            await self.tied.combine(server, step, grads, self.rng.sample(trusted, len(trusted)))
+            retie = (await self.tied.combine(server, step, grads, self.rng.sample(trusted, len(trusted)))).replace
         tied_done = time.monotonic()
         if not (self.needs_sync and await self._adopt_reference_state(server, step + 1)):
-            await asyncio.to_thread(server.apply_step, grads)
+            await asyncio.to_thread(server.apply_step, grads, replace=retie)
         self._notify()
         now = time.monotonic()
         elapsed, self._step_opened = now - self._step_opened, now

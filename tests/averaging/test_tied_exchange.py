@@ -16,7 +16,7 @@ from swarm.config import RunConfig
 from swarm.model import StageInputError, build_stages
 from swarm.model.optim import make_optimizer
 from swarm.stage_server import StageServer, StageServerConfig
-from swarm.tied import TiedRequest, TiedService, robust_combine, tied_index
+from swarm.tied import TiedOutcome, TiedRequest, TiedService, robust_combine, tied_index
 from tests.averaging.conftest import transports
 
 RPC_TIMEOUT_S = 30.0  # far above every test's own deadline: a test that waits for it fails
@@ -53,7 +53,7 @@ async def test_a_stuck_peer_of_the_other_stage_costs_the_hedge_not_the_rpc_timeo
         grads = _grads(first, 2)
         mine = grads[tied_index(first)].clone()  # type: ignore[index]
         async with asyncio.timeout(10):
-            combined = await services[0].combine(first, 0, grads, [ts[1].peer_id, ts[2].peer_id])
+            combined = (await services[0].combine(first, 0, grads, [ts[1].peer_id, ts[2].peer_id])).combined
     assert combined
     assert torch.equal(grads[tied_index(first)], mine + theirs)  # type: ignore[index]
 
@@ -68,7 +68,7 @@ async def test_a_peer_past_the_step_without_its_gradient_answers_at_once(cfg: Ru
         async with asyncio.timeout(10):
             with pytest.raises(StageInputError, match="no tied gradient of step 1"):
                 await services[1].rpc_tied(None, TiedRequest(run_id="run", stage=1, step=1))  # type: ignore[arg-type]
-            combined = await services[0].combine(first, 1, grads, [ts[1].peer_id])
+            combined = (await services[0].combine(first, 1, grads, [ts[1].peer_id])).combined
     assert not combined and torch.equal(grads[tied_index(first)], mine)  # type: ignore[index]
 
 
@@ -83,7 +83,7 @@ async def test_a_node_listed_in_the_other_stage_never_asks_itself(
         grads = _grads(first, 5)
         with caplog.at_level(logging.WARNING, logger="swarm.tied"):
             async with asyncio.timeout(10):
-                combined = await services[0].combine(first, 5, grads, [ts[0].peer_id, ts[1].peer_id])
+                combined = (await services[0].combine(first, 5, grads, [ts[0].peer_id, ts[1].peer_id])).combined
     assert combined and not [r for r in caplog.records if "failed" in r.getMessage()]
 
 
@@ -102,7 +102,8 @@ async def test_one_bad_peer_of_three_is_outvoted_to_the_honest_bits(
         with caplog.at_level(logging.WARNING, logger="swarm.tied"):
             async with asyncio.timeout(10):
                 # the liar is among the first two asked: they differ, so a third is asked
-                combined = await services[0].combine(first, 2, grads, [ts[1].peer_id, ts[2].peer_id, ts[3].peer_id])
+                outcome = await services[0].combine(first, 2, grads, [ts[1].peer_id, ts[2].peer_id, ts[3].peer_id])
+                combined = outcome.combined
     assert combined
     assert torch.equal(grads[tied_index(first)], mine + theirs)  # type: ignore[index]
     assert any("differing tied gradients" in r.getMessage() for r in caplog.records)
@@ -121,7 +122,7 @@ async def test_against_one_honest_peer_a_bad_answer_moves_no_value_beyond_the_ho
         grads = _grads(first, 10)
         mine = grads[index].clone()
         async with asyncio.timeout(10):
-            combined = await services[0].combine(first, 4, grads, [ts[1].peer_id, ts[2].peer_id])
+            combined = (await services[0].combine(first, 4, grads, [ts[1].peer_id, ts[2].peer_id])).combined
     assert combined
     used = grads[index] - mine  # the other stage's part as combined (to float rounding of the sum)
     assert bool((used.abs() <= theirs.abs() * (1 + 1e-6) + 1e-6).all())  # never larger than the honest value
@@ -150,20 +151,41 @@ async def test_a_retie_step_makes_drifted_copies_equal_again_and_other_steps_lea
         services = [_service(cfg, t, s, retie_every_steps=5) for t, s in zip(ts, (first, last))]
         i0, i1 = tied_index(first), tied_index(last)
         assert i0 is not None and i1 is not None
-        drifted = first.parameter_copy(i0) + 0.01 * torch.randn(first.parameters()[i0].shape,
-                                                                 generator=torch.Generator().manual_seed(12))
-        for server in (first, last):
-            server.close_step()
-        last.set_parameter(i1, drifted)  # as a failed exchange some steps ago would have left it
+        noise = 0.01 * torch.randn(first.parameters()[i0].shape, generator=torch.Generator().manual_seed(12))
+        with torch.no_grad():  # as a failed exchange some steps ago would have left it
+            last.parameters()[i1].copy_(first.parameter_copy(i0) + noise)
         before = (first.parameter_copy(i0), last.parameter_copy(i1))
-        grads = (_grads(first, 13), _grads(last, 14))
-        async with asyncio.timeout(10):  # step 7: not a re-tie step
-            assert all(await asyncio.gather(services[0].combine(first, 7, grads[0], [ts[1].peer_id]),
-                                            services[1].combine(last, 7, grads[1], [ts[0].peer_id])))
-        assert torch.equal(first.parameter_copy(i0), before[0]) and torch.equal(last.parameter_copy(i1), before[1])
-        async with asyncio.timeout(10):  # step 10: re-tie
-            assert all(await asyncio.gather(services[0].combine(first, 10, grads[0], [ts[1].peer_id]),
-                                            services[1].combine(last, 10, grads[1], [ts[0].peer_id])))
-        assert torch.equal(first.parameter_copy(i0), last.parameter_copy(i1))  # the same bits on both sides
-        torch.testing.assert_close(first.parameter_copy(i0), (before[0] + before[1]) / 2)
-        assert torch.equal(grads[0][i0], grads[1][i1])  # and the same combined gradient
+
+        async def both(step: int) -> tuple[TiedOutcome, TiedOutcome]:
+            grads = (_grads(first, 13), _grads(last, 14))
+            async with asyncio.timeout(10):
+                a, b = await asyncio.gather(services[0].combine(first, step, grads[0], [ts[1].peer_id]),
+                                            services[1].combine(last, step, grads[1], [ts[0].peer_id]))
+            assert a.combined and b.combined and torch.equal(grads[0][i0], grads[1][i1])  # one combined gradient
+            return a, b
+
+        assert await both(7) == (TiedOutcome(combined=True), TiedOutcome(combined=True))  # not a re-tie step
+        a, b = await both(10)
+        assert list(a.replace) == [i0] and list(b.replace) == [i1]
+        assert torch.equal(a.replace[i0], b.replace[i1])  # the same bits on both sides
+        torch.testing.assert_close(a.replace[i0], (before[0] + before[1]) / 2)
+        updates = (_grads(first, 15), _grads(last, 15))
+        updates[1][i1] = updates[0][i0].clone()  # the combined gradient both sides hold
+        for server, update, outcome in ((first, updates[0], a), (last, updates[1], b)):
+            server.close_step()
+            server.apply_step(update, replace=outcome.replace)
+        assert first.step == last.step == 1
+        assert torch.equal(first.parameter_copy(i0), last.parameter_copy(i1))  # equal after the same update
+
+
+async def test_a_retie_step_with_equal_copies_changes_nothing(cfg: RunConfig) -> None:
+    async with transports(2, salt=27) as ts:
+        first, last = _server(cfg, 0), _server(cfg, 1)
+        services = [_service(cfg, t, s, retie_every_steps=1) for t, s in zip(ts, (first, last))]
+        i0, i1 = tied_index(first), tied_index(last)
+        assert i0 is not None and i1 is not None
+        assert torch.equal(first.parameter_copy(i0), last.parameter_copy(i1))  # built tied
+        async with asyncio.timeout(10):
+            a, b = await asyncio.gather(services[0].combine(first, 3, _grads(first, 16), [ts[1].peer_id]),
+                                        services[1].combine(last, 3, _grads(last, 17), [ts[0].peer_id]))
+    assert a == b == TiedOutcome(combined=True)

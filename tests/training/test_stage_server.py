@@ -10,6 +10,7 @@ import torch
 from swarm.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
 from swarm.config import RunConfig
 from swarm.data import ShardedData
+from swarm.errors import SwarmError
 from swarm.model import PipelineModel, StageInputError, build_stages
 from swarm.model.optim import make_optimizer
 from swarm.stage_server import StageServer, StageServerConfig, StaleStepError
@@ -147,3 +148,16 @@ async def test_stage_service_refuses_work_for_caught_peers(cfg: RunConfig) -> No
         await service.rpc_forward(ctx(cheater), req)
     reply = await service.rpc_forward(ctx(honest), req)
     assert reply.outputs
+
+
+def test_apply_step_replaces_parameters_with_the_update_and_refuses_a_wrong_shape(cfg: RunConfig) -> None:
+    server = make_server(cfg, 0)
+    zeros = [torch.zeros_like(p) for p in server.parameters()]
+    server.close_step()
+    with pytest.raises(SwarmError, match="parameter 0 replaced by shape"):
+        server.apply_step(zeros, replace={0: torch.ones(3)})
+    assert server.step == 0  # nothing applied
+    target = torch.full_like(server.parameters()[0], 0.5)
+    server.apply_step(zeros, replace={0: target})
+    assert server.step == 1
+    torch.testing.assert_close(server.parameter_copy(0), target)  # zero gradient: AdamW leaves the value
