@@ -17,8 +17,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch

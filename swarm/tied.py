@@ -6,7 +6,7 @@ After a step's within-stage average, each server keeps its averaged gradient of 
 (`TiedStore`) and fetches the other stage's with ``stage.tied``; both then set the sum
 ``stage-0 part + last-stage part`` (the same order on both sides, so the same bits) and apply the same optimizer
 update, so the two copies stay equal. If the other part cannot be fetched in time, the stage applies its own part
-only and logs it: the copies then drift apart until the next successful exchange.
+only and logs it: the copies then drift apart until the next re-tie step (below).
 
 One peer's answer is not trusted alone when others can be asked: a stage asks two peers of the other stage at
 once and takes the value they agree on; if they differ it asks a third (``MAX_ANSWERS``) and combines the answers
@@ -17,13 +17,14 @@ answers with an identical majority is that value exactly: both stages still add 
 
 A peer that fails is replaced by the next one at once, and one more is asked after ``hedge_s`` without a
 decision, so a slow or stuck peer costs ``hedge_s``, not ``rpc_timeout_s``. An answer no other peer confirms
-within ``hedge_s`` is used alone (the other stage has one live peer).
+within ``hedge_s`` is used alone (the other stage has one live peer). A server already past a step whose gradient
+it never kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
 
 Re-tying: a failed exchange leaves the two copies different, and so would a step where the stages combined
-differing answers. Every ``retie_every_steps`` steps (run config, ``[pipeline]``) each side also sends its copy of
-the matrix as it was before the step's update, and both set ``(stage-0 copy + last-stage copy) / 2`` before
-applying the update: the copies are equal again (a no-op, bit for bit, when they already were). A server already past a step whose
-gradient it never kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
+differing answers. Every ``retie_every_steps`` steps (run config, ``[pipeline]``) each side also fetches the other
+stage's copy of the matrix as it was before the step's update (a second ``stage.tied`` call, ``what="weight"``),
+and both set ``(stage-0 copy + last-stage copy) / 2`` together with the update (`TiedOutcome.replace`, for
+``StageServer.apply_step``): the copies are equal again (a no-op, bit for bit, when they already were).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -55,19 +56,25 @@ MAX_ANSWERS = 3  # a median of 3 outvotes one bad answer
 
 @dataclass(frozen=True, kw_only=True)
 class TiedRequest(Message):
-    """``stage.tied``: the averaged gradient of the tied matrix at ``step`` of the answering peer's ``stage``."""
+    """``stage.tied``: of the answering peer's ``stage`` at ``step``, the averaged gradient of the tied matrix
+    (``what="grad"``) or, on re-tie steps, the matrix before the step's update (``what="weight"``): one tensor per
+    reply, so each fits the transport's message limit as the gradient alone does."""
 
     run_id: str
     stage: int
     step: int
+    what: str = "grad"
+
+    def __post_init__(self) -> None:
+        if self.what not in ("grad", "weight"):
+            raise ValueError(f"what must be 'grad' or 'weight', got {self.what!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TiedReply(Message):
-    """The step's averaged tied gradient; on re-tie steps also the matrix before the step's update."""
+    """The tensor a `TiedRequest` asked for (``serialize_tensor`` with the ``none`` codec: exact bits)."""
 
-    grad: bytes
-    weight: bytes = b""
+    tensor: bytes
 
 
 class TiedStore:
@@ -133,9 +140,10 @@ class TiedService:
             raise StageInputError(f"stage {server.index} is at step {server.step} and has no tied gradient of step "
                                   f"{req.step} (it skipped or downloaded that step); ask another peer")
         grad, weight = await self.store.get(req.step)
-        exact = get_codec("none")  # exact bits
-        return TiedReply(grad=await asyncio.to_thread(serialize_tensor, grad, exact),
-                         weight=b"" if weight is None else await asyncio.to_thread(serialize_tensor, weight, exact))
+        tensor = grad if req.what == "grad" else weight
+        if tensor is None:
+            raise StageInputError(f"step {req.step} is not a re-tie step here: no tied matrix kept for it")
+        return TiedReply(tensor=await asyncio.to_thread(serialize_tensor, tensor, get_codec("none")))
 
     async def combine(
         self, server: StageServer, step: int, grads: list[torch.Tensor], other_peers: Sequence[PeerID]
@@ -208,22 +216,23 @@ class TiedService:
     async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor, with_weight: bool) -> _Answer | None:
         """``peer``'s tied gradient (and matrix, ``with_weight``) of the request's step, or None (logged)."""
         try:
-            reply = await self.transport.call(peer, "stage.tied", request, TiedReply, timeout_s=self.rpc_timeout_s)
-            theirs = decode(reply.grad, f"tied gradient from {peer.short()}", dtype=mine.dtype)
-            if theirs.shape != mine.shape:
-                raise StageInputError(f"tied gradient of shape {list(theirs.shape)}, expected {list(mine.shape)}")
-            weight = None
-            if with_weight:
-                if not reply.weight:
-                    raise StageInputError(f"no tied matrix with the gradient of re-tie step {request.step}")
-                weight = decode(reply.weight, f"tied matrix from {peer.short()}", dtype=mine.dtype)
-                if weight.shape != mine.shape:
-                    raise StageInputError(f"tied matrix of shape {list(weight.shape)}, expected {list(mine.shape)}")
+            theirs = await self._call(peer, request, mine)
+            weight = await self._call(peer, replace(request, what="weight"), mine) if with_weight else None
             return _Answer(peer=peer, grad=theirs, weight=weight)
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
                         request.step, peer.short(), e)
             return None
+
+
+    async def _call(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor) -> torch.Tensor:
+        """One ``stage.tied`` call: the tensor, checked against the shape and dtype of ``mine``."""
+        reply = await self.transport.call(peer, "stage.tied", request, TiedReply, timeout_s=self.rpc_timeout_s)
+        what = "gradient" if request.what == "grad" else "matrix"
+        tensor = decode(reply.tensor, f"tied {what} from {peer.short()}", dtype=mine.dtype)
+        if tensor.shape != mine.shape:
+            raise StageInputError(f"tied {what} of shape {list(tensor.shape)}, expected {list(mine.shape)}")
+        return tensor
 
 
 @dataclass(frozen=True)

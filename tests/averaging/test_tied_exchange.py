@@ -13,6 +13,7 @@ import torch
 
 from dht.transport import Transport
 from swarm.config import RunConfig
+from swarm.errors import ProtocolError
 from swarm.model import StageInputError, build_stages
 from swarm.model.optim import make_optimizer
 from swarm.stage_server import StageServer, StageServerConfig
@@ -189,3 +190,17 @@ async def test_a_retie_step_with_equal_copies_changes_nothing(cfg: RunConfig) ->
             a, b = await asyncio.gather(services[0].combine(first, 3, _grads(first, 16), [ts[1].peer_id]),
                                         services[1].combine(last, 3, _grads(last, 17), [ts[0].peer_id]))
     assert a == b == TiedOutcome(combined=True)
+
+
+async def test_a_malformed_or_unanswerable_tied_request_is_refused(cfg: RunConfig) -> None:
+    with pytest.raises(ProtocolError, match="what must be"):
+        TiedRequest.from_wire({"run_id": "run", "stage": 1, "step": 0, "what": "optimizer"})
+    async with transports(1, salt=28) as ts:
+        last = _server(cfg, 1)
+        service = _service(cfg, ts[0], last, retie_every_steps=10)
+        index = tied_index(last)
+        assert index is not None
+        service.store.put(3, _grads(last, 18)[index])  # step 3: not a re-tie step, no matrix kept
+        async with asyncio.timeout(10):
+            with pytest.raises(StageInputError, match="not a re-tie step"):
+                await service.rpc_tied(None, TiedRequest(run_id="run", stage=1, step=3, what="weight"))  # type: ignore[arg-type]
