@@ -211,7 +211,14 @@ class TiedService:
                         self.transport.peer_id.short(), ", ".join(a.peer.short() for a in answers), request.step)
         grad = robust_combine([a.grad for a in answers])
         weights = [a.weight for a in answers if a.weight is not None]
-        return grad, robust_combine(weights) if with_weight and len(weights) == len(answers) else None
+        if not with_weight or len(weights) != len(answers):
+            return grad, None
+        if len(weights) == 2 and not torch.equal(weights[0], weights[1]):
+            # zero is a neutral gradient but not a neutral matrix: with two differing copies, do not re-tie
+            log.warning("%s: two peers sent differing tied matrices at re-tie step %d; not re-tying this step",
+                        self.transport.peer_id.short(), request.step)
+            return grad, None
+        return grad, robust_combine(weights)
 
     async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor, with_weight: bool) -> _Answer | None:
         """``peer``'s tied gradient (and matrix, ``with_weight``) of the request's step, or None (logged)."""
@@ -223,7 +230,6 @@ class TiedService:
             log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
                         request.step, peer.short(), e)
             return None
-
 
     async def _call(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor) -> torch.Tensor:
         """One ``stage.tied`` call: the tensor, checked against the shape and dtype of ``mine``."""

@@ -204,3 +204,21 @@ async def test_a_malformed_or_unanswerable_tied_request_is_refused(cfg: RunConfi
         async with asyncio.timeout(10):
             with pytest.raises(StageInputError, match="not a re-tie step"):
                 await service.rpc_tied(None, TiedRequest(run_id="run", stage=1, step=3, what="weight"))  # type: ignore[arg-type]
+
+
+async def test_two_differing_matrices_at_a_retie_step_leave_this_copy_alone(cfg: RunConfig) -> None:
+    async with transports(3, salt=29) as ts:
+        first, liar, honest = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1)
+        services = [_service(cfg, t, s, retie_every_steps=5) for t, s in zip(ts, (first, liar, honest))]
+        i0, i1 = tied_index(first), tied_index(honest)
+        assert i0 is not None and i1 is not None
+        theirs = _grads(honest, 19)[i1]
+        drifted = honest.parameter_copy(i1) + 0.01
+        services[1].store.put(5, theirs, torch.zeros_like(drifted))  # a zero matrix would halve ours if averaged
+        services[2].store.put(5, theirs, drifted)
+        grads = _grads(first, 20)
+        mine = grads[i0].clone()
+        async with asyncio.timeout(10):
+            outcome = await services[0].combine(first, 5, grads, [ts[1].peer_id, ts[2].peer_id])
+    assert outcome == TiedOutcome(combined=True)  # the gradients agreed: combined; the matrices did not: no re-tie
+    assert torch.equal(grads[i0], mine + theirs)
