@@ -8,7 +8,7 @@ BLOCKWISE_8BIT; a decode that raises (hivemind's 8-bit types under NumPy 2) is r
 ``{"error": ...}`` with its encode-only figures. Rounds are interleaved, best of ``--rounds`` is kept
 (the machine is shared). Prints one JSON object as its last line.
 
-    python benchmarks/bench_compression.py [--size-mib 64] [--rounds 3]
+    python benchmarks/bench_compression.py [--size-mib 64] [--rounds 3] [--skip-hivemind]
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ def summarize(size_bytes: int, ours: dict[str, Any], theirs: dict[str, Any]) -> 
             entry.update(rel_err=round(r["rel_err"], 6), GBps=_gbps(size_bytes, r["encode_s"] + r["decode_s"]))
         out["hivemind"][kind] = entry
     for name, kind in COUNTERPART.items():
+        if kind not in out["hivemind"]:  # --skip-hivemind
+            continue
         mine, other = out["ours"][name], out["hivemind"][kind]
         cmp: dict[str, Any] = {
             "counterpart": kind,
@@ -139,7 +141,7 @@ def summarize(size_bytes: int, ours: dict[str, Any], theirs: dict[str, Any]) -> 
             cmp["err_ratio"] = round(mine["rel_err"] / other["rel_err"], 3) if other["rel_err"] else None
             cmp["goal_met"] = cmp["speedup"] >= 1.0 and mine["rel_err"] <= other["rel_err"] * 1.0001
         out["vs_hivemind"][name] = cmp
-    out["all_goals_met"] = all(c["goal_met"] for c in out["vs_hivemind"].values())
+    out["all_goals_met"] = all(c["goal_met"] for c in out["vs_hivemind"].values()) if out["vs_hivemind"] else None
     return out
 
 
@@ -148,16 +150,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     x = torch.randn((args.size_mib << 20) // 4, generator=torch.Generator().manual_seed(0))
     ours: dict[str, list[dict[str, Any]]] = {name: [] for name in OURS}
-    theirs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in COUNTERPART.values()}
+    counterpart = {} if args.skip_hivemind else COUNTERPART
+    theirs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in counterpart.values()}
     warm = x[: 1 << 16]  # imports, code tables, allocator: paid before timing
     for name in OURS:
         run_ours(name, warm)
-        if name in COUNTERPART:
-            run_hivemind(COUNTERPART[name], warm)
+        if name in counterpart:
+            run_hivemind(counterpart[name], warm)
     for _ in range(args.rounds):  # interleaved: a noisy neighbour slows both sides alike
         for name in OURS:
             ours[name].append(run_ours(name, x))
-            kind = COUNTERPART.get(name)
+            kind = counterpart.get(name)
             if kind is not None:
                 theirs[kind].append(run_hivemind(kind, x))
     result = summarize(x.numel() * 4, {k: _best(v) for k, v in ours.items()}, {k: _best(v) for k, v in theirs.items()})
@@ -174,4 +177,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-hivemind", action="store_true", help="our codecs only (no comparison: a smoke run)")
     print(json.dumps(main(parser.parse_args())))

@@ -55,8 +55,13 @@ def tail_mean(curve: list[float], tail: int) -> float:
     return sum(curve[-tail:]) / len(curve[-tail:])
 
 
-def plot(curves: dict[str, list[float]], floor: float | None, path: Path) -> None:
-    import matplotlib
+def plot(curves: dict[str, list[float]], floor: float | None, path: Path) -> bool:
+    """Write the curves to ``path`` (PNG); False, with a note on stderr, when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -73,6 +78,7 @@ def plot(curves: dict[str, list[float]], floor: float | None, path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -112,8 +118,7 @@ def main() -> None:
             "final_loss": round(tail_mean(lossy["loss_curve"], args.tail), 4)}
         result["final_loss_ratio_blockwise8"] = round(result["swarm_blockwise8"]["final_loss"] / result["single"]["final_loss"], 4)
     plot_path = out_dir / "convergence.png"
-    plot(curves, single.loss_floor, plot_path)
-    result["plot"] = str(plot_path)
+    result["plot"] = str(plot_path) if plot(curves, single.loss_floor, plot_path) else None
     result["goals"] = {
         "final_loss_ratio<=1.05": result["final_loss_ratio"] <= 1.05,
         "final_loss_ratio_blockwise8<=1.10": result.get("final_loss_ratio_blockwise8", 99) <= 1.10,

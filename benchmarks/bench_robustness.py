@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def run_swarm(config: Path, *, nodes: int, steps: int, cheats: list[str], run_di
             str(steps), "--json", "--config", str(config), "--run-dir", str(run_dir), "--timeout", "1200"]
     for cheat in cheats:
         args += ["--misbehave", cheat]
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's checkpoints would resume at its end
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1500, cwd=REPO)
     summary = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}

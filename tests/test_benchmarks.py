@@ -1,0 +1,63 @@
+"""Every benchmark still runs: each script with tiny arguments in its own process group, its last line one JSON
+object holding the figures its goals read. A benchmark that rots (an import moved, an output key renamed, a
+second run in the same directory) is found here, not on the day of a measurement. The comparison peers that
+need the ``bench`` extras (hivemind, the ``kademlia`` package, matplotlib) are skipped with the scripts' flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240.0
+
+CASES: list[tuple[str, list[str], list[str]]] = [
+    ("bench_allreduce.py", ["--size-mib", "1", "--peers", "2", "--rounds", "1", "--skip-hivemind"],
+     ["swarm_median_s", "gloo_median_s", "swarm_over_gloo", "encrypted_floor_over_gloo", "swarm_peak_rss_over_tensor"]),
+    ("bench_transport.py", ["--size-mib", "4", "--rounds", "1", "--rpcs", "50"],
+     ["encrypted_MBps", "plain_socket_MBps", "ratio_encrypted_vs_plain", "rpc_rtt_p50_ms"]),
+    ("bench_compression.py", ["--size-mib", "1", "--rounds", "1", "--skip-hivemind"], ["ours", "all_goals_met"]),
+    ("bench_dht.py", ["--sizes", "8", "--no-hivemind", "--no-kademlia"], ["swarm_n8", "goals"]),
+    ("bench_verification.py", [], ["overhead_ratio", "checks_passed"]),
+    ("bench_convergence.py", ["--steps", "2", "--nodes", "2", "--skip-lossy", "--out-dir", "{tmp}"],
+     ["final_loss_ratio", "tokens_per_s_ratio", "goals"]),
+    ("bench_robustness.py", ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],
+     ["final_loss_ratio_centered_clip", "final_loss_ratio_mean", "goals"]),
+]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in a new process group; on timeout kill the whole group (the benchmarks start processes)."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{args[1]} ran past {TIMEOUT_S}s; stderr tail:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "args", "keys"), CASES, ids=[c[0] for c in CASES])
+def test_the_benchmark_runs_and_prints_its_figures_as_json(
+    script: str, args: list[str], keys: list[str], tmp_path: Path
+) -> None:
+    argv = [sys.executable, str(REPO / "benchmarks" / script), *(a.format(tmp=tmp_path) for a in args)]
+    done = _run(argv)
+    assert done.returncode == 0, f"{script} exited {done.returncode}; stderr tail:\n{done.stderr[-3000:]}"
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"{script} printed nothing"
+    result: Any = json.loads(lines[-1])
+    assert isinstance(result, dict)
+    missing = [k for k in keys if k not in result]
+    assert not missing, f"{script}'s JSON lacks {missing}: {sorted(result)}"
