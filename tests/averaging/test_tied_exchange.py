@@ -40,6 +40,17 @@ def _service(cfg: RunConfig, t: Transport, server: StageServer, retie_every_step
     return service
 
 
+def _pair(
+    cfg: RunConfig, ts: list[Transport], *, retie_every_steps: int
+) -> tuple[StageServer, StageServer, list[TiedService], tuple[int, int]]:
+    """A stage-0 and a last-stage server on ``ts[0]`` and ``ts[1]``, their services and tied indices."""
+    first, last = _server(cfg, 0), _server(cfg, 1)
+    services = [_service(cfg, t, s, retie_every_steps=retie_every_steps) for t, s in zip(ts, (first, last))]
+    i0, i1 = tied_index(first), tied_index(last)
+    assert i0 is not None and i1 is not None
+    return first, last, services, (i0, i1)
+
+
 def _grads(server: StageServer, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(p.shape, generator=gen) for p in server.parameters()]
@@ -148,10 +159,7 @@ def test_robust_combine_is_exact_for_an_identical_majority_and_bounded_otherwise
 
 async def test_a_retie_step_makes_drifted_copies_equal_again_and_other_steps_leave_them(cfg: RunConfig) -> None:
     async with transports(2, salt=26) as ts:
-        first, last = _server(cfg, 0), _server(cfg, 1)
-        services = [_service(cfg, t, s, retie_every_steps=5) for t, s in zip(ts, (first, last))]
-        i0, i1 = tied_index(first), tied_index(last)
-        assert i0 is not None and i1 is not None
+        first, last, services, (i0, i1) = _pair(cfg, ts, retie_every_steps=5)
         noise = 0.01 * torch.randn(first.parameters()[i0].shape, generator=torch.Generator().manual_seed(12))
         with torch.no_grad():  # as a failed exchange some steps ago would have left it
             last.parameters()[i1].copy_(first.parameter_copy(i0) + noise)
@@ -181,10 +189,7 @@ async def test_a_retie_step_makes_drifted_copies_equal_again_and_other_steps_lea
 
 async def test_a_retie_step_with_equal_copies_changes_nothing(cfg: RunConfig) -> None:
     async with transports(2, salt=27) as ts:
-        first, last = _server(cfg, 0), _server(cfg, 1)
-        services = [_service(cfg, t, s, retie_every_steps=1) for t, s in zip(ts, (first, last))]
-        i0, i1 = tied_index(first), tied_index(last)
-        assert i0 is not None and i1 is not None
+        first, last, services, (i0, i1) = _pair(cfg, ts, retie_every_steps=1)
         assert torch.equal(first.parameter_copy(i0), last.parameter_copy(i1))  # built tied
         async with asyncio.timeout(10):
             a, b = await asyncio.gather(services[0].combine(first, 3, _grads(first, 16), [ts[1].peer_id]),
