@@ -27,9 +27,9 @@ from typing import Any
 import psutil
 import torch
 
-from dht.identity import Identity, PeerID
-from dht.maddr import parse_maddr
-from dht.transport import Transport, TransportConfig
+from swarm.p2p.identity import Identity, PeerID
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p import Transport, TransportConfig
 from swarm.averaging.allreduce import AllReduceServer, Group, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.messages import MemberInfo, round_id_of
@@ -118,8 +118,8 @@ def bench_cipher(peers: int, size_mib: float) -> float:
     is the one cost an encrypted all-reduce adds to gloo's work whatever its language, so gloo's CPU plus this
     is the least CPU an encrypted round can take.
     """
-    from dht.transport.connection import MAX_PLAINTEXT_BYTES
-    from dht.transport.noise import TAG_LEN, CipherState
+    from swarm.p2p.connection import MAX_PLAINTEXT_BYTES
+    from swarm.p2p.noise import TAG_LEN, CipherState
 
     each_way = int(2 * (peers - 1) / peers * _numel(size_mib) * 4)
     plain, sealed = bytearray(MAX_PLAINTEXT_BYTES), bytearray(MAX_PLAINTEXT_BYTES + TAG_LEN)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from compression import decode_chunks, deserialize_tensor, get_codec, iter_encode_chunks, serialize_tensor
+from swarm.compression import decode_chunks, deserialize_tensor, get_codec, iter_encode_chunks, serialize_tensor
 
 OURS = ("none", "fp16", "bf16", "blockwise8", "uniform8", "topk")
 COUNTERPART = {"none": "NONE", "fp16": "FLOAT16", "uniform8": "UNIFORM_8BIT", "blockwise8": "BLOCKWISE_8BIT"}

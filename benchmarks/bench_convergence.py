@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from swarm.config import RunConfig
-from swarm.model.local_train import train_local
+from swarm.run.config import RunConfig
+from swarm.training.local_train import train_local
 
 
 def run_swarm(run: RunConfig, *, nodes: int, steps: int, work_dir: Path, label: str) -> dict[str, Any]:

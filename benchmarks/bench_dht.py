@@ -86,8 +86,8 @@ class Workload:
 
 
 async def bench_ours(n: int, seed: int) -> dict[str, Any]:
-    from dht import DHT, DHTConfig
-    from dht.transport import TransportConfig
+    from swarm.dht import DHT, DHTConfig
+    from swarm.p2p import TransportConfig
 
     gc.collect()
     rss_before = psutil.Process().memory_info().rss

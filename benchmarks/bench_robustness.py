@@ -1,6 +1,6 @@
 """Robustness benchmark: a local swarm of processes with 2 of 8 nodes sending gradients x(-1000).
 
-In the same run, `swarm-node local --nodes 8 --validators 1` trains `examples/tiny_gpt_robust.toml`
+In the same run, `swarm-node local --nodes 8 --validators 1` trains the `tiny_gpt_robust` preset
 (CenteredClip in the all-reduce) three times for ``--steps`` steps: all honest; with ``--misbehave sign-flip:2``;
 and with ``sign-flip:2`` under a plain mean (the same config with ``averaging.reduction = "mean"``), the
 unprotected baseline. Prints each final loss (mean of the last ``--tail`` steps), the ratios to the honest run,
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarm.config import RunConfig
+from swarm.run.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-robustness-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    robust = REPO / "examples" / "tiny_gpt_robust.toml"
+    robust = REPO / "swarm" / "run" / "presets" / "tiny_gpt_robust.toml"
     run = RunConfig.from_toml(robust)
     mean_config = out_dir / "mean.toml"
     mean_config.write_text(dataclasses.replace(run, averaging=dataclasses.replace(run.averaging, reduction="mean")).to_toml())

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dht.identity import Identity
-from dht.messages import Message
-from dht.transport import RpcContext, Transport, TransportConfig
+from swarm.p2p.identity import Identity
+from swarm.p2p.messages import Message
+from swarm.p2p import RpcContext, Transport, TransportConfig
 
 
 @dataclass(frozen=True, kw_only=True)

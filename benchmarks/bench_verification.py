@@ -16,18 +16,18 @@ import time
 
 import torch
 
-from compression import Role
-from dht.identity import Identity
-from swarm.checkpoint import capture_state
-from swarm.config import RunConfig
+from swarm.compression import Role
+from swarm.p2p.identity import Identity
+from swarm.training.checkpoint import capture_state
+from swarm.run.config import RunConfig
 from swarm.data import ShardedData
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stages
-from swarm.stage_rpc import encode
-from swarm.validator import StageReplayer
-from verification.replay import CheckConfig, ReceiptChecker
-from verification.retention import FetchService
-from verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
+from swarm.training.stage_rpc import encode
+from swarm.training.validator import StageReplayer
+from swarm.verification.replay import CheckConfig, ReceiptChecker
+from swarm.verification.retention import FetchService
+from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
 
 NUM_MICROBATCHES = 100
 ROUNDS = 5

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dht import DHT, DHTConfig
-from dht.identity import Identity, PeerID
-from dht.maddr import PeerAddress, parse_maddr
-from dht.transport import Transport, TransportConfig
+from swarm.dht import DHT, DHTConfig
+from swarm.p2p.identity import Identity, PeerID
+from swarm.p2p.maddr import PeerAddress, parse_maddr
+from swarm.p2p import Transport, TransportConfig
 from swarm.errors import AddressError, ConfigError, SwarmError
-from swarm.trainer import TrainingConfig, TrainingRole
-from swarm.validator import ValidatorConfig, ValidatorRole
+from swarm.training.trainer import TrainingConfig, TrainingRole
+from swarm.training.validator import ValidatorConfig, ValidatorRole
 
 log = logging.getLogger(__name__)
 

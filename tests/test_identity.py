@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from multiaddr import Multiaddr
 
-from dht.identity import Identity, PeerID
+from swarm.p2p.identity import Identity, PeerID
 from swarm.errors import IdentityError
 
 

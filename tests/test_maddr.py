@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from multiaddr import Multiaddr
 
-from dht.identity import Identity
-from dht.maddr import PeerAddress, format_maddr, parse_maddr
+from swarm.p2p.identity import Identity
+from swarm.p2p.maddr import PeerAddress, format_maddr, parse_maddr
 from swarm.errors import AddressError
 
 PEER = Identity.from_seed(b"\x05" * 32).peer_id

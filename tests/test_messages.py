@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from dht.messages import Message, packb, unpackb
+from swarm.p2p.messages import Message, packb, unpackb
 from swarm.errors import ProtocolError
 
 

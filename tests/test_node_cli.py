@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dht.identity import Identity
-from dht.maddr import parse_maddr
-from dht.transport import TransportConfig
+from swarm.p2p.identity import Identity
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p import TransportConfig
 from swarm.errors import ConfigError, IdentityError
 from swarm.node import Node, NodeConfig
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from dht.identity import PeerID
-from dht.transport import RpcContext, Transport
+from swarm.p2p.identity import PeerID
+from swarm.p2p import RpcContext, Transport
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.messages import MemberInfo, PartAck, PartHeader, ResultHeader, ResultRequest
 from swarm.averaging.partition import part_bounds, part_numel, span_bounds, span_sizes

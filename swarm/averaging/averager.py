@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dht.identity import PeerID
-from dht.transport import Transport
+from swarm.p2p.identity import PeerID
+from swarm.p2p import Transport
 from swarm.averaging.allreduce import AllReduceServer, InspectedPart, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.matchmaking import GroupStore, Matchmaker

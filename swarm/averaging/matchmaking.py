@@ -30,11 +30,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from dht.identity import PeerID
-from dht.maddr import parse_maddr
-from dht.messages import Message
-from dht.records import owner_subkey
-from dht.transport import RpcContext, Transport
+from swarm.p2p.identity import PeerID
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p.messages import Message
+from swarm.dht.records import owner_subkey
+from swarm.p2p import RpcContext, Transport
 from swarm.averaging.allreduce import AllReduceServer, Group
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.messages import (

@@ -6,8 +6,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-from dht.identity import PEER_ID_SIZE_BYTES
-from dht.messages import Message
+from swarm.p2p.identity import PEER_ID_SIZE_BYTES
+from swarm.p2p.messages import Message
 
 MAX_GROUP_KEY_CHARS = 512
 MAX_GROUP_SIZE = 256

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import torch
 
-from compression import decode_chunk_into, decode_chunk_values, get_codec, serialize_tensor_parts
+from swarm.compression import decode_chunk_into, decode_chunk_values, get_codec, serialize_tensor_parts
 from swarm.errors import ConfigError, SwarmError
 
 

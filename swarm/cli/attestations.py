@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from swarm.cli.dht_client import emit, json_option, run_with_dht
-from verification.audit import audit_run
+from swarm.verification.audit import audit_run
 
 
 @click.command("attestations")

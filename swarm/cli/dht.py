@@ -21,10 +21,10 @@ from typing import Any
 
 import click
 
-from dht import DHT, owner_subkey
-from dht.identity import Identity, PeerID
-from dht.maddr import parse_maddr
-from dht.records import ValueWithExpiration
+from swarm.dht import DHT, owner_subkey
+from swarm.p2p.identity import Identity, PeerID
+from swarm.p2p.maddr import parse_maddr
+from swarm.dht.records import ValueWithExpiration
 from swarm.cli.attestations import attestations
 from swarm.cli.dht_client import ClientOptions, emit, json_option, run_with_dht, split_maddrs
 from swarm.cli.logs import setup_logging

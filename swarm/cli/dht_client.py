@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import click
 
-from dht import DHT, DHTConfig
-from dht.identity import Identity
+from swarm.dht import DHT, DHTConfig
+from swarm.p2p.identity import Identity
 from swarm.errors import SwarmError
 
 T = TypeVar("T")

@@ -17,13 +17,13 @@ from typing import Any
 
 import click
 
-from dht.transport import TransportConfig
+from swarm.p2p import TransportConfig
 from swarm.cli.logs import setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
 from swarm.node import Node, NodeConfig
-from swarm.trainer import TrainingConfig
-from swarm.validator import ValidatorConfig
+from swarm.training.trainer import TrainingConfig
+from swarm.training.validator import ValidatorConfig
 
 
 def _split_maddrs(values: tuple[str, ...]) -> tuple[str, ...]:

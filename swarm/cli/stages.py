@@ -8,15 +8,15 @@ from typing import Any
 
 import click
 
-from dht import DHT
+from swarm.dht import DHT
 from swarm.cli.dht_client import json_option, run_with_dht
-from swarm.config import RunConfig
-from swarm.view import SwarmView, format_table, peers_key, progress_key
+from swarm.run.config import RunConfig
+from swarm.training.view import SwarmView, format_table, peers_key, progress_key
 
 
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Run config TOML of the swarm (default: examples/tiny_gpt.toml); gives the run id and stages.")
+              help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id and stages.")
 @json_option
 @click.pass_context
 def stages(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:

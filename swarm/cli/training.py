@@ -13,20 +13,20 @@ from typing import Any
 import click
 
 from swarm.cli.logs import setup_logging
-from swarm.config import RunConfig
+from swarm.run.config import RunConfig
 from swarm.errors import SwarmError
-from swarm.misbehave import KINDS as MISBEHAVE_KINDS
-from swarm.misbehave import parse_misbehave_spec
-from swarm.training_config import TrainingConfig, parse_stage
-from swarm.validator import ValidatorConfig
-from swarm.verifying import ledger_path_for, node_verification_config
+from swarm.testing.misbehave import KINDS as MISBEHAVE_KINDS
+from swarm.testing.misbehave import parse_misbehave_spec
+from swarm.training.training_config import TrainingConfig, parse_stage
+from swarm.training.validator import ValidatorConfig
+from swarm.training.verifying import ledger_path_for, node_verification_config
 
 
 def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--config --stage --role --device --max-steps --summary-file --start-after-peers`` of `swarm-node start`."""
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Run config TOML (default: examples/tiny_gpt.toml)."),
+                     help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt)."),
         click.option("--stage", default="auto", show_default=True, help="Stage to serve, or 'auto' (the weakest)."),
         click.option("--role", type=click.Choice(["auto", "server", "trainer", "validator", "dht"]), default="auto",
                      show_default=True, help="auto: serve a stage (and drive on stage 0); server: serve only; trainer: "
@@ -70,7 +70,7 @@ def training_config(*, config_path: Path | None, stage: str, role: str, device: 
 @click.command()
 @click.option("--nodes", "num_nodes", type=int, default=4, show_default=True, help="Node processes to start.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Run config TOML (default: examples/tiny_gpt.toml).")
+              help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt).")
 @click.option("--steps", type=int, default=30, show_default=True, help="Optimizer steps to train.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -84,7 +84,7 @@ def training_config(*, config_path: Path | None, stage: str, role: str, device: 
 def local(num_nodes: int, config_path: Path | None, steps: int, as_json: bool, run_dir: Path | None,
           timeout_s: float, log_level: str, num_validators: int, misbehave: tuple[str, ...]) -> None:
     """Train with N node processes on this machine; live table; stops every process on exit or Ctrl-C."""
-    from swarm.launcher import LaunchConfig, launch
+    from swarm.local.launcher import LaunchConfig, launch
 
     setup_logging(log_level)
     try:
@@ -102,7 +102,7 @@ def local(num_nodes: int, config_path: Path | None, steps: int, as_json: bool, r
 @click.option("--initial-peers", "initial_peers", multiple=True, envvar="SWARM_INITIAL_PEERS", required=True,
               help="Multiaddrs of swarm nodes (repeatable or comma-separated).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Run config TOML of the swarm (default: examples/tiny_gpt.toml).")
+              help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the gathered single-process checkpoint (safetensors).")
 @click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True)
@@ -110,7 +110,7 @@ def local(num_nodes: int, config_path: Path | None, steps: int, as_json: bool, r
 def export(initial_peers: tuple[str, ...], config_path: Path | None, out_path: Path, rpc_timeout_s: float,
            log_level: str) -> None:
     """Gather every stage from the swarm into one checkpoint that loads into the single-process model."""
-    from swarm.export import ExportConfig, export_model
+    from swarm.local.export import ExportConfig, export_model
 
     setup_logging(log_level)
     try:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarm.config import ModelConfig
+from swarm.run.config import ModelConfig
 
 
 class Block(nn.Module):

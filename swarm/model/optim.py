@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from swarm.config import OptimizerConfig
+from swarm.run.config import OptimizerConfig
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:

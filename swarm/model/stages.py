@@ -3,7 +3,7 @@
 Stage 0 holds the embedding, the last stage holds the final norm, the head and the loss. The head is tied to
 the token embedding: in one process (`PipelineModel`) they are one Parameter; across machines stage 0 and the
 last stage each hold the matrix (``StageModel.tied_name`` names it) and add each other's averaged gradient of it
-every step (`swarm.tied`), so both apply the same update.
+every step (`swarm.training.tied`), so both apply the same update.
 A user factory ``package.module:function`` may replace the tiny GPT: it is called with the `RunConfig` and
 returns ``(list_of_stage_modules, loss_fn)``.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from swarm.config import RunConfig
+from swarm.run.config import RunConfig
 from swarm.errors import ConfigError, SwarmError
 from swarm.model.gpt import build_gpt_pieces, lm_loss
 
@@ -122,7 +122,7 @@ def build_stages(cfg: RunConfig) -> list[StageModel]:
     m = cfg.model
     embedding, blocks, head = build_gpt_pieces(m, cfg.seed)
     n = cfg.pipeline.num_stages
-    head.weight = embedding.tokens.weight  # tied (across stages: see swarm.tied)
+    head.weight = embedding.tokens.weight  # tied (across stages: see swarm.training.tied)
     hidden = InputSpec(dtype=torch.float32, tail_shape=(m.seq_len, m.d_model))
     stages = []
     for i, blocks_range in enumerate(stage_block_ranges(m.num_blocks, n)):

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
-from dht.identity import Identity
-from dht.maddr import parse_maddr
-from dht.transport import Transport, TransportConfig
+from swarm.p2p.identity import Identity
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p import Transport, TransportConfig
 from swarm.averaging.allreduce import Group
 from swarm.averaging.messages import MemberInfo, round_id_of
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from dht.transport import Transport
+from swarm.p2p import Transport
 from swarm.averaging.allreduce import AllReduceOutcome, AllReduceServer, Group, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.partition import flatten_tensors, part_bounds, part_numel

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 import torch
 
-from dht import DHT, DHTConfig
-from dht.records import owner_subkey
+from swarm.dht import DHT, DHTConfig
+from swarm.dht.records import owner_subkey
 from swarm.averaging import Averager, AveragerConfig, AveragingResult
 from swarm.averaging.partition import flatten_tensors
 from swarm.errors import SwarmError

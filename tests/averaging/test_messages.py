@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dht.identity import Identity
-from dht.messages import packb
+from swarm.p2p.identity import Identity
+from swarm.p2p.messages import packb
 from swarm.averaging.messages import (
     BeginRequest,
     JoinRequest,

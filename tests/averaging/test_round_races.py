@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from dht import DHT, DHTConfig
-from dht.records import owner_subkey
-from dht.transport import RpcContext
+from swarm.dht import DHT, DHTConfig
+from swarm.dht.records import owner_subkey
+from swarm.p2p import RpcContext
 from swarm.averaging import Averager, AveragerConfig
 from swarm.averaging.allreduce import AllReduceServer, run_allreduce
 from swarm.averaging.messages import ReadyHint, ReadyHintReply

@@ -1,4 +1,4 @@
-"""swarm.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not ``rpc_timeout_s``; a
+"""swarm.training.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not ``rpc_timeout_s``; a
 peer past a step it never kept answers at once; a node never asks itself; one peer sending a bad tied gradient
 is outvoted by two honest ones (same bits as honest), and against one honest one moves no value beyond it; on
 re-tie steps two drifted copies of the matrix become equal again (their mean), and only on those."""
@@ -11,13 +11,13 @@ import logging
 import pytest
 import torch
 
-from dht.transport import Transport
-from swarm.config import RunConfig
+from swarm.p2p import Transport
+from swarm.run.config import RunConfig
 from swarm.errors import ProtocolError
 from swarm.model import StageInputError, build_stages
 from swarm.model.optim import make_optimizer
-from swarm.stage_server import StageServer, StageServerConfig
-from swarm.tied import TiedOutcome, TiedRequest, TiedService, robust_combine, tied_index
+from swarm.training.stage_server import StageServer, StageServerConfig
+from swarm.training.tied import TiedOutcome, TiedRequest, TiedService, robust_combine, tied_index
 from tests.averaging.conftest import transports
 
 RPC_TIMEOUT_S = 30.0  # far above every test's own deadline: a test that waits for it fails
@@ -93,7 +93,7 @@ async def test_a_node_listed_in_the_other_stage_never_asks_itself(
         theirs = _grads(other, 4)[tied_index(other)]  # type: ignore[index]
         services[1].store.put(5, theirs)
         grads = _grads(first, 5)
-        with caplog.at_level(logging.WARNING, logger="swarm.tied"):
+        with caplog.at_level(logging.WARNING, logger="swarm.training.tied"):
             async with asyncio.timeout(10):
                 combined = (await services[0].combine(first, 5, grads, [ts[0].peer_id, ts[1].peer_id])).combined
     assert combined and not [r for r in caplog.records if "failed" in r.getMessage()]
@@ -111,7 +111,7 @@ async def test_one_bad_peer_of_three_is_outvoted_to_the_honest_bits(
         services[3].store.put(2, theirs)
         grads = _grads(first, 7)
         mine = grads[tied_index(first)].clone()  # type: ignore[index]
-        with caplog.at_level(logging.WARNING, logger="swarm.tied"):
+        with caplog.at_level(logging.WARNING, logger="swarm.training.tied"):
             async with asyncio.timeout(10):
                 # the liar is among the first two asked: they differ, so a third is asked
                 outcome = await services[0].combine(first, 2, grads, [ts[1].peer_id, ts[2].peer_id, ts[3].peer_id])

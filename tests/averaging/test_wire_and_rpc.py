@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dht.messages import Message
+from swarm.p2p.messages import Message
 from swarm.averaging.allreduce import AllReduceServer
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.matchmaking import Matchmaker

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from compression import get_codec, serialize_tensor
-from compression.bottleneck import BottleneckDown, BottleneckUp, bottleneck_dim, insert_bottlenecks
+from swarm.compression import get_codec, serialize_tensor
+from swarm.compression.bottleneck import BottleneckDown, BottleneckUp, bottleneck_dim, insert_bottlenecks
 from swarm.errors import ConfigError
 
 

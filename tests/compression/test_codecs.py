@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from compression import Codec, codec_names, deserialize_tensor, get_codec, serialize_tensor
-from compression.errors import NonFiniteError, UnsupportedDtypeError
+from swarm.compression import Codec, codec_names, deserialize_tensor, get_codec, serialize_tensor
+from swarm.compression.errors import NonFiniteError, UnsupportedDtypeError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("gaussian", "heavy", "constant", "empty", "single")
@@ -203,7 +203,7 @@ def test_cuda_tensor_stays_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("layout", ["random", "sorted", "constant", "spiky"])
 def test_topk_sampled_selection_is_exact(layout: str) -> None:
     """The sampled-threshold fast path selects exactly what torch.topk selects, whatever the layout."""
-    from compression.topk import top_indices
+    from swarm.compression.topk import top_indices
 
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(1 << 18, generator=gen).abs()

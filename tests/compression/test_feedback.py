@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compression import ErrorFeedback, decode_chunks, deserialize_tensor, get_codec, serialize_tensor
+from swarm.compression import ErrorFeedback, decode_chunks, deserialize_tensor, get_codec, serialize_tensor
 from swarm.errors import ConfigError
 
 

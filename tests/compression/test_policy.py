@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compression import CodecPolicy, Role
+from swarm.compression import CodecPolicy, Role
 from swarm.errors import ConfigError
 
 

@@ -8,9 +8,9 @@ from typing import ClassVar
 import pytest
 import torch
 
-from compression import Codec, Encoded, decode_chunks, get_codec, iter_encode_chunks, register_codec
-from compression import base
-from compression.base import Params, checked_payload, tensor_from_buffer, view_bytes
+from swarm.compression import Codec, Encoded, decode_chunks, get_codec, iter_encode_chunks, register_codec
+from swarm.compression import base
+from swarm.compression.base import Params, checked_payload, tensor_from_buffer, view_bytes
 
 
 class NegateCodec:

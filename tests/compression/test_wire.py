@@ -8,7 +8,7 @@ import msgpack
 import pytest
 import torch
 
-from compression import (
+from swarm.compression import (
     ChunkAssembler,
     decode_chunk,
     decode_chunk_into,
@@ -20,7 +20,7 @@ from compression import (
     serialize_tensor,
     serialize_tensor_parts,
 )
-from compression.errors import (
+from swarm.compression.errors import (
     CorruptPayloadError,
     LimitExceededError,
     NonFiniteError,
@@ -28,7 +28,7 @@ from compression.errors import (
     UnknownCodecError,
     UnsupportedDtypeError,
 )
-from compression.wire import _FIXED
+from swarm.compression.wire import _FIXED
 from swarm.errors import CodecError, ConfigError
 
 CODECS = ("none", "fp16", "bf16", "blockwise8", "uniform8", "topk")

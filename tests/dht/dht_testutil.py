@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from dht.identity import Identity
+from swarm.p2p.identity import Identity
 
 
 def make_identity(i: int, salt: str = "dht-test") -> Identity:
@@ -32,8 +32,8 @@ import random  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from typing import Any  # noqa: E402
 
-from dht import DHT, DHTConfig  # noqa: E402
-from dht.transport import TransportConfig  # noqa: E402
+from swarm.dht import DHT, DHTConfig  # noqa: E402
+from swarm.p2p import TransportConfig  # noqa: E402
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dht.identity import Identity
-from dht.maddr import parse_maddr
+from swarm.p2p.identity import Identity
+from swarm.p2p.maddr import parse_maddr
 from swarm.cli.dht import main
 
 # DHT-only nodes (--role dht): this test exercises the DHT, and training nodes would compete for the CPU

@@ -7,10 +7,10 @@ import random
 
 from dht_testutil import make_identity
 
-from dht.identity import PeerID
-from dht.lookup import LookupParams, LookupReply, iterative_lookup
-from dht.records import make_record
-from dht.routing import ID_BITS, Contact, RoutingTable
+from swarm.p2p.identity import PeerID
+from swarm.dht.lookup import LookupParams, LookupReply, iterative_lookup
+from swarm.dht.records import make_record
+from swarm.dht.routing import ID_BITS, Contact, RoutingTable
 
 
 class SimNet:

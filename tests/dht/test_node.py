@@ -11,14 +11,14 @@ import time
 import pytest
 from dht_testutil import LOOPBACK, FakeClock, Swarm, dht_config, make_identity, swarm, wait_until
 
-from dht import DHT, owner_subkey
-from dht.maddr import parse_maddr
-from dht.messages import packb
-from dht.protocol import FindNodeRequest, FindNodeReply, NodeInfo, PingReply, PingRequest
-from dht.records import Record, make_record
-from dht.routing import key_id_of
-from dht.storage import MemoryStorage, StorageConfig
-from dht.transport import Transport, TransportConfig
+from swarm.dht import DHT, owner_subkey
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p.messages import packb
+from swarm.dht.protocol import FindNodeRequest, FindNodeReply, NodeInfo, PingReply, PingRequest
+from swarm.dht.records import Record, make_record
+from swarm.dht.routing import key_id_of
+from swarm.dht.storage import MemoryStorage, StorageConfig
+from swarm.p2p import Transport, TransportConfig
 from swarm.errors import BootstrapError, RecordError, RemoteError
 
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from dht.messages import packb
-from dht.records import (
+from swarm.p2p.messages import packb
+from swarm.dht.records import (
     OwnerSignatureValidator,
     Record,
     RecordChecker,

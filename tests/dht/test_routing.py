@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from dht.routing import ID_BITS, Contact, RoutingTable, key_id_of, node_id_of
+from swarm.dht.routing import ID_BITS, Contact, RoutingTable, key_id_of, node_id_of
 
 from dht_testutil import make_identity
 

@@ -9,8 +9,8 @@ import time
 import pytest
 from dht_testutil import LOOPBACK, Swarm
 
-from dht.routing import key_id_of
-from dht.transport import TransportConfig
+from swarm.dht.routing import key_id_of
+from swarm.p2p import TransportConfig
 
 N = 256
 

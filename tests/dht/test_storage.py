@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dht.records import make_record
-from dht.storage import MemoryStorage, StorageConfig
+from swarm.dht.records import make_record
+from swarm.dht.storage import MemoryStorage, StorageConfig
 
 from dht_testutil import make_identity
 

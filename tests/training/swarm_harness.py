@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dht import DHT, DHTConfig
-from dht.identity import Identity
-from dht.transport import Transport, TransportConfig
-from swarm.config import RunConfig
-from swarm.trainer import TrainingConfig, TrainingRole
+from swarm.dht import DHT, DHTConfig
+from swarm.p2p.identity import Identity
+from swarm.p2p import Transport, TransportConfig
+from swarm.run.config import RunConfig
+from swarm.training.trainer import TrainingConfig, TrainingRole
 
 FAST = dict(record_period_s=1.0, poll_interval_s=0.1, view_interval_s=0.1, behind_grace_s=1.0, matchmaking_time_s=2.0,
             rpc_timeout_s=3.0, dht_timeout_s=3.0, rebalance_interval_s=0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from swarm.config import RunConfig
-from swarm.export import ExportConfig, _export
+from swarm.run.config import RunConfig
+from swarm.local.export import ExportConfig, _export
 from swarm.model import PipelineModel, build_stages
 from tests.training.swarm_harness import Swarm, small_run, stage_weights
 

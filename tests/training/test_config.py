@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression import CodecPolicy
-from swarm.config import DEFAULT_CONFIG_PATH, RunConfig
+from swarm.compression import CodecPolicy
+from swarm.run.config import DEFAULT_PRESET, RunConfig
 from swarm.errors import ConfigError
 
 
 def test_default_run_loads_and_has_a_stable_run_id() -> None:
     cfg = RunConfig.from_toml()
-    again = RunConfig.from_toml(DEFAULT_CONFIG_PATH)
+    again = RunConfig.from_toml(DEFAULT_PRESET)
     assert cfg == again
     assert cfg.run_id == again.run_id and cfg.run_id.startswith("tiny-gpt-")
     assert cfg.pipeline.num_stages == 2

@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
-from swarm.config import RunConfig
+from swarm.run.config import RunConfig
 from swarm.data import ShardedData
-from swarm.driver import Driver, DriverConfig
+from swarm.training.driver import Driver, DriverConfig
 from swarm.errors import TransportError
 from swarm.model import build_stages
 from swarm.model.optim import make_optimizer
-from swarm.stage_server import StageServer, StageServerConfig, StaleStepError
-from swarm.wiring import NoPeerError, PeerSelector, WiringConfig
+from swarm.training.stage_server import StageServer, StageServerConfig, StaleStepError
+from swarm.training.wiring import NoPeerError, PeerSelector, WiringConfig
 
 
 class Clock:

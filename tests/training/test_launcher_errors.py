@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from swarm.errors import SwarmError
-from swarm.launcher import LaunchConfig, NodeProcess, _start_after_bootstrap
+from swarm.local.launcher import LaunchConfig, NodeProcess, _start_after_bootstrap
 
 
 @pytest.mark.integration

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from swarm.config import RunConfig
+from swarm.run.config import RunConfig
 from swarm.errors import ConfigError
 from swarm.data import MarkovSource, ShardedData
 from swarm.model import InputSpec, PipelineModel, StageInputError, build_stages, stage_block_ranges
-from swarm.model.local_train import train_local
+from swarm.training.local_train import train_local
 
 
 @pytest.fixture

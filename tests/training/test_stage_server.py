@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
-from swarm.config import RunConfig
+from swarm.training.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
+from swarm.run.config import RunConfig
 from swarm.data import ShardedData
 from swarm.errors import SwarmError
 from swarm.model import PipelineModel, StageInputError, build_stages
 from swarm.model.optim import make_optimizer
-from swarm.stage_server import StageServer, StageServerConfig, StaleStepError
+from swarm.training.stage_server import StageServer, StageServerConfig, StaleStepError
 
 
 def make_server(cfg: RunConfig, index: int) -> StageServer:
@@ -54,7 +54,7 @@ def test_pipeline_mean_gradients_equal_single_process(cfg: RunConfig) -> None:
            for (name, _), g in zip(s.model.named_parameters(), s.mean_gradients())}
     tied = [f"stages.{s.index}.{s.model.tied_name}" for s in servers]
     assert tied == ["stages.0.body.0.tokens.weight", "stages.1.body.1.weight"]
-    got[tied[0]] = got[tied[0]] + got.pop(tied[1])  # what swarm.tied does across the two stages
+    got[tied[0]] = got[tied[0]] + got.pop(tied[1])  # what swarm.training.tied does across the two stages
     want = dict(reference.named_parameters())  # the tied matrix appears once, under its stage-0 name
     assert set(got) == set(want)
     for name, w in want.items():
@@ -128,11 +128,11 @@ def test_apply_step_updates_and_checkpoint_round_trips(cfg: RunConfig, tmp_path:
 
 async def test_stage_service_refuses_work_for_caught_peers(cfg: RunConfig) -> None:
     """A caller this node's gradient checks caught gets a clear error and no work; others are served."""
-    from compression import Role
-    from dht.identity import Identity
-    from dht.transport import RpcContext
-    from swarm.messages import ForwardRequest
-    from swarm.stage_rpc import StageService, encode
+    from swarm.compression import Role
+    from swarm.p2p.identity import Identity
+    from swarm.p2p import RpcContext
+    from swarm.training.messages import ForwardRequest
+    from swarm.training.stage_rpc import StageService, encode
 
     server = make_server(cfg, 0)
     cheater, honest = Identity.generate().peer_id, Identity.generate().peer_id

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression import get_codec, serialize_tensor
+from swarm.compression import get_codec, serialize_tensor
 from swarm.errors import ConfigError, RemoteError
-from swarm.messages import ForwardReply, ForwardRequest
+from swarm.training.messages import ForwardReply, ForwardRequest
 from swarm.model import build_stages
 from tests.training.swarm_harness import Swarm, small_run, stage_weights
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dht.identity import Identity
-from dht.records import ValueWithExpiration, owner_subkey
-from swarm.messages import PeerRecord
-from swarm.progress import ProgressRecord
-from swarm.view import SwarmView, format_table
+from swarm.p2p.identity import Identity
+from swarm.dht.records import ValueWithExpiration, owner_subkey
+from swarm.training.messages import PeerRecord
+from swarm.training.progress import ProgressRecord
+from swarm.training.view import SwarmView, format_table
 
 
 def test_view_parses_records_and_skips_malformed_ones() -> None:

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from swarm.balancing import BalanceConfig, StagePeer, choose_move, choose_stage
+from swarm.training.balancing import BalanceConfig, StagePeer, choose_move, choose_stage
 from swarm.errors import ConfigError, TransportError
-from swarm.progress import ProgressRecord, latest_step, parse_records, step_samples, target_reached
-from swarm.wiring import NoPeerError, PeerSelector, WiringConfig, call_with_retry
+from swarm.training.progress import ProgressRecord, latest_step, parse_records, step_samples, target_reached
+from swarm.training.wiring import NoPeerError, PeerSelector, WiringConfig, call_with_retry
 
 
 class Clock:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dht.identity import Identity
-from dht.messages import Message
-from dht.transport import Transport, TransportConfig
+from swarm.p2p.identity import Identity
+from swarm.p2p.messages import Message
+from swarm.p2p import Transport, TransportConfig
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from dht.maddr import parse_maddr
-from dht.transport import RpcContext, Transport
-from dht.transport.framing import FRAME_HEADER, RECORD_PREFIX, WINDOW_PAYLOAD, FrameType, encode_request
-from dht.transport.noise import CipherState, HandshakeState, make_payload
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p import RpcContext, Transport
+from swarm.p2p.framing import FRAME_HEADER, RECORD_PREFIX, WINDOW_PAYLOAD, FrameType, encode_request
+from swarm.p2p.noise import CipherState, HandshakeState, make_payload
 from tests.transport.conftest import Echo, MakeTransport, seeded_identity
 
 DEADLINE_S = 10

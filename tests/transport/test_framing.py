@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dht.transport.framing import (
+from swarm.p2p.framing import (
     FRAME_HEADER,
     ErrorCode,
     Frame,
@@ -17,7 +17,7 @@ from dht.transport.framing import (
     encode_error,
     encode_request,
 )
-from dht.messages import packb
+from swarm.p2p.messages import packb
 from swarm.errors import FrameTooLargeError, ProtocolError
 
 

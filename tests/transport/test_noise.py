@@ -8,10 +8,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from dht.identity import Identity
-from dht.maddr import parse_maddr
-from dht.transport.framing import FRAME_HEADER, RECORD_PREFIX, FrameType
-from dht.transport.noise import (
+from swarm.p2p.identity import Identity
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p.framing import FRAME_HEADER, RECORD_PREFIX, FrameType
+from swarm.p2p.noise import (
     PROLOGUE,
     PROTOCOL_NAME,
     HandshakeState,

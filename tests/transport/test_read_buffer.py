@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from dht.transport import RpcContext, TransportConfig
-from dht.transport import connection as connection_module
-from dht.transport.connection import Connection
-from dht.transport.framing import Frame, FrameType, WriteScratch
-from dht.transport.streams import Stream
+from swarm.p2p import RpcContext, TransportConfig
+from swarm.p2p import connection as connection_module
+from swarm.p2p.connection import Connection
+from swarm.p2p.framing import Frame, FrameType, WriteScratch
+from swarm.p2p.streams import Stream
 from tests.transport.conftest import Echo, MakeTransport, seeded_identity
 
 DEADLINE_S = 20

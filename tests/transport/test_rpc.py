@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from dht.maddr import parse_maddr
-from dht.messages import Message, packb
-from dht.transport import RpcContext, Transport, TransportConfig
-from dht.transport.framing import Frame, FrameType
+from swarm.p2p.maddr import parse_maddr
+from swarm.p2p.messages import Message, packb
+from swarm.p2p import RpcContext, Transport, TransportConfig
+from swarm.p2p.framing import Frame, FrameType
 from swarm.errors import (
     ConfigError,
     OverloadedError,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dht.transport import RpcContext
+from swarm.p2p import RpcContext
 from swarm.errors import HandshakeError, OverloadedError, RemoteError, RpcTimeoutError, TransportError
 from tests.transport.conftest import Echo, MakeTransport
 

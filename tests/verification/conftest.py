@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from verif_helpers import MemoryStore, make_identity
 
-from dht.identity import Identity
+from swarm.p2p.identity import Identity
 
 
 @pytest.fixture

@@ -8,16 +8,16 @@ import json
 import pytest
 from verif_helpers import MemoryStore, make_identity
 
-from dht.identity import Identity
+from swarm.p2p.identity import Identity
 from swarm.errors import ConfigError, VerificationError
-from verification.attestation import (
+from swarm.verification.attestation import (
     GENESIS_DIGEST, Attestation, ShareEntry, attestation_key, build_attestation, fetch_attestations, pick_attestation,
     publish_attestation, verify_attestation)
-from verification.common import digest_parts, owner_subkey
-from verification.ledger import Ledger
-from verification.receipts import ReceiptBatch, WorkClaim, WorkReceipt, forge_receipt, sign_ack, sign_receipt
-from verification.rewards import RewardConfig, compute_rewards
-from verification.verdicts import VerdictBatch, sign_verdict
+from swarm.verification.common import digest_parts, owner_subkey
+from swarm.verification.ledger import Ledger
+from swarm.verification.receipts import ReceiptBatch, WorkClaim, WorkReceipt, forge_receipt, sign_ack, sign_receipt
+from swarm.verification.rewards import RewardConfig, compute_rewards
+from swarm.verification.verdicts import VerdictBatch, sign_verdict
 
 RUN = "run-att"
 CFG = RewardConfig(window_steps=10, stage_costs=(1.0, 3.0), backward_cost=2.0)
@@ -101,7 +101,7 @@ def attest(orch: Identity, window: int, receipts: dict, verdicts: dict, prev: At
 
 
 def make_peer(raw: bytes):
-    from dht.identity import PeerID
+    from swarm.p2p.identity import PeerID
     return PeerID(raw)
 
 

@@ -16,20 +16,20 @@ import pytest
 from click.testing import CliRunner
 from verif_helpers import make_identity
 
-from dht import DHT, DHTConfig
-from dht.identity import Identity
-from dht.transport import TransportConfig
+from swarm.dht import DHT, DHTConfig
+from swarm.p2p.identity import Identity
+from swarm.p2p import TransportConfig
 from swarm.cli.dht import main
-from verification.attestation import GENESIS_DIGEST, attestation_key, build_attestation, publish_attestation
-from verification.common import digest_parts, owner_subkey
-from verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt
-from verification.rewards import RewardConfig, compute_rewards
+from swarm.verification.attestation import GENESIS_DIGEST, attestation_key, build_attestation, publish_attestation
+from swarm.verification.common import digest_parts, owner_subkey
+from swarm.verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt
+from swarm.verification.rewards import RewardConfig, compute_rewards
 
 # A bare DHT node process (independent of the training CLI): prints its multiaddr, serves until stdin closes.
 DHT_NODE = """
 import asyncio, sys
-from dht import DHT, DHTConfig
-from dht.transport import TransportConfig
+from swarm.dht import DHT, DHTConfig
+from swarm.p2p import TransportConfig
 
 async def main():
     cfg = DHTConfig(transport=TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)), maintenance_interval_s=3600.0)

@@ -8,14 +8,14 @@ import pytest
 from verif_helpers import MemoryStore, make_identity
 
 from swarm.errors import ConfigError
-from verification.attestation import fetch_attestations, leader_rank, pick_attestation, verify_attestation
-from verification.election import (
+from swarm.verification.attestation import fetch_attestations, leader_rank, pick_attestation, verify_attestation
+from swarm.verification.election import (
     ElectionConfig, Heartbeat, choose_leader, fetch_heartbeats, live_candidates, publish_heartbeat, sign_heartbeat)
-from verification.orchestrator import Orchestrator, OrchestratorConfig
-from verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt, fetch_receipts
-from verification.common import digest_parts
-from verification.rewards import RewardConfig
-from verification.verdicts import fetch_verdicts
+from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
+from swarm.verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt, fetch_receipts
+from swarm.verification.common import digest_parts
+from swarm.verification.rewards import RewardConfig
+from swarm.verification.verdicts import fetch_verdicts
 
 RUN = "run-elect"
 ELECTION = ElectionConfig(heartbeat_interval_s=1.0, heartbeat_ttl_s=5.0)

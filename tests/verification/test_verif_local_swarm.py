@@ -31,9 +31,9 @@ def _run_local(tmp_path: Path, args: list[str], *, timeout_s: int) -> dict[str, 
 def test_local_swarm_flags_exactly_the_lazy_node(tmp_path: Path) -> None:
     # the example run, sampling 60% of receipts instead of 30%: the chance that no receipt of the lazy node is
     # checked in two windows drops from about 1e-3 to below 1e-8, so this test does not flake on sampling luck
-    example = (REPO / "examples" / "tiny_gpt_checked.toml").read_text()
+    example = (REPO / "swarm" / "run" / "presets" / "tiny_gpt_checked.toml").read_text()
     if "sample_probability = 0.3" not in example:
-        raise AssertionError("examples/tiny_gpt_checked.toml changed: update this test")
+        raise AssertionError("swarm/run/presets/tiny_gpt_checked.toml changed: update this test")
     config = tmp_path / "checked.toml"
     config.write_text(example.replace("sample_probability = 0.3", "sample_probability = 0.6"))
     summary = _run_local(tmp_path, ["--nodes", "4", "--validators", "1", "--misbehave", "lazy:1", "--steps", "15",
@@ -54,7 +54,7 @@ def test_local_swarm_flags_exactly_the_sign_flip_and_replay_nodes(tmp_path: Path
     the attestation tests check), nobody else is."""
     summary = _run_local(tmp_path, ["--nodes", "6", "--validators", "1", "--misbehave", "sign-flip:1",
                                     "--misbehave", "replay:1", "--steps", "20",
-                                    "--config", str(REPO / "examples" / "tiny_gpt_robust.toml")], timeout_s=580)
+                                    "--config", str(REPO / "swarm" / "run" / "presets" / "tiny_gpt_robust.toml")], timeout_s=580)
     logs = summary.pop("logs")
     assert len(summary["misbehaving"]) == 2
     assert summary["flagged"] == summary["misbehaving"], (summary, logs)

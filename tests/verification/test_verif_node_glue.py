@@ -8,23 +8,23 @@ import pytest
 import torch
 from verif_helpers import DirectFetcher, MemoryStore, make_identity
 
-from compression import Role
-from swarm.checkpoint import capture_state
-from swarm.config import RunConfig
+from swarm.compression import Role
+from swarm.training.checkpoint import capture_state
+from swarm.run.config import RunConfig
 from swarm.data import ShardedData
 from swarm.errors import ConfigError
-from swarm.misbehave import MisbehaveConfig, Misbehaviour, parse_misbehave_spec
+from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour, parse_misbehave_spec
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stages
-from swarm.stage_rpc import encode
-from swarm.stage_server import StageServer, StageServerConfig
-from swarm.validator import StageReplayer
-from swarm.verifying import misbehave_args, rewards_summary
-from verification.attestation import GENESIS_DIGEST, build_attestation
-from verification.ledger import Ledger
-from verification.replay import CheckConfig, ReceiptChecker
-from verification.rewards import RewardConfig, compute_rewards
-from verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
+from swarm.training.stage_rpc import encode
+from swarm.training.stage_server import StageServer, StageServerConfig
+from swarm.training.validator import StageReplayer
+from swarm.training.verifying import misbehave_args, rewards_summary
+from swarm.verification.attestation import GENESIS_DIGEST, build_attestation
+from swarm.verification.ledger import Ledger
+from swarm.verification.replay import CheckConfig, ReceiptChecker
+from swarm.verification.rewards import RewardConfig, compute_rewards
+from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
 
 RUN = RunConfig.from_dict({"model": {"num_blocks": 2, "d_model": 32, "seq_len": 16},
                            "pipeline": {"num_stages": 2}, "codecs": {"activations": "fp16"}})
@@ -118,8 +118,8 @@ def test_misbehaviour_hooks():
 
 def test_rewards_summary_from_ledgers(tmp_path):
     a, caller, o1, o2 = (make_identity(n) for n in ("rs-a", "rs-c", "rs-o1", "rs-o2"))
-    from verification.common import digest_parts
-    from verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
+    from swarm.verification.common import digest_parts
+    from swarm.verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
 
     claim = WorkClaim(run_id="r", step=1, stage=0, server=a.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
                       microbatch_id="m", kind="forward", input_hash=digest_parts([b"i"]), output_hash=digest_parts([b"o"]),
@@ -136,7 +136,7 @@ def test_rewards_summary_from_ledgers(tmp_path):
 
 
 def test_replayer_uses_the_checked_servers_own_weights():
-    from verification.replay import ReplayUnavailableError
+    from swarm.verification.replay import ReplayUnavailableError
 
     stages = build_stages(RUN)
     opt = make_optimizer(stages[1].parameters(), RUN.optimizer)
@@ -171,10 +171,10 @@ def test_replayer_uses_the_checked_servers_own_weights():
 async def test_node_verification_publishes_receipts_forges_and_attests(tmp_path):
     import asyncio
 
-    from swarm.verifying import NodeVerification, node_verification_config
-    from verification.attestation import fetch_attestations
-    from verification.receipts import fetch_receipts
-    from verification.settings import VerificationSettings
+    from swarm.training.verifying import NodeVerification, node_verification_config
+    from swarm.verification.attestation import fetch_attestations
+    from swarm.verification.receipts import fetch_receipts
+    from swarm.verification.settings import VerificationSettings
 
     store = MemoryStore(clock=lambda: 0.0)
     settings = VerificationSettings(window_steps=2, settle_steps=0)

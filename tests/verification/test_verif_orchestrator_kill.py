@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from swarm.config import RunConfig
-from swarm.verifying import ledger_path_for
-from verification.ledger import Ledger
+from swarm.run.config import RunConfig
+from swarm.training.verifying import ledger_path_for
+from swarm.verification.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "examples" / "tiny_gpt_checked.toml"
+CONFIG = REPO / "swarm" / "run" / "presets" / "tiny_gpt_checked.toml"
 NUM_TRAINERS, NUM_VALIDATORS, MAX_STEPS = 4, 2, 40
 
 

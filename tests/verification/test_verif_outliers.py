@@ -9,16 +9,16 @@ import pytest
 import torch
 from verif_helpers import MemoryStore, make_identity
 
-from dht.identity import PeerID
+from swarm.p2p.identity import PeerID
 from swarm.averaging.reducer import centered_clip
 from swarm.errors import ConfigError
-from verification.attestation import GENESIS_DIGEST, build_attestation, verify_attestation
-from verification.common import digest_parts
-from verification.gradient_checks import GradientCheckConfig, GradientChecker
-from verification.outliers import (
+from swarm.verification.attestation import GENESIS_DIGEST, build_attestation, verify_attestation
+from swarm.verification.common import digest_parts
+from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker
+from swarm.verification.outliers import (
     OutlierConfig, ReplayDetector, fetch_reports, find_outliers, publish_report, reported_peers, sign_report)
-from verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
-from verification.rewards import RewardConfig, compute_rewards
+from swarm.verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
+from swarm.verification.rewards import RewardConfig, compute_rewards
 
 RUN = "run-outliers"
 CFG = OutlierConfig()

@@ -7,11 +7,11 @@ import logging
 import pytest
 from verif_helpers import MemoryStore, make_identity
 
-from dht.identity import Identity
+from swarm.p2p.identity import Identity
 from swarm.errors import ProtocolError, VerificationError
-from verification.batches import MAX_PART_BYTES, part_subkey
-from verification.common import digest_parts, owner_subkey
-from verification.receipts import (
+from swarm.verification.batches import MAX_PART_BYTES, part_subkey
+from swarm.verification.common import digest_parts, owner_subkey
+from swarm.verification.receipts import (
     ReceiptBatch, WorkClaim, WorkReceipt, fetch_receipts, forge_receipt, publish_receipts, receipts_key, sign_ack,
     sign_receipt)
 
@@ -71,7 +71,7 @@ def test_forged_and_tampered_receipts_are_invalid(identities):
     ({"claim": {}, "server_signature": b"", "caller_signature": b""}, "missing field"),
 ])
 def test_malformed_receipt_bytes_raise_protocol_error(wire, match):
-    from dht.messages import packb
+    from swarm.p2p.messages import packb
     with pytest.raises(ProtocolError, match=match):
         WorkReceipt.unpack(wire if isinstance(wire, bytes) else packb(wire))
 

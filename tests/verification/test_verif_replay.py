@@ -8,13 +8,13 @@ import pytest
 import torch
 from verif_helpers import DirectFetcher, LinearStage, encode_tensor, make_identity
 
-from dht.identity import Identity
+from swarm.p2p.identity import Identity
 from swarm.errors import ConfigError
-from verification.common import digest_parts
-from verification.compare import ToleranceConfig
-from verification.receipts import WorkClaim, WorkReceipt, sign_ack, sign_receipt
-from verification.replay import CheckConfig, ReceiptChecker
-from verification.retention import FetchService, RetentionConfig, RetentionStore
+from swarm.verification.common import digest_parts
+from swarm.verification.compare import ToleranceConfig
+from swarm.verification.receipts import WorkClaim, WorkReceipt, sign_ack, sign_receipt
+from swarm.verification.replay import CheckConfig, ReceiptChecker
+from swarm.verification.retention import FetchService, RetentionConfig, RetentionStore
 
 RUN = "run-replay"
 DIM = 16

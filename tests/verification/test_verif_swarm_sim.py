@@ -13,18 +13,18 @@ import pytest
 import torch
 from verif_helpers import DirectFetcher, LinearStage, MemoryStore, encode_tensor, make_identity
 
-from dht.identity import PeerID
+from swarm.p2p.identity import PeerID
 from swarm.averaging.reducer import centered_clip
-from swarm.misbehave import MisbehaveConfig, Misbehaviour
-from verification.attestation import fetch_attestations, pick_attestation, verify_attestation
-from verification.election import ElectionConfig
-from verification.orchestrator import Orchestrator, OrchestratorConfig
-from verification.outliers import OutlierConfig, ReplayDetector, fetch_reports, find_outliers, publish_report, sign_report
-from verification.receipts import fetch_receipts
-from verification.replay import CheckConfig, ReceiptChecker
-from verification.rewards import RewardConfig
-from verification.verdicts import VerdictBatch, fetch_verdicts, publish_verdicts
-from verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
+from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
+from swarm.verification.attestation import fetch_attestations, pick_attestation, verify_attestation
+from swarm.verification.election import ElectionConfig
+from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
+from swarm.verification.outliers import OutlierConfig, ReplayDetector, fetch_reports, find_outliers, publish_report, sign_report
+from swarm.verification.receipts import fetch_receipts
+from swarm.verification.replay import CheckConfig, ReceiptChecker
+from swarm.verification.rewards import RewardConfig
+from swarm.verification.verdicts import VerdictBatch, fetch_verdicts, publish_verdicts
+from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
 
 RUN = "run-sim"
 WINDOW = 5

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from dht.identity import Identity
+from swarm.p2p.identity import Identity
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class LinearStage:
 
     # the Replayer Protocol
     def recompute(self, *, stage: int, step: int, kind: str, inputs: Any, server: Any = None) -> list:
-        from verification.replay import ReplayUnavailableError
+        from swarm.verification.replay import ReplayUnavailableError
 
         if step not in self.available_steps:
             raise ReplayUnavailableError(f"no weights for step {step}")

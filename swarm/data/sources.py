@@ -1,0 +1,128 @@
+"""Training data: a seeded random Markov source with a known entropy rate, a text-file source, and shards.
+
+The Markov source draws each row of a first-order transition matrix from a symmetric Dirichlet distribution;
+sequences start in the stationary distribution, so every next-token prediction has conditional entropy equal to
+the chain's entropy rate: the best reachable mean loss (nats), reported as ``loss_floor``.
+
+Shards: the samples of microbatch ``index`` of ``step`` fed by the driver with key ``shard_key`` (its PeerID
+bytes) come from a generator seeded with ``(run seed, shard_key, step, index)``: deterministic for that
+driver and independent of every other driver's, so no two peers feed the same samples in a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from swarm.run.config import RunConfig
+from swarm.errors import ConfigError
+
+
+class DataSource(Protocol):
+    """Produces token sequences of length ``seq_len + 1`` (inputs plus shifted targets)."""
+
+    loss_floor: float | None
+
+    def sample(self, rng: np.random.Generator, num_samples: int, length: int) -> np.ndarray: ...
+
+
+class MarkovSource:
+    """First-order Markov chain over ``vocab_size`` tokens with Dirichlet(``concentration``) rows."""
+
+    def __init__(self, vocab_size: int, *, concentration: float, seed: int) -> None:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4D41524B]))
+        self.transitions = rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size)
+        self.transitions = np.clip(self.transitions, 1e-12, None)
+        self.transitions /= self.transitions.sum(axis=1, keepdims=True)
+        self._cumulative = np.cumsum(self.transitions, axis=1)
+        self._cumulative[:, -1] = 1.0
+        self.stationary = _stationary(self.transitions)
+        row_entropy = -(self.transitions * np.log(self.transitions)).sum(axis=1)
+        self.loss_floor: float | None = float(self.stationary @ row_entropy)
+
+    def sample(self, rng: np.random.Generator, num_samples: int, length: int) -> np.ndarray:
+        """``num_samples`` sequences of ``length`` tokens, started in the stationary distribution."""
+        out = np.empty((num_samples, length), dtype=np.int64)
+        cum_stationary = np.cumsum(self.stationary)
+        cum_stationary[-1] = 1.0
+        out[:, 0] = np.searchsorted(cum_stationary, rng.random(num_samples), side="right")
+        uniforms = rng.random((num_samples, length))
+        for t in range(1, length):
+            rows = self._cumulative[out[:, t - 1]]
+            out[:, t] = (rows < uniforms[:, t : t + 1]).sum(axis=1)
+        return out
+
+
+def _stationary(transitions: np.ndarray) -> np.ndarray:
+    """The stationary distribution (left eigenvector for eigenvalue 1), by power iteration."""
+    pi = np.full(transitions.shape[0], 1.0 / transitions.shape[0])
+    for _ in range(10_000):
+        nxt = pi @ transitions
+        if np.abs(nxt - pi).sum() < 1e-13:
+            return nxt / nxt.sum()
+        pi = nxt
+    return pi / pi.sum()
+
+
+class TextSource:
+    """A text file read as bytes (vocabulary 256); samples are windows at random offsets."""
+
+    loss_floor: float | None = None
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            self.data = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8).astype(np.int64)
+        except OSError as e:
+            raise ConfigError(f"data.path {str(path)!r} cannot be read: {e}") from None
+
+    def sample(self, rng: np.random.Generator, num_samples: int, length: int) -> np.ndarray:
+        if len(self.data) < length + 1:
+            raise ConfigError(f"data.path has {len(self.data)} bytes, fewer than one sample of {length}")
+        starts = rng.integers(0, len(self.data) - length + 1, size=num_samples)
+        return np.stack([self.data[s : s + length] for s in starts])
+
+
+def make_source(cfg: RunConfig) -> DataSource:
+    """The data source named by the run config."""
+    if cfg.data.source == "text":
+        return TextSource(cfg.data.path)
+    return MarkovSource(cfg.model.vocab_size, concentration=cfg.data.markov_concentration, seed=cfg.seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Microbatch:
+    """Token ids ``inputs`` [B, T] and next-token ``targets`` [B, T] of one microbatch."""
+
+    step: int
+    index: int
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+class ShardedData:
+    """A driver's deterministic shard: microbatch ``index`` of ``step`` for ``shard_key``."""
+
+    def __init__(self, cfg: RunConfig, shard_key: bytes, source: DataSource | None = None) -> None:
+        self.cfg = cfg
+        self.source = source if source is not None else make_source(cfg)
+        self._key_words = [int.from_bytes(hashlib.sha256(shard_key).digest()[i : i + 4], "big") for i in range(0, 16, 4)]
+
+    @property
+    def loss_floor(self) -> float | None:
+        return self.source.loss_floor
+
+    def microbatch(self, step: int, index: int, num_samples: int | None = None) -> Microbatch:
+        """The samples of one microbatch: the same arguments always give the same tokens."""
+        size = num_samples if num_samples is not None else self.cfg.batch.microbatch_size
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *self._key_words, step, index]))
+        tokens = torch.from_numpy(self.source.sample(rng, size, self.cfg.model.seq_len + 1))
+        return Microbatch(step=step, index=index, inputs=tokens[:, :-1].contiguous(), targets=tokens[:, 1:].contiguous())

@@ -1,0 +1,1 @@
+"""A whole swarm on one machine (`swarm-node local`) and gathering a swarm's stages into one checkpoint."""

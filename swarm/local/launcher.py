@@ -1,0 +1,295 @@
+"""`swarm-node local`: a swarm of N node processes on loopback, a live table, and a JSON summary.
+
+The first process is the bootstrap peer; the others get ``--initial-peers`` with its multiaddr. Each node is
+started after the previous one reports the stage it serves (so self-assignment sees the earlier records) and
+drives no microbatch until all N are in the run's records. Logs and checkpoints go to
+``runs/<timestamp>/node-<i>/``. A client-mode DHT node reads the per-stage view for the live table. Every
+process is stopped on exit, on error and on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from swarm.dht import DHT, DHTConfig
+from swarm.run.config import RunConfig
+from swarm.data import make_source
+from swarm.errors import ConfigError, SwarmError
+from swarm.training.verifying import misbehave_args, rewards_summary
+from swarm.training.view import SwarmView, format_table, peers_key, progress_key
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 10.0
+CHEATER_GRACE_S = 20.0  # after every honest node exited, how long misbehaving (--misbehave) nodes may still run
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """How many nodes, which run, how long; where the run directory goes."""
+
+    num_nodes: int = 4
+    config_path: Path | None = None
+    steps: int = 30
+    as_json: bool = False
+    run_dir: Path | None = None
+    timeout_s: float = 1800.0
+    start_timeout_s: float = 120.0
+    table_interval_s: float = 2.0
+    extra_node_args: tuple[str, ...] = ()
+    num_validators: int = 0
+    misbehave: tuple[tuple[str, int], ...] = ()  # (kind, count): the last training nodes cheat on purpose
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_validators, int) or not 0 <= self.num_validators <= 16:
+            raise ConfigError(f"num_validators must be an int in [0, 16], got {self.num_validators!r}")
+        if sum(count for _, count in self.misbehave) > self.num_nodes:
+            raise ConfigError(f"misbehave: {sum(c for _, c in self.misbehave)} cheaters but only {self.num_nodes} nodes")
+        if not isinstance(self.num_nodes, int) or not 1 <= self.num_nodes <= 64:
+            raise ConfigError(f"num_nodes must be an int in [1, 64], got {self.num_nodes!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1_000_000:
+            raise ConfigError(f"steps must be an int in [1, 1000000], got {self.steps!r}")
+        for name in ("timeout_s", "start_timeout_s", "table_interval_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 86400:
+                raise ConfigError(f"{name} must be in (0, 86400] seconds, got {value!r}")
+
+
+@dataclass
+class NodeProcess:
+    """One started node: its process, its folder, and what it reported."""
+
+    index: int
+    proc: asyncio.subprocess.Process
+    folder: Path
+    maddr: str | None = None
+    stage: str | None = None
+    lines: list[str] = field(default_factory=list)
+    misbehaving: bool = False
+
+
+def launch(cfg: LaunchConfig) -> int:
+    """Run the local swarm to completion; print the table and (with ``as_json``) the summary. Returns an exit code."""
+    run = RunConfig.from_toml(cfg.config_path)  # fail early on a bad config, before any process starts
+    run_dir = cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = asyncio.run(_launch(cfg, run, run_dir.resolve()))
+    except KeyboardInterrupt:
+        print("interrupted; every node process was stopped", file=sys.stderr)
+        return 130
+    if cfg.as_json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"done: {summary['steps']} steps, loss {summary['initial_loss']} -> {summary['final_loss']} "
+              f"(floor {summary['loss_floor']}), {summary['samples_per_s']} samples/s; logs in {run_dir}")
+    return 0 if summary.get("ok") else 1
+
+
+async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str, Any]:
+    nodes: list[NodeProcess] = []
+    out: TextIO = sys.stderr if cfg.as_json else sys.stdout
+    started = time.monotonic()
+    error: str | None = None
+    try:
+        async with asyncio.timeout(cfg.timeout_s):
+            cheats = misbehave_args(cfg.num_nodes, cfg.misbehave)
+            for i in range(cfg.num_nodes):
+                node = await _start_after_bootstrap(cfg, run_dir, i, nodes, cheats.get(i, ()))
+                node.misbehaving = i in cheats
+                nodes.append(node)
+                print(f"node {i}: {node.maddr} serving stage {node.stage}", file=out, flush=True)
+            for i in range(cfg.num_nodes, cfg.num_nodes + cfg.num_validators):
+                node = await _start_node(cfg, run_dir, i, nodes[0].maddr, ("--role", "validator"))
+                nodes.append(node)
+                print(f"node {i}: {node.maddr} validator", file=out, flush=True)
+            await _watch(cfg, run, nodes, out, started)
+    except TimeoutError:
+        stuck = [n.index for n in nodes if n.proc.returncode is None]
+        error = (f"the run did not finish within --timeout {cfg.timeout_s:.0f}s; nodes still running: {stuck}; "
+                 f"see their logs in {run_dir}")
+        print(error, file=sys.stderr, flush=True)
+        for index in stuck:
+            _print_log_tail(run_dir / f"node-{index}.log", index)
+    finally:
+        await _stop_all(nodes)
+    summary = _summarize(cfg, run, run_dir, nodes)
+    if error is not None:
+        summary["ok"] = False
+        summary["error"] = error
+    return summary
+
+
+def _print_log_tail(path: Path, index: int, num_lines: int = 40) -> None:
+    """Copy the last lines of a node's log to stderr, so a stuck run can be diagnosed from its output alone."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-num_lines:]
+    except OSError as e:
+        print(f"node {index}: no log ({e})", file=sys.stderr)
+        return
+    print(f"--- last {len(lines)} lines of node-{index}.log ---", file=sys.stderr)
+    for line in lines:
+        print(f"node {index}| {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+async def _start_after_bootstrap(cfg: LaunchConfig, run_dir: Path, index: int, nodes: list[NodeProcess],
+                                 role_args: tuple[str, ...]) -> NodeProcess:
+    """Start node ``index`` with node 0 as its initial peer; if it fails because node 0 is gone, say so."""
+    try:
+        return await _start_node(cfg, run_dir, index, nodes[0].maddr if nodes else None, role_args)
+    except SwarmError as e:
+        if not nodes or nodes[0].proc.returncode is None:
+            raise
+        raise SwarmError(
+            f"{e}: node 0, its initial peer, had already exited (code {nodes[0].proc.returncode}). If {run_dir} "
+            f"holds checkpoints of an earlier run at --steps {cfg.steps}, node 0 resumed there and stopped at "
+            "once: use a new --run-dir or more --steps"
+        ) from None
+
+
+async def _start_node(cfg: LaunchConfig, run_dir: Path, index: int, bootstrap: str | None,
+                      role_args: tuple[str, ...] = ()) -> NodeProcess:
+    folder = run_dir / f"node-{index}"
+    folder.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "swarm.cli.node", "start", "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--data-dir", str(folder), "--max-steps", str(cfg.steps), "--summary-file", str(folder / "summary.json"),
+            "--start-after-peers", str(cfg.num_nodes + cfg.num_validators), *cfg.extra_node_args, *role_args]
+    if cfg.config_path is not None:
+        args += ["--config", str(cfg.config_path.resolve())]
+    if bootstrap is not None:
+        args += ["--initial-peers", bootstrap]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(run_dir / f"node-{index}.log", "ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env,
+                                                    start_new_session=True)
+    node = NodeProcess(index=index, proc=proc, folder=folder)
+    async with asyncio.timeout(cfg.start_timeout_s):
+        while node.stage is None and not ("validator" in role_args and node.maddr is not None):
+            line = await _read_line(node)
+            if line.startswith("listening on ") and node.maddr is None:
+                node.maddr = line.split()[-1]
+            elif line.startswith("serving stage "):
+                node.stage = line[len("serving stage "):]
+    return node
+
+
+async def _read_line(node: NodeProcess) -> str:
+    stdout = node.proc.stdout
+    if stdout is None:
+        raise SwarmError("internal: node stdout is not piped")
+    raw = await stdout.readline()
+    if not raw:
+        code = await node.proc.wait()
+        raise SwarmError(f"node {node.index} exited with code {code} while starting; see node-{node.index}.log")
+    line = raw.decode(errors="replace").strip()
+    node.lines.append(line)
+    return line
+
+
+async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], out: TextIO, started: float) -> None:
+    """Show the live table from the DHT until every node process has exited."""
+    dht_cfg = DHTConfig(initial_peers=tuple(n.maddr for n in nodes if n.maddr), client_mode=True,
+                        rpc_timeout_s=2.0, lookup_timeout_s=4.0, maintenance_interval_s=3600.0)
+    waits = [asyncio.ensure_future(n.proc.wait()) for n in nodes]
+    try:
+        async with DHT.create(dht_cfg) as dht:
+            train_started: float | None = None
+            honest_done_at: float | None = None
+            while not all(w.done() for w in waits):
+                if all(w.done() for w, n in zip(waits, nodes) if not n.misbehaving):
+                    # the honest swarm finished; cheaters cut off by its checks may never reach max_steps
+                    honest_done_at = honest_done_at or time.monotonic()
+                    if time.monotonic() - honest_done_at > CHEATER_GRACE_S:
+                        log.warning("the honest nodes finished %.0fs ago; stopping the misbehaving ones",
+                                    CHEATER_GRACE_S)
+                        break
+                try:
+                    async with asyncio.timeout(cfg.table_interval_s * 2):
+                        view = SwarmView.parse(await dht.get(peers_key(run.run_id), latest=True),
+                                               await dht.get(progress_key(run.run_id), latest=True))
+                    summary = view.summary(run.pipeline.num_stages)
+                    step = summary.get("step") or 0
+                    if train_started is None and step > 0:
+                        train_started = time.monotonic()
+                    eta = None
+                    if train_started is not None and step > 0:
+                        eta = (time.monotonic() - train_started) / step * max(cfg.steps - step, 0)
+                    if view.peers or not any(w.done() for w in waits):  # not the empty view of a finished run
+                        print(format_table(summary, eta_s=eta), file=out, flush=True)
+                except (SwarmError, TimeoutError, OSError) as e:
+                    log.warning("could not read the swarm's records for the table: %s", e)
+                await asyncio.wait(waits, timeout=cfg.table_interval_s)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def _stop_all(nodes: list[NodeProcess]) -> None:
+    """SIGTERM every node still running, wait, then SIGKILL what is left."""
+    for node in nodes:
+        if node.proc.returncode is None:
+            node.proc.send_signal(signal.SIGTERM)
+    for node in nodes:
+        try:
+            async with asyncio.timeout(STOP_GRACE_S):
+                await node.proc.wait()
+        except TimeoutError:
+            log.warning("node %d did not stop within %.0fs; killing it", node.index, STOP_GRACE_S)
+            node.proc.kill()
+            await node.proc.wait()
+
+
+def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[NodeProcess]) -> dict[str, Any]:
+    """Aggregate the nodes' summary files into the run's JSON summary."""
+    summaries = []
+    for node in nodes:
+        path = node.folder / "summary.json"
+        if path.exists():
+            summaries.append(json.loads(path.read_text()))
+    per_step: dict[int, list[float]] = {}
+    for s in summaries:
+        for step, losses in s.get("losses", {}).items():
+            per_step.setdefault(int(step), []).extend(losses)
+    curve = [sum(per_step[k]) / len(per_step[k]) for k in sorted(per_step)]
+    stages: list[list[str]] = [[] for _ in range(run.pipeline.num_stages)]
+    for s in summaries:
+        if s.get("stage") is not None:
+            stages[s["stage"]].append(s["peer_id"])
+    samples = sum(s.get("samples", 0) for s in summaries)
+    starts = [s["first_sample_time"] for s in summaries if s.get("first_sample_time")]
+    ends = [s["end_time"] for s in summaries if s.get("end_time")]
+    elapsed = max(ends) - min(starts) if starts and ends else 0.0
+    # the run's steps: those of the honest training nodes (a cheater cut off by the checks may lag behind)
+    steps = min((s.get("step", 0) for s in summaries
+                 if s.get("role") != "validator" and not (s.get("verification") or {}).get("misbehave")), default=0)
+    floor = make_source(run).loss_floor
+    checks = rewards_summary([Path(s["ledger_path"]) for s in summaries if s.get("ledger_path")], run.run_id)
+    return {
+        **checks,
+        "misbehaving": sorted(s["peer_id"] for s in summaries if (s.get("verification") or {}).get("misbehave")),
+        "ok": len(summaries) == len(nodes) and steps >= cfg.steps,
+        "steps": steps,
+        "initial_loss": round(curve[0], 4) if curve else None,
+        "final_loss": round(curve[-1], 4) if curve else None,
+        "loss_floor": round(floor, 4) if floor is not None else None,
+        "loss_curve": [round(x, 4) for x in curve],
+        "stages": [sorted(p) for p in stages],
+        "samples": samples,
+        "samples_per_s": round(samples / elapsed, 2) if elapsed > 0 else 0.0,
+        "tokens_per_s": round(samples * run.model.seq_len / elapsed, 1) if elapsed > 0 else 0.0,
+        "elapsed_s": round(elapsed, 2),
+        "run_id": run.run_id,
+        "run_dir": str(run_dir),
+        "exit_codes": [n.proc.returncode for n in nodes],
+    }

@@ -1,0 +1,116 @@
+"""Deliberate misbehaviour for tests and demos (``--misbehave KIND``): the hooks a cheating node runs.
+
+Kinds:
+
+* ``noisy-forward``: perturbs forward outputs with Gaussian noise of ``noise_scale`` x their std;
+* ``lazy``: returns zeros instead of computed outputs (forward and backward);
+* ``sign-flip``: sends its gradients x(-1000) to the all-reduce;
+* ``forge-receipts``: as a caller, also signs receipts for itself (and for a colluder) for work never done;
+* ``replay``: re-sends the gradients of an old step to the all-reduce.
+
+The stage server calls `Misbehaviour.outputs` on what it is about to return, the trainer calls
+`Misbehaviour.gradients` on what it is about to average, and the driver calls `Misbehaviour.forged_receipts`
+when it flushes its receipts. With ``kind=None`` every hook returns its input unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from swarm.p2p.identity import Identity, PeerID
+from swarm.errors import ConfigError
+from swarm.verification.common import digest_parts
+from swarm.verification.receipts import WorkClaim, WorkReceipt, forge_receipt
+
+log = logging.getLogger(__name__)
+
+KINDS = ("noisy-forward", "lazy", "sign-flip", "forge-receipts", "replay")
+SIGN_FLIP_FACTOR = -1000.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MisbehaveConfig:
+    """Which cheat this node runs (None: honest) and its knobs."""
+
+    kind: str | None = None
+    noise_scale: float = 0.5
+    forged_per_flush: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in KINDS:
+            raise ConfigError(f"misbehave kind must be one of {KINDS}, got {self.kind!r}")
+        if not 0 < self.noise_scale <= 100:
+            raise ConfigError(f"noise_scale must be in (0, 100], got {self.noise_scale!r}")
+        if not 1 <= self.forged_per_flush <= 10_000:
+            raise ConfigError(f"forged_per_flush must be in [1, 10000], got {self.forged_per_flush!r}")
+
+
+def parse_misbehave_spec(text: str) -> tuple[str, int]:
+    """``KIND:COUNT`` (as in ``swarm-node local --misbehave lazy:1``) -> (kind, count); ConfigError if malformed."""
+    kind, sep, count = text.partition(":")
+    if kind not in KINDS:
+        raise ConfigError(f"--misbehave: kind must be one of {KINDS}, got {kind!r}")
+    if not sep:
+        return kind, 1
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--misbehave: COUNT must be a positive integer, got {count!r} in {text!r}")
+    return kind, int(count)
+
+
+class Misbehaviour:
+    """The cheating hooks of one node."""
+
+    def __init__(self, cfg: MisbehaveConfig) -> None:
+        self.cfg = cfg
+        self._generator = torch.Generator().manual_seed(cfg.seed)
+        self._first_gradients: list[torch.Tensor] | None = None
+        self._forged = 0
+
+    @property
+    def kind(self) -> str | None:
+        return self.cfg.kind
+
+    def outputs(self, kind: str, result: torch.Tensor) -> torch.Tensor:
+        """What a stage server returns for ``kind`` (forward/backward) instead of ``result``."""
+        if self.cfg.kind == "lazy" and result.is_floating_point():
+            return torch.zeros_like(result)
+        if self.cfg.kind == "noisy-forward" and kind == "forward" and result.is_floating_point():
+            noise = torch.randn(result.shape, generator=self._generator).to(result.dtype)
+            return result + self.cfg.noise_scale * result.detach().float().std().to(result.dtype) * noise
+        return result
+
+    def gradients(self, step: int, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What this node sends to the all-reduce at ``step`` instead of ``grads``."""
+        if self.cfg.kind == "sign-flip":
+            return [g * SIGN_FLIP_FACTOR for g in grads]
+        if self.cfg.kind == "replay":
+            shapes = [g.shape for g in grads]
+            if self._first_gradients is None or [g.shape for g in self._first_gradients] != shapes:
+                if any(bool(g.any()) for g in grads):  # the first step (of this stage) with work to replay
+                    self._first_gradients = [g.detach().clone() for g in grads]
+                return grads
+            return [g.clone() for g in self._first_gradients]
+        return grads
+
+    def forged_receipts(self, identity: Identity, *, run_id: str, step: int, stage: int,
+                        colluder: PeerID | None = None) -> list[WorkReceipt]:
+        """Receipts for work never done: for this node itself, or for ``colluder`` with an ack this node made up."""
+        if self.cfg.kind != "forge-receipts":
+            return []
+        receipts = []
+        for _ in range(self.cfg.forged_per_flush):
+            self._forged += 1
+            mb = f"forged-{identity.peer_id.short()}-{self._forged}"
+            server = colluder or identity.peer_id
+            fake = digest_parts([hashlib.sha256(mb.encode()).digest()])
+            claim = WorkClaim(run_id=run_id, step=step, stage=stage, server=server.to_bytes(),
+                              caller=identity.peer_id.to_bytes(), microbatch_id=mb, kind="forward", input_hash=fake,
+                              output_hash=fake, num_samples=16)
+            receipts.append(forge_receipt(identity, claim, identity.sign(claim.ack_body())))
+        log.warning("%s: misbehaving: forged %d receipts at step %d", identity.peer_id.short(), len(receipts), step)
+        return receipts

@@ -1,0 +1,157 @@
+"""Drivers: push microbatches through the pipeline, forward stage by stage, loss at the last, backward back.
+
+A driver (a stage-0 node, or a node started with ``--role trainer``) draws microbatches from its deterministic
+shard and sends each through one peer per stage chosen by stochastic wiring (`swarm.training.wiring`). The backward of
+an inner stage goes first to the peer that ran its forward (which kept the graph); if that peer fails, another
+replica of the stage recomputes from the resent inputs. A microbatch counts only once its stage-0 backward
+completes; a failed one is retried whole (same samples) until its step closes, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from swarm.data import Microbatch
+from swarm.errors import ConfigError, RemoteError, SwarmError
+from swarm.training.stage_server import StaleStepError
+from swarm.training.wiring import NoPeerError, PeerSelector, call_with_retry
+
+log = logging.getLogger(__name__)
+
+
+class StageClient(Protocol):
+    """How a driver reaches a stage replica (a remote peer over RPC, or this node's own stage server)."""
+
+    async def forward(self, peer: Any, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor) -> torch.Tensor: ...
+
+    async def backward(self, peer: Any, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor,
+                       grad_outputs: torch.Tensor | None = None,
+                       targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float | None]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverConfig:
+    """Retries of one microbatch: after a failure wait ``retry_wait_s`` (give up after ``max_microbatch_attempts``);
+    when a replica is at another step wait ``stale_wait_s`` (at most ``max_stale_retries`` tries in all)."""
+
+    retry_wait_s: float = 0.5
+    max_microbatch_attempts: int = 20
+    stale_wait_s: float = 0.05
+    max_stale_retries: int = 1000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stale_wait_s, (int, float)) or not 0 <= self.stale_wait_s <= 60:
+            raise ConfigError(f"stale_wait_s must be in [0, 60] seconds, got {self.stale_wait_s!r}")
+        if not isinstance(self.max_stale_retries, int) or not 1 <= self.max_stale_retries <= 1_000_000:
+            raise ConfigError(f"max_stale_retries must be an int in [1, 1000000], got {self.max_stale_retries!r}")
+        if not isinstance(self.retry_wait_s, (int, float)) or not 0 <= self.retry_wait_s <= 600:
+            raise ConfigError(f"retry_wait_s must be in [0, 600] seconds, got {self.retry_wait_s!r}")
+        if not isinstance(self.max_microbatch_attempts, int) or not 1 <= self.max_microbatch_attempts <= 10_000:
+            raise ConfigError(f"max_microbatch_attempts must be an int in [1, 10000], got {self.max_microbatch_attempts!r}")
+
+
+def is_stale_step(error: BaseException) -> bool:
+    """Whether ``error`` (local or a peer's answer) says the step is over or not open: no ban, no retry."""
+    return isinstance(error, StaleStepError) or (isinstance(error, RemoteError) and "StaleStepError" in str(error))
+
+
+class _Stale(SwarmError):
+    """Internal: a peer's answer said the step is over (raised inside a call so that no peer is banned)."""
+
+
+class Driver:
+    """Runs one microbatch at a time through the pipeline; `run_microbatch` is safe to call concurrently."""
+
+    def __init__(self, cfg: DriverConfig, *, num_stages: int, client: StageClient,
+                 peers_of: Callable[[int], Sequence[Any]], selectors: Sequence[PeerSelector[Any]],
+                 step_of: Callable[[], int], name: str = "driver") -> None:
+        if len(selectors) != num_stages:
+            raise ConfigError(f"selectors: need one per stage ({num_stages}), got {len(selectors)}")
+        self.cfg = cfg
+        self.num_stages = num_stages
+        self.client = client
+        self.peers_of = peers_of
+        self.selectors = selectors
+        self.step_of = step_of
+        self.name = name
+
+    async def run_microbatch(self, mb: Microbatch) -> float:
+        """Forward, loss, backward for ``mb``; retries until done. Returns the loss.
+
+        Raises StaleStepError when the step closes first (the microbatch is then not counted anywhere it
+        matters: the step's averaging has started), NoPeerError after ``max_microbatch_attempts``.
+        """
+        mb_id = f"{self.name}/{mb.step}/{mb.index}"
+        attempt, tries = 0, 0
+        while attempt < self.cfg.max_microbatch_attempts and tries < self.cfg.max_stale_retries:
+            tries += 1
+            if self.step_of() != mb.step:
+                raise StaleStepError(f"step {mb.step} closed before microbatch {mb_id} completed")
+            try:
+                return await self._pipeline(mb, f"{mb_id}#{tries}")
+            except _Stale:
+                # a stage replica is at another step: ours closed (checked above) or it lags; wait, same samples
+                await asyncio.sleep(self.cfg.stale_wait_s)
+                continue
+            except NoPeerError as e:
+                log.warning("%s: microbatch %s attempt %d: %s", self.name, mb_id, attempt + 1, e)
+            except (SwarmError, TimeoutError, OSError) as e:
+                log.warning("%s: microbatch %s attempt %d failed (%s: %s); retrying it", self.name, mb_id, attempt + 1,
+                            type(e).__name__, e)
+            attempt += 1
+            await asyncio.sleep(self.cfg.retry_wait_s)
+        if attempt < self.cfg.max_microbatch_attempts:
+            log.warning("%s: microbatch %s: a replica stayed at another step for %d tries; drawing a new one",
+                        self.name, mb_id, tries)
+            raise StaleStepError(f"microbatch {mb_id}: a stage replica stayed at another step than {mb.step}")
+        raise NoPeerError(f"{self.name}: microbatch {mb_id} failed {attempt} times ({tries} tries)")
+
+    async def _pipeline(self, mb: Microbatch, mb_id: str) -> float:
+        last = self.num_stages - 1
+        acts: list[torch.Tensor] = [mb.inputs]
+        forward_peers: list[Any] = []
+        for stage in range(last):
+            peer, out = await self._call(stage, mb, "forward", lambda p, s=stage: self.client.forward(
+                p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s]))
+            forward_peers.append(peer)
+            acts.append(out)
+        _, (grad, loss) = await self._call(last, mb, "loss+backward", lambda p: self.client.backward(
+            p, stage=last, step=mb.step, microbatch_id=mb_id, inputs=acts[last], targets=mb.targets))
+        for stage in range(last - 1, -1, -1):
+            grad_out = grad
+
+            async def call(p: Any, s: int = stage, g: torch.Tensor | None = grad_out) -> tuple[torch.Tensor | None, float | None]:
+                return await self.client.backward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s], grad_outputs=g)
+
+            _, (grad, _) = await self._call(stage, mb, "backward", call, prefer=forward_peers[stage])
+        if loss is None:
+            raise SwarmError(f"the last stage answered microbatch {mb_id} without a loss")
+        return loss
+
+    async def _call(self, stage: int, mb: Microbatch, what: str, call: Callable[[Any], Any], prefer: Any = None) -> tuple[Any, Any]:
+        async def guarded(peer: Any) -> Any:
+            try:
+                return await call(peer)
+            except (StaleStepError, RemoteError) as e:
+                if is_stale_step(e):
+                    raise _Stale(str(e)) from None
+                raise
+
+        selector = self.selectors[stage]
+        if prefer is not None and prefer in self.peers_of(stage) and not selector.is_banned(prefer):
+            try:
+                return prefer, await guarded(prefer)
+            except _Stale:
+                raise
+            except (SwarmError, TimeoutError, OSError) as e:
+                selector.report_failure(prefer)
+                log.warning("%s: %s on stage %d failed at the forward's peer (%s); recomputing on another replica",
+                            self.name, what, stage, e)
+        return await call_with_retry(selector, lambda: self.peers_of(stage), guarded, num_samples=mb.num_samples,
+                                     what=f"{what} on stage {stage}", passthrough=(_Stale,))

@@ -1,0 +1,56 @@
+"""The plain single-process training loop: the baseline a swarm run is compared against.
+
+Same model (all stages chained), same global batch per step (``target_batch_size`` in microbatches of
+``microbatch_size``), same optimizer, same data source; gradients are the sample-weighted mean over the step,
+exactly what a swarm step computes after its all-reduce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.run.config import RunConfig
+from swarm.data import ShardedData
+from swarm.model.optim import make_optimizer, set_step_lr
+from swarm.model.stages import PipelineModel, build_stages
+
+
+@dataclass(kw_only=True)
+class LocalRunResult:
+    """Mean loss per step, samples seen, wall time and tokens/s of a single-process run."""
+
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0
+    loss_floor: float | None = None
+
+
+def train_local(cfg: RunConfig, *, steps: int, shard_key: bytes = b"single-process") -> tuple[PipelineModel, LocalRunResult]:
+    """Train ``steps`` optimizer steps in this process; returns the model and the per-step mean losses."""
+    model = PipelineModel(build_stages(cfg))
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer)
+    data = ShardedData(cfg, shard_key)
+    result = LocalRunResult(loss_floor=data.loss_floor)
+    target, micro = cfg.batch.target_batch_size, cfg.batch.microbatch_size
+    started = time.perf_counter()
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        seen, loss_sum, index = 0, 0.0, 0
+        while seen < target:
+            batch = data.microbatch(step, index, min(micro, target - seen))
+            loss = model.loss(batch.inputs, batch.targets)
+            (loss * batch.num_samples / target).backward()
+            loss_sum += float(loss.detach()) * batch.num_samples
+            seen += batch.num_samples
+            index += 1
+        set_step_lr(optimizer, cfg.optimizer, step)
+        optimizer.step()
+        result.losses.append(loss_sum / seen)
+        result.samples += seen
+    result.elapsed_s = time.perf_counter() - started
+    result.tokens_per_s = result.samples * cfg.model.seq_len / max(result.elapsed_s, 1e-9)
+    return model, result

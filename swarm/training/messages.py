@@ -1,0 +1,100 @@
+"""Wire messages of the training swarm: ``stage.*`` and ``state.*`` RPCs, and the DHT records it publishes.
+
+Tensors travel as `swarm.compression.serialize_tensor` bytes (self-describing, codec per role); the receiver
+decodes them with size limits and then checks shape and dtype against its stage (`StageModel.input_spec`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm.p2p.messages import Message
+
+ROLES = ("auto", "server", "trainer", "validator")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardRequest(Message):
+    """``stage.forward``: run this stage on ``inputs`` for microbatch ``microbatch_id`` of ``step``."""
+
+    run_id: str
+    stage: int
+    step: int
+    microbatch_id: str
+    inputs: bytes
+    upstream: bytes = b""  # swarm.verification.witness.UpstreamWork: the caller's own previous-stage work on these inputs
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardReply(Message):
+    outputs: bytes
+    ack: bytes = b""  # the server's signature of the work claim (swarm.verification.receipts.sign_ack), or empty
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackwardRequest(Message):
+    """``stage.backward``: accumulate gradients; ``grad_outputs`` for inner stages, ``targets`` for the last."""
+
+    run_id: str
+    stage: int
+    step: int
+    microbatch_id: str
+    inputs: bytes
+    grad_outputs: bytes | None = None
+    targets: bytes | None = None
+    upstream: bytes = b""  # swarm.verification.witness.UpstreamWork: the caller's own previous-stage work on these inputs
+
+    def __post_init__(self) -> None:
+        if (self.grad_outputs is None) == (self.targets is None):
+            raise ValueError("exactly one of grad_outputs (inner stage) and targets (last stage) must be given")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackwardReply(Message):
+    grad_inputs: bytes | None = None
+    loss: float | None = None
+    ack: bytes = b""  # the server's signature of the work claim (swarm.verification.receipts.sign_ack), or empty
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateRequest(Message):
+    """``state.download``: the stage's parameters and optimizer state, streamed in chunks."""
+
+    run_id: str
+    stage: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorInfo(Message):
+    name: str
+    shape: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateHeader(Message):
+    """The reply header of ``state.download``: the step and the layout of the flat float32 vector that follows."""
+
+    run_id: str
+    stage: int
+    step: int
+    tensors: list[TensorInfo]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerRecord(Message):
+    """A node's entry under ``{run}/peers`` (subkey ``[owner:<PeerID>]``): what it serves and how fast."""
+
+    role: str
+    stage: int | None
+    maddrs: list[str]
+    throughput: float
+    step: int
+    config_hash: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        if self.stage is not None and self.stage < 0:
+            raise ValueError("stage must be >= 0")
+        if self.throughput < 0 or self.step < 0:
+            raise ValueError("throughput and step must be >= 0")

@@ -1,0 +1,75 @@
+"""Step progress: what each driver has fed in the current step, and when the step's batch is complete.
+
+Each driver publishes a `ProgressRecord` under ``{run}/progress`` (subkey ``[owner:<PeerID>]``). A step is
+complete when the samples of records at that step reach ``target_batch_size``. Records come from the DHT, so
+they are parsed with `ProgressRecord.from_wire`; a malformed one is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from swarm.p2p.messages import Message
+from swarm.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressRecord(Message):
+    """One driver's progress: the step it feeds, the samples it completed in it, its rate, its latest loss."""
+
+    step: int
+    samples: int
+    samples_per_s: float
+    loss: float | None = None
+    time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.samples < 0 or self.samples_per_s < 0:
+            raise ValueError("step, samples and samples_per_s must be >= 0")
+
+
+def parse_records(items: Iterable[tuple[Any, Any]]) -> dict[str, ProgressRecord]:
+    """(subkey, value) pairs from the DHT -> records by subkey; malformed values are skipped."""
+    out: dict[str, ProgressRecord] = {}
+    for subkey, value in items:
+        try:
+            out[str(subkey)] = ProgressRecord.from_wire(value)
+        except ProtocolError as e:
+            log.warning("skipping a malformed progress record from %s: %s", subkey, e)
+    return out
+
+
+def step_samples(records: Iterable[ProgressRecord], step: int) -> int:
+    """Samples completed in ``step`` over all drivers."""
+    return sum(r.samples for r in records if r.step == step)
+
+
+def target_reached(records: Iterable[ProgressRecord], step: int, target_batch_size: int) -> bool:
+    """Whether the step's samples reached the target batch size."""
+    return step_samples(records, step) >= target_batch_size
+
+
+def latest_step(records: Iterable[ProgressRecord], default: int = 0) -> int:
+    """The newest step any driver reports (a node below it has fallen behind)."""
+    return max((r.step for r in records), default=default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepHint(Message):
+    """``step.hint``: "the samples of ``step`` look complete": the receiver re-reads the progress records now.
+
+    Only a hint: the receiver trusts the DHT records, never the hint itself.
+    """
+
+    run_id: str
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepHintReply(Message):
+    pass

@@ -1,0 +1,246 @@
+"""A stage server's compute: forward, backward (loss at the last stage), gradient and sample accumulation.
+
+Pure and synchronous (the node calls it through ``asyncio.to_thread``); one lock serialises compute so
+concurrent requests never race on ``.grad``. Gradients accumulate as sums over samples (the last stage
+back-propagates ``loss * num_samples``); `StageServer.mean_gradients` divides by the samples served, so the
+all-reduce weighted by samples gives the mean over the whole step.
+
+Backward works on any replica: if this server ran the forward of the microbatch it reuses the retained
+autograd graph (a bounded window keyed by microbatch id), otherwise it recomputes from the resent inputs.
+Work tagged with a step other than the current one, or arriving while the step is closed for averaging, is
+rejected. A `StageObserver` (the verification layer's hook) sees every input/output pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from swarm.errors import ConfigError, SwarmError
+from swarm.model.optim import set_step_lr
+from swarm.model.stages import StageInputError, StageModel
+from swarm.run.config import OptimizerConfig
+
+log = logging.getLogger(__name__)
+
+
+class StaleStepError(SwarmError):
+    """The request names another step than this server's, or the step is closed for averaging; retry."""
+
+
+class StageObserver(Protocol):
+    """Sees each served microbatch (verification receipts/retention hook); must be cheap and not raise."""
+
+    def on_forward(self, microbatch_id: str, step: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None: ...
+
+    def on_backward(self, microbatch_id: str, step: int, inputs: torch.Tensor, grad_inputs: torch.Tensor | None) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageServerConfig:
+    """``max_batch``: most samples per request; ``retained_graphs``: forward graphs kept for a later backward."""
+
+    max_batch: int = 64
+    retained_graphs: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 1 << 20:
+            raise ConfigError(f"max_batch must be an int in [1, 1048576], got {self.max_batch!r}")
+        if not isinstance(self.retained_graphs, int) or not 0 <= self.retained_graphs <= 4096:
+            raise ConfigError(f"retained_graphs must be an int in [0, 4096], got {self.retained_graphs!r}")
+
+
+class StageServer:
+    """Serves one stage: ``forward``, ``backward``, ``loss_backward``; then ``apply_step`` with averaged grads."""
+
+    def __init__(self, model: StageModel, optimizer: torch.optim.Optimizer, optimizer_cfg: OptimizerConfig,
+                 cfg: StageServerConfig, *, step: int = 0, observer: StageObserver | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.optimizer_cfg = optimizer_cfg
+        self.cfg = cfg
+        self.observer = observer
+        self.step = step
+        self.samples = 0
+        self.busy_s = 0.0
+        self.total_samples = 0
+        self.accepting = True
+        self.lock = threading.Lock()
+        self.device = next(model.parameters()).device
+        self._graphs: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.zero_grad()
+
+    @property
+    def index(self) -> int:
+        return self.model.index
+
+    # ---- serving -------------------------------------------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor, *, step: int, microbatch_id: str) -> torch.Tensor:
+        """Outputs of this stage for ``inputs``; keeps the graph for a backward on this replica."""
+        self._check(inputs, step)
+        inputs = inputs.to(self.device)
+        with self.lock:
+            self._check_step(step)
+            started = time.perf_counter()
+            leaf = self._leaf(inputs)
+            with torch.enable_grad():
+                outputs = self.model(leaf)
+            self.busy_s += time.perf_counter() - started
+            if self.cfg.retained_graphs:
+                self._graphs[microbatch_id] = (leaf, outputs)
+                while len(self._graphs) > self.cfg.retained_graphs:
+                    self._graphs.popitem(last=False)
+        result = outputs.detach()
+        if self.observer is not None:
+            self.observer.on_forward(microbatch_id, step, inputs, result)
+        return result
+
+    def backward(self, inputs: torch.Tensor, grad_outputs: torch.Tensor, *, step: int, microbatch_id: str) -> torch.Tensor | None:
+        """Accumulate parameter gradients for one microbatch; returns the gradient w.r.t. ``inputs``."""
+        self._check(inputs, step)
+        inputs, grad_outputs = inputs.to(self.device), grad_outputs.to(self.device)
+        with self.lock:
+            self._check_step(step)
+            started = time.perf_counter()
+            leaf, outputs = self._graph_for(microbatch_id, inputs)
+            if grad_outputs.shape != outputs.shape or grad_outputs.dtype != outputs.dtype:
+                raise StageInputError(
+                    f"stage {self.index} expects grad_outputs of shape {list(outputs.shape)} {outputs.dtype}, "
+                    f"got {list(grad_outputs.shape)} {grad_outputs.dtype}"
+                )
+            if not bool(torch.isfinite(grad_outputs).all()):
+                raise StageInputError(f"stage {self.index} got non-finite grad_outputs; the request is rejected")
+            outputs.backward(grad_outputs)
+            grad_inputs = self._finish(leaf, inputs, started)
+        if self.observer is not None:
+            self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
+        return grad_inputs
+
+    def loss_backward(self, inputs: torch.Tensor, targets: torch.Tensor, *, step: int, microbatch_id: str) -> tuple[float, torch.Tensor | None]:
+        """Last stage: forward, loss, backward of ``loss * num_samples``; returns (mean loss, grad inputs)."""
+        if not self.model.is_last:
+            raise StageInputError(f"stage {self.index} is not the last stage; send targets to the last stage")
+        self._check(inputs, step)
+        if targets.dtype != torch.int64 or targets.shape != inputs.shape[:2]:
+            raise StageInputError(f"targets must be int64 of shape {list(inputs.shape[:2])}, got {list(targets.shape)} {targets.dtype}")
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with self.lock:
+            self._check_step(step)
+            started = time.perf_counter()
+            leaf = self._leaf(inputs)
+            with torch.enable_grad():
+                outputs = self.model(leaf)
+                loss = self.model.loss(outputs, targets)
+            if not bool(torch.isfinite(loss)):
+                raise SwarmError(f"stage {self.index} computed a non-finite loss; the microbatch is dropped")
+            (loss * inputs.shape[0]).backward()
+            grad_inputs = self._finish(leaf, inputs, started)
+        if self.observer is not None:
+            self.observer.on_forward(microbatch_id, step, inputs, outputs.detach())
+            self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
+        return float(loss.detach()), grad_inputs
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+
+    def close_step(self) -> None:
+        """Stop accepting work for the current step (averaging is about to start)."""
+        with self.lock:
+            self.accepting = False
+            self._graphs.clear()
+
+    def mean_gradients(self) -> list[torch.Tensor]:
+        """The accumulated gradients divided by the samples served (zeros if none): what the all-reduce averages."""
+        with self.lock:
+            scale = 1.0 / self.samples if self.samples else 0.0
+            return [(p.grad.detach() * scale).cpu() for p in self.parameters()]
+
+    def apply_step(
+        self, gradients: list[torch.Tensor], *, new_step: int | None = None, replace: Mapping[int, torch.Tensor] = {}
+    ) -> None:
+        """Set ``gradients`` (the step's averaged mean), apply the optimizer, zero, open the next step.
+
+        ``replace``: parameters (by index in ``parameters()``) overwritten before the update, in the same locked
+        section, so weights still change only together with the step number (the tied matrix's re-tie).
+        """
+        with self.lock:
+            params = self.parameters()
+            if len(gradients) != len(params):
+                raise SwarmError(f"apply_step got {len(gradients)} gradients for {len(params)} parameters")
+            for index, value in replace.items():
+                if value.shape != params[index].shape:
+                    raise SwarmError(f"apply_step: parameter {index} replaced by shape {list(value.shape)}, "
+                                     f"expected {list(params[index].shape)}")
+            with torch.no_grad():
+                for index, value in replace.items():
+                    params[index].copy_(value)
+            for p, g in zip(params, gradients):
+                p.grad.copy_(g)
+            set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
+            self.optimizer.step()
+            self.step = self.step + 1 if new_step is None else new_step
+            self._reset()
+
+    def parameter_copy(self, index: int) -> torch.Tensor:
+        """A copy of parameter ``index`` (as ``parameters()`` orders them), taken under the step lock."""
+        with self.lock:
+            return self.parameters()[index].detach().clone()
+
+    def skip_to(self, step: int) -> None:
+        """Drop this step's accumulation and serve ``step`` (after downloading state)."""
+        with self.lock:
+            self.step = step
+            self._reset()
+
+    def throughput(self) -> float:
+        """Samples per second of compute this server has measured (0.0 before any work)."""
+        return self.total_samples / self.busy_s if self.busy_s > 0 else 0.0
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = torch.zeros_like(p)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        for p in self.parameters():
+            p.grad.zero_()
+        self.samples = 0
+        self.accepting = True
+        self._graphs.clear()
+
+    def _check(self, inputs: torch.Tensor, step: int) -> None:
+        self.model.input_spec.check(inputs, stage=self.index, max_batch=self.cfg.max_batch)
+        if step != self.step:
+            raise StaleStepError(f"stage {self.index} is at step {self.step}, the request is for step {step}; retry")
+
+    def _check_step(self, step: int) -> None:
+        if step != self.step or not self.accepting:
+            raise StaleStepError(f"stage {self.index} is not accepting work for step {step} (at {self.step}); retry")
+
+    def _leaf(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
+
+    def _graph_for(self, microbatch_id: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._graphs.pop(microbatch_id, None)
+        if cached is not None and cached[0].shape == inputs.shape and torch.equal(cached[0].detach(), inputs):
+            return cached
+        leaf = self._leaf(inputs)
+        with torch.enable_grad():
+            return leaf, self.model(leaf)
+
+    def _finish(self, leaf: torch.Tensor, inputs: torch.Tensor, started: float) -> torch.Tensor | None:
+        self.samples += int(inputs.shape[0])
+        self.total_samples += int(inputs.shape[0])
+        self.busy_s += time.perf_counter() - started
+        return leaf.grad.detach() if leaf.is_floating_point() and leaf.grad is not None else None

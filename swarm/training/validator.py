@@ -1,0 +1,372 @@
+"""The validator role (``swarm-node start --role validator``): keeps every stage's weights in sync like a joining
+peer, samples published receipts, replays them and publishes signed verdicts; it is an orchestrator candidate.
+
+`StageReplayer` implements `swarm.verification.replay.Replayer` with the run's stage models: it keeps the weights of
+each (stage, step) it downloaded (the last ``retention_steps`` steps) and recomputes forward and backward
+exactly as `StageServer` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm.p2p.identity import Identity, PeerID
+from swarm.p2p.maddr import parse_maddr
+from swarm.dht.records import owner_subkey
+from swarm.p2p import Transport
+from swarm.training.checkpoint import StageState
+from swarm.run.config import RunConfig
+from swarm.errors import AddressError, CodecError, ConfigError, SwarmError
+from swarm.training.messages import PeerRecord
+from swarm.model.stages import StageInputError, StageModel, build_stages
+from swarm.training.stage_rpc import call_state_download, decode
+from swarm.training.view import SwarmView, peers_key, progress_key
+from swarm.training.verifying import orchestrator_config
+from swarm.verification.orchestrator import Orchestrator
+from swarm.verification.receipts import fetch_receipts
+from swarm.verification.replay import ReceiptChecker, ReplayUnavailableError
+from swarm.verification.retention import FetchReply, FetchRequest, call_fetch
+from swarm.verification.verdicts import VerdictBatch, publish_verdicts
+
+log = logging.getLogger(__name__)
+
+RECORD_PERIOD_S = 5.0  # how often the validator re-publishes its {run}/peers record
+FINISH_GRACE_S = 30.0  # after the swarm reaches max_steps, how long to wait for the last attestations
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidatorConfig:
+    """The validator role of one node. Durations in seconds."""
+
+    run: RunConfig
+    ledger_path: Path | None = None
+    summary_path: Path | None = None
+    max_steps: int | None = None
+    poll_interval_s: float = 0.2
+    rpc_timeout_s: float = 10.0
+    dht_timeout_s: float = 5.0
+    check_delay_s: float = 1.0
+    verdicts_ttl_s: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run, RunConfig):
+            raise ConfigError(f"run must be a RunConfig, got {type(self.run).__name__}")
+        if not self.run.verification.enabled:
+            raise ConfigError("verification.enabled is false in the run config; a validator has nothing to do")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ConfigError(f"max_steps must be None or an int >= 1, got {self.max_steps!r}")
+        for name in ("poll_interval_s", "rpc_timeout_s", "dht_timeout_s", "check_delay_s", "verdicts_ttl_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 86400 * 365:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+class StageReplayer:
+    """A `Replayer` over the run's stage models and the per-step weights this validator downloaded from each server.
+
+    A check uses the weights the checked server itself had at that step (replicas differ for a while after a
+    failed averaging round, and an honest server must not be flagged for that). If that server's state could
+    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if its state
+    was simply not fetched in time, the check is inconclusive.
+    """
+
+    def __init__(self, run: RunConfig, keep_steps: int) -> None:
+        self.models: list[StageModel] = build_stages(run)
+        self.keep = keep_steps * len(self.models) * 16
+        self._states: OrderedDict[tuple[int, int, PeerID], tuple[bytes, dict[str, torch.Tensor]]] = OrderedDict()
+        self.refused: set[tuple[int, int, PeerID]] = set()
+        self._lock = threading.Lock()
+
+    def has(self, stage: int, step: int, peer: PeerID) -> bool:
+        return (stage, step, peer) in self._states
+
+    def add_state(self, state: StageState, peer: PeerID) -> None:
+        """Keep the parameters ``peer`` had at ``state.step`` (with their digest)."""
+        params = {k[len("param."):]: v for k, v in sorted(state.tensors.items()) if k.startswith("param.")}
+        digest = hashlib.sha256(b"".join(v.float().contiguous().numpy().tobytes() for v in params.values())).digest()
+        with self._lock:
+            self._states[(state.stage, state.step, peer)] = (digest, params)
+            while len(self._states) > self.keep:
+                self._states.popitem(last=False)
+
+    def _weights_for(self, stage: int, step: int, server: PeerID | None) -> dict[str, torch.Tensor]:
+        own = self._states.get((stage, step, server)) if server is not None else None
+        if own is not None:
+            return own[1]
+        others = [v for (s, t, _), v in self._states.items() if s == stage and t == step]
+        if server is not None and (stage, step, server) not in self.refused:
+            raise ReplayUnavailableError(f"the weights {server.short()} had at step {step} were not downloaded")
+        # agreement needs two replicas at least: one other replica may itself have diverged (a cheater
+        # averaging alone), and checking an honest server against it would flag the honest server
+        if len(others) < 2 or len({d for d, _ in others}) != 1:
+            raise ReplayUnavailableError(f"no weights of stage {stage} at step {step} that two replicas agree on")
+        return others[0][1]
+
+    def _load(self, stage: int, step: int, server: PeerID | None) -> StageModel:
+        params = self._weights_for(stage, step, server)
+        model = self.models[stage]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name].to(p.dtype).reshape(p.shape))
+        return model
+
+    def recompute(self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes],
+                  server: PeerID | None = None) -> list[torch.Tensor]:
+        """Forward outputs, or the gradient w.r.t. the inputs, as `StageServer` computes them."""
+        with self._lock:
+            model = self._load(stage, step, server)
+            try:
+                x = decode(inputs[0], "inputs", dtype=model.input_spec.dtype)
+                leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
+                with torch.enable_grad():
+                    out = model(leaf)
+                    if kind == "forward":
+                        return [out.detach()]
+                    if model.is_last:
+                        targets = decode(inputs[1], "targets")
+                        (model.loss(out, targets) * x.shape[0]).backward()
+                    else:
+                        out.backward(decode(inputs[1], "grad_outputs", dtype=torch.float32))
+            except (StageInputError, IndexError) as e:
+                raise ReplayUnavailableError(f"the receipt's inputs do not replay: {e}") from None
+            finally:
+                model.zero_grad(set_to_none=True)
+            return [] if leaf.grad is None else [leaf.grad.detach()]
+
+    def decode_outputs(self, *, stage: int, kind: str, outputs: Sequence[bytes]) -> list[torch.Tensor]:
+        try:
+            return [decode(o, "claimed outputs", dtype=torch.float32) for o in outputs]
+        except StageInputError as e:
+            raise CodecError(str(e)) from None
+
+
+class TransportFetcher:
+    """A `Fetcher` over the node's transport."""
+
+    def __init__(self, transport: Transport, timeout_s: float) -> None:
+        self.transport = transport
+        self.timeout_s = timeout_s
+
+    async def fetch(self, server: PeerID, req: FetchRequest) -> FetchReply:
+        return await call_fetch(self.transport, server, req, self.timeout_s)
+
+
+class _Done(Exception):
+    """Internal: ends the role's TaskGroup."""
+
+
+class ValidatorRole:
+    """Syncs weights, checks closed windows, publishes verdicts, stands as orchestrator candidate."""
+
+    def __init__(self, cfg: ValidatorConfig, *, transport: Transport, dht: Any, identity: Identity) -> None:
+        self.cfg = cfg
+        self.settings = cfg.run.verification
+        self.run_id = cfg.run.run_id
+        self.transport = transport
+        self.dht = dht
+        self.me = identity.peer_id
+        self.view = SwarmView()
+        self.replayer = StageReplayer(cfg.run, self.settings.retention_steps)
+        self.checker = ReceiptChecker(identity, self.settings.check(), self.replayer,
+                                      TransportFetcher(transport, cfg.rpc_timeout_s), present=self.is_serving)
+        self.orchestrator = Orchestrator(identity, orchestrator_config(
+            self.settings, run_id=self.run_id, role="validator", ledger_path=cfg.ledger_path, tick_s=0.5,
+            dht_timeout_s=cfg.dht_timeout_s), dht, current_step=self.current_step,
+            window_ready=lambda w: self.next_window is not None and w < self.next_window)
+        self._record_published = float("-inf")
+        self._sync_failed: set[tuple[PeerID, int]] = set()
+        self.next_window: int | None = None
+        self._step_seen = 0
+        self._newest_seen = 0
+        self.stats = {"checks": 0, "failed": 0, "windows_checked": 0, "states_synced": 0}
+        self.started = time.monotonic()
+
+    def current_step(self) -> int:
+        """The swarm's step: the slowest stage's newest step, never going back (records expire when nodes stop)."""
+        steps = [self.view.newest_step(s)[1] for s in range(self.cfg.run.pipeline.num_stages)]
+        self._step_seen = max(self._step_seen, min(steps) if steps else 0)
+        return self._step_seen
+
+    def newest_step(self) -> int:
+        """The newest step any server reports (servers evict retained work relative to their own step)."""
+        steps = [r.step for r in self.view.peers.values() if r.stage is not None]
+        self._newest_seen = max([self._newest_seen, *steps])
+        return self._newest_seen
+
+    async def is_serving(self, peer: PeerID) -> bool:
+        """Whether ``peer`` is still up, so that not answering ``verify.fetch`` is its fault: listed and it answers a
+        DHT ping (a server that reached ``max_steps`` keeps serving until the last window is attested)."""
+        if peer not in self.view.peers:
+            return False
+        try:
+            async with asyncio.timeout(self.cfg.dht_timeout_s):
+                await self.dht.protocol.call_ping(peer)
+        except (SwarmError, TimeoutError, OSError):
+            return False
+        return True
+
+    def last_attestable_window(self) -> int | None:
+        """With ``max_steps``, the last window that closes ``settle_steps`` before the swarm stops (else None)."""
+        if self.cfg.max_steps is None:
+            return None
+        return self.settings.last_attestable_window(self.cfg.max_steps)
+
+    def finished(self) -> bool:
+        """With ``max_steps``: every attestable window was checked and has an accepted attestation."""
+        last = self.last_attestable_window()
+        if last is None or self.current_step() < self.cfg.max_steps:
+            return False
+        return (self.next_window or 0) > last and self.orchestrator.next_window > last
+
+    async def run(self, stop_event: asyncio.Event) -> None:
+        """Validate until ``stop_event`` is set or the swarm reaches ``max_steps``."""
+        log.info("%s: validating run %s (p=%.2f, window %d steps)", self.me.short(), self.run_id,
+                 self.settings.sample_probability, self.settings.window_steps)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch(stop_event))
+                tg.create_task(self._view_loop())
+                tg.create_task(self._check_loop())
+                tg.create_task(self._orchestrator_loop())
+        except* _Done:
+            pass
+        finally:
+            self.write_summary()
+
+    async def _watch(self, stop_event: asyncio.Event) -> None:
+        done_since: float | None = None
+        while not stop_event.is_set():
+            if self.finished():
+                break
+            trainers_gone = self._step_seen > 0 and not any(r.stage is not None for r in self.view.peers.values())
+            if self.cfg.max_steps is not None and (self.current_step() >= self.cfg.max_steps or trainers_gone):
+                done_since = done_since or time.monotonic()
+                if time.monotonic() - done_since > FINISH_GRACE_S:
+                    log.warning("%s: the swarm stopped at step %d; not every window was attested", self.me.short(),
+                                self.current_step())
+                    break
+            try:
+                async with asyncio.timeout(self.cfg.poll_interval_s):
+                    await stop_event.wait()
+            except TimeoutError:
+                pass
+        raise _Done()
+
+    async def _view_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.cfg.dht_timeout_s):
+                    peers = await self.dht.get(peers_key(self.run_id), latest=True)
+                    progress = await self.dht.get(progress_key(self.run_id), latest=True)
+                self.view = SwarmView.parse(peers, progress)
+                await self._publish_record()
+                for peer, record in self.view.peers.items():
+                    if peer != self.me:
+                        self.transport.add_addresses(peer, [parse_maddr(m) for m in record.maddrs])
+            except (SwarmError, TimeoutError, OSError, AddressError) as e:
+                log.warning("%s: could not refresh the swarm view: %s", self.me.short(), e)
+            await self._sync_states()
+            await asyncio.sleep(self.cfg.poll_interval_s)
+
+    async def _publish_record(self) -> None:
+        """Announce this validator in ``{run}/peers`` (stage None): drivers may wait for it before starting."""
+        if time.monotonic() - self._record_published < RECORD_PERIOD_S:
+            return
+        record = PeerRecord(role="validator", stage=None, maddrs=list(self.transport.listen_maddrs), throughput=0.0,
+                            step=self.current_step(), config_hash=self.cfg.run.config_hash())
+        async with asyncio.timeout(self.cfg.dht_timeout_s):
+            await self.dht.store(peers_key(self.run_id), record.to_wire(), time.time() + 2 * RECORD_PERIOD_S,
+                                 subkey=owner_subkey(self.me))
+        self._record_published = time.monotonic()
+
+    async def _sync_states(self) -> None:
+        """Download each stage's weights once per step (like a joining peer) so that step can be replayed."""
+        for peer, record in sorted(self.view.peers.items()):
+            stage, step = record.stage, record.step
+            if stage is None or step < 0 or self.replayer.has(stage, step, peer) or (peer, step) in self._sync_failed:
+                continue
+            try:
+                state = await call_state_download(self.transport, peer, run_id=self.run_id, stage=stage,
+                                                  timeout_s=self.cfg.rpc_timeout_s)
+            except (SwarmError, TimeoutError, OSError) as e:
+                self._sync_failed.add((peer, step))  # not retried for this step
+                self.replayer.refused.add((stage, step, peer))
+                log.warning("%s: could not download stage %d weights of step %d from %s: %s", self.me.short(), stage,
+                            step, peer.short(), e)
+                continue
+            await asyncio.to_thread(self.replayer.add_state, state, peer)
+            self.stats["states_synced"] += 1
+            log.debug("%s: synced stage %d at step %d from %s", self.me.short(), stage, state.step, peer.short())
+        oldest = self.newest_step() - self.settings.retention_steps
+        self._sync_failed = {(p, t) for p, t in self._sync_failed if t >= oldest}
+
+    async def _check_loop(self) -> None:
+        window_steps = self.settings.window_steps
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval_s)
+            step = self.current_step()
+            if self.next_window is None:
+                self.next_window = step // window_steps
+            if step < (self.next_window + 1) * window_steps:
+                continue
+            last = self.last_attestable_window()
+            if last is not None and self.next_window > last:
+                continue  # its servers stop before it could be attested: checking them would flag departures
+            await asyncio.sleep(self.cfg.check_delay_s)  # let callers publish the window's receipts
+            try:
+                await self.check_window(self.next_window)
+            except (SwarmError, TimeoutError, OSError) as e:
+                log.warning("%s: checking window %d failed: %s", self.me.short(), self.next_window, e)
+            self.next_window += 1
+
+    async def check_window(self, window: int) -> list[Any]:
+        """Sample the window's receipts, replay them, publish the verdicts."""
+        async with asyncio.timeout(self.cfg.dht_timeout_s):
+            batches = await fetch_receipts(self.dht, self.run_id, window)
+        receipts = [r for b in batches.values() for r in b.receipts]
+        # receipts older than the servers' retention window are not demanded (this validator fell behind)
+        min_step = self.newest_step() - self.settings.retention_steps + 3
+        verdicts = await self.checker.check_window(receipts, window, min_step=min_step)
+        self.stats["checks"] += len(verdicts)
+        self.stats["failed"] += sum(1 for v in verdicts if not v.passed)
+        self.stats["windows_checked"] += 1
+        if verdicts:
+            batch = VerdictBatch(run_id=self.run_id, window=window, publisher=self.me.to_bytes(), verdicts=verdicts)
+            async with asyncio.timeout(self.cfg.dht_timeout_s):
+                await publish_verdicts(self.dht, batch, time.time() + self.cfg.verdicts_ttl_s)
+        log.info("%s: window %d: %d receipts, %d checked, %d failed", self.me.short(), window, len(receipts),
+                 len(verdicts), sum(1 for v in verdicts if not v.passed))
+        return verdicts
+
+    async def _orchestrator_loop(self) -> None:
+        while True:
+            try:
+                await self.orchestrator.tick()
+            except (SwarmError, TimeoutError, OSError) as e:
+                log.warning("%s: orchestrator round failed: %s", self.me.short(), e)
+            await asyncio.sleep(self.orchestrator.cfg.tick_s)
+
+    def write_summary(self) -> None:
+        """The validator's counts and attested windows as JSON (the launcher aggregates them)."""
+        if self.cfg.summary_path is None:
+            return
+        summary = {"peer_id": self.me.to_base58(), "role": "validator", "step": self.current_step(),
+                   "run_id": self.run_id, **self.stats,
+                   "attested_windows": [a.window for a in self.orchestrator.signed],
+                   "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+                   "elapsed_s": time.monotonic() - self.started}
+        tmp = self.cfg.summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary))
+        tmp.replace(self.cfg.summary_path)

@@ -1,0 +1,186 @@
+"""A training node's verification duties: ack and retain served work, sign and publish receipts, cheat on purpose
+(``--misbehave``), and stand as an orchestrator candidate (``--orchestrator-candidate``).
+
+`TrainingRole` builds one `NodeVerification`, hands ``witness`` and ``misbehaviour`` to its `StageService` and
+``collector`` to its `RemoteStageClient`, runs `NodeVerification.run` in its TaskGroup and passes the step's
+gradients through ``misbehaviour.gradients`` before averaging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarm.p2p.identity import Identity, PeerID
+from swarm.errors import ConfigError, SwarmError
+from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
+from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
+from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
+from swarm.verification.settings import VerificationSettings
+from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeVerificationConfig:
+    """Per-node verification options (the run-wide ones are `VerificationSettings` in the run config)."""
+
+    misbehave: MisbehaveConfig = field(default_factory=MisbehaveConfig)
+    orchestrator_candidate: bool = False
+    ledger_path: Path | None = None
+    tick_s: float = 0.5
+    dht_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.misbehave, MisbehaveConfig):
+            raise ConfigError(f"misbehave must be a MisbehaveConfig, got {type(self.misbehave).__name__}")
+        for name in ("tick_s", "dht_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+
+
+def orchestrator_config(settings: VerificationSettings, *, run_id: str, role: str, ledger_path: Path | None,
+                        tick_s: float, dht_timeout_s: float) -> OrchestratorConfig:
+    """The `OrchestratorConfig` of a candidate from the run's verification settings."""
+    return OrchestratorConfig(run_id=run_id, role=role, election=settings.election(), rewards=settings.rewards(),
+                              settle_steps=settings.settle_steps, tick_s=tick_s, dht_timeout_s=dht_timeout_s,
+                              ledger_path=str(ledger_path) if ledger_path else None)
+
+
+class NodeVerification:
+    """Owns the witness, the receipt collector, the misbehaviour hooks and the optional orchestrator."""
+
+    def __init__(self, settings: VerificationSettings, cfg: NodeVerificationConfig, *, run_id: str,
+                 identity: Identity, dht: Any) -> None:
+        self.settings = settings
+        self.cfg = cfg
+        self.identity = identity
+        self.misbehaviour = Misbehaviour(cfg.misbehave)
+        self.witness: ServerWitness | None = None
+        self.collector: ReceiptCollector | None = None
+        self.orchestrator: Orchestrator | None = None
+        self.gradients: GradientChecker | None = None
+        if settings.enabled:
+            wcfg = WitnessConfig(run_id=run_id, window_steps=settings.window_steps, retention=settings.retention(),
+                                 publish_timeout_s=cfg.dht_timeout_s)
+            self.witness = ServerWitness(identity, wcfg)
+            self.collector = ReceiptCollector(identity, wcfg, dht)
+            if settings.outlier_min_reporters > 0:
+                self.gradients = GradientChecker(identity, GradientCheckConfig(
+                    run_id=run_id, window_steps=settings.window_steps, outliers=settings.outliers(),
+                    min_reporters=settings.outlier_min_reporters), dht)
+            if cfg.orchestrator_candidate:
+                self.orchestrator = Orchestrator(identity, orchestrator_config(
+                    settings, run_id=run_id, role="candidate", ledger_path=cfg.ledger_path, tick_s=cfg.tick_s,
+                    dht_timeout_s=cfg.dht_timeout_s), dht, current_step=lambda: self._step_now())
+        self.run_id = run_id
+        self._step_now: Callable[[], int] = lambda: 0
+        self._forged_steps: set[int] = set()
+
+    async def run(self, current_step: Callable[[], int], current_stage: Callable[[], int | None]) -> None:
+        """Forever: publish closed windows' receipts (plus forged ones when misbehaving), run the orchestrator."""
+        self._step_now = current_step
+        if self.collector is None:
+            return
+        while True:
+            step = current_step()
+            try:
+                self._forge(step, current_stage())
+                await self.collector.flush(step, now=time.time())
+                if self.gradients is not None:
+                    async with asyncio.timeout(self.cfg.dht_timeout_s):
+                        await self.gradients.flush()
+                        await self.gradients.refresh_reported(step // self.settings.window_steps)
+                if self.orchestrator is not None:
+                    await self.orchestrator.tick()
+            except (SwarmError, TimeoutError, OSError) as e:
+                log.warning("%s: verification round failed, retrying: %s", self.identity.peer_id.short(), e)
+            await asyncio.sleep(self.cfg.tick_s)
+
+    @property
+    def inspect_parts(self) -> int:
+        """How many parts of each span the all-reduce keeps per sender for gradient checks (0: none)."""
+        return 1 if self.gradients is not None else 0
+
+    def offenders(self) -> frozenset[PeerID]:
+        """Peers this node's gradient checks caught (left out of its all-reduce spans and state downloads)."""
+        return self.gradients.offenders() if self.gradients is not None else frozenset()
+
+    def confirmed_offenders(self) -> frozenset[PeerID]:
+        """Offenders a quorum of peers reported: avoided in matchmaking too (one node's own finding alone is
+        not, so that its stage peers still group with the offender and can confirm it)."""
+        return self.gradients.confirmed() if self.gradients is not None else frozenset()
+
+    async def inspect(self, step: int, stage: int, parts: Sequence[InspectedValues]) -> None:
+        """Check the all-reduce parts this node reduced at ``step`` for outlier and replayed gradients."""
+        if self.gradients is not None and parts:
+            await asyncio.to_thread(self.gradients.inspect, step, stage, parts)
+
+    def _forge(self, step: int, stage: int | None) -> None:
+        if self.misbehaviour.kind != "forge-receipts" or step in self._forged_steps or self.collector is None:
+            return
+        self._forged_steps.add(step)
+        for receipt in self.misbehaviour.forged_receipts(self.identity, run_id=self.run_id, step=step, stage=stage or 0):
+            self.collector.add(receipt)
+
+    def summary(self) -> dict[str, Any]:
+        """What the launcher reads: the cheat this node ran and what it attested."""
+        return {
+            "misbehave": self.misbehaviour.kind,
+            "orchestrator_candidate": self.orchestrator is not None,
+            "attested_windows": [a.window for a in self.orchestrator.signed] if self.orchestrator else [],
+            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+        }
+
+
+def ledger_path_for(data_dir: Path, run_id: str) -> Path:
+    """Where a node keeps its orchestrator ledger: ``<data_dir>/ledger/<run_id>.jsonl``."""
+    return data_dir / "ledger" / f"{run_id}.jsonl"
+
+
+def node_verification_config(*, misbehave: str | None, orchestrator_candidate: bool, data_dir: Path,
+                             run_id: str) -> NodeVerificationConfig:
+    """The per-node verification options from ``--misbehave`` and ``--orchestrator-candidate``."""
+    return NodeVerificationConfig(misbehave=MisbehaveConfig(kind=misbehave), orchestrator_candidate=orchestrator_candidate,
+                                  ledger_path=ledger_path_for(data_dir, run_id) if orchestrator_candidate else None)
+
+
+def rewards_summary(ledger_paths: list[Path], run_id: str) -> dict[str, Any]:
+    """From orchestrators' ledgers: the accepted attestation per window (`pick_attestation`), each peer's mean
+    share over those windows, every flagged peer, and the number of windows attested."""
+    from swarm.verification.attestation import pick_attestation
+    from swarm.verification.ledger import Ledger
+
+    by_window: dict[int, list[Any]] = {}
+    for path in ledger_paths:
+        if path.exists():
+            for att in Ledger(path).read():
+                by_window.setdefault(att.window, []).append(att)
+    accepted = [a for w in sorted(by_window) if (a := pick_attestation(by_window[w], run_id, w)) is not None]
+    rewards: dict[str, float] = {}
+    flagged: set[str] = set()
+    for att in accepted:
+        for peer, share in att.share_map().items():
+            rewards[peer.to_base58()] = rewards.get(peer.to_base58(), 0.0) + share / len(accepted)
+        flagged.update(PeerID(p).to_base58() for p in att.flagged)
+    return {"rewards": {p: round(s, 6) for p, s in sorted(rewards.items())}, "flagged": sorted(flagged),
+            "attestations": len(accepted), "attested_windows": [a.window for a in accepted]}
+
+
+def misbehave_args(num_nodes: int, specs: tuple[tuple[str, int], ...]) -> dict[int, tuple[str, ...]]:
+    """Which training nodes of a local swarm cheat: the last ones (never node 0, the bootstrap peer, unless
+    every node cheats), as ``{index: ("--misbehave", KIND)}``."""
+    args: dict[int, tuple[str, ...]] = {}
+    index = num_nodes - 1
+    for kind, count in specs:
+        for _ in range(count):
+            args[index] = ("--misbehave", kind)
+            index -= 1
+    return args

@@ -1,0 +1,125 @@
+"""The swarm as seen in the DHT: stage records (`PeerRecord`) and progress records, parsed and summarised.
+
+Used by the trainer (whom to call, whom to average with, where to download state), by `swarm-dht stages` and by
+the launcher's live table. Records are signed by their owners (the DHT checks the ``[owner:...]`` subkey);
+malformed ones are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarm.p2p.identity import PeerID
+from swarm.errors import IdentityError, ProtocolError
+from swarm.training.messages import PeerRecord
+from swarm.training.progress import ProgressRecord, parse_records, step_samples
+
+log = logging.getLogger(__name__)
+
+
+def peers_key(run_id: str) -> str:
+    return f"{run_id}/peers"
+
+
+def progress_key(run_id: str) -> str:
+    return f"{run_id}/progress"
+
+
+def config_key(run_name: str) -> str:
+    """Not hashed: a node with a different config of the same run name finds it and learns which field differs."""
+    return f"runs/{run_name}/config"
+
+
+def subkey_peer(subkey: Any) -> PeerID | None:
+    """The PeerID named by an ``[owner:<PeerID>]`` subkey, or None."""
+    text = str(subkey)
+    if not (text.startswith("[owner:") and text.endswith("]")):
+        return None
+    try:
+        return PeerID.from_base58(text[len("[owner:") : -1])
+    except IdentityError:
+        return None
+
+
+@dataclass
+class SwarmView:
+    """A snapshot: each peer's stage record and each driver's progress."""
+
+    peers: dict[PeerID, PeerRecord] = field(default_factory=dict)
+    progress: dict[PeerID, ProgressRecord] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, peers_value: Any, progress_value: Any) -> SwarmView:
+        view = cls()
+        for subkey, value in _items(peers_value):
+            peer = subkey_peer(subkey)
+            if peer is None:
+                continue
+            try:
+                view.peers[peer] = PeerRecord.from_wire(value)
+            except ProtocolError as e:
+                log.warning("skipping a malformed stage record of %s: %s", peer.short(), e)
+        for subkey, record in parse_records(_items(progress_value)).items():
+            peer = subkey_peer(subkey)
+            if peer is not None:
+                view.progress[peer] = record
+        return view
+
+    def stage_peers(self, stage: int) -> list[PeerID]:
+        """PeerIDs serving ``stage`` (sorted)."""
+        return sorted(p for p, r in self.peers.items() if r.stage == stage)
+
+    def step_samples(self, step: int) -> int:
+        return step_samples(self.progress.values(), step)
+
+    def newest_step(self, stage: int, exclude: Collection[PeerID] = ()) -> tuple[PeerID | None, int]:
+        """The peer of ``stage`` with the newest step (peers in ``exclude`` left out), and that step."""
+        best: tuple[PeerID | None, int] = (None, -1)
+        for p, r in self.peers.items():
+            if r.stage == stage and r.step > best[1] and p not in exclude:
+                best = (p, r.step)
+        return best
+
+    def summary(self, num_stages: int) -> dict[str, Any]:
+        """Per stage: peers, throughput, step; overall: newest step, latest losses, samples/s."""
+        stages = []
+        for s in range(num_stages):
+            recs = [(p, r) for p, r in self.peers.items() if r.stage == s]
+            stages.append({
+                "stage": s,
+                "peers": sorted(p.to_base58() for p, _ in recs),
+                "throughput": round(sum(r.throughput for _, r in recs), 3),
+                "step": max((r.step for _, r in recs), default=None),
+            })
+        losses = [r.loss for r in self.progress.values() if r.loss is not None]
+        return {
+            "stages": stages,
+            "trainers": sorted(p.to_base58() for p, r in self.peers.items() if r.stage is None),
+            "step": max((r.step for r in self.progress.values()), default=None),
+            "loss": sum(losses) / len(losses) if losses else None,
+            "samples_per_s": round(sum(r.samples_per_s for r in self.progress.values()), 3),
+        }
+
+
+def _items(value: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(value, dict):
+        return []
+    return [(k, getattr(v, "value", v)) for k, v in value.items()]
+
+
+def format_table(summary: dict[str, Any], *, eta_s: float | None = None) -> str:
+    """The per-stage table shown by `swarm-node local` and `swarm-dht stages`."""
+    lines = [f"{'stage':>5}  {'peers':>5}  {'samples/s':>9}  {'step':>5}  peer ids"]
+    for st in summary["stages"]:
+        ids = ", ".join(p[-6:] for p in st["peers"]) or "(none: waiting for a peer)"
+        step = "-" if st["step"] is None else str(st["step"])
+        lines.append(f"{st['stage']:>5}  {len(st['peers']):>5}  {st['throughput']:>9.1f}  {step:>5}  {ids}")
+    loss = summary.get("loss")
+    tail = f"step {summary.get('step')}  loss {loss:.3f}" if loss is not None else f"step {summary.get('step')}  loss -"
+    tail += f"  samples/s {summary.get('samples_per_s', 0.0):.1f}"
+    if eta_s is not None:
+        tail += f"  ETA {eta_s:.0f}s"
+    return "\n".join(lines + [tail])

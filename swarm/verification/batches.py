@@ -1,0 +1,89 @@
+"""Per-window batches of signed items (receipts, verdicts) in the DHT, split into parts that fit one record.
+
+A publisher's batch for a window is stored as parts ``0..num_parts-1`` under subkeys
+``[owner:<PeerID>]#<part>`` of ``{run}/<kind>/{window}``; each part is at most ``MAX_PART_BYTES`` packed (the
+DHT's default value limit is 64 KiB). Readers merge a publisher's parts back into one batch and drop, with a
+warning, anything malformed, mislabelled, stored under another owner's subkey, or incomplete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from swarm.p2p.identity import PeerID
+from swarm.p2p.messages import Message, packb
+from swarm.errors import ProtocolError
+from swarm.verification.common import RecordStore, owner_subkey, record_items
+
+log = logging.getLogger(__name__)
+
+MAX_PART_BYTES = 48 * 1024
+B = TypeVar("B", bound=Message)
+
+
+def part_subkey(peer_id: PeerID, part: int) -> str:
+    return f"{owner_subkey(peer_id)}#{part}"
+
+
+def split_batch(batch: B, items_field: str, max_part_bytes: int = MAX_PART_BYTES) -> list[B]:
+    """``batch`` as parts of at most ``max_part_bytes`` packed each (numbered, with ``num_parts`` set)."""
+    items: Sequence[Message] = getattr(batch, items_field)
+    groups: list[list[Message]] = [[]]
+    size = len(dataclasses.replace(batch, **{items_field: []}).pack()) + 16
+    for item in items:
+        item_size = len(packb(item.to_wire()))
+        if groups[-1] and size + item_size > max_part_bytes:
+            groups.append([])
+            size = len(dataclasses.replace(batch, **{items_field: []}).pack()) + 16
+        groups[-1].append(item)
+        size += item_size
+    return [dataclasses.replace(batch, **{items_field: group, "part": i, "num_parts": len(groups)})
+            for i, group in enumerate(groups)]
+
+
+async def publish_batch(store: RecordStore, key: str, batch: Message, items_field: str, expiration_time: float) -> bool:
+    """Store every part of ``batch`` under its publisher's part subkeys; True if all were stored."""
+    publisher = PeerID(batch.publisher)  # type: ignore[attr-defined]
+    ok = True
+    for part in split_batch(batch, items_field):
+        ok &= bool(await store.store(key, part.pack(), expiration_time, subkey=part_subkey(publisher, part.part)))  # type: ignore[attr-defined]
+    return ok
+
+
+def merge_batches(result: Any, cls: type[B], items_field: str, run_id: str, window: int,
+                  check: Callable[[B], str | None]) -> dict[PeerID, B]:
+    """Whole batches, by publisher, from a DHT ``get`` answer (see the module docstring for what is dropped)."""
+    parts: dict[PeerID, dict[int, B]] = {}
+    for subkey, raw in record_items(result):
+        try:
+            if not isinstance(raw, (bytes, bytearray)):
+                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
+            batch = cls.unpack(raw)
+        except ProtocolError as e:
+            log.warning("dropping a malformed %s part for %s window %d: %s", cls.__name__, run_id, window, e)
+            continue
+        publisher = PeerID(batch.publisher)  # type: ignore[attr-defined]
+        problem = None
+        if subkey != part_subkey(publisher, batch.part):  # type: ignore[attr-defined]
+            problem = f"stored under subkey {subkey!r}, not its own"
+        elif batch.run_id != run_id or batch.window != window:  # type: ignore[attr-defined]
+            problem = f"labelled {batch.run_id}/{batch.window}"  # type: ignore[attr-defined]
+        else:
+            problem = check(batch)
+        if problem is not None:
+            log.warning("dropping %s part of %s: %s", cls.__name__, publisher.short(), problem)
+            continue
+        parts.setdefault(publisher, {})[batch.part] = batch  # type: ignore[attr-defined]
+    merged: dict[PeerID, B] = {}
+    for publisher, found in sorted(parts.items()):
+        num_parts = found[0].num_parts if 0 in found else 0  # type: ignore[attr-defined]
+        complete = [found.get(i) for i in range(num_parts)]
+        if num_parts == 0 or any(p is None or p.num_parts != num_parts for p in complete):  # type: ignore[attr-defined]
+            log.warning("dropping incomplete %s of %s for window %d", cls.__name__, publisher.short(), window)
+            continue
+        items = [item for p in complete for item in getattr(p, items_field)]
+        merged[publisher] = dataclasses.replace(complete[0], **{items_field: items, "part": 0, "num_parts": 1})
+    return merged

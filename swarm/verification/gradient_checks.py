@@ -1,0 +1,199 @@
+"""A training node's gradient checks: inspect the all-reduce parts it reduced, report outliers and replays.
+
+Each owner of a span in the stage's all-reduce keeps every member's values of the first part(s) it reduces
+(`swarm.averaging.AveragerConfig.inspect_parts`). After each round `GradientChecker.inspect` applies the stated
+rule of `swarm.verification.outliers` to them: a sender far from the reduced center (``find_outliers``), or one that
+sent bit-for-bit the values it sent for the same span at an earlier step (`ReplayDetector`); all-zero parts are
+not judged. `GradientChecker.flush` publishes one signed `OutlierReport` per window under the node's own
+subkey, restating every offender caught so far (re-signed whenever a finding is added, and once in each later
+window the node averages in). The orchestrator zeroes and flags a peer reported by ``outlier_min_reporters``
+distinct peers in a window. The trainer also leaves caught peers out of its all-reduce groups and spans
+(`GradientChecker.offenders`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from swarm.p2p.identity import Identity, PeerID
+from swarm.errors import ConfigError
+from swarm.verification.common import RecordStore
+from swarm.verification.outliers import (
+    OutlierConfig, OutlierEntry, ReplayDetector, fetch_reports, find_outliers, publish_report, reported_peers, sign_report)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class InspectedValues(Protocol):
+    """One reduced part (`swarm.averaging.allreduce.InspectedPart`): each member's values and the center."""
+
+    start: int
+    end: int
+    values: Mapping[PeerID, torch.Tensor]
+    center: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientCheckConfig:
+    """The run's window length, the outlier rule, and how long reports live in the DHT."""
+
+    run_id: str
+    window_steps: int
+    outliers: OutlierConfig
+    report_ttl_s: float = 3600.0
+    min_reporters: int = 2  # a peer reported by this many others in a window is an offender for everyone
+    replay_block_numel: int = 4096  # replay digests are taken per block at offsets that are multiples of this
+    max_windows_kept: int = 64
+    max_known_offenders: int = 1024
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, str) or not self.run_id:
+            raise ConfigError(f"run_id must be a non-empty string, got {self.run_id!r}")
+        if not isinstance(self.window_steps, int) or self.window_steps < 1:
+            raise ConfigError(f"window_steps must be an int >= 1, got {self.window_steps!r}")
+        if not isinstance(self.outliers, OutlierConfig):
+            raise ConfigError(f"outliers must be an OutlierConfig, got {type(self.outliers).__name__}")
+        if not isinstance(self.report_ttl_s, (int, float)) or not 0 < self.report_ttl_s <= 86400 * 30:
+            raise ConfigError(f"report_ttl_s must be in (0, 2592000] seconds, got {self.report_ttl_s!r}")
+        for name in ("min_reporters", "max_windows_kept", "max_known_offenders"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 10_000:
+                raise ConfigError(f"{name} must be an int in [1, 10000], got {value!r}")
+        if not isinstance(self.replay_block_numel, int) or not 16 <= self.replay_block_numel <= 1 << 24:
+            raise ConfigError(f"replay_block_numel must be an int in [16, 16777216], got {self.replay_block_numel!r}")
+
+
+class GradientChecker:
+    """Finds outlier and replayed gradient parts among the senders of this node's spans; publishes reports."""
+
+    def __init__(self, identity: Identity, cfg: GradientCheckConfig, store: RecordStore) -> None:
+        self.identity = identity
+        self.cfg = cfg
+        self.store = store
+        self.replays = ReplayDetector(cfg.outliers)
+        self._windows: set[int] = set()  # windows this node inspected parts in
+        self._known: dict[tuple[bytes, str], OutlierEntry] = {}  # every finding, with its first evidence
+        self._dirty: set[int] = set()
+        self._reported: dict[PeerID, str] = {}  # peers reported by a quorum of others (read from the DHT)
+        # `inspect` runs in a worker thread, the rest on the event loop: the state above changes under this lock,
+        # and the offender sets are rebuilt then, so the per-RPC `offenders()` is a plain read
+        self._lock = threading.Lock()
+        self._offenders: frozenset[PeerID] = frozenset()
+        self._confirmed: frozenset[PeerID] = frozenset()
+
+    def _rebuild_sets(self) -> None:
+        """Recompute the offender sets (the lock is held)."""
+        self._confirmed = frozenset(self._reported)
+        self._offenders = frozenset(PeerID(peer) for peer, _ in self._known) | self._confirmed
+
+    def inspect(self, step: int, stage: int, parts: Sequence[InspectedValues]) -> list[OutlierEntry]:
+        """Apply the rule to one round's inspected parts; returns the new findings about other peers (CPU work:
+        call it in a worker thread)."""
+        me = self.identity.peer_id
+        found: list[OutlierEntry] = []
+        for part in parts:
+            # an all-zero part is no evidence either way (e.g. an honest peer whose downstream stage returned zero
+            # gradients): it is not judged, and not counted among the senders the median is taken over
+            judged = {p: v for p, v in part.values.items() if bool(v.any())}
+            found += find_outliers(judged, part.center, step, self.cfg.outliers)
+            for peer, values in sorted(part.values.items()):
+                if peer != me:
+                    found += self._replays_in(peer, stage, step, part.start, values)
+        with self._lock:
+            return self._record(me, step, stage, found)
+
+    def _record(self, me: PeerID, step: int, stage: int, found: list[OutlierEntry]) -> list[OutlierEntry]:
+        """Keep the new findings of one round (the lock is held); returns them."""
+        window = step // self.cfg.window_steps
+        if window not in self._windows and self._known:
+            self._dirty.add(window)  # a new window: restate the offenders caught earlier (see `flush`)
+        self._windows.add(window)
+        new = []
+        for entry in found:
+            key = (entry.peer, entry.reason)
+            if PeerID(entry.peer) != me and key not in self._known:
+                self._known[key] = entry
+                new.append(entry)
+                log.warning("%s: stage %d step %d: %s sent a %s gradient part (distance %.3g, median %.3g); reporting it",
+                            me.short(), stage, step, PeerID(entry.peer).short(), entry.reason, entry.distance,
+                            entry.median_distance)
+        if new:
+            self._dirty.add(window)
+        while len(self._windows) > self.cfg.max_windows_kept:
+            self._windows.discard(min(self._windows))
+        while len(self._known) > self.cfg.max_known_offenders:
+            self._known.pop(next(iter(self._known)))
+        self._rebuild_sets()
+        return new
+
+    def _replays_in(self, peer: PeerID, stage: int, step: int, start: int, values: torch.Tensor) -> list[OutlierEntry]:
+        """Replay check of one sender's part, block by block at absolute flat offsets that are multiples of
+        ``replay_block_numel``: spans move when the group changes, the blocks do not, so a replayed gradient is
+        caught whichever part of it this node reduces. A part with no whole block is checked as a whole."""
+        block = self.cfg.replay_block_numel
+        first = -(-start // block) * block
+        offsets = range(first, start + values.numel() - block + 1, block)
+        pieces = [(f"{stage}@{o}", values[o - start:o - start + block]) for o in offsets] or [(f"{stage}:{start}", values)]
+        for key, piece in pieces:
+            entry = self.replays.observe(peer, key, step, piece)
+            if entry is not None:
+                return [entry]
+        return []
+
+    def confirmed(self) -> frozenset[PeerID]:
+        """The offenders that a quorum of peers reported (what the orchestrator flags)."""
+        return self._confirmed
+
+    def offenders(self) -> frozenset[PeerID]:
+        """Every peer this node found sending outlier or replayed parts in the windows it remembers: the all-reduce
+        leaves them out of the spans this node reduces, and this node never adopts their state."""
+        return self._offenders
+
+    async def refresh_reported(self, window: int) -> frozenset[PeerID]:
+        """Read the reports of ``window`` and the one before from the DHT; peers reported by ``min_reporters``
+        distinct others (the orchestrator's rule) become offenders here too, so this node's drivers stop routing
+        microbatches through them even before the window is attested. Returns the newly added ones; the
+        caller bounds it with a deadline."""
+        me = self.identity.peer_id
+        added = set()
+        for w in range(max(window - 1, 0), window + 1):
+            reports = await fetch_reports(self.store, self.cfg.run_id, w)
+            for peer, reason in reported_peers(reports, self.cfg.min_reporters).items():
+                if peer != me and peer not in self._reported:
+                    with self._lock:
+                        self._reported[peer] = reason
+                        self._rebuild_sets()
+                    added.add(peer)
+                    log.warning("%s: %s was reported by a quorum of peers (%s); avoiding it", me.short(),
+                                peer.short(), reason)
+        return frozenset(added)
+
+    async def flush(self, now: float | None = None) -> int:
+        """Publish the signed report of every window that gained findings, or that this node reached while it
+        knows offenders; returns how many were stored. A report restates every offender this node caught so far
+        (with the first evidence): a caught peer is left out of this node's spans, so this node cannot catch it
+        again, and flagging needs ``outlier_min_reporters`` reports in one window. The caller bounds it with a
+        deadline; a window whose store fails is retried at the next flush."""
+        stored = 0
+        now = time.time() if now is None else now
+        with self._lock:
+            dirty, known = sorted(self._dirty), list(self._known.values())
+        for window in dirty:
+            entries = sorted(known, key=lambda e: (e.peer, e.reason))
+            report = sign_report(self.identity, run_id=self.cfg.run_id, window=window, entries=entries)
+            if await publish_report(self.store, report, now + self.cfg.report_ttl_s):
+                with self._lock:
+                    self._dirty.discard(window)
+                stored += 1
+            else:
+                log.warning("%s: storing the outlier report of window %d found no peer; retrying",
+                            self.identity.peer_id.short(), window)
+        return stored

@@ -1,0 +1,168 @@
+"""The orchestrator candidate: heartbeats, leader election per window, attestation of every closed window.
+
+Each candidate walks the windows in order with a cursor. For the first window it has not seen attested: if
+the window is closed (the swarm's step is ``settle_steps`` past its end) and an attestation is stored, it
+accepts the one `pick_attestation` chooses and moves on; if none is stored and this node is the leader
+(`choose_leader` over live heartbeats), it computes the rewards, signs, stores and appends to its ledger.
+A candidate that takes over therefore attests every window the old leader missed, in order, none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from swarm.p2p.identity import Identity, PeerID
+from swarm.errors import ConfigError, SwarmError
+from swarm.verification.attestation import (
+    GENESIS_DIGEST, Attestation, build_attestation, fetch_attestations, pick_attestation, publish_attestation)
+from swarm.verification.common import RecordStore
+from swarm.verification.election import ROLES, ElectionConfig, choose_leader, fetch_heartbeats, publish_heartbeat, sign_heartbeat
+from swarm.verification.ledger import Ledger
+from swarm.verification.outliers import fetch_reports
+from swarm.verification.receipts import fetch_receipts
+from swarm.verification.rewards import RewardConfig, compute_rewards
+from swarm.verification.verdicts import fetch_verdicts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorConfig:
+    """One candidate's settings; ``rewards`` and ``election`` come from the run config."""
+
+    run_id: str
+    role: str = "candidate"
+    election: ElectionConfig = field(default_factory=ElectionConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    settle_steps: int = 2
+    settle_s: float = 3.0
+    tick_s: float = 0.5
+    record_ttl_s: float = 24 * 3600.0
+    dht_timeout_s: float = 10.0
+    ledger_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            raise ConfigError("run_id must not be empty")
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not 0 <= self.settle_steps <= 1_000_000:
+            raise ConfigError(f"settle_steps must be in [0, 1000000], got {self.settle_steps!r}")
+        if not isinstance(self.settle_s, (int, float)) or not 0 <= self.settle_s <= 3600:
+            raise ConfigError(f"settle_s must be in [0, 3600] seconds, got {self.settle_s!r}")
+        for name in ("tick_s", "record_ttl_s", "dht_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 365 * 86400:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+class Orchestrator:
+    """A candidate: publishes heartbeats and, while it leads, attests closed windows."""
+
+    def __init__(self, identity: Identity, cfg: OrchestratorConfig, store: RecordStore,
+                 current_step: Callable[[], int], clock: Callable[[], float] = time.time,
+                 window_ready: Callable[[int], bool] | None = None) -> None:
+        """``window_ready(w)``: an extra condition before attesting window ``w`` (a validator's own check done)."""
+        self.identity = identity
+        self.window_ready = window_ready
+        self._closed_at: dict[int, float] = {}
+        self.cfg = cfg
+        self.store = store
+        self.current_step = current_step
+        self.clock = clock
+        self.ledger = Ledger(cfg.ledger_path) if cfg.ledger_path else None
+        self.accepted: dict[int, Attestation] = {}
+        self.signed: list[Attestation] = []
+        self._next_window = 0
+        self._last_heartbeat = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def next_window(self) -> int:
+        return self._next_window
+
+    async def start(self) -> None:
+        """Start the background loop (cancelled and awaited by `stop`)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"orchestrator-{self.identity.peer_id.short()}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except (SwarmError, TimeoutError) as e:
+                log.warning("orchestrator %s: round failed, retrying: %s", self.identity.peer_id.short(), e)
+            await asyncio.sleep(self.cfg.tick_s)
+
+    async def tick(self) -> list[Attestation]:
+        """One round: heartbeat if due, then accept or sign every closed window in order."""
+        now = self.clock()
+        if now - self._last_heartbeat >= self.cfg.election.heartbeat_interval_s:
+            hb = sign_heartbeat(self.identity, run_id=self.cfg.run_id, role=self.cfg.role, now=now, cfg=self.cfg.election)
+            async with asyncio.timeout(self.cfg.dht_timeout_s):
+                await publish_heartbeat(self.store, hb)
+            self._last_heartbeat = now
+        signed_before = len(self.signed)
+        window_steps = self.cfg.rewards.window_steps
+        last_closed = (self.current_step() - self.cfg.settle_steps) // window_steps - 1
+        for window in range(self._next_window, last_closed + 1):
+            self._closed_at.setdefault(window, now)  # when this node first saw the window closed
+        while self._next_window <= last_closed:
+            if self.clock() - self._closed_at[self._next_window] < self.cfg.settle_s:
+                break  # let callers and validators publish the window's receipts and verdicts
+            if await self._advance(self._next_window) is None:
+                break
+            self._closed_at.pop(self._next_window - 1, None)
+        return self.signed[signed_before:]
+
+    async def _advance(self, window: int) -> Attestation | None:
+        run_id = self.cfg.run_id
+        async with asyncio.timeout(self.cfg.dht_timeout_s):
+            existing = pick_attestation(await fetch_attestations(self.store, run_id, window), run_id, window)
+        if existing is None:
+            async with asyncio.timeout(self.cfg.dht_timeout_s):
+                heartbeats = await fetch_heartbeats(self.store, run_id)
+            if choose_leader(heartbeats, run_id, self.clock()) != self.identity.peer_id:
+                return None
+            if self.window_ready is not None and not self.window_ready(window):
+                return None
+            existing = await self._attest(window)
+        self.accepted[window] = existing
+        self._next_window = window + 1
+        return existing
+
+    async def _attest(self, window: int) -> Attestation:
+        run_id, cfg = self.cfg.run_id, self.cfg.rewards
+        prev = self.accepted.get(window - 1)
+        async with asyncio.timeout(self.cfg.dht_timeout_s):
+            receipts = await fetch_receipts(self.store, run_id, window)
+            verdicts = await fetch_verdicts(self.store, run_id, window)
+            reports = await fetch_reports(self.store, run_id, window) if cfg.outlier_min_reporters > 0 else {}
+        prev_flagged = [PeerID(p) for p in prev.flagged] if prev else []
+        outcome = compute_rewards(run_id, window, receipts, verdicts, prev_flagged, cfg, reports)
+        term = 1 if prev is None else prev.term + (0 if prev.orchestrator == self.identity.peer_id.to_bytes() else 1)
+        att = build_attestation(self.identity, run_id=run_id, window=window, term=term, cfg=cfg, outcome=outcome,
+                                receipts=receipts, verdicts=verdicts, reports=reports,
+                                prev_digest=prev.digest if prev else GENESIS_DIGEST, issued_at=self.clock())
+        async with asyncio.timeout(self.cfg.dht_timeout_s):
+            await publish_attestation(self.store, att, self.clock() + self.cfg.record_ttl_s)
+        if self.ledger is not None:
+            await asyncio.to_thread(self.ledger.append, att)
+        self.signed.append(att)
+        log.info("orchestrator %s: attested %s window %d (term %d): %d peers paid, %d flagged",
+                 self.identity.peer_id.short(), run_id, window, term,
+                 sum(1 for s in outcome.shares.values() if s > 0), len(outcome.flagged))
+        return att
