@@ -63,8 +63,9 @@ async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any) -> Non
         times = []
         for r in range(rounds + 1):
             key = f"bench/avg/0/{r}"
-            group = Group(group_key=key, round_id=round_id_of(key, tuple(members)), members=tuple(members),
-                          my_index=rank)
+            group = Group(
+                group_key=key, round_id=round_id_of(key, tuple(members)), members=tuple(members), my_index=rank
+            )
             server.expect(key, group.round_id)
             await asyncio.to_thread(conn.recv)  # the go signal
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -104,8 +105,12 @@ def bench_swarm(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
     finally:
         _join(procs)
     above = max(m["peak_rss"] - m["idle_rss"] for m in mem)
-    return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times,
-            "cpu_s_per_peer": statistics.median(round_cpu[1:]), "peak_rss_above_idle_mib": above / 2**20}
+    return {
+        "median_s": statistics.median(round_times[1:]),
+        "rounds_s": round_times,
+        "cpu_s_per_peer": statistics.median(round_cpu[1:]),
+        "peak_rss_above_idle_mib": above / 2**20,
+    }
 
 
 # ---------------------------------------------------------------- the cipher's share
@@ -170,8 +175,11 @@ def bench_gloo(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
         _join(procs)
     round_times = [max(t[r] for t, _ in per_peer) for r in range(rounds + 1)]
     round_cpu = [statistics.mean(c[r] for _, c in per_peer) for r in range(rounds + 1)]
-    return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times,
-            "cpu_s_per_peer": statistics.median(round_cpu[1:])}
+    return {
+        "median_s": statistics.median(round_times[1:]),
+        "rounds_s": round_times,
+        "cpu_s_per_peer": statistics.median(round_cpu[1:]),
+    }
 
 
 # ---------------------------------------------------------------- hivemind
@@ -188,8 +196,15 @@ def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
     conn.send([str(a) for a in dht.get_visible_maddrs()])
     tensor = torch.randn(_numel(size_mib), generator=torch.Generator().manual_seed(rank))
     averager = hivemind.averaging.DecentralizedAverager(
-        [tensor], dht, start=True, prefix="bench", target_group_size=4, min_group_size=4,
-        min_matchmaking_time=5.0, request_timeout=3.0, allreduce_timeout=ROUND_TIMEOUT_S,
+        [tensor],
+        dht,
+        start=True,
+        prefix="bench",
+        target_group_size=4,
+        min_group_size=4,
+        min_matchmaking_time=5.0,
+        request_timeout=3.0,
+        allreduce_timeout=ROUND_TIMEOUT_S,
     )
     times = []
     try:

@@ -39,9 +39,24 @@ def run_swarm(run: RunConfig, *, nodes: int, steps: int, work_dir: Path, label: 
     shutil.rmtree(work_dir / label, ignore_errors=True)  # an earlier run's checkpoints would resume at its end
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", str(nodes), "--steps", str(steps), "--json",
-         "--config", str(config_path), "--run-dir", str(work_dir / label)],
-        capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli.node",
+            "local",
+            "--nodes",
+            str(nodes),
+            "--steps",
+            str(steps),
+            "--json",
+            "--config",
+            str(config_path),
+            "--run-dir",
+            str(work_dir / label),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
@@ -103,9 +118,16 @@ def main() -> None:
         "run_id": run.run_id,
         "steps": args.steps,
         "loss_floor": single.loss_floor,
-        "single": {"loss_curve": [round(x, 4) for x in single.losses], "final_loss": round(tail_mean(single.losses, args.tail), 4),
-                   "samples": single.samples, "tokens_per_s": round(single.tokens_per_s, 1), "elapsed_s": round(single.elapsed_s, 2)},
-        "swarm": {k: swarm[k] for k in ("loss_curve", "samples", "tokens_per_s", "elapsed_s", "wall_s_with_startup", "stages")}
+        "single": {
+            "loss_curve": [round(x, 4) for x in single.losses],
+            "final_loss": round(tail_mean(single.losses, args.tail), 4),
+            "samples": single.samples,
+            "tokens_per_s": round(single.tokens_per_s, 1),
+            "elapsed_s": round(single.elapsed_s, 2),
+        },
+        "swarm": {
+            k: swarm[k] for k in ("loss_curve", "samples", "tokens_per_s", "elapsed_s", "wall_s_with_startup", "stages")
+        }
         | {"final_loss": round(tail_mean(swarm["loss_curve"], args.tail), 4)},
     }
     result["final_loss_ratio"] = round(result["swarm"]["final_loss"] / result["single"]["final_loss"], 4)
@@ -115,8 +137,11 @@ def main() -> None:
         lossy = run_swarm(lossy_run, nodes=args.nodes, steps=args.steps, work_dir=out_dir, label="swarm-blockwise8")
         curves[f"{args.nodes}-node swarm, blockwise8 activations"] = lossy["loss_curve"]
         result["swarm_blockwise8"] = {k: lossy[k] for k in ("loss_curve", "samples", "tokens_per_s", "elapsed_s")} | {
-            "final_loss": round(tail_mean(lossy["loss_curve"], args.tail), 4)}
-        result["final_loss_ratio_blockwise8"] = round(result["swarm_blockwise8"]["final_loss"] / result["single"]["final_loss"], 4)
+            "final_loss": round(tail_mean(lossy["loss_curve"], args.tail), 4)
+        }
+        result["final_loss_ratio_blockwise8"] = round(
+            result["swarm_blockwise8"]["final_loss"] / result["single"]["final_loss"], 4
+        )
     plot_path = out_dir / "convergence.png"
     result["plot"] = str(plot_path) if plot(curves, single.loss_floor, plot_path) else None
     result["goals"] = {

@@ -124,8 +124,13 @@ async def bench_ours(n: int, seed: int) -> dict[str, Any]:
     finally:
         for node in nodes:
             await node.shutdown()
-    return {"system": "swarm", "n": n, "start_s": round(start_s, 2),
-            "memory_per_node_mb": round((rss_after - rss_before) / n / 1e6, 2), **result}
+    return {
+        "system": "swarm",
+        "n": n,
+        "start_s": round(start_s, 2),
+        "memory_per_node_mb": round((rss_after - rss_before) / n / 1e6, 2),
+        **result,
+    }
 
 
 async def bench_kademlia(n: int, seed: int) -> dict[str, Any]:
@@ -163,8 +168,13 @@ async def bench_kademlia(n: int, seed: int) -> dict[str, Any]:
     finally:
         for server in servers:
             server.stop()
-    return {"system": "kademlia", "n": n, "start_s": round(start_s, 2),
-            "memory_per_node_mb": round((rss_after - rss_before) / n / 1e6, 2), **result}
+    return {
+        "system": "kademlia",
+        "n": n,
+        "start_s": round(start_s, 2),
+        "memory_per_node_mb": round((rss_after - rss_before) / n / 1e6, 2),
+        **result,
+    }
 
 
 def _tree_rss(pid: int) -> int:
@@ -207,8 +217,13 @@ async def bench_hivemind(n: int, seed: int) -> dict[str, Any]:
         for d in dhts:
             if d.is_alive():
                 d.shutdown()
-    return {"system": "hivemind", "n": n, "start_s": round(start_s, 2),
-            "memory_per_node_mb": round(memory / 1e6, 2), **result}
+    return {
+        "system": "hivemind",
+        "n": n,
+        "start_s": round(start_s, 2),
+        "memory_per_node_mb": round(memory / 1e6, 2),
+        **result,
+    }
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -31,8 +31,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_swarm(config: Path, *, nodes: int, steps: int, cheats: list[str], run_dir: Path) -> dict[str, Any]:
-    args = [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", str(nodes), "--validators", "1", "--steps",
-            str(steps), "--json", "--config", str(config), "--run-dir", str(run_dir), "--timeout", "1200"]
+    args = [
+        sys.executable,
+        "-m",
+        "swarm.cli.node",
+        "local",
+        "--nodes",
+        str(nodes),
+        "--validators",
+        "1",
+        "--steps",
+        str(steps),
+        "--json",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--timeout",
+        "1200",
+    ]
     for cheat in cheats:
         args += ["--misbehave", cheat]
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's checkpoints would resume at its end
@@ -58,19 +75,33 @@ def main() -> None:
     robust = REPO / "swarm" / "run" / "presets" / "tiny_gpt_robust.toml"
     run = RunConfig.from_toml(robust)
     mean_config = out_dir / "mean.toml"
-    mean_config.write_text(dataclasses.replace(run, averaging=dataclasses.replace(run.averaging, reduction="mean")).to_toml())
+    mean_config.write_text(
+        dataclasses.replace(run, averaging=dataclasses.replace(run.averaging, reduction="mean")).to_toml()
+    )
 
-    cases = {"honest": (robust, []), "sign_flip_centered_clip": (robust, ["sign-flip:2"]),
-             "sign_flip_mean": (mean_config, ["sign-flip:2"])}
-    result: dict[str, Any] = {"benchmark": "robustness", "nodes": args.nodes, "steps": args.steps,
-                              "clip_tau": run.averaging.clip_tau}
+    cases = {
+        "honest": (robust, []),
+        "sign_flip_centered_clip": (robust, ["sign-flip:2"]),
+        "sign_flip_mean": (mean_config, ["sign-flip:2"]),
+    }
+    result: dict[str, Any] = {
+        "benchmark": "robustness",
+        "nodes": args.nodes,
+        "steps": args.steps,
+        "clip_tau": run.averaging.clip_tau,
+    }
     for label, (config, cheats) in cases.items():
         summary = run_swarm(config, nodes=args.nodes, steps=args.steps, cheats=cheats, run_dir=out_dir / label)
         curve = summary["loss_curve"]
-        result[label] = {"final_loss": round(sum(curve[-args.tail:]) / len(curve[-args.tail:]), 4),
-                         "loss_curve": curve, "flagged_exactly_the_cheaters": summary["flagged"] == summary["misbehaving"],
-                         "num_flagged": len(summary["flagged"]), "attestations": summary["attestations"],
-                         "elapsed_s": summary["elapsed_s"], "wall_s": summary["wall_s"]}
+        result[label] = {
+            "final_loss": round(sum(curve[-args.tail :]) / len(curve[-args.tail :]), 4),
+            "loss_curve": curve,
+            "flagged_exactly_the_cheaters": summary["flagged"] == summary["misbehaving"],
+            "num_flagged": len(summary["flagged"]),
+            "attestations": summary["attestations"],
+            "elapsed_s": summary["elapsed_s"],
+            "wall_s": summary["wall_s"],
+        }
     honest = result["honest"]["final_loss"]
     result["final_loss_ratio_centered_clip"] = round(result["sign_flip_centered_clip"]["final_loss"] / honest, 4)
     result["final_loss_ratio_mean"] = round(result["sign_flip_mean"]["final_loss"] / honest, 4)

@@ -138,8 +138,13 @@ def _ms(values: list[float], q: float) -> float:
 async def main(args: argparse.Namespace) -> dict[str, object]:
     size_bytes = args.size_mib << 20
     child = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", "--size-mib", str(args.size_mib),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        __file__,
+        "--serve",
+        "--size-mib",
+        str(args.size_mib),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert child.stdout is not None and child.stdin is not None

@@ -72,8 +72,15 @@ def main() -> None:
         for i, a in enumerate(acts):
             with torch.no_grad():
                 out = encode(stage1(a), policy, Role.ACTIVATIONS)
-            kw = dict(step=0, stage=1, microbatch_id=f"mb-{round_index}-{i}", kind="forward", inputs=[wires[i]],
-                      outputs=[out], num_samples=int(a.shape[0]))
+            kw = dict(
+                step=0,
+                stage=1,
+                microbatch_id=f"mb-{round_index}-{i}",
+                kind="forward",
+                inputs=[wires[i]],
+                outputs=[out],
+                num_samples=int(a.shape[0]),
+            )
             ack = witness.witness(caller=caller.peer_id, **kw)
             collector.record(server=server.peer_id, ack=ack, **kw)
 
@@ -89,17 +96,25 @@ def main() -> None:
     plain_s, verified_s = statistics.median(plain_times), statistics.median(verified_times)
 
     replayer = StageReplayer(run, keep_steps=2)
-    replayer.add_state(capture_state(stage1, make_optimizer(stage1.parameters(), run.optimizer), run_id=run.run_id,
-                                     stage=1, step=0), server.peer_id)
-    checker = ReceiptChecker(Identity.from_seed(b"\x03" * 32), CheckConfig(sample_probability=1.0), replayer,
-                             _Fetcher(witness.service), rng=random.Random(0))
+    replayer.add_state(
+        capture_state(stage1, make_optimizer(stage1.parameters(), run.optimizer), run_id=run.run_id, stage=1, step=0),
+        server.peer_id,
+    )
+    checker = ReceiptChecker(
+        Identity.from_seed(b"\x03" * 32),
+        CheckConfig(sample_probability=1.0),
+        replayer,
+        _Fetcher(witness.service),
+        rng=random.Random(0),
+    )
     receipts = collector.pending()[:NUM_MICROBATCHES]
     t0 = time.perf_counter()
     verdicts = asyncio.run(checker.check_window(receipts, 0))
     check_s = (time.perf_counter() - t0) / len(receipts)
     result = {
         "benchmark": "verification_overhead",
-        "microbatches": NUM_MICROBATCHES, "rounds": ROUNDS,
+        "microbatches": NUM_MICROBATCHES,
+        "rounds": ROUNDS,
         "microbatch_samples": int(acts[0].shape[0]),
         "plain_serve_ms": round(plain_s * 1e3, 3),
         "verified_serve_ms": round(verified_s * 1e3, 3),

@@ -56,7 +56,9 @@ class NodeConfig:
             raise ConfigError(f"identity_path must be a pathlib.Path or None, got {type(self.identity_path).__name__}")
         if self.training is not None and not isinstance(self.training, TrainingConfig):
             raise ConfigError(f"training must be a TrainingConfig or None, got {type(self.training).__name__}")
-        if self.validator is not None and (self.training is not None or not isinstance(self.validator, ValidatorConfig)):
+        if self.validator is not None and (
+            self.training is not None or not isinstance(self.validator, ValidatorConfig)
+        ):
             raise ConfigError("validator must be a ValidatorConfig, and a node cannot both train and validate")
 
     @property
@@ -104,7 +106,10 @@ class Node:
             log.info("node %s stopped", self.peer_id.short())
 
     async def run(
-        self, stop_event: asyncio.Event, *, on_listening: Callable[[tuple[str, ...]], None] | None = None,
+        self,
+        stop_event: asyncio.Event,
+        *,
+        on_listening: Callable[[tuple[str, ...]], None] | None = None,
         on_serving: Callable[[int | None], None] | None = None,
     ) -> None:
         """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
@@ -120,8 +125,9 @@ class Node:
                 role = TrainingRole(self.config.training, transport=self.transport, dht=self.dht, on_serving=on_serving)
                 await role.run(stop_event)
             elif self.config.validator is not None and self.transport is not None and self.identity is not None:
-                validator = ValidatorRole(self.config.validator, transport=self.transport, dht=self.dht,
-                                          identity=self.identity)
+                validator = ValidatorRole(
+                    self.config.validator, transport=self.transport, dht=self.dht, identity=self.identity
+                )
                 await validator.run(stop_event)
             else:
                 await stop_event.wait()
@@ -132,8 +138,9 @@ class Node:
         """Join the DHT through the initial peers (BootstrapError if none answers; the first node has none)."""
         if self.transport is None:
             raise SwarmError("the node has not started yet; call start() first")
-        dht = DHT.create(DHTConfig(initial_peers=self.config.initial_peers), identity=self.identity,
-                         transport=self.transport)
+        dht = DHT.create(
+            DHTConfig(initial_peers=self.config.initial_peers), identity=self.identity, transport=self.transport
+        )
         await dht.start()
         self.dht = dht
 

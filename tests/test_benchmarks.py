@@ -19,24 +19,49 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240.0
 
 CASES: list[tuple[str, list[str], list[str]]] = [
-    ("bench_allreduce.py", ["--size-mib", "1", "--peers", "2", "--rounds", "1", "--skip-hivemind"],
-     ["swarm_median_s", "gloo_median_s", "swarm_over_gloo", "encrypted_floor_over_gloo", "swarm_peak_rss_over_tensor"]),
-    ("bench_transport.py", ["--size-mib", "4", "--rounds", "1", "--rpcs", "50"],
-     ["encrypted_MBps", "plain_socket_MBps", "ratio_encrypted_vs_plain", "rpc_rtt_p50_ms"]),
+    (
+        "bench_allreduce.py",
+        ["--size-mib", "1", "--peers", "2", "--rounds", "1", "--skip-hivemind"],
+        [
+            "swarm_median_s",
+            "gloo_median_s",
+            "swarm_over_gloo",
+            "encrypted_floor_over_gloo",
+            "swarm_peak_rss_over_tensor",
+        ],
+    ),
+    (
+        "bench_transport.py",
+        ["--size-mib", "4", "--rounds", "1", "--rpcs", "50"],
+        ["encrypted_MBps", "plain_socket_MBps", "ratio_encrypted_vs_plain", "rpc_rtt_p50_ms"],
+    ),
     ("bench_compression.py", ["--size-mib", "1", "--rounds", "1", "--skip-hivemind"], ["ours", "all_goals_met"]),
     ("bench_dht.py", ["--sizes", "8", "--no-hivemind", "--no-kademlia"], ["swarm_n8", "goals"]),
     ("bench_verification.py", [], ["overhead_ratio", "checks_passed"]),
-    ("bench_convergence.py", ["--steps", "2", "--nodes", "2", "--skip-lossy", "--out-dir", "{tmp}"],
-     ["final_loss_ratio", "tokens_per_s_ratio", "goals"]),
-    ("bench_robustness.py", ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],
-     ["final_loss_ratio_centered_clip", "final_loss_ratio_mean", "goals"]),
+    (
+        "bench_convergence.py",
+        ["--steps", "2", "--nodes", "2", "--skip-lossy", "--out-dir", "{tmp}"],
+        ["final_loss_ratio", "tokens_per_s_ratio", "goals"],
+    ),
+    (
+        "bench_robustness.py",
+        ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],
+        ["final_loss_ratio_centered_clip", "final_loss_ratio_mean", "goals"],
+    ),
 ]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     """Run ``args`` in a new process group; on timeout kill the whole group (the benchmarks start processes)."""
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

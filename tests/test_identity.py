@@ -98,8 +98,11 @@ def test_bad_key_files_give_clear_errors(tmp_path: Path, caplog: pytest.LogCaptu
     with pytest.raises(IdentityError, match="not an unencrypted PEM private key"):
         Identity.load(garbage)
     ec = tmp_path / "ec.pem"
-    ec.write_bytes(generate_private_key(SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ec.write_bytes(
+        generate_private_key(SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     with pytest.raises(IdentityError, match="not an Ed25519 key"):
         Identity.load(ec)
     loose = tmp_path / "loose.pem"

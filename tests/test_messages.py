@@ -36,8 +36,17 @@ class Outer(Message):
 
 
 def _outer() -> Outer:
-    return Outer(count=3, flag=True, blob=b"\x00\xff", inner=Inner(name="a"), items=(1, 2), pairs=[Inner(name="b", weight=2.5)],
-                 table={"k": 1}, maybe="m", anything=[1, "x"])
+    return Outer(
+        count=3,
+        flag=True,
+        blob=b"\x00\xff",
+        inner=Inner(name="a"),
+        items=(1, 2),
+        pairs=[Inner(name="b", weight=2.5)],
+        table={"k": 1},
+        maybe="m",
+        anything=[1, "x"],
+    )
 
 
 def test_round_trip() -> None:

@@ -94,7 +94,9 @@ def test_missing_identity_file_is_a_clear_error(tmp_path: Path) -> None:
 
 async def test_node_in_process_joins_and_stops(tmp_path: Path) -> None:
     config = lambda name, peers=(): NodeConfig(  # noqa: E731
-        transport=TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)), initial_peers=peers, data_dir=tmp_path / name
+        transport=TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)),
+        initial_peers=peers,
+        data_dir=tmp_path / name,
     )
     first = Node(config("a"))
     first_stop = asyncio.Event()

@@ -152,8 +152,10 @@ class AllReduceServer:
                     raise SwarmError(f"no averaging round {round_id.hex()[:8]} under {group_key!r} here; not a member")
                 await event.wait()
         except TimeoutError:
-            raise SwarmError(f"averaging round {round_id.hex()[:8]} under {group_key!r} did not start here within "
-                             f"{self.config.join_timeout_s:.1f}s") from None
+            raise SwarmError(
+                f"averaging round {round_id.hex()[:8]} under {group_key!r} did not start here within "
+                f"{self.config.join_timeout_s:.1f}s"
+            ) from None
         state = self._rounds.get(key)
         if state is None:
             raise SwarmError(f"averaging round {round_id.hex()[:8]} under {group_key!r} is already over")
@@ -169,8 +171,10 @@ class AllReduceServer:
         if reducer is None:
             raise SwarmError("this peer owns no span in the round (client mode or empty span)")
         if sender in state.excluded:
-            raise SwarmError(f"{ctx.peer_id.short()} is left out of this peer's span: its gradient parts failed "
-                             "this peer's gradient checks (outlier or replayed)")
+            raise SwarmError(
+                f"{ctx.peer_id.short()} is left out of this peer's span: its gradient parts failed "
+                "this peer's gradient checks (outlier or replayed)"
+            )
         if sender in state.started:
             raise SwarmError(f"{ctx.peer_id.short()} opened avg.part twice in one round")
         state.started.add(sender)
@@ -193,8 +197,14 @@ class AllReduceServer:
             raise SwarmError(f"part stream dropped after {received} parts: {why}") from None
         finally:
             if why:  # garbage, stall, broken stream or cancelled handler: the parts still missing go without it
-                log.warning("%s: dropping sender %s after %d parts in round %s: %s", self.transport.peer_id.short(),
-                            ctx.peer_id.short(), received, header.round_id.hex()[:8], why)
+                log.warning(
+                    "%s: dropping sender %s after %d parts in round %s: %s",
+                    self.transport.peer_id.short(),
+                    ctx.peer_id.short(),
+                    received,
+                    header.round_id.hex()[:8],
+                    why,
+                )
                 reducer.fail(sender)
                 state.changed.set()  # the round's own task reduces the parts this completes
         return PartAck(parts_received=received), None
@@ -232,9 +242,11 @@ class AllReduceServer:
             state.changed.set()
 
 
-
 async def run_allreduce(
-    server: AllReduceServer, group: Group, flat: torch.Tensor, weight: float,
+    server: AllReduceServer,
+    group: Group,
+    flat: torch.Tensor,
+    weight: float,
     exclude: Collection[PeerID] = (),
 ) -> AllReduceOutcome:
     """Average ``flat`` (1-D float32) with ``group`` in place; returns who was lost. Never raises on peer faults.
@@ -254,8 +266,9 @@ async def run_allreduce(
     reducer = None
     if my_parts:
         senders = range(len(group.members))
-        reducer = SpanReducer(span_numel=my_end - my_start, parts=my_parts, senders=senders,
-                              config=cfg.reduction_config())
+        reducer = SpanReducer(
+            span_numel=my_end - my_start, parts=my_parts, senders=senders, config=cfg.reduction_config()
+        )
         for index, (start, end) in enumerate(my_parts):
             reducer.add(me, index, flat[my_start + start : my_start + end], weight)
     excluded = {j for j in range(len(group.members)) if j != me and group.peer(j) in exclude}
@@ -279,8 +292,12 @@ async def run_allreduce(
                 if reducer is not None:
                     tg.create_task(_serve_until_settled(state, cfg.part_timeout_s))
     except TimeoutError:
-        log.warning("%s: averaging round %s hit its %.1fs deadline; unfinished spans keep local values",
-                    server.transport.peer_id.short(), group.round_id.hex()[:8], cfg.allreduce_timeout_s)
+        log.warning(
+            "%s: averaging round %s hit its %.1fs deadline; unfinished spans keep local values",
+            server.transport.peer_id.short(),
+            group.round_id.hex()[:8],
+            cfg.allreduce_timeout_s,
+        )
     finally:
         server.close(state)
     if reducer is not None:
@@ -289,15 +306,31 @@ async def run_allreduce(
                 values = await reducer.wait_part(index)
                 if values is not None:
                     flat[my_start + start : my_start + end].copy_(values)
-    lost = tuple(group.peer(j) for j, (s, e) in enumerate(spans)
-                 if j != me and e > s and j not in excluded and not done.get(j, False))
+    lost = tuple(
+        group.peer(j)
+        for j, (s, e) in enumerate(spans)
+        if j != me and e > s and j not in excluded and not done.get(j, False)
+    )
     dropped = tuple(group.peer(i) for i in sorted(reducer.failed - excluded)) if reducer is not None else ()
-    inspected = () if reducer is None else tuple(
-        InspectedPart(start=my_start + my_parts[i][0], end=my_start + my_parts[i][1],
-                      values={group.peer(s): v for s, v in sorted(values.items())}, center=center)
-        for i, (values, center) in sorted(reducer.inspected.items()))
-    return AllReduceOutcome(lost_owners=lost, dropped_senders=dropped, inspected=inspected,
-                            excluded=tuple(group.peer(j) for j in sorted(excluded)))
+    inspected = (
+        ()
+        if reducer is None
+        else tuple(
+            InspectedPart(
+                start=my_start + my_parts[i][0],
+                end=my_start + my_parts[i][1],
+                values={group.peer(s): v for s, v in sorted(values.items())},
+                center=center,
+            )
+            for i, (values, center) in sorted(reducer.inspected.items())
+        )
+    )
+    return AllReduceOutcome(
+        lost_owners=lost,
+        dropped_senders=dropped,
+        inspected=inspected,
+        excluded=tuple(group.peer(j) for j in sorted(excluded)),
+    )
 
 
 async def _serve_until_settled(state: RoundState, part_timeout_s: float) -> None:
@@ -314,8 +347,11 @@ async def _serve_until_settled(state: RoundState, part_timeout_s: float) -> None
                 await reducer.finish_ready()
     except TimeoutError:
         for sender in reducer.expected - state.started - reducer.failed - {state.group.my_index}:
-            log.warning("round %s: sender %s never sent its parts; dropped", state.group.round_id.hex()[:8],
-                        state.group.peer(sender).short())
+            log.warning(
+                "round %s: sender %s never sent its parts; dropped",
+                state.group.round_id.hex()[:8],
+                state.group.peer(sender).short(),
+            )
             reducer.fail(sender)
     await reducer.finish_ready()
     while not state.fetches_settled():
@@ -325,8 +361,14 @@ async def _serve_until_settled(state: RoundState, part_timeout_s: float) -> None
 
 
 async def _exchange(
-    server: AllReduceServer, group: Group, owner: int, span: torch.Tensor, parts: list[tuple[int, int]],
-    weight: float, deadline: float, done: dict[int, bool],
+    server: AllReduceServer,
+    group: Group,
+    owner: int,
+    span: torch.Tensor,
+    parts: list[tuple[int, int]],
+    weight: float,
+    deadline: float,
+    done: dict[int, bool],
 ) -> None:
     """Send ``owner`` our slice of its span and write its reduced parts into ``span``; faults only log."""
     codec, transport = server.codec, server.transport
@@ -341,16 +383,18 @@ async def _exchange(
 
     async def upload() -> None:
         header = PartHeader(group_key=group.group_key, round_id=group.round_id, weight=weight)
-        async with transport.open_stream(peer, "avg.part", header, PartAck, chunks=encoded_parts(),
-                                         timeout_s=max(0.1, deadline - loop.time())) as stream:
+        async with transport.open_stream(
+            peer, "avg.part", header, PartAck, chunks=encoded_parts(), timeout_s=max(0.1, deadline - loop.time())
+        ) as stream:
             if stream.reply.parts_received != len(parts):
                 raise SwarmError(f"owner took {stream.reply.parts_received} of {len(parts)} parts")
 
     async def download() -> int:
         request = ResultRequest(group_key=group.group_key, round_id=group.round_id)
         received = 0
-        async with transport.open_stream(peer, "avg.result", request, ResultHeader,
-                                         timeout_s=max(0.1, deadline - loop.time())) as stream:
+        async with transport.open_stream(
+            peer, "avg.result", request, ResultHeader, timeout_s=max(0.1, deadline - loop.time())
+        ) as stream:
             if stream.reply.num_parts != len(parts):
                 raise SwarmError(f"owner announced {stream.reply.num_parts} parts, expected {len(parts)}")
             chunks = stream.chunks()
@@ -381,8 +425,9 @@ async def _decline(server: AllReduceServer, group: Group, owner: int, weight: fl
     header = PartHeader(group_key=group.group_key, round_id=group.round_id, weight=weight)
     timeout_s = min(server.config.part_timeout_s, max(0.1, deadline - asyncio.get_running_loop().time()))
     try:
-        async with server.transport.open_stream(peer, "avg.part", header, PartAck, chunks=_no_chunks(),
-                                                timeout_s=timeout_s):
+        async with server.transport.open_stream(
+            peer, "avg.part", header, PartAck, chunks=_no_chunks(), timeout_s=timeout_s
+        ):
             pass
     except (SwarmError, OSError) as e:  # the owner answers the empty stream with an error: that is the point
         log.debug("%s: declined to send parts to %s (excluded): %s", server.transport.peer_id.short(), peer.short(), e)
@@ -398,8 +443,13 @@ async def _logged(coro: Awaitable[T], what: str, peer: PeerID, server: AllReduce
     try:
         return await coro
     except (SwarmError, OSError) as e:
-        log.warning("%s: averaging %s %s failed: %s", server.transport.peer_id.short(), what, peer.short(),
-                    e or type(e).__name__)
+        log.warning(
+            "%s: averaging %s %s failed: %s",
+            server.transport.peer_id.short(),
+            what,
+            peer.short(),
+            e or type(e).__name__,
+        )
         return None
 
 

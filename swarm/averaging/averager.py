@@ -45,8 +45,13 @@ class Averager:
     """Averages a stage's tensors with the peers that are ready under the same group key."""
 
     def __init__(
-        self, config: AveragerConfig, *, transport: Transport, dht: GroupStore,
-        codec: PartCodec | None = None, clock: Callable[[], float] = time.time,
+        self,
+        config: AveragerConfig,
+        *,
+        transport: Transport,
+        dht: GroupStore,
+        codec: PartCodec | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -57,8 +62,15 @@ class Averager:
         self.matchmaker.register()
 
     async def step(
-        self, tensors: Sequence[torch.Tensor], *, weight: float, group_key: str, timeout_s: float | None = None,
-        target_group_size: int | None = None, exclude: Collection[PeerID] = (), avoid: Collection[PeerID] = (),
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        weight: float,
+        group_key: str,
+        timeout_s: float | None = None,
+        target_group_size: int | None = None,
+        exclude: Collection[PeerID] = (),
+        avoid: Collection[PeerID] = (),
     ) -> AveragingResult:
         """Average ``tensors`` in place with the group under ``group_key``, weighted by ``weight`` (samples).
 
@@ -80,24 +92,38 @@ class Averager:
         ):
             raise SwarmError(f"target_group_size must be None or an int >= 1, got {target_group_size!r}")
         cfg = self.config
-        total_s = timeout_s or cfg.matchmaking_time_s + cfg.join_timeout_s + 2 * cfg.rpc_timeout_s + cfg.allreduce_timeout_s
+        total_s = (
+            timeout_s or cfg.matchmaking_time_s + cfg.join_timeout_s + 2 * cfg.rpc_timeout_s + cfg.allreduce_timeout_s
+        )
         me = self.transport.peer_id.short()
         flat = await asyncio.to_thread(flat_view_or_copy, tensors)
         try:
             async with asyncio.timeout(total_s):
-                group = await self.matchmaker.form_group(group_key, float(weight), target_group_size=target_group_size,
-                                                         exclude=avoid, withdraw=False)
+                group = await self.matchmaker.form_group(
+                    group_key, float(weight), target_group_size=target_group_size, exclude=avoid, withdraw=False
+                )
                 async with asyncio.TaskGroup() as tg:  # the withdrawal is for later peers: not on our critical path
                     tg.create_task(self.matchmaker.withdraw(group_key))
                     if len(group.members) == 1:
-                        return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,),
-                                               round_id=group.round_id)
-                    log.info("%s: averaging %d values with %d peers under %r (round %s)", me, flat.numel(),
-                             len(group.members), group_key, group.round_id.hex()[:8])
+                        return AveragingResult(
+                            with_others=False, group_size=1, group=(self.transport.peer_id,), round_id=group.round_id
+                        )
+                    log.info(
+                        "%s: averaging %d values with %d peers under %r (round %s)",
+                        me,
+                        flat.numel(),
+                        len(group.members),
+                        group_key,
+                        group.round_id.hex()[:8],
+                    )
                     outcome = await run_allreduce(self.server, group, flat, float(weight), exclude=exclude)
         except TimeoutError:
-            log.warning("%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
-                        me, group_key, total_s)
+            log.warning(
+                "%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
+                me,
+                group_key,
+                total_s,
+            )
             return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,))
         except (SwarmError, OSError) as e:
             log.warning("%s: averaging under %r failed (%s); parts not averaged keep local values", me, group_key, e)
@@ -106,6 +132,12 @@ class Averager:
         members = tuple(group.peer(i) for i in range(len(group.members)))
         lost = tuple(dict.fromkeys(outcome.lost_owners + outcome.dropped_senders))
         others = len(members) - 1 - len(outcome.excluded)
-        return AveragingResult(with_others=len(lost) < others, group_size=len(members), group=members,
-                               lost_peers=lost, round_id=group.round_id, inspected=outcome.inspected,
-                               excluded=outcome.excluded)
+        return AveragingResult(
+            with_others=len(lost) < others,
+            group_size=len(members),
+            group=members,
+            lost_peers=lost,
+            round_id=group.round_id,
+            inspected=outcome.inspected,
+            excluded=outcome.excluded,
+        )

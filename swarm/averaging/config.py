@@ -64,8 +64,15 @@ class AveragerConfig:
             raise ConfigError(
                 f"min_group_size ({self.min_group_size}) must be <= target_group_size ({self.target_group_size})"
             )
-        for name in ("matchmaking_time_s", "join_timeout_s", "allreduce_timeout_s", "part_timeout_s",
-                     "rpc_timeout_s", "record_ttl_s", "poll_interval_s"):
+        for name in (
+            "matchmaking_time_s",
+            "join_timeout_s",
+            "allreduce_timeout_s",
+            "part_timeout_s",
+            "rpc_timeout_s",
+            "record_ttl_s",
+            "poll_interval_s",
+        ):
             _positive_seconds(name, getattr(self, name))
         size = self.part_size_bytes
         if not isinstance(size, int) or isinstance(size, bool) or not 4096 <= size <= 8 * 1024 * 1024:
@@ -81,5 +88,9 @@ class AveragerConfig:
 
     def reduction_config(self) -> ReductionConfig:
         """The owner's reduction settings."""
-        return ReductionConfig(reduction=self.reduction, clip_tau=self.clip_tau, clip_iterations=self.clip_iterations,
-                               inspect_parts=self.inspect_parts)
+        return ReductionConfig(
+            reduction=self.reduction,
+            clip_tau=self.clip_tau,
+            clip_iterations=self.clip_iterations,
+            inspect_parts=self.inspect_parts,
+        )

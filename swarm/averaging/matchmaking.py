@@ -87,8 +87,13 @@ class Matchmaker:
     """Forms groups under a key through the DHT and the ``avg.join`` / ``avg.begin`` RPCs."""
 
     def __init__(
-        self, config: AveragerConfig, transport: Transport, dht: GroupStore, server: AllReduceServer,
-        *, clock: Callable[[], float] = time.time,
+        self,
+        config: AveragerConfig,
+        transport: Transport,
+        dht: GroupStore,
+        server: AllReduceServer,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -104,12 +109,24 @@ class Matchmaker:
         self.transport.register("avg.ready", ReadyHint, self.rpc_ready)
 
     def my_info(self, weight: float) -> MemberInfo:
-        return MemberInfo(peer_id=self.transport.peer_id.to_bytes(), maddrs=tuple(self.transport.listen_maddrs),
-                          ready_at=self.clock(), weight=weight, bandwidth=self.config.bandwidth,
-                          client_mode=self.config.client_mode)
+        return MemberInfo(
+            peer_id=self.transport.peer_id.to_bytes(),
+            maddrs=tuple(self.transport.listen_maddrs),
+            ready_at=self.clock(),
+            weight=weight,
+            bandwidth=self.config.bandwidth,
+            client_mode=self.config.client_mode,
+        )
 
-    async def form_group(self, group_key: str, weight: float, *, target_group_size: int | None = None,
-                         exclude: Collection[PeerID] = (), withdraw: bool = True) -> Group:
+    async def form_group(
+        self,
+        group_key: str,
+        weight: float,
+        *,
+        target_group_size: int | None = None,
+        exclude: Collection[PeerID] = (),
+        withdraw: bool = True,
+    ) -> Group:
         """Agree on a group under ``group_key`` (or return a group of one); bounded by the config's deadlines.
 
         ``target_group_size`` (default: the config's) is where gathering stops and the most a leader recruits.
@@ -139,8 +156,13 @@ class Matchmaker:
 
     async def _form(self, group_key: str, state: _Looking) -> Group:
         me = state.me
-        value = {"ready_at": me.ready_at, "weight": me.weight, "bandwidth": me.bandwidth,
-                 "client_mode": me.client_mode, "maddrs": list(me.maddrs)}
+        value = {
+            "ready_at": me.ready_at,
+            "weight": me.weight,
+            "bandwidth": me.bandwidth,
+            "client_mode": me.client_mode,
+            "maddrs": list(me.maddrs),
+        }
         state.expiration_time = self.clock() + self.config.record_ttl_s
         await self.dht.store(group_key, value, state.expiration_time, subkey=owner_subkey(self.transport.peer_id))
         seen = await self._gather(group_key, state)
@@ -164,8 +186,9 @@ class Matchmaker:
                 break
             except TimeoutError:
                 if loop.time() >= deadline:
-                    log.info("%s: no group under %r in time; averaging alone", self.transport.peer_id.short(),
-                             group_key)
+                    log.info(
+                        "%s: no group under %r in time; averaging alone", self.transport.peer_id.short(), group_key
+                    )
                     return alone(group_key, me)
             if state.phase == "waiting":  # no leader yet: has the one ranked first among us withdrawn?
                 seen = (await self._entries(group_key, me, state.exclude))[0]
@@ -194,8 +217,9 @@ class Matchmaker:
                 pass
         return seen
 
-    async def _entries(self, group_key: str, me: MemberInfo,
-                       exclude: frozenset[bytes] = frozenset()) -> tuple[list[MemberInfo], int]:
+    async def _entries(
+        self, group_key: str, me: MemberInfo, exclude: frozenset[bytes] = frozenset()
+    ) -> tuple[list[MemberInfo], int]:
         """Entries still looking under the key (ours included, ``exclude`` left out), parsed, and the number of
         withdrawn ones; malformed entries are skipped with a warning."""
         found = await self.dht.get(group_key, latest=True)
@@ -218,8 +242,9 @@ class Matchmaker:
         self._learn_addresses(first)
         peer = PeerID(first.peer_id)
         try:
-            await self.transport.call(peer, "avg.ready", ReadyHint(group_key=group_key), ReadyHintReply,
-                                      timeout_s=self.config.poll_interval_s)
+            await self.transport.call(
+                peer, "avg.ready", ReadyHint(group_key=group_key), ReadyHintReply, timeout_s=self.config.poll_interval_s
+            )
         except (SwarmError, OSError) as e:
             log.debug("%s: avg.ready to %s failed: %s", self.transport.peer_id.short(), peer.short(), e)
 
@@ -231,8 +256,12 @@ class Matchmaker:
             return
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
-                await self.dht.store(group_key, {"closed": True}, math.nextafter(expiration_time, math.inf),
-                                     subkey=owner_subkey(self.transport.peer_id))
+                await self.dht.store(
+                    group_key,
+                    {"closed": True},
+                    math.nextafter(expiration_time, math.inf),
+                    subkey=owner_subkey(self.transport.peer_id),
+                )
         except (SwarmError, OSError, TimeoutError) as e:
             log.warning("%s: could not withdraw from %r: %s", self.transport.peer_id.short(), group_key, e)
 
@@ -255,12 +284,17 @@ class Matchmaker:
         candidates = candidates[: state.target - 1]
         request = JoinRequest(group_key=group_key, leader=me)
         replies = await asyncio.gather(*(self._call(m, "avg.join", request, JoinReply) for m in candidates))
-        accepted = [m for m, r in zip(candidates, replies) if r is not None and r.accepted]
+        accepted = [m for m, r in zip(candidates, replies, strict=False) if r is not None and r.accepted]
         members = tuple(sorted([me, *accepted], key=MemberInfo.rank))
         min_size = min(self.config.min_group_size, state.target)
         if len(members) < min_size:
-            log.info("%s: only %d of min %d peers joined under %r; averaging alone", self.transport.peer_id.short(),
-                     len(members), min_size, group_key)
+            log.info(
+                "%s: only %d of min %d peers joined under %r; averaging alone",
+                self.transport.peer_id.short(),
+                len(members),
+                min_size,
+                group_key,
+            )
             members = (me,)
         round_id = round_id_of(group_key, members)
         self.server.expect(group_key, round_id)

@@ -80,7 +80,7 @@ def span_sizes(total_numel: int, bandwidths: Sequence[float | None], client_mode
         shares = [1.0] * len(owners)
     total_share = sum(shares)
     exact = [total_numel * s / total_share for s in shares]
-    sizes = [int(math.floor(x)) for x in exact]
+    sizes = [math.floor(x) for x in exact]
     leftover = total_numel - sum(sizes)
     order = sorted(range(len(owners)), key=lambda k: (-(exact[k] - sizes[k]), k))
     for k in order[:leftover]:

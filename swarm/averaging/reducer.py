@@ -44,7 +44,9 @@ class ReductionConfig:
             raise ConfigError(f"inspect_parts must be an int in [0, 64], got {self.inspect_parts!r}")
 
 
-def centered_clip(values: Sequence[torch.Tensor], weights: Sequence[float], *, tau: float, iterations: int) -> torch.Tensor:
+def centered_clip(
+    values: Sequence[torch.Tensor], weights: Sequence[float], *, tau: float, iterations: int
+) -> torch.Tensor:
     """Weighted CenteredClip (Karimireddy et al., 2021) of equally shaped vectors, in float64.
 
     Starts at the coordinate-wise median and iterates ``v += sum_i w_i (x_i - v) min(1, tau/|x_i - v|) / sum_i w_i``.

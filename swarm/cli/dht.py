@@ -35,11 +35,16 @@ __all__ = ["ClientOptions", "emit", "json_option", "main", "run_with_dht"]
 
 
 @click.group()
-@click.option("--initial-peers", "initial_peers", multiple=True, envvar="SWARM_INITIAL_PEERS",
-              help="Multiaddrs of swarm nodes to join through (repeatable or comma-separated); "
-                   "default: $SWARM_INITIAL_PEERS.")
-@click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=3.0, show_default=True,
-              help="Seconds to wait for one answer.")
+@click.option(
+    "--initial-peers",
+    "initial_peers",
+    multiple=True,
+    envvar="SWARM_INITIAL_PEERS",
+    help="Multiaddrs of swarm nodes to join through (repeatable or comma-separated); default: $SWARM_INITIAL_PEERS.",
+)
+@click.option(
+    "--rpc-timeout", "rpc_timeout_s", type=float, default=3.0, show_default=True, help="Seconds to wait for one answer."
+)
 @click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
 @click.pass_context
 def main(ctx: click.Context, initial_peers: tuple[str, ...], rpc_timeout_s: float, log_level: str) -> None:
@@ -72,8 +77,15 @@ def peers(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
         for reply in replies:
             peer = str(PeerID(reply.peer.peer_id))
             info = meta.get(peer) if isinstance(meta.get(peer), dict) else {}
-            rows.append({"peer_id": peer, "maddrs": list(reply.peer.maddrs), "role": info.get("role"),
-                         "stage": info.get("stage"), "num_records": reply.num_records})
+            rows.append(
+                {
+                    "peer_id": peer,
+                    "maddrs": list(reply.peer.maddrs),
+                    "role": info.get("role"),
+                    "stage": info.get("stage"),
+                    "num_records": reply.num_records,
+                }
+            )
         return sorted(rows, key=lambda r: r["peer_id"])
 
     emit(run_with_dht(ctx, action), ("peer_id", "role", "stage", "num_records", "maddrs"), as_json)
@@ -84,8 +96,15 @@ def _value_rows(found: ValueWithExpiration | dict[Any, ValueWithExpiration] | No
     if found is None:
         return []
     items = found.items() if isinstance(found, dict) else [(None, found)]
-    return [{"subkey": k, "value": v.value, "expiration_time": v.expiration_time,
-             "expires_in_s": round(v.expiration_time - now, 1)} for k, v in items]
+    return [
+        {
+            "subkey": k,
+            "value": v.value,
+            "expiration_time": v.expiration_time,
+            "expires_in_s": round(v.expiration_time - now, 1),
+        }
+        for k, v in items
+    ]
 
 
 @main.command()
@@ -111,16 +130,34 @@ def _parse_value(text: str) -> Any:
 @main.command()
 @click.argument("key")
 @click.argument("value")
-@click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), required=True,
-              help="Seconds until the record expires.")
+@click.option(
+    "--ttl",
+    "ttl_s",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    help="Seconds until the record expires.",
+)
 @click.option("--subkey", default=None, help="Store under this subkey of a dictionary value.")
 @click.option("--owned", is_flag=True, help="Owned record: subkey [owner:<PeerID of --identity>], signed.")
-@click.option("--identity", "identity_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              default=None, help="PEM Ed25519 key that signs owned records (and identifies this client).")
+@click.option(
+    "--identity",
+    "identity_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM Ed25519 key that signs owned records (and identifies this client).",
+)
 @json_option
 @click.pass_context
-def put(ctx: click.Context, key: str, value: str, ttl_s: float, subkey: str | None, owned: bool,
-        identity_path: Path | None, as_json: bool) -> None:
+def put(
+    ctx: click.Context,
+    key: str,
+    value: str,
+    ttl_s: float,
+    subkey: str | None,
+    owned: bool,
+    identity_path: Path | None,
+    as_json: bool,
+) -> None:
     """Store VALUE (JSON if it parses, else a string) under KEY for --ttl seconds."""
     identity = None
     if identity_path is not None:
@@ -131,13 +168,20 @@ def put(ctx: click.Context, key: str, value: str, ttl_s: float, subkey: str | No
     if owned:
         if identity is None:
             raise click.UsageError("--owned needs --identity FILE: the key that signs the record")
-        subkey = subkey if subkey is not None and owner_subkey(identity.peer_id) in subkey else \
-            owner_subkey(identity.peer_id)
+        subkey = (
+            subkey
+            if subkey is not None and owner_subkey(identity.peer_id) in subkey
+            else owner_subkey(identity.peer_id)
+        )
     expiration = time.time() + ttl_s
-    stored = run_with_dht(ctx, lambda dht: dht.store(key, _parse_value(value), expiration, subkey=subkey),
-                          identity=identity)
-    emit([{"key": key, "subkey": subkey, "stored": stored, "expiration_time": expiration}],
-         ("key", "subkey", "stored", "expiration_time"), as_json)
+    stored = run_with_dht(
+        ctx, lambda dht: dht.store(key, _parse_value(value), expiration, subkey=subkey), identity=identity
+    )
+    emit(
+        [{"key": key, "subkey": subkey, "stored": stored, "expiration_time": expiration}],
+        ("key", "subkey", "stored", "expiration_time"),
+        as_json,
+    )
     if not stored:
         sys.exit(1)
 
@@ -157,8 +201,10 @@ def routing_table(ctx: click.Context, as_json: bool) -> None:
             except (SwarmError, OSError, TimeoutError) as e:
                 errors.append(f"{maddr}: {e}")
                 continue
-            return [{"bucket": b, "peer_id": str(PeerID(info.peer_id)), "maddrs": list(info.maddrs)}
-                    for b, info in sorted(zip(reply.buckets, reply.peers), key=lambda x: -x[0])]
+            return [
+                {"bucket": b, "peer_id": str(PeerID(info.peer_id)), "maddrs": list(info.maddrs)}
+                for b, info in sorted(zip(reply.buckets, reply.peers, strict=False), key=lambda x: -x[0])
+            ]
         raise SwarmError("no initial peer answered: " + "; ".join(errors))
 
     emit(run_with_dht(ctx, action), ("bucket", "peer_id", "maddrs"), as_json)

@@ -41,17 +41,20 @@ def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
 
 
-def run_with_dht(
-    ctx: click.Context, action: Callable[[DHT], Awaitable[T]], *, identity: Identity | None = None
-) -> T:
+def run_with_dht(ctx: click.Context, action: Callable[[DHT], Awaitable[T]], *, identity: Identity | None = None) -> T:
     """Join as a client-mode node through the group's initial peers, run ``action(dht)``, leave; errors exit 1."""
     opts: ClientOptions = ctx.obj
     if not opts.initial_peers:
         raise click.UsageError("give --initial-peers (or set SWARM_INITIAL_PEERS) to reach a swarm")
 
     async def main() -> T:
-        config = DHTConfig(initial_peers=opts.initial_peers, client_mode=True, rpc_timeout_s=opts.rpc_timeout_s,
-                           lookup_timeout_s=max(8.0, 2 * opts.rpc_timeout_s), maintenance_interval_s=3600.0)
+        config = DHTConfig(
+            initial_peers=opts.initial_peers,
+            client_mode=True,
+            rpc_timeout_s=opts.rpc_timeout_s,
+            lookup_timeout_s=max(8.0, 2 * opts.rpc_timeout_s),
+            maintenance_interval_s=3600.0,
+        )
         async with DHT.create(config, identity=identity) as dht:
             return await action(dht)
 
@@ -72,9 +75,9 @@ def emit(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> N
         return
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=False)).rstrip())
     for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)).rstrip())
 
 
 def _cell(value: Any) -> str:

@@ -63,22 +63,54 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--listen", "listen", multiple=True, default=("/ip4/127.0.0.1/tcp/0",), show_default=True,
-              help="Multiaddr to listen on (repeatable). Use /ip4/0.0.0.0/tcp/PORT to accept other machines.")
-@click.option("--initial-peers", "initial_peers", multiple=True,
-              help="Multiaddrs (with /p2p/<PeerID>) of peers to join through; repeatable or comma-separated.")
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    default=("/ip4/127.0.0.1/tcp/0",),
+    show_default=True,
+    help="Multiaddr to listen on (repeatable). Use /ip4/0.0.0.0/tcp/PORT to accept other machines.",
+)
+@click.option(
+    "--initial-peers",
+    "initial_peers",
+    multiple=True,
+    help="Multiaddrs (with /p2p/<PeerID>) of peers to join through; repeatable or comma-separated.",
+)
 @click.argument("more_initial_peers", nargs=-1, metavar="[MADDR]...")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path.home() / ".swarm",
-              show_default=True, help="Directory for the node's state (its identity key is identity.pem there).")
-@click.option("--identity", "identity_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PEM Ed25519 key file to use instead of <data-dir>/identity.pem (must exist).")
-@click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for an answer to one request.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".swarm",
+    show_default=True,
+    help="Directory for the node's state (its identity key is identity.pem there).",
+)
+@click.option(
+    "--identity",
+    "identity_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM Ed25519 key file to use instead of <data-dir>/identity.pem (must exist).",
+)
+@click.option(
+    "--rpc-timeout",
+    "rpc_timeout_s",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for an answer to one request.",
+)
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
 @training_options
 def start(
-    listen: tuple[str, ...], initial_peers: tuple[str, ...], more_initial_peers: tuple[str, ...], data_dir: Path,
-    identity_path: Path | None, rpc_timeout_s: float, log_level: str, **training: Any,
+    listen: tuple[str, ...],
+    initial_peers: tuple[str, ...],
+    more_initial_peers: tuple[str, ...],
+    data_dir: Path,
+    identity_path: Path | None,
+    rpc_timeout_s: float,
+    log_level: str,
+    **training: Any,
 ) -> None:
     """Start a node: listen, join through the initial peers, serve until SIGINT/SIGTERM."""
     setup_logging(log_level)

@@ -15,8 +15,13 @@ from swarm.training.view import SwarmView, format_table, peers_key, progress_key
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id and stages.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id and stages.",
+)
 @json_option
 @click.pass_context
 def stages(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
@@ -24,8 +29,9 @@ def stages(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
     run = RunConfig.from_toml(config_path)
 
     async def action(dht: DHT) -> dict[str, Any]:
-        view = SwarmView.parse(await dht.get(peers_key(run.run_id), latest=True),
-                               await dht.get(progress_key(run.run_id), latest=True))
+        view = SwarmView.parse(
+            await dht.get(peers_key(run.run_id), latest=True), await dht.get(progress_key(run.run_id), latest=True)
+        )
         return {"run_id": run.run_id, **view.summary(run.pipeline.num_stages)}
 
     summary = run_with_dht(ctx, action)

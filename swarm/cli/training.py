@@ -25,72 +25,160 @@ from swarm.training.verifying import ledger_path_for, node_verification_config
 def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--config --stage --role --device --max-steps --summary-file --start-after-peers`` of `swarm-node start`."""
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt)."),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt).",
+        ),
         click.option("--stage", default="auto", show_default=True, help="Stage to serve, or 'auto' (the weakest)."),
-        click.option("--role", type=click.Choice(["auto", "server", "trainer", "validator", "dht"]), default="auto",
-                     show_default=True, help="auto: serve a stage (and drive on stage 0); server: serve only; trainer: "
-                     "drive only; validator: check others' work (no training); dht: no training."),
+        click.option(
+            "--role",
+            type=click.Choice(["auto", "server", "trainer", "validator", "dht"]),
+            default="auto",
+            show_default=True,
+            help="auto: serve a stage (and drive on stage 0); server: serve only; trainer: "
+            "drive only; validator: check others' work (no training); dht: no training.",
+        ),
         click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True),
         click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps."),
-        click.option("--summary-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Write the node's losses and counts here as JSON when it stops."),
-        click.option("--start-after-peers", type=int, default=0, show_default=True,
-                     help="Drive no microbatch until this many peers are in the run's records."),
-        click.option("--orchestrator-candidate", is_flag=True,
-                     help="Stand for election as the orchestrator that attests rewards (validators always do)."),
-        click.option("--misbehave", type=click.Choice(MISBEHAVE_KINDS), default=None,
-                     help="Cheat on purpose (tests and demos): validators should flag this node."),
+        click.option(
+            "--summary-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Write the node's losses and counts here as JSON when it stops.",
+        ),
+        click.option(
+            "--start-after-peers",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Drive no microbatch until this many peers are in the run's records.",
+        ),
+        click.option(
+            "--orchestrator-candidate",
+            is_flag=True,
+            help="Stand for election as the orchestrator that attests rewards (validators always do).",
+        ),
+        click.option(
+            "--misbehave",
+            type=click.Choice(MISBEHAVE_KINDS),
+            default=None,
+            help="Cheat on purpose (tests and demos): validators should flag this node.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def training_config(*, config_path: Path | None, stage: str, role: str, device: str, max_steps: int | None,
-                    summary_file: Path | None, start_after_peers: int, data_dir: Path, rpc_timeout_s: float,
-                    orchestrator_candidate: bool = False,
-                    misbehave: str | None = None) -> TrainingConfig | ValidatorConfig | None:
+def training_config(
+    *,
+    config_path: Path | None,
+    stage: str,
+    role: str,
+    device: str,
+    max_steps: int | None,
+    summary_file: Path | None,
+    start_after_peers: int,
+    data_dir: Path,
+    rpc_timeout_s: float,
+    orchestrator_candidate: bool = False,
+    misbehave: str | None = None,
+) -> TrainingConfig | ValidatorConfig | None:
     """The node's TrainingConfig (or ValidatorConfig for ``--role validator``) from the parsed options
     (None for ``--role dht``)."""
     if role == "dht":
         return None
     run = RunConfig.from_toml(config_path)
     if role == "validator":
-        return ValidatorConfig(run=run, ledger_path=ledger_path_for(data_dir, run.run_id), summary_path=summary_file,
-                               max_steps=max_steps, rpc_timeout_s=rpc_timeout_s)
-    verification = node_verification_config(misbehave=misbehave, orchestrator_candidate=orchestrator_candidate,
-                                            data_dir=data_dir, run_id=run.run_id)
-    return TrainingConfig(run=run, stage=parse_stage(stage), role=role, device=device, max_steps=max_steps,
-                          summary_path=summary_file, start_after_peers=start_after_peers,
-                          checkpoint_dir=data_dir / "checkpoints" / run.run_id, rpc_timeout_s=rpc_timeout_s,
-                          verification=verification)
+        return ValidatorConfig(
+            run=run,
+            ledger_path=ledger_path_for(data_dir, run.run_id),
+            summary_path=summary_file,
+            max_steps=max_steps,
+            rpc_timeout_s=rpc_timeout_s,
+        )
+    verification = node_verification_config(
+        misbehave=misbehave, orchestrator_candidate=orchestrator_candidate, data_dir=data_dir, run_id=run.run_id
+    )
+    return TrainingConfig(
+        run=run,
+        stage=parse_stage(stage),
+        role=role,
+        device=device,
+        max_steps=max_steps,
+        summary_path=summary_file,
+        start_after_peers=start_after_peers,
+        checkpoint_dir=data_dir / "checkpoints" / run.run_id,
+        rpc_timeout_s=rpc_timeout_s,
+        verification=verification,
+    )
 
 
 @click.command()
 @click.option("--nodes", "num_nodes", type=int, default=4, show_default=True, help="Node processes to start.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt).",
+)
 @click.option("--steps", type=int, default=30, show_default=True, help="Optimizer steps to train.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where node logs, checkpoints and summaries go (default: runs/<timestamp>).")
-@click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True, help="Give up after this many seconds.")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where node logs, checkpoints and summaries go (default: runs/<timestamp>).",
+)
+@click.option(
+    "--timeout", "timeout_s", type=float, default=1800.0, show_default=True, help="Give up after this many seconds."
+)
 @click.option("--log-level", default="WARNING", show_default=True, help="The launcher's own log level.")
-@click.option("--validators", "num_validators", type=int, default=0, show_default=True,
-              help="Validator processes to start besides the training nodes (they check work and attest rewards).")
-@click.option("--misbehave", "misbehave", multiple=True, metavar="KIND:COUNT",
-              help="COUNT training nodes cheat with KIND (repeatable), e.g. lazy:1.")
-def local(num_nodes: int, config_path: Path | None, steps: int, as_json: bool, run_dir: Path | None,
-          timeout_s: float, log_level: str, num_validators: int, misbehave: tuple[str, ...]) -> None:
+@click.option(
+    "--validators",
+    "num_validators",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Validator processes to start besides the training nodes (they check work and attest rewards).",
+)
+@click.option(
+    "--misbehave",
+    "misbehave",
+    multiple=True,
+    metavar="KIND:COUNT",
+    help="COUNT training nodes cheat with KIND (repeatable), e.g. lazy:1.",
+)
+def local(
+    num_nodes: int,
+    config_path: Path | None,
+    steps: int,
+    as_json: bool,
+    run_dir: Path | None,
+    timeout_s: float,
+    log_level: str,
+    num_validators: int,
+    misbehave: tuple[str, ...],
+) -> None:
     """Train with N node processes on this machine; live table; stops every process on exit or Ctrl-C."""
     from swarm.local.launcher import LaunchConfig, launch
 
     setup_logging(log_level)
     try:
-        cfg = LaunchConfig(num_nodes=num_nodes, config_path=config_path, steps=steps, as_json=as_json,
-                           run_dir=run_dir, timeout_s=timeout_s, num_validators=num_validators,
-                           misbehave=tuple(parse_misbehave_spec(m) for m in misbehave))
+        cfg = LaunchConfig(
+            num_nodes=num_nodes,
+            config_path=config_path,
+            steps=steps,
+            as_json=as_json,
+            run_dir=run_dir,
+            timeout_s=timeout_s,
+            num_validators=num_validators,
+            misbehave=tuple(parse_misbehave_spec(m) for m in misbehave),
+        )
         code = launch(cfg)
     except SwarmError as e:
         click.echo(f"error: {e}", err=True)
@@ -99,24 +187,42 @@ def local(num_nodes: int, config_path: Path | None, steps: int, as_json: bool, r
 
 
 @click.command()
-@click.option("--initial-peers", "initial_peers", multiple=True, envvar="SWARM_INITIAL_PEERS", required=True,
-              help="Multiaddrs of swarm nodes (repeatable or comma-separated).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write the gathered single-process checkpoint (safetensors).")
+@click.option(
+    "--initial-peers",
+    "initial_peers",
+    multiple=True,
+    envvar="SWARM_INITIAL_PEERS",
+    required=True,
+    help="Multiaddrs of swarm nodes (repeatable or comma-separated).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the gathered single-process checkpoint (safetensors).",
+)
 @click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True)
 @click.option("--log-level", default="WARNING", show_default=True)
-def export(initial_peers: tuple[str, ...], config_path: Path | None, out_path: Path, rpc_timeout_s: float,
-           log_level: str) -> None:
+def export(
+    initial_peers: tuple[str, ...], config_path: Path | None, out_path: Path, rpc_timeout_s: float, log_level: str
+) -> None:
     """Gather every stage from the swarm into one checkpoint that loads into the single-process model."""
     from swarm.local.export import ExportConfig, export_model
 
     setup_logging(log_level)
     try:
         peers = tuple(p for v in initial_peers for p in v.replace(",", " ").split() if p)
-        cfg = ExportConfig(run=RunConfig.from_toml(config_path), initial_peers=peers, out_path=out_path,
-                           rpc_timeout_s=rpc_timeout_s)
+        cfg = ExportConfig(
+            run=RunConfig.from_toml(config_path), initial_peers=peers, out_path=out_path, rpc_timeout_s=rpc_timeout_s
+        )
         steps = export_model(cfg)
     except SwarmError as e:
         click.echo(f"error: {e}", err=True)

@@ -114,7 +114,9 @@ class ShardedData:
     def __init__(self, cfg: RunConfig, shard_key: bytes, source: DataSource | None = None) -> None:
         self.cfg = cfg
         self.source = source if source is not None else make_source(cfg)
-        self._key_words = [int.from_bytes(hashlib.sha256(shard_key).digest()[i : i + 4], "big") for i in range(0, 16, 4)]
+        self._key_words = [
+            int.from_bytes(hashlib.sha256(shard_key).digest()[i : i + 4], "big") for i in range(0, 16, 4)
+        ]
 
     @property
     def loss_floor(self) -> float | None:
@@ -125,4 +127,6 @@ class ShardedData:
         size = num_samples if num_samples is not None else self.cfg.batch.microbatch_size
         rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *self._key_words, step, index]))
         tokens = torch.from_numpy(self.source.sample(rng, size, self.cfg.model.seq_len + 1))
-        return Microbatch(step=step, index=index, inputs=tokens[:, :-1].contiguous(), targets=tokens[:, 1:].contiguous())
+        return Microbatch(
+            step=step, index=index, inputs=tokens[:, :-1].contiguous(), targets=tokens[:, 1:].contiguous()
+        )

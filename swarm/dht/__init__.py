@@ -11,8 +11,8 @@ from swarm.dht.routing import Contact
 
 __all__ = [
     "DHT",
-    "DHTConfig",
     "Contact",
+    "DHTConfig",
     "Record",
     "RecordValidator",
     "ValueWithExpiration",

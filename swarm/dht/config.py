@@ -53,7 +53,9 @@ class DHTConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.initial_peers, tuple):
-            raise ConfigError(f"initial_peers must be a tuple of multiaddr strings, got {type(self.initial_peers).__name__}")
+            raise ConfigError(
+                f"initial_peers must be a tuple of multiaddr strings, got {type(self.initial_peers).__name__}"
+            )
         for maddr in self.initial_peers:
             try:
                 parse_maddr(maddr)
@@ -65,17 +67,28 @@ class DHTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name, low, high in (
-            ("bucket_size", 1, 1000), ("alpha", 1, 100), ("get_quorum", 1, 1000),
-            ("max_key_size_bytes", 16, 1 << 20), ("max_value_size_bytes", 16, 1 << 26),
-            ("max_records", 1, 1 << 30), ("max_records_per_peer", 1, 1 << 30), ("max_cached_records", 1, 1 << 30),
-            ("max_records_per_store", 1, 10_000), ("max_crawl_peers", 1, 1 << 20),
+            ("bucket_size", 1, 1000),
+            ("alpha", 1, 100),
+            ("get_quorum", 1, 1000),
+            ("max_key_size_bytes", 16, 1 << 20),
+            ("max_value_size_bytes", 16, 1 << 26),
+            ("max_records", 1, 1 << 30),
+            ("max_records_per_peer", 1, 1 << 30),
+            ("max_cached_records", 1, 1 << 30),
+            ("max_records_per_store", 1, 10_000),
+            ("max_crawl_peers", 1, 1 << 20),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ConfigError(f"{name} must be an int in [{low}, {high}], got {value!r}")
         for name in (
-            "rpc_timeout_s", "slow_after_s", "lookup_timeout_s", "refresh_interval_s", "republish_interval_s",
-            "maintenance_interval_s", "max_ttl_s",
+            "rpc_timeout_s",
+            "slow_after_s",
+            "lookup_timeout_s",
+            "refresh_interval_s",
+            "republish_interval_s",
+            "maintenance_interval_s",
+            "max_ttl_s",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

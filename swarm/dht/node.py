@@ -52,20 +52,30 @@ class DHT:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random(node_id_of(self.peer_id))
         self.checker = RecordChecker(
-            validators=config.validators, max_key_size_bytes=config.max_key_size_bytes,
-            max_value_size_bytes=config.max_value_size_bytes, max_ttl_s=config.max_ttl_s,
-            clock_skew_s=config.clock_skew_s, clock=config.clock,
+            validators=config.validators,
+            max_key_size_bytes=config.max_key_size_bytes,
+            max_value_size_bytes=config.max_value_size_bytes,
+            max_ttl_s=config.max_ttl_s,
+            clock_skew_s=config.clock_skew_s,
+            clock=config.clock,
         )
         self.table = RoutingTable(node_id_of(self.peer_id), bucket_size=config.bucket_size, clock=config.clock)
         per_peer = min(config.max_records_per_peer, config.max_records)
-        self.storage: RecordStorage = storage if storage is not None else MemoryStorage(
-            StorageConfig(max_records=config.max_records, max_records_per_source=per_peer),
-            clock=config.clock, select=self.checker.select,
+        self.storage: RecordStorage = (
+            storage
+            if storage is not None
+            else MemoryStorage(
+                StorageConfig(max_records=config.max_records, max_records_per_source=per_peer),
+                clock=config.clock,
+                select=self.checker.select,
+            )
         )
         self.cache = MemoryStorage(
-            StorageConfig(max_records=config.max_cached_records,
-                          max_records_per_source=min(per_peer, config.max_cached_records)),
-            clock=config.clock, select=self.checker.select,
+            StorageConfig(
+                max_records=config.max_cached_records, max_records_per_source=min(per_peer, config.max_cached_records)
+            ),
+            clock=config.clock,
+            select=self.checker.select,
         )
         self._own: dict[tuple[bytes, bytes | None], tuple[Record, float]] = {}
         self._protocol: DHTProtocol | None = None
@@ -184,7 +194,7 @@ class DHT:
             self.table.mark_refreshed(i)
         log.info("%s: joined the DHT, %d peers known", self.peer_id.short(), len(self.table))
 
-    async def _ping_initial(self, maddr: str) -> Contact | None | str:
+    async def _ping_initial(self, maddr: str) -> Contact | str | None:
         try:
             return await self.protocol.call_ping(parse_maddr(maddr))
         except _FAILURES as e:
@@ -196,8 +206,12 @@ class DHT:
     def _params(self, value_quorum: int | None = None, width: int | None = None) -> LookupParams:
         c = self.config
         return LookupParams(
-            k=width or c.bucket_size, alpha=c.alpha, call_timeout_s=c.rpc_timeout_s + 0.5, slow_after_s=c.slow_after_s,
-            deadline_s=c.lookup_timeout_s, value_quorum=value_quorum,
+            k=width or c.bucket_size,
+            alpha=c.alpha,
+            call_timeout_s=c.rpc_timeout_s + 0.5,
+            slow_after_s=c.slow_after_s,
+            deadline_s=c.lookup_timeout_s,
+            value_quorum=value_quorum,
         )
 
     async def _ask(self, contact: Contact, request: Callable[[], Awaitable[LookupReply]]) -> LookupReply:
@@ -265,7 +279,9 @@ class DHT:
             log.debug("%s: STORE at %s failed: %s", self.peer_id.short(), peer_id.short(), e)
             return []
 
-    async def get(self, key: str | bytes, latest: bool = False) -> ValueWithExpiration | dict[Any, ValueWithExpiration] | None:
+    async def get(
+        self, key: str | bytes, latest: bool = False
+    ) -> ValueWithExpiration | dict[Any, ValueWithExpiration] | None:
         """The value of ``key``: a ValueWithExpiration, a {subkey: ValueWithExpiration} dict, or None.
 
         ``latest=False`` returns as soon as ``get_quorum`` peers (or this node) answered with the key;

@@ -49,8 +49,13 @@ def export_model(cfg: ExportConfig) -> list[int]:
 
 
 async def _export(cfg: ExportConfig) -> list[int]:
-    dht_cfg = DHTConfig(initial_peers=cfg.initial_peers, client_mode=True, rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0),
-                        lookup_timeout_s=max(8.0, cfg.rpc_timeout_s), maintenance_interval_s=3600.0)
+    dht_cfg = DHTConfig(
+        initial_peers=cfg.initial_peers,
+        client_mode=True,
+        rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0),
+        lookup_timeout_s=max(8.0, cfg.rpc_timeout_s),
+        maintenance_interval_s=3600.0,
+    )
     async with DHT.create(dht_cfg) as dht:
         states = await gather_stages(dht, cfg.run, rpc_timeout_s=cfg.rpc_timeout_s)
     write_checkpoint(cfg.run, states, cfg.out_path)
@@ -60,8 +65,9 @@ async def _export(cfg: ExportConfig) -> list[int]:
 async def gather_stages(dht: DHT, run: RunConfig, *, rpc_timeout_s: float) -> list[StageState]:
     """Each stage's state, from the peer with the newest step (falling back to the others)."""
     async with asyncio.timeout(rpc_timeout_s):
-        view = SwarmView.parse(await dht.get(peers_key(run.run_id), latest=True),
-                               await dht.get(progress_key(run.run_id), latest=True))
+        view = SwarmView.parse(
+            await dht.get(peers_key(run.run_id), latest=True), await dht.get(progress_key(run.run_id), latest=True)
+        )
     for peer, record in view.peers.items():
         try:
             dht.transport.add_addresses(peer, [parse_maddr(m) for m in record.maddrs])
@@ -74,8 +80,11 @@ async def gather_stages(dht: DHT, run: RunConfig, *, rpc_timeout_s: float) -> li
             raise NotFoundError(f"no peer serves stage {stage} of run {run.run_id}; start one, then export again")
         for peer in candidates:
             try:
-                states.append(await call_state_download(dht.transport, peer, run_id=run.run_id, stage=stage,
-                                                        timeout_s=rpc_timeout_s))
+                states.append(
+                    await call_state_download(
+                        dht.transport, peer, run_id=run.run_id, stage=stage, timeout_s=rpc_timeout_s
+                    )
+                )
                 break
             except (SwarmError, TimeoutError, OSError) as e:
                 log.warning("state of stage %d from %s failed: %s; trying another peer", stage, peer.short(), e)
@@ -97,7 +106,7 @@ def write_checkpoint(run: RunConfig, states: list[StageState], out_path: Path) -
                     continue
                 if state.stage > 0 and key == f"param.{stages[state.stage].tied_name}":
                     continue  # the last stage's copy of the tied matrix: stage 0's copy is the one kept
-                name = prefix + key[len("param."):]
+                name = prefix + key[len("param.") :]
                 if name not in params or params[name].shape != value.shape:
                     raise CheckpointError(f"stage {state.stage} sent {key} {list(value.shape)}, which the model lacks")
                 params[name].copy_(value)

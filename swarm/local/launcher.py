@@ -53,7 +53,9 @@ class LaunchConfig:
         if not isinstance(self.num_validators, int) or not 0 <= self.num_validators <= 16:
             raise ConfigError(f"num_validators must be an int in [0, 16], got {self.num_validators!r}")
         if sum(count for _, count in self.misbehave) > self.num_nodes:
-            raise ConfigError(f"misbehave: {sum(c for _, c in self.misbehave)} cheaters but only {self.num_nodes} nodes")
+            raise ConfigError(
+                f"misbehave: {sum(c for _, c in self.misbehave)} cheaters but only {self.num_nodes} nodes"
+            )
         if not isinstance(self.num_nodes, int) or not 1 <= self.num_nodes <= 64:
             raise ConfigError(f"num_nodes must be an int in [1, 64], got {self.num_nodes!r}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 1_000_000:
@@ -90,8 +92,10 @@ def launch(cfg: LaunchConfig) -> int:
     if cfg.as_json:
         print(json.dumps(summary), flush=True)
     else:
-        print(f"done: {summary['steps']} steps, loss {summary['initial_loss']} -> {summary['final_loss']} "
-              f"(floor {summary['loss_floor']}), {summary['samples_per_s']} samples/s; logs in {run_dir}")
+        print(
+            f"done: {summary['steps']} steps, loss {summary['initial_loss']} -> {summary['final_loss']} "
+            f"(floor {summary['loss_floor']}), {summary['samples_per_s']} samples/s; logs in {run_dir}"
+        )
     return 0 if summary.get("ok") else 1
 
 
@@ -115,8 +119,10 @@ async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str,
             await _watch(cfg, run, nodes, out, started)
     except TimeoutError:
         stuck = [n.index for n in nodes if n.proc.returncode is None]
-        error = (f"the run did not finish within --timeout {cfg.timeout_s:.0f}s; nodes still running: {stuck}; "
-                 f"see their logs in {run_dir}")
+        error = (
+            f"the run did not finish within --timeout {cfg.timeout_s:.0f}s; nodes still running: {stuck}; "
+            f"see their logs in {run_dir}"
+        )
         print(error, file=sys.stderr, flush=True)
         for index in stuck:
             _print_log_tail(run_dir / f"node-{index}.log", index)
@@ -142,8 +148,9 @@ def _print_log_tail(path: Path, index: int, num_lines: int = 40) -> None:
     sys.stderr.flush()
 
 
-async def _start_after_bootstrap(cfg: LaunchConfig, run_dir: Path, index: int, nodes: list[NodeProcess],
-                                 role_args: tuple[str, ...]) -> NodeProcess:
+async def _start_after_bootstrap(
+    cfg: LaunchConfig, run_dir: Path, index: int, nodes: list[NodeProcess], role_args: tuple[str, ...]
+) -> NodeProcess:
     """Start node ``index`` with node 0 as its initial peer; if it fails because node 0 is gone, say so."""
     try:
         return await _start_node(cfg, run_dir, index, nodes[0].maddr if nodes else None, role_args)
@@ -157,21 +164,38 @@ async def _start_after_bootstrap(cfg: LaunchConfig, run_dir: Path, index: int, n
         ) from None
 
 
-async def _start_node(cfg: LaunchConfig, run_dir: Path, index: int, bootstrap: str | None,
-                      role_args: tuple[str, ...] = ()) -> NodeProcess:
+async def _start_node(
+    cfg: LaunchConfig, run_dir: Path, index: int, bootstrap: str | None, role_args: tuple[str, ...] = ()
+) -> NodeProcess:
     folder = run_dir / f"node-{index}"
     folder.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "swarm.cli.node", "start", "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--data-dir", str(folder), "--max-steps", str(cfg.steps), "--summary-file", str(folder / "summary.json"),
-            "--start-after-peers", str(cfg.num_nodes + cfg.num_validators), *cfg.extra_node_args, *role_args]
+    args = [
+        sys.executable,
+        "-m",
+        "swarm.cli.node",
+        "start",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data-dir",
+        str(folder),
+        "--max-steps",
+        str(cfg.steps),
+        "--summary-file",
+        str(folder / "summary.json"),
+        "--start-after-peers",
+        str(cfg.num_nodes + cfg.num_validators),
+        *cfg.extra_node_args,
+        *role_args,
+    ]
     if cfg.config_path is not None:
         args += ["--config", str(cfg.config_path.resolve())]
     if bootstrap is not None:
         args += ["--initial-peers", bootstrap]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(run_dir / f"node-{index}.log", "ab") as log_file:
-        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env,
-                                                    start_new_session=True)
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env, start_new_session=True
+        )
     node = NodeProcess(index=index, proc=proc, folder=folder)
     async with asyncio.timeout(cfg.start_timeout_s):
         while node.stage is None and not ("validator" in role_args and node.maddr is not None):
@@ -179,7 +203,7 @@ async def _start_node(cfg: LaunchConfig, run_dir: Path, index: int, bootstrap: s
             if line.startswith("listening on ") and node.maddr is None:
                 node.maddr = line.split()[-1]
             elif line.startswith("serving stage "):
-                node.stage = line[len("serving stage "):]
+                node.stage = line[len("serving stage ") :]
     return node
 
 
@@ -198,25 +222,33 @@ async def _read_line(node: NodeProcess) -> str:
 
 async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], out: TextIO, started: float) -> None:
     """Show the live table from the DHT until every node process has exited."""
-    dht_cfg = DHTConfig(initial_peers=tuple(n.maddr for n in nodes if n.maddr), client_mode=True,
-                        rpc_timeout_s=2.0, lookup_timeout_s=4.0, maintenance_interval_s=3600.0)
+    dht_cfg = DHTConfig(
+        initial_peers=tuple(n.maddr for n in nodes if n.maddr),
+        client_mode=True,
+        rpc_timeout_s=2.0,
+        lookup_timeout_s=4.0,
+        maintenance_interval_s=3600.0,
+    )
     waits = [asyncio.ensure_future(n.proc.wait()) for n in nodes]
     try:
         async with DHT.create(dht_cfg) as dht:
             train_started: float | None = None
             honest_done_at: float | None = None
             while not all(w.done() for w in waits):
-                if all(w.done() for w, n in zip(waits, nodes) if not n.misbehaving):
+                if all(w.done() for w, n in zip(waits, nodes, strict=False) if not n.misbehaving):
                     # the honest swarm finished; cheaters cut off by its checks may never reach max_steps
                     honest_done_at = honest_done_at or time.monotonic()
                     if time.monotonic() - honest_done_at > CHEATER_GRACE_S:
-                        log.warning("the honest nodes finished %.0fs ago; stopping the misbehaving ones",
-                                    CHEATER_GRACE_S)
+                        log.warning(
+                            "the honest nodes finished %.0fs ago; stopping the misbehaving ones", CHEATER_GRACE_S
+                        )
                         break
                 try:
                     async with asyncio.timeout(cfg.table_interval_s * 2):
-                        view = SwarmView.parse(await dht.get(peers_key(run.run_id), latest=True),
-                                               await dht.get(progress_key(run.run_id), latest=True))
+                        view = SwarmView.parse(
+                            await dht.get(peers_key(run.run_id), latest=True),
+                            await dht.get(progress_key(run.run_id), latest=True),
+                        )
                     summary = view.summary(run.pipeline.num_stages)
                     step = summary.get("step") or 0
                     if train_started is None and step > 0:
@@ -271,8 +303,14 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
     ends = [s["end_time"] for s in summaries if s.get("end_time")]
     elapsed = max(ends) - min(starts) if starts and ends else 0.0
     # the run's steps: those of the honest training nodes (a cheater cut off by the checks may lag behind)
-    steps = min((s.get("step", 0) for s in summaries
-                 if s.get("role") != "validator" and not (s.get("verification") or {}).get("misbehave")), default=0)
+    steps = min(
+        (
+            s.get("step", 0)
+            for s in summaries
+            if s.get("role") != "validator" and not (s.get("verification") or {}).get("misbehave")
+        ),
+        default=0,
+    )
     floor = make_source(run).loss_floor
     checks = rewards_summary([Path(s["ledger_path"]) for s in summaries if s.get("ledger_path")], run.run_id)
     return {

@@ -12,6 +12,16 @@ from swarm.model.stages import (
 )
 
 __all__ = [
-    "Block", "Embedding", "Head", "InputSpec", "PipelineModel", "StageInputError", "StageModel",
-    "build_gpt_pieces", "build_stage", "build_stages", "lm_loss", "stage_block_ranges",
+    "Block",
+    "Embedding",
+    "Head",
+    "InputSpec",
+    "PipelineModel",
+    "StageInputError",
+    "StageModel",
+    "build_gpt_pieces",
+    "build_stage",
+    "build_stages",
+    "lm_loss",
+    "stage_block_ranges",
 ]

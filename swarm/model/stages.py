@@ -45,7 +45,7 @@ class InputSpec:
                 f"stage {stage} expects inputs of shape [1..{max_batch}, {', '.join(map(str, self.tail_shape))}], "
                 f"got {list(x.shape)}"
             )
-        for got, want in zip(x.shape[1:], self.tail_shape):
+        for got, want in zip(x.shape[1:], self.tail_shape, strict=False):
             if want >= 0 and got != want:
                 raise StageInputError(
                     f"stage {stage} expects inputs of shape [B, {', '.join(map(str, self.tail_shape))}], got {list(x.shape)}"
@@ -59,8 +59,16 @@ class InputSpec:
 class StageModel(nn.Module):
     """One pipeline stage: ``forward(inputs) -> outputs``; the last stage also has ``loss(outputs, targets)``."""
 
-    def __init__(self, body: nn.Module, *, index: int, num_stages: int, input_spec: InputSpec, loss_fn: LossFn,
-                 tied_name: str | None = None) -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        *,
+        index: int,
+        num_stages: int,
+        input_spec: InputSpec,
+        loss_fn: LossFn,
+        tied_name: str | None = None,
+    ) -> None:
         super().__init__()
         self.tied_name = tied_name  # the parameter shared with another stage (embedding <-> head), if any
         self.body = body
@@ -131,9 +139,18 @@ def build_stages(cfg: RunConfig) -> list[StageModel]:
         if i == n - 1:
             pieces.append(head)
         spec = InputSpec(dtype=torch.int64, tail_shape=(m.seq_len,), max_value=m.vocab_size) if i == 0 else hidden
-        tied = None if n == 1 else "body.0.tokens.weight" if i == 0 else f"body.{len(pieces) - 1}.weight" if i == n - 1 else None
-        stages.append(StageModel(nn.Sequential(*pieces), index=i, num_stages=n, input_spec=spec, loss_fn=lm_loss,
-                                 tied_name=tied))
+        tied = (
+            None
+            if n == 1
+            else "body.0.tokens.weight"
+            if i == 0
+            else f"body.{len(pieces) - 1}.weight"
+            if i == n - 1
+            else None
+        )
+        stages.append(
+            StageModel(nn.Sequential(*pieces), index=i, num_stages=n, input_spec=spec, loss_fn=lm_loss, tied_name=tied)
+        )
     return stages
 
 
@@ -165,7 +182,10 @@ def _stages_from_factory(cfg: RunConfig) -> list[StageModel]:
     for i, module in enumerate(modules):
         spec = getattr(module, "input_spec", None)
         if spec is None:
-            spec = (InputSpec(dtype=torch.int64, tail_shape=(m.seq_len,), max_value=m.vocab_size) if i == 0
-                    else InputSpec(dtype=torch.float32, tail_shape=(m.seq_len, m.d_model)))
+            spec = (
+                InputSpec(dtype=torch.int64, tail_shape=(m.seq_len,), max_value=m.vocab_size)
+                if i == 0
+                else InputSpec(dtype=torch.float32, tail_shape=(m.seq_len, m.d_model))
+            )
         stages.append(StageModel(module, index=i, num_stages=len(modules), input_spec=spec, loss_fn=loss_fn))
     return stages

@@ -7,4 +7,4 @@ from swarm.p2p.config import TransportConfig
 from swarm.p2p.rpc import RpcContext, StreamReply
 from swarm.p2p.transport import Transport
 
-__all__ = ["Transport", "TransportConfig", "RpcContext", "StreamReply"]
+__all__ = ["RpcContext", "StreamReply", "Transport", "TransportConfig"]

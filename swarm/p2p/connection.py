@@ -22,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.config import MAX_NOISE_MESSAGE_BYTES, TransportConfig
 from swarm.p2p.framing import (
-    FRAME_HEADER, FRAME_HEADER_BYTES, PING_PAYLOAD_BYTES, RECORD_PREFIX, Chunk, Frame, FrameParser, FrameType,
+    FRAME_HEADER,
+    FRAME_HEADER_BYTES,
+    PING_PAYLOAD_BYTES,
+    RECORD_PREFIX,
+    Chunk,
+    Frame,
+    FrameParser,
+    FrameType,
     WriteScratch,
 )
 from swarm.p2p.noise import TAG_LEN, CipherState, HandshakeState, make_payload, verify_payload
@@ -53,7 +60,12 @@ class Connection(asyncio.BufferedProtocol):
     """An authenticated, encrypted, multiplexed connection to one peer."""
 
     def __init__(
-        self, *, config: TransportConfig, initiator: bool, owner: ConnectionOwner, local_short: str,
+        self,
+        *,
+        config: TransportConfig,
+        initiator: bool,
+        owner: ConnectionOwner,
+        local_short: str,
         scratch: WriteScratch,
     ) -> None:
         self.config = config
@@ -299,8 +311,11 @@ class Connection(asyncio.BufferedProtocol):
     # -- frames --
 
     def _on_frame(self, frame: Frame) -> None:
-        if self._paused and self._transport is not None and self._transport.get_write_buffer_size() > (
-            2 * self.config.write_buffer_high_bytes + self.config.max_frame_size_bytes
+        if (
+            self._paused
+            and self._transport is not None
+            and self._transport.get_write_buffer_size()
+            > (2 * self.config.write_buffer_high_bytes + self.config.max_frame_size_bytes)
         ):
             raise ProtocolError("the peer keeps sending but does not read our answers")
         self.last_active_s = time.monotonic()  # complete frames only: a trickled half frame stays idle

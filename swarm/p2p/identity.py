@@ -86,7 +86,7 @@ _verified = _VerifiedSignatures(_VERIFIED_CACHE_SIZE)
 class PeerID:
     """A peer's identity: the multihash of its Ed25519 public key. Immutable and hashable."""
 
-    __slots__ = ("_bytes", "_b58")
+    __slots__ = ("_b58", "_bytes")
 
     def __init__(self, raw: bytes) -> None:
         raw = bytes(raw)

@@ -126,7 +126,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ProtocolError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
         item = args[0] if args else Any
         checked = [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(checked) if origin is tuple else checked
@@ -134,9 +134,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
         key_hint, value_hint = get_args(hint) or (Any, Any)
-        return {
-            _check(k, key_hint, f"{where} key"): _check(v, value_hint, f"{where}[{k!r}]") for k, v in value.items()
-        }
+        return {_check(k, key_hint, f"{where} key"): _check(v, value_hint, f"{where}[{k!r}]") for k, v in value.items()}
     return _check_scalar(value, hint, where)
 
 

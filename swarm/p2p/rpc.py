@@ -68,8 +68,9 @@ async def serve_request(conn: Connection, stream: Stream, entry: HandlerEntry, h
     """Run one handler under the caller's deadline and send its reply (and reply chunks); errors become replies."""
     if conn.peer_id is None:
         raise TransportError("internal: a request on a connection without an authenticated peer")
-    ctx = RpcContext(peer_id=conn.peer_id, remote_host=conn.remote_host, remote_port=conn.remote_port,
-                     method=entry.method)
+    ctx = RpcContext(
+        peer_id=conn.peer_id, remote_host=conn.remote_host, remote_port=conn.remote_port, method=entry.method
+    )
     reply_sent = False
     deadline = asyncio.timeout(head.timeout_s)
     try:
@@ -94,8 +95,11 @@ async def serve_request(conn: Connection, stream: Stream, entry: HandlerEntry, h
                 await _send_all(stream, chunks, head.timeout_s)
             await conn.drain()
     except TimeoutError as e:
-        message = (f"handler did not finish within the caller's {head.timeout_s:.1f}s deadline" if deadline.expired()
-                   else f"the handler timed out: {e or type(e).__name__}")
+        message = (
+            f"handler did not finish within the caller's {head.timeout_s:.1f}s deadline"
+            if deadline.expired()
+            else f"the handler timed out: {e or type(e).__name__}"
+        )
         _fail(conn, stream, reply_sent, ErrorCode.TIMEOUT, message)
     except ProtocolError as e:
         _fail(conn, stream, reply_sent, ErrorCode.BAD_REQUEST, str(e))
@@ -111,8 +115,9 @@ async def serve_request(conn: Connection, stream: Stream, entry: HandlerEntry, h
 
 
 def _fail(conn: Connection, stream: Stream, reply_sent: bool, code: ErrorCode, message: str) -> None:
-    log.warning("%s: request %s from %s failed (%s): %s", conn.local_short, stream.method, conn.peer_short, code.value,
-                message)
+    log.warning(
+        "%s: request %s from %s failed (%s): %s", conn.local_short, stream.method, conn.peer_short, code.value, message
+    )
     if stream.error is not None:
         return
     if reply_sent:
@@ -212,8 +217,12 @@ async def _upload(stream: Stream, chunks: AsyncIterable[Chunk], timeout_s: float
 
 @contextlib.asynccontextmanager
 async def open_stream(
-    conn: Connection, method: str, header: Message, reply_type: type[M],
-    chunks: AsyncIterable[Chunk] | None, timeout_s: float,
+    conn: Connection,
+    method: str,
+    header: Message,
+    reply_type: type[M],
+    chunks: AsyncIterable[Chunk] | None,
+    timeout_s: float,
 ) -> AsyncIterator[StreamReply]:
     """Send ``header`` (and ``chunks``), wait for the typed reply; each wait is bounded by ``timeout_s``."""
     payload = _encode(conn, method, header, timeout_s)

@@ -26,8 +26,22 @@ class Stream:
     """The per-stream state of a Connection (both the calling and the serving side use it)."""
 
     __slots__ = (
-        "conn", "id", "method", "reply", "handler_task", "_queue", "_waiter", "_allowance", "_consumed",
-        "_window", "_credit", "_credit_waiter", "remote_ended", "local_ended", "error", "expects_chunks",
+        "_allowance",
+        "_consumed",
+        "_credit",
+        "_credit_waiter",
+        "_queue",
+        "_waiter",
+        "_window",
+        "conn",
+        "error",
+        "expects_chunks",
+        "handler_task",
+        "id",
+        "local_ended",
+        "method",
+        "remote_ended",
+        "reply",
     )
 
     def __init__(self, conn: Connection, stream_id: int, method: str, *, window_bytes: int) -> None:

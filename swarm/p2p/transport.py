@@ -185,8 +185,14 @@ class Transport:
 
     @contextlib.asynccontextmanager
     async def open_stream(
-        self, peer: PeerLike, method: str, header: Message, reply_type: type[M], *,
-        chunks: AsyncIterable[Chunk] | None = None, timeout_s: float | None = None,
+        self,
+        peer: PeerLike,
+        method: str,
+        header: Message,
+        reply_type: type[M],
+        *,
+        chunks: AsyncIterable[Chunk] | None = None,
+        timeout_s: float | None = None,
     ) -> AsyncIterator[StreamReply]:
         """Open a stream: send ``header`` and ``chunks``; yields a StreamReply (``reply``, ``chunks()``).
 
@@ -283,12 +289,14 @@ class Transport:
         return conn
 
     def _inbound_protocol(self) -> Connection:
-        return Connection(config=self.config, initiator=False, owner=self, local_short=self.peer_id.short(),
-                          scratch=self._scratch)
+        return Connection(
+            config=self.config, initiator=False, owner=self, local_short=self.peer_id.short(), scratch=self._scratch
+        )
 
     def _outbound_protocol(self) -> Connection:
-        return Connection(config=self.config, initiator=True, owner=self, local_short=self.peer_id.short(),
-                          scratch=self._scratch)
+        return Connection(
+            config=self.config, initiator=True, owner=self, local_short=self.peer_id.short(), scratch=self._scratch
+        )
 
     def on_connection_made(self, conn: Connection) -> None:
         """Connection callback: start the handshake of an accepted connection (or refuse it over the limit)."""
@@ -307,7 +315,9 @@ class Transport:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 await conn.handshake(self.identity, self._static_key, None)
         except TimeoutError:
-            conn.close(f"handshake not finished within handshake_timeout_s={self.config.handshake_timeout_s}s", warn=True)
+            conn.close(
+                f"handshake not finished within handshake_timeout_s={self.config.handshake_timeout_s}s", warn=True
+            )
             return
         except SwarmError as e:
             conn.close(f"handshake failed: {e}", warn=True)
@@ -327,8 +337,14 @@ class Transport:
         conns = self._conns.setdefault(peer_id, [])
         first = not any(c.is_open for c in conns)
         conns.append(conn)
-        log.debug("%s: %s connection with %s (%s:%d)", self.peer_id.short(), "outbound" if conn.initiator else "inbound",
-                  peer_id.short(), conn.remote_host, conn.remote_port)
+        log.debug(
+            "%s: %s connection with %s (%s:%d)",
+            self.peer_id.short(),
+            "outbound" if conn.initiator else "inbound",
+            peer_id.short(),
+            conn.remote_host,
+            conn.remote_port,
+        )
         if first:
             self._notify(self._on_connected, conn)
 
@@ -348,8 +364,12 @@ class Transport:
         peer_id = conn.peer_id
         if peer_id is None:
             return
-        addr = PeerAddress(host=conn.remote_host or "0.0.0.0", port=conn.remote_port, peer_id=peer_id,
-                           protocol="ip6" if ":" in conn.remote_host else "ip4")
+        addr = PeerAddress(
+            host=conn.remote_host or "0.0.0.0",
+            port=conn.remote_port,
+            peer_id=peer_id,
+            protocol="ip6" if ":" in conn.remote_host else "ip4",
+        )
         for callback in callbacks:
             try:
                 callback(peer_id, addr)
@@ -368,16 +388,21 @@ class Transport:
         entry = self._handlers.get(head.method)
         with_chunks = bool(frame.flags & FLAG_CHUNKS)
         if entry is None:
-            log.warning("%s: request for unknown method %r from %s", self.peer_id.short(), head.method[:100],
-                        conn.peer_short)
+            log.warning(
+                "%s: request for unknown method %r from %s", self.peer_id.short(), head.method[:100], conn.peer_short
+            )
             rpc.reject(conn, stream, ErrorCode.UNKNOWN_METHOD, f"this peer serves no method {head.method[:100]!r}")
         elif with_chunks and not entry.streaming:
             log.warning("%s: chunks sent to unary method %s by %s", self.peer_id.short(), head.method, conn.peer_short)
             rpc.reject(conn, stream, ErrorCode.BAD_REQUEST, f"{head.method} is unary; call it without chunks")
         elif (inflight := self._inflight(conn)) >= self.config.max_inflight_requests_per_peer:
             log.warning("%s: overloaded: %s has %d requests in flight", self.peer_id.short(), conn.peer_short, inflight)
-            rpc.reject(conn, stream, ErrorCode.OVERLOADED,
-                       f"{inflight} requests in flight from you (max_inflight_requests_per_peer)")
+            rpc.reject(
+                conn,
+                stream,
+                ErrorCode.OVERLOADED,
+                f"{inflight} requests in flight from you (max_inflight_requests_per_peer)",
+            )
         else:
             stream.expects_chunks = with_chunks
             if with_chunks:

@@ -154,9 +154,15 @@ class CodecsConfig:
         from swarm.compression import CodecPolicy
 
         try:
-            return CodecPolicy(activations=self.activations, activation_grads=self.activation_grads,
-                               allreduce=self.allreduce, state=self.state, min_compress_numel=self.min_compress_numel,
-                               topk_fraction=self.topk_fraction, blockwise8_blocksize=self.blockwise8_blocksize)
+            return CodecPolicy(
+                activations=self.activations,
+                activation_grads=self.activation_grads,
+                allreduce=self.allreduce,
+                state=self.state,
+                min_compress_numel=self.min_compress_numel,
+                topk_fraction=self.topk_fraction,
+                blockwise8_blocksize=self.blockwise8_blocksize,
+            )
         except ConfigError as e:
             raise ConfigError(f"codecs: {e}") from None
 

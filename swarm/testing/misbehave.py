@@ -97,8 +97,9 @@ class Misbehaviour:
             return [g.clone() for g in self._first_gradients]
         return grads
 
-    def forged_receipts(self, identity: Identity, *, run_id: str, step: int, stage: int,
-                        colluder: PeerID | None = None) -> list[WorkReceipt]:
+    def forged_receipts(
+        self, identity: Identity, *, run_id: str, step: int, stage: int, colluder: PeerID | None = None
+    ) -> list[WorkReceipt]:
         """Receipts for work never done: for this node itself, or for ``colluder`` with an ack this node made up."""
         if self.cfg.kind != "forge-receipts":
             return []
@@ -108,9 +109,18 @@ class Misbehaviour:
             mb = f"forged-{identity.peer_id.short()}-{self._forged}"
             server = colluder or identity.peer_id
             fake = digest_parts([hashlib.sha256(mb.encode()).digest()])
-            claim = WorkClaim(run_id=run_id, step=step, stage=stage, server=server.to_bytes(),
-                              caller=identity.peer_id.to_bytes(), microbatch_id=mb, kind="forward", input_hash=fake,
-                              output_hash=fake, num_samples=16)
+            claim = WorkClaim(
+                run_id=run_id,
+                step=step,
+                stage=stage,
+                server=server.to_bytes(),
+                caller=identity.peer_id.to_bytes(),
+                microbatch_id=mb,
+                kind="forward",
+                input_hash=fake,
+                output_hash=fake,
+                num_samples=16,
+            )
             receipts.append(forge_receipt(identity, claim, identity.sign(claim.ack_body())))
         log.warning("%s: misbehaving: forged %d receipts at step %d", identity.peer_id.short(), len(receipts), step)
         return receipts

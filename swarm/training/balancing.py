@@ -47,8 +47,9 @@ def stage_throughputs(peers: Sequence[StagePeer], num_stages: int) -> list[float
     return totals
 
 
-def choose_stage(peers: Sequence[StagePeer], num_stages: int, *, my_speed: float,
-                 stage_costs: Sequence[float] | None = None) -> int:
+def choose_stage(
+    peers: Sequence[StagePeer], num_stages: int, *, my_speed: float, stage_costs: Sequence[float] | None = None
+) -> int:
     """The stage a joining node should take: an empty stage first, else the one maximising the new bottleneck."""
     costs = _costs(stage_costs, num_stages)
     totals = stage_throughputs(peers, num_stages)
@@ -62,8 +63,14 @@ def choose_stage(peers: Sequence[StagePeer], num_stages: int, *, my_speed: float
     return best_stage
 
 
-def choose_move(peers: Sequence[StagePeer], num_stages: int, *, me: str, cfg: BalanceConfig,
-                stage_costs: Sequence[float] | None = None) -> int | None:
+def choose_move(
+    peers: Sequence[StagePeer],
+    num_stages: int,
+    *,
+    me: str,
+    cfg: BalanceConfig,
+    stage_costs: Sequence[float] | None = None,
+) -> int | None:
     """The stage to move to, or None to stay: never empties a stage; needs old min < margin x new min."""
     costs = _costs(stage_costs, num_stages)
     mine = next((p for p in peers if p.peer == me), None)

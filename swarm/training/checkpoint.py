@@ -37,7 +37,9 @@ class StageState:
     tensors: dict[str, torch.Tensor]
 
 
-def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, run_id: str, stage: int, step: int) -> StageState:
+def capture_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, run_id: str, stage: int, step: int
+) -> StageState:
     """A detached copy of the model's parameters and the optimizer's tensors."""
     tensors = {f"param.{name}": p.detach().cpu().clone().contiguous() for name, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -48,7 +50,9 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, r
     return StageState(run_id=run_id, stage=stage, step=step, tensors=tensors)
 
 
-def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: StageState, *, run_id: str, stage: int) -> None:
+def apply_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: StageState, *, run_id: str, stage: int
+) -> None:
     """Load ``state`` into the model and optimizer; CheckpointError if it belongs elsewhere or misfits."""
     if state.run_id != run_id or state.stage != stage:
         raise CheckpointError(
@@ -63,7 +67,9 @@ def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state:
     for name, p in named.items():
         value = state.tensors[f"param.{name}"]
         if value.shape != p.shape or value.dtype != p.dtype:
-            raise CheckpointError(f"parameter {name}: state has {list(value.shape)} {value.dtype}, model {list(p.shape)} {p.dtype}")
+            raise CheckpointError(
+                f"parameter {name}: state has {list(value.shape)} {value.dtype}, model {list(p.shape)} {p.dtype}"
+            )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optim_state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for key, value in state.tensors.items():
@@ -73,7 +79,9 @@ def apply_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state:
         index = int(index_text)
         if not 0 <= index < len(params):
             raise CheckpointError(f"optimizer state names parameter {index}, the stage has {len(params)}")
-        optim_state.setdefault(params[index], {})[slot] = value.clone() if value.dim() == 0 else value.to(params[index].device, copy=True)
+        optim_state.setdefault(params[index], {})[slot] = (
+            value.clone() if value.dim() == 0 else value.to(params[index].device, copy=True)
+        )
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(state.tensors[f"param.{name}"])
@@ -108,6 +116,10 @@ def load_state(path: str | Path) -> StageState:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-        return StageState(run_id=metadata["run_id"], stage=int(metadata["stage"]), step=int(metadata["step"]), tensors=tensors)
+        return StageState(
+            run_id=metadata["run_id"], stage=int(metadata["stage"]), step=int(metadata["step"]), tensors=tensors
+        )
     except (OSError, SafetensorError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); delete it to start fresh") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); delete it to start fresh"
+        ) from None

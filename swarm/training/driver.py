@@ -28,11 +28,21 @@ log = logging.getLogger(__name__)
 class StageClient(Protocol):
     """How a driver reaches a stage replica (a remote peer over RPC, or this node's own stage server)."""
 
-    async def forward(self, peer: Any, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor) -> torch.Tensor: ...
+    async def forward(
+        self, peer: Any, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor
+    ) -> torch.Tensor: ...
 
-    async def backward(self, peer: Any, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor,
-                       grad_outputs: torch.Tensor | None = None,
-                       targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float | None]: ...
+    async def backward(
+        self,
+        peer: Any,
+        *,
+        stage: int,
+        step: int,
+        microbatch_id: str,
+        inputs: torch.Tensor,
+        grad_outputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, float | None]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +63,9 @@ class DriverConfig:
         if not isinstance(self.retry_wait_s, (int, float)) or not 0 <= self.retry_wait_s <= 600:
             raise ConfigError(f"retry_wait_s must be in [0, 600] seconds, got {self.retry_wait_s!r}")
         if not isinstance(self.max_microbatch_attempts, int) or not 1 <= self.max_microbatch_attempts <= 10_000:
-            raise ConfigError(f"max_microbatch_attempts must be an int in [1, 10000], got {self.max_microbatch_attempts!r}")
+            raise ConfigError(
+                f"max_microbatch_attempts must be an int in [1, 10000], got {self.max_microbatch_attempts!r}"
+            )
 
 
 def is_stale_step(error: BaseException) -> bool:
@@ -68,9 +80,17 @@ class _Stale(SwarmError):
 class Driver:
     """Runs one microbatch at a time through the pipeline; `run_microbatch` is safe to call concurrently."""
 
-    def __init__(self, cfg: DriverConfig, *, num_stages: int, client: StageClient,
-                 peers_of: Callable[[int], Sequence[Any]], selectors: Sequence[PeerSelector[Any]],
-                 step_of: Callable[[], int], name: str = "driver") -> None:
+    def __init__(
+        self,
+        cfg: DriverConfig,
+        *,
+        num_stages: int,
+        client: StageClient,
+        peers_of: Callable[[int], Sequence[Any]],
+        selectors: Sequence[PeerSelector[Any]],
+        step_of: Callable[[], int],
+        name: str = "driver",
+    ) -> None:
         if len(selectors) != num_stages:
             raise ConfigError(f"selectors: need one per stage ({num_stages}), got {len(selectors)}")
         self.cfg = cfg
@@ -102,13 +122,23 @@ class Driver:
             except NoPeerError as e:
                 log.warning("%s: microbatch %s attempt %d: %s", self.name, mb_id, attempt + 1, e)
             except (SwarmError, TimeoutError, OSError) as e:
-                log.warning("%s: microbatch %s attempt %d failed (%s: %s); retrying it", self.name, mb_id, attempt + 1,
-                            type(e).__name__, e)
+                log.warning(
+                    "%s: microbatch %s attempt %d failed (%s: %s); retrying it",
+                    self.name,
+                    mb_id,
+                    attempt + 1,
+                    type(e).__name__,
+                    e,
+                )
             attempt += 1
             await asyncio.sleep(self.cfg.retry_wait_s)
         if attempt < self.cfg.max_microbatch_attempts:
-            log.warning("%s: microbatch %s: a replica stayed at another step for %d tries; drawing a new one",
-                        self.name, mb_id, tries)
+            log.warning(
+                "%s: microbatch %s: a replica stayed at another step for %d tries; drawing a new one",
+                self.name,
+                mb_id,
+                tries,
+            )
             raise StaleStepError(f"microbatch {mb_id}: a stage replica stayed at another step than {mb.step}")
         raise NoPeerError(f"{self.name}: microbatch {mb_id} failed {attempt} times ({tries} tries)")
 
@@ -117,24 +147,40 @@ class Driver:
         acts: list[torch.Tensor] = [mb.inputs]
         forward_peers: list[Any] = []
         for stage in range(last):
-            peer, out = await self._call(stage, mb, "forward", lambda p, s=stage: self.client.forward(
-                p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s]))
+            peer, out = await self._call(
+                stage,
+                mb,
+                "forward",
+                lambda p, s=stage: self.client.forward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s]),
+            )
             forward_peers.append(peer)
             acts.append(out)
-        _, (grad, loss) = await self._call(last, mb, "loss+backward", lambda p: self.client.backward(
-            p, stage=last, step=mb.step, microbatch_id=mb_id, inputs=acts[last], targets=mb.targets))
+        _, (grad, loss) = await self._call(
+            last,
+            mb,
+            "loss+backward",
+            lambda p: self.client.backward(
+                p, stage=last, step=mb.step, microbatch_id=mb_id, inputs=acts[last], targets=mb.targets
+            ),
+        )
         for stage in range(last - 1, -1, -1):
             grad_out = grad
 
-            async def call(p: Any, s: int = stage, g: torch.Tensor | None = grad_out) -> tuple[torch.Tensor | None, float | None]:
-                return await self.client.backward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s], grad_outputs=g)
+            async def call(
+                p: Any, s: int = stage, g: torch.Tensor | None = grad_out
+            ) -> tuple[torch.Tensor | None, float | None]:
+                return await self.client.backward(
+                    p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s], grad_outputs=g
+                )
 
             _, (grad, _) = await self._call(stage, mb, "backward", call, prefer=forward_peers[stage])
         if loss is None:
             raise SwarmError(f"the last stage answered microbatch {mb_id} without a loss")
         return loss
 
-    async def _call(self, stage: int, mb: Microbatch, what: str, call: Callable[[Any], Any], prefer: Any = None) -> tuple[Any, Any]:
+    async def _call(
+        self, stage: int, mb: Microbatch, what: str, call: Callable[[Any], Any], prefer: Any = None
+    ) -> tuple[Any, Any]:
         async def guarded(peer: Any) -> Any:
             try:
                 return await call(peer)
@@ -151,7 +197,18 @@ class Driver:
                 raise
             except (SwarmError, TimeoutError, OSError) as e:
                 selector.report_failure(prefer)
-                log.warning("%s: %s on stage %d failed at the forward's peer (%s); recomputing on another replica",
-                            self.name, what, stage, e)
-        return await call_with_retry(selector, lambda: self.peers_of(stage), guarded, num_samples=mb.num_samples,
-                                     what=f"{what} on stage {stage}", passthrough=(_Stale,))
+                log.warning(
+                    "%s: %s on stage %d failed at the forward's peer (%s); recomputing on another replica",
+                    self.name,
+                    what,
+                    stage,
+                    e,
+                )
+        return await call_with_retry(
+            selector,
+            lambda: self.peers_of(stage),
+            guarded,
+            num_samples=mb.num_samples,
+            what=f"{what} on stage {stage}",
+            passthrough=(_Stale,),
+        )

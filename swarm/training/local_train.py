@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from swarm.run.config import RunConfig
 from swarm.data import ShardedData
@@ -29,7 +28,9 @@ class LocalRunResult:
     loss_floor: float | None = None
 
 
-def train_local(cfg: RunConfig, *, steps: int, shard_key: bytes = b"single-process") -> tuple[PipelineModel, LocalRunResult]:
+def train_local(
+    cfg: RunConfig, *, steps: int, shard_key: bytes = b"single-process"
+) -> tuple[PipelineModel, LocalRunResult]:
     """Train ``steps`` optimizer steps in this process; returns the model and the per-step mean losses."""
     model = PipelineModel(build_stages(cfg))
     optimizer = make_optimizer(model.parameters(), cfg.optimizer)

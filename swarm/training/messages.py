@@ -22,7 +22,9 @@ class ForwardRequest(Message):
     step: int
     microbatch_id: str
     inputs: bytes
-    upstream: bytes = b""  # swarm.verification.witness.UpstreamWork: the caller's own previous-stage work on these inputs
+    upstream: bytes = (
+        b""  # swarm.verification.witness.UpstreamWork: the caller's own previous-stage work on these inputs
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +44,9 @@ class BackwardRequest(Message):
     inputs: bytes
     grad_outputs: bytes | None = None
     targets: bytes | None = None
-    upstream: bytes = b""  # swarm.verification.witness.UpstreamWork: the caller's own previous-stage work on these inputs
+    upstream: bytes = (
+        b""  # swarm.verification.witness.UpstreamWork: the caller's own previous-stage work on these inputs
+    )
 
     def __post_init__(self) -> None:
         if (self.grad_outputs is None) == (self.targets is None):

@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 import torch
 
-from swarm.compression import ChunkAssembler, CodecPolicy, Role, deserialize_tensor, iter_encode_chunks, serialize_tensor
+from swarm.compression import (
+    ChunkAssembler,
+    CodecPolicy,
+    Role,
+    deserialize_tensor,
+    iter_encode_chunks,
+    serialize_tensor,
+)
 from swarm.p2p.identity import PeerID
 from swarm.p2p import RpcContext, Transport
 from swarm.training.checkpoint import StageState, capture_state
@@ -48,7 +55,9 @@ def encode(tensor: torch.Tensor, policy: CodecPolicy, role: Role) -> bytes:
     return serialize_tensor(tensor, policy.codec_for(role, tensor))
 
 
-def decode(data: bytes, what: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+def decode(
+    data: bytes, what: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """Decode untrusted tensor bytes with limits; StageInputError (the request is rejected) if they are bad."""
     try:
         tensor = deserialize_tensor(data, max_numel=MAX_TENSOR_NUMEL)
@@ -62,10 +71,18 @@ def decode(data: bytes, what: str, *, dtype: torch.dtype | None = None, device: 
 class StageService:
     """Registers ``stage.forward``, ``stage.backward``, ``state.download`` for the node's current stage server."""
 
-    def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str,
-                 server_of: Callable[[], StageServer | None], witness: ServerWitness | None = None,
-                 collector: ReceiptCollector | None = None, misbehaviour: Misbehaviour | None = None,
-                 refuse: Callable[[PeerID], bool] | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        policy: CodecPolicy,
+        *,
+        run_id: str,
+        server_of: Callable[[], StageServer | None],
+        witness: ServerWitness | None = None,
+        collector: ReceiptCollector | None = None,
+        misbehaviour: Misbehaviour | None = None,
+        refuse: Callable[[PeerID], bool] | None = None,
+    ) -> None:
         self.transport = transport
         self.policy = policy
         self.run_id = run_id
@@ -82,21 +99,36 @@ class StageService:
         if self.witness is not None:
             self.witness.service.register(self.transport)
 
-    def _ack(self, ctx: RpcContext, req: ForwardRequest | BackwardRequest, kind: str, outputs: list[bytes],
-             num_samples: int) -> bytes:
+    def _ack(
+        self, ctx: RpcContext, req: ForwardRequest | BackwardRequest, kind: str, outputs: list[bytes], num_samples: int
+    ) -> bytes:
         """Retain the served payloads and sign the work claim (b"" when verification is off)."""
         if req.upstream and self.collector is not None:
-            self.collector.record_upstream(server=ctx.peer_id, step=req.step, upstream=req.upstream, received=[req.inputs])
+            self.collector.record_upstream(
+                server=ctx.peer_id, step=req.step, upstream=req.upstream, received=[req.inputs]
+            )
         if self.witness is None:
             return b""
-        inputs = [req.inputs] if isinstance(req, ForwardRequest) else [req.inputs, req.grad_outputs or req.targets or b""]
-        return self.witness.witness(caller=ctx.peer_id, step=req.step, stage=req.stage, microbatch_id=req.microbatch_id,
-                                    kind=kind, inputs=inputs, outputs=outputs, num_samples=num_samples)
+        inputs = (
+            [req.inputs] if isinstance(req, ForwardRequest) else [req.inputs, req.grad_outputs or req.targets or b""]
+        )
+        return self.witness.witness(
+            caller=ctx.peer_id,
+            step=req.step,
+            stage=req.stage,
+            microbatch_id=req.microbatch_id,
+            kind=kind,
+            inputs=inputs,
+            outputs=outputs,
+            num_samples=num_samples,
+        )
 
     def _check_caller(self, ctx: RpcContext) -> None:
         if self.refuse is not None and self.refuse(ctx.peer_id):
-            raise StageInputError(f"refusing work for {ctx.peer_id.short()}: this node's gradient checks caught it "
-                                  "sending outlier or replayed gradients")
+            raise StageInputError(
+                f"refusing work for {ctx.peer_id.short()}: this node's gradient checks caught it "
+                "sending outlier or replayed gradients"
+            )
 
     def _server(self, run_id: str, stage: int) -> StageServer:
         server = self.server_of()
@@ -111,7 +143,9 @@ class StageService:
         server = self._server(req.run_id, req.stage)
         device = _device_of(server)
         inputs = decode(req.inputs, "inputs", dtype=server.model.input_spec.dtype, device=device)
-        out = await asyncio.to_thread(server.forward, inputs, step=req.step, microbatch_id=f"{ctx.peer_id.to_base58()}/{req.microbatch_id}")
+        out = await asyncio.to_thread(
+            server.forward, inputs, step=req.step, microbatch_id=f"{ctx.peer_id.to_base58()}/{req.microbatch_id}"
+        )
         if self.misbehaviour is not None:
             out = self.misbehaviour.outputs("forward", out)
         encoded = await asyncio.to_thread(encode, out, self.policy, Role.ACTIVATIONS)
@@ -125,7 +159,9 @@ class StageService:
         mb_id = f"{ctx.peer_id.to_base58()}/{req.microbatch_id}"
         if req.targets is not None:
             targets = decode(req.targets, "targets", device=device)
-            loss, grad = await asyncio.to_thread(server.loss_backward, inputs, targets, step=req.step, microbatch_id=mb_id)
+            loss, grad = await asyncio.to_thread(
+                server.loss_backward, inputs, targets, step=req.step, microbatch_id=mb_id
+            )
         else:
             grad_out = decode(req.grad_outputs or b"", "grad_outputs", dtype=torch.float32, device=device)
             loss = None
@@ -136,17 +172,28 @@ class StageService:
         ack = self._ack(ctx, req, "backward", [] if encoded is None else [encoded], int(inputs.shape[0]))
         return BackwardReply(grad_inputs=encoded, loss=loss, ack=ack)
 
-    async def rpc_state_download(self, ctx: RpcContext, req: StateRequest,
-                                 chunks: AsyncIterator[bytes]) -> tuple[StateHeader, AsyncIterator[bytes]]:
+    async def rpc_state_download(
+        self, ctx: RpcContext, req: StateRequest, chunks: AsyncIterator[bytes]
+    ) -> tuple[StateHeader, AsyncIterator[bytes]]:
         server = self._server(req.run_id, req.stage)
         state = await asyncio.to_thread(_capture, server, self.run_id)
         names = sorted(state.tensors)
-        header = StateHeader(run_id=self.run_id, stage=server.index, step=state.step,
-                             tensors=[TensorInfo(name=n, shape=list(state.tensors[n].shape)) for n in names])
+        header = StateHeader(
+            run_id=self.run_id,
+            stage=server.index,
+            step=state.step,
+            tensors=[TensorInfo(name=n, shape=list(state.tensors[n].shape)) for n in names],
+        )
         flat = torch.cat([state.tensors[n].reshape(-1).float().cpu() for n in names]) if names else torch.zeros(0)
         codec = self.policy.codec_for(Role.STATE, flat)
-        log.info("%s: sending stage %d state of step %d (%d values) to %s", self.transport.peer_id.short(),
-                 server.index, state.step, flat.numel(), ctx.peer_id.short())
+        log.info(
+            "%s: sending stage %d state of step %d (%d values) to %s",
+            self.transport.peer_id.short(),
+            server.index,
+            state.step,
+            flat.numel(),
+            ctx.peer_id.short(),
+        )
 
         async def body() -> AsyncIterator[bytes]:
             for chunk in iter_encode_chunks(flat, codec, STATE_CHUNK_SIZE_BYTES):
@@ -164,16 +211,21 @@ def _device_of(server: StageServer) -> torch.device:
     return next(server.model.parameters()).device
 
 
-async def call_state_download(transport: Transport, peer: PeerID, *, run_id: str, stage: int, timeout_s: float) -> StageState:
+async def call_state_download(
+    transport: Transport, peer: PeerID, *, run_id: str, stage: int, timeout_s: float
+) -> StageState:
     """Download a stage's state from ``peer``; the tensors are checked against the announced layout."""
-    async with transport.open_stream(peer, "state.download", StateRequest(run_id=run_id, stage=stage), StateHeader,
-                                     timeout_s=timeout_s) as stream:
+    async with transport.open_stream(
+        peer, "state.download", StateRequest(run_id=run_id, stage=stage), StateHeader, timeout_s=timeout_s
+    ) as stream:
         header = stream.reply
         if not isinstance(header, StateHeader) or header.run_id != run_id or header.stage != stage:
             raise ProtocolError(f"{peer.short()} answered state.download with the state of another run or stage")
         total = sum(_numel(t.shape) for t in header.tensors)
         if total > MAX_TENSOR_NUMEL:
-            raise ProtocolError(f"{peer.short()} announced a state of {total} values, over the limit {MAX_TENSOR_NUMEL}")
+            raise ProtocolError(
+                f"{peer.short()} announced a state of {total} values, over the limit {MAX_TENSOR_NUMEL}"
+            )
         assembler = ChunkAssembler(max_numel=MAX_TENSOR_NUMEL)
         async for chunk in stream.chunks():
             assembler.add(chunk)
@@ -201,9 +253,18 @@ def _numel(shape: list[int]) -> int:
 class RemoteStageClient:
     """A `StageClient` over the transport; calls to this node's own PeerID go straight to its stage server."""
 
-    def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str, rpc_timeout_s: float,
-                 local_server: Callable[[], StageServer | None], collector: ReceiptCollector | None = None,
-                 witness: ServerWitness | None = None, misbehaviour: Misbehaviour | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        policy: CodecPolicy,
+        *,
+        run_id: str,
+        rpc_timeout_s: float,
+        local_server: Callable[[], StageServer | None],
+        collector: ReceiptCollector | None = None,
+        witness: ServerWitness | None = None,
+        misbehaviour: Misbehaviour | None = None,
+    ) -> None:
         self.transport = transport
         self.policy = policy
         self.run_id = run_id
@@ -220,29 +281,58 @@ class RemoteStageClient:
         if own is None or self.witness is None or own[0] != req.stage - 1:
             return req
         stage, inputs, num_samples = own
-        upstream = self.witness.upstream(next_server=peer, step=req.step, stage=stage, microbatch_id=req.microbatch_id,
-                                         inputs=[inputs], outputs=[req.inputs], num_samples=num_samples)
+        upstream = self.witness.upstream(
+            next_server=peer,
+            step=req.step,
+            stage=stage,
+            microbatch_id=req.microbatch_id,
+            inputs=[inputs],
+            outputs=[req.inputs],
+            num_samples=num_samples,
+        )
         return dataclasses.replace(req, upstream=upstream)
 
-    async def _local_forward(self, local: StageServer, *, stage: int, step: int, microbatch_id: str,
-                             inputs: torch.Tensor) -> torch.Tensor:
+    async def _local_forward(
+        self, local: StageServer, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor
+    ) -> torch.Tensor:
         out = await asyncio.to_thread(local.forward, inputs, step=step, microbatch_id=microbatch_id)
         if self.misbehaviour is not None:
             out = self.misbehaviour.outputs("forward", out)
         if self.witness is not None:
-            self._own_work[microbatch_id] = (stage, await asyncio.to_thread(encode, inputs, self.policy, Role.ACTIVATIONS),
-                                             int(inputs.shape[0]))
+            self._own_work[microbatch_id] = (
+                stage,
+                await asyncio.to_thread(encode, inputs, self.policy, Role.ACTIVATIONS),
+                int(inputs.shape[0]),
+            )
             while len(self._own_work) > MAX_OWN_WORK:
                 self._own_work.popitem(last=False)
         return out
 
-    def _receipt(self, peer: PeerID, req: ForwardRequest | BackwardRequest, kind: str, outputs: list[bytes],
-                 num_samples: int, ack: bytes) -> None:
+    def _receipt(
+        self,
+        peer: PeerID,
+        req: ForwardRequest | BackwardRequest,
+        kind: str,
+        outputs: list[bytes],
+        num_samples: int,
+        ack: bytes,
+    ) -> None:
         if self.collector is None or not ack:
             return
-        inputs = [req.inputs] if isinstance(req, ForwardRequest) else [req.inputs, req.grad_outputs or req.targets or b""]
-        self.collector.record(server=peer, step=req.step, stage=req.stage, microbatch_id=req.microbatch_id, kind=kind,
-                              inputs=inputs, outputs=outputs, num_samples=num_samples, ack=ack)
+        inputs = (
+            [req.inputs] if isinstance(req, ForwardRequest) else [req.inputs, req.grad_outputs or req.targets or b""]
+        )
+        self.collector.record(
+            server=peer,
+            step=req.step,
+            stage=req.stage,
+            microbatch_id=req.microbatch_id,
+            kind=kind,
+            inputs=inputs,
+            outputs=outputs,
+            num_samples=num_samples,
+            ack=ack,
+        )
 
     def _local(self, peer: PeerID, stage: int) -> StageServer | None:
         server = self.local_server()
@@ -250,43 +340,67 @@ class RemoteStageClient:
             return server
         return None
 
-    async def forward(self, peer: PeerID, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor) -> torch.Tensor:
+    async def forward(
+        self, peer: PeerID, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor
+    ) -> torch.Tensor:
         local = self._local(peer, stage)
         if local is not None:
             return await self._local_forward(local, stage=stage, step=step, microbatch_id=microbatch_id, inputs=inputs)
-        req = ForwardRequest(run_id=self.run_id, stage=stage, step=step, microbatch_id=microbatch_id,
-                             inputs=await asyncio.to_thread(encode, inputs, self.policy, Role.ACTIVATIONS))
+        req = ForwardRequest(
+            run_id=self.run_id,
+            stage=stage,
+            step=step,
+            microbatch_id=microbatch_id,
+            inputs=await asyncio.to_thread(encode, inputs, self.policy, Role.ACTIVATIONS),
+        )
         req = self._attach_upstream(peer, req)
         reply = await self.transport.call(peer, "stage.forward", req, ForwardReply, timeout_s=self.rpc_timeout_s)
         outputs = decode(reply.outputs, f"outputs of stage {stage} from {peer.short()}", dtype=torch.float32)
         self._receipt(peer, req, "forward", [reply.outputs], int(inputs.shape[0]), reply.ack)
         return outputs
 
-    async def backward(self, peer: PeerID, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor,
-                       grad_outputs: torch.Tensor | None = None,
-                       targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float | None]:
+    async def backward(
+        self,
+        peer: PeerID,
+        *,
+        stage: int,
+        step: int,
+        microbatch_id: str,
+        inputs: torch.Tensor,
+        grad_outputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, float | None]:
         local = self._local(peer, stage)
         if local is not None:
             if targets is not None:
-                loss, grad = await asyncio.to_thread(local.loss_backward, inputs, targets, step=step, microbatch_id=microbatch_id)
+                loss, grad = await asyncio.to_thread(
+                    local.loss_backward, inputs, targets, step=step, microbatch_id=microbatch_id
+                )
                 return grad, loss
             if grad_outputs is None:
                 raise SwarmError("backward needs grad_outputs or targets")
             grad = await asyncio.to_thread(local.backward, inputs, grad_outputs, step=step, microbatch_id=microbatch_id)
             return grad, None
         req = BackwardRequest(
-            run_id=self.run_id, stage=stage, step=step, microbatch_id=microbatch_id,
+            run_id=self.run_id,
+            stage=stage,
+            step=step,
+            microbatch_id=microbatch_id,
             inputs=await asyncio.to_thread(encode, inputs, self.policy, Role.ACTIVATIONS),
-            grad_outputs=None if grad_outputs is None else await asyncio.to_thread(encode, grad_outputs, self.policy, Role.ACTIVATION_GRADS),
+            grad_outputs=None
+            if grad_outputs is None
+            else await asyncio.to_thread(encode, grad_outputs, self.policy, Role.ACTIVATION_GRADS),
             targets=None if targets is None else encode(targets, self.policy, Role.ACTIVATIONS),
         )
         req = self._attach_upstream(peer, req)
         reply = await self.transport.call(peer, "stage.backward", req, BackwardReply, timeout_s=self.rpc_timeout_s)
-        grad = None if reply.grad_inputs is None else decode(reply.grad_inputs, f"grad_inputs from {peer.short()}", dtype=torch.float32)
+        grad = (
+            None
+            if reply.grad_inputs is None
+            else decode(reply.grad_inputs, f"grad_inputs from {peer.short()}", dtype=torch.float32)
+        )
         if stage > 0 and grad is None:
             raise ProtocolError(f"{peer.short()} answered stage {stage} backward without grad_inputs")
         outputs = [] if reply.grad_inputs is None else [reply.grad_inputs]
         self._receipt(peer, req, "backward", outputs, int(inputs.shape[0]), reply.ack)
         return grad, reply.loss
-
-

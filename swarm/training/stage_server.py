@@ -40,7 +40,9 @@ class StageObserver(Protocol):
 
     def on_forward(self, microbatch_id: str, step: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None: ...
 
-    def on_backward(self, microbatch_id: str, step: int, inputs: torch.Tensor, grad_inputs: torch.Tensor | None) -> None: ...
+    def on_backward(
+        self, microbatch_id: str, step: int, inputs: torch.Tensor, grad_inputs: torch.Tensor | None
+    ) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +62,16 @@ class StageServerConfig:
 class StageServer:
     """Serves one stage: ``forward``, ``backward``, ``loss_backward``; then ``apply_step`` with averaged grads."""
 
-    def __init__(self, model: StageModel, optimizer: torch.optim.Optimizer, optimizer_cfg: OptimizerConfig,
-                 cfg: StageServerConfig, *, step: int = 0, observer: StageObserver | None = None) -> None:
+    def __init__(
+        self,
+        model: StageModel,
+        optimizer: torch.optim.Optimizer,
+        optimizer_cfg: OptimizerConfig,
+        cfg: StageServerConfig,
+        *,
+        step: int = 0,
+        observer: StageObserver | None = None,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.optimizer_cfg = optimizer_cfg
@@ -103,7 +113,9 @@ class StageServer:
             self.observer.on_forward(microbatch_id, step, inputs, result)
         return result
 
-    def backward(self, inputs: torch.Tensor, grad_outputs: torch.Tensor, *, step: int, microbatch_id: str) -> torch.Tensor | None:
+    def backward(
+        self, inputs: torch.Tensor, grad_outputs: torch.Tensor, *, step: int, microbatch_id: str
+    ) -> torch.Tensor | None:
         """Accumulate parameter gradients for one microbatch; returns the gradient w.r.t. ``inputs``."""
         self._check(inputs, step)
         inputs, grad_outputs = inputs.to(self.device), grad_outputs.to(self.device)
@@ -124,13 +136,17 @@ class StageServer:
             self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
         return grad_inputs
 
-    def loss_backward(self, inputs: torch.Tensor, targets: torch.Tensor, *, step: int, microbatch_id: str) -> tuple[float, torch.Tensor | None]:
+    def loss_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, *, step: int, microbatch_id: str
+    ) -> tuple[float, torch.Tensor | None]:
         """Last stage: forward, loss, backward of ``loss * num_samples``; returns (mean loss, grad inputs)."""
         if not self.model.is_last:
             raise StageInputError(f"stage {self.index} is not the last stage; send targets to the last stage")
         self._check(inputs, step)
         if targets.dtype != torch.int64 or targets.shape != inputs.shape[:2]:
-            raise StageInputError(f"targets must be int64 of shape {list(inputs.shape[:2])}, got {list(targets.shape)} {targets.dtype}")
+            raise StageInputError(
+                f"targets must be int64 of shape {list(inputs.shape[:2])}, got {list(targets.shape)} {targets.dtype}"
+            )
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         with self.lock:
             self._check_step(step)
@@ -176,12 +192,14 @@ class StageServer:
                 raise SwarmError(f"apply_step got {len(gradients)} gradients for {len(params)} parameters")
             for index, value in replace.items():
                 if value.shape != params[index].shape:
-                    raise SwarmError(f"apply_step: parameter {index} replaced by shape {list(value.shape)}, "
-                                     f"expected {list(params[index].shape)}")
+                    raise SwarmError(
+                        f"apply_step: parameter {index} replaced by shape {list(value.shape)}, "
+                        f"expected {list(params[index].shape)}"
+                    )
             with torch.no_grad():
                 for index, value in replace.items():
                     params[index].copy_(value)
-            for p, g in zip(params, gradients):
+            for p, g in zip(params, gradients, strict=False):
                 p.grad.copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
             self.optimizer.step()

@@ -99,7 +99,9 @@ class TiedStore:
         """The gradient (and matrix, on re-tie steps) of ``step``, waiting for it (the caller bounds the wait)."""
         while step not in self._grads:
             if self._grads and step < next(iter(self._grads)):
-                raise StageInputError(f"the tied gradient of step {step} is no longer kept (oldest: {next(iter(self._grads))})")
+                raise StageInputError(
+                    f"the tied gradient of step {step} is no longer kept (oldest: {next(iter(self._grads))})"
+                )
             await self._changed.wait()
         return self._grads[step]
 
@@ -116,9 +118,18 @@ def tied_index(server: StageServer) -> int | None:
 class TiedService:
     """Serves ``stage.tied`` from a `TiedStore`, and combines this stage's part with the other stage's."""
 
-    def __init__(self, transport: Transport, policy: CodecPolicy, *, run_id: str, num_stages: int,
-                 server_of: Callable[[], StageServer | None], rpc_timeout_s: float, hedge_s: float = HEDGE_S,
-                 retie_every_steps: int = 0) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        policy: CodecPolicy,
+        *,
+        run_id: str,
+        num_stages: int,
+        server_of: Callable[[], StageServer | None],
+        rpc_timeout_s: float,
+        hedge_s: float = HEDGE_S,
+        retie_every_steps: int = 0,
+    ) -> None:
         self.transport = transport
         self.retie_every_steps = retie_every_steps
         self.hedge_s = hedge_s
@@ -137,8 +148,10 @@ class TiedService:
         if req.run_id != self.run_id or server is None or server.index != req.stage or tied_index(server) is None:
             raise StageInputError(f"this node does not hold the tied matrix of stage {req.stage} of run {req.run_id!r}")
         if server.step > req.step and not self.store.has(req.step):  # it was put before the step advanced, or never
-            raise StageInputError(f"stage {server.index} is at step {server.step} and has no tied gradient of step "
-                                  f"{req.step} (it skipped or downloaded that step); ask another peer")
+            raise StageInputError(
+                f"stage {server.index} is at step {server.step} and has no tied gradient of step "
+                f"{req.step} (it skipped or downloaded that step); ask another peer"
+            )
         grad, weight = await self.store.get(req.step)
         tensor = grad if req.what == "grad" else weight
         if tensor is None:
@@ -165,8 +178,12 @@ class TiedService:
         peers = [p for p in other_peers if p != self.transport.peer_id]  # a stale view may still list us there
         answer = await self._agreed_answer(peers, request, mine, retie)
         if answer is None:
-            log.warning("%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
-                        self.transport.peer_id.short(), other_stage, step)
+            log.warning(
+                "%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
+                self.transport.peer_id.short(),
+                other_stage,
+                step,
+            )
             return TiedOutcome(combined=False)
         theirs, their_weight = answer
         first, last = (mine, theirs) if server.index == 0 else (theirs, mine)
@@ -174,8 +191,13 @@ class TiedService:
         if my_weight is not None and their_weight is not None:
             drift = float((my_weight - their_weight).abs().max())
             if drift > 0:
-                log.info("%s: re-tying the tied matrix with stage %d at step %d (the copies differed by up to %.3g)",
-                         self.transport.peer_id.short(), other_stage, step, drift)
+                log.info(
+                    "%s: re-tying the tied matrix with stage %d at step %d (the copies differed by up to %.3g)",
+                    self.transport.peer_id.short(),
+                    other_stage,
+                    step,
+                    drift,
+                )
                 return TiedOutcome(combined=True, replace={index: (my_weight + their_weight) * 0.5})  # commutative
         return TiedOutcome(combined=True)
 
@@ -193,8 +215,9 @@ class TiedService:
                     pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine, with_weight)))
                 if not pending:
                     break
-                done, pending = await asyncio.wait(pending, timeout=self.hedge_s if queue or answers else None,
-                                                   return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(
+                    pending, timeout=self.hedge_s if queue or answers else None, return_when=asyncio.FIRST_COMPLETED
+                )
                 answers += [answer for task in done if (answer := task.result()) is not None]
                 if not done and queue:  # nobody answered within hedge_s: ask one more
                     pending.add(asyncio.create_task(self._fetch(queue.pop(0), request, mine, with_weight)))
@@ -207,16 +230,23 @@ class TiedService:
         if not answers:
             return None
         if len(answers) > 1 and not _settled(answers[:2]):
-            log.warning("%s: peers %s sent differing tied gradients of step %d; using their coordinate-wise median",
-                        self.transport.peer_id.short(), ", ".join(a.peer.short() for a in answers), request.step)
+            log.warning(
+                "%s: peers %s sent differing tied gradients of step %d; using their coordinate-wise median",
+                self.transport.peer_id.short(),
+                ", ".join(a.peer.short() for a in answers),
+                request.step,
+            )
         grad = robust_combine([a.grad for a in answers])
         weights = [a.weight for a in answers if a.weight is not None]
         if not with_weight or len(weights) != len(answers):
             return grad, None
         if len(weights) == 2 and not torch.equal(weights[0], weights[1]):
             # zero is a neutral gradient but not a neutral matrix: with two differing copies, do not re-tie
-            log.warning("%s: two peers sent differing tied matrices at re-tie step %d; not re-tying this step",
-                        self.transport.peer_id.short(), request.step)
+            log.warning(
+                "%s: two peers sent differing tied matrices at re-tie step %d; not re-tying this step",
+                self.transport.peer_id.short(),
+                request.step,
+            )
             return grad, None
         return grad, robust_combine(weights)
 
@@ -227,8 +257,13 @@ class TiedService:
             weight = await self._call(peer, replace(request, what="weight"), mine) if with_weight else None
             return _Answer(peer=peer, grad=theirs, weight=weight)
         except (SwarmError, TimeoutError, OSError) as e:
-            log.warning("%s: tied gradient of step %d from %s failed: %s", self.transport.peer_id.short(),
-                        request.step, peer.short(), e)
+            log.warning(
+                "%s: tied gradient of step %d from %s failed: %s",
+                self.transport.peer_id.short(),
+                request.step,
+                peer.short(),
+                e,
+            )
             return None
 
     async def _call(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor) -> torch.Tensor:

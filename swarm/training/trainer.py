@@ -62,8 +62,14 @@ class _Done(Exception):
 class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
     """Serves a stage and drives microbatches; see the module docstring."""
 
-    def __init__(self, cfg: TrainingConfig, *, transport: Transport, dht: object,
-                 on_serving: Callable[[int | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        *,
+        transport: Transport,
+        dht: object,
+        on_serving: Callable[[int | None], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_cfg = cfg.run
         self.run_id = cfg.run.run_id
@@ -75,33 +81,70 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         self.server: StageServer | None = None
         self.view = SwarmView()
         self.rng = random.Random(cfg.seed ^ int.from_bytes(self.me.to_bytes()[-8:], "big"))
-        self.selectors = [PeerSelector(cfg.wiring, rng=random.Random(self.rng.random())) for _ in range(cfg.run.pipeline.num_stages)]
+        self.selectors = [
+            PeerSelector(cfg.wiring, rng=random.Random(self.rng.random())) for _ in range(cfg.run.pipeline.num_stages)
+        ]
         self.data = ShardedData(cfg.run, self.me.to_bytes())
-        self.checks = NodeVerification(cfg.run.verification, cfg.verification, run_id=self.run_id,
-                                       identity=transport.identity, dht=dht)
-        self.client = RemoteStageClient(transport, self.policy, run_id=self.run_id, rpc_timeout_s=cfg.rpc_timeout_s,
-                                        local_server=lambda: self.server, collector=self.checks.collector,
-                                        witness=self.checks.witness, misbehaviour=self.checks.misbehaviour)
-        self.driver = Driver(cfg.driver, num_stages=cfg.run.pipeline.num_stages, client=self.client,
-                             peers_of=self._peers_of, selectors=self.selectors, step_of=self._current_step,
-                             name=self.me.short())
-        self.service = StageService(transport, self.policy, run_id=self.run_id, server_of=lambda: self.server,
-                                    witness=self.checks.witness, collector=self.checks.collector,
-                                    misbehaviour=self.checks.misbehaviour,
-                                    refuse=lambda peer: peer in self.checks.offenders())
+        self.checks = NodeVerification(
+            cfg.run.verification, cfg.verification, run_id=self.run_id, identity=transport.identity, dht=dht
+        )
+        self.client = RemoteStageClient(
+            transport,
+            self.policy,
+            run_id=self.run_id,
+            rpc_timeout_s=cfg.rpc_timeout_s,
+            local_server=lambda: self.server,
+            collector=self.checks.collector,
+            witness=self.checks.witness,
+            misbehaviour=self.checks.misbehaviour,
+        )
+        self.driver = Driver(
+            cfg.driver,
+            num_stages=cfg.run.pipeline.num_stages,
+            client=self.client,
+            peers_of=self._peers_of,
+            selectors=self.selectors,
+            step_of=self._current_step,
+            name=self.me.short(),
+        )
+        self.service = StageService(
+            transport,
+            self.policy,
+            run_id=self.run_id,
+            server_of=lambda: self.server,
+            witness=self.checks.witness,
+            collector=self.checks.collector,
+            misbehaviour=self.checks.misbehaviour,
+            refuse=lambda peer: peer in self.checks.offenders(),
+        )
         self.service.register()
-        self.tied = TiedService(transport, self.policy, run_id=self.run_id, num_stages=cfg.run.pipeline.num_stages,
-                                server_of=lambda: self.server, rpc_timeout_s=cfg.rpc_timeout_s,
-                                retie_every_steps=cfg.run.pipeline.retie_every_steps)
+        self.tied = TiedService(
+            transport,
+            self.policy,
+            run_id=self.run_id,
+            num_stages=cfg.run.pipeline.num_stages,
+            server_of=lambda: self.server,
+            rpc_timeout_s=cfg.rpc_timeout_s,
+            retie_every_steps=cfg.run.pipeline.retie_every_steps,
+        )
         self.tied.register()
         transport.register("step.hint", StepHint, self.rpc_step_hint)
         avg = cfg.run.averaging
-        self.averager = Averager(AveragerConfig(
-            matchmaking_time_s=cfg.matchmaking_time_s, allreduce_timeout_s=cfg.allreduce_timeout_s,
-            codec=cfg.run.codecs.allreduce, rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0), poll_interval_s=0.05,
-            reduction=avg.reduction, clip_tau=avg.clip_tau, clip_iterations=avg.clip_iterations,
-            inspect_parts=self.checks.inspect_parts,
-        ), transport=transport, dht=dht)
+        self.averager = Averager(
+            AveragerConfig(
+                matchmaking_time_s=cfg.matchmaking_time_s,
+                allreduce_timeout_s=cfg.allreduce_timeout_s,
+                codec=cfg.run.codecs.allreduce,
+                rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0),
+                poll_interval_s=0.05,
+                reduction=avg.reduction,
+                clip_tau=avg.clip_tau,
+                clip_iterations=avg.clip_iterations,
+                inspect_parts=self.checks.inspect_parts,
+            ),
+            transport=transport,
+            dht=dht,
+        )
         self.my_samples: dict[int, int] = {}
         self.inflight: dict[int, int] = {}
         self.next_index: dict[int, int] = {}
@@ -126,9 +169,15 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         await self.refresh_view()
         stage = self.cfg.stage
         if stage is None and self.cfg.role != "trainer":
-            stage = choose_stage([StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or 1.0)
-                                  for p, r in self.view.peers.items() if r.stage is not None],
-                                 self.run_cfg.pipeline.num_stages, my_speed=1.0)
+            stage = choose_stage(
+                [
+                    StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or 1.0)
+                    for p, r in self.view.peers.items()
+                    if r.stage is not None
+                ],
+                self.run_cfg.pipeline.num_stages,
+                my_speed=1.0,
+            )
         if stage is not None and self.cfg.role != "trainer":
             await self.become(stage)
         await self.publish_record()
@@ -144,8 +193,12 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                 for worker in range(self.cfg.inflight_microbatches):
                     tg.create_task(self._drive_loop(worker))
                 # a --misbehave demo node stays on the stage it joined: the demo measures detection, not a chase
-                if (self.cfg.rebalance_interval_s > 0 and self.cfg.stage is None and self.cfg.role == "auto"
-                        and self.checks.misbehaviour.kind is None):
+                if (
+                    self.cfg.rebalance_interval_s > 0
+                    and self.cfg.stage is None
+                    and self.cfg.role == "auto"
+                    and self.checks.misbehaviour.kind is None
+                ):
                     tg.create_task(self._rebalance_loop())
         except* _Done:
             pass
@@ -179,8 +232,13 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         validators = [p for p, r in self.view.peers.items() if r.role == "validator"]
         if not settings.enabled or last < 0 or not validators or self.cfg.finish_linger_s <= 0:
             return
-        log.info("%s: serving %d validator(s) until window %d is attested (at most %.0fs)", self.me.short(),
-                 len(validators), last, self.cfg.finish_linger_s)
+        log.info(
+            "%s: serving %d validator(s) until window %d is attested (at most %.0fs)",
+            self.me.short(),
+            len(validators),
+            last,
+            self.cfg.finish_linger_s,
+        )
         deadline = time.monotonic() + self.cfg.finish_linger_s
         while not stop_event.is_set() and time.monotonic() < deadline:
             try:
@@ -196,8 +254,12 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
             except TimeoutError:
                 pass
         if not stop_event.is_set():
-            log.warning("%s: window %d was not attested within %.0fs; leaving anyway", self.me.short(), last,
-                        self.cfg.finish_linger_s)
+            log.warning(
+                "%s: window %d was not attested within %.0fs; leaving anyway",
+                self.me.short(),
+                last,
+                self.cfg.finish_linger_s,
+            )
 
     # ---- joining -------------------------------------------------------------------------------------------
 
@@ -207,7 +269,11 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         async with asyncio.timeout(self.cfg.dht_timeout_s):
             found = await self.dht.get(key, latest=True)  # type: ignore[attr-defined]
         value = getattr(found, "value", None)
-        if isinstance(value, dict) and value.get("hash") != self.run_cfg.config_hash() and isinstance(value.get("config"), dict):
+        if (
+            isinstance(value, dict)
+            and value.get("hash") != self.run_cfg.config_hash()
+            and isinstance(value.get("config"), dict)
+        ):
             self.run_cfg.check_same_run(value["config"])
         await self._store(key, {"hash": self.run_cfg.config_hash(), "config": self.run_cfg.to_dict()}, ttl_s=3600.0)
 
@@ -215,8 +281,13 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         """Serve ``stage``: build it, then load the newest state (swarm download, else own checkpoint)."""
         model = build_stage(self.run_cfg, stage).to(self.cfg.device)
         optimizer = make_optimizer(model.parameters(), self.run_cfg.optimizer)
-        server = StageServer(model, optimizer, self.run_cfg.optimizer,
-                             StageServerConfig(max_batch=self.run_cfg.batch.microbatch_size), step=0)
+        server = StageServer(
+            model,
+            optimizer,
+            self.run_cfg.optimizer,
+            StageServerConfig(max_batch=self.run_cfg.batch.microbatch_size),
+            step=0,
+        )
         checkpoint = self._checkpoint_path(stage)
         if checkpoint is not None and checkpoint.exists():
             try:
@@ -235,8 +306,13 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                 log.warning("%s: state download from %s failed: %s", self.me.short(), peer.short(), e)
                 peer = None
         if (peer is None or peer == self.me) and server.step < self.swarm_step():
-            log.warning("%s: stage %d has no peer to download its state from; serving %s weights at the swarm's step %d",
-                        self.me.short(), stage, "checkpointed" if server.step else "initial", self.swarm_step())
+            log.warning(
+                "%s: stage %d has no peer to download its state from; serving %s weights at the swarm's step %d",
+                self.me.short(),
+                stage,
+                "checkpointed" if server.step else "initial",
+                self.swarm_step(),
+            )
             server.skip_to(self.swarm_step())
         self.server = server
         log.info("%s: serving stage %d of run %s at step %d", self.me.short(), stage, self.run_id, server.step)
@@ -244,8 +320,9 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
     async def sync_from(self, peer: PeerID, server: StageServer) -> None:
         """Download ``server``'s stage state from ``peer`` and load it (stops accepting work while loading)."""
         log.info("%s: downloading stage %d state from %s", self.me.short(), server.index, peer.short())
-        state = await call_state_download(self.transport, peer, run_id=self.run_id, stage=server.index,
-                                          timeout_s=self.cfg.rpc_timeout_s)
+        state = await call_state_download(
+            self.transport, peer, run_id=self.run_id, stage=server.index, timeout_s=self.cfg.rpc_timeout_s
+        )
 
         def load() -> None:
             with server.lock:
@@ -253,7 +330,9 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
             server.skip_to(state.step)
 
         await asyncio.to_thread(load)
-        log.info("%s: stage %d now at step %d (downloaded from %s)", self.me.short(), server.index, state.step, peer.short())
+        log.info(
+            "%s: stage %d now at step %d (downloaded from %s)", self.me.short(), server.index, state.step, peer.short()
+        )
 
     # ---- persistence ----------------------------------------------------------------------------------------
 
@@ -267,7 +346,9 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         if server is None or path is None:
             return
         with server.lock:
-            state = capture_state(server.model, server.optimizer, run_id=self.run_id, stage=server.index, step=server.step)
+            state = capture_state(
+                server.model, server.optimizer, run_id=self.run_id, stage=server.index, step=server.step
+            )
         save_state(path, state)
         log.info("%s: saved stage %d at step %d to %s", self.me.short(), server.index, server.step, path)
 
@@ -276,16 +357,20 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         if self.cfg.summary_path is None:
             return
         summary = {
-            "peer_id": self.me.to_base58(), "role": self.cfg.role,
-            "stage": self.server.index if self.server else None, "step": self._current_step(),
+            "peer_id": self.me.to_base58(),
+            "role": self.cfg.role,
+            "stage": self.server.index if self.server else None,
+            "step": self._current_step(),
             "losses": {str(k): v for k, v in sorted(self.losses.items())},
-            "samples": self.samples_driven, "elapsed_s": time.monotonic() - self.started,
-            "first_sample_time": self.first_sample_time, "end_time": self.finished_time or time.time(),
-            "loss_floor": self.data.loss_floor, "run_id": self.run_id,
+            "samples": self.samples_driven,
+            "elapsed_s": time.monotonic() - self.started,
+            "first_sample_time": self.first_sample_time,
+            "end_time": self.finished_time or time.time(),
+            "loss_floor": self.data.loss_floor,
+            "run_id": self.run_id,
             "served_samples": self.server.total_samples if self.server else 0,
             "verification": self.checks.summary(),
         }
         tmp = self.cfg.summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary))
         tmp.replace(self.cfg.summary_path)
-

@@ -59,6 +59,7 @@ class DrivingMixin:
     _step_opened: float
 
     if TYPE_CHECKING:  # provided by `StepsMixin`, `RecordsMixin` and `TrainingRole`
+
         def _current_step(self) -> int: ...
         def step_samples(self, step: int) -> int: ...
         def _notify(self) -> None: ...
@@ -105,8 +106,7 @@ class DrivingMixin:
             if self.first_sample_time is None and len(self.view.peers) < self.cfg.start_after_peers:
                 await asyncio.sleep(self.cfg.poll_interval_s / 2)  # a start gate only: later departures don't stop us
                 continue
-            if (not self._may_start(step)
-                    or self.cfg.max_steps is not None and step >= self.cfg.max_steps):
+            if not self._may_start(step) or (self.cfg.max_steps is not None and step >= self.cfg.max_steps):
                 await self._wait_change(self.cfg.poll_interval_s / 2)
                 continue
             index = self.next_index.get(step, 0)
@@ -134,7 +134,9 @@ class DrivingMixin:
             self.losses.setdefault(step, []).append(loss)
             self._notify()
             # publish when this driver's part of the step is done (others wait for it), else at most every second
-            if (self.inflight.get(step, 0) == 0 and not self._may_start(step)) or time.monotonic() - self._published > 1.0:
+            if (
+                self.inflight.get(step, 0) == 0 and not self._may_start(step)
+            ) or time.monotonic() - self._published > 1.0:
                 self._published = time.monotonic()
                 await self.publish_progress(step)
                 await self.refresh_view()  # the others' latest parts: is the step complete now?
@@ -154,12 +156,21 @@ class DrivingMixin:
             server = self.server
             if server is None or self.finished_time is not None:
                 continue
-            peers = [StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or self.cfg.balance.default_throughput)
-                     for p, r in self.view.peers.items() if r.stage is not None]
+            peers = [
+                StagePeer(
+                    peer=p.to_base58(), stage=r.stage, throughput=r.throughput or self.cfg.balance.default_throughput
+                )
+                for p, r in self.view.peers.items()
+                if r.stage is not None
+            ]
             target = choose_move(peers, self.run_cfg.pipeline.num_stages, me=self.me.to_base58(), cfg=self.cfg.balance)
             if target is not None:
-                log.info("%s: moving from stage %d to stage %d to raise the swarm's bottleneck",
-                         self.me.short(), server.index, target)
+                log.info(
+                    "%s: moving from stage %d to stage %d to raise the swarm's bottleneck",
+                    self.me.short(),
+                    server.index,
+                    target,
+                )
                 await asyncio.to_thread(server.close_step)
                 await asyncio.to_thread(self.save_checkpoint)
                 self.server = None

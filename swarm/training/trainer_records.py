@@ -59,6 +59,7 @@ class RecordsMixin:
     _published_samples: dict[int, int]
 
     if TYPE_CHECKING:  # provided by `StepsMixin`
+
         def _notify(self) -> None: ...
         def _current_step(self) -> int: ...
 
@@ -91,25 +92,38 @@ class RecordsMixin:
     async def publish_record(self) -> None:
         """Publish this node's `PeerRecord` (role, stage, addresses, throughput, step) under ``{run}/peers``."""
         server = self.server
-        record = PeerRecord(role=self.cfg.role, stage=server.index if server else None,
-                            maddrs=list(self.transport.listen_maddrs),
-                            throughput=server.throughput() if server else 0.0,
-                            step=server.step if server else self._current_step(),
-                            config_hash=self.run_cfg.config_hash())
+        record = PeerRecord(
+            role=self.cfg.role,
+            stage=server.index if server else None,
+            maddrs=list(self.transport.listen_maddrs),
+            throughput=server.throughput() if server else 0.0,
+            step=server.step if server else self._current_step(),
+            config_hash=self.run_cfg.config_hash(),
+        )
         self.view.peers[self.me] = record
-        await self._store(peers_key(self.run_id), record.to_wire(), ttl_s=2 * self.cfg.record_period_s,
-                          subkey=owner_subkey(self.me))
+        await self._store(
+            peers_key(self.run_id), record.to_wire(), ttl_s=2 * self.cfg.record_period_s, subkey=owner_subkey(self.me)
+        )
 
     async def publish_progress(self, step: int) -> None:
         """Publish this driver's `ProgressRecord` of ``step`` (its samples so far) under ``{run}/progress``."""
         elapsed = max(time.monotonic() - self.started, 1e-6)
         losses = self.losses.get(step) or []
-        record = ProgressRecord(step=step, samples=self.my_samples.get(step, 0), samples_per_s=self.samples_driven / elapsed,
-                                loss=sum(losses) / len(losses) if losses else None, time=time.time())
+        record = ProgressRecord(
+            step=step,
+            samples=self.my_samples.get(step, 0),
+            samples_per_s=self.samples_driven / elapsed,
+            loss=sum(losses) / len(losses) if losses else None,
+            time=time.time(),
+        )
         self.view.progress[self.me] = record
         self._published_samples = {step: record.samples}
-        await self._store(progress_key(self.run_id), record.to_wire(), ttl_s=2 * self.cfg.record_period_s + 60,
-                          subkey=owner_subkey(self.me))
+        await self._store(
+            progress_key(self.run_id),
+            record.to_wire(),
+            ttl_s=2 * self.cfg.record_period_s + 60,
+            subkey=owner_subkey(self.me),
+        )
 
     async def _publish_final_part(self, step: int, *, closed: bool = False) -> None:
         """Publish this driver's samples of ``step`` unless already published (and, unless ``closed``, once no
@@ -147,7 +161,9 @@ class RecordsMixin:
 
         async def send(peer: PeerID) -> None:
             try:
-                await self.transport.call(peer, "step.hint", hint, StepHintReply, timeout_s=self.cfg.poll_interval_s * 5)
+                await self.transport.call(
+                    peer, "step.hint", hint, StepHintReply, timeout_s=self.cfg.poll_interval_s * 5
+                )
             except (SwarmError, TimeoutError, OSError) as e:
                 log.debug("%s: step hint to %s failed: %s", self.me.short(), peer.short(), e)
 

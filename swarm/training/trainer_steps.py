@@ -60,6 +60,7 @@ class StepsMixin:
     _step_opened: float
 
     if TYPE_CHECKING:  # provided by `RecordsMixin` and `TrainingRole`
+
         async def publish_record(self) -> None: ...
         async def _publish_final_part(self, step: int, *, closed: bool = False) -> None: ...
         async def sync_from(self, peer: PeerID, server: StageServer) -> None: ...
@@ -117,13 +118,23 @@ class StepsMixin:
         offenders, confirmed = self.checks.offenders(), self.checks.confirmed_offenders()
         others = [p for p in self.view.stage_peers(server.index) if p != self.me and p not in confirmed]
         if others:
-            result = await self.averager.step(grads, weight=max(float(server.samples), 1e-3),
-                                              group_key=f"{self.run_id}/avg/{server.index}/{step}",
-                                              target_group_size=len(others) + 1, exclude=offenders, avoid=confirmed)
+            result = await self.averager.step(
+                grads,
+                weight=max(float(server.samples), 1e-3),
+                group_key=f"{self.run_id}/avg/{server.index}/{step}",
+                target_group_size=len(others) + 1,
+                exclude=offenders,
+                avoid=confirmed,
+            )
             await self.checks.inspect(step, server.index, result.inspected)
             if not result.with_others:
-                log.warning("%s: step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",
-                            self.me.short(), step, server.index, len(others))
+                log.warning(
+                    "%s: step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",
+                    self.me.short(),
+                    step,
+                    server.index,
+                    len(others),
+                )
                 self.needs_sync = True
         averaged = time.monotonic()
         retie: dict[int, torch.Tensor] = {}
@@ -137,9 +148,19 @@ class StepsMixin:
         self._notify()
         now = time.monotonic()
         elapsed, self._step_opened = now - self._step_opened, now
-        log.info("%s: stage %d step %d done (%d samples served in all; %.2fs: %.2fs feeding, %.3fs averaging, "
-                 "%.3fs tied, %.3fs optimizer)", self.me.short(), server.index, step, server.total_samples, elapsed,
-                 closed - (now - elapsed), averaged - closed, tied_done - averaged, now - tied_done)
+        log.info(
+            "%s: stage %d step %d done (%d samples served in all; %.2fs: %.2fs feeding, %.3fs averaging, "
+            "%.3fs tied, %.3fs optimizer)",
+            self.me.short(),
+            server.index,
+            step,
+            server.total_samples,
+            elapsed,
+            closed - (now - elapsed),
+            averaged - closed,
+            tied_done - averaged,
+            now - tied_done,
+        )
         if server.step % self.cfg.save_every_steps == 0:
             await asyncio.to_thread(self.save_checkpoint)
         await self.publish_record()
@@ -157,8 +178,13 @@ class StepsMixin:
             self._behind_since = now
         if not ahead and now - self._behind_since >= self.cfg.behind_grace_s:
             # the whole stage fell behind the drivers (e.g. its peers were lost): nobody to download from
-            log.warning("%s: stage %d is at step %d, the swarm at %d, and no peer of the stage is ahead; jumping",
-                        self.me.short(), server.index, server.step, self.swarm_step())
+            log.warning(
+                "%s: stage %d is at step %d, the swarm at %d, and no peer of the stage is ahead; jumping",
+                self.me.short(),
+                server.index,
+                server.step,
+                self.swarm_step(),
+            )
             await asyncio.to_thread(server.skip_to, self.swarm_step())
             self._behind_since = None
         elif ahead and (self.needs_sync or now - self._behind_since >= self.cfg.behind_grace_s):
@@ -181,8 +207,9 @@ class StepsMixin:
         deadline = time.monotonic() + self.cfg.behind_grace_s
         while time.monotonic() < deadline:
             offenders = self.checks.offenders()  # never adopt the state of a peer caught cheating
-            peers = sorted((p for p in self.view.stage_peers(server.index) if p not in offenders),
-                           key=lambda p: p.to_bytes())
+            peers = sorted(
+                (p for p in self.view.stage_peers(server.index) if p not in offenders), key=lambda p: p.to_bytes()
+            )
             if not peers or peers[0] == self.me:
                 self.needs_sync = False
                 return False
@@ -198,6 +225,11 @@ class StepsMixin:
                     self.selectors[server.index].report_failure(peer)
                     log.warning("%s: state download from %s failed: %s", self.me.short(), peer.short(), e)
             await self._wait_change(self.cfg.poll_interval_s)
-        log.warning("%s: no peer of stage %d reached step %d within %.1fs; applying own update", self.me.short(),
-                    server.index, next_step, self.cfg.behind_grace_s)
+        log.warning(
+            "%s: no peer of stage %d reached step %d within %.1fs; applying own update",
+            self.me.short(),
+            server.index,
+            next_step,
+            self.cfg.behind_grace_s,
+        )
         return False

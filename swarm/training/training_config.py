@@ -61,17 +61,29 @@ class TrainingConfig:
         for name in ("save_every_steps", "inflight_microbatches"):
             if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= 10_000:
                 raise ConfigError(f"{name} must be an int in [1, 10000], got {getattr(self, name)!r}")
-        for name in ("record_period_s", "poll_interval_s", "view_interval_s", "rpc_timeout_s", "dht_timeout_s", "matchmaking_time_s",
-                     "allreduce_timeout_s", "behind_grace_s"):
+        for name in (
+            "record_period_s",
+            "poll_interval_s",
+            "view_interval_s",
+            "rpc_timeout_s",
+            "dht_timeout_s",
+            "matchmaking_time_s",
+            "allreduce_timeout_s",
+            "behind_grace_s",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 86400:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
         if not isinstance(self.start_after_peers, int) or not 0 <= self.start_after_peers <= 100_000:
             raise ConfigError(f"start_after_peers must be an int in [0, 100000], got {self.start_after_peers!r}")
         if not isinstance(self.finish_linger_s, (int, float)) or not 0 <= self.finish_linger_s <= 86400:
-            raise ConfigError(f"finish_linger_s must be in [0, 86400] seconds (0: leave at once), got {self.finish_linger_s!r}")
+            raise ConfigError(
+                f"finish_linger_s must be in [0, 86400] seconds (0: leave at once), got {self.finish_linger_s!r}"
+            )
         if not isinstance(self.rebalance_interval_s, (int, float)) or not 0 <= self.rebalance_interval_s <= 86400:
-            raise ConfigError(f"rebalance_interval_s must be in [0, 86400] (0 disables), got {self.rebalance_interval_s!r}")
+            raise ConfigError(
+                f"rebalance_interval_s must be in [0, 86400] (0 disables), got {self.rebalance_interval_s!r}"
+            )
 
     @property
     def drives(self) -> bool:

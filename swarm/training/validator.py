@@ -94,7 +94,7 @@ class StageReplayer:
 
     def add_state(self, state: StageState, peer: PeerID) -> None:
         """Keep the parameters ``peer`` had at ``state.step`` (with their digest)."""
-        params = {k[len("param."):]: v for k, v in sorted(state.tensors.items()) if k.startswith("param.")}
+        params = {k[len("param.") :]: v for k, v in sorted(state.tensors.items()) if k.startswith("param.")}
         digest = hashlib.sha256(b"".join(v.float().contiguous().numpy().tobytes() for v in params.values())).digest()
         with self._lock:
             self._states[(state.stage, state.step, peer)] = (digest, params)
@@ -122,8 +122,9 @@ class StageReplayer:
                 p.copy_(params[name].to(p.dtype).reshape(p.shape))
         return model
 
-    def recompute(self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes],
-                  server: PeerID | None = None) -> list[torch.Tensor]:
+    def recompute(
+        self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes], server: PeerID | None = None
+    ) -> list[torch.Tensor]:
         """Forward outputs, or the gradient w.r.t. the inputs, as `StageServer` computes them."""
         with self._lock:
             model = self._load(stage, step, server)
@@ -179,12 +180,27 @@ class ValidatorRole:
         self.me = identity.peer_id
         self.view = SwarmView()
         self.replayer = StageReplayer(cfg.run, self.settings.retention_steps)
-        self.checker = ReceiptChecker(identity, self.settings.check(), self.replayer,
-                                      TransportFetcher(transport, cfg.rpc_timeout_s), present=self.is_serving)
-        self.orchestrator = Orchestrator(identity, orchestrator_config(
-            self.settings, run_id=self.run_id, role="validator", ledger_path=cfg.ledger_path, tick_s=0.5,
-            dht_timeout_s=cfg.dht_timeout_s), dht, current_step=self.current_step,
-            window_ready=lambda w: self.next_window is not None and w < self.next_window)
+        self.checker = ReceiptChecker(
+            identity,
+            self.settings.check(),
+            self.replayer,
+            TransportFetcher(transport, cfg.rpc_timeout_s),
+            present=self.is_serving,
+        )
+        self.orchestrator = Orchestrator(
+            identity,
+            orchestrator_config(
+                self.settings,
+                run_id=self.run_id,
+                role="validator",
+                ledger_path=cfg.ledger_path,
+                tick_s=0.5,
+                dht_timeout_s=cfg.dht_timeout_s,
+            ),
+            dht,
+            current_step=self.current_step,
+            window_ready=lambda w: self.next_window is not None and w < self.next_window,
+        )
         self._record_published = float("-inf")
         self._sync_failed: set[tuple[PeerID, int]] = set()
         self.next_window: int | None = None
@@ -232,8 +248,13 @@ class ValidatorRole:
 
     async def run(self, stop_event: asyncio.Event) -> None:
         """Validate until ``stop_event`` is set or the swarm reaches ``max_steps``."""
-        log.info("%s: validating run %s (p=%.2f, window %d steps)", self.me.short(), self.run_id,
-                 self.settings.sample_probability, self.settings.window_steps)
+        log.info(
+            "%s: validating run %s (p=%.2f, window %d steps)",
+            self.me.short(),
+            self.run_id,
+            self.settings.sample_probability,
+            self.settings.window_steps,
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(stop_event))
@@ -254,8 +275,11 @@ class ValidatorRole:
             if self.cfg.max_steps is not None and (self.current_step() >= self.cfg.max_steps or trainers_gone):
                 done_since = done_since or time.monotonic()
                 if time.monotonic() - done_since > FINISH_GRACE_S:
-                    log.warning("%s: the swarm stopped at step %d; not every window was attested", self.me.short(),
-                                self.current_step())
+                    log.warning(
+                        "%s: the swarm stopped at step %d; not every window was attested",
+                        self.me.short(),
+                        self.current_step(),
+                    )
                     break
             try:
                 async with asyncio.timeout(self.cfg.poll_interval_s):
@@ -284,11 +308,21 @@ class ValidatorRole:
         """Announce this validator in ``{run}/peers`` (stage None): drivers may wait for it before starting."""
         if time.monotonic() - self._record_published < RECORD_PERIOD_S:
             return
-        record = PeerRecord(role="validator", stage=None, maddrs=list(self.transport.listen_maddrs), throughput=0.0,
-                            step=self.current_step(), config_hash=self.cfg.run.config_hash())
+        record = PeerRecord(
+            role="validator",
+            stage=None,
+            maddrs=list(self.transport.listen_maddrs),
+            throughput=0.0,
+            step=self.current_step(),
+            config_hash=self.cfg.run.config_hash(),
+        )
         async with asyncio.timeout(self.cfg.dht_timeout_s):
-            await self.dht.store(peers_key(self.run_id), record.to_wire(), time.time() + 2 * RECORD_PERIOD_S,
-                                 subkey=owner_subkey(self.me))
+            await self.dht.store(
+                peers_key(self.run_id),
+                record.to_wire(),
+                time.time() + 2 * RECORD_PERIOD_S,
+                subkey=owner_subkey(self.me),
+            )
         self._record_published = time.monotonic()
 
     async def _sync_states(self) -> None:
@@ -298,13 +332,20 @@ class ValidatorRole:
             if stage is None or step < 0 or self.replayer.has(stage, step, peer) or (peer, step) in self._sync_failed:
                 continue
             try:
-                state = await call_state_download(self.transport, peer, run_id=self.run_id, stage=stage,
-                                                  timeout_s=self.cfg.rpc_timeout_s)
+                state = await call_state_download(
+                    self.transport, peer, run_id=self.run_id, stage=stage, timeout_s=self.cfg.rpc_timeout_s
+                )
             except (SwarmError, TimeoutError, OSError) as e:
                 self._sync_failed.add((peer, step))  # not retried for this step
                 self.replayer.refused.add((stage, step, peer))
-                log.warning("%s: could not download stage %d weights of step %d from %s: %s", self.me.short(), stage,
-                            step, peer.short(), e)
+                log.warning(
+                    "%s: could not download stage %d weights of step %d from %s: %s",
+                    self.me.short(),
+                    stage,
+                    step,
+                    peer.short(),
+                    e,
+                )
                 continue
             await asyncio.to_thread(self.replayer.add_state, state, peer)
             self.stats["states_synced"] += 1
@@ -346,8 +387,14 @@ class ValidatorRole:
             batch = VerdictBatch(run_id=self.run_id, window=window, publisher=self.me.to_bytes(), verdicts=verdicts)
             async with asyncio.timeout(self.cfg.dht_timeout_s):
                 await publish_verdicts(self.dht, batch, time.time() + self.cfg.verdicts_ttl_s)
-        log.info("%s: window %d: %d receipts, %d checked, %d failed", self.me.short(), window, len(receipts),
-                 len(verdicts), sum(1 for v in verdicts if not v.passed))
+        log.info(
+            "%s: window %d: %d receipts, %d checked, %d failed",
+            self.me.short(),
+            window,
+            len(receipts),
+            len(verdicts),
+            sum(1 for v in verdicts if not v.passed),
+        )
         return verdicts
 
     async def _orchestrator_loop(self) -> None:
@@ -362,11 +409,16 @@ class ValidatorRole:
         """The validator's counts and attested windows as JSON (the launcher aggregates them)."""
         if self.cfg.summary_path is None:
             return
-        summary = {"peer_id": self.me.to_base58(), "role": "validator", "step": self.current_step(),
-                   "run_id": self.run_id, **self.stats,
-                   "attested_windows": [a.window for a in self.orchestrator.signed],
-                   "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-                   "elapsed_s": time.monotonic() - self.started}
+        summary = {
+            "peer_id": self.me.to_base58(),
+            "role": "validator",
+            "step": self.current_step(),
+            "run_id": self.run_id,
+            **self.stats,
+            "attested_windows": [a.window for a in self.orchestrator.signed],
+            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+            "elapsed_s": time.monotonic() - self.started,
+        }
         tmp = self.cfg.summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary))
         tmp.replace(self.cfg.summary_path)

@@ -46,19 +46,34 @@ class NodeVerificationConfig:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
 
 
-def orchestrator_config(settings: VerificationSettings, *, run_id: str, role: str, ledger_path: Path | None,
-                        tick_s: float, dht_timeout_s: float) -> OrchestratorConfig:
+def orchestrator_config(
+    settings: VerificationSettings,
+    *,
+    run_id: str,
+    role: str,
+    ledger_path: Path | None,
+    tick_s: float,
+    dht_timeout_s: float,
+) -> OrchestratorConfig:
     """The `OrchestratorConfig` of a candidate from the run's verification settings."""
-    return OrchestratorConfig(run_id=run_id, role=role, election=settings.election(), rewards=settings.rewards(),
-                              settle_steps=settings.settle_steps, tick_s=tick_s, dht_timeout_s=dht_timeout_s,
-                              ledger_path=str(ledger_path) if ledger_path else None)
+    return OrchestratorConfig(
+        run_id=run_id,
+        role=role,
+        election=settings.election(),
+        rewards=settings.rewards(),
+        settle_steps=settings.settle_steps,
+        tick_s=tick_s,
+        dht_timeout_s=dht_timeout_s,
+        ledger_path=str(ledger_path) if ledger_path else None,
+    )
 
 
 class NodeVerification:
     """Owns the witness, the receipt collector, the misbehaviour hooks and the optional orchestrator."""
 
-    def __init__(self, settings: VerificationSettings, cfg: NodeVerificationConfig, *, run_id: str,
-                 identity: Identity, dht: Any) -> None:
+    def __init__(
+        self, settings: VerificationSettings, cfg: NodeVerificationConfig, *, run_id: str, identity: Identity, dht: Any
+    ) -> None:
         self.settings = settings
         self.cfg = cfg
         self.identity = identity
@@ -68,18 +83,39 @@ class NodeVerification:
         self.orchestrator: Orchestrator | None = None
         self.gradients: GradientChecker | None = None
         if settings.enabled:
-            wcfg = WitnessConfig(run_id=run_id, window_steps=settings.window_steps, retention=settings.retention(),
-                                 publish_timeout_s=cfg.dht_timeout_s)
+            wcfg = WitnessConfig(
+                run_id=run_id,
+                window_steps=settings.window_steps,
+                retention=settings.retention(),
+                publish_timeout_s=cfg.dht_timeout_s,
+            )
             self.witness = ServerWitness(identity, wcfg)
             self.collector = ReceiptCollector(identity, wcfg, dht)
             if settings.outlier_min_reporters > 0:
-                self.gradients = GradientChecker(identity, GradientCheckConfig(
-                    run_id=run_id, window_steps=settings.window_steps, outliers=settings.outliers(),
-                    min_reporters=settings.outlier_min_reporters), dht)
+                self.gradients = GradientChecker(
+                    identity,
+                    GradientCheckConfig(
+                        run_id=run_id,
+                        window_steps=settings.window_steps,
+                        outliers=settings.outliers(),
+                        min_reporters=settings.outlier_min_reporters,
+                    ),
+                    dht,
+                )
             if cfg.orchestrator_candidate:
-                self.orchestrator = Orchestrator(identity, orchestrator_config(
-                    settings, run_id=run_id, role="candidate", ledger_path=cfg.ledger_path, tick_s=cfg.tick_s,
-                    dht_timeout_s=cfg.dht_timeout_s), dht, current_step=lambda: self._step_now())
+                self.orchestrator = Orchestrator(
+                    identity,
+                    orchestrator_config(
+                        settings,
+                        run_id=run_id,
+                        role="candidate",
+                        ledger_path=cfg.ledger_path,
+                        tick_s=cfg.tick_s,
+                        dht_timeout_s=cfg.dht_timeout_s,
+                    ),
+                    dht,
+                    current_step=lambda: self._step_now(),
+                )
         self.run_id = run_id
         self._step_now: Callable[[], int] = lambda: 0
         self._forged_steps: set[int] = set()
@@ -127,7 +163,9 @@ class NodeVerification:
         if self.misbehaviour.kind != "forge-receipts" or step in self._forged_steps or self.collector is None:
             return
         self._forged_steps.add(step)
-        for receipt in self.misbehaviour.forged_receipts(self.identity, run_id=self.run_id, step=step, stage=stage or 0):
+        for receipt in self.misbehaviour.forged_receipts(
+            self.identity, run_id=self.run_id, step=step, stage=stage or 0
+        ):
             self.collector.add(receipt)
 
     def summary(self) -> dict[str, Any]:
@@ -145,11 +183,15 @@ def ledger_path_for(data_dir: Path, run_id: str) -> Path:
     return data_dir / "ledger" / f"{run_id}.jsonl"
 
 
-def node_verification_config(*, misbehave: str | None, orchestrator_candidate: bool, data_dir: Path,
-                             run_id: str) -> NodeVerificationConfig:
+def node_verification_config(
+    *, misbehave: str | None, orchestrator_candidate: bool, data_dir: Path, run_id: str
+) -> NodeVerificationConfig:
     """The per-node verification options from ``--misbehave`` and ``--orchestrator-candidate``."""
-    return NodeVerificationConfig(misbehave=MisbehaveConfig(kind=misbehave), orchestrator_candidate=orchestrator_candidate,
-                                  ledger_path=ledger_path_for(data_dir, run_id) if orchestrator_candidate else None)
+    return NodeVerificationConfig(
+        misbehave=MisbehaveConfig(kind=misbehave),
+        orchestrator_candidate=orchestrator_candidate,
+        ledger_path=ledger_path_for(data_dir, run_id) if orchestrator_candidate else None,
+    )
 
 
 def rewards_summary(ledger_paths: list[Path], run_id: str) -> dict[str, Any]:
@@ -170,8 +212,12 @@ def rewards_summary(ledger_paths: list[Path], run_id: str) -> dict[str, Any]:
         for peer, share in att.share_map().items():
             rewards[peer.to_base58()] = rewards.get(peer.to_base58(), 0.0) + share / len(accepted)
         flagged.update(PeerID(p).to_base58() for p in att.flagged)
-    return {"rewards": {p: round(s, 6) for p, s in sorted(rewards.items())}, "flagged": sorted(flagged),
-            "attestations": len(accepted), "attested_windows": [a.window for a in accepted]}
+    return {
+        "rewards": {p: round(s, 6) for p, s in sorted(rewards.items())},
+        "flagged": sorted(flagged),
+        "attestations": len(accepted),
+        "attested_windows": [a.window for a in accepted],
+    }
 
 
 def misbehave_args(num_nodes: int, specs: tuple[tuple[str, int], ...]) -> dict[int, tuple[str, ...]]:

@@ -88,12 +88,14 @@ class SwarmView:
         stages = []
         for s in range(num_stages):
             recs = [(p, r) for p, r in self.peers.items() if r.stage == s]
-            stages.append({
-                "stage": s,
-                "peers": sorted(p.to_base58() for p, _ in recs),
-                "throughput": round(sum(r.throughput for _, r in recs), 3),
-                "step": max((r.step for _, r in recs), default=None),
-            })
+            stages.append(
+                {
+                    "stage": s,
+                    "peers": sorted(p.to_base58() for p, _ in recs),
+                    "throughput": round(sum(r.throughput for _, r in recs), 3),
+                    "step": max((r.step for _, r in recs), default=None),
+                }
+            )
         losses = [r.loss for r in self.progress.values() if r.loss is not None]
         return {
             "stages": stages,
@@ -122,4 +124,4 @@ def format_table(summary: dict[str, Any], *, eta_s: float | None = None) -> str:
     tail += f"  samples/s {summary.get('samples_per_s', 0.0):.1f}"
     if eta_s is not None:
         tail += f"  ETA {eta_s:.0f}s"
-    return "\n".join(lines + [tail])
+    return "\n".join([*lines, tail])

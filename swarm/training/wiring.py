@@ -105,10 +105,16 @@ class PeerSelector(Generic[P]):
         return stats.throughput_ema if stats else None
 
 
-async def call_with_retry(selector: PeerSelector[P], candidates: Callable[[], Iterable[P]],
-                          call: Callable[[P], Awaitable[R]], *, num_samples: int, what: str,
-                          clock: Callable[[], float] = time.perf_counter,
-                          passthrough: tuple[type[BaseException], ...] = ()) -> tuple[P, R]:
+async def call_with_retry(
+    selector: PeerSelector[P],
+    candidates: Callable[[], Iterable[P]],
+    call: Callable[[P], Awaitable[R]],
+    *,
+    num_samples: int,
+    what: str,
+    clock: Callable[[], float] = time.perf_counter,
+    passthrough: tuple[type[BaseException], ...] = (),
+) -> tuple[P, R]:
     """Run ``call`` on a chosen peer; on failure ban it and retry on another, up to ``max_attempts``.
 
     Returns (peer, result). Errors in ``passthrough`` (e.g. a stale step) propagate at once without a ban.
@@ -129,8 +135,14 @@ async def call_with_retry(selector: PeerSelector[P], candidates: Callable[[], It
             raise
         except (SwarmError, TimeoutError, OSError) as e:
             ban_s = selector.report_failure(peer)
-            log.warning("%s on %s failed (%s: %s); banned for %.1f s, retrying on another peer",
-                        what, _short(peer), type(e).__name__, e, ban_s)
+            log.warning(
+                "%s on %s failed (%s: %s); banned for %.1f s, retrying on another peer",
+                what,
+                _short(peer),
+                type(e).__name__,
+                e,
+                ban_s,
+            )
             last_error = e
             continue
         selector.report_success(peer, num_samples, clock() - started)

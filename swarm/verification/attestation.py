@@ -19,7 +19,15 @@ from typing import Any
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.errors import ProtocolError
-from swarm.verification.common import DIGEST_SIZE_BYTES, RecordStore, check_digest, owner_subkey, peer_from_bytes, record_items, signing_body
+from swarm.verification.common import (
+    DIGEST_SIZE_BYTES,
+    RecordStore,
+    check_digest,
+    owner_subkey,
+    peer_from_bytes,
+    record_items,
+    signing_body,
+)
 from swarm.verification.outliers import OutlierReport
 from swarm.verification.receipts import ReceiptBatch
 from swarm.verification.rewards import RewardConfig, RewardOutcome, compute_rewards
@@ -102,9 +110,13 @@ class Attestation(Message):
         return self.orchestrator_id.verify(self.signature, self.body())
 
     def reward_config(self) -> RewardConfig:
-        return RewardConfig(window_steps=self.window_steps, stage_costs=tuple(self.stage_costs),
-                            backward_cost=self.backward_cost, trusted_validators=tuple(self.trusted_validators),
-                            outlier_min_reporters=self.outlier_min_reporters)
+        return RewardConfig(
+            window_steps=self.window_steps,
+            stage_costs=tuple(self.stage_costs),
+            backward_cost=self.backward_cost,
+            trusted_validators=tuple(self.trusted_validators),
+            outlier_min_reporters=self.outlier_min_reporters,
+        )
 
     def share_map(self) -> dict[PeerID, float]:
         return {PeerID(e.peer): e.share for e in self.shares}
@@ -119,23 +131,51 @@ def attestation_key(run_id: str, window: int) -> str:
     return f"{run_id}/attestation/{window}"
 
 
-def build_attestation(identity: Identity, *, run_id: str, window: int, term: int, cfg: RewardConfig,
-                      outcome: RewardOutcome, receipts: Mapping[PeerID, ReceiptBatch],
-                      verdicts: Mapping[PeerID, VerdictBatch], prev_digest: bytes, issued_at: float,
-                      reports: Mapping[PeerID, OutlierReport] | None = None) -> Attestation:
+def build_attestation(
+    identity: Identity,
+    *,
+    run_id: str,
+    window: int,
+    term: int,
+    cfg: RewardConfig,
+    outcome: RewardOutcome,
+    receipts: Mapping[PeerID, ReceiptBatch],
+    verdicts: Mapping[PeerID, VerdictBatch],
+    prev_digest: bytes,
+    issued_at: float,
+    reports: Mapping[PeerID, OutlierReport] | None = None,
+) -> Attestation:
     """Sign the attestation of ``outcome`` for ``window`` as the orchestrator ``identity``."""
-    evidence = [EvidenceRef(kind="receipts", publisher=p.to_bytes(), digest=b.digest) for p, b in sorted(receipts.items())]
-    evidence += [EvidenceRef(kind="verdicts", publisher=p.to_bytes(), digest=b.digest) for p, b in sorted(verdicts.items())]
+    evidence = [
+        EvidenceRef(kind="receipts", publisher=p.to_bytes(), digest=b.digest) for p, b in sorted(receipts.items())
+    ]
+    evidence += [
+        EvidenceRef(kind="verdicts", publisher=p.to_bytes(), digest=b.digest) for p, b in sorted(verdicts.items())
+    ]
     if cfg.outlier_min_reporters > 0:
-        evidence += [EvidenceRef(kind="outliers", publisher=p.to_bytes(), digest=r.digest) for p, r in sorted((reports or {}).items())]
+        evidence += [
+            EvidenceRef(kind="outliers", publisher=p.to_bytes(), digest=r.digest)
+            for p, r in sorted((reports or {}).items())
+        ]
     unsigned = Attestation(
-        run_id=run_id, window=window, term=term, orchestrator=identity.peer_id.to_bytes(),
-        window_steps=cfg.window_steps, stage_costs=[float(c) for c in cfg.stage_costs],
-        backward_cost=float(cfg.backward_cost), trusted_validators=list(cfg.trusted_validators),
+        run_id=run_id,
+        window=window,
+        term=term,
+        orchestrator=identity.peer_id.to_bytes(),
+        window_steps=cfg.window_steps,
+        stage_costs=[float(c) for c in cfg.stage_costs],
+        backward_cost=float(cfg.backward_cost),
+        trusted_validators=list(cfg.trusted_validators),
         outlier_min_reporters=cfg.outlier_min_reporters,
-        shares=[ShareEntry(peer=p.to_bytes(), work=outcome.work[p], share=outcome.shares.get(p, 0.0)) for p in sorted(outcome.work)],
-        flagged=[p.to_bytes() for p in sorted(outcome.flagged)], evidence=evidence,
-        evidence_hash=outcome.evidence_hash, prev_digest=prev_digest, issued_at=float(issued_at),
+        shares=[
+            ShareEntry(peer=p.to_bytes(), work=outcome.work[p], share=outcome.shares.get(p, 0.0))
+            for p in sorted(outcome.work)
+        ],
+        flagged=[p.to_bytes() for p in sorted(outcome.flagged)],
+        evidence=evidence,
+        evidence_hash=outcome.evidence_hash,
+        prev_digest=prev_digest,
+        issued_at=float(issued_at),
         signature=bytes(SIGNATURE_SIZE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
@@ -143,8 +183,9 @@ def build_attestation(identity: Identity, *, run_id: str, window: int, term: int
 
 async def publish_attestation(store: RecordStore, att: Attestation, expiration_time: float) -> bool:
     """Store the attestation under ``{run}/attestation/{window}``, subkey owned by the orchestrator."""
-    return await store.store(attestation_key(att.run_id, att.window), att.pack(), expiration_time,
-                             subkey=owner_subkey(att.orchestrator_id))
+    return await store.store(
+        attestation_key(att.run_id, att.window), att.pack(), expiration_time, subkey=owner_subkey(att.orchestrator_id)
+    )
 
 
 async def fetch_attestations(store: RecordStore, run_id: str, window: int) -> list[Attestation]:
@@ -173,14 +214,26 @@ def pick_attestation(candidates: Sequence[Attestation], run_id: str, window: int
         return None
     valid.sort(key=lambda a: (leader_rank(run_id, a.orchestrator_id), a.digest))
     if len({a.digest for a in valid}) > 1:
-        log.warning("conflicting attestations for %s window %d from %s; accepting the one of %s",
-                    run_id, window, ", ".join(a.orchestrator_id.short() for a in valid), valid[0].orchestrator_id.short())
+        log.warning(
+            "conflicting attestations for %s window %d from %s; accepting the one of %s",
+            run_id,
+            window,
+            ", ".join(a.orchestrator_id.short() for a in valid),
+            valid[0].orchestrator_id.short(),
+        )
     return valid[0]
 
 
-def verify_attestation(att: Attestation, *, run_id: str, window: int, prev: Attestation | None,
-                       receipts: Mapping[PeerID, ReceiptBatch], verdicts: Mapping[PeerID, VerdictBatch],
-                       reports: Mapping[PeerID, OutlierReport] | None = None) -> list[str]:
+def verify_attestation(
+    att: Attestation,
+    *,
+    run_id: str,
+    window: int,
+    prev: Attestation | None,
+    receipts: Mapping[PeerID, ReceiptBatch],
+    verdicts: Mapping[PeerID, VerdictBatch],
+    reports: Mapping[PeerID, OutlierReport] | None = None,
+) -> list[str]:
     """Every reason ``att`` is not the correct attestation of ``window`` given the evidence; [] if it is.
 
     ``prev`` is the accepted attestation of ``window - 1`` (None for window 0); ``receipts``/``verdicts``/
@@ -198,17 +251,24 @@ def verify_attestation(att: Attestation, *, run_id: str, window: int, prev: Atte
     if att.term != expected_term:
         problems.append(f"term {att.term}, expected {expected_term} from the previous window's orchestrator")
     total = sum(e.share for e in att.shares)
-    if att.shares and any(e.share > 0 for e in att.shares) and not math.isclose(total, 1.0, abs_tol=SHARE_SUM_TOLERANCE):
+    if (
+        att.shares
+        and any(e.share > 0 for e in att.shares)
+        and not math.isclose(total, 1.0, abs_tol=SHARE_SUM_TOLERANCE)
+    ):
         problems.append(f"shares sum to {total!r}, not 1")
     pools: dict[str, Mapping[PeerID, Any]] = {"receipts": receipts, "verdicts": verdicts, "outliers": reports or {}}
     problems += _check_evidence(att, pools)
     if problems:
         return problems
-    used = {kind: {PeerID(e.publisher): pools[kind][PeerID(e.publisher)] for e in att.evidence if e.kind == kind}
-            for kind in EVIDENCE_KINDS}
+    used = {
+        kind: {PeerID(e.publisher): pools[kind][PeerID(e.publisher)] for e in att.evidence if e.kind == kind}
+        for kind in EVIDENCE_KINDS
+    }
     prev_flagged = [PeerID(p) for p in prev.flagged] if prev is not None else []
-    outcome = compute_rewards(run_id, window, used["receipts"], used["verdicts"], prev_flagged, att.reward_config(),
-                              used["outliers"])
+    outcome = compute_rewards(
+        run_id, window, used["receipts"], used["verdicts"], prev_flagged, att.reward_config(), used["outliers"]
+    )
     return _compare_outcome(att, outcome)
 
 
@@ -217,7 +277,9 @@ def _check_evidence(att: Attestation, pools: Mapping[str, Mapping[PeerID, Any]])
     for ref in att.evidence:
         batch = pools[ref.kind].get(PeerID(ref.publisher))
         if batch is None:
-            problems.append(f"{ref.kind} batch of {PeerID(ref.publisher).short()} is not in the DHT (expired or withheld)")
+            problems.append(
+                f"{ref.kind} batch of {PeerID(ref.publisher).short()} is not in the DHT (expired or withheld)"
+            )
         elif batch.digest != ref.digest:
             problems.append(f"{ref.kind} batch of {PeerID(ref.publisher).short()} differs from the one attested")
     return problems

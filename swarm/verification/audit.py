@@ -45,29 +45,42 @@ class WindowAudit:
         }
 
 
-async def audit_window(store: RecordStore, run_id: str, window: int, prev: Attestation | None, *, verify: bool) -> WindowAudit:
+async def audit_window(
+    store: RecordStore, run_id: str, window: int, prev: Attestation | None, *, verify: bool
+) -> WindowAudit:
     """Fetch and (with ``verify``) check one window's accepted attestation against the DHT evidence.
 
     When records are stored for the window but none is acceptable (unsigned, tampered, or replayed from
     another window), the audit fails with the reasons found for them."""
     found = await fetch_attestations(store, run_id, window)
     att = pick_attestation(found, run_id, window)
-    audit = WindowAudit(window=window, attestation=att, num_attestations=len({a.digest for a in found}), verified=verify)
+    audit = WindowAudit(
+        window=window, attestation=att, num_attestations=len({a.digest for a in found}), verified=verify
+    )
     if att is None:
         audit.problems.append("no validly signed attestation for this run and window is stored")
         if verify:
             for other in found:
-                audit.problems += verify_attestation(other, run_id=run_id, window=window, prev=prev, receipts={}, verdicts={})
+                audit.problems += verify_attestation(
+                    other, run_id=run_id, window=window, prev=prev, receipts={}, verdicts={}
+                )
         return audit
     if verify:
         audit.problems = verify_attestation(
-            att, run_id=run_id, window=window, prev=prev, receipts=await fetch_receipts(store, run_id, window),
-            verdicts=await fetch_verdicts(store, run_id, window), reports=await fetch_reports(store, run_id, window))
+            att,
+            run_id=run_id,
+            window=window,
+            prev=prev,
+            receipts=await fetch_receipts(store, run_id, window),
+            verdicts=await fetch_verdicts(store, run_id, window),
+            reports=await fetch_reports(store, run_id, window),
+        )
     return audit
 
 
-async def audit_run(store: RecordStore, run_id: str, *, window: int | None = None, verify: bool = True,
-                    max_windows: int = 100_000) -> list[WindowAudit]:
+async def audit_run(
+    store: RecordStore, run_id: str, *, window: int | None = None, verify: bool = True, max_windows: int = 100_000
+) -> list[WindowAudit]:
     """Audit one window (with its predecessor as the chain anchor) or every window from 0 to the first gap."""
     if window is not None:
         prev = None

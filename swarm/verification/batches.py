@@ -40,8 +40,10 @@ def split_batch(batch: B, items_field: str, max_part_bytes: int = MAX_PART_BYTES
             size = len(dataclasses.replace(batch, **{items_field: []}).pack()) + 16
         groups[-1].append(item)
         size += item_size
-    return [dataclasses.replace(batch, **{items_field: group, "part": i, "num_parts": len(groups)})
-            for i, group in enumerate(groups)]
+    return [
+        dataclasses.replace(batch, **{items_field: group, "part": i, "num_parts": len(groups)})
+        for i, group in enumerate(groups)
+    ]
 
 
 async def publish_batch(store: RecordStore, key: str, batch: Message, items_field: str, expiration_time: float) -> bool:
@@ -53,8 +55,9 @@ async def publish_batch(store: RecordStore, key: str, batch: Message, items_fiel
     return ok
 
 
-def merge_batches(result: Any, cls: type[B], items_field: str, run_id: str, window: int,
-                  check: Callable[[B], str | None]) -> dict[PeerID, B]:
+def merge_batches(
+    result: Any, cls: type[B], items_field: str, run_id: str, window: int, check: Callable[[B], str | None]
+) -> dict[PeerID, B]:
     """Whole batches, by publisher, from a DHT ``get`` answer (see the module docstring for what is dropped)."""
     parts: dict[PeerID, dict[int, B]] = {}
     for subkey, raw in record_items(result):

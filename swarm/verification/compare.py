@@ -51,8 +51,12 @@ def compare_tensor(expected: torch.Tensor, claimed: torch.Tensor, cfg: Tolerance
     import torch  # here, not at import time: the run config imports this module and must stay light
 
     if tuple(expected.shape) != tuple(claimed.shape):
-        return Comparison(passed=False, cosine=0.0, norm_ratio=0.0,
-                          reason=f"shape {tuple(claimed.shape)} != recomputed {tuple(expected.shape)}")
+        return Comparison(
+            passed=False,
+            cosine=0.0,
+            norm_ratio=0.0,
+            reason=f"shape {tuple(claimed.shape)} != recomputed {tuple(expected.shape)}",
+        )
     exp = expected.detach().reshape(-1).to(torch.float64)
     got = claimed.detach().reshape(-1).to(torch.float64)
     if not bool(torch.isfinite(got).all()):
@@ -61,28 +65,46 @@ def compare_tensor(expected: torch.Tensor, claimed: torch.Tensor, cfg: Tolerance
     if exp_norm <= cfg.zero_norm and got_norm <= cfg.zero_norm:
         return Comparison(passed=True, cosine=1.0, norm_ratio=1.0, reason="both zero")
     if exp_norm <= cfg.zero_norm or got_norm <= cfg.zero_norm:
-        return Comparison(passed=False, cosine=0.0, norm_ratio=got_norm / max(exp_norm, 1e-300),
-                          reason=f"norm {got_norm:.3g} vs recomputed {exp_norm:.3g}: one of them is zero")
+        return Comparison(
+            passed=False,
+            cosine=0.0,
+            norm_ratio=got_norm / max(exp_norm, 1e-300),
+            reason=f"norm {got_norm:.3g} vs recomputed {exp_norm:.3g}: one of them is zero",
+        )
     cosine = float(torch.dot(exp, got)) / (exp_norm * got_norm)
     ratio = got_norm / exp_norm
     if cosine < cfg.min_cosine:
-        return Comparison(passed=False, cosine=cosine, norm_ratio=ratio, reason=f"cosine {cosine:.5f} < {cfg.min_cosine}")
+        return Comparison(
+            passed=False, cosine=cosine, norm_ratio=ratio, reason=f"cosine {cosine:.5f} < {cfg.min_cosine}"
+        )
     if not math.isclose(ratio, 1.0, abs_tol=cfg.max_norm_ratio_deviation):
-        return Comparison(passed=False, cosine=cosine, norm_ratio=ratio,
-                          reason=f"norm ratio {ratio:.5f} outside 1 +- {cfg.max_norm_ratio_deviation}")
+        return Comparison(
+            passed=False,
+            cosine=cosine,
+            norm_ratio=ratio,
+            reason=f"norm ratio {ratio:.5f} outside 1 +- {cfg.max_norm_ratio_deviation}",
+        )
     return Comparison(passed=True, cosine=cosine, norm_ratio=ratio, reason="within tolerance")
 
 
-def compare_outputs(expected: Sequence[torch.Tensor], claimed: Sequence[torch.Tensor], cfg: ToleranceConfig) -> Comparison:
+def compare_outputs(
+    expected: Sequence[torch.Tensor], claimed: Sequence[torch.Tensor], cfg: ToleranceConfig
+) -> Comparison:
     """Compare lists of tensors pairwise; the first failure decides, else the worst cosine is reported."""
     if len(expected) != len(claimed):
-        return Comparison(passed=False, cosine=0.0, norm_ratio=0.0,
-                          reason=f"{len(claimed)} output tensors, recomputation has {len(expected)}")
+        return Comparison(
+            passed=False,
+            cosine=0.0,
+            norm_ratio=0.0,
+            reason=f"{len(claimed)} output tensors, recomputation has {len(expected)}",
+        )
     worst = Comparison(passed=True, cosine=1.0, norm_ratio=1.0, reason="no tensors")
-    for i, (exp, got) in enumerate(zip(expected, claimed)):
+    for i, (exp, got) in enumerate(zip(expected, claimed, strict=False)):
         result = compare_tensor(exp, got, cfg)
         if not result.passed:
-            return Comparison(passed=False, cosine=result.cosine, norm_ratio=result.norm_ratio, reason=f"tensor {i}: {result.reason}")
+            return Comparison(
+                passed=False, cosine=result.cosine, norm_ratio=result.norm_ratio, reason=f"tensor {i}: {result.reason}"
+            )
         if result.cosine <= worst.cosine:
             worst = result
     return worst

@@ -40,7 +40,8 @@ class ElectionConfig:
         if not self.heartbeat_interval_s < self.heartbeat_ttl_s <= 86400:
             raise ConfigError(
                 f"heartbeat_ttl_s must exceed heartbeat_interval_s ({self.heartbeat_interval_s}) and be <= 86400, "
-                f"got {self.heartbeat_ttl_s!r}")
+                f"got {self.heartbeat_ttl_s!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,12 +73,22 @@ class Heartbeat(Message):
 
     def is_live(self, now: float) -> bool:
         """Signed by the candidate and not expired at ``now``."""
-        return self.issued_at <= now + 60.0 and now < self.expires_at and self.candidate_id.verify(self.signature, self.body())
+        return (
+            self.issued_at <= now + 60.0
+            and now < self.expires_at
+            and self.candidate_id.verify(self.signature, self.body())
+        )
 
 
 def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cfg: ElectionConfig) -> Heartbeat:
-    unsigned = Heartbeat(run_id=run_id, candidate=identity.peer_id.to_bytes(), role=role, issued_at=now,
-                         expires_at=now + cfg.heartbeat_ttl_s, signature=bytes(SIGNATURE_SIZE_BYTES))
+    unsigned = Heartbeat(
+        run_id=run_id,
+        candidate=identity.peer_id.to_bytes(),
+        role=role,
+        issued_at=now,
+        expires_at=now + cfg.heartbeat_ttl_s,
+        signature=bytes(SIGNATURE_SIZE_BYTES),
+    )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
 
 
@@ -86,7 +97,9 @@ def orchestrator_key(run_id: str) -> str:
 
 
 async def publish_heartbeat(store: RecordStore, hb: Heartbeat) -> bool:
-    return await store.store(orchestrator_key(hb.run_id), hb.pack(), hb.expires_at, subkey=owner_subkey(hb.candidate_id))
+    return await store.store(
+        orchestrator_key(hb.run_id), hb.pack(), hb.expires_at, subkey=owner_subkey(hb.candidate_id)
+    )
 
 
 async def fetch_heartbeats(store: RecordStore, run_id: str) -> list[Heartbeat]:

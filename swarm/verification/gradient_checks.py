@@ -24,7 +24,15 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.errors import ConfigError
 from swarm.verification.common import RecordStore
 from swarm.verification.outliers import (
-    OutlierConfig, OutlierEntry, ReplayDetector, fetch_reports, find_outliers, publish_report, reported_peers, sign_report)
+    OutlierConfig,
+    OutlierEntry,
+    ReplayDetector,
+    fetch_reports,
+    find_outliers,
+    publish_report,
+    reported_peers,
+    sign_report,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -122,9 +130,16 @@ class GradientChecker:
             if PeerID(entry.peer) != me and key not in self._known:
                 self._known[key] = entry
                 new.append(entry)
-                log.warning("%s: stage %d step %d: %s sent a %s gradient part (distance %.3g, median %.3g); reporting it",
-                            me.short(), stage, step, PeerID(entry.peer).short(), entry.reason, entry.distance,
-                            entry.median_distance)
+                log.warning(
+                    "%s: stage %d step %d: %s sent a %s gradient part (distance %.3g, median %.3g); reporting it",
+                    me.short(),
+                    stage,
+                    step,
+                    PeerID(entry.peer).short(),
+                    entry.reason,
+                    entry.distance,
+                    entry.median_distance,
+                )
         if new:
             self._dirty.add(window)
         while len(self._windows) > self.cfg.max_windows_kept:
@@ -141,7 +156,9 @@ class GradientChecker:
         block = self.cfg.replay_block_numel
         first = -(-start // block) * block
         offsets = range(first, start + values.numel() - block + 1, block)
-        pieces = [(f"{stage}@{o}", values[o - start:o - start + block]) for o in offsets] or [(f"{stage}:{start}", values)]
+        pieces = [(f"{stage}@{o}", values[o - start : o - start + block]) for o in offsets] or [
+            (f"{stage}:{start}", values)
+        ]
         for key, piece in pieces:
             entry = self.replays.observe(peer, key, step, piece)
             if entry is not None:
@@ -172,8 +189,9 @@ class GradientChecker:
                         self._reported[peer] = reason
                         self._rebuild_sets()
                     added.add(peer)
-                    log.warning("%s: %s was reported by a quorum of peers (%s); avoiding it", me.short(),
-                                peer.short(), reason)
+                    log.warning(
+                        "%s: %s was reported by a quorum of peers (%s); avoiding it", me.short(), peer.short(), reason
+                    )
         return frozenset(added)
 
     async def flush(self, now: float | None = None) -> int:
@@ -194,6 +212,9 @@ class GradientChecker:
                     self._dirty.discard(window)
                 stored += 1
             else:
-                log.warning("%s: storing the outlier report of window %d found no peer; retrying",
-                            self.identity.peer_id.short(), window)
+                log.warning(
+                    "%s: storing the outlier report of window %d found no peer; retrying",
+                    self.identity.peer_id.short(),
+                    window,
+                )
         return stored

@@ -18,9 +18,22 @@ from dataclasses import dataclass, field
 from swarm.p2p.identity import Identity, PeerID
 from swarm.errors import ConfigError, SwarmError
 from swarm.verification.attestation import (
-    GENESIS_DIGEST, Attestation, build_attestation, fetch_attestations, pick_attestation, publish_attestation)
+    GENESIS_DIGEST,
+    Attestation,
+    build_attestation,
+    fetch_attestations,
+    pick_attestation,
+    publish_attestation,
+)
 from swarm.verification.common import RecordStore
-from swarm.verification.election import ROLES, ElectionConfig, choose_leader, fetch_heartbeats, publish_heartbeat, sign_heartbeat
+from swarm.verification.election import (
+    ROLES,
+    ElectionConfig,
+    choose_leader,
+    fetch_heartbeats,
+    publish_heartbeat,
+    sign_heartbeat,
+)
 from swarm.verification.ledger import Ledger
 from swarm.verification.outliers import fetch_reports
 from swarm.verification.receipts import fetch_receipts
@@ -63,9 +76,15 @@ class OrchestratorConfig:
 class Orchestrator:
     """A candidate: publishes heartbeats and, while it leads, attests closed windows."""
 
-    def __init__(self, identity: Identity, cfg: OrchestratorConfig, store: RecordStore,
-                 current_step: Callable[[], int], clock: Callable[[], float] = time.time,
-                 window_ready: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        cfg: OrchestratorConfig,
+        store: RecordStore,
+        current_step: Callable[[], int],
+        clock: Callable[[], float] = time.time,
+        window_ready: Callable[[int], bool] | None = None,
+    ) -> None:
         """``window_ready(w)``: an extra condition before attesting window ``w`` (a validator's own check done)."""
         self.identity = identity
         self.window_ready = window_ready
@@ -111,7 +130,9 @@ class Orchestrator:
         """One round: heartbeat if due, then accept or sign every closed window in order."""
         now = self.clock()
         if now - self._last_heartbeat >= self.cfg.election.heartbeat_interval_s:
-            hb = sign_heartbeat(self.identity, run_id=self.cfg.run_id, role=self.cfg.role, now=now, cfg=self.cfg.election)
+            hb = sign_heartbeat(
+                self.identity, run_id=self.cfg.run_id, role=self.cfg.role, now=now, cfg=self.cfg.election
+            )
             async with asyncio.timeout(self.cfg.dht_timeout_s):
                 await publish_heartbeat(self.store, hb)
             self._last_heartbeat = now
@@ -154,15 +175,31 @@ class Orchestrator:
         prev_flagged = [PeerID(p) for p in prev.flagged] if prev else []
         outcome = compute_rewards(run_id, window, receipts, verdicts, prev_flagged, cfg, reports)
         term = 1 if prev is None else prev.term + (0 if prev.orchestrator == self.identity.peer_id.to_bytes() else 1)
-        att = build_attestation(self.identity, run_id=run_id, window=window, term=term, cfg=cfg, outcome=outcome,
-                                receipts=receipts, verdicts=verdicts, reports=reports,
-                                prev_digest=prev.digest if prev else GENESIS_DIGEST, issued_at=self.clock())
+        att = build_attestation(
+            self.identity,
+            run_id=run_id,
+            window=window,
+            term=term,
+            cfg=cfg,
+            outcome=outcome,
+            receipts=receipts,
+            verdicts=verdicts,
+            reports=reports,
+            prev_digest=prev.digest if prev else GENESIS_DIGEST,
+            issued_at=self.clock(),
+        )
         async with asyncio.timeout(self.cfg.dht_timeout_s):
             await publish_attestation(self.store, att, self.clock() + self.cfg.record_ttl_s)
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.append, att)
         self.signed.append(att)
-        log.info("orchestrator %s: attested %s window %d (term %d): %d peers paid, %d flagged",
-                 self.identity.peer_id.short(), run_id, window, term,
-                 sum(1 for s in outcome.shares.values() if s > 0), len(outcome.flagged))
+        log.info(
+            "orchestrator %s: attested %s window %d (term %d): %d peers paid, %d flagged",
+            self.identity.peer_id.short(),
+            run_id,
+            window,
+            term,
+            sum(1 for s in outcome.shares.values() if s > 0),
+            len(outcome.flagged),
+        )
         return att

@@ -71,8 +71,9 @@ class OutlierEntry(Message):
         peer_from_bytes(self.peer, "peer")
 
 
-def find_outliers(parts: Mapping[PeerID, torch.Tensor], center: torch.Tensor, step: int,
-                  cfg: OutlierConfig) -> list[OutlierEntry]:
+def find_outliers(
+    parts: Mapping[PeerID, torch.Tensor], center: torch.Tensor, step: int, cfg: OutlierConfig
+) -> list[OutlierEntry]:
     """The senders whose part is an outlier around ``center`` by the stated rule (sorted by PeerID)."""
     import torch  # here, not at import time: the run config imports this module and must stay light
 
@@ -82,8 +83,11 @@ def find_outliers(parts: Mapping[PeerID, torch.Tensor], center: torch.Tensor, st
     distances = {p: float((v.detach().reshape(-1).to(torch.float64) - c).norm()) for p, v in sorted(parts.items())}
     median = float(torch.tensor(list(distances.values()), dtype=torch.float64).median())
     threshold = max(cfg.distance_ratio * median, cfg.min_distance)
-    return [OutlierEntry(peer=p.to_bytes(), step=step, reason="outlier", distance=d, median_distance=median)
-            for p, d in distances.items() if d > threshold or d != d]
+    return [
+        OutlierEntry(peer=p.to_bytes(), step=step, reason="outlier", distance=d, median_distance=median)
+        for p, d in distances.items()
+        if d > threshold or d != d
+    ]
 
 
 class ReplayDetector:
@@ -106,8 +110,9 @@ class ReplayDetector:
             self._seen.popitem(last=False)
         first_step = self._seen.get(key)
         if first_step is not None and first_step < step:
-            return OutlierEntry(peer=peer.to_bytes(), step=step, reason="replayed", distance=0.0,
-                                median_distance=float(first_step))
+            return OutlierEntry(
+                peer=peer.to_bytes(), step=step, reason="replayed", distance=0.0, median_distance=float(first_step)
+            )
         if first_step is None:
             self._seen[key] = step
         return None
@@ -148,8 +153,13 @@ class OutlierReport(Message):
 
 
 def sign_report(identity: Identity, *, run_id: str, window: int, entries: Sequence[OutlierEntry]) -> OutlierReport:
-    unsigned = OutlierReport(run_id=run_id, window=window, reporter=identity.peer_id.to_bytes(),
-                             entries=list(entries), signature=bytes(SIGNATURE_SIZE_BYTES))
+    unsigned = OutlierReport(
+        run_id=run_id,
+        window=window,
+        reporter=identity.peer_id.to_bytes(),
+        entries=list(entries),
+        signature=bytes(SIGNATURE_SIZE_BYTES),
+    )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
 
 
@@ -158,8 +168,12 @@ def outliers_key(run_id: str, window: int) -> str:
 
 
 async def publish_report(store: RecordStore, report: OutlierReport, expiration_time: float) -> bool:
-    return await store.store(outliers_key(report.run_id, report.window), report.pack(), expiration_time,
-                             subkey=owner_subkey(report.reporter_id))
+    return await store.store(
+        outliers_key(report.run_id, report.window),
+        report.pack(),
+        expiration_time,
+        subkey=owner_subkey(report.reporter_id),
+    )
 
 
 async def fetch_reports(store: RecordStore, run_id: str, window: int) -> dict[PeerID, OutlierReport]:
@@ -190,4 +204,6 @@ def reported_peers(reports: Mapping[PeerID, OutlierReport], min_reporters: int) 
             if peer != reporter:
                 by_peer.setdefault(peer, set()).add(reporter)
                 reasons.setdefault(peer, f"{entry.reason} gradient part at step {entry.step}")
-    return {p: f"{reasons[p]} (reported by {len(r)} peers)" for p, r in sorted(by_peer.items()) if len(r) >= min_reporters}
+    return {
+        p: f"{reasons[p]} (reported by {len(r)} peers)" for p, r in sorted(by_peer.items()) if len(r) >= min_reporters
+    }

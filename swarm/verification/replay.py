@@ -39,8 +39,9 @@ class ReplayUnavailableError(VerificationError):
 class Replayer(Protocol):
     """Recomputes one stage's forward or backward at a given step (implemented by `swarm/validator.py`)."""
 
-    def recompute(self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes],
-                  server: PeerID | None = None) -> list[torch.Tensor]:
+    def recompute(
+        self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes], server: PeerID | None = None
+    ) -> list[torch.Tensor]:
         """The outputs the stage should have produced for these wire inputs, with the weights ``server`` used at
         ``step`` (replicas can differ after a failed averaging round). Raises ReplayUnavailableError if those
         weights are not available."""
@@ -81,8 +82,15 @@ class CheckConfig:
 class ReceiptChecker:
     """Samples receipts and turns each sampled one into a signed verdict."""
 
-    def __init__(self, identity: Identity, cfg: CheckConfig, replayer: Replayer, fetcher: Fetcher,
-                 rng: random.Random | None = None, present: Callable[[PeerID], Awaitable[bool]] | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        cfg: CheckConfig,
+        replayer: Replayer,
+        fetcher: Fetcher,
+        rng: random.Random | None = None,
+        present: Callable[[PeerID], Awaitable[bool]] | None = None,
+    ) -> None:
         self.identity = identity
         self.cfg = cfg
         self.replayer = replayer
@@ -95,8 +103,11 @@ class ReceiptChecker:
     def sample(self, receipts: Sequence[WorkReceipt], min_step: int = 0) -> list[WorkReceipt]:
         """Each valid receipt of step >= ``min_step`` independently with probability p (at most
         max_checks_per_window). Older receipts may have left the servers' retention window: not demanded."""
-        chosen = [r for r in receipts if r.claim.step >= min_step and r.problem() is None
-                  and self._rng.random() < self.cfg.sample_probability]
+        chosen = [
+            r
+            for r in receipts
+            if r.claim.step >= min_step and r.problem() is None and self._rng.random() < self.cfg.sample_probability
+        ]
         return chosen[: self.cfg.max_checks_per_window]
 
     async def check_window(self, receipts: Sequence[WorkReceipt], window: int, min_step: int = 0) -> list[Verdict]:
@@ -111,20 +122,30 @@ class ReceiptChecker:
     async def check(self, receipt: WorkReceipt, window: int) -> Verdict | None:
         """Fetch, hash-check, replay and compare one receipt; None if the check was inconclusive."""
         claim = receipt.claim
-        req = FetchRequest(run_id=claim.run_id, step=claim.step, stage=claim.stage,
-                           microbatch_id=claim.microbatch_id, kind=claim.kind)
+        req = FetchRequest(
+            run_id=claim.run_id, step=claim.step, stage=claim.stage, microbatch_id=claim.microbatch_id, kind=claim.kind
+        )
         reply = await self._fetch(claim.server_id, req)
         if reply is None:
             if self.present is not None and not await self.present(claim.server_id):
-                log.info("validator %s: %s left the swarm; its receipt %s is not checked", self.identity.peer_id.short(),
-                         claim.server_id.short(), claim.microbatch_id)
+                log.info(
+                    "validator %s: %s left the swarm; its receipt %s is not checked",
+                    self.identity.peer_id.short(),
+                    claim.server_id.short(),
+                    claim.microbatch_id,
+                )
                 return None
             return self._verdict(receipt, window, False, "server unreachable for verify.fetch")
         try:
             passed, reason = await self._judge(receipt, reply)
         except ReplayUnavailableError as e:
-            log.info("validator %s: cannot replay %s of %s: %s", self.identity.peer_id.short(),
-                     claim.microbatch_id, claim.server_id.short(), e)
+            log.info(
+                "validator %s: cannot replay %s of %s: %s",
+                self.identity.peer_id.short(),
+                claim.microbatch_id,
+                claim.server_id.short(),
+                e,
+            )
             return None
         return self._verdict(receipt, window, passed, reason)
 
@@ -138,13 +159,19 @@ class ReceiptChecker:
             return False, "retained output does not match the receipt's output hash"
         try:
             claimed = await asyncio.to_thread(
-                self.replayer.decode_outputs, stage=claim.stage, kind=claim.kind, outputs=reply.outputs)
+                self.replayer.decode_outputs, stage=claim.stage, kind=claim.kind, outputs=reply.outputs
+            )
         except CodecError as e:
             return False, f"retained output does not decode: {e}"
         try:
             expected = await asyncio.to_thread(
-                self.replayer.recompute, stage=claim.stage, step=claim.step, kind=claim.kind, inputs=reply.inputs,
-                server=claim.server_id)
+                self.replayer.recompute,
+                stage=claim.stage,
+                step=claim.step,
+                kind=claim.kind,
+                inputs=reply.inputs,
+                server=claim.server_id,
+            )
         except ReplayUnavailableError:
             raise
         except (CodecError, ValueError, RuntimeError) as e:
@@ -158,14 +185,37 @@ class ReceiptChecker:
                 async with asyncio.timeout(self.cfg.fetch_timeout_s):
                     return await self.fetcher.fetch(server, req)
             except (SwarmError, TimeoutError) as e:
-                log.warning("validator %s: verify.fetch from %s failed (attempt %d/%d): %s",
-                            self.identity.peer_id.short(), server.short(), attempt, self.cfg.fetch_attempts, e)
+                log.warning(
+                    "validator %s: verify.fetch from %s failed (attempt %d/%d): %s",
+                    self.identity.peer_id.short(),
+                    server.short(),
+                    attempt,
+                    self.cfg.fetch_attempts,
+                    e,
+                )
         return None
 
     def _verdict(self, receipt: WorkReceipt, window: int, passed: bool, reason: str) -> Verdict:
         claim = receipt.claim
         level = logging.DEBUG if passed else logging.WARNING
-        log.log(level, "validator %s: %s %s step %d stage %d %s: %s", self.identity.peer_id.short(),
-                "PASS" if passed else "FAIL", claim.server_id.short(), claim.step, claim.stage, claim.kind, reason)
-        return sign_verdict(self.identity, run_id=claim.run_id, window=window, step=claim.step,
-                            subject=claim.server_id, receipt_id=receipt.receipt_id, passed=passed, reason=reason)
+        log.log(
+            level,
+            "validator %s: %s %s step %d stage %d %s: %s",
+            self.identity.peer_id.short(),
+            "PASS" if passed else "FAIL",
+            claim.server_id.short(),
+            claim.step,
+            claim.stage,
+            claim.kind,
+            reason,
+        )
+        return sign_verdict(
+            self.identity,
+            run_id=claim.run_id,
+            window=window,
+            step=claim.step,
+            subject=claim.server_id,
+            receipt_id=receipt.receipt_id,
+            passed=passed,
+            reason=reason,
+        )

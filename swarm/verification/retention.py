@@ -57,8 +57,9 @@ class RetentionStore:
         self._size_bytes = 0
         self._latest_step = -1
 
-    def put(self, *, step: int, stage: int, microbatch_id: str, kind: str,
-            inputs: Sequence[bytes], outputs: Sequence[bytes]) -> None:
+    def put(
+        self, *, step: int, stage: int, microbatch_id: str, kind: str, inputs: Sequence[bytes], outputs: Sequence[bytes]
+    ) -> None:
         """Retain one served microbatch; evicts what falls out of the step window or the byte budget."""
         key = (step, stage, microbatch_id, kind)
         work = RetainedWork(inputs=tuple(bytes(x) for x in inputs), outputs=tuple(bytes(x) for x in outputs))
@@ -130,8 +131,15 @@ class FetchService:
         if req.run_id == self.run_id:
             work = self.store.get(step=req.step, stage=req.stage, microbatch_id=req.microbatch_id, kind=req.kind)
         peer = getattr(ctx, "peer_id", None)
-        log.debug("verify.fetch from %s: step %d stage %d %s %s -> %s", peer.short() if isinstance(peer, PeerID) else "?",
-                  req.step, req.stage, req.microbatch_id, req.kind, "found" if work else "missing")
+        log.debug(
+            "verify.fetch from %s: step %d stage %d %s %s -> %s",
+            peer.short() if isinstance(peer, PeerID) else "?",
+            req.step,
+            req.stage,
+            req.microbatch_id,
+            req.kind,
+            "found" if work else "missing",
+        )
         if work is None:
             return FetchReply(found=False, inputs=[], outputs=[])
         return FetchReply(found=True, inputs=list(work.inputs), outputs=list(work.outputs))

@@ -33,7 +33,9 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.outlier_min_reporters <= 10_000:
-            raise ConfigError(f"outlier_min_reporters must be in [0, 10000] (0: ignore reports), got {self.outlier_min_reporters!r}")
+            raise ConfigError(
+                f"outlier_min_reporters must be in [0, 10000] (0: ignore reports), got {self.outlier_min_reporters!r}"
+            )
         if not 1 <= self.window_steps <= 1_000_000:
             raise ConfigError(f"window_steps must be in [1, 1000000], got {self.window_steps!r}")
         if any(not isinstance(c, (int, float)) or not 0 < c <= 1e6 for c in self.stage_costs):
@@ -76,9 +78,15 @@ class RewardOutcome:
         return h.digest()
 
 
-def compute_rewards(run_id: str, window: int, receipts: Mapping[PeerID, ReceiptBatch],
-                    verdicts: Mapping[PeerID, VerdictBatch], previously_flagged: Iterable[PeerID],
-                    cfg: RewardConfig, reports: Mapping[PeerID, OutlierReport] | None = None) -> RewardOutcome:
+def compute_rewards(
+    run_id: str,
+    window: int,
+    receipts: Mapping[PeerID, ReceiptBatch],
+    verdicts: Mapping[PeerID, VerdictBatch],
+    previously_flagged: Iterable[PeerID],
+    cfg: RewardConfig,
+    reports: Mapping[PeerID, OutlierReport] | None = None,
+) -> RewardOutcome:
     """The deterministic reward outcome of one window (same inputs, same result, on every machine)."""
     out = RewardOutcome(flagged=set(previously_flagged))
     counted = _valid_receipts(run_id, window, receipts, cfg, out)
@@ -103,8 +111,9 @@ def _flag(out: RewardOutcome, peer: PeerID, reason: str) -> None:
     out.flag_reasons.setdefault(peer, reason)
 
 
-def _valid_receipts(run_id: str, window: int, batches: Mapping[PeerID, ReceiptBatch], cfg: RewardConfig,
-                    out: RewardOutcome) -> dict[bytes, WorkReceipt]:
+def _valid_receipts(
+    run_id: str, window: int, batches: Mapping[PeerID, ReceiptBatch], cfg: RewardConfig, out: RewardOutcome
+) -> dict[bytes, WorkReceipt]:
     counted: dict[bytes, WorkReceipt] = {}
     seen_work: set[tuple[bytes, int, int, str, str]] = set()
     for publisher in sorted(batches):
@@ -126,8 +135,14 @@ def _valid_receipts(run_id: str, window: int, batches: Mapping[PeerID, ReceiptBa
     return counted
 
 
-def _apply_verdicts(run_id: str, window: int, batches: Mapping[PeerID, VerdictBatch],
-                    counted: Mapping[bytes, WorkReceipt], cfg: RewardConfig, out: RewardOutcome) -> None:
+def _apply_verdicts(
+    run_id: str,
+    window: int,
+    batches: Mapping[PeerID, VerdictBatch],
+    counted: Mapping[bytes, WorkReceipt],
+    cfg: RewardConfig,
+    out: RewardOutcome,
+) -> None:
     trusted = {PeerID.from_base58(t) for t in cfg.trusted_validators}
     used: set[bytes] = set()
     for validator in sorted(batches):

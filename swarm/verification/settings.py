@@ -52,7 +52,8 @@ class VerificationSettings:
         if self.retention_steps <= self.window_steps + self.settle_steps:
             raise ConfigError(
                 f"verification.retention_steps ({self.retention_steps}) must exceed window_steps + settle_steps "
-                f"({self.window_steps + self.settle_steps}) so servers still hold a window's work when it is checked")
+                f"({self.window_steps + self.settle_steps}) so servers still hold a window's work when it is checked"
+            )
 
     def last_attestable_window(self, max_steps: int) -> int:
         """For a run that stops at ``max_steps``: the last window closing ``settle_steps`` before the end (-1: none)."""
@@ -65,8 +66,13 @@ class VerificationSettings:
         return CheckConfig(sample_probability=self.sample_probability, tolerance=self.tolerance())
 
     def rewards(self) -> RewardConfig:
-        return RewardConfig(window_steps=self.window_steps, stage_costs=self.stage_costs, backward_cost=self.backward_cost,
-                            trusted_validators=self.trusted_validators, outlier_min_reporters=self.outlier_min_reporters)
+        return RewardConfig(
+            window_steps=self.window_steps,
+            stage_costs=self.stage_costs,
+            backward_cost=self.backward_cost,
+            trusted_validators=self.trusted_validators,
+            outlier_min_reporters=self.outlier_min_reporters,
+        )
 
     def election(self) -> ElectionConfig:
         return ElectionConfig(heartbeat_interval_s=self.heartbeat_interval_s, heartbeat_ttl_s=self.heartbeat_ttl_s)

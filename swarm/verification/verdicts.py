@@ -65,12 +65,29 @@ class Verdict(Message):
         return self.validator_id.verify(self.signature, self.body())
 
 
-def sign_verdict(identity: Identity, *, run_id: str, window: int, step: int, subject: PeerID,
-                 receipt_id: bytes, passed: bool, reason: str) -> Verdict:
+def sign_verdict(
+    identity: Identity,
+    *,
+    run_id: str,
+    window: int,
+    step: int,
+    subject: PeerID,
+    receipt_id: bytes,
+    passed: bool,
+    reason: str,
+) -> Verdict:
     """Make and sign a verdict as ``identity``."""
-    unsigned = Verdict(run_id=run_id, window=window, step=step, validator=identity.peer_id.to_bytes(),
-                       subject=subject.to_bytes(), receipt_id=receipt_id, passed=passed,
-                       reason=reason[:MAX_REASON_CHARS], signature=bytes(SIGNATURE_SIZE_BYTES))
+    unsigned = Verdict(
+        run_id=run_id,
+        window=window,
+        step=step,
+        validator=identity.peer_id.to_bytes(),
+        subject=subject.to_bytes(),
+        receipt_id=receipt_id,
+        passed=passed,
+        reason=reason[:MAX_REASON_CHARS],
+        signature=bytes(SIGNATURE_SIZE_BYTES),
+    )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
 
 
@@ -107,7 +124,9 @@ async def publish_verdicts(store: RecordStore, batch: VerdictBatch, expiration_t
 
 
 def _check_verdict_batch(batch: VerdictBatch) -> str | None:
-    if any(v.validator != batch.publisher or v.window != batch.window or v.run_id != batch.run_id for v in batch.verdicts):
+    if any(
+        v.validator != batch.publisher or v.window != batch.window or v.run_id != batch.run_id for v in batch.verdicts
+    ):
         return "it holds verdicts for another validator or window"
     return None
 

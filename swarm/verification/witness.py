@@ -64,13 +64,33 @@ class UpstreamWork(Message):
         check_digest(self.input_hash, "input_hash")
 
 
-def make_claim(*, run_id: str, server: PeerID, caller: PeerID, step: int, stage: int, microbatch_id: str, kind: str,
-               inputs: Sequence[bytes], outputs: Sequence[bytes], num_samples: int) -> WorkClaim:
+def make_claim(
+    *,
+    run_id: str,
+    server: PeerID,
+    caller: PeerID,
+    step: int,
+    stage: int,
+    microbatch_id: str,
+    kind: str,
+    inputs: Sequence[bytes],
+    outputs: Sequence[bytes],
+    num_samples: int,
+) -> WorkClaim:
     """The claim both ends build from the same payloads (ProtocolError if a field is out of range)."""
     try:
-        return WorkClaim(run_id=run_id, step=step, stage=stage, server=server.to_bytes(), caller=caller.to_bytes(),
-                         microbatch_id=microbatch_id, kind=kind, input_hash=digest_parts(inputs),
-                         output_hash=digest_parts(outputs), num_samples=num_samples)
+        return WorkClaim(
+            run_id=run_id,
+            step=step,
+            stage=stage,
+            server=server.to_bytes(),
+            caller=caller.to_bytes(),
+            microbatch_id=microbatch_id,
+            kind=kind,
+            input_hash=digest_parts(inputs),
+            output_hash=digest_parts(outputs),
+            num_samples=num_samples,
+        )
     except ValueError as e:
         raise ProtocolError(f"work claim: {e}") from None
 
@@ -84,22 +104,62 @@ class ServerWitness:
         self.retention = RetentionStore(cfg.retention)
         self.service = FetchService(cfg.run_id, self.retention)
 
-    def witness(self, *, caller: PeerID, step: int, stage: int, microbatch_id: str, kind: str,
-                inputs: Sequence[bytes], outputs: Sequence[bytes], num_samples: int) -> bytes:
+    def witness(
+        self,
+        *,
+        caller: PeerID,
+        step: int,
+        stage: int,
+        microbatch_id: str,
+        kind: str,
+        inputs: Sequence[bytes],
+        outputs: Sequence[bytes],
+        num_samples: int,
+    ) -> bytes:
         """Retain the payloads and return this server's ack signature for the caller's receipt."""
-        claim = make_claim(run_id=self.cfg.run_id, server=self.identity.peer_id, caller=caller, step=step, stage=stage,
-                           microbatch_id=microbatch_id, kind=kind, inputs=inputs, outputs=outputs, num_samples=num_samples)
-        self.retention.put(step=step, stage=stage, microbatch_id=microbatch_id, kind=kind, inputs=inputs, outputs=outputs)
+        claim = make_claim(
+            run_id=self.cfg.run_id,
+            server=self.identity.peer_id,
+            caller=caller,
+            step=step,
+            stage=stage,
+            microbatch_id=microbatch_id,
+            kind=kind,
+            inputs=inputs,
+            outputs=outputs,
+            num_samples=num_samples,
+        )
+        self.retention.put(
+            step=step, stage=stage, microbatch_id=microbatch_id, kind=kind, inputs=inputs, outputs=outputs
+        )
         return sign_ack(self.identity, claim)
 
-    def upstream(self, *, next_server: PeerID, step: int, stage: int, microbatch_id: str, inputs: Sequence[bytes],
-                 outputs: Sequence[bytes], num_samples: int) -> bytes:
+    def upstream(
+        self,
+        *,
+        next_server: PeerID,
+        step: int,
+        stage: int,
+        microbatch_id: str,
+        inputs: Sequence[bytes],
+        outputs: Sequence[bytes],
+        num_samples: int,
+    ) -> bytes:
         """Witness this node's own forward of ``stage`` whose ``outputs`` go to ``next_server`` (the receipt's
         signer); returns the packed `UpstreamWork` to attach to that request."""
-        ack = self.witness(caller=next_server, step=step, stage=stage, microbatch_id=microbatch_id, kind="forward",
-                           inputs=inputs, outputs=outputs, num_samples=num_samples)
-        return UpstreamWork(stage=stage, microbatch_id=microbatch_id, input_hash=digest_parts(inputs),
-                            num_samples=num_samples, ack=ack).pack()
+        ack = self.witness(
+            caller=next_server,
+            step=step,
+            stage=stage,
+            microbatch_id=microbatch_id,
+            kind="forward",
+            inputs=inputs,
+            outputs=outputs,
+            num_samples=num_samples,
+        )
+        return UpstreamWork(
+            stage=stage, microbatch_id=microbatch_id, input_hash=digest_parts(inputs), num_samples=num_samples, ack=ack
+        ).pack()
 
 
 class ReceiptCollector:
@@ -113,31 +173,66 @@ class ReceiptCollector:
         self._dirty: set[int] = set()
         self.published_windows: list[int] = []
 
-    def record(self, *, server: PeerID, step: int, stage: int, microbatch_id: str, kind: str, inputs: Sequence[bytes],
-               outputs: Sequence[bytes], num_samples: int, ack: bytes) -> WorkReceipt | None:
+    def record(
+        self,
+        *,
+        server: PeerID,
+        step: int,
+        stage: int,
+        microbatch_id: str,
+        kind: str,
+        inputs: Sequence[bytes],
+        outputs: Sequence[bytes],
+        num_samples: int,
+        ack: bytes,
+    ) -> WorkReceipt | None:
         """Sign a receipt for a result whose ack verifies; None (and a warning) if it does not."""
         try:
-            claim = make_claim(run_id=self.cfg.run_id, server=server, caller=self.identity.peer_id, step=step,
-                               stage=stage, microbatch_id=microbatch_id, kind=kind, inputs=inputs, outputs=outputs,
-                               num_samples=num_samples)
+            claim = make_claim(
+                run_id=self.cfg.run_id,
+                server=server,
+                caller=self.identity.peer_id,
+                step=step,
+                stage=stage,
+                microbatch_id=microbatch_id,
+                kind=kind,
+                inputs=inputs,
+                outputs=outputs,
+                num_samples=num_samples,
+            )
             receipt = sign_receipt(self.identity, claim, ack)
         except (ProtocolError, VerificationError) as e:
-            log.warning("%s: no receipt for %s from %s: %s", self.identity.peer_id.short(), microbatch_id, server.short(), e)
+            log.warning(
+                "%s: no receipt for %s from %s: %s", self.identity.peer_id.short(), microbatch_id, server.short(), e
+            )
             return None
         self.add(receipt)
         return receipt
 
-    def record_upstream(self, *, server: PeerID, step: int, upstream: bytes, received: Sequence[bytes]) -> WorkReceipt | None:
+    def record_upstream(
+        self, *, server: PeerID, step: int, upstream: bytes, received: Sequence[bytes]
+    ) -> WorkReceipt | None:
         """Sign a receipt for ``server``'s own upstream forward whose outputs this node ``received`` as inputs;
         None (and a warning) if the attached `UpstreamWork` is malformed or its ack does not verify."""
         try:
             up = UpstreamWork.unpack(upstream)
-            claim = WorkClaim(run_id=self.cfg.run_id, step=step, stage=up.stage, server=server.to_bytes(),
-                              caller=self.identity.peer_id.to_bytes(), microbatch_id=up.microbatch_id, kind="forward",
-                              input_hash=up.input_hash, output_hash=digest_parts(received), num_samples=up.num_samples)
+            claim = WorkClaim(
+                run_id=self.cfg.run_id,
+                step=step,
+                stage=up.stage,
+                server=server.to_bytes(),
+                caller=self.identity.peer_id.to_bytes(),
+                microbatch_id=up.microbatch_id,
+                kind="forward",
+                input_hash=up.input_hash,
+                output_hash=digest_parts(received),
+                num_samples=up.num_samples,
+            )
             receipt = sign_receipt(self.identity, claim, up.ack)
         except (ProtocolError, ValueError, VerificationError) as e:
-            log.warning("%s: no receipt for the upstream work of %s: %s", self.identity.peer_id.short(), server.short(), e)
+            log.warning(
+                "%s: no receipt for the upstream work of %s: %s", self.identity.peer_id.short(), server.short(), e
+            )
             return None
         self.add(receipt)
         return receipt
@@ -163,8 +258,12 @@ class ReceiptCollector:
             if window >= current_window and not final:
                 continue
             receipts = self._pending[window]
-            batch = ReceiptBatch(run_id=self.cfg.run_id, window=window, publisher=self.identity.peer_id.to_bytes(),
-                                 receipts=list(receipts))
+            batch = ReceiptBatch(
+                run_id=self.cfg.run_id,
+                window=window,
+                publisher=self.identity.peer_id.to_bytes(),
+                receipts=list(receipts),
+            )
             async with asyncio.timeout(self.cfg.publish_timeout_s):
                 await publish_receipts(self.store, batch, now + self.cfg.receipts_ttl_s)
             self._dirty.discard(window)

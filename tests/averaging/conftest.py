@@ -32,15 +32,22 @@ async def transports(n: int, *, salt: int = 0) -> AsyncIterator[list[Transport]]
 
 
 def fixed_groups(
-    ts: Sequence[Transport], key: str, *, weights: Sequence[float] | None = None,
-    bandwidths: Sequence[float | None] | None = None, client_mode: Sequence[bool] | None = None,
+    ts: Sequence[Transport],
+    key: str,
+    *,
+    weights: Sequence[float] | None = None,
+    bandwidths: Sequence[float | None] | None = None,
+    client_mode: Sequence[bool] | None = None,
 ) -> list[Group]:
     """The group every member would get from matchmaking, built directly (for exchange-only tests)."""
     n = len(ts)
     members = tuple(
         MemberInfo(
-            peer_id=t.peer_id.to_bytes(), maddrs=tuple(t.listen_maddrs), ready_at=float(i),
-            weight=(weights[i] if weights else 1.0), bandwidth=(bandwidths[i] if bandwidths else None),
+            peer_id=t.peer_id.to_bytes(),
+            maddrs=tuple(t.listen_maddrs),
+            ready_at=float(i),
+            weight=(weights[i] if weights else 1.0),
+            bandwidth=(bandwidths[i] if bandwidths else None),
             client_mode=(client_mode[i] if client_mode else False),
         )
         for i, t in enumerate(ts)
@@ -56,4 +63,4 @@ def random_tensors(seed: int, shapes: Sequence[tuple[int, ...]]) -> list[torch.T
 
 def weighted_mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """The float64 reference: the weighted mean of flat tensors."""
-    return sum(w * f.double() for w, f in zip(weights, flats)) / sum(weights)
+    return sum(w * f.double() for w, f in zip(weights, flats, strict=False)) / sum(weights)

@@ -21,8 +21,12 @@ SHAPES = [(37, 11), (1001,), (3,)]  # 1411 values: not divisible by 2..8
 
 
 def _config(**kw: object) -> AveragerConfig:
-    base: dict[str, object] = {"part_size_bytes": 4096, "allreduce_timeout_s": 20.0, "part_timeout_s": 3.0,
-                               "join_timeout_s": 3.0}
+    base: dict[str, object] = {
+        "part_size_bytes": 4096,
+        "allreduce_timeout_s": 20.0,
+        "part_timeout_s": 3.0,
+        "join_timeout_s": 3.0,
+    }
     base.update(kw)
     return AveragerConfig(**base)  # type: ignore[arg-type]
 
@@ -37,11 +41,12 @@ def _servers(ts: Sequence[Transport], cfg: AveragerConfig, codec: PartCodec) -> 
 async def _run(
     servers: Sequence[AllReduceServer], groups: Sequence[Group], flats: Sequence[torch.Tensor], weights: Sequence[float]
 ) -> list[AllReduceOutcome]:
-    for s, g in zip(servers, groups):
+    for s, g in zip(servers, groups, strict=False):
         s.expect(g.group_key, g.round_id)
     async with asyncio.timeout(60):
-        return list(await asyncio.gather(*(run_allreduce(s, g, f, w) for s, g, f, w in zip(servers, groups, flats, weights))))
-
+        return list(
+            await asyncio.gather(*(run_allreduce(s, g, f, w) for s, g, f, w in zip(servers, groups, flats, weights, strict=False)))
+        )
 
 
 @pytest.mark.parametrize("num_peers", [2, 3, 5, 8])
@@ -53,7 +58,7 @@ async def test_exact_weighted_mean(num_peers: int) -> None:
     async with transports(num_peers) as ts:
         servers = _servers(ts, _config(), CompressionPartCodec("none"))
         outcomes = await _run(servers, fixed_groups(ts, "run/avg/0/1"), flats, weights)
-    for flat, outcome in zip(flats, outcomes):
+    for flat, outcome in zip(flats, outcomes, strict=False):
         assert outcome.lost_owners == () and outcome.dropped_senders == ()
         torch.testing.assert_close(flat.double(), expected, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(flats[0], f) for f in flats[1:])
@@ -102,11 +107,15 @@ async def test_member_that_dies_before_sending_is_dropped_and_others_finish() ->
         await ts[2].stop()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        outcomes = await _run([servers[i] for i in alive], [groups[i] for i in alive], [flats[i] for i in alive],
-                              [weights[i] for i in alive])
+        outcomes = await _run(
+            [servers[i] for i in alive],
+            [groups[i] for i in alive],
+            [flats[i] for i in alive],
+            [weights[i] for i in alive],
+        )
         assert loop.time() - started < cfg.allreduce_timeout_s
     lost_start, lost_end = groups[0].spans(flats[0].numel())[2]
-    for i, outcome in zip(alive, outcomes):
+    for i, outcome in zip(alive, outcomes, strict=False):
         assert ts[2].peer_id in outcome.lost_owners and ts[2].peer_id in outcome.dropped_senders
         flat = flats[i]
         assert torch.isfinite(flat).all()
@@ -157,15 +166,18 @@ async def test_parts_for_an_unknown_round_are_refused() -> None:
     flats = [flatten_tensors(random_tensors(600 + i, SHAPES)) for i in range(2)]
     own = [f.clone() for f in flats]
     async with transports(2) as ts:
-        servers = _servers(ts, _config(join_timeout_s=0.5, part_timeout_s=0.5, allreduce_timeout_s=5.0),
-                           CompressionPartCodec("none"))
+        servers = _servers(
+            ts, _config(join_timeout_s=0.5, part_timeout_s=0.5, allreduce_timeout_s=5.0), CompressionPartCodec("none")
+        )
         groups_a = fixed_groups(ts, "run/avg/0/1")
         groups_b = fixed_groups(ts, "run/avg/0/2")  # peer 1 runs another epoch's round: nothing may mix
         servers[0].expect(groups_a[0].group_key, groups_a[0].round_id)
         servers[1].expect(groups_b[1].group_key, groups_b[1].round_id)
         async with asyncio.timeout(30):
-            outcomes = await asyncio.gather(run_allreduce(servers[0], groups_a[0], flats[0], 1.0),
-                                            run_allreduce(servers[1], groups_b[1], flats[1], 1.0))
+            outcomes = await asyncio.gather(
+                run_allreduce(servers[0], groups_a[0], flats[0], 1.0),
+                run_allreduce(servers[1], groups_b[1], flats[1], 1.0),
+            )
     for i, outcome in enumerate(outcomes):
         assert outcome.lost_owners and outcome.dropped_senders
         assert torch.equal(flats[i], own[i])
@@ -219,7 +231,7 @@ async def test_member_that_stalls_or_dies_mid_round_is_dropped(killed: bool) -> 
         async with transports(4) as ts:
             servers = _servers(ts[:3], cfg, good) + _servers(ts[3:], cfg, stalling)
             groups = fixed_groups(ts, "k")
-            for s, g in zip(servers, groups):
+            for s, g in zip(servers, groups, strict=False):
                 s.expect(g.group_key, g.round_id)
             victim = asyncio.ensure_future(run_allreduce(servers[3], groups[3], flats[3], weights[3]))
             loop = asyncio.get_running_loop()
@@ -262,8 +274,9 @@ async def test_centered_clip_end_to_end_bounds_two_attackers_of_eight() -> None:
     honest_mean = torch.stack([h.double() for h in honest]).mean(0)
     async with transports(8, salt=5) as ts:
         groups = fixed_groups(ts, "k")
-        parts = [slice(s0 + s, s0 + e) for s0, e0 in groups[0].spans(1411)
-                 for s, e in part_bounds(e0 - s0, part_numel(4096))]
+        parts = [
+            slice(s0 + s, s0 + e) for s0, e0 in groups[0].spans(1411) for s, e in part_bounds(e0 - s0, part_numel(4096))
+        ]
         tau = 2.0 * max(float((h.double()[p] - honest_mean[p]).norm()) for h in honest for p in parts)
         cfg = _config(reduction="centered_clip", clip_tau=tau, clip_iterations=50)
         await _run(_servers(ts, cfg, CompressionPartCodec("none")), groups, flats, [1.0] * 8)
@@ -288,15 +301,15 @@ async def test_inspect_parts_returns_every_members_values_and_the_center(reducti
         servers = _servers(ts, cfg, CompressionPartCodec("none"))
         groups = fixed_groups(ts, "run/avg/0/2")
         outcomes = await _run(servers, groups, flats, weights)
-    for me, (outcome, group) in enumerate(zip(outcomes, groups)):
+    for me, (outcome, group) in enumerate(zip(outcomes, groups, strict=False)):
         start, end = group.spans(originals[0].numel())[me]
         assert len(outcome.inspected) == 1
         part = outcome.inspected[0]
         assert part.start == start and part.end == start + min(end - start, part_numel(cfg.part_size_bytes))
         assert sorted(part.values) == sorted(group.peer(i) for i in range(2))  # the weight-0.001 member is left out
         for i in range(2):
-            assert torch.equal(part.values[group.peer(i)], originals[i][part.start:part.end])
-        torch.testing.assert_close(part.center, flats[me][part.start:part.end])
+            assert torch.equal(part.values[group.peer(i)], originals[i][part.start : part.end])
+        torch.testing.assert_close(part.center, flats[me][part.start : part.end])
 
 
 async def test_inspect_parts_off_keeps_nothing() -> None:
@@ -318,13 +331,14 @@ async def test_excluded_member_is_left_out_of_this_owners_span_and_its_span_keep
         cfg = _config(part_timeout_s=60.0, allreduce_timeout_s=120.0)
         servers = _servers(ts, cfg, CompressionPartCodec("none"))
         groups = fixed_groups(ts, "run/avg/0/4")
-        for s, g in zip(servers, groups):
+        for s, g in zip(servers, groups, strict=False):
             s.expect(g.group_key, g.round_id)
         async with asyncio.timeout(20):
             outcomes = await asyncio.gather(
                 run_allreduce(servers[0], groups[0], flats[0], 1.0, exclude={ts[2].peer_id}),
                 run_allreduce(servers[1], groups[1], flats[1], 1.0),
-                run_allreduce(servers[2], groups[2], flats[2], 1.0))
+                run_allreduce(servers[2], groups[2], flats[2], 1.0),
+            )
     spans = groups[0].spans(originals[0].numel())
     (a0, b0), (a1, b1), (a2, b2) = spans
     honest_mean = weighted_mean(originals[:2], [1.0, 1.0])

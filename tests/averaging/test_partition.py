@@ -15,16 +15,21 @@ from swarm.averaging.partition import (
     unflatten_into,
 )
 from swarm.errors import ConfigError, SwarmError
+import itertools
 
 
 def test_flatten_round_trip_keeps_shapes_and_dtypes() -> None:
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(3, 5, generator=gen), torch.randn(7, generator=gen).double(), torch.randn(2, 2, 2, generator=gen)]
+    tensors = [
+        torch.randn(3, 5, generator=gen),
+        torch.randn(7, generator=gen).double(),
+        torch.randn(2, 2, 2, generator=gen),
+    ]
     flat = flatten_tensors(tensors)
     assert flat.dtype == torch.float32 and flat.numel() == 15 + 7 + 8
     out = [torch.zeros_like(t) for t in tensors]
     unflatten_into(flat, out)
-    for a, b in zip(tensors, out):
+    for a, b in zip(tensors, out, strict=False):
         assert b.dtype == a.dtype and b.shape == a.shape
         torch.testing.assert_close(b, a.to(b.dtype), rtol=1e-6, atol=1e-6)
 
@@ -55,7 +60,7 @@ def test_equal_spans_cover_everything(total: int, members: int) -> None:
     assert sum(sizes) == total and max(sizes) - min(sizes) <= 1
     bounds = span_bounds(sizes)
     assert bounds[0][0] == 0 and bounds[-1][1] == total
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
 
 
 def test_spans_proportional_to_bandwidth_and_client_gets_none() -> None:

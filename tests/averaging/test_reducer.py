@@ -24,7 +24,7 @@ async def test_weighted_mean_per_part_in_any_arrival_order() -> None:
         reducer.add(sender, index, xs[sender][s:e], ws[sender])
         await reducer.finish_ready()
     assert reducer.all_done
-    expected = sum(w * x.double() for w, x in zip(ws, xs)) / sum(ws)
+    expected = sum(w * x.double() for w, x in zip(ws, xs, strict=False)) / sum(ws)
     got = torch.cat([await reducer.wait_part(i) for i in range(len(parts))])
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 

@@ -32,12 +32,18 @@ SHAPES = [(37, 11), (301,)]
 
 
 def _config(**kw: object) -> AveragerConfig:
-    base: dict[str, object] = {"target_group_size": 3, "min_group_size": 2, "matchmaking_time_s": 20.0,
-                               "join_timeout_s": 3.0, "allreduce_timeout_s": 20.0, "part_timeout_s": 3.0,
-                               "part_size_bytes": 4096, "poll_interval_s": 0.05}
+    base: dict[str, object] = {
+        "target_group_size": 3,
+        "min_group_size": 2,
+        "matchmaking_time_s": 20.0,
+        "join_timeout_s": 3.0,
+        "allreduce_timeout_s": 20.0,
+        "part_timeout_s": 3.0,
+        "part_size_bytes": 4096,
+        "poll_interval_s": 0.05,
+    }
     base.update(kw)
     return AveragerConfig(**base)  # type: ignore[arg-type]
-
 
 
 async def _until(condition: object, what: str, timeout_s: float = 10.0) -> None:
@@ -73,8 +79,10 @@ async def test_a_member_whose_begin_is_late_waits_for_it_instead_of_rejecting_th
         for s in servers[:2]:
             s.expect(key, rid)
         async with asyncio.timeout(60):
-            early = [asyncio.create_task(run_allreduce(s, g, f, w))
-                     for s, g, f, w in zip(servers[:2], groups[:2], flats[:2], weights[:2])]
+            early = [
+                asyncio.create_task(run_allreduce(s, g, f, w))
+                for s, g, f, w in zip(servers[:2], groups[:2], flats[:2], weights[:2], strict=False)
+            ]
             try:
                 await _until(lambda: len(arrived) == 4, "both members' avg.part and avg.result reached peer 2")
                 servers[2].expect(key, rid)  # now its begin arrives
@@ -85,7 +93,7 @@ async def test_a_member_whose_begin_is_late_waits_for_it_instead_of_rejecting_th
                 for task in early:
                     task.cancel()
                 await asyncio.gather(*early, return_exceptions=True)
-    for flat, outcome in zip(flats, outcomes):
+    for flat, outcome in zip(flats, outcomes, strict=False):
         assert outcome.lost_owners == () and outcome.dropped_senders == ()
         torch.testing.assert_close(flat.double(), expected, rtol=1e-6, atol=1e-6)
 
@@ -118,7 +126,7 @@ async def swarm(n: int, cfg: AveragerConfig, *, salt: int) -> AsyncIterator[list
         for i, t in enumerate(ts):
             initial = () if i == 0 else tuple(ts[0].listen_maddrs)
             dhts.append(await stack.enter_async_context(DHT.create(DHTConfig(initial_peers=initial), transport=t)))
-        yield [Averager(cfg, transport=t, dht=d) for t, d in zip(ts, dhts)]
+        yield [Averager(cfg, transport=t, dht=d) for t, d in zip(ts, dhts, strict=False)]
 
 
 async def test_peers_after_one_that_went_alone_still_group_without_waiting_for_it() -> None:
@@ -130,8 +138,9 @@ async def test_peers_after_one_that_went_alone_still_group_without_waiting_for_i
         async with asyncio.timeout(60):
             first = await avgs[0].step(tensors[0], weight=1.0, group_key="run/avg/1/4", target_group_size=1)
             assert first.group_size == 1
-            results = await asyncio.gather(*(a.step(t, weight=1.0, group_key="run/avg/1/4", timeout_s=10.0)
-                                             for a, t in zip(avgs[1:], tensors[1:])))
+            results = await asyncio.gather(
+                *(a.step(t, weight=1.0, group_key="run/avg/1/4", timeout_s=10.0) for a, t in zip(avgs[1:], tensors[1:], strict=False))
+            )
     assert all(r.with_others and r.group_size == 2 for r in results)
     for t in tensors[1:]:
         torch.testing.assert_close(flatten_tensors(t).double(), expected, rtol=1e-6, atol=1e-6)
@@ -148,11 +157,23 @@ async def test_a_waiting_peer_leads_once_the_peer_ranked_first_withdraws() -> No
         subkey = owner_subkey(ghost.transport.peer_id)
         expiration = time.time() + 60.0
         info = ghost.my_info(1.0)
-        await ghost.dht.store(key, {"ready_at": info.ready_at - 1.0, "weight": 1.0, "bandwidth": None,
-                                    "client_mode": False, "maddrs": list(info.maddrs)}, expiration, subkey=subkey)
+        await ghost.dht.store(
+            key,
+            {
+                "ready_at": info.ready_at - 1.0,
+                "weight": 1.0,
+                "bandwidth": None,
+                "client_mode": False,
+                "maddrs": list(info.maddrs),
+            },
+            expiration,
+            subkey=subkey,
+        )
         async with asyncio.timeout(60):
-            steps = [asyncio.create_task(a.step(t, weight=1.0, group_key=key, timeout_s=15.0))
-                     for a, t in zip(avgs[1:], tensors)]
+            steps = [
+                asyncio.create_task(a.step(t, weight=1.0, group_key=key, timeout_s=15.0))
+                for a, t in zip(avgs[1:], tensors, strict=False)
+            ]
             try:
                 looking = [a.matchmaker._looking for a in avgs[1:]]
                 await _until(lambda: all(key in lk and lk[key].phase == "waiting" for lk in looking), "both wait")
@@ -173,8 +194,12 @@ async def test_a_late_peer_seeing_only_withdrawn_entries_stops_gathering_at_once
     tensors = [random_tensors(90 + i, SHAPES) for i in range(3)]
     async with swarm(3, _config(matchmaking_time_s=60.0, join_timeout_s=60.0), salt=15) as avgs:
         async with asyncio.timeout(30):
-            pair = await asyncio.gather(*(a.step(t, weight=1.0, group_key="run/avg/0/2", target_group_size=2)
-                                          for a, t in zip(avgs[:2], tensors[:2])))
+            pair = await asyncio.gather(
+                *(
+                    a.step(t, weight=1.0, group_key="run/avg/0/2", target_group_size=2)
+                    for a, t in zip(avgs[:2], tensors[:2], strict=False)
+                )
+            )
             assert all(r.group_size == 2 for r in pair)
             late = await avgs[2].step(tensors[2], weight=1.0, group_key="run/avg/0/2", target_group_size=3)
     assert not late.with_others and late.group_size == 1
@@ -190,20 +215,23 @@ async def test_a_ready_hint_wakes_the_peer_ranked_first_instead_of_its_next_poll
     key = "run/avg/0/11"
     async with swarm(3, _config(poll_interval_s=30.0, join_timeout_s=20.0), salt=16) as avgs:
         async with asyncio.timeout(30):
-            first = asyncio.create_task(avgs[0].step(tensors[0], weight=1.0, group_key=key, target_group_size=2,
-                                                     timeout_s=10.0))
+            first = asyncio.create_task(
+                avgs[0].step(tensors[0], weight=1.0, group_key=key, target_group_size=2, timeout_s=10.0)
+            )
             try:
                 looking = avgs[0].matchmaker._looking
-                await _until(lambda: key in looking and looking[key].seen == {avgs[0].transport.peer_id.to_bytes()},
-                             "peer 0 read the key and found only itself")
+                await _until(
+                    lambda: key in looking and looking[key].seen == {avgs[0].transport.peer_id.to_bytes()},
+                    "peer 0 read the key and found only itself",
+                )
                 me = avgs[0].transport.peer_id
                 seen_ctx = RpcContext(peer_id=me, remote_host="127.0.0.1", remote_port=1, method="avg.ready")
                 assert not (await avgs[0].matchmaker.rpc_ready(seen_ctx, ReadyHint(group_key=key))).woken
-                other_key = await avgs[2].transport.call(me, "avg.ready", ReadyHint(group_key="run/avg/0/12"),
-                                                         ReadyHintReply)
+                other_key = await avgs[2].transport.call(
+                    me, "avg.ready", ReadyHint(group_key="run/avg/0/12"), ReadyHintReply
+                )
                 assert not other_key.woken and not looking[key].wake.is_set()
-                second = await avgs[1].step(tensors[1], weight=2.0, group_key=key, target_group_size=2,
-                                            timeout_s=10.0)
+                second = await avgs[1].step(tensors[1], weight=2.0, group_key=key, target_group_size=2, timeout_s=10.0)
                 results = [await first, second]
             finally:
                 first.cancel()

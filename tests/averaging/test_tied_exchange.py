@@ -34,8 +34,16 @@ def _server(cfg: RunConfig, index: int) -> StageServer:
 
 
 def _service(cfg: RunConfig, t: Transport, server: StageServer, retie_every_steps: int = 0) -> TiedService:
-    service = TiedService(t, cfg.codecs.policy(), run_id="run", num_stages=2, server_of=lambda: server,
-                          rpc_timeout_s=RPC_TIMEOUT_S, hedge_s=0.05, retie_every_steps=retie_every_steps)
+    service = TiedService(
+        t,
+        cfg.codecs.policy(),
+        run_id="run",
+        num_stages=2,
+        server_of=lambda: server,
+        rpc_timeout_s=RPC_TIMEOUT_S,
+        hedge_s=0.05,
+        retie_every_steps=retie_every_steps,
+    )
     service.register()
     return service
 
@@ -45,7 +53,7 @@ def _pair(
 ) -> tuple[StageServer, StageServer, list[TiedService], tuple[int, int]]:
     """A stage-0 and a last-stage server on ``ts[0]`` and ``ts[1]``, their services and tied indices."""
     first, last = _server(cfg, 0), _server(cfg, 1)
-    services = [_service(cfg, t, s, retie_every_steps=retie_every_steps) for t, s in zip(ts, (first, last))]
+    services = [_service(cfg, t, s, retie_every_steps=retie_every_steps) for t, s in zip(ts, (first, last), strict=False)]
     i0, i1 = tied_index(first), tied_index(last)
     assert i0 is not None and i1 is not None
     return first, last, services, (i0, i1)
@@ -59,7 +67,7 @@ def _grads(server: StageServer, seed: int) -> list[torch.Tensor]:
 async def test_a_stuck_peer_of_the_other_stage_costs_the_hedge_not_the_rpc_timeout(cfg: RunConfig) -> None:
     async with transports(3, salt=21) as ts:
         first, stuck, ready = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1)
-        services = [_service(cfg, t, s) for t, s in zip(ts, (first, stuck, ready))]
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, stuck, ready), strict=False)]
         theirs = _grads(ready, 1)[tied_index(ready)]  # type: ignore[index]
         services[2].store.put(0, theirs)  # the stuck peer never finishes step 0
         grads = _grads(first, 2)
@@ -73,7 +81,7 @@ async def test_a_stuck_peer_of_the_other_stage_costs_the_hedge_not_the_rpc_timeo
 async def test_a_peer_past_the_step_without_its_gradient_answers_at_once(cfg: RunConfig) -> None:
     async with transports(2, salt=22) as ts:
         first, moved_on = _server(cfg, 0), _server(cfg, 1)
-        services = [_service(cfg, t, s) for t, s in zip(ts, (first, moved_on))]
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, moved_on), strict=False)]
         moved_on.skip_to(3)  # it downloaded a peer's state of step 3: steps 0..2 never reach its store
         grads = _grads(first, 3)
         mine = grads[tied_index(first)].clone()  # type: ignore[index]
@@ -89,7 +97,7 @@ async def test_a_node_listed_in_the_other_stage_never_asks_itself(
 ) -> None:
     async with transports(2, salt=23) as ts:
         first, other = _server(cfg, 0), _server(cfg, 1)
-        services = [_service(cfg, t, s) for t, s in zip(ts, (first, other))]
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, other), strict=False)]
         theirs = _grads(other, 4)[tied_index(other)]  # type: ignore[index]
         services[1].store.put(5, theirs)
         grads = _grads(first, 5)
@@ -104,7 +112,7 @@ async def test_one_bad_peer_of_three_is_outvoted_to_the_honest_bits(
 ) -> None:
     async with transports(4, salt=24) as ts:
         first, liar, honest_a, honest_b = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1), _server(cfg, 1)
-        services = [_service(cfg, t, s) for t, s in zip(ts, (first, liar, honest_a, honest_b))]
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, liar, honest_a, honest_b), strict=False)]
         theirs = _grads(honest_a, 6)[tied_index(honest_a)]  # type: ignore[index]
         services[1].store.put(2, theirs * -1000)
         services[2].store.put(2, theirs)
@@ -124,7 +132,7 @@ async def test_one_bad_peer_of_three_is_outvoted_to_the_honest_bits(
 async def test_against_one_honest_peer_a_bad_answer_moves_no_value_beyond_the_honest_one(cfg: RunConfig) -> None:
     async with transports(3, salt=25) as ts:
         first, liar, honest = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1)
-        services = [_service(cfg, t, s) for t, s in zip(ts, (first, liar, honest))]
+        services = [_service(cfg, t, s) for t, s in zip(ts, (first, liar, honest), strict=False)]
         index = tied_index(first)
         assert index is not None
         theirs = _grads(honest, 8)[tied_index(honest)]  # type: ignore[index]
@@ -168,8 +176,10 @@ async def test_a_retie_step_makes_drifted_copies_equal_again_and_other_steps_lea
         async def both(step: int) -> tuple[TiedOutcome, TiedOutcome]:
             grads = (_grads(first, 13), _grads(last, 14))
             async with asyncio.timeout(10):
-                a, b = await asyncio.gather(services[0].combine(first, step, grads[0], [ts[1].peer_id]),
-                                            services[1].combine(last, step, grads[1], [ts[0].peer_id]))
+                a, b = await asyncio.gather(
+                    services[0].combine(first, step, grads[0], [ts[1].peer_id]),
+                    services[1].combine(last, step, grads[1], [ts[0].peer_id]),
+                )
             assert a.combined and b.combined and torch.equal(grads[0][i0], grads[1][i1])  # one combined gradient
             return a, b
 
@@ -192,8 +202,10 @@ async def test_a_retie_step_with_equal_copies_changes_nothing(cfg: RunConfig) ->
         first, last, services, (i0, i1) = _pair(cfg, ts, retie_every_steps=1)
         assert torch.equal(first.parameter_copy(i0), last.parameter_copy(i1))  # built tied
         async with asyncio.timeout(10):
-            a, b = await asyncio.gather(services[0].combine(first, 3, _grads(first, 16), [ts[1].peer_id]),
-                                        services[1].combine(last, 3, _grads(last, 17), [ts[0].peer_id]))
+            a, b = await asyncio.gather(
+                services[0].combine(first, 3, _grads(first, 16), [ts[1].peer_id]),
+                services[1].combine(last, 3, _grads(last, 17), [ts[0].peer_id]),
+            )
     assert a == b == TiedOutcome(combined=True)
 
 
@@ -214,7 +226,7 @@ async def test_a_malformed_or_unanswerable_tied_request_is_refused(cfg: RunConfi
 async def test_two_differing_matrices_at_a_retie_step_leave_this_copy_alone(cfg: RunConfig) -> None:
     async with transports(3, salt=29) as ts:
         first, liar, honest = _server(cfg, 0), _server(cfg, 1), _server(cfg, 1)
-        services = [_service(cfg, t, s, retie_every_steps=5) for t, s in zip(ts, (first, liar, honest))]
+        services = [_service(cfg, t, s, retie_every_steps=5) for t, s in zip(ts, (first, liar, honest), strict=False)]
         i0, i1 = tied_index(first), tied_index(honest)
         assert i0 is not None and i1 is not None
         theirs = _grads(honest, 19)[i1]

@@ -37,8 +37,13 @@ def test_part_codec_rejects_wrong_size_garbage_and_unknown_names() -> None:
     nan_data = bytearray(b"".join(codec.encode(torch.ones(10))))
     nan_data[-4:] = torch.tensor([float("nan")]).numpy().tobytes()
     out = torch.full((11,), 7.0)
-    for bad, slot in ((data, out), (data, out[:9]), (b"\x00" * 40, out[:10]), (data[:-4], out[:10]),
-                      (bytes(nan_data), out[:10])):  # wrong size either way, garbage, truncated, NaN
+    for bad, slot in (
+        (data, out),
+        (data, out[:9]),
+        (b"\x00" * 40, out[:10]),
+        (data[:-4], out[:10]),
+        (bytes(nan_data), out[:10]),
+    ):  # wrong size either way, garbage, truncated, NaN
         with pytest.raises(CodecError):
             codec.decode_into(bad, slot)
         with pytest.raises(CodecError):
@@ -73,8 +78,13 @@ async def test_bad_avg_requests_are_refused_and_the_node_keeps_serving(caplog: p
         assert not (await a.call(b.peer_id, "avg.begin", begin, BeginReply)).accepted
         # parts for a round this peer never agreed to: an error reply
         with pytest.raises(RemoteError, match="not a member"):
-            async with a.open_stream(b.peer_id, "avg.part", PartHeader(group_key="k", round_id=b"r" * 32, weight=1.0),
-                                     PartAck, chunks=_chunks([b"x"])):
+            async with a.open_stream(
+                b.peer_id,
+                "avg.part",
+                PartHeader(group_key="k", round_id=b"r" * 32, weight=1.0),
+                PartAck,
+                chunks=_chunks([b"x"]),
+            ):
                 pass
         # a malformed request (wrong field type): an error reply, the connection stays up
         with pytest.raises(RemoteError):

@@ -18,15 +18,28 @@ from swarm.p2p.maddr import parse_maddr
 from swarm.cli.dht import main
 
 # DHT-only nodes (--role dht): this test exercises the DHT, and training nodes would compete for the CPU
-NODE_CMD = [sys.executable, "-c", "from swarm.cli.node import main; main()", "start", "--role", "dht",
-            "--log-level", "WARNING"]
+NODE_CMD = [
+    sys.executable,
+    "-c",
+    "from swarm.cli.node import main; main()",
+    "start",
+    "--role",
+    "dht",
+    "--log-level",
+    "WARNING",
+]
 JOIN_DEADLINE_S = 60.0
 
 
 def _spawn(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*NODE_CMD, "--data-dir", str(tmp_path / name), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    return subprocess.Popen(
+        [*NODE_CMD, "--data-dir", str(tmp_path / name), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
 
 
 def _maddr(proc: subprocess.Popen[str]) -> str:
@@ -87,8 +100,17 @@ def test_swarm_dht_inspects_a_local_swarm(tmp_path: Path) -> None:
         key = tmp_path / "me.pem"
         me = Identity.from_seed(b"\x05" * 32)
         me.save(key)
-        code, out = _cli("put", "run1/peers", '{"role": "driver", "stage": 0}', "--ttl", "60", "--owned",
-                         "--identity", str(key), env=env)
+        code, out = _cli(
+            "put",
+            "run1/peers",
+            '{"role": "driver", "stage": 0}',
+            "--ttl",
+            "60",
+            "--owned",
+            "--identity",
+            str(key),
+            env=env,
+        )
         assert code == 0, out
         code, out = _cli("get", "run1/peers", "--latest", "--json", env=env)
         rows = json.loads(out)

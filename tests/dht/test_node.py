@@ -190,16 +190,27 @@ async def test_churn_gets_succeed_and_are_bounded(failure: str) -> None:
     """30% of nodes stop without warning: their port refuses connections ("closed"), or accepts and never
     answers ("blackholed", like a frozen machine). Gets still succeed and stay within ~1.5 x rpc_timeout_s."""
     blackholes: list[asyncio.Server] = []
-    transport = TransportConfig(listen_maddrs=LOOPBACK, idle_timeout_s=5.0, connect_timeout_s=1.0,
-                                handshake_timeout_s=1.0)
+    transport = TransportConfig(
+        listen_maddrs=LOOPBACK, idle_timeout_s=5.0, connect_timeout_s=1.0, handshake_timeout_s=1.0
+    )
     try:
-        async with asyncio.timeout(240), swarm(30, seed=7, bucket_size=8, rpc_timeout_s=1.0, slow_after_s=0.3,
-                                               lookup_timeout_s=1.5, transport=transport) as s:
+        async with (
+            asyncio.timeout(240),
+            swarm(
+                30,
+                seed=7,
+                bucket_size=8,
+                rpc_timeout_s=1.0,
+                slow_after_s=0.3,
+                lookup_timeout_s=1.5,
+                transport=transport,
+            ) as s,
+        ):
             now = time.time()
             keys = [f"c{i}" for i in range(40)]
             for i, key in enumerate(keys):
                 assert await s.nodes[i % 30].store(key, i, now + 300)
-            for node in s.rng.sample(s.nodes[1:], 8) + [s.nodes[0]]:  # the bootstrap node leaves too
+            for node in [*s.rng.sample(s.nodes[1:], 8), s.nodes[0]]:  # the bootstrap node leaves too
                 host_port = parse_maddr(node.listen_maddrs[0])
                 await node.shutdown()
                 if failure == "blackholed":
@@ -263,8 +274,10 @@ async def test_validators_and_custom_storage_plug_in() -> None:
     storage = MemoryStorage(StorageConfig(max_records=10, max_records_per_source=10), clock=clock)
     async with asyncio.timeout(30), swarm(3, validators=(_EvenValues(),), clock=clock) as s:
         lax = await s.add(dht_config(clock=clock))  # a node without the schema
-        mine = DHT.create(dht_config(initial_peers=(s.nodes[0].listen_maddrs[0],), clock=clock,
-                                     validators=(_EvenValues(),)), storage=storage)
+        mine = DHT.create(
+            dht_config(initial_peers=(s.nodes[0].listen_maddrs[0],), clock=clock, validators=(_EvenValues(),)),
+            storage=storage,
+        )
         async with mine:
             assert await mine.store("even/a", 2, clock() + 30)
             assert storage.get(key_id_of("even/a"))  # the injected storage holds what this node keeps
@@ -280,8 +293,11 @@ async def test_a_dht_on_a_shared_transport_stops_serving_on_shutdown_and_a_new_o
     """The transport outlives the DHT: after shutdown its dht.* methods answer `unknown_method`, and a new DHT
     can register on the same transport and serve."""
     identity = make_identity(0, salt="shared")
-    async with asyncio.timeout(30), Transport(identity, TransportConfig(listen_maddrs=LOOPBACK)) as shared, \
-            DHT.create(dht_config(), identity=make_identity(1, salt="shared")) as other:
+    async with (
+        asyncio.timeout(30),
+        Transport(identity, TransportConfig(listen_maddrs=LOOPBACK)) as shared,
+        DHT.create(dht_config(), identity=make_identity(1, salt="shared")) as other,
+    ):
         async with DHT.create(dht_config(), identity=identity, transport=shared):
             reply = await other.transport.call(shared.listen_maddrs[0], "dht.ping", PingRequest(), PingReply)
             assert reply.peer.peer_id == identity.peer_id.to_bytes()

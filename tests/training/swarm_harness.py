@@ -14,8 +14,16 @@ from swarm.p2p import Transport, TransportConfig
 from swarm.run.config import RunConfig
 from swarm.training.trainer import TrainingConfig, TrainingRole
 
-FAST = dict(record_period_s=1.0, poll_interval_s=0.1, view_interval_s=0.1, behind_grace_s=1.0, matchmaking_time_s=2.0,
-            rpc_timeout_s=3.0, dht_timeout_s=3.0, rebalance_interval_s=0)
+FAST = dict(
+    record_period_s=1.0,
+    poll_interval_s=0.1,
+    view_interval_s=0.1,
+    behind_grace_s=1.0,
+    matchmaking_time_s=2.0,
+    rpc_timeout_s=3.0,
+    dht_timeout_s=3.0,
+    rebalance_interval_s=0,
+)
 
 
 @dataclass
@@ -53,8 +61,9 @@ class Swarm:
         identity = Identity.from_seed(bytes([seed + 1]) * 32)
         transport = Transport(identity, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=3.0))
         await transport.start()
-        dht = DHT.create(DHTConfig(initial_peers=(self.bootstrap,) if self.bootstrap else ()),
-                         identity=identity, transport=transport)
+        dht = DHT.create(
+            DHTConfig(initial_peers=(self.bootstrap,) if self.bootstrap else ()), identity=identity, transport=transport
+        )
         await dht.start()
         if self.bootstrap is None:
             self.bootstrap = transport.listen_maddrs[0]
@@ -65,8 +74,9 @@ class Swarm:
         node.task = asyncio.create_task(role.run(node.stop))
         self.nodes.append(node)
         async with asyncio.timeout(timeout_s):
-            done, _ = await asyncio.wait([node.task, asyncio.ensure_future(serving.wait())],
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [node.task, asyncio.ensure_future(serving.wait())], return_when=asyncio.FIRST_COMPLETED
+            )
         if node.task in done:
             node.task.result()  # raises the role's error (e.g. a refused config)
         return node
@@ -90,8 +100,9 @@ class Swarm:
 def small_run(target_batch_size: int = 64, microbatch_size: int = 16) -> RunConfig:
     """The default run with a smaller step (tests need steps, not a good model)."""
     run = RunConfig.from_toml()
-    return dataclasses.replace(run, batch=dataclasses.replace(run.batch, target_batch_size=target_batch_size,
-                                                              microbatch_size=microbatch_size))
+    return dataclasses.replace(
+        run, batch=dataclasses.replace(run.batch, target_batch_size=target_batch_size, microbatch_size=microbatch_size)
+    )
 
 
 def stage_weights(node: LiveNode) -> list[torch.Tensor]:
@@ -99,4 +110,3 @@ def stage_weights(node: LiveNode) -> list[torch.Tensor]:
     assert server is not None
     with server.lock:
         return [p.detach().clone() for p in server.model.parameters()]
-

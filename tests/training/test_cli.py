@@ -22,14 +22,39 @@ from tests.training.swarm_harness import Swarm, small_run, stage_weights
 @pytest.mark.timeout(240)
 def test_local_swarm_trains_and_prints_the_json_summary(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", "4", "--steps", "6", "--json",
-         "--run-dir", str(tmp_path / "run"), "--timeout", "200"],
-        capture_output=True, text=True, timeout=230, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli.node",
+            "local",
+            "--nodes",
+            "4",
+            "--steps",
+            "6",
+            "--json",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--timeout",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=230,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("steps", "initial_loss", "final_loss", "loss_floor", "stages", "samples", "samples_per_s",
-                "elapsed_s", "run_dir"):
+    for key in (
+        "steps",
+        "initial_loss",
+        "final_loss",
+        "loss_floor",
+        "stages",
+        "samples",
+        "samples_per_s",
+        "elapsed_s",
+        "run_dir",
+    ):
         assert key in summary
     assert summary["steps"] == 6
     assert summary["final_loss"] < summary["initial_loss"] - 0.3
@@ -56,14 +81,23 @@ async def test_export_gathers_all_stages_and_stages_command_shows_them(tmp_path:
         model = PipelineModel(build_stages(run))
         model.load_state_dict(load_file(str(out)))
         for stage, node in enumerate(nodes):
-            for p, q in zip(model.stages[stage].parameters(), stage_weights(node)):
+            for p, q in zip(model.stages[stage].parameters(), stage_weights(node), strict=False):
                 assert torch.equal(p, q)
         config = tmp_path / "run.toml"
         config.write_text(run.to_toml())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from swarm.cli.dht import main; main()", "--initial-peers", swarm.bootstrap,
-            "stages", "--config", str(config), "--json",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-c",
+            "from swarm.cli.dht import main; main()",
+            "--initial-peers",
+            swarm.bootstrap,
+            "stages",
+            "--config",
+            str(config),
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         async with asyncio.timeout(60):
             stdout, stderr = await proc.communicate()
         assert proc.returncode == 0, stderr.decode()[-2000:]

@@ -74,7 +74,9 @@ def test_unreadable_or_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 def test_codec_parameters_reach_the_policy(tmp_path: Path) -> None:
     defaults = RunConfig.from_toml().codecs.policy()
     assert (defaults.topk_fraction, defaults.blockwise8_blocksize) == (
-        CodecPolicy().topk_fraction, CodecPolicy().blockwise8_blocksize)
+        CodecPolicy().topk_fraction,
+        CodecPolicy().blockwise8_blocksize,
+    )
     path = tmp_path / "run.toml"
     path.write_text("[codecs]\nallreduce = 'topk'\ntopk_fraction = 0.25\nblockwise8_blocksize = 256\n")
     cfg = RunConfig.from_toml(path)

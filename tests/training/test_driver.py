@@ -38,12 +38,22 @@ class InProcessClient:
             raise TransportError(f"{peer} is gone")
         return self.servers[peer]
 
-    async def forward(self, peer: str, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor) -> torch.Tensor:
+    async def forward(
+        self, peer: str, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor
+    ) -> torch.Tensor:
         return self._server(peer, "forward").forward(inputs, step=step, microbatch_id=microbatch_id)
 
-    async def backward(self, peer: str, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor,
-                       grad_outputs: torch.Tensor | None = None,
-                       targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float | None]:
+    async def backward(
+        self,
+        peer: str,
+        *,
+        stage: int,
+        step: int,
+        microbatch_id: str,
+        inputs: torch.Tensor,
+        grad_outputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, float | None]:
         server = self._server(peer, "backward")
         if targets is not None:
             loss, grad = server.loss_backward(inputs, targets, step=step, microbatch_id=microbatch_id)
@@ -59,8 +69,14 @@ def server(cfg: RunConfig, index: int) -> StageServer:
 
 def make_driver(cfg: RunConfig, client: InProcessClient, layout: dict[int, list[str]], step: list[int]) -> Driver:
     selectors = [PeerSelector(WiringConfig(), clock=Clock(), rng=random.Random(s)) for s in range(2)]
-    return Driver(DriverConfig(retry_wait_s=0.0, stale_wait_s=0.0, max_stale_retries=5), num_stages=2, client=client,
-                  peers_of=lambda s: layout[s], selectors=selectors, step_of=lambda: step[0])
+    return Driver(
+        DriverConfig(retry_wait_s=0.0, stale_wait_s=0.0, max_stale_retries=5),
+        num_stages=2,
+        client=client,
+        peers_of=lambda s: layout[s],
+        selectors=selectors,
+        step_of=lambda: step[0],
+    )
 
 
 async def test_microbatch_routes_around_a_dead_replica_and_counts_once() -> None:

@@ -24,8 +24,12 @@ async def test_a_node_that_cannot_join_a_gone_node_0_names_node_0(tmp_path: Path
     with socket.socket() as closed_port:  # bound, never listening: a connection to it is refused
         closed_port.bind(("127.0.0.1", 0))
         port = closed_port.getsockname()[1]
-        node0 = NodeProcess(index=0, proc=gone, folder=tmp_path / "node-0",
-                            maddr=f"/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWD4oUCEqMkJoy8GnVejN4YbdsgCiy778xScgZ7SrMn5QN")
+        node0 = NodeProcess(
+            index=0,
+            proc=gone,
+            folder=tmp_path / "node-0",
+            maddr=f"/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWD4oUCEqMkJoy8GnVejN4YbdsgCiy778xScgZ7SrMn5QN",
+        )
         cfg = LaunchConfig(num_nodes=2, steps=3, run_dir=tmp_path, start_timeout_s=60.0)
         with pytest.raises(SwarmError) as caught:
             async with asyncio.timeout(90):

@@ -19,13 +19,28 @@ DEADLINE_S = 90.0
 
 def _start(tmp_path: Path, i: int, config: Path, bootstrap: str | None) -> tuple[subprocess.Popen[str], Path]:
     log = tmp_path / f"node-{i}.log"
-    args = [sys.executable, "-m", "swarm.cli.node", "start", "--data-dir", str(tmp_path / f"n{i}"), "--config", str(config),
-            "--start-after-peers", "4"]
+    args = [
+        sys.executable,
+        "-m",
+        "swarm.cli.node",
+        "start",
+        "--data-dir",
+        str(tmp_path / f"n{i}"),
+        "--config",
+        str(config),
+        "--start-after-peers",
+        "4",
+    ]
     if bootstrap:
         args += ["--initial-peers", bootstrap]
     with open(log, "w") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        )
     return proc, log
 
 

@@ -26,8 +26,13 @@ def cfg() -> RunConfig:
     return RunConfig.from_toml()
 
 
-def run_microbatch(servers: list[StageServer], inputs: torch.Tensor, targets: torch.Tensor, mb: str,
-                   backward_servers: list[StageServer] | None = None) -> float:
+def run_microbatch(
+    servers: list[StageServer],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    mb: str,
+    backward_servers: list[StageServer] | None = None,
+) -> float:
     backward_servers = backward_servers or servers
     acts = [inputs]
     for s in servers[:-1]:
@@ -50,8 +55,11 @@ def test_pipeline_mean_gradients_equal_single_process(cfg: RunConfig) -> None:
     for b in batches:
         (reference.loss(b.inputs, b.targets) * b.num_samples / total).backward()
     assert all(s.samples == total for s in servers)
-    got = {f"stages.{s.index}.{name}": g for s in servers
-           for (name, _), g in zip(s.model.named_parameters(), s.mean_gradients())}
+    got = {
+        f"stages.{s.index}.{name}": g
+        for s in servers
+        for (name, _), g in zip(s.model.named_parameters(), s.mean_gradients(), strict=False)
+    }
     tied = [f"stages.{s.index}.{s.model.tied_name}" for s in servers]
     assert tied == ["stages.0.body.0.tokens.weight", "stages.1.body.1.weight"]
     got[tied[0]] = got[tied[0]] + got.pop(tied[1])  # what swarm.training.tied does across the two stages
@@ -70,7 +78,7 @@ def test_backward_on_another_replica_recomputes(cfg: RunConfig) -> None:
     fresh = [make_server(cfg, i) for i in range(2)]
     run_microbatch(b, mb.inputs, mb.targets, "x", backward_servers=fresh)
     assert b[0].samples == 0 and fresh[0].samples == mb.num_samples
-    for g, w in zip([g for s in fresh for g in s.mean_gradients()], ref):
+    for g, w in zip([g for s in fresh for g in s.mean_gradients()], ref, strict=False):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
@@ -103,21 +111,21 @@ def test_apply_step_updates_and_checkpoint_round_trips(cfg: RunConfig, tmp_path:
     before = [p.detach().clone() for p in s.parameters()]
     s.apply_step(s.mean_gradients())
     assert s.step == 1 and s.samples == 0
-    assert any(not torch.equal(a, p) for a, p in zip(before, s.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, s.parameters(), strict=False))
     state = capture_state(s.model, s.optimizer, run_id=cfg.run_id, stage=1, step=s.step)
     save_state(tmp_path / "stage.safetensors", state)
     loaded = load_state(tmp_path / "stage.safetensors")
     assert loaded.step == 1 and set(loaded.tensors) == set(state.tensors)
     other = make_server(cfg, 1)
     apply_state(other.model, other.optimizer, loaded, run_id=cfg.run_id, stage=1)
-    for p, q in zip(other.parameters(), s.parameters()):
+    for p, q in zip(other.parameters(), s.parameters(), strict=False):
         assert torch.equal(p, q)
     # the same gradient applied to both gives the same weights: the optimizer state came along
     grads = [torch.ones_like(p) for p in s.parameters()]
     s.apply_step(grads)
     other.step = 1
     other.apply_step(grads)
-    for p, q in zip(other.parameters(), s.parameters()):
+    for p, q in zip(other.parameters(), s.parameters(), strict=False):
         torch.testing.assert_close(p, q)
     with pytest.raises(CheckpointError, match="stage"):
         apply_state(other.model, other.optimizer, loaded, run_id=cfg.run_id, stage=0)
@@ -136,10 +144,21 @@ async def test_stage_service_refuses_work_for_caught_peers(cfg: RunConfig) -> No
 
     server = make_server(cfg, 0)
     cheater, honest = Identity.generate().peer_id, Identity.generate().peer_id
-    service = StageService(transport=None, policy=cfg.codecs.policy(), run_id=cfg.run_id,  # type: ignore[arg-type]
-                           server_of=lambda: server, refuse=lambda peer: peer == cheater)
+    service = StageService(
+        transport=None,
+        policy=cfg.codecs.policy(),
+        run_id=cfg.run_id,  # type: ignore[arg-type]
+        server_of=lambda: server,
+        refuse=lambda peer: peer == cheater,
+    )
     tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
-    req = ForwardRequest(run_id=cfg.run_id, stage=0, step=0, microbatch_id="mb", inputs=encode(tokens, cfg.codecs.policy(), Role.ACTIVATIONS))
+    req = ForwardRequest(
+        run_id=cfg.run_id,
+        stage=0,
+        step=0,
+        microbatch_id="mb",
+        inputs=encode(tokens, cfg.codecs.policy(), Role.ACTIVATIONS),
+    )
 
     def ctx(peer):
         return RpcContext(peer_id=peer, remote_host="127.0.0.1", remote_port=1, method="stage.forward")

@@ -31,10 +31,12 @@ async def test_four_nodes_train_two_per_stage_and_replicas_agree() -> None:
         assert losses and last and max(last) < min(losses) - 0.2
         for stage in (0, 1):
             a, b = [n for n in nodes if n.role.server.index == stage]
-            for p, q in zip(stage_weights(a), stage_weights(b)):
+            for p, q in zip(stage_weights(a), stage_weights(b), strict=False):
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-        embedding, head = (dict(n.role.server.model.named_parameters())[n.role.server.model.tied_name]
-                           for n in sorted(nodes[:2], key=lambda n: n.role.server.index))
+        embedding, head = (
+            dict(n.role.server.model.named_parameters())[n.role.server.model.tied_name]
+            for n in sorted(nodes[:2], key=lambda n: n.role.server.index)
+        )
         initial = dict(build_stages(small_run())[0].named_parameters())["body.0.tokens.weight"]
         assert not torch.equal(embedding, initial)  # trained, and still tied to the head across the two stages
         torch.testing.assert_close(embedding, head, rtol=1e-5, atol=1e-6)
@@ -94,17 +96,26 @@ async def test_activation_of_wrong_shape_or_dtype_is_rejected_and_node_keeps_ser
         m = run.model
 
         def request(x: torch.Tensor) -> ForwardRequest:
-            return ForwardRequest(run_id=run.run_id, stage=1, step=server.role.server.step, microbatch_id="t",
-                                  inputs=serialize_tensor(x, codec))
+            return ForwardRequest(
+                run_id=run.run_id,
+                stage=1,
+                step=server.role.server.step,
+                microbatch_id="t",
+                inputs=serialize_tensor(x, codec),
+            )
 
         with pytest.raises(RemoteError, match="shape"):
             await caller.transport.call(target, "stage.forward", request(torch.zeros(2, m.seq_len, 7)), ForwardReply)
         with pytest.raises(RemoteError, match="float32"):
-            await caller.transport.call(target, "stage.forward", request(torch.zeros(2, m.seq_len, m.d_model, dtype=torch.int64)), ForwardReply)
+            await caller.transport.call(
+                target, "stage.forward", request(torch.zeros(2, m.seq_len, m.d_model, dtype=torch.int64)), ForwardReply
+            )
         with pytest.raises(RemoteError, match="undecodable"):
             bad = dataclasses.replace(request(torch.zeros(2, m.seq_len, m.d_model)), inputs=b"garbage")
             await caller.transport.call(target, "stage.forward", bad, ForwardReply)
-        good = await caller.transport.call(target, "stage.forward", request(torch.zeros(2, m.seq_len, m.d_model)), ForwardReply)
+        good = await caller.transport.call(
+            target, "stage.forward", request(torch.zeros(2, m.seq_len, m.d_model)), ForwardReply
+        )
         assert good.outputs  # the node kept serving
     finally:
         await swarm.close()
@@ -114,7 +125,9 @@ async def test_restarted_nodes_resume_from_their_checkpoints(tmp_path: Path) -> 
     run = small_run()
     swarm = Swarm(run)
     try:
-        nodes = [await swarm.add(seed=50 + i, stage=i, max_steps=3, checkpoint_dir=tmp_path / f"n{i}") for i in range(2)]
+        nodes = [
+            await swarm.add(seed=50 + i, stage=i, max_steps=3, checkpoint_dir=tmp_path / f"n{i}") for i in range(2)
+        ]
         async with asyncio.timeout(60):
             await asyncio.gather(*(n.task for n in nodes))
         saved = stage_weights(nodes[1])
@@ -125,7 +138,7 @@ async def test_restarted_nodes_resume_from_their_checkpoints(tmp_path: Path) -> 
     try:
         again = [await swarm.add(seed=50 + i, stage=i, checkpoint_dir=tmp_path / f"n{i}") for i in range(2)]
         assert [n.role.server.step for n in again] == [3, 3]
-        for p, q in zip(stage_weights(again[1]), saved):
+        for p, q in zip(stage_weights(again[1]), saved, strict=False):
             assert torch.equal(p, q)
     finally:
         await swarm.close()

@@ -18,8 +18,12 @@ def test_view_parses_records_and_skips_malformed_ones() -> None:
         "not-an-owner": ValueWithExpiration(record.to_wire(), 1e12),
         owner_subkey(c): ValueWithExpiration({**record.to_wire(), "stage": 0, "step": 3}, 1e12),
     }
-    progress = {owner_subkey(c): ValueWithExpiration(ProgressRecord(step=3, samples=32, samples_per_s=9.0, loss=2.5).to_wire(), 1e12),
-                owner_subkey(a): ValueWithExpiration({"step": 3}, 1e12)}
+    progress = {
+        owner_subkey(c): ValueWithExpiration(
+            ProgressRecord(step=3, samples=32, samples_per_s=9.0, loss=2.5).to_wire(), 1e12
+        ),
+        owner_subkey(a): ValueWithExpiration({"step": 3}, 1e12),
+    }
     view = SwarmView.parse(peers, progress)
     assert set(view.peers) == {a, c}
     assert view.stage_peers(1) == [a] and view.newest_step(1) == (a, 7)

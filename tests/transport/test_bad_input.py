@@ -78,9 +78,15 @@ async def _still_serves(server: Transport, make_transport: MakeTransport) -> Non
 
 @pytest.fixture
 async def server(make_transport: MakeTransport) -> Transport:
-    t = await make_transport("server", handshake_timeout_s=1.0, idle_timeout_s=1.0, write_timeout_s=0.5,
-                             write_buffer_high_bytes=65535, max_frame_size_bytes=1 << 20,
-                             max_message_size_bytes=1 << 19)
+    t = await make_transport(
+        "server",
+        handshake_timeout_s=1.0,
+        idle_timeout_s=1.0,
+        write_timeout_s=0.5,
+        write_buffer_high_bytes=65535,
+        max_frame_size_bytes=1 << 20,
+        max_message_size_bytes=1 << 19,
+    )
     t.register("test.echo", Echo, _echo)
     return t
 
@@ -101,14 +107,18 @@ async def test_random_bytes(server: Transport, make_transport: MakeTransport, ca
         await _still_serves(server, make_transport)
 
 
-async def test_never_finishing_the_handshake(server: Transport, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture) -> None:
+async def test_never_finishing_the_handshake(
+    server: Transport, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
     peer = await RawPeer.connect(server)
     await _expect_closed(peer, caplog, "handshake not finished within handshake_timeout_s=1.0s")
     async with asyncio.timeout(DEADLINE_S):
         await _still_serves(server, make_transport)
 
 
-async def test_handshake_with_the_wrong_key(server: Transport, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture) -> None:
+async def test_handshake_with_the_wrong_key(
+    server: Transport, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
     peer = await RawPeer.connect(server)
     async with asyncio.timeout(DEADLINE_S):
         await peer.handshake(sign_other_key=True)
@@ -180,7 +190,9 @@ async def test_malformed_request_gets_an_error_reply_and_the_connection_stays(
 async def test_peer_that_stops_reading_mid_stream(
     server: Transport, make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def firehose(ctx: RpcContext, header: Echo, chunks: AsyncIterator[bytes]) -> tuple[Echo, AsyncIterator[bytes]]:
+    async def firehose(
+        ctx: RpcContext, header: Echo, chunks: AsyncIterator[bytes]
+    ) -> tuple[Echo, AsyncIterator[bytes]]:
         async def out() -> AsyncIterator[bytes]:
             for _ in range(256):
                 yield bytes(1 << 20)

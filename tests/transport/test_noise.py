@@ -96,8 +96,10 @@ def test_identity_payload_binds_the_static_key() -> None:
     static_pub = static.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     payload = make_payload(identity, static)
     assert verify_payload(payload, static_pub) == identity.peer_id
-    other_pub = X25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    other_pub = (
+        X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
     with pytest.raises(HandshakeError, match="does not match its Noise static key"):
         verify_payload(payload, other_pub)

@@ -128,7 +128,9 @@ async def test_read_buffer_grows_under_bulk_data_and_trims_back_when_quiet() -> 
             await server.wait_closed()
 
 
-async def test_transport_reaper_trims_a_grown_buffer(make_transport: MakeTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_transport_reaper_trims_a_grown_buffer(
+    make_transport: MakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
     resized: list[int] = []
     trimmed = asyncio.Event()
     original = Connection._resize_read_buffer

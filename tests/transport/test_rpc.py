@@ -60,7 +60,9 @@ async def test_concurrent_calls_share_one_connection(make_transport: MakeTranspo
     server.register("test.slow", Echo, slow)
     client.add_addresses(server.peer_id, [parse_maddr(server.listen_maddrs[0])])
     async with asyncio.timeout(20):
-        replies = await asyncio.gather(*(client.call(server.peer_id, "test.slow", Echo(number=i), Echo) for i in range(50)))
+        replies = await asyncio.gather(
+            *(client.call(server.peer_id, "test.slow", Echo(number=i), Echo) for i in range(50))
+        )
     assert [r.number for r in replies] == list(range(50))
     assert len(client._all) == 1 and len(server._all) == 1  # reused, not one connection per call
 
@@ -86,7 +88,9 @@ async def test_deadline_cancels_the_remote_handler(make_transport: MakeTransport
         assert (await client.call(server.peer_id, "test.echo", Echo(number=5), Echo)).number == 6
 
 
-async def test_errors_become_remote_errors_and_the_connection_stays(make_transport: MakeTransport, caplog: pytest.LogCaptureFixture) -> None:
+async def test_errors_become_remote_errors_and_the_connection_stays(
+    make_transport: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
     server, client = await make_transport(), await make_transport()
 
     async def fail(ctx: RpcContext, request: Echo) -> Echo:
@@ -181,7 +185,9 @@ async def test_stream_both_directions_keeps_chunk_boundaries(make_transport: Mak
     server.register_stream("test.reverse", Echo, reverse)
     sent = [chunk async for chunk in _chunks(5_000_000, 300_000)]
     async with asyncio.timeout(30):
-        async with client.open_stream(server.listen_maddrs[0], "test.reverse", Echo(), Echo, chunks=_chunks(5_000_000, 300_000)) as s:
+        async with client.open_stream(
+            server.listen_maddrs[0], "test.reverse", Echo(), Echo, chunks=_chunks(5_000_000, 300_000)
+        ) as s:
             assert s.reply.number == len(sent)
             got = [chunk async for chunk in s.chunks()]
     assert got == list(reversed(sent))
@@ -257,7 +263,9 @@ async def test_stream_without_chunks_and_unary_reply(make_transport: MakeTranspo
     async with asyncio.timeout(10):
         async with client.open_stream(server.listen_maddrs[0], "test.count", Echo(), Echo) as s:
             assert s.reply.number == 0 and [c async for c in s.chunks()] == []
-        async with client.open_stream(server.listen_maddrs[0], "test.count", Echo(), Echo, chunks=_chunks(1000, 10)) as s:
+        async with client.open_stream(
+            server.listen_maddrs[0], "test.count", Echo(), Echo, chunks=_chunks(1000, 10)
+        ) as s:
             assert s.reply.number == 1000
 
 
@@ -343,7 +351,9 @@ async def test_idle_connections_close_and_reconnect(make_transport: MakeTranspor
         await client.call(server.listen_maddrs[0], "test.echo", Echo(), Echo)
         await gone.wait()
         assert client.connected_peers() == []
-        assert (await client.call(server.peer_id, "test.echo", Echo(number=2), Echo)).number == 3  # redials from the book
+        assert (
+            await client.call(server.peer_id, "test.echo", Echo(number=2), Echo)
+        ).number == 3  # redials from the book
 
 
 async def test_callbacks_disconnect_and_ping(make_transport: MakeTransport) -> None:
@@ -367,7 +377,8 @@ async def test_simultaneous_dials_are_safe(make_transport: MakeTransport) -> Non
     async with asyncio.timeout(10):
         for _ in range(3):
             r1, r2 = await asyncio.gather(
-                a.call(b.peer_id, "test.echo", Echo(number=1), Echo), b.call(a.peer_id, "test.echo", Echo(number=2), Echo)
+                a.call(b.peer_id, "test.echo", Echo(number=1), Echo),
+                b.call(a.peer_id, "test.echo", Echo(number=2), Echo),
             )
             assert (r1.number, r2.number) == (2, 3)
     assert len(a._all) <= 2 and len(b._all) <= 2

@@ -38,7 +38,9 @@ async def test_receiver_that_never_reads_times_the_sender_out(make_transport: Ma
     server.register("test.echo", Echo, _echo)
     async with asyncio.timeout(DEADLINE_S):
         with pytest.raises(RpcTimeoutError, match="test.ignore"):
-            async with client.open_stream(server.listen_maddrs[0], "test.ignore", Echo(), Echo, chunks=many(), timeout_s=1.0):
+            async with client.open_stream(
+                server.listen_maddrs[0], "test.ignore", Echo(), Echo, chunks=many(), timeout_s=1.0
+            ):
                 pass
         assert (await client.call(server.listen_maddrs[0], "test.echo", Echo(), Echo)).number == 1
 
@@ -110,7 +112,9 @@ async def test_oversized_chunk_request_and_reply_fail_clearly(make_transport: Ma
 async def test_unary_call_to_a_streaming_reply_fails_clearly(make_transport: MakeTransport) -> None:
     server, client = await make_transport(), await make_transport()
 
-    async def download(ctx: RpcContext, header: Echo, chunks: AsyncIterator[bytes]) -> tuple[Echo, AsyncIterator[bytes]]:
+    async def download(
+        ctx: RpcContext, header: Echo, chunks: AsyncIterator[bytes]
+    ) -> tuple[Echo, AsyncIterator[bytes]]:
         return Echo(), _one(10)
 
     server.register_stream("test.download", Echo, download)
@@ -162,6 +166,8 @@ async def test_one_gib_stream_uses_bounded_memory(make_transport: MakeTransport)
 
     server.register_stream("test.sink", Echo, sink)
     async with asyncio.timeout(120):
-        async with client.open_stream(server.listen_maddrs[0], "test.sink", Echo(), Echo, chunks=one_gib(), timeout_s=60) as s:
+        async with client.open_stream(
+            server.listen_maddrs[0], "test.sink", Echo(), Echo, chunks=one_gib(), timeout_s=60
+        ) as s:
             assert s.reply.number == 1 << 30
     assert peak - baseline < 256 << 20, f"RSS grew by {(peak - baseline) >> 20} MiB while streaming 1 GiB"

@@ -43,8 +43,16 @@ CFG = RewardConfig(window_steps=10)
 
 
 def client(identity: Identity, maddr: str) -> DHT:
-    return DHT.create(DHTConfig(initial_peers=(maddr,), client_mode=True, rpc_timeout_s=3.0,
-                                transport=TransportConfig(), maintenance_interval_s=3600.0), identity=identity)
+    return DHT.create(
+        DHTConfig(
+            initial_peers=(maddr,),
+            client_mode=True,
+            rpc_timeout_s=3.0,
+            transport=TransportConfig(),
+            maintenance_interval_s=3600.0,
+        ),
+        identity=identity,
+    )
 
 
 async def populate(maddr: str) -> None:
@@ -53,35 +61,83 @@ async def populate(maddr: str) -> None:
         for run in ("good", "tampered"):
             prev = None
             for window in (0, 1):
-                claim = WorkClaim(run_id=run, step=10 * window + 1, stage=0, server=server.peer_id.to_bytes(),
-                                  caller=caller.peer_id.to_bytes(), microbatch_id=f"mb-{window}", kind="forward",
-                                  input_hash=digest_parts([b"i"]), output_hash=digest_parts([b"o"]), num_samples=2)
-                batch = ReceiptBatch(run_id=run, window=window, publisher=caller.peer_id.to_bytes(),
-                                     receipts=[sign_receipt(caller, claim, sign_ack(server, claim))])
+                claim = WorkClaim(
+                    run_id=run,
+                    step=10 * window + 1,
+                    stage=0,
+                    server=server.peer_id.to_bytes(),
+                    caller=caller.peer_id.to_bytes(),
+                    microbatch_id=f"mb-{window}",
+                    kind="forward",
+                    input_hash=digest_parts([b"i"]),
+                    output_hash=digest_parts([b"o"]),
+                    num_samples=2,
+                )
+                batch = ReceiptBatch(
+                    run_id=run,
+                    window=window,
+                    publisher=caller.peer_id.to_bytes(),
+                    receipts=[sign_receipt(caller, claim, sign_ack(server, claim))],
+                )
                 assert await publish_receipts(caller_dht, batch, time.time() + 600)
                 receipts = {caller.peer_id: batch}
                 out = compute_rewards(run, window, receipts, {}, [], CFG)
-                att = build_attestation(orch, run_id=run, window=window, term=1, cfg=CFG, outcome=out, receipts=receipts,
-                                        verdicts={}, prev_digest=prev.digest if prev else GENESIS_DIGEST, issued_at=1.0)
+                att = build_attestation(
+                    orch,
+                    run_id=run,
+                    window=window,
+                    term=1,
+                    cfg=CFG,
+                    outcome=out,
+                    receipts=receipts,
+                    verdicts={},
+                    prev_digest=prev.digest if prev else GENESIS_DIGEST,
+                    issued_at=1.0,
+                )
                 if run == "tampered" and window == 1:
                     att = dataclasses.replace(att, shares=[dataclasses.replace(att.shares[0], work=99.0)])
                 assert await publish_attestation(orch_dht, att, time.time() + 600)
                 prev = att
             if run == "good":  # window 0's attestation replayed as window 2's
                 replayed = _first(run, orch, caller, server)
-                assert await orch_dht.store(attestation_key(run, 2), replayed.pack(), time.time() + 600, subkey=owner_subkey(orch.peer_id))
+                assert await orch_dht.store(
+                    attestation_key(run, 2), replayed.pack(), time.time() + 600, subkey=owner_subkey(orch.peer_id)
+                )
 
 
 def _first(run: str, orch: Identity, caller: Identity, server: Identity):
-    claim = WorkClaim(run_id=run, step=1, stage=0, server=server.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
-                      microbatch_id="mb-0", kind="forward", input_hash=digest_parts([b"i"]),
-                      output_hash=digest_parts([b"o"]), num_samples=2)
-    batch = ReceiptBatch(run_id=run, window=0, publisher=caller.peer_id.to_bytes(),
-                         receipts=[sign_receipt(caller, claim, sign_ack(server, claim))])
+    claim = WorkClaim(
+        run_id=run,
+        step=1,
+        stage=0,
+        server=server.peer_id.to_bytes(),
+        caller=caller.peer_id.to_bytes(),
+        microbatch_id="mb-0",
+        kind="forward",
+        input_hash=digest_parts([b"i"]),
+        output_hash=digest_parts([b"o"]),
+        num_samples=2,
+    )
+    batch = ReceiptBatch(
+        run_id=run,
+        window=0,
+        publisher=caller.peer_id.to_bytes(),
+        receipts=[sign_receipt(caller, claim, sign_ack(server, claim))],
+    )
     receipts = {caller.peer_id: batch}
     out = compute_rewards(run, 0, receipts, {}, [], CFG)
-    return build_attestation(orch, run_id=run, window=0, term=1, cfg=CFG, outcome=out, receipts=receipts,
-                             verdicts={}, prev_digest=GENESIS_DIGEST, issued_at=1.0)
+    return build_attestation(
+        orch,
+        run_id=run,
+        window=0,
+        term=1,
+        cfg=CFG,
+        outcome=out,
+        receipts=receipts,
+        verdicts={},
+        prev_digest=GENESIS_DIGEST,
+        issued_at=1.0,
+    )
 
 
 def cli(maddr: str, *args: str) -> tuple[int, str]:
@@ -93,9 +149,15 @@ def cli(maddr: str, *args: str) -> tuple[int, str]:
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_attestations_verify_good_replayed_and_tampered(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", DHT_NODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parents[2],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DHT_NODE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("listening on "), line

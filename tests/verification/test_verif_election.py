@@ -10,9 +10,23 @@ from verif_helpers import MemoryStore, make_identity
 from swarm.errors import ConfigError
 from swarm.verification.attestation import fetch_attestations, leader_rank, pick_attestation, verify_attestation
 from swarm.verification.election import (
-    ElectionConfig, Heartbeat, choose_leader, fetch_heartbeats, live_candidates, publish_heartbeat, sign_heartbeat)
+    ElectionConfig,
+    Heartbeat,
+    choose_leader,
+    fetch_heartbeats,
+    live_candidates,
+    publish_heartbeat,
+    sign_heartbeat,
+)
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
-from swarm.verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt, fetch_receipts
+from swarm.verification.receipts import (
+    ReceiptBatch,
+    WorkClaim,
+    publish_receipts,
+    sign_ack,
+    sign_receipt,
+    fetch_receipts,
+)
 from swarm.verification.common import digest_parts
 from swarm.verification.rewards import RewardConfig
 from swarm.verification.verdicts import fetch_verdicts
@@ -34,7 +48,9 @@ def test_leader_rule_is_deterministic_and_skips_dead_candidates():
     beats = [sign_heartbeat(c, run_id=RUN, role="candidate", now=100.0, cfg=ELECTION) for c in ids]
     ranked = sorted((c.peer_id for c in ids), key=lambda p: leader_rank(RUN, p))
     assert choose_leader(beats, RUN, 101.0) == ranked[0] == choose_leader(list(reversed(beats)), RUN, 101.0)
-    fresh = [sign_heartbeat(c, run_id=RUN, role="candidate", now=104.0, cfg=ELECTION) for c in ids if c.peer_id != ranked[0]]
+    fresh = [
+        sign_heartbeat(c, run_id=RUN, role="candidate", now=104.0, cfg=ELECTION) for c in ids if c.peer_id != ranked[0]
+    ]
     assert live_candidates(beats + fresh, RUN, 106.0) == ranked[1:]
     assert choose_leader(beats, RUN, 200.0) is None
     forged = Heartbeat(**{**beats[0].__dict__, "expires_at": 10_000.0})
@@ -62,12 +78,22 @@ def test_configs_name_the_bad_field():
 async def publish_window_receipts(store: MemoryStore, window: int, server, caller) -> None:
     receipts = []
     for step in range(window * 5, window * 5 + 5):
-        claim = WorkClaim(run_id=RUN, step=step, stage=0, server=server.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
-                          microbatch_id=f"mb-{step}", kind="forward", input_hash=digest_parts([b"i"]),
-                          output_hash=digest_parts([b"o"]), num_samples=2)
+        claim = WorkClaim(
+            run_id=RUN,
+            step=step,
+            stage=0,
+            server=server.peer_id.to_bytes(),
+            caller=caller.peer_id.to_bytes(),
+            microbatch_id=f"mb-{step}",
+            kind="forward",
+            input_hash=digest_parts([b"i"]),
+            output_hash=digest_parts([b"o"]),
+            num_samples=2,
+        )
         receipts.append(sign_receipt(caller, claim, sign_ack(server, claim)))
-    await publish_receipts(store, ReceiptBatch(run_id=RUN, window=window, publisher=caller.peer_id.to_bytes(),
-                                               receipts=receipts), 1e12)
+    await publish_receipts(
+        store, ReceiptBatch(run_id=RUN, window=window, publisher=caller.peer_id.to_bytes(), receipts=receipts), 1e12
+    )
 
 
 async def test_leader_killed_mid_run_next_attests_within_expiry_and_every_window_once(tmp_path):
@@ -75,9 +101,19 @@ async def test_leader_killed_mid_run_next_attests_within_expiry_and_every_window
     store = MemoryStore(clock=clock)
     cands = [make_identity(f"orch-{i}") for i in range(3)]
     step = {"now": 0}
-    cfg = dict(run_id=RUN, election=ELECTION, rewards=RewardConfig(window_steps=5), settle_steps=1, settle_s=0.0, tick_s=0.5)
-    orchs = {c.peer_id: Orchestrator(c, OrchestratorConfig(**cfg, ledger_path=str(tmp_path / f"{c.peer_id.short()}.jsonl")),
-                                     store, lambda: step["now"], clock=clock) for c in cands}
+    cfg = dict(
+        run_id=RUN, election=ELECTION, rewards=RewardConfig(window_steps=5), settle_steps=1, settle_s=0.0, tick_s=0.5
+    )
+    orchs = {
+        c.peer_id: Orchestrator(
+            c,
+            OrchestratorConfig(**cfg, ledger_path=str(tmp_path / f"{c.peer_id.short()}.jsonl")),
+            store,
+            lambda: step["now"],
+            clock=clock,
+        )
+        for c in cands
+    }
     ranked = sorted(orchs, key=lambda p: leader_rank(RUN, p))
     server, caller = make_identity("server"), make_identity("caller")
     alive = set(orchs)
@@ -115,9 +151,20 @@ async def test_leader_killed_mid_run_next_attests_within_expiry_and_every_window
 
 async def test_background_loop_starts_and_stops():
     store = MemoryStore(clock=lambda: 0.0)
-    orch = Orchestrator(make_identity("solo"), OrchestratorConfig(run_id=RUN, election=ELECTION, tick_s=0.01,
-                                                                   rewards=RewardConfig(window_steps=1), settle_steps=0, settle_s=0.0),
-                        store, lambda: 3, clock=lambda: 0.0)
+    orch = Orchestrator(
+        make_identity("solo"),
+        OrchestratorConfig(
+            run_id=RUN,
+            election=ELECTION,
+            tick_s=0.01,
+            rewards=RewardConfig(window_steps=1),
+            settle_steps=0,
+            settle_s=0.0,
+        ),
+        store,
+        lambda: 3,
+        clock=lambda: 0.0,
+    )
     await orch.start()
     async with asyncio.timeout(5):
         while orch.next_window < 3:
@@ -130,9 +177,16 @@ async def test_orchestrator_waits_settle_s_and_its_own_validator():
     clock = Clock()
     store = MemoryStore(clock=clock)
     checked = {"upto": 0}
-    orch = Orchestrator(make_identity("waiter"), OrchestratorConfig(run_id=RUN, election=ELECTION, settle_s=3.0,
-                                                                    rewards=RewardConfig(window_steps=1), settle_steps=0),
-                        store, lambda: 5, clock=clock, window_ready=lambda w: w < checked["upto"])
+    orch = Orchestrator(
+        make_identity("waiter"),
+        OrchestratorConfig(
+            run_id=RUN, election=ELECTION, settle_s=3.0, rewards=RewardConfig(window_steps=1), settle_steps=0
+        ),
+        store,
+        lambda: 5,
+        clock=clock,
+        window_ready=lambda w: w < checked["upto"],
+    )
     assert await orch.tick() == []  # window 0 just closed: settle_s not over
     clock.now += 3.5
     assert await orch.tick() == []  # settled, but its validator has not checked window 0

@@ -26,16 +26,23 @@ from swarm.verification.replay import CheckConfig, ReceiptChecker
 from swarm.verification.rewards import RewardConfig, compute_rewards
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
 
-RUN = RunConfig.from_dict({"model": {"num_blocks": 2, "d_model": 32, "seq_len": 16},
-                           "pipeline": {"num_stages": 2}, "codecs": {"activations": "fp16"}})
+RUN = RunConfig.from_dict(
+    {
+        "model": {"num_blocks": 2, "d_model": 32, "seq_len": 16},
+        "pipeline": {"num_stages": 2},
+        "codecs": {"activations": "fp16"},
+    }
+)
 
 
 def pipeline_traffic(misbehave: str | None, num_steps: int, per_step: int):
     """A driver with its own stage 0 and a stage-1 server, through the run's codecs, with receipts for both
     (stage 0's as upstream work signed by the stage-1 server). Returns receipts, services, states."""
     stages = build_stages(RUN)
-    servers = [StageServer(m, make_optimizer(m.parameters(), RUN.optimizer), RUN.optimizer, StageServerConfig(max_batch=64))
-               for m in stages]
+    servers = [
+        StageServer(m, make_optimizer(m.parameters(), RUN.optimizer), RUN.optimizer, StageServerConfig(max_batch=64))
+        for m in stages
+    ]
     policy = RUN.codecs.policy()
     driver, s1 = make_identity("glue-driver"), make_identity("glue-s1")
     wcfg = WitnessConfig(run_id=RUN.run_id, window_steps=100)
@@ -45,23 +52,49 @@ def pipeline_traffic(misbehave: str | None, num_steps: int, per_step: int):
     data = ShardedData(RUN, b"glue")
     states = []
     for step in range(num_steps):
-        states += [(capture_state(s.model, s.optimizer, run_id=RUN.run_id, stage=i, step=step), (driver, s1)[i].peer_id)
-                   for i, s in enumerate(servers)]
+        states += [
+            (capture_state(s.model, s.optimizer, run_id=RUN.run_id, stage=i, step=step), (driver, s1)[i].peer_id)
+            for i, s in enumerate(servers)
+        ]
         for index in range(per_step):
             mb, mb_id = data.microbatch(step, index, num_samples=2), f"d/{step}/{index}"
             x0 = encode(mb.inputs, policy, Role.ACTIVATIONS)
             acts = cheat.outputs("forward", servers[0].forward(mb.inputs, step=step, microbatch_id=mb_id))
             x1 = encode(acts, policy, Role.ACTIVATIONS)
-            upstream = w_driver.upstream(next_server=s1.peer_id, step=step, stage=0, microbatch_id=mb_id,
-                                         inputs=[x0], outputs=[x1], num_samples=2)
+            upstream = w_driver.upstream(
+                next_server=s1.peer_id,
+                step=step,
+                stage=0,
+                microbatch_id=mb_id,
+                inputs=[x0],
+                outputs=[x1],
+                num_samples=2,
+            )
             c_s1.record_upstream(server=driver.peer_id, step=step, upstream=upstream, received=[x1])
             targets = encode(mb.targets, policy, Role.ACTIVATIONS)
             _, grad = servers[1].loss_backward(acts.float(), mb.targets, step=step, microbatch_id=mb_id)
             g = encode(grad, policy, Role.ACTIVATION_GRADS)
-            ack = w_s1.witness(caller=driver.peer_id, step=step, stage=1, microbatch_id=mb_id, kind="backward",
-                               inputs=[x1, targets], outputs=[g], num_samples=2)
-            c_driver.record(server=s1.peer_id, step=step, stage=1, microbatch_id=mb_id, kind="backward",
-                            inputs=[x1, targets], outputs=[g], num_samples=2, ack=ack)
+            ack = w_s1.witness(
+                caller=driver.peer_id,
+                step=step,
+                stage=1,
+                microbatch_id=mb_id,
+                kind="backward",
+                inputs=[x1, targets],
+                outputs=[g],
+                num_samples=2,
+            )
+            c_driver.record(
+                server=s1.peer_id,
+                step=step,
+                stage=1,
+                microbatch_id=mb_id,
+                kind="backward",
+                inputs=[x1, targets],
+                outputs=[g],
+                num_samples=2,
+                ack=ack,
+            )
         for server in servers:
             server.close_step()
             server.apply_step(server.mean_gradients())
@@ -75,18 +108,28 @@ async def test_real_stages_replay_without_false_positives_and_catch_a_lazy_stage
     replayer = StageReplayer(RUN, keep_steps=10)
     for state, peer in states:
         replayer.add_state(state, peer)
-    checker = ReceiptChecker(make_identity("glue-v"), CheckConfig(sample_probability=1.0), replayer,
-                             DirectFetcher(services), rng=random.Random(0))
+    checker = ReceiptChecker(
+        make_identity("glue-v"),
+        CheckConfig(sample_probability=1.0),
+        replayer,
+        DirectFetcher(services),
+        rng=random.Random(0),
+    )
     verdicts = await checker.check_window(receipts, 0)
     assert len(verdicts) == len(receipts) == 36
     assert [v.reason for v in verdicts if not v.passed] == []
 
-    receipts, services, states, (driver, s1) = pipeline_traffic("lazy", num_steps=1, per_step=4)
+    receipts, services, states, (driver, _s1) = pipeline_traffic("lazy", num_steps=1, per_step=4)
     replayer = StageReplayer(RUN, keep_steps=10)
     for state, peer in states:
         replayer.add_state(state, peer)
-    checker = ReceiptChecker(make_identity("glue-v"), CheckConfig(sample_probability=1.0), replayer,
-                             DirectFetcher(services), rng=random.Random(0))
+    checker = ReceiptChecker(
+        make_identity("glue-v"),
+        CheckConfig(sample_probability=1.0),
+        replayer,
+        DirectFetcher(services),
+        rng=random.Random(0),
+    )
     verdicts = await checker.check_window(receipts, 0)
     failed = {v.subject_id for v in verdicts if not v.passed}
     assert failed == {driver.peer_id}
@@ -105,7 +148,9 @@ def test_misbehaviour_hooks():
     first = replay.gradients(0, [x])[0]
     assert torch.equal(replay.gradients(1, [torch.randn(4, 8)])[0], first)
     moved = [torch.randn(3, 5), torch.randn(5)]  # the replayer moved to a stage with other parameters
-    assert replay.gradients(2, moved) is moved and torch.equal(replay.gradients(3, [torch.randn(3, 5), torch.randn(5)])[1], moved[1])
+    assert replay.gradients(2, moved) is moved and torch.equal(
+        replay.gradients(3, [torch.randn(3, 5), torch.randn(5)])[1], moved[1]
+    )
     forger = make_identity("forger")
     forged = Misbehaviour(MisbehaveConfig(kind="forge-receipts")).forged_receipts(forger, run_id="r", step=1, stage=0)
     assert forged and all(r.problem() is not None for r in forged)
@@ -121,18 +166,45 @@ def test_rewards_summary_from_ledgers(tmp_path):
     from swarm.verification.common import digest_parts
     from swarm.verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
 
-    claim = WorkClaim(run_id="r", step=1, stage=0, server=a.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
-                      microbatch_id="m", kind="forward", input_hash=digest_parts([b"i"]), output_hash=digest_parts([b"o"]),
-                      num_samples=1)
-    batch = {caller.peer_id: ReceiptBatch(run_id="r", window=0, publisher=caller.peer_id.to_bytes(),
-                                          receipts=[sign_receipt(caller, claim, sign_ack(a, claim))])}
+    claim = WorkClaim(
+        run_id="r",
+        step=1,
+        stage=0,
+        server=a.peer_id.to_bytes(),
+        caller=caller.peer_id.to_bytes(),
+        microbatch_id="m",
+        kind="forward",
+        input_hash=digest_parts([b"i"]),
+        output_hash=digest_parts([b"o"]),
+        num_samples=1,
+    )
+    batch = {
+        caller.peer_id: ReceiptBatch(
+            run_id="r",
+            window=0,
+            publisher=caller.peer_id.to_bytes(),
+            receipts=[sign_receipt(caller, claim, sign_ack(a, claim))],
+        )
+    }
     out = compute_rewards("r", 0, batch, {}, [], RewardConfig())
     for orch, name in ((o1, "l1"), (o2, "l2")):  # two orchestrators attested window 0: one is accepted
-        att = build_attestation(orch, run_id="r", window=0, term=1, cfg=RewardConfig(), outcome=out, receipts=batch,
-                                verdicts={}, prev_digest=GENESIS_DIGEST, issued_at=1.0)
+        att = build_attestation(
+            orch,
+            run_id="r",
+            window=0,
+            term=1,
+            cfg=RewardConfig(),
+            outcome=out,
+            receipts=batch,
+            verdicts={},
+            prev_digest=GENESIS_DIGEST,
+            issued_at=1.0,
+        )
         Ledger(tmp_path / name).append(att)
     summary = rewards_summary([tmp_path / "l1", tmp_path / "l2", tmp_path / "missing"], "r")
-    assert summary["rewards"] == {a.peer_id.to_base58(): 1.0} and summary["attestations"] == 1 and summary["flagged"] == []
+    assert (
+        summary["rewards"] == {a.peer_id.to_base58(): 1.0} and summary["attestations"] == 1 and summary["flagged"] == []
+    )
 
 
 def test_replayer_uses_the_checked_servers_own_weights():
@@ -179,7 +251,9 @@ async def test_node_verification_publishes_receipts_forges_and_attests(tmp_path)
     store = MemoryStore(clock=lambda: 0.0)
     settings = VerificationSettings(window_steps=2, settle_steps=0)
     me = make_identity("nv-forger")
-    cfg = node_verification_config(misbehave="forge-receipts", orchestrator_candidate=True, data_dir=tmp_path, run_id="r")
+    cfg = node_verification_config(
+        misbehave="forge-receipts", orchestrator_candidate=True, data_dir=tmp_path, run_id="r"
+    )
     cfg = type(cfg)(**{**cfg.__dict__, "tick_s": 0.01})
     node = NodeVerification(settings, cfg, run_id="r", identity=me, dht=store)
     node.orchestrator.cfg = type(node.orchestrator.cfg)(**{**node.orchestrator.cfg.__dict__, "settle_s": 0.0})

@@ -23,14 +23,37 @@ NUM_TRAINERS, NUM_VALIDATORS, MAX_STEPS = 4, 2, 40
 
 def _start(folder: Path, extra: list[str], bootstrap: str | None) -> subprocess.Popen[str]:
     folder.mkdir(parents=True)
-    args = [sys.executable, "-m", "swarm.cli.node", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir",
-            str(folder), "--config", str(CONFIG), "--max-steps", str(MAX_STEPS), "--summary-file",
-            str(folder / "summary.json"), "--start-after-peers", str(NUM_TRAINERS + NUM_VALIDATORS), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "swarm.cli.node",
+        "start",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--data-dir",
+        str(folder),
+        "--config",
+        str(CONFIG),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--summary-file",
+        str(folder / "summary.json"),
+        "--start-after-peers",
+        str(NUM_TRAINERS + NUM_VALIDATORS),
+        *extra,
+    ]
     if bootstrap:
         args += ["--initial-peers", bootstrap]
     with open(folder / "node.log", "w") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=REPO,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def _wait_line(proc: subprocess.Popen[str], prefix: str, deadline: float) -> str:

@@ -16,7 +16,14 @@ from swarm.verification.attestation import GENESIS_DIGEST, build_attestation, ve
 from swarm.verification.common import digest_parts
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker
 from swarm.verification.outliers import (
-    OutlierConfig, ReplayDetector, fetch_reports, find_outliers, publish_report, reported_peers, sign_report)
+    OutlierConfig,
+    ReplayDetector,
+    fetch_reports,
+    find_outliers,
+    publish_report,
+    reported_peers,
+    sign_report,
+)
 from swarm.verification.receipts import ReceiptBatch, WorkClaim, sign_ack, sign_receipt
 from swarm.verification.rewards import RewardConfig, compute_rewards
 
@@ -65,13 +72,15 @@ def test_replayed_parts_are_detected_exactly():
 async def test_reports_round_trip_and_need_distinct_reporters(caplog):
     store = MemoryStore()
     cheater, *honest = [make_identity(f"m{i}") for i in range(5)]
-    entries = find_outliers({h.peer_id: torch.ones(8) for h in honest} | {cheater.peer_id: -1000 * torch.ones(8)},
-                            torch.ones(8), 3, CFG)
+    entries = find_outliers(
+        {h.peer_id: torch.ones(8) for h in honest} | {cheater.peer_id: -1000 * torch.ones(8)}, torch.ones(8), 3, CFG
+    )
     for reporter in honest[:2]:
         await publish_report(store, sign_report(reporter, run_id=RUN, window=0, entries=entries), 1e9)
     # the cheater reports an honest peer; one reporter is not enough
-    lie = find_outliers({h.peer_id: torch.ones(8) for h in honest[1:]} | {honest[0].peer_id: 99 * torch.ones(8)},
-                        torch.ones(8), 3, CFG)
+    lie = find_outliers(
+        {h.peer_id: torch.ones(8) for h in honest[1:]} | {honest[0].peer_id: 99 * torch.ones(8)}, torch.ones(8), 3, CFG
+    )
     await publish_report(store, sign_report(cheater, run_id=RUN, window=0, entries=lie), 1e9)
     await store.store(f"{RUN}/outliers/0", b"\x00junk", 1e9, subkey="[owner:zzz]")
     reports = await fetch_reports(store, RUN, 0)
@@ -84,19 +93,43 @@ def test_reported_peer_gets_zero_and_the_attestation_verifies():
     cheater, a, caller, r1, r2, orch = [make_identity(f"x{i}") for i in range(6)]
     receipts = []
     for server in (cheater, a):
-        claim = WorkClaim(run_id=RUN, step=1, stage=0, server=server.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
-                          microbatch_id=f"mb-{server.peer_id.short()}", kind="forward", input_hash=digest_parts([b"i"]),
-                          output_hash=digest_parts([b"o"]), num_samples=3)
+        claim = WorkClaim(
+            run_id=RUN,
+            step=1,
+            stage=0,
+            server=server.peer_id.to_bytes(),
+            caller=caller.peer_id.to_bytes(),
+            microbatch_id=f"mb-{server.peer_id.short()}",
+            kind="forward",
+            input_hash=digest_parts([b"i"]),
+            output_hash=digest_parts([b"o"]),
+            num_samples=3,
+        )
         receipts.append(sign_receipt(caller, claim, sign_ack(server, claim)))
     rb = {caller.peer_id: ReceiptBatch(run_id=RUN, window=0, publisher=caller.peer_id.to_bytes(), receipts=receipts)}
-    entries = find_outliers({a.peer_id: torch.ones(4), r1.peer_id: torch.ones(4), cheater.peer_id: -1e3 * torch.ones(4)},
-                            torch.ones(4), 1, CFG)
+    entries = find_outliers(
+        {a.peer_id: torch.ones(4), r1.peer_id: torch.ones(4), cheater.peer_id: -1e3 * torch.ones(4)},
+        torch.ones(4),
+        1,
+        CFG,
+    )
     reports = {r.peer_id: sign_report(r, run_id=RUN, window=0, entries=entries) for r in (r1, r2)}
     cfg = RewardConfig(window_steps=10)
     out = compute_rewards(RUN, 0, rb, {}, [], cfg, reports)
     assert out.shares == {a.peer_id: 1.0, cheater.peer_id: 0.0} and out.flagged == {cheater.peer_id}
-    att = build_attestation(orch, run_id=RUN, window=0, term=1, cfg=cfg, outcome=out, receipts=rb, verdicts={},
-                            prev_digest=GENESIS_DIGEST, issued_at=1.0, reports=reports)
+    att = build_attestation(
+        orch,
+        run_id=RUN,
+        window=0,
+        term=1,
+        cfg=cfg,
+        outcome=out,
+        receipts=rb,
+        verdicts={},
+        prev_digest=GENESIS_DIGEST,
+        issued_at=1.0,
+        reports=reports,
+    )
     assert verify_attestation(att, run_id=RUN, window=0, prev=None, receipts=rb, verdicts={}, reports=reports) == []
     assert verify_attestation(att, run_id=RUN, window=0, prev=None, receipts=rb, verdicts={}, reports={})
 
@@ -172,7 +205,8 @@ async def test_gradient_checker_reports_sign_flip_and_replay_once_per_window(ide
     report = reports[me.peer_id]
     assert report.is_valid()
     assert sorted((PeerID(e.peer), e.reason) for e in report.entries) == sorted(
-        [(flipper.peer_id, "outlier"), (replayer.peer_id, "replayed")])
+        [(flipper.peer_id, "outlier"), (replayer.peer_id, "replayed")]
+    )
     assert honest.peer_id not in {PeerID(e.peer) for e in report.entries}
     # a later window: the offenders are restated (this node leaves them out of its spans, so it cannot catch
     # them again, and flagging needs enough reporters within one window)
@@ -193,7 +227,9 @@ def test_gradient_check_config_names_the_bad_field():
 
 def test_gradient_checker_offenders_are_the_peers_it_found(identities, memory_store):
     me, honest, flipper = identities[:3]
-    checker = GradientChecker(me, GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig()), memory_store)
+    checker = GradientChecker(
+        me, GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig()), memory_store
+    )
     assert checker.offenders() == frozenset()
     gen = torch.Generator().manual_seed(9)
     grads = {p.peer_id: torch.randn(32, generator=gen) for p in (me, honest)}
@@ -207,12 +243,18 @@ def test_replay_is_caught_when_the_span_bounds_move(identities, memory_store):
     """The group changed between two steps, so this node reduces a different slice: the replayer's stale flat
     gradient is still caught through the blocks at aligned offsets both slices contain."""
     me, honest, replayer = identities[:3]
-    checker = GradientChecker(me, GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig(),
-                                                      replay_block_numel=1024), memory_store)
+    checker = GradientChecker(
+        me,
+        GradientCheckConfig(run_id="run", window_steps=5, outliers=OutlierConfig(), replay_block_numel=1024),
+        memory_store,
+    )
     gen = torch.Generator().manual_seed(11)
     stale = torch.randn(20_000, generator=gen)  # the replayer's whole flat gradient, re-sent every step
     for step, (start, end) in enumerate([(0, 6000), (2500, 9000)]):
-        values = {me.peer_id: torch.randn(end - start, generator=gen),
-                  honest.peer_id: torch.randn(end - start, generator=gen), replayer.peer_id: stale[start:end]}
+        values = {
+            me.peer_id: torch.randn(end - start, generator=gen),
+            honest.peer_id: torch.randn(end - start, generator=gen),
+            replayer.peer_id: stale[start:end],
+        }
         new = checker.inspect(step, 0, [_Part(start=start, end=end, values=values, center=values[me.peer_id])])
         assert [(PeerID(e.peer), e.reason) for e in new] == ([] if step == 0 else [(replayer.peer_id, "replayed")])

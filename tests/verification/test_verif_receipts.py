@@ -12,16 +12,33 @@ from swarm.errors import ProtocolError, VerificationError
 from swarm.verification.batches import MAX_PART_BYTES, part_subkey
 from swarm.verification.common import digest_parts, owner_subkey
 from swarm.verification.receipts import (
-    ReceiptBatch, WorkClaim, WorkReceipt, fetch_receipts, forge_receipt, publish_receipts, receipts_key, sign_ack,
-    sign_receipt)
+    ReceiptBatch,
+    WorkClaim,
+    WorkReceipt,
+    fetch_receipts,
+    forge_receipt,
+    publish_receipts,
+    receipts_key,
+    sign_ack,
+    sign_receipt,
+)
 
 RUN = "run-test"
 
 
 def make_claim(server: Identity, caller: Identity, mb: str = "mb-0", step: int = 3, kind: str = "forward") -> WorkClaim:
-    return WorkClaim(run_id=RUN, step=step, stage=1, server=server.peer_id.to_bytes(), caller=caller.peer_id.to_bytes(),
-                     microbatch_id=mb, kind=kind, input_hash=digest_parts([b"in", mb.encode()]),
-                     output_hash=digest_parts([b"out", mb.encode()]), num_samples=4)
+    return WorkClaim(
+        run_id=RUN,
+        step=step,
+        stage=1,
+        server=server.peer_id.to_bytes(),
+        caller=caller.peer_id.to_bytes(),
+        microbatch_id=mb,
+        kind=kind,
+        input_hash=digest_parts([b"in", mb.encode()]),
+        output_hash=digest_parts([b"out", mb.encode()]),
+        num_samples=4,
+    )
 
 
 def honest_receipt(server: Identity, caller: Identity, **kw) -> WorkReceipt:
@@ -61,17 +78,24 @@ def test_forged_and_tampered_receipts_are_invalid(identities):
     forged = forge_receipt(forger, claim, forger.sign(claim.ack_body()))
     assert forged.problem() == "server ack signature does not verify"
     receipt = honest_receipt(server, caller)
-    tampered = WorkReceipt(claim=WorkClaim(**{**receipt.claim.__dict__, "num_samples": 400}),
-                           server_signature=receipt.server_signature, caller_signature=receipt.caller_signature)
+    tampered = WorkReceipt(
+        claim=WorkClaim(**{**receipt.claim.__dict__, "num_samples": 400}),
+        server_signature=receipt.server_signature,
+        caller_signature=receipt.caller_signature,
+    )
     assert tampered.problem() == "caller signature does not verify"
 
 
-@pytest.mark.parametrize("wire, match", [
-    (b"\xc1", "malformed msgpack"),
-    ({"claim": {}, "server_signature": b"", "caller_signature": b""}, "missing field"),
-])
+@pytest.mark.parametrize(
+    "wire, match",
+    [
+        (b"\xc1", "malformed msgpack"),
+        ({"claim": {}, "server_signature": b"", "caller_signature": b""}, "missing field"),
+    ],
+)
 def test_malformed_receipt_bytes_raise_protocol_error(wire, match):
     from swarm.p2p.messages import packb
+
     with pytest.raises(ProtocolError, match=match):
         WorkReceipt.unpack(wire if isinstance(wire, bytes) else packb(wire))
 
@@ -86,15 +110,27 @@ def test_claim_range_checks():
 
 async def test_batches_round_trip_through_the_store(identities, memory_store: MemoryStore, caplog):
     server, caller, other = identities[:3]
-    batch = ReceiptBatch(run_id=RUN, window=0, publisher=caller.peer_id.to_bytes(),
-                         receipts=[honest_receipt(server, caller, mb=f"mb-{i}") for i in range(3)])
+    batch = ReceiptBatch(
+        run_id=RUN,
+        window=0,
+        publisher=caller.peer_id.to_bytes(),
+        receipts=[honest_receipt(server, caller, mb=f"mb-{i}") for i in range(3)],
+    )
     assert await publish_receipts(memory_store, batch, expiration_time=100.0)
     # a copy of the caller's batch under another peer's subkey, a batch holding others' receipts, and garbage:
     key = receipts_key(RUN, 0)
-    await memory_store.store(key, ReceiptBatch(**{**batch.__dict__, "receipts": batch.receipts[:1]}).pack(), 100.0,
-                             subkey=owner_subkey(other.peer_id))
-    await memory_store.store(key, ReceiptBatch(run_id=RUN, window=0, publisher=server.peer_id.to_bytes(),
-                                               receipts=batch.receipts).pack(), 100.0, subkey=part_subkey(server.peer_id, 0))
+    await memory_store.store(
+        key,
+        ReceiptBatch(**{**batch.__dict__, "receipts": batch.receipts[:1]}).pack(),
+        100.0,
+        subkey=owner_subkey(other.peer_id),
+    )
+    await memory_store.store(
+        key,
+        ReceiptBatch(run_id=RUN, window=0, publisher=server.peer_id.to_bytes(), receipts=batch.receipts).pack(),
+        100.0,
+        subkey=part_subkey(server.peer_id, 0),
+    )
     await memory_store.store(key, b"\x93garbage", 100.0, subkey=owner_subkey(make_identity("x").peer_id))
     with caplog.at_level(logging.WARNING):
         got = await fetch_receipts(memory_store, RUN, 0)

@@ -30,7 +30,9 @@ class Server:
         self.retention = RetentionStore(RetentionConfig(window_steps=1000, max_bytes=1 << 30))
         self.service = FetchService(RUN, self.retention)
 
-    def serve(self, caller: Identity, step: int, kind: str, batch: list[list[bytes]], first_mb: int) -> list[WorkReceipt]:
+    def serve(
+        self, caller: Identity, step: int, kind: str, batch: list[list[bytes]], first_mb: int
+    ) -> list[WorkReceipt]:
         """Serve microbatches as one batched computation, like a stage server does."""
         from verif_helpers import decode_tensor
 
@@ -46,13 +48,22 @@ class Server:
         elif self.misbehave == "lazy":
             out = torch.zeros_like(out)
         receipts = []
-        for i, (parts, y) in enumerate(zip(batch, out.split(sizes))):
+        for i, (parts, y) in enumerate(zip(batch, out.split(sizes), strict=False)):
             wire_out = [encode_tensor(y, "float16")]
             mb = f"mb-{first_mb + i}"
             self.retention.put(step=step, stage=0, microbatch_id=mb, kind=kind, inputs=parts, outputs=wire_out)
-            claim = WorkClaim(run_id=RUN, step=step, stage=0, server=self.identity.peer_id.to_bytes(),
-                              caller=caller.peer_id.to_bytes(), microbatch_id=mb, kind=kind,
-                              input_hash=digest_parts(parts), output_hash=digest_parts(wire_out), num_samples=y.shape[0])
+            claim = WorkClaim(
+                run_id=RUN,
+                step=step,
+                stage=0,
+                server=self.identity.peer_id.to_bytes(),
+                caller=caller.peer_id.to_bytes(),
+                microbatch_id=mb,
+                kind=kind,
+                input_hash=digest_parts(parts),
+                output_hash=digest_parts(wire_out),
+                num_samples=y.shape[0],
+            )
             receipts.append(sign_receipt(caller, claim, sign_ack(self.identity, claim)))
         return receipts
 
@@ -75,8 +86,13 @@ def traffic(server: Server, caller: Identity, num_steps: int, per_step: int, see
 
 def checker(server: Server, validator: Identity, p: float = 1.0, seed: int = 0) -> ReceiptChecker:
     fetcher = DirectFetcher({server.identity.peer_id: server.service})
-    return ReceiptChecker(validator, CheckConfig(sample_probability=p, max_checks_per_window=5000),
-                          LinearStage(DIM), fetcher, rng=random.Random(seed))
+    return ReceiptChecker(
+        validator,
+        CheckConfig(sample_probability=p, max_checks_per_window=5000),
+        LinearStage(DIM),
+        fetcher,
+        rng=random.Random(seed),
+    )
 
 
 @pytest.mark.slow
@@ -106,11 +122,23 @@ async def test_missing_altered_or_unreachable_retained_data_fails():
     check = checker(server, validator)
     first = receipts[0].claim
     kept = server.retention.get(step=first.step, stage=0, microbatch_id=first.microbatch_id, kind=first.kind)
-    server.retention.put(step=first.step, stage=0, microbatch_id=first.microbatch_id, kind=first.kind,
-                         inputs=kept.inputs, outputs=[encode_tensor(torch.ones(1, DIM))])
+    server.retention.put(
+        step=first.step,
+        stage=0,
+        microbatch_id=first.microbatch_id,
+        kind=first.kind,
+        inputs=kept.inputs,
+        outputs=[encode_tensor(torch.ones(1, DIM))],
+    )
     second = receipts[1].claim
-    server.retention.put(step=second.step, stage=0, microbatch_id=second.microbatch_id, kind=second.kind,
-                         inputs=[encode_tensor(torch.ones(1, DIM))], outputs=[])
+    server.retention.put(
+        step=second.step,
+        stage=0,
+        microbatch_id=second.microbatch_id,
+        kind=second.kind,
+        inputs=[encode_tensor(torch.ones(1, DIM))],
+        outputs=[],
+    )
     assert (await check.check(receipts[0], 0)).reason == "retained output does not match the receipt's output hash"
     assert (await check.check(receipts[1], 0)).reason == "retained input does not match the receipt's input hash"
     server.retention = RetentionStore(RetentionConfig())
@@ -124,8 +152,12 @@ async def test_missing_altered_or_unreachable_retained_data_fails():
 async def test_unavailable_weights_give_no_verdict():
     server = Server(make_identity("server"), LinearStage(DIM))
     receipts = traffic(server, make_identity("caller"), num_steps=1, per_step=1, seed=4)
-    check = ReceiptChecker(make_identity("validator"), CheckConfig(), LinearStage(DIM, available_steps=range(5, 9)),
-                           DirectFetcher({server.identity.peer_id: server.service}))
+    check = ReceiptChecker(
+        make_identity("validator"),
+        CheckConfig(),
+        LinearStage(DIM, available_steps=range(5, 9)),
+        DirectFetcher({server.identity.peer_id: server.service}),
+    )
     assert await check.check(receipts[0], 0) is None
 
 
@@ -135,7 +167,9 @@ def test_sampling_rate_and_invalid_receipts_are_never_sampled():
     chosen = checker(server, make_identity("v"), p=0.1, seed=7).sample(receipts * 10)
     assert 140 <= len(chosen) <= 260  # 2000 receipts, p = 0.1: about 200 (seeded)
     me = make_identity("me")
-    claim = WorkClaim(**{**receipts[0].claim.__dict__, "server": me.peer_id.to_bytes(), "caller": me.peer_id.to_bytes()})
+    claim = WorkClaim(
+        **{**receipts[0].claim.__dict__, "server": me.peer_id.to_bytes(), "caller": me.peer_id.to_bytes()}
+    )
     self_signed = sign_receipt(me, claim, sign_ack(me, claim))
     assert checker(server, make_identity("v"), p=1.0).sample([self_signed]) == []
 
@@ -151,8 +185,9 @@ def test_retention_window_evicts_old_steps_and_respects_the_byte_budget():
     assert store.size_bytes <= 4096
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"sample_probability": 1.5}, "sample_probability"), ({"fetch_attempts": 0}, "fetch_attempts")])
+@pytest.mark.parametrize(
+    "kwargs, field", [({"sample_probability": 1.5}, "sample_probability"), ({"fetch_attempts": 0}, "fetch_attempts")]
+)
 def test_check_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         CheckConfig(**kwargs)
@@ -166,15 +201,18 @@ async def test_old_receipts_are_not_demanded_and_departed_servers_get_no_verdict
     check = checker(server, make_identity("validator"))
     verdicts = await check.check_window(receipts, 0, min_step=2)
     assert len(verdicts) == sum(1 for r in receipts if r.claim.step >= 2) and all(v.passed for v in verdicts)
+
     async def absent(peer) -> bool:
         return False
 
     async def up(peer) -> bool:
         return True
 
-    gone = ReceiptChecker(make_identity("validator"), CheckConfig(fetch_attempts=1), LinearStage(DIM), DirectFetcher({}),
-                          present=absent)
+    gone = ReceiptChecker(
+        make_identity("validator"), CheckConfig(fetch_attempts=1), LinearStage(DIM), DirectFetcher({}), present=absent
+    )
     assert await gone.check(receipts[0], 0) is None
-    still_here = ReceiptChecker(make_identity("validator"), CheckConfig(fetch_attempts=1), LinearStage(DIM),
-                                DirectFetcher({}), present=up)
+    still_here = ReceiptChecker(
+        make_identity("validator"), CheckConfig(fetch_attempts=1), LinearStage(DIM), DirectFetcher({}), present=up
+    )
     assert not (await still_here.check(receipts[0], 0)).passed

@@ -43,7 +43,7 @@ def make_identity(name: str) -> Identity:
     return Identity.from_seed(hashlib.sha256(name.encode()).digest())
 
 
-def encode_tensor(t: "torch.Tensor", dtype: str = "float32") -> bytes:
+def encode_tensor(t: torch.Tensor, dtype: str = "float32") -> bytes:
     """Test-only wire format for the stand-in stage (msgpack: shape, dtype, raw bytes)."""
     import msgpack
     import torch
@@ -52,7 +52,7 @@ def encode_tensor(t: "torch.Tensor", dtype: str = "float32") -> bytes:
     return msgpack.packb({"shape": list(arr.shape), "dtype": dtype, "data": arr.tobytes()})
 
 
-def decode_tensor(data: bytes) -> "torch.Tensor":
+def decode_tensor(data: bytes) -> torch.Tensor:
     import msgpack
     import numpy as np
     import torch
@@ -74,19 +74,19 @@ class LinearStage:
         self.dim = dim
         self.available_steps = available_steps
 
-    def weights(self, stage: int, step: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    def weights(self, stage: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         g = torch.Generator().manual_seed(1000 * stage + step)
         return torch.randn(self.dim, self.dim, generator=g) * 0.3, torch.randn(self.dim, generator=g) * 0.1
 
-    def forward(self, stage: int, step: int, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, stage: int, step: int, x: torch.Tensor) -> torch.Tensor:
         import torch
 
         w, b = self.weights(stage, step)
         return torch.tanh(x @ w.T + b)
 
-    def backward(self, stage: int, step: int, x: "torch.Tensor", grad_y: "torch.Tensor") -> "torch.Tensor":
+    def backward(self, stage: int, step: int, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
         import torch
 
         x = x.detach().requires_grad_(True)
