@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
+from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.training.trainer import TrainingConfig, TrainingRole
 from swarm.training.validator import ValidatorConfig, ValidatorRole
@@ -25,41 +25,31 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE_NAME = "identity.pem"
 
 
-@dataclass(frozen=True, kw_only=True)
-class NodeConfig:
+class NodeConfig(Config, section="node"):
     """What one node needs: where it listens (``transport.listen_maddrs``), whom it joins, where it keeps state.
 
     The identity key is ``identity_path`` when given (it must exist), else ``<data_dir>/identity.pem``
     (created with mode 0600 on first start).
     """
 
-    transport: TransportConfig = field(default_factory=lambda: TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)))
-    initial_peers: tuple[str, ...] = ()
-    data_dir: Path = field(default_factory=lambda: Path.home() / ".swarm")
-    identity_path: Path | None = None
-    training: TrainingConfig | None = None  # the training role (None: a DHT-only node)
-    validator: ValidatorConfig | None = None  # the validator role (--role validator), instead of training
+    transport: TransportConfig = setting(
+        default_factory=lambda: TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)),
+        doc="Where the node listens, and the transport's limits.",
+    )
+    initial_peers: tuple[str, ...] = setting(default=(), doc="Multiaddrs (with /p2p/PeerID) of peers to join through.")
+    data_dir: Path = setting(default_factory=lambda: Path.home() / ".swarm", doc="Directory of the node's state.")
+    identity_path: Path | None = setting(default=None, doc="Key file to use instead of <data_dir>/identity.pem.")
+    training: TrainingConfig | None = setting(default=None, doc="The training role (None: a DHT-only node).")
+    validator: ValidatorConfig | None = setting(default=None, doc="The validator role, instead of training.")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.transport, TransportConfig):
-            raise ConfigError(f"transport must be a TransportConfig, got {type(self.transport).__name__}")
-        if not isinstance(self.initial_peers, tuple):
-            raise ConfigError("initial_peers must be a tuple of multiaddr strings")
+    def validate(self) -> None:
         for maddr in self.initial_peers:
             try:
                 parse_maddr(maddr)
             except AddressError as e:
-                raise ConfigError(f"initial_peers: {e}") from None
-        if not isinstance(self.data_dir, Path):
-            raise ConfigError(f"data_dir must be a pathlib.Path, got {type(self.data_dir).__name__}")
-        if self.identity_path is not None and not isinstance(self.identity_path, Path):
-            raise ConfigError(f"identity_path must be a pathlib.Path or None, got {type(self.identity_path).__name__}")
-        if self.training is not None and not isinstance(self.training, TrainingConfig):
-            raise ConfigError(f"training must be a TrainingConfig or None, got {type(self.training).__name__}")
-        if self.validator is not None and (
-            self.training is not None or not isinstance(self.validator, ValidatorConfig)
-        ):
-            raise ConfigError("validator must be a ValidatorConfig, and a node cannot both train and validate")
+                raise ConfigError(f"node.initial_peers: {e}") from None
+        if self.validator is not None and self.training is not None:
+            raise self.invalid("validator", "and training are exclusive: a node cannot both train and validate")
 
     @property
     def key_path(self) -> Path:

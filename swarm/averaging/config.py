@@ -3,88 +3,64 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from swarm.averaging.reducer import ReductionConfig
-from swarm.errors import ConfigError
+from swarm.configs import Config, limits_of, setting
 
 DEFAULT_PART_SIZE_BYTES = 512 * 1024
 
 
-def _positive_seconds(name: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
-        raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+class AveragerConfig(Config, section="averager"):
+    """Everything an :class:`~swarm.averaging.Averager` needs besides its transport and DHT (durations in seconds).
 
-
-@dataclass(frozen=True, kw_only=True)
-class AveragerConfig:
-    """Everything an :class:`~swarm.averaging.Averager` needs besides its transport and DHT.
-
-    - ``target_group_size`` / ``min_group_size``: a leader stops gathering at the target; below the minimum
-      a peer averages alone.
-    - ``matchmaking_time_s``: how long a peer gathers others under the key before the leader closes the group.
-    - ``join_timeout_s``: how long a follower waits for the leader's final membership after accepting.
-    - ``allreduce_timeout_s``: the deadline of the exchange itself; ``part_timeout_s``: the longest wait for
-      one part from one peer before it is dropped as stalled.
-    - ``part_size_bytes``: the size of one part (one chunk on the wire) before compression.
-    - ``codec``: the ``compression`` codec name for all-reduce chunks (the run config's allreduce codec).
-    - ``bandwidth``: announced to the group; spans are proportional when every member announces one.
-    - ``client_mode``: this peer sends and receives but owns (reduces) no span.
-    - ``reduction``: ``mean`` or ``centered_clip`` (with ``clip_tau`` and ``clip_iterations``).
-    - ``inspect_parts``: keep every member's values of the first N parts of our span and return them in
-      `AveragingResult.inspected`, so the caller can check for outlier or replayed gradients.
-    - ``record_ttl_s``: lifetime of this peer's matchmaking record in the DHT.
-    - ``max_part_bytes``: the largest encoded chunk accepted from a peer.
+    A leader stops gathering at ``target_group_size``; below ``min_group_size`` a peer averages alone. Spans are
+    proportional to ``bandwidth`` when every member announces one. ``inspect_parts`` returns every member's values
+    of the first N parts of our span in `AveragingResult.inspected`, to check for outlier or replayed gradients.
     """
 
-    target_group_size: int = 16
-    min_group_size: int = 2
-    matchmaking_time_s: float = 5.0
-    join_timeout_s: float = 5.0
-    allreduce_timeout_s: float = 60.0
-    part_timeout_s: float = 10.0
-    rpc_timeout_s: float = 5.0
-    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
-    codec: str = "none"
-    bandwidth: float | None = None
-    client_mode: bool = False
-    reduction: str = "mean"
-    clip_tau: float = 1.0
-    clip_iterations: int = 20
-    inspect_parts: int = 0
-    record_ttl_s: float = 120.0
-    poll_interval_s: float = 0.25
+    target_group_size: int = setting(default=16, ge=1, le=256, doc="A leader closes the group at this many peers.")
+    min_group_size: int = setting(default=2, ge=1, le=256, doc="Below this many peers, average alone.")
+    matchmaking_time_s: float = setting(default=5.0, gt=0, le=86400, doc="How long a leader gathers peers.")
+    join_timeout_s: float = setting(
+        default=5.0, gt=0, le=86400, doc="How long a follower waits for the leader's final membership."
+    )
+    allreduce_timeout_s: float = setting(default=60.0, gt=0, le=86400, doc="Deadline of the exchange itself.")
+    part_timeout_s: float = setting(
+        default=10.0, gt=0, le=86400, doc="Longest wait for one part from one peer before it is dropped as stalled."
+    )
+    rpc_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of one matchmaking request.")
+    part_size_bytes: int = setting(
+        default=DEFAULT_PART_SIZE_BYTES, ge=4096, le=8 * 1024 * 1024, doc="Size of one part before compression."
+    )
+    codec: str = setting(default="none", doc="Codec of the all-reduce parts (the run config's codecs.allreduce).")
+    bandwidth: float | None = setting(
+        default=None, gt=0, lt=math.inf, doc="Announced to the group; spans follow it when all announce one."
+    )
+    client_mode: bool = setting(default=False, doc="Send and receive, but own (reduce) no span.")
+    reduction: str = setting(
+        default="mean", limits=limits_of(ReductionConfig, "reduction"), doc="mean or centered_clip."
+    )
+    clip_tau: float = setting(
+        default=1.0, limits=limits_of(ReductionConfig, "clip_tau"), doc="centered_clip: clipping radius."
+    )
+    clip_iterations: int = setting(
+        default=20, limits=limits_of(ReductionConfig, "clip_iterations"), doc="centered_clip: fixed-point iterations."
+    )
+    inspect_parts: int = setting(
+        default=0, limits=limits_of(ReductionConfig, "inspect_parts"), doc="Keep every member's values of N parts."
+    )
+    record_ttl_s: float = setting(default=120.0, gt=0, le=86400, doc="Lifetime of the matchmaking record.")
+    poll_interval_s: float = setting(default=0.25, gt=0, le=86400, doc="Seconds between polls of the DHT.")
 
-    def __post_init__(self) -> None:
-        for name in ("target_group_size", "min_group_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
-                raise ConfigError(f"{name} must be an int in [1, 256], got {value!r}")
+    def validate(self) -> None:
         if self.min_group_size > self.target_group_size:
-            raise ConfigError(
-                f"min_group_size ({self.min_group_size}) must be <= target_group_size ({self.target_group_size})"
+            raise self.invalid(
+                "min_group_size", f"({self.min_group_size}) must be <= target_group_size ({self.target_group_size})"
             )
-        for name in (
-            "matchmaking_time_s",
-            "join_timeout_s",
-            "allreduce_timeout_s",
-            "part_timeout_s",
-            "rpc_timeout_s",
-            "record_ttl_s",
-            "poll_interval_s",
-        ):
-            _positive_seconds(name, getattr(self, name))
-        size = self.part_size_bytes
-        if not isinstance(size, int) or isinstance(size, bool) or not 4096 <= size <= 8 * 1024 * 1024:
-            raise ConfigError(f"part_size_bytes must be an int in [4096, 8388608], got {size!r}")
-        if not isinstance(self.codec, str) or not self.codec:
-            raise ConfigError(f"codec must be a codec name such as 'none', 'fp16', 'blockwise8', got {self.codec!r}")
-        bw = self.bandwidth
-        if bw is not None and (not isinstance(bw, (int, float)) or isinstance(bw, bool) or not (0 < bw < math.inf)):
-            raise ConfigError(f"bandwidth must be None or a finite number > 0, got {bw!r}")
-        if not isinstance(self.client_mode, bool):
-            raise ConfigError(f"client_mode must be a bool, got {self.client_mode!r}")
-        self.reduction_config()  # validates reduction, clip_tau, clip_iterations
+        if not self.codec:
+            raise self.invalid(
+                "codec", f"must be a codec name such as 'none', 'fp16', 'blockwise8', got {self.codec!r}"
+            )
 
     def reduction_config(self) -> ReductionConfig:
         """The owner's reduction settings."""

@@ -13,35 +13,26 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from swarm.errors import ConfigError, SwarmError
+from swarm.configs import Config, setting
+from swarm.errors import SwarmError
 
 REDUCTIONS = ("mean", "centered_clip")
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReductionConfig:
-    """How an owner reduces a part: plain weighted ``mean``, or ``centered_clip`` with ``tau`` and iterations."""
+class ReductionConfig(Config, section="reduction"):
+    """How an owner reduces a part: plain weighted ``mean``, or ``centered_clip`` with ``tau`` and iterations.
 
-    reduction: str = "mean"
-    clip_tau: float = 1.0
-    clip_iterations: int = 20
-    # gradient checks (verification): keep each sender's values of the first N parts; senders weighing less than
-    # one sample (a peer that served nothing this step) are left out, their zero gradients prove nothing
-    inspect_parts: int = 0
+    ``inspect_parts`` (gradient checks): keep each sender's values of the first N parts; senders weighing less than
+    one sample (a peer that served nothing this step) are left out, their zero gradients prove nothing.
+    """
 
-    def __post_init__(self) -> None:
-        if self.reduction not in REDUCTIONS:
-            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if not isinstance(self.clip_tau, (int, float)) or not (0 < self.clip_tau < math.inf):
-            raise ConfigError(f"clip_tau must be a finite number > 0, got {self.clip_tau!r}")
-        if not isinstance(self.clip_iterations, int) or not 1 <= self.clip_iterations <= 10_000:
-            raise ConfigError(f"clip_iterations must be an int in [1, 10000], got {self.clip_iterations!r}")
-        if not isinstance(self.inspect_parts, int) or not 0 <= self.inspect_parts <= 64:
-            raise ConfigError(f"inspect_parts must be an int in [0, 64], got {self.inspect_parts!r}")
+    reduction: str = setting(default="mean", choices=REDUCTIONS, doc="mean or centered_clip.")
+    clip_tau: float = setting(default=1.0, gt=0, lt=math.inf, doc="centered_clip: clipping radius.")
+    clip_iterations: int = setting(default=20, ge=1, le=10_000, doc="centered_clip: fixed-point iterations.")
+    inspect_parts: int = setting(default=0, ge=0, le=64, doc="Keep every sender's values of the first N parts.")
 
 
 def centered_clip(

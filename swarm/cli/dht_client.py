@@ -11,24 +11,23 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
 from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity
+from swarm.configs import Config, setting
 from swarm.errors import SwarmError
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClientOptions:
+class ClientOptions(Config, section="dht_client"):
     """The group's options, shared by every command."""
 
-    initial_peers: tuple[str, ...]
-    rpc_timeout_s: float
+    initial_peers: tuple[str, ...] = setting(doc="Multiaddrs of peers to join through.")
+    rpc_timeout_s: float = setting(doc="Deadline of one request.")
 
 
 def split_maddrs(values: Sequence[str]) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import click
 
 from swarm.dht import DHT
 from swarm.cli.dht_client import json_option, run_with_dht
+from swarm.cli.options import set_option
+from swarm.errors import ConfigError
 from swarm.run.config import RunConfig
 from swarm.training.view import SwarmView, format_table, peers_key, progress_key
 
@@ -20,13 +23,19 @@ from swarm.training.view import SwarmView, format_table, peers_key, progress_key
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id and stages.",
+    help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id "
+    "and stages.",
 )
+@set_option
 @json_option
 @click.pass_context
-def stages(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+def stages(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Per stage: the peers serving it, their summed throughput and newest step; overall loss and samples/s."""
-    run = RunConfig.from_toml(config_path)
+    try:
+        run = RunConfig.load(config_path, overrides)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
 
     async def action(dht: DHT) -> dict[str, Any]:
         view = SwarmView.parse(

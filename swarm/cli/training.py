@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from swarm.cli.logs import setup_logging
+from swarm.cli.options import set_option
 from swarm.run.config import RunConfig
 from swarm.errors import SwarmError
 from swarm.testing.misbehave import KINDS as MISBEHAVE_KINDS
@@ -23,8 +24,8 @@ from swarm.training.verifying import ledger_path_for, node_verification_config
 
 
 def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--config --stage --role --device --max-steps --summary-file --start-after-peers`` of `swarm-node start`."""
-    options = [
+    """``--config --set --stage --role --device --max-steps --summary-file ...`` of `swarm-node start`."""
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--config",
             "config_path",
@@ -32,6 +33,7 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt).",
         ),
+        set_option,
         click.option("--stage", default="auto", show_default=True, help="Stage to serve, or 'auto' (the weakest)."),
         click.option(
             "--role",
@@ -76,6 +78,7 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def training_config(
     *,
     config_path: Path | None,
+    overrides: tuple[str, ...] = (),
     stage: str,
     role: str,
     device: str,
@@ -91,7 +94,7 @@ def training_config(
     (None for ``--role dht``)."""
     if role == "dht":
         return None
-    run = RunConfig.from_toml(config_path)
+    run = RunConfig.load(config_path, overrides)
     if role == "validator":
         return ValidatorConfig(
             run=run,
@@ -126,6 +129,7 @@ def training_config(
     default=None,
     help="Run config TOML (a file, or a shipped preset name; default: tiny_gpt).",
 )
+@set_option
 @click.option("--steps", type=int, default=30, show_default=True, help="Optimizer steps to train.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 @click.option(
@@ -156,6 +160,7 @@ def training_config(
 def local(
     num_nodes: int,
     config_path: Path | None,
+    overrides: tuple[str, ...],
     steps: int,
     as_json: bool,
     run_dir: Path | None,
@@ -172,6 +177,7 @@ def local(
         cfg = LaunchConfig(
             num_nodes=num_nodes,
             config_path=config_path,
+            overrides=overrides,
             steps=steps,
             as_json=as_json,
             run_dir=run_dir,
@@ -202,6 +208,7 @@ def local(
     default=None,
     help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt).",
 )
+@set_option
 @click.option(
     "--out",
     "out_path",
@@ -212,7 +219,12 @@ def local(
 @click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True)
 @click.option("--log-level", default="WARNING", show_default=True)
 def export(
-    initial_peers: tuple[str, ...], config_path: Path | None, out_path: Path, rpc_timeout_s: float, log_level: str
+    initial_peers: tuple[str, ...],
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    out_path: Path,
+    rpc_timeout_s: float,
+    log_level: str,
 ) -> None:
     """Gather every stage from the swarm into one checkpoint that loads into the single-process model."""
     from swarm.local.export import ExportConfig, export_model
@@ -221,7 +233,10 @@ def export(
     try:
         peers = tuple(p for v in initial_peers for p in v.replace(",", " ").split() if p)
         cfg = ExportConfig(
-            run=RunConfig.from_toml(config_path), initial_peers=peers, out_path=out_path, rpc_timeout_s=rpc_timeout_s
+            run=RunConfig.load(config_path, overrides),
+            initial_peers=peers,
+            out_path=out_path,
+            rpc_timeout_s=rpc_timeout_s,
         )
         steps = export_model(cfg)
     except SwarmError as e:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from swarm.compression.base import FLOAT_DTYPES, Codec, codec_names, get_codec
-from swarm.errors import ConfigError, SwarmError
+from swarm.compression.blockwise8 import VALID_BLOCKSIZES
+from swarm.configs import Config, build, setting
+from swarm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,41 +25,36 @@ class Role(str, enum.Enum):
     STATE = "state"
 
 
-@dataclass(frozen=True, kw_only=True)
-class CodecPolicy:
+class CodecPolicy(Config, section="codecs"):
     """Codec names per role (from the run config) and the size under which tensors go uncompressed.
 
     Non-floating tensors and tensors with fewer than ``min_compress_numel`` elements always use ``none``.
     ``topk_fraction`` and ``blockwise8_blocksize`` configure those codecs wherever a role names them.
     """
 
-    activations: str = "fp16"
-    activation_grads: str = "fp16"
-    allreduce: str = "blockwise8"
-    state: str = "none"
-    min_compress_numel: int = 65536
-    topk_fraction: float = 0.01
-    blockwise8_blocksize: int = 4096
+    activations: str = setting(default="fp16", doc="Codec of the activations sent forward.")
+    activation_grads: str = setting(default="fp16", doc="Codec of the activation gradients sent backward.")
+    allreduce: str = setting(default="blockwise8", doc="Codec of the gradient parts in the all-reduce.")
+    state: str = setting(default="none", doc="Codec of stage states downloaded by joining peers.")
+    min_compress_numel: int = setting(default=65536, ge=0, doc="Tensors with fewer elements go uncompressed.")
+    topk_fraction: float = setting(default=0.01, gt=0, le=1, doc="topk: the share of values kept.")
+    blockwise8_blocksize: int = setting(
+        default=4096, choices=VALID_BLOCKSIZES, doc="blockwise8: values per quantization block."
+    )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         known = codec_names()
         for role in Role:
             name = getattr(self, role.value)
             if name not in known:
-                raise ConfigError(f"CodecPolicy.{role.value}: unknown codec {name!r}; use one of {', '.join(known)}")
-        if not (isinstance(self.min_compress_numel, int) and self.min_compress_numel >= 0):
-            raise ConfigError(f"CodecPolicy.min_compress_numel must be an int >= 0, got {self.min_compress_numel!r}")
+                raise self.invalid(role.value, f"must be one of {', '.join(known)}: unknown codec {name!r}")
         for role in (Role.ACTIVATIONS, Role.ACTIVATION_GRADS, Role.STATE):
             if getattr(self, role.value) == "topk":
-                raise ConfigError(
-                    f"CodecPolicy.{role.value}: topk is for gradients in the all-reduce (with error feedback); "
-                    "it would silently drop most of an activation or a state tensor"
+                raise self.invalid(
+                    role.value,
+                    "must not be topk: topk is for gradients in the all-reduce (with error feedback); "
+                    "it would silently drop most of an activation or a state tensor",
                 )
-        for field_name in ("topk_fraction", "blockwise8_blocksize"):
-            try:
-                self._make("topk" if field_name == "topk_fraction" else "blockwise8")
-            except (SwarmError, TypeError) as e:
-                raise ConfigError(f"CodecPolicy.{field_name}: {e}") from None
 
     def _make(self, name: str) -> Codec:
         kwargs: dict[str, Any] = {}
@@ -84,9 +80,5 @@ class CodecPolicy:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CodecPolicy:
-        """Build from a run-config table (e.g. ``[compression]`` in TOML); unknown keys are an error."""
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"CodecPolicy: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        """Build from a run-config table (e.g. ``[codecs]`` in TOML); unknown keys are an error."""
+        return build(cls, values)

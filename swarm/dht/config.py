@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import RecordValidator
 from swarm.p2p import TransportConfig
+from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError
 
 
@@ -16,8 +16,7 @@ def _default_transport() -> TransportConfig:
     return TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), idle_timeout_s=60.0)
 
 
-@dataclass(frozen=True, kw_only=True)
-class DHTConfig:
+class DHTConfig(Config, section="dht"):
     """Configuration of one :class:`~swarm.dht.node.DHT` node. Durations in seconds, sizes in bytes.
 
     ``initial_peers`` are multiaddrs of running nodes (the first node of a swarm has none).
@@ -25,82 +24,44 @@ class DHTConfig:
     ``transport`` configures the transport the DHT creates when it is not given one.
     """
 
-    initial_peers: tuple[str, ...] = ()
-    client_mode: bool = False
-    transport: TransportConfig = field(default_factory=_default_transport)
-    bucket_size: int = 20
-    alpha: int = 3
-    rpc_timeout_s: float = 3.0
-    slow_after_s: float = 0.75
-    lookup_timeout_s: float = 8.0
-    get_quorum: int = 1
-    refresh_interval_s: float = 600.0
-    republish_interval_s: float = 600.0
-    maintenance_interval_s: float = 5.0
-    join_refresh: bool = True
-    cache_on_path: bool = True
-    max_key_size_bytes: int = 1024
-    max_value_size_bytes: int = 64 * 1024
-    max_ttl_s: float = 7 * 86400.0
-    clock_skew_s: float = 30.0
-    max_records: int = 100_000
-    max_records_per_peer: int = 10_000
-    max_cached_records: int = 10_000
-    max_records_per_store: int = 64
-    max_crawl_peers: int = 10_000
-    validators: tuple[RecordValidator, ...] = ()
-    clock: Callable[[], float] = time.time
+    initial_peers: tuple[str, ...] = setting(default=(), doc="Multiaddrs of running nodes to join through.")
+    client_mode: bool = setting(default=False, doc="Get and store, but never enter others' routing tables.")
+    transport: TransportConfig = setting(
+        default_factory=_default_transport, doc="The transport created when the DHT is given none."
+    )
+    bucket_size: int = setting(default=20, ge=1, le=1000, doc="k: contacts per routing-table bucket and replicas.")
+    alpha: int = setting(default=3, ge=1, le=100, doc="Parallel requests of one lookup.")
+    rpc_timeout_s: float = setting(default=3.0, gt=0, doc="Deadline of one DHT request.")
+    slow_after_s: float = setting(default=0.75, gt=0, doc="A lookup asks one more peer after waiting this long.")
+    lookup_timeout_s: float = setting(default=8.0, gt=0, doc="Deadline of one lookup (>= rpc_timeout_s).")
+    get_quorum: int = setting(default=1, ge=1, le=1000, doc="Answers with a value before a get stops.")
+    refresh_interval_s: float = setting(default=600.0, gt=0, doc="A bucket unused this long is refreshed.")
+    republish_interval_s: float = setting(default=600.0, gt=0, doc="Seconds between republishes of own records.")
+    maintenance_interval_s: float = setting(default=5.0, gt=0, doc="Seconds between maintenance rounds.")
+    join_refresh: bool = setting(default=True, doc="Refresh every bucket after joining.")
+    cache_on_path: bool = setting(default=True, doc="Cache a found value at the closest peer that lacked it.")
+    max_key_size_bytes: int = setting(default=1024, ge=16, le=1 << 20, doc="Largest key accepted.")
+    max_value_size_bytes: int = setting(default=64 * 1024, ge=16, le=1 << 26, doc="Largest value accepted.")
+    max_ttl_s: float = setting(default=7 * 86400.0, gt=0, doc="Longest lifetime a stored record may ask for.")
+    clock_skew_s: float = setting(default=30.0, ge=0, le=3600, doc="Tolerated clock difference between peers.")
+    max_records: int = setting(default=100_000, ge=1, le=1 << 30, doc="Most records stored.")
+    max_records_per_peer: int = setting(default=10_000, ge=1, le=1 << 30, doc="Most records stored for one peer.")
+    max_cached_records: int = setting(default=10_000, ge=1, le=1 << 30, doc="Most records cached on lookup paths.")
+    max_records_per_store: int = setting(default=64, ge=1, le=10_000, doc="Most records in one store request.")
+    max_crawl_peers: int = setting(default=10_000, ge=1, le=1 << 20, doc="Most peers one crawl visits.")
+    validators: tuple[RecordValidator, ...] = setting(default=(), doc="Schema hooks every stored record must pass.")
+    clock: Callable[[], float] = setting(default=time.time, doc="Seconds since the epoch (injected in tests).")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.initial_peers, tuple):
-            raise ConfigError(
-                f"initial_peers must be a tuple of multiaddr strings, got {type(self.initial_peers).__name__}"
-            )
+    def validate(self) -> None:
         for maddr in self.initial_peers:
             try:
                 parse_maddr(maddr)
             except AddressError as e:
-                raise ConfigError(f"initial_peers: {e}") from None
-        if not isinstance(self.transport, TransportConfig):
-            raise ConfigError(f"transport must be a TransportConfig, got {type(self.transport).__name__}")
-        for name in ("client_mode", "join_refresh", "cache_on_path"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name, low, high in (
-            ("bucket_size", 1, 1000),
-            ("alpha", 1, 100),
-            ("get_quorum", 1, 1000),
-            ("max_key_size_bytes", 16, 1 << 20),
-            ("max_value_size_bytes", 16, 1 << 26),
-            ("max_records", 1, 1 << 30),
-            ("max_records_per_peer", 1, 1 << 30),
-            ("max_cached_records", 1, 1 << 30),
-            ("max_records_per_store", 1, 10_000),
-            ("max_crawl_peers", 1, 1 << 20),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ConfigError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-        for name in (
-            "rpc_timeout_s",
-            "slow_after_s",
-            "lookup_timeout_s",
-            "refresh_interval_s",
-            "republish_interval_s",
-            "maintenance_interval_s",
-            "max_ttl_s",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not isinstance(self.clock_skew_s, (int, float)) or not 0 <= self.clock_skew_s <= 3600:
-            raise ConfigError(f"clock_skew_s must be in [0, 3600] seconds, got {self.clock_skew_s!r}")
+                raise ConfigError(f"dht.initial_peers: {e}") from None
         if self.lookup_timeout_s < self.rpc_timeout_s:
-            raise ConfigError(
-                f"lookup_timeout_s ({self.lookup_timeout_s}) must be >= rpc_timeout_s ({self.rpc_timeout_s})"
+            raise self.invalid(
+                "lookup_timeout_s", f"({self.lookup_timeout_s}) must be >= rpc_timeout_s ({self.rpc_timeout_s})"
             )
-        if not callable(self.clock):
-            raise ConfigError("clock must be a callable returning seconds since the epoch")
         for validator in self.validators:
             if not (hasattr(validator, "validate") and hasattr(validator, "select")):
-                raise ConfigError(f"validators: {validator!r} lacks validate() and select()")
+                raise ConfigError(f"dht.validators: {validator!r} lacks validate() and select()")

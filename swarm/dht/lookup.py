@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from swarm.p2p.identity import PeerID
 from swarm.dht.records import Record
 from swarm.dht.routing import Contact
-from swarm.errors import ConfigError, SwarmError
+from swarm.configs import Config, setting
+from swarm.errors import SwarmError
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +37,17 @@ class LookupReply:
 Call = Callable[[Contact], Awaitable[LookupReply]]
 
 
-@dataclass(frozen=True, kw_only=True)
-class LookupParams:
+class LookupParams(Config, section="lookup"):
     """Knobs of one lookup; every duration in seconds."""
 
-    k: int = 20
-    alpha: int = 3
-    call_timeout_s: float = 3.0
-    slow_after_s: float = 1.0
-    deadline_s: float = 6.0
-    value_quorum: int | None = None  # FIND_VALUE: stop after this many answers with records; None = FIND_NODE
-
-    def __post_init__(self) -> None:
-        for name in ("k", "alpha"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("call_timeout_s", "slow_after_s", "deadline_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        if self.value_quorum is not None and self.value_quorum < 1:
-            raise ConfigError(f"value_quorum must be None or >= 1, got {self.value_quorum!r}")
+    k: int = setting(default=20, ge=1, doc="Closest peers the lookup converges on.")
+    alpha: int = setting(default=3, ge=1, doc="Requests in flight at once.")
+    call_timeout_s: float = setting(default=3.0, gt=0, doc="Deadline of one request.")
+    slow_after_s: float = setting(default=1.0, gt=0, doc="A request slower than this frees its slot for another.")
+    deadline_s: float = setting(default=6.0, gt=0, doc="Deadline of the whole lookup.")
+    value_quorum: int | None = setting(
+        default=None, ge=1, doc="FIND_VALUE: stop after this many answers with records (None: FIND_NODE)."
+    )
 
 
 @dataclass

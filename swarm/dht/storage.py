@@ -11,12 +11,11 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from swarm.p2p.identity import PeerID
 from swarm.dht.records import Record
-from swarm.errors import ConfigError
+from swarm.configs import Config, setting
 
 Slot = tuple[int, bytes | None]  # (key ID, packed subkey or None)
 
@@ -47,18 +46,11 @@ def _later(current: Record, candidate: Record) -> Record:
     return candidate if candidate.expiration_time > current.expiration_time else current
 
 
-@dataclass(frozen=True, kw_only=True)
-class StorageConfig:
+class StorageConfig(Config, section="storage"):
     """Limits of one :class:`MemoryStorage`."""
 
-    max_records: int = 100_000
-    max_records_per_source: int = 10_000
-
-    def __post_init__(self) -> None:
-        for name in ("max_records", "max_records_per_source"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+    max_records: int = setting(default=100_000, ge=1, doc="Most records stored.")
+    max_records_per_source: int = setting(default=10_000, ge=1, doc="Most records stored for one source peer.")
 
 
 class MemoryStorage:

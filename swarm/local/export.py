@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.maddr import parse_maddr
 from swarm.training.checkpoint import CheckpointError, StageState
 from swarm.run.config import RunConfig
+from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, NotFoundError, SwarmError
 from swarm.model.stages import PipelineModel, build_stages
 from swarm.training.stage_rpc import call_state_download
@@ -27,20 +27,17 @@ from swarm.training.view import SwarmView, peers_key, progress_key
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ExportConfig:
+class ExportConfig(Config, section="export"):
     """Which run, through which peers, to which file."""
 
-    run: RunConfig
-    initial_peers: tuple[str, ...]
-    out_path: Path
-    rpc_timeout_s: float = 10.0
+    run: RunConfig = setting(doc="The run whose stages are gathered.")
+    initial_peers: tuple[str, ...] = setting(doc="Multiaddrs of nodes of the swarm.")
+    out_path: Path = setting(doc="Where the single-process checkpoint (safetensors) goes.")
+    rpc_timeout_s: float = setting(default=10.0, gt=0, le=3600, doc="Deadline of one download.")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.initial_peers:
-            raise ConfigError("initial_peers: give at least one multiaddr of a node of the swarm")
-        if not isinstance(self.rpc_timeout_s, (int, float)) or not 0 < self.rpc_timeout_s <= 3600:
-            raise ConfigError(f"rpc_timeout_s must be in (0, 3600], got {self.rpc_timeout_s!r}")
+            raise ConfigError("export.initial_peers: give at least one multiaddr of a node of the swarm")
 
 
 def export_model(cfg: ExportConfig) -> list[int]:

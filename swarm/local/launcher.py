@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from swarm.dht import DHT, DHTConfig
 from swarm.run.config import RunConfig
 from swarm.data import make_source
+from swarm.configs import Config, setting
 from swarm.errors import ConfigError, SwarmError
 from swarm.training.verifying import misbehave_args, rewards_summary
 from swarm.training.view import SwarmView, format_table, peers_key, progress_key
@@ -33,37 +34,28 @@ STOP_GRACE_S = 10.0
 CHEATER_GRACE_S = 20.0  # after every honest node exited, how long misbehaving (--misbehave) nodes may still run
 
 
-@dataclass(frozen=True, kw_only=True)
-class LaunchConfig:
+class LaunchConfig(Config, section="local"):
     """How many nodes, which run, how long; where the run directory goes."""
 
-    num_nodes: int = 4
-    config_path: Path | None = None
-    steps: int = 30
-    as_json: bool = False
-    run_dir: Path | None = None
-    timeout_s: float = 1800.0
-    start_timeout_s: float = 120.0
-    table_interval_s: float = 2.0
-    extra_node_args: tuple[str, ...] = ()
-    num_validators: int = 0
-    misbehave: tuple[tuple[str, int], ...] = ()  # (kind, count): the last training nodes cheat on purpose
+    num_nodes: int = setting(default=4, ge=1, le=64, doc="Training node processes to start.")
+    config_path: Path | None = setting(default=None, doc="Run config file or preset name (None: tiny_gpt).")
+    overrides: tuple[str, ...] = setting(default=(), doc="Run-config overrides FIELD=VALUE, passed to every node.")
+    steps: int = setting(default=30, ge=1, le=1_000_000, doc="Optimizer steps to train.")
+    as_json: bool = setting(default=False, doc="Print a JSON summary as the last line of stdout.")
+    run_dir: Path | None = setting(default=None, doc="Where logs, checkpoints and summaries go (runs/<timestamp>).")
+    timeout_s: float = setting(default=1800.0, gt=0, le=86400, doc="Give up after this many seconds.")
+    start_timeout_s: float = setting(default=120.0, gt=0, le=86400, doc="Deadline of one node's start.")
+    table_interval_s: float = setting(default=2.0, gt=0, le=86400, doc="Seconds between refreshes of the live table.")
+    extra_node_args: tuple[str, ...] = setting(default=(), doc="More arguments for every node's command line.")
+    num_validators: int = setting(default=0, ge=0, le=16, doc="Validator processes to start besides the nodes.")
+    misbehave: tuple[tuple[str, int], ...] = setting(
+        default=(), doc="(kind, count) pairs: the last training nodes cheat on purpose."
+    )
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_validators, int) or not 0 <= self.num_validators <= 16:
-            raise ConfigError(f"num_validators must be an int in [0, 16], got {self.num_validators!r}")
-        if sum(count for _, count in self.misbehave) > self.num_nodes:
-            raise ConfigError(
-                f"misbehave: {sum(c for _, c in self.misbehave)} cheaters but only {self.num_nodes} nodes"
-            )
-        if not isinstance(self.num_nodes, int) or not 1 <= self.num_nodes <= 64:
-            raise ConfigError(f"num_nodes must be an int in [1, 64], got {self.num_nodes!r}")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1_000_000:
-            raise ConfigError(f"steps must be an int in [1, 1000000], got {self.steps!r}")
-        for name in ("timeout_s", "start_timeout_s", "table_interval_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 86400:
-                raise ConfigError(f"{name} must be in (0, 86400] seconds, got {value!r}")
+    def validate(self) -> None:
+        cheaters = sum(count for _, count in self.misbehave)
+        if cheaters > self.num_nodes:
+            raise ConfigError(f"local.misbehave: {cheaters} cheaters but only {self.num_nodes} nodes")
 
 
 @dataclass
@@ -81,7 +73,7 @@ class NodeProcess:
 
 def launch(cfg: LaunchConfig) -> int:
     """Run the local swarm to completion; print the table and (with ``as_json``) the summary. Returns an exit code."""
-    run = RunConfig.from_toml(cfg.config_path)  # fail early on a bad config, before any process starts
+    run = RunConfig.load(cfg.config_path, cfg.overrides)  # fail early on a bad config, before any process starts
     run_dir = cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -187,8 +179,10 @@ async def _start_node(
         *cfg.extra_node_args,
         *role_args,
     ]
-    if cfg.config_path is not None:
-        args += ["--config", str(cfg.config_path.resolve())]
+    if cfg.config_path is not None:  # a file by its absolute path (the nodes run elsewhere), a preset by name
+        args += ["--config", str(cfg.config_path.resolve() if cfg.config_path.exists() else cfg.config_path)]
+    for override in cfg.overrides:
+        args += ["--set", override]
     if bootstrap is not None:
         args += ["--initial-peers", bootstrap]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

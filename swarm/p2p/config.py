@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from swarm.p2p.maddr import parse_maddr
+from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError
 
 # A Noise transport message is at most 65535 bytes including its 16-byte tag (Noise spec, section 3).
@@ -13,48 +13,48 @@ MAX_NOISE_MESSAGE_BYTES = 65535
 INITIAL_STREAM_WINDOW_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True, kw_only=True)
-class TransportConfig:
+class TransportConfig(Config, section="transport"):
     """Limits and deadlines of one :class:`~swarm.p2p.Transport`.
 
     ``listen_maddrs`` are ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>`` (port 0 picks a free port); ``()`` makes a
     dial-only transport. Every timeout is in seconds; every size in bytes.
     """
 
-    listen_maddrs: tuple[str, ...] = ()
-    rpc_timeout_s: float = 10.0
-    connect_timeout_s: float = 5.0
-    handshake_timeout_s: float = 5.0
-    write_timeout_s: float = 10.0
-    idle_timeout_s: float = 120.0
-    max_connections: int = 512
-    max_inflight_requests_per_peer: int = 128
-    max_frame_size_bytes: int = 16 * 1024 * 1024
-    max_message_size_bytes: int = 8 * 1024 * 1024
-    stream_window_bytes: int = 8 * 1024 * 1024
-    write_buffer_high_bytes: int = 4 * 1024 * 1024
+    listen_maddrs: tuple[str, ...] = setting(default=(), doc="Multiaddrs to listen on (port 0: any free port).")
+    rpc_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of one request's answer.")
+    connect_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of opening a TCP connection.")
+    handshake_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of the Noise handshake.")
+    write_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of draining one write.")
+    idle_timeout_s: float = setting(default=120.0, gt=0, le=86400, doc="A connection idle this long is closed.")
+    max_connections: int = setting(default=512, ge=1, le=1_000_000, doc="Most open connections.")
+    max_inflight_requests_per_peer: int = setting(
+        default=128, ge=1, le=1_000_000, doc="Most requests one peer may have in flight here."
+    )
+    max_frame_size_bytes: int = setting(
+        default=16 * 1024 * 1024, ge=1024, le=1 << 31, doc="Largest frame accepted from a peer."
+    )
+    max_message_size_bytes: int = setting(
+        default=8 * 1024 * 1024, ge=64, doc="Largest message (at most max_frame_size_bytes - 64)."
+    )
+    stream_window_bytes: int = setting(
+        default=8 * 1024 * 1024, ge=INITIAL_STREAM_WINDOW_BYTES, le=1 << 31, doc="Flow-control window of a stream."
+    )
+    write_buffer_high_bytes: int = setting(
+        default=4 * 1024 * 1024, ge=MAX_NOISE_MESSAGE_BYTES, le=1 << 31, doc="Buffered bytes at which writers wait."
+    )
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.listen_maddrs, tuple):
-            kind = type(self.listen_maddrs).__name__
-            raise ConfigError(f"listen_maddrs must be a tuple of multiaddr strings, got {kind}")
+    def validate(self) -> None:
         for maddr in self.listen_maddrs:
             try:
                 parse_maddr(maddr)
             except AddressError as e:
-                raise ConfigError(f"listen_maddrs: {e}") from None
-        for name in ("rpc_timeout_s", "connect_timeout_s", "handshake_timeout_s", "write_timeout_s", "idle_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
-                raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
-        for name in ("max_connections", "max_inflight_requests_per_peer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
-                raise ConfigError(f"{name} must be an int in [1, 1000000], got {value!r}")
-        self._check_size("max_frame_size_bytes", 1024, 1 << 31)
-        self._check_size("max_message_size_bytes", 64, self.max_frame_size_bytes - 64)
-        self._check_size("stream_window_bytes", INITIAL_STREAM_WINDOW_BYTES, 1 << 31)
-        self._check_size("write_buffer_high_bytes", MAX_NOISE_MESSAGE_BYTES, 1 << 31)
+                raise ConfigError(f"transport.listen_maddrs: {e}") from None
+        if self.max_message_size_bytes > self.max_frame_size_bytes - 64:
+            raise self.invalid(
+                "max_message_size_bytes",
+                f"must be at most max_frame_size_bytes - 64 ({self.max_frame_size_bytes - 64}), "
+                f"got {self.max_message_size_bytes!r}",
+            )
 
     def _check_size(self, name: str, low: int, high: int) -> None:
         value = getattr(self, name)

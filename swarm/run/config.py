@@ -1,8 +1,10 @@
 """The run: one TOML file describes what the swarm trains; its canonical hash is the run id.
 
 A :class:`RunConfig` has sections ``model``, ``pipeline``, ``batch``, ``optimizer``, ``codecs``, ``data``,
-``verification``, ``averaging`` and a ``seed``. Two nodes may train together only if their configs are identical; :meth:`RunConfig.check_same_run`
-names the first differing field so a misconfigured node is refused with a useful error.
+``verification``, ``averaging`` and a ``seed``. Two nodes may train together only if their configs are identical;
+:meth:`RunConfig.check_same_run` names the first differing field so a misconfigured node is refused with a useful
+error. Every field is declared with `swarm.configs.setting` (its doc and range); `RunConfig.load` applies
+command-line overrides (``--set optimizer.lr=1e-3``) to the parsed TOML, so they change the run id as an edit would.
 """
 
 from __future__ import annotations
@@ -11,58 +13,41 @@ import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from swarm.configs import Config, apply_overrides, build, flatten, setting
 from swarm.errors import ConfigError
 from swarm.verification.settings import VerificationSettings
 
 DEFAULT_PRESET = "tiny_gpt"  # the default run: swarm/run/presets/tiny_gpt.toml, shipped as package data
 OPTIMIZERS = ("adamw", "sgd")
 DATA_SOURCES = ("markov", "text")
+# = swarm.compression.blockwise8.VALID_BLOCKSIZES (a test checks); not imported from there, which would load torch
+BLOCKWISE8_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def _check_int(owner: object, name: str, low: int, high: int, section: str) -> None:
-    value = getattr(owner, name)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{section}.{name} must be an int in [{low}, {high}], got {value!r}")
-
-
-def _check_float(owner: object, name: str, low: float, high: float, section: str) -> None:
-    value = getattr(owner, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{section}.{name} must be a number in [{low}, {high}], got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(Config, section="model"):
     """The tiny GPT (or a user factory ``package.module:function`` returning stage modules and the loss)."""
 
-    vocab_size: int = 64
-    d_model: int = 64
-    num_heads: int = 4
-    num_blocks: int = 4
-    seq_len: int = 32
-    mlp_ratio: int = 4
-    factory: str = ""
+    vocab_size: int = setting(default=64, ge=2, le=1 << 20, doc="Tokens in the vocabulary (>= 256 for text data).")
+    d_model: int = setting(default=64, ge=4, le=1 << 16, doc="Width of the residual stream; a multiple of num_heads.")
+    num_heads: int = setting(default=4, ge=1, le=1024, doc="Attention heads per block.")
+    num_blocks: int = setting(default=4, ge=1, le=1024, doc="Transformer blocks; stages are cut between them.")
+    seq_len: int = setting(default=32, ge=2, le=1 << 16, doc="Tokens per sample.")
+    mlp_ratio: int = setting(default=4, ge=1, le=64, doc="Hidden width of each block's MLP, in multiples of d_model.")
+    factory: str = setting(default="", doc="'package.module:function' that builds the stages instead ('': tiny GPT).")
 
-    def __post_init__(self) -> None:
-        _check_int(self, "vocab_size", 2, 1 << 20, "model")
-        _check_int(self, "d_model", 4, 1 << 16, "model")
-        _check_int(self, "num_heads", 1, 1024, "model")
-        _check_int(self, "num_blocks", 1, 1024, "model")
-        _check_int(self, "seq_len", 2, 1 << 16, "model")
-        _check_int(self, "mlp_ratio", 1, 64, "model")
+    def validate(self) -> None:
         if self.d_model % self.num_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
         if self.factory and ":" not in self.factory:
-            raise ConfigError(f"model.factory must look like 'package.module:function', got {self.factory!r}")
+            raise self.invalid("factory", f"must look like 'package.module:function', got {self.factory!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class PipelineConfig:
+class PipelineConfig(Config, section="pipeline"):
     """How the model is cut: ``num_stages`` contiguous groups of blocks.
 
     ``retie_every_steps``: every that many steps, stage 0 and the last stage set their copies of the tied
@@ -70,24 +55,19 @@ class PipelineConfig:
     exchange left (0: never; a no-op, bit for bit, while the copies are equal).
     """
 
-    num_stages: int = 2
-    retie_every_steps: int = 10
-
-    def __post_init__(self) -> None:
-        _check_int(self, "num_stages", 1, 256, "pipeline")
-        _check_int(self, "retie_every_steps", 0, 1_000_000, "pipeline")
+    num_stages: int = setting(default=2, ge=1, le=256, doc="Pipeline stages (at most model.num_blocks).")
+    retie_every_steps: int = setting(
+        default=10, ge=0, le=1_000_000, doc="Steps between re-ties of the tied embedding/head copies (0: never)."
+    )
 
 
-@dataclass(frozen=True, kw_only=True)
-class BatchConfig:
+class BatchConfig(Config, section="batch"):
     """Samples per optimizer step (summed over the whole swarm) and per microbatch."""
 
-    target_batch_size: int = 64
-    microbatch_size: int = 8
+    target_batch_size: int = setting(default=64, ge=1, le=1 << 24, doc="Samples per optimizer step, swarm-wide.")
+    microbatch_size: int = setting(default=8, ge=1, le=1 << 16, doc="Samples per microbatch sent down the pipeline.")
 
-    def __post_init__(self) -> None:
-        _check_int(self, "target_batch_size", 1, 1 << 24, "batch")
-        _check_int(self, "microbatch_size", 1, 1 << 16, "batch")
+    def validate(self) -> None:
         if self.microbatch_size > self.target_batch_size:
             raise ConfigError(
                 f"batch.microbatch_size ({self.microbatch_size}) must not exceed batch.target_batch_size "
@@ -95,141 +75,99 @@ class BatchConfig:
             )
 
 
-@dataclass(frozen=True, kw_only=True)
-class OptimizerConfig:
+class OptimizerConfig(Config, section="optimizer"):
     """The optimizer every stage applies after averaging: ``adamw`` or ``sgd``."""
 
-    name: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    momentum: float = 0.0
-    warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
-        _check_float(self, "lr", 0.0, 10.0, "optimizer")
-        _check_float(self, "weight_decay", 0.0, 10.0, "optimizer")
-        _check_float(self, "beta1", 0.0, 0.99999, "optimizer")
-        _check_float(self, "beta2", 0.0, 0.99999999, "optimizer")
-        _check_float(self, "momentum", 0.0, 0.99999, "optimizer")
-        _check_int(self, "warmup_steps", 0, 1 << 30, "optimizer")
+    name: str = setting(default="adamw", choices=OPTIMIZERS, doc="The optimizer: adamw or sgd.")
+    lr: float = setting(default=3e-3, ge=0.0, le=10.0, doc="Learning rate after the warmup.")
+    weight_decay: float = setting(default=0.0, ge=0.0, le=10.0, doc="Decoupled weight decay (adamw) or L2 (sgd).")
+    beta1: float = setting(default=0.9, ge=0.0, le=0.99999, doc="adamw: decay of the first-moment average.")
+    beta2: float = setting(default=0.95, ge=0.0, le=0.99999999, doc="adamw: decay of the second-moment average.")
+    momentum: float = setting(default=0.0, ge=0.0, le=0.99999, doc="sgd: momentum.")
+    warmup_steps: int = setting(default=0, ge=0, le=1 << 30, doc="Steps of linear learning-rate warmup (0: none).")
 
 
-@dataclass(frozen=True, kw_only=True)
-class CodecsConfig:
+class CodecsConfig(Config, section="codecs"):
     """Codec per role (names from ``compression``); tensors under ``min_compress_numel`` go uncompressed.
 
     ``topk_fraction`` (share of values kept, in (0, 1]) and ``blockwise8_blocksize`` configure those codecs
     wherever a role names them; their defaults are `swarm.compression.CodecPolicy`'s.
     """
 
-    activations: str = "none"
-    activation_grads: str = "none"
-    allreduce: str = "none"
-    state: str = "none"
-    min_compress_numel: int = 1024
-    topk_fraction: float = 0.01
-    blockwise8_blocksize: int = 4096
+    activations: str = setting(default="none", doc="Codec of the activations sent forward.")
+    activation_grads: str = setting(default="none", doc="Codec of the activation gradients sent backward.")
+    allreduce: str = setting(default="none", doc="Codec of the gradient parts in the all-reduce.")
+    state: str = setting(default="none", doc="Codec of stage states downloaded by joining peers.")
+    min_compress_numel: int = setting(default=1024, ge=0, le=1 << 40, doc="Tensors with fewer elements go as is.")
+    topk_fraction: float = setting(default=0.01, gt=0, le=1, doc="topk: the share of values kept.")
+    blockwise8_blocksize: int = setting(
+        default=4096, choices=BLOCKWISE8_BLOCKSIZES, doc="blockwise8: values per quantization block."
+    )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from swarm.compression import codec_names
-        from swarm.compression.blockwise8 import VALID_BLOCKSIZES
 
         for name in ("activations", "activation_grads", "allreduce", "state"):
             if getattr(self, name) not in codec_names():
-                raise ConfigError(f"codecs.{name} must be one of {codec_names()}, got {getattr(self, name)!r}")
-        _check_int(self, "min_compress_numel", 0, 1 << 40, "codecs")
-        fraction = self.topk_fraction
-        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
-            raise ConfigError(f"codecs.topk_fraction must be a number in (0, 1], got {fraction!r}")
-        blocksize = self.blockwise8_blocksize
-        if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
-            raise ConfigError(f"codecs.blockwise8_blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
+                raise self.invalid(name, f"must be one of {codec_names()}, got {getattr(self, name)!r}")
 
     def policy(self) -> Any:
         """The `swarm.compression.CodecPolicy` of these settings."""
         from swarm.compression import CodecPolicy
 
-        try:
-            return CodecPolicy(
-                activations=self.activations,
-                activation_grads=self.activation_grads,
-                allreduce=self.allreduce,
-                state=self.state,
-                min_compress_numel=self.min_compress_numel,
-                topk_fraction=self.topk_fraction,
-                blockwise8_blocksize=self.blockwise8_blocksize,
-            )
-        except ConfigError as e:
-            raise ConfigError(f"codecs: {e}") from None
+        return CodecPolicy(
+            activations=self.activations,
+            activation_grads=self.activation_grads,
+            allreduce=self.allreduce,
+            state=self.state,
+            min_compress_numel=self.min_compress_numel,
+            topk_fraction=self.topk_fraction,
+            blockwise8_blocksize=self.blockwise8_blocksize,
+        )
 
 
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(Config, section="data"):
     """Where samples come from: a seeded Markov source (``markov``) or a text file read as bytes (``text``)."""
 
-    source: str = "markov"
-    path: str = ""
-    markov_concentration: float = 0.1
+    source: str = setting(default="markov", choices=DATA_SOURCES, doc="markov (synthetic, seeded) or text (a file).")
+    path: str = setting(default="", doc="The text file read as bytes when source = 'text'.")
+    markov_concentration: float = setting(
+        default=0.1, ge=1e-4, le=1e4, doc="markov: Dirichlet concentration of each row (small: predictable)."
+    )
 
-    def __post_init__(self) -> None:
-        if self.source not in DATA_SOURCES:
-            raise ConfigError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
+    def validate(self) -> None:
         if self.source == "text" and not self.path:
             raise ConfigError("data.path must name a text file when data.source = 'text'")
-        _check_float(self, "markov_concentration", 1e-4, 1e4, "data")
 
 
-@dataclass(frozen=True, kw_only=True)
-class AveragingSettings:
+class AveragingSettings(Config, section="averaging"):
     """How a stage's peers reduce their gradients: a plain weighted ``mean``, or ``centered_clip`` (robust to a
     minority of peers sending huge or sign-flipped gradients; ``clip_tau`` is in gradient-norm units per part)."""
 
-    reduction: str = "mean"
-    clip_tau: float = 1.0
-    clip_iterations: int = 20
-
-    def __post_init__(self) -> None:
-        if self.reduction not in ("mean", "centered_clip"):
-            raise ConfigError(f"averaging.reduction must be 'mean' or 'centered_clip', got {self.reduction!r}")
-        _check_float(self, "clip_tau", 1e-9, 1e9, "averaging")
-        _check_int(self, "clip_iterations", 1, 10_000, "averaging")
+    reduction: str = setting(default="mean", choices=("mean", "centered_clip"), doc="mean or centered_clip.")
+    clip_tau: float = setting(default=1.0, ge=1e-9, le=1e9, doc="centered_clip: clipping radius (gradient norm).")
+    clip_iterations: int = setting(default=20, ge=1, le=10_000, doc="centered_clip: fixed-point iterations.")
 
 
-_SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "pipeline": PipelineConfig,
-    "batch": BatchConfig,
-    "optimizer": OptimizerConfig,
-    "codecs": CodecsConfig,
-    "data": DataConfig,
-    "verification": VerificationSettings,
-    "averaging": AveragingSettings,
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunConfig:
+class RunConfig(Config, section="run"):
     """Everything that must be identical on every node of one run."""
 
-    name: str = "tiny-gpt"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    codecs: CodecsConfig = field(default_factory=CodecsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    verification: VerificationSettings = field(default_factory=VerificationSettings)
-    averaging: AveragingSettings = field(default_factory=AveragingSettings)
+    name: str = setting(default="tiny-gpt", doc="Run name: letters, digits, '-' and '_'; prefixes the run id.")
+    seed: int = setting(default=0, ge=0, le=(1 << 63) - 1, doc="Seed of the initial weights and the data.")
+    model: ModelConfig = setting(default_factory=ModelConfig, doc="The model.")
+    pipeline: PipelineConfig = setting(default_factory=PipelineConfig, doc="How the model is cut into stages.")
+    batch: BatchConfig = setting(default_factory=BatchConfig, doc="Batch sizes.")
+    optimizer: OptimizerConfig = setting(default_factory=OptimizerConfig, doc="The optimizer.")
+    codecs: CodecsConfig = setting(default_factory=CodecsConfig, doc="Compression per role.")
+    data: DataConfig = setting(default_factory=DataConfig, doc="The training data.")
+    verification: VerificationSettings = setting(
+        default_factory=VerificationSettings, doc="Checking of work and rewards."
+    )
+    averaging: AveragingSettings = setting(default_factory=AveragingSettings, doc="Gradient reduction.")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"name must be a non-empty string of letters, digits, '-' and '_', got {self.name!r}")
-        _check_int(self, "seed", 0, (1 << 63) - 1, "run")
+    def validate(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise self.invalid("name", f"must be a non-empty string of letters, digits, '-' and '_', got {self.name!r}")
         if not self.model.factory and self.pipeline.num_stages > self.model.num_blocks:
             raise ConfigError(
                 f"pipeline.num_stages ({self.pipeline.num_stages}) must not exceed model.num_blocks "
@@ -268,8 +206,8 @@ class RunConfig:
 
     def check_same_run(self, other: RunConfig | dict[str, Any]) -> None:
         """Raise ConfigError naming the first field where ``other`` differs from this config."""
-        mine = _flatten(self.to_dict())
-        theirs = _flatten(other.to_dict() if isinstance(other, RunConfig) else other)
+        mine = flatten(self.to_dict())
+        theirs = flatten(other.to_dict() if isinstance(other, RunConfig) else other)
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key, "<missing>") != theirs.get(key, "<missing>"):
                 raise ConfigError(
@@ -284,27 +222,24 @@ class RunConfig:
         """Build from nested plain data (as parsed from TOML); unknown keys raise ConfigError."""
         if not isinstance(data, dict):
             raise ConfigError(f"a run config is a table, got {type(data).__name__}")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in _SECTIONS:
-                if not isinstance(value, dict):
-                    raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
-                kwargs[key] = _build(_SECTIONS[key], value, key)
-            elif key in ("name", "seed"):
-                kwargs[key] = value
-            else:
-                raise ConfigError(f"unknown run config key {key!r}; known: name, seed, {', '.join(_SECTIONS)}")
-        return cls(**kwargs)
+        return build(cls, data)
 
     @classmethod
-    def from_toml(cls, path: str | Path | None = None) -> RunConfig:
-        """Load a run file, or a shipped preset by name (the default run ``tiny_gpt`` when ``path`` is None)."""
-        text, label = read_run_text(path)
+    def load(cls, spec: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+        """Load a run file, or a shipped preset by name (the default run ``tiny_gpt`` when ``spec`` is None), with
+        ``overrides`` (``optimizer.lr=1e-3``, as ``--set`` gives them) applied to the parsed TOML: an override
+        changes the run id exactly as the same edit of the file would."""
+        text, label = read_run_text(spec)
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"run config {label!r} is not valid TOML: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(apply_overrides(data, overrides, cls))
+
+    @classmethod
+    def from_toml(cls, path: str | Path | None = None) -> RunConfig:
+        """Load a run file, or a shipped preset by name (the default run ``tiny_gpt`` when ``path`` is None)."""
+        return cls.load(path)
 
 
 def preset_names() -> tuple[str, ...]:
@@ -335,22 +270,3 @@ def read_run_text(spec: str | Path | None) -> tuple[str, str]:
         f"cannot read run config {str(spec)!r}: no such file, and no shipped preset of that name "
         f"(presets: {', '.join(preset_names())})"
     )
-
-
-def _build(section_type: type, values: dict[str, Any], section: str) -> Any:
-    known = {f.name for f in dataclasses.fields(section_type)}
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown keys in [{section}]: {sorted(unknown)}; known: {sorted(known)}")
-    return section_type(**values)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from swarm.p2p.identity import Identity, PeerID
+from swarm.configs import Config, setting
 from swarm.errors import ConfigError
 from swarm.verification.common import digest_parts
 from swarm.verification.receipts import WorkClaim, WorkReceipt, forge_receipt
@@ -32,22 +32,15 @@ KINDS = ("noisy-forward", "lazy", "sign-flip", "forge-receipts", "replay")
 SIGN_FLIP_FACTOR = -1000.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class MisbehaveConfig:
+class MisbehaveConfig(Config, section="misbehave"):
     """Which cheat this node runs (None: honest) and its knobs."""
 
-    kind: str | None = None
-    noise_scale: float = 0.5
-    forged_per_flush: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind is not None and self.kind not in KINDS:
-            raise ConfigError(f"misbehave kind must be one of {KINDS}, got {self.kind!r}")
-        if not 0 < self.noise_scale <= 100:
-            raise ConfigError(f"noise_scale must be in (0, 100], got {self.noise_scale!r}")
-        if not 1 <= self.forged_per_flush <= 10_000:
-            raise ConfigError(f"forged_per_flush must be in [1, 10000], got {self.forged_per_flush!r}")
+    kind: str | None = setting(default=None, choices=KINDS, doc="The cheat (see the module doc); None: honest.")
+    noise_scale: float = setting(
+        default=0.5, gt=0, le=100, doc="noisy-forward: noise std as a multiple of the outputs'."
+    )
+    forged_per_flush: int = setting(default=8, ge=1, le=10_000, doc="forge-receipts: receipts forged per flush.")
+    seed: int = setting(default=0, doc="Seed of the noise.")
 
 
 def parse_misbehave_spec(text: str) -> tuple[str, int]:

@@ -12,21 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from swarm.configs import Config, setting
 from swarm.errors import ConfigError
 
 
-@dataclass(frozen=True, kw_only=True)
-class BalanceConfig:
-    """``move_margin``: move only if old bottleneck < margin x new; a peer with no measurement counts as ``default_throughput``."""
+class BalanceConfig(Config, section="balance"):
+    """When a serving node moves to another stage (Petals' rule) and how an unmeasured peer counts."""
 
-    move_margin: float = 0.75
-    default_throughput: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.move_margin, (int, float)) or not 0 < self.move_margin <= 1:
-            raise ConfigError(f"move_margin must be in (0, 1], got {self.move_margin!r}")
-        if not isinstance(self.default_throughput, (int, float)) or not self.default_throughput > 0:
-            raise ConfigError(f"default_throughput must be > 0, got {self.default_throughput!r}")
+    move_margin: float = setting(default=0.75, gt=0, le=1, doc="Move only if old bottleneck < margin x new bottleneck.")
+    default_throughput: float = setting(default=1.0, gt=0, doc="Throughput assumed for a peer never measured.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from swarm.data import Microbatch
+from swarm.configs import Config, setting
 from swarm.errors import ConfigError, RemoteError, SwarmError
 from swarm.training.stage_server import StaleStepError
 from swarm.training.wiring import NoPeerError, PeerSelector, call_with_retry
@@ -45,27 +45,14 @@ class StageClient(Protocol):
     ) -> tuple[torch.Tensor | None, float | None]: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class DriverConfig:
+class DriverConfig(Config, section="driver"):
     """Retries of one microbatch: after a failure wait ``retry_wait_s`` (give up after ``max_microbatch_attempts``);
     when a replica is at another step wait ``stale_wait_s`` (at most ``max_stale_retries`` tries in all)."""
 
-    retry_wait_s: float = 0.5
-    max_microbatch_attempts: int = 20
-    stale_wait_s: float = 0.05
-    max_stale_retries: int = 1000
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.stale_wait_s, (int, float)) or not 0 <= self.stale_wait_s <= 60:
-            raise ConfigError(f"stale_wait_s must be in [0, 60] seconds, got {self.stale_wait_s!r}")
-        if not isinstance(self.max_stale_retries, int) or not 1 <= self.max_stale_retries <= 1_000_000:
-            raise ConfigError(f"max_stale_retries must be an int in [1, 1000000], got {self.max_stale_retries!r}")
-        if not isinstance(self.retry_wait_s, (int, float)) or not 0 <= self.retry_wait_s <= 600:
-            raise ConfigError(f"retry_wait_s must be in [0, 600] seconds, got {self.retry_wait_s!r}")
-        if not isinstance(self.max_microbatch_attempts, int) or not 1 <= self.max_microbatch_attempts <= 10_000:
-            raise ConfigError(
-                f"max_microbatch_attempts must be an int in [1, 10000], got {self.max_microbatch_attempts!r}"
-            )
+    retry_wait_s: float = setting(default=0.5, ge=0, le=600, doc="Seconds to wait after a failed microbatch.")
+    max_microbatch_attempts: int = setting(default=20, ge=1, le=10_000, doc="Tries of one microbatch before giving up.")
+    stale_wait_s: float = setting(default=0.05, ge=0, le=60, doc="Seconds to wait when a replica is at another step.")
+    max_stale_retries: int = setting(default=1000, ge=1, le=1_000_000, doc="Most waits for a replica at another step.")
 
 
 def is_stale_step(error: BaseException) -> bool:

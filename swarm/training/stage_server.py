@@ -18,12 +18,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from swarm.errors import ConfigError, SwarmError
+from swarm.configs import Config, setting
+from swarm.errors import SwarmError
 from swarm.model.optim import set_step_lr
 from swarm.model.stages import StageInputError, StageModel
 from swarm.run.config import OptimizerConfig
@@ -45,18 +45,11 @@ class StageObserver(Protocol):
     ) -> None: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class StageServerConfig:
-    """``max_batch``: most samples per request; ``retained_graphs``: forward graphs kept for a later backward."""
+class StageServerConfig(Config, section="stage_server"):
+    """Limits of one stage server."""
 
-    max_batch: int = 64
-    retained_graphs: int = 16
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 1 << 20:
-            raise ConfigError(f"max_batch must be an int in [1, 1048576], got {self.max_batch!r}")
-        if not isinstance(self.retained_graphs, int) or not 0 <= self.retained_graphs <= 4096:
-            raise ConfigError(f"retained_graphs must be an int in [0, 4096], got {self.retained_graphs!r}")
+    max_batch: int = setting(default=64, ge=1, le=1 << 20, doc="Most samples in one request.")
+    retained_graphs: int = setting(default=16, ge=0, le=4096, doc="Forward graphs kept for a backward on this replica.")
 
 
 class StageServer:

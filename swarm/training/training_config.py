@@ -2,93 +2,66 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.training.balancing import BalanceConfig
 from swarm.run.config import RunConfig
 from swarm.training.driver import DriverConfig
+from swarm.configs import Config, setting
 from swarm.errors import ConfigError
 from swarm.training.messages import ROLES
 from swarm.training.verifying import NodeVerificationConfig
 from swarm.training.wiring import WiringConfig
 
 DEVICES = ("cpu", "cuda", "mps")
+TRAINING_ROLES = tuple(role for role in ROLES if role != "validator")  # --role validator has its own config
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainingConfig:
+class TrainingConfig(Config, section="training"):
     """The training role of one node. Durations in seconds."""
 
-    run: RunConfig
-    stage: int | None = None
-    role: str = "auto"
-    device: str = "cpu"
-    checkpoint_dir: Path | None = None
-    save_every_steps: int = 5
-    max_steps: int | None = None
-    summary_path: Path | None = None
-    record_period_s: float = 5.0
-    poll_interval_s: float = 0.2
-    view_interval_s: float = 0.2
-    rpc_timeout_s: float = 10.0
-    dht_timeout_s: float = 5.0
-    inflight_microbatches: int = 2
-    matchmaking_time_s: float = 3.0
-    allreduce_timeout_s: float = 30.0
-    behind_grace_s: float = 5.0
-    rebalance_interval_s: float = 20.0
-    start_after_peers: int = 0
-    finish_linger_s: float = 60.0  # after max_steps, keep serving validators until the last window is attested
-    seed: int = 0
-    wiring: WiringConfig = field(default_factory=WiringConfig)
-    driver: DriverConfig = field(default_factory=DriverConfig)
-    balance: BalanceConfig = field(default_factory=BalanceConfig)
-    verification: NodeVerificationConfig = field(default_factory=NodeVerificationConfig)
+    run: RunConfig = setting(doc="The run this node trains.")
+    stage: int | None = setting(default=None, ge=0, doc="Stage to serve (None: choose the weakest).")
+    role: str = setting(default="auto", choices=TRAINING_ROLES, doc="auto, server (serve only) or trainer (drive).")
+    device: str = setting(default="cpu", choices=DEVICES, doc="Torch device of the stage: cpu, cuda or mps.")
+    checkpoint_dir: Path | None = setting(default=None, doc="Where stage checkpoints go (None: none).")
+    save_every_steps: int = setting(default=5, ge=1, le=10_000, doc="Steps between checkpoints.")
+    max_steps: int | None = setting(default=None, ge=1, doc="Stop after this many optimizer steps (None: never).")
+    summary_path: Path | None = setting(default=None, doc="Write the node's summary JSON here when it stops.")
+    record_period_s: float = setting(default=5.0, gt=0, le=86400, doc="Seconds between republishes of own records.")
+    poll_interval_s: float = setting(
+        default=0.2, gt=0, le=86400, doc="Seconds between polls while waiting on the swarm."
+    )
+    view_interval_s: float = setting(default=0.2, gt=0, le=86400, doc="Seconds between refreshes of the swarm view.")
+    rpc_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of one stage request.")
+    dht_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of one DHT call.")
+    inflight_microbatches: int = setting(default=2, ge=1, le=10_000, doc="Microbatches a driver has in flight.")
+    matchmaking_time_s: float = setting(default=3.0, gt=0, le=86400, doc="How long averaging gathers peers.")
+    allreduce_timeout_s: float = setting(default=30.0, gt=0, le=86400, doc="Deadline of one all-reduce.")
+    behind_grace_s: float = setting(
+        default=5.0, gt=0, le=86400, doc="A step open this long lets a driver feed more than its fair share."
+    )
+    rebalance_interval_s: float = setting(
+        default=20.0, ge=0, le=86400, doc="Seconds between rebalancing checks (0 disables)."
+    )
+    start_after_peers: int = setting(
+        default=0, ge=0, le=100_000, doc="Drive no microbatch until this many peers are in the run's records."
+    )
+    finish_linger_s: float = setting(
+        default=60.0, ge=0, le=86400, doc="After max_steps, serve validators this long (0: leave at once)."
+    )
+    seed: int = setting(default=0, doc="Seed of this node's own randomness (peer choice, sampling).")
+    wiring: WiringConfig = setting(default_factory=WiringConfig, doc="Choice of next-stage peers and bans.")
+    driver: DriverConfig = setting(default_factory=DriverConfig, doc="Retries of microbatches.")
+    balance: BalanceConfig = setting(default_factory=BalanceConfig, doc="Stage rebalancing.")
+    verification: NodeVerificationConfig = setting(
+        default_factory=NodeVerificationConfig, doc="This node's verification duties."
+    )
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.run, RunConfig):
-            raise ConfigError(f"run must be a RunConfig, got {type(self.run).__name__}")
+    def validate(self) -> None:
         n = self.run.pipeline.num_stages
-        if self.stage is not None and (not isinstance(self.stage, int) or not 0 <= self.stage < n):
-            raise ConfigError(f"stage must be 'auto' or an int in [0, {n}), got {self.stage!r}")
-        if self.role not in ROLES or self.role == "validator":
-            raise ConfigError(f"role must be one of auto, server, trainer, got {self.role!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ConfigError(f"max_steps must be None or an int >= 1, got {self.max_steps!r}")
-        for name in ("save_every_steps", "inflight_microbatches"):
-            if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= 10_000:
-                raise ConfigError(f"{name} must be an int in [1, 10000], got {getattr(self, name)!r}")
-        for name in (
-            "record_period_s",
-            "poll_interval_s",
-            "view_interval_s",
-            "rpc_timeout_s",
-            "dht_timeout_s",
-            "matchmaking_time_s",
-            "allreduce_timeout_s",
-            "behind_grace_s",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 86400:
-                raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
-        if not isinstance(self.start_after_peers, int) or not 0 <= self.start_after_peers <= 100_000:
-            raise ConfigError(f"start_after_peers must be an int in [0, 100000], got {self.start_after_peers!r}")
-        if not isinstance(self.finish_linger_s, (int, float)) or not 0 <= self.finish_linger_s <= 86400:
-            raise ConfigError(
-                f"finish_linger_s must be in [0, 86400] seconds (0: leave at once), got {self.finish_linger_s!r}"
-            )
-        if not isinstance(self.rebalance_interval_s, (int, float)) or not 0 <= self.rebalance_interval_s <= 86400:
-            raise ConfigError(
-                f"rebalance_interval_s must be in [0, 86400] (0 disables), got {self.rebalance_interval_s!r}"
-            )
-
-    @property
-    def drives(self) -> bool:
-        """Trainers always drive; ``auto`` nodes drive while they serve stage 0."""
-        return self.role in ("auto", "trainer")
+        if self.stage is not None and not self.stage < n:
+            raise self.invalid("stage", f"must be 'auto' or an int in [0, {n}), got {self.stage!r}")
 
 
 def parse_stage(text: str) -> int | None:

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from swarm.dht.records import owner_subkey
 from swarm.p2p import Transport
 from swarm.training.checkpoint import StageState
 from swarm.run.config import RunConfig
+from swarm.configs import Config, setting
 from swarm.errors import AddressError, CodecError, ConfigError, SwarmError
 from swarm.training.messages import PeerRecord
 from swarm.model.stages import StageInputError, StageModel, build_stages
@@ -46,31 +46,24 @@ RECORD_PERIOD_S = 5.0  # how often the validator re-publishes its {run}/peers re
 FINISH_GRACE_S = 30.0  # after the swarm reaches max_steps, how long to wait for the last attestations
 
 
-@dataclass(frozen=True, kw_only=True)
-class ValidatorConfig:
+class ValidatorConfig(Config, section="validator"):
     """The validator role of one node. Durations in seconds."""
 
-    run: RunConfig
-    ledger_path: Path | None = None
-    summary_path: Path | None = None
-    max_steps: int | None = None
-    poll_interval_s: float = 0.2
-    rpc_timeout_s: float = 10.0
-    dht_timeout_s: float = 5.0
-    check_delay_s: float = 1.0
-    verdicts_ttl_s: float = 24 * 3600.0
+    run: RunConfig = setting(doc="The run this node checks.")
+    ledger_path: Path | None = setting(default=None, doc="File of the reward ledger.")
+    summary_path: Path | None = setting(default=None, doc="Write the validator's summary JSON here when it stops.")
+    max_steps: int | None = setting(default=None, ge=1, doc="Stop once the swarm reaches this step (None: never).")
+    poll_interval_s: float = setting(default=0.2, gt=0, le=86400 * 365, doc="Seconds between polls for work.")
+    rpc_timeout_s: float = setting(default=10.0, gt=0, le=86400 * 365, doc="Deadline of one request.")
+    dht_timeout_s: float = setting(default=5.0, gt=0, le=86400 * 365, doc="Deadline of one DHT call.")
+    check_delay_s: float = setting(
+        default=1.0, gt=0, le=86400 * 365, doc="Seconds callers get to publish a window's receipts."
+    )
+    verdicts_ttl_s: float = setting(default=24 * 3600.0, gt=0, le=86400 * 365, doc="Lifetime of published verdicts.")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.run, RunConfig):
-            raise ConfigError(f"run must be a RunConfig, got {type(self.run).__name__}")
+    def validate(self) -> None:
         if not self.run.verification.enabled:
             raise ConfigError("verification.enabled is false in the run config; a validator has nothing to do")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ConfigError(f"max_steps must be None or an int >= 1, got {self.max_steps!r}")
-        for name in ("poll_interval_s", "rpc_timeout_s", "dht_timeout_s", "check_delay_s", "verdicts_ttl_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 86400 * 365:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 class StageReplayer:

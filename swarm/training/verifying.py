@@ -12,12 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from swarm.p2p.identity import Identity, PeerID
-from swarm.errors import ConfigError, SwarmError
+from swarm.configs import Config, setting
+from swarm.errors import SwarmError
 from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
@@ -27,23 +27,14 @@ from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessC
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class NodeVerificationConfig:
+class NodeVerificationConfig(Config, section="node_verification"):
     """Per-node verification options (the run-wide ones are `VerificationSettings` in the run config)."""
 
-    misbehave: MisbehaveConfig = field(default_factory=MisbehaveConfig)
-    orchestrator_candidate: bool = False
-    ledger_path: Path | None = None
-    tick_s: float = 0.5
-    dht_timeout_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.misbehave, MisbehaveConfig):
-            raise ConfigError(f"misbehave must be a MisbehaveConfig, got {type(self.misbehave).__name__}")
-        for name in ("tick_s", "dht_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
-                raise ConfigError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+    misbehave: MisbehaveConfig = setting(default_factory=MisbehaveConfig, doc="Cheat on purpose (tests and demos).")
+    orchestrator_candidate: bool = setting(default=False, doc="Stand for election as the rewards orchestrator.")
+    ledger_path: Path | None = setting(default=None, doc="File of the reward ledger (candidates only).")
+    tick_s: float = setting(default=0.5, gt=0, le=3600, doc="Seconds between rounds of the verification loop.")
+    dht_timeout_s: float = setting(default=5.0, gt=0, le=3600, doc="Deadline of one DHT call.")
 
 
 def orchestrator_config(

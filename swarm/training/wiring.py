@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from swarm.errors import ConfigError, NotFoundError, SwarmError
+from swarm.configs import Config, setting
+from swarm.errors import NotFoundError, SwarmError
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +29,17 @@ class NoPeerError(NotFoundError):
     """No unbanned peer serves the stage right now; wait for one to join or move there."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class WiringConfig:
+class WiringConfig(Config, section="wiring"):
     """EMA smoothing, ban backoff, and how many peers one request may try."""
 
-    ema_alpha: float = 0.3
-    ban_base_s: float = 1.0
-    ban_max_s: float = 60.0
-    max_attempts: int = 4
+    ema_alpha: float = setting(default=0.3, gt=0, le=1, doc="Weight of a new measurement in a peer's throughput EMA.")
+    ban_base_s: float = setting(default=1.0, gt=0, le=3600, doc="Ban after a peer's first failure; doubles each time.")
+    ban_max_s: float = setting(default=60.0, le=86400, doc="Longest ban (>= ban_base_s).")
+    max_attempts: int = setting(default=4, ge=1, le=100, doc="Peers one request may try.")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.ema_alpha, (int, float)) or not 0 < self.ema_alpha <= 1:
-            raise ConfigError(f"ema_alpha must be in (0, 1], got {self.ema_alpha!r}")
-        if not isinstance(self.ban_base_s, (int, float)) or not 0 < self.ban_base_s <= 3600:
-            raise ConfigError(f"ban_base_s must be in (0, 3600], got {self.ban_base_s!r}")
-        if not isinstance(self.ban_max_s, (int, float)) or not self.ban_base_s <= self.ban_max_s <= 86400:
-            raise ConfigError(f"ban_max_s must be in [ban_base_s, 86400], got {self.ban_max_s!r}")
-        if not isinstance(self.max_attempts, int) or not 1 <= self.max_attempts <= 100:
-            raise ConfigError(f"max_attempts must be an int in [1, 100], got {self.max_attempts!r}")
+    def validate(self) -> None:
+        if self.ban_max_s < self.ban_base_s:
+            raise self.invalid("ban_max_s", f"must be in [ban_base_s, 86400], got {self.ban_max_s!r}")
 
 
 @dataclass

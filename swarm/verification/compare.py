@@ -8,14 +8,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from swarm.errors import ConfigError
+from swarm.configs import Config, setting
 
 if TYPE_CHECKING:
     import torch
 
 
-@dataclass(frozen=True, kw_only=True)
-class ToleranceConfig:
+class ToleranceConfig(Config, section="tolerance"):
     """How close a claimed output must be to the recomputed one (from the run config).
 
     A pair of tensors passes when their cosine similarity is at least ``min_cosine`` and the norm of the
@@ -23,17 +22,11 @@ class ToleranceConfig:
     below ``zero_norm`` count as equal (a legitimately zero gradient).
     """
 
-    min_cosine: float = 0.99
-    max_norm_ratio_deviation: float = 0.01
-    zero_norm: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise ConfigError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
-        if not 0.0 <= self.max_norm_ratio_deviation < 1.0:
-            raise ConfigError(f"max_norm_ratio_deviation must be in [0, 1), got {self.max_norm_ratio_deviation!r}")
-        if not 0.0 <= self.zero_norm < 1.0:
-            raise ConfigError(f"zero_norm must be in [0, 1), got {self.zero_norm!r}")
+    min_cosine: float = setting(default=0.99, ge=-1.0, le=1.0, doc="Least cosine similarity of claimed and recomputed.")
+    max_norm_ratio_deviation: float = setting(
+        default=0.01, ge=0.0, lt=1.0, doc="Most relative difference of the claimed norm from the recomputed one."
+    )
+    zero_norm: float = setting(default=1e-6, ge=0.0, lt=1.0, doc="Tensors with both norms below this count as equal.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
-from swarm.errors import ConfigError, ProtocolError
+from swarm.configs import Config, setting
+from swarm.errors import ProtocolError
 from swarm.verification.attestation import leader_rank
 from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
 
@@ -27,20 +28,20 @@ _HEARTBEAT_DOMAIN = b"swarm/heartbeat/v1\x00"
 ROLES = ("validator", "candidate")
 
 
-@dataclass(frozen=True, kw_only=True)
-class ElectionConfig:
+class ElectionConfig(Config, section="election"):
     """Heartbeat period and expiry, in seconds."""
 
-    heartbeat_interval_s: float = 1.0
-    heartbeat_ttl_s: float = 5.0
+    heartbeat_interval_s: float = setting(default=1.0, gt=0, le=3600, doc="Seconds between a candidate's heartbeats.")
+    heartbeat_ttl_s: float = setting(
+        default=5.0, le=86400, doc="Lifetime of a heartbeat; longer than heartbeat_interval_s."
+    )
 
-    def __post_init__(self) -> None:
-        if not 0 < self.heartbeat_interval_s <= 3600:
-            raise ConfigError(f"heartbeat_interval_s must be in (0, 3600], got {self.heartbeat_interval_s!r}")
-        if not self.heartbeat_interval_s < self.heartbeat_ttl_s <= 86400:
-            raise ConfigError(
-                f"heartbeat_ttl_s must exceed heartbeat_interval_s ({self.heartbeat_interval_s}) and be <= 86400, "
-                f"got {self.heartbeat_ttl_s!r}"
+    def validate(self) -> None:
+        if not self.heartbeat_interval_s < self.heartbeat_ttl_s:
+            raise self.invalid(
+                "heartbeat_ttl_s",
+                f"must exceed heartbeat_interval_s ({self.heartbeat_interval_s}) and be <= 86400, "
+                f"got {self.heartbeat_ttl_s!r}",
             )
 
 

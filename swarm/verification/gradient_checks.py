@@ -17,11 +17,10 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from swarm.p2p.identity import Identity, PeerID
-from swarm.errors import ConfigError
+from swarm.configs import Config, setting
 from swarm.verification.common import RecordStore
 from swarm.verification.outliers import (
     OutlierConfig,
@@ -49,34 +48,25 @@ class InspectedValues(Protocol):
     center: torch.Tensor
 
 
-@dataclass(frozen=True, kw_only=True)
-class GradientCheckConfig:
+class GradientCheckConfig(Config, section="gradient_checks"):
     """The run's window length, the outlier rule, and how long reports live in the DHT."""
 
-    run_id: str
-    window_steps: int
-    outliers: OutlierConfig
-    report_ttl_s: float = 3600.0
-    min_reporters: int = 2  # a peer reported by this many others in a window is an offender for everyone
-    replay_block_numel: int = 4096  # replay digests are taken per block at offsets that are multiples of this
-    max_windows_kept: int = 64
-    max_known_offenders: int = 1024
+    run_id: str = setting(doc="The run whose gradients are checked.")
+    window_steps: int = setting(ge=1, doc="Steps per reward window.")
+    outliers: OutlierConfig = setting(doc="The outlier rule.")
+    report_ttl_s: float = setting(default=3600.0, gt=0, le=86400 * 30, doc="Lifetime of an outlier report.")
+    min_reporters: int = setting(
+        default=2, ge=1, le=10_000, doc="A peer reported by this many others in a window is an offender for everyone."
+    )
+    replay_block_numel: int = setting(
+        default=4096, ge=16, le=1 << 24, doc="Replay digests are taken per block of this many values."
+    )
+    max_windows_kept: int = setting(default=64, ge=1, le=10_000, doc="Windows of reports kept in memory.")
+    max_known_offenders: int = setting(default=1024, ge=1, le=10_000, doc="Offenders remembered.")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.run_id, str) or not self.run_id:
-            raise ConfigError(f"run_id must be a non-empty string, got {self.run_id!r}")
-        if not isinstance(self.window_steps, int) or self.window_steps < 1:
-            raise ConfigError(f"window_steps must be an int >= 1, got {self.window_steps!r}")
-        if not isinstance(self.outliers, OutlierConfig):
-            raise ConfigError(f"outliers must be an OutlierConfig, got {type(self.outliers).__name__}")
-        if not isinstance(self.report_ttl_s, (int, float)) or not 0 < self.report_ttl_s <= 86400 * 30:
-            raise ConfigError(f"report_ttl_s must be in (0, 2592000] seconds, got {self.report_ttl_s!r}")
-        for name in ("min_reporters", "max_windows_kept", "max_known_offenders"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= 10_000:
-                raise ConfigError(f"{name} must be an int in [1, 10000], got {value!r}")
-        if not isinstance(self.replay_block_numel, int) or not 16 <= self.replay_block_numel <= 1 << 24:
-            raise ConfigError(f"replay_block_numel must be an int in [16, 16777216], got {self.replay_block_numel!r}")
+    def validate(self) -> None:
+        if not self.run_id:
+            raise self.invalid("run_id", f"must be a non-empty string, got {self.run_id!r}")
 
 
 class GradientChecker:

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from swarm.p2p.identity import Identity, PeerID
-from swarm.errors import ConfigError, SwarmError
+from swarm.configs import Config, setting
+from swarm.errors import SwarmError
 from swarm.verification.attestation import (
     GENESIS_DIGEST,
     Attestation,
@@ -43,34 +43,25 @@ from swarm.verification.verdicts import fetch_verdicts
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class OrchestratorConfig:
+class OrchestratorConfig(Config, section="orchestrator"):
     """One candidate's settings; ``rewards`` and ``election`` come from the run config."""
 
-    run_id: str
-    role: str = "candidate"
-    election: ElectionConfig = field(default_factory=ElectionConfig)
-    rewards: RewardConfig = field(default_factory=RewardConfig)
-    settle_steps: int = 2
-    settle_s: float = 3.0
-    tick_s: float = 0.5
-    record_ttl_s: float = 24 * 3600.0
-    dht_timeout_s: float = 10.0
-    ledger_path: str | None = None
+    run_id: str = setting(doc="The run whose rewards are attested.")
+    role: str = setting(default="candidate", choices=ROLES, doc="validator or candidate.")
+    election: ElectionConfig = setting(default_factory=ElectionConfig, doc="Heartbeats of the election.")
+    rewards: RewardConfig = setting(default_factory=RewardConfig, doc="How work is weighed.")
+    settle_steps: int = setting(default=2, ge=0, le=1_000_000, doc="Steps after a window closes before attesting it.")
+    settle_s: float = setting(
+        default=3.0, ge=0, le=3600, doc="Least seconds between a window closing and its attestation."
+    )
+    tick_s: float = setting(default=0.5, gt=0, le=365 * 86400, doc="Seconds between rounds of the orchestrator loop.")
+    record_ttl_s: float = setting(default=24 * 3600.0, gt=0, le=365 * 86400, doc="Lifetime of attestations.")
+    dht_timeout_s: float = setting(default=10.0, gt=0, le=365 * 86400, doc="Deadline of one DHT call.")
+    ledger_path: str | None = setting(default=None, doc="File of the reward ledger (None: in memory only).")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.run_id:
-            raise ConfigError("run_id must not be empty")
-        if self.role not in ROLES:
-            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
-        if not 0 <= self.settle_steps <= 1_000_000:
-            raise ConfigError(f"settle_steps must be in [0, 1000000], got {self.settle_steps!r}")
-        if not isinstance(self.settle_s, (int, float)) or not 0 <= self.settle_s <= 3600:
-            raise ConfigError(f"settle_s must be in [0, 3600] seconds, got {self.settle_s!r}")
-        for name in ("tick_s", "record_ttl_s", "dht_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 365 * 86400:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+            raise self.invalid("run_id", "must not be empty")
 
 
 class Orchestrator:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
-from swarm.errors import ConfigError, ProtocolError
+from swarm.configs import Config, setting
+from swarm.errors import ProtocolError
 from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
 
 if TYPE_CHECKING:
@@ -37,24 +38,15 @@ _REPORT_DOMAIN = b"swarm/outlier-report/v1\x00"
 REASONS = ("outlier", "replayed")
 
 
-@dataclass(frozen=True, kw_only=True)
-class OutlierConfig:
+class OutlierConfig(Config, section="outliers"):
     """The outlier rule's parameters (from the run config)."""
 
-    distance_ratio: float = 10.0
-    min_senders: int = 3
-    min_distance: float = 1e-8
-    replay_memory_steps: int = 16
-
-    def __post_init__(self) -> None:
-        if not 1.0 < self.distance_ratio <= 1e6:
-            raise ConfigError(f"distance_ratio must be in (1, 1e6], got {self.distance_ratio!r}")
-        if not 3 <= self.min_senders <= 10_000:
-            raise ConfigError(f"min_senders must be in [3, 10000], got {self.min_senders!r}")
-        if not 0 <= self.min_distance < 1e6:
-            raise ConfigError(f"min_distance must be in [0, 1e6), got {self.min_distance!r}")
-        if not 1 <= self.replay_memory_steps <= 10_000:
-            raise ConfigError(f"replay_memory_steps must be in [1, 10000], got {self.replay_memory_steps!r}")
+    distance_ratio: float = setting(
+        default=10.0, gt=1.0, le=1e6, doc="Outlier: farther than this x the median sender distance from the center."
+    )
+    min_senders: int = setting(default=3, ge=3, le=10_000, doc="Fewest senders of a part for the rule to apply.")
+    min_distance: float = setting(default=1e-8, ge=0, lt=1e6, doc="Distances below this never make an outlier.")
+    replay_memory_steps: int = setting(default=16, ge=1, le=10_000, doc="Steps of digests kept to spot replays.")
 
 
 @dataclass(frozen=True, kw_only=True)

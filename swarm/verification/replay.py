@@ -15,11 +15,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from swarm.p2p.identity import Identity, PeerID
-from swarm.errors import CodecError, ConfigError, SwarmError, VerificationError
+from swarm.configs import Config, setting
+from swarm.errors import CodecError, SwarmError, VerificationError
 from swarm.verification.common import digest_parts
 from swarm.verification.compare import ToleranceConfig, compare_outputs
 from swarm.verification.receipts import WorkReceipt
@@ -58,25 +58,14 @@ class Fetcher(Protocol):
     async def fetch(self, server: PeerID, req: FetchRequest) -> FetchReply: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class CheckConfig:
+class CheckConfig(Config, section="check"):
     """How a validator checks work (sample probability and tolerances come from the run config)."""
 
-    sample_probability: float = 0.1
-    tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
-    fetch_timeout_s: float = 10.0
-    fetch_attempts: int = 3
-    max_checks_per_window: int = 256
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sample_probability <= 1.0:
-            raise ConfigError(f"sample_probability must be in [0, 1], got {self.sample_probability!r}")
-        if not 0 < self.fetch_timeout_s <= 600:
-            raise ConfigError(f"fetch_timeout_s must be in (0, 600], got {self.fetch_timeout_s!r}")
-        if not 1 <= self.fetch_attempts <= 10:
-            raise ConfigError(f"fetch_attempts must be in [1, 10], got {self.fetch_attempts!r}")
-        if not 1 <= self.max_checks_per_window <= 1_000_000:
-            raise ConfigError(f"max_checks_per_window must be in [1, 1000000], got {self.max_checks_per_window!r}")
+    sample_probability: float = setting(default=0.1, ge=0.0, le=1.0, doc="Share of receipts replayed.")
+    tolerance: ToleranceConfig = setting(default_factory=ToleranceConfig, doc="How close a replay must come.")
+    fetch_timeout_s: float = setting(default=10.0, gt=0, le=600, doc="Deadline of one fetch of retained work.")
+    fetch_attempts: int = setting(default=3, ge=1, le=10, doc="Fetches of one piece of work before giving up.")
+    max_checks_per_window: int = setting(default=256, ge=1, le=1_000_000, doc="Most replays per reward window.")
 
 
 class ReceiptChecker:

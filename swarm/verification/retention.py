@@ -10,7 +10,7 @@ from typing import Any
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message
-from swarm.errors import ConfigError
+from swarm.configs import Config, setting
 from swarm.verification.receipts import KINDS, MAX_ID_CHARS
 
 log = logging.getLogger(__name__)
@@ -18,19 +18,12 @@ log = logging.getLogger(__name__)
 FETCH_METHOD = "verify.fetch"
 
 
-@dataclass(frozen=True, kw_only=True)
-class RetentionConfig:
+class RetentionConfig(Config, section="retention"):
     """How much served work a stage server keeps for validators: the last ``window_steps`` steps, at most
     ``max_bytes`` in all (oldest dropped first)."""
 
-    window_steps: int = 8
-    max_bytes: int = 512 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.window_steps <= 100_000:
-            raise ConfigError(f"window_steps must be in [1, 100000], got {self.window_steps!r}")
-        if not 1024 <= self.max_bytes <= 1 << 40:
-            raise ConfigError(f"max_bytes must be in [1024, 2**40], got {self.max_bytes!r}")
+    window_steps: int = setting(default=8, ge=1, le=100_000, doc="Steps of served work kept.")
+    max_bytes: int = setting(default=512 * 1024 * 1024, ge=1024, le=1 << 40, doc="Most bytes of served work kept.")
 
 
 WorkKey = tuple[int, int, str, str]  # step, stage, microbatch id, kind

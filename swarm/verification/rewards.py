@@ -15,38 +15,31 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from swarm.p2p.identity import PeerID
-from swarm.errors import ConfigError
+from swarm.configs import Config, setting
 from swarm.verification.outliers import OutlierReport, reported_peers
 from swarm.verification.receipts import ReceiptBatch, WorkReceipt
 from swarm.verification.verdicts import VerdictBatch
 
 
-@dataclass(frozen=True, kw_only=True)
-class RewardConfig:
+class RewardConfig(Config, section="rewards"):
     """How work is weighed and which verdicts count (from the run config)."""
 
-    window_steps: int = 10
-    stage_costs: tuple[float, ...] = ()
-    backward_cost: float = 2.0
-    trusted_validators: tuple[str, ...] = ()
-    outlier_min_reporters: int = 2
+    window_steps: int = setting(default=10, ge=1, le=1_000_000, doc="Steps per reward window.")
+    stage_costs: tuple[float, ...] = setting(
+        default=(), gt=0, le=1e6, doc="Relative compute cost of each stage (missing: 1.0)."
+    )
+    backward_cost: float = setting(default=2.0, gt=0, le=100, doc="Cost of a backward relative to a forward.")
+    trusted_validators: tuple[str, ...] = setting(default=(), doc="PeerIDs whose verdicts count.")
+    outlier_min_reporters: int = setting(
+        default=2, ge=0, le=10_000, doc="Reports that make a peer an offender (0: ignore reports)."
+    )
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.outlier_min_reporters <= 10_000:
-            raise ConfigError(
-                f"outlier_min_reporters must be in [0, 10000] (0: ignore reports), got {self.outlier_min_reporters!r}"
-            )
-        if not 1 <= self.window_steps <= 1_000_000:
-            raise ConfigError(f"window_steps must be in [1, 1000000], got {self.window_steps!r}")
-        if any(not isinstance(c, (int, float)) or not 0 < c <= 1e6 for c in self.stage_costs):
-            raise ConfigError(f"stage_costs must be positive numbers <= 1e6, got {self.stage_costs!r}")
-        if not 0 < self.backward_cost <= 100:
-            raise ConfigError(f"backward_cost must be in (0, 100], got {self.backward_cost!r}")
+    def validate(self) -> None:
         for text in self.trusted_validators:
             try:
                 PeerID.from_base58(text)
             except Exception:
-                raise ConfigError(f"trusted_validators: {text!r} is not a PeerID") from None
+                raise self.invalid("trusted_validators", f"{text!r} is not a PeerID") from None
 
     def window_of(self, step: int) -> int:
         return step // self.window_steps

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
+from swarm.configs import Config, limits_of, setting
 from swarm.errors import ConfigError
+from swarm.p2p.identity import PeerID
 from swarm.verification.compare import ToleranceConfig
 from swarm.verification.election import ElectionConfig
 from swarm.verification.outliers import OutlierConfig
@@ -13,42 +14,75 @@ from swarm.verification.retention import RetentionConfig
 from swarm.verification.rewards import RewardConfig
 
 
-@dataclass(frozen=True, kw_only=True)
-class VerificationSettings:
-    """What every node of a run must agree on about verification (part of the run's hash)."""
+class VerificationSettings(Config, section="verification"):
+    """What every node of a run must agree on about verification (part of the run's hash).
 
-    enabled: bool = True
-    window_steps: int = 5
-    sample_probability: float = 0.1
-    min_cosine: float = 0.99
-    max_norm_ratio_deviation: float = 0.01
-    retention_steps: int = 20
-    retention_max_bytes: int = 512 * 1024 * 1024
-    stage_costs: tuple[float, ...] = ()
-    backward_cost: float = 2.0
-    trusted_validators: tuple[str, ...] = ()
-    outlier_distance_ratio: float = 10.0
-    outlier_min_reporters: int = 2
-    heartbeat_interval_s: float = 1.0
-    heartbeat_ttl_s: float = 5.0
-    settle_steps: int = 2
+    The ranges are those of the configs built from these settings (`tolerance`, `rewards`, ...).
+    """
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"verification.enabled must be true or false, got {self.enabled!r}")
-        object.__setattr__(self, "stage_costs", tuple(self.stage_costs))
-        object.__setattr__(self, "trusted_validators", tuple(self.trusted_validators))
-        try:
-            self.tolerance()
-            self.check()
-            self.rewards()
-            self.election()
-            self.outliers()
-            self.retention()
-        except ConfigError as e:
-            raise ConfigError(f"verification.{e}") from None
-        if not isinstance(self.settle_steps, int) or not 0 <= self.settle_steps <= 1000:
-            raise ConfigError(f"verification.settle_steps must be an int in [0, 1000], got {self.settle_steps!r}")
+    enabled: bool = setting(default=True, doc="Whether receipts are kept and work is checked at all.")
+    window_steps: int = setting(
+        default=5, limits=limits_of(RewardConfig, "window_steps"), doc="Steps per reward window."
+    )
+    sample_probability: float = setting(
+        default=0.1, limits=limits_of(CheckConfig, "sample_probability"), doc="Share of receipts a validator replays."
+    )
+    min_cosine: float = setting(
+        default=0.99,
+        limits=limits_of(ToleranceConfig, "min_cosine"),
+        doc="Least cosine of a claimed and a replayed output.",
+    )
+    max_norm_ratio_deviation: float = setting(
+        default=0.01,
+        limits=limits_of(ToleranceConfig, "max_norm_ratio_deviation"),
+        doc="Most relative difference of a claimed norm from the replayed one.",
+    )
+    retention_steps: int = setting(
+        default=20, limits=limits_of(RetentionConfig, "window_steps"), doc="Steps of served work a server keeps."
+    )
+    retention_max_bytes: int = setting(
+        default=512 * 1024 * 1024, limits=limits_of(RetentionConfig, "max_bytes"), doc="Most bytes of served work kept."
+    )
+    stage_costs: tuple[float, ...] = setting(
+        default=(),
+        limits=limits_of(RewardConfig, "stage_costs"),
+        doc="Relative compute cost of each stage (missing: 1.0).",
+    )
+    backward_cost: float = setting(
+        default=2.0, limits=limits_of(RewardConfig, "backward_cost"), doc="Cost of a backward relative to a forward."
+    )
+    trusted_validators: tuple[str, ...] = setting(default=(), doc="PeerIDs whose verdicts count.")
+    outlier_distance_ratio: float = setting(
+        default=10.0,
+        limits=limits_of(OutlierConfig, "distance_ratio"),
+        doc="A gradient farther than this x the median distance from the center is an outlier.",
+    )
+    outlier_min_reporters: int = setting(
+        default=2,
+        limits=limits_of(RewardConfig, "outlier_min_reporters"),
+        doc="Reports that make a peer an offender (0: ignore reports).",
+    )
+    heartbeat_interval_s: float = setting(
+        default=1.0,
+        limits=limits_of(ElectionConfig, "heartbeat_interval_s"),
+        doc="Seconds between candidates' heartbeats.",
+    )
+    heartbeat_ttl_s: float = setting(
+        default=5.0,
+        limits=limits_of(ElectionConfig, "heartbeat_ttl_s"),
+        doc="Lifetime of a heartbeat (> the interval).",
+    )
+    settle_steps: int = setting(default=2, ge=0, le=1000, doc="Steps after a window closes before it is attested.")
+
+    def validate(self) -> None:
+        for text in self.trusted_validators:
+            try:
+                PeerID.from_base58(text)
+            except Exception:
+                raise self.invalid("trusted_validators", f"{text!r} is not a PeerID") from None
+        if not self.heartbeat_interval_s < self.heartbeat_ttl_s:
+            interval, ttl = self.heartbeat_interval_s, self.heartbeat_ttl_s
+            raise self.invalid("heartbeat_ttl_s", f"must exceed heartbeat_interval_s ({interval}), got {ttl!r}")
         if self.retention_steps <= self.window_steps + self.settle_steps:
             raise ConfigError(
                 f"verification.retention_steps ({self.retention_steps}) must exceed window_steps + settle_steps "

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from swarm.p2p.identity import Identity, PeerID
-from swarm.errors import ConfigError, ProtocolError, VerificationError
+from swarm.configs import Config, setting
+from swarm.errors import ProtocolError, VerificationError
 from swarm.p2p.messages import Message
 from swarm.verification.common import RecordStore, check_digest, digest_parts
 from swarm.verification.receipts import ReceiptBatch, WorkClaim, WorkReceipt, publish_receipts, sign_ack, sign_receipt
@@ -28,23 +29,18 @@ log = logging.getLogger(__name__)
 KEEP_WINDOWS = 4  # closed windows whose receipts stay in memory, so a late receipt re-publishes the whole batch
 
 
-@dataclass(frozen=True, kw_only=True)
-class WitnessConfig:
+class WitnessConfig(Config, section="witness"):
     """Receipt bookkeeping of one node (``window_steps`` from the run config)."""
 
-    run_id: str
-    window_steps: int = 10
-    retention: RetentionConfig = field(default_factory=RetentionConfig)
-    receipts_ttl_s: float = 24 * 3600.0
-    publish_timeout_s: float = 10.0
+    run_id: str = setting(doc="The run whose receipts are kept.")
+    window_steps: int = setting(default=10, ge=1, le=1_000_000, doc="Steps per reward window.")
+    retention: RetentionConfig = setting(default_factory=RetentionConfig, doc="What served work is kept.")
+    receipts_ttl_s: float = setting(default=24 * 3600.0, gt=0, le=365 * 86400, doc="Lifetime of published receipts.")
+    publish_timeout_s: float = setting(default=10.0, gt=0, le=600, doc="Deadline of one publication of receipts.")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.run_id:
-            raise ConfigError("run_id must not be empty")
-        if not 1 <= self.window_steps <= 1_000_000:
-            raise ConfigError(f"window_steps must be in [1, 1000000], got {self.window_steps!r}")
-        if not 0 < self.receipts_ttl_s <= 365 * 86400 or not 0 < self.publish_timeout_s <= 600:
-            raise ConfigError("receipts_ttl_s must be in (0, 1 year] and publish_timeout_s in (0, 600]")
+            raise self.invalid("run_id", "must not be empty")
 
 
 @dataclass(frozen=True, kw_only=True)
