@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -149,11 +150,6 @@ def limits_of(cls: type[Config], name: str) -> Limits:
     """The limits of ``cls``'s field ``name``: ``setting(limits=limits_of(...))`` declares the same range."""
     limits: Limits = _field(cls, name).metadata.get("limits", Limits())
     return limits
-
-
-def doc_of(cls: type[Config], name: str) -> str:
-    """The one-line doc of ``cls``'s field ``name`` ('' when it has none)."""
-    return str(_field(cls, name).metadata.get("doc", ""))
 
 
 @dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(setting, dataclasses.field))
@@ -343,17 +339,13 @@ def _from_data(tp: Any, value: Any, key: str) -> Any:
     nested = _config_type(tp)
     if nested is not None and value is not None:
         return build(nested, value, key)
-    if isinstance(value, list) and _accepts_tuple(tp):
+    if isinstance(value, list) and typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         item_tp = args[0] if len(args) == 2 and args[1] is Ellipsis else Any
         return tuple(_from_data(item_tp, item, key) for item in value)
     if isinstance(value, str) and _accepts_path(tp):
         return Path(value)
     return value
-
-
-def _accepts_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple
 
 
 def _accepts_path(tp: Any) -> bool:
@@ -425,9 +417,10 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def describe(cls: type[Config], prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted name, default, doc)`` of every field of ``cls``, nested configs expanded."""
-    rows: list[tuple[str, str, str]] = []
+def describe(cls: type[Config], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted name, default, accepted values, doc)`` of every field of ``cls``, nested configs expanded; the
+    default as JSON (as TOML writes most values) where it can be."""
+    rows: list[tuple[str, str, str, str]] = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         nested = _config_type(hints[f.name])
@@ -435,11 +428,15 @@ def describe(cls: type[Config], prefix: str = "") -> list[tuple[str, str, str]]:
         if nested is not None and factory is nested:
             rows += describe(nested, f"{prefix}{f.name}.")
             continue
-        if f.default is not _MISSING:
-            default = repr(f.default)
-        elif factory is not _MISSING:
-            default = repr(factory())
+        if f.default is not _MISSING or factory is not _MISSING:
+            value = f.default if f.default is not _MISSING else factory()
+            try:
+                default = json.dumps(str(value) if isinstance(value, Path) else value)
+            except TypeError:
+                default = repr(value)
         else:
             default = "(required)"
-        rows.append((f"{prefix}{f.name}", default, str(f.metadata.get("doc", ""))))
+        kind, limits = _kind(hints[f.name]), f.metadata.get("limits", Limits())
+        accepted = _wanted(kind, limits).strip() if kind.items is None else f"{kind.name} {limits.describe()}".strip()
+        rows.append((f"{prefix}{f.name}", default, accepted, str(f.metadata.get("doc", ""))))
     return rows

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import swarm
-from swarm.configs import Config, Limits, build, describe, doc_of, limits_of, setting
+from swarm.configs import Config, Limits, build, describe, limits_of, setting
 from swarm.errors import ConfigError
 
 
@@ -130,9 +130,14 @@ def test_declaring_a_config() -> None:
     with pytest.raises(TypeError, match="not both"):
         setting(default=1, ge=0, limits=Limits(le=3), doc="Both.")
     assert limits_of(Inner, "count") == Limits(ge=0, le=10)
-    assert doc_of(Outer, "ratio") == "A number in (0, 1)."
-    rows = dict((name, (default, doc)) for name, default, doc in describe(Outer))
-    assert rows["inner.count"] == ("1", "An int in [0, 10].") and rows["name"][0] == "(required)"
+    rows = {name: (default, accepted, doc) for name, default, accepted, doc in describe(Outer)}
+    assert rows["inner.count"] == ("1", "an int in [0, 10]", "An int in [0, 10].")
+    assert rows["ratio"] == ("0.5", "a number in (0, 1)", "A number in (0, 1).")
+    assert rows["name"][0] == "(required)" and rows["mode"][:2] == ('"a"', "one of ('a', 'b')")
+    assert rows["limit"][1] == "None or an int >= 1" and rows["inner.costs"][:2] == (
+        "[]",
+        "a tuple, each item a number > 0",
+    )
 
 
 # ---- every config of the package ---------------------------------------------------------------------------------
@@ -196,3 +201,13 @@ def test_run_config_blocksizes_match_the_codec() -> None:
     from swarm.run.config import BLOCKWISE8_BLOCKSIZES
 
     assert BLOCKWISE8_BLOCKSIZES == VALID_BLOCKSIZES
+
+
+def test_the_docs_list_every_run_config_field() -> None:
+    from swarm.run.config import RunConfig
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    missing = [name for name, *_ in describe(RunConfig) if f"| `{name}` |" not in text]
+    assert not missing, (
+        f"docs/training.md lacks these run-config fields (regenerate with describe(RunConfig)): {missing}"
+    )

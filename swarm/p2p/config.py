@@ -55,8 +55,3 @@ class TransportConfig(Config, section="transport"):
                 f"must be at most max_frame_size_bytes - 64 ({self.max_frame_size_bytes - 64}), "
                 f"got {self.max_message_size_bytes!r}",
             )
-
-    def _check_size(self, name: str, low: int, high: int) -> None:
-        value = getattr(self, name)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ConfigError(f"{name} must be an int number of bytes in [{low}, {high}], got {value!r}")
