@@ -167,6 +167,8 @@ class Config:
             cls.section = section
         if not cls.section:
             raise TypeError(f"{cls.__name__}: declare the section, e.g. class {cls.__name__}(Config, section='name')")
+        if "__post_init__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: put cross-field rules in validate(); __post_init__ runs the field checks")
         dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
     def __post_init__(self) -> None:

@@ -123,6 +123,12 @@ def test_declaring_a_config() -> None:
         class NoSection(Config):
             value: int = setting(default=1, doc="A value.")
 
+    with pytest.raises(TypeError, match="validate"):
+
+        class OwnPostInit(Config, section="own"):
+            def __post_init__(self) -> None:
+                pass
+
     with pytest.raises(TypeError, match="one non-empty line"):
         setting(default=1, doc="")
     with pytest.raises(TypeError, match="one non-empty line"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from swarm.configs import Config, limits_of, setting
 from swarm.errors import ConfigError
 from swarm.p2p.identity import PeerID
