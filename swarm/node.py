@@ -17,6 +17,7 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
 from swarm.errors import AddressError, ConfigError, SwarmError
+from swarm.testing.misbehave import MisbehaveConfig, hooks_for
 from swarm.training.trainer import TrainingConfig, TrainingRole
 from swarm.training.validator import ValidatorConfig, ValidatorRole
 
@@ -39,6 +40,7 @@ class NodeConfig:
     identity_path: Path | None = None
     training: TrainingConfig | None = None  # the training role (None: a DHT-only node)
     validator: ValidatorConfig | None = None  # the validator role (--role validator), instead of training
+    misbehave: MisbehaveConfig | None = None  # --misbehave: the training role cheats on purpose (tests, demos)
 
     def __post_init__(self) -> None:
         if not isinstance(self.transport, TransportConfig):
@@ -60,6 +62,8 @@ class NodeConfig:
             self.training is not None or not isinstance(self.validator, ValidatorConfig)
         ):
             raise ConfigError("validator must be a ValidatorConfig, and a node cannot both train and validate")
+        if self.misbehave is not None and not isinstance(self.misbehave, MisbehaveConfig):
+            raise ConfigError(f"misbehave must be a MisbehaveConfig or None, got {type(self.misbehave).__name__}")
 
     @property
     def key_path(self) -> Path:
@@ -122,7 +126,13 @@ class Node:
                 on_listening(self.listen_maddrs)
             await self._join()
             if self.config.training is not None and self.transport is not None:
-                role = TrainingRole(self.config.training, transport=self.transport, dht=self.dht, on_serving=on_serving)
+                role = TrainingRole(
+                    self.config.training,
+                    transport=self.transport,
+                    dht=self.dht,
+                    on_serving=on_serving,
+                    hooks=hooks_for(self.config.misbehave),
+                )
                 await role.run(stop_event)
             elif self.config.validator is not None and self.transport is not None and self.identity is not None:
                 validator = ValidatorRole(

@@ -22,6 +22,7 @@ from swarm.cli.logs import setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
 from swarm.node import Node, NodeConfig
+from swarm.testing.misbehave import MisbehaveConfig
 from swarm.training.trainer import TrainingConfig
 from swarm.training.validator import ValidatorConfig
 
@@ -114,6 +115,7 @@ def start(
 ) -> None:
     """Start a node: listen, join through the initial peers, serve until SIGINT/SIGTERM."""
     setup_logging(log_level)
+    misbehave: str | None = training.pop("misbehave")
     try:
         config = NodeConfig(
             transport=TransportConfig(listen_maddrs=_split_maddrs(listen), rpc_timeout_s=rpc_timeout_s),
@@ -121,6 +123,7 @@ def start(
             data_dir=data_dir.expanduser(),
             identity_path=identity_path.expanduser() if identity_path is not None else None,
             **_role(training_config(data_dir=data_dir.expanduser(), rpc_timeout_s=rpc_timeout_s, **training)),
+            misbehave=MisbehaveConfig(kind=misbehave) if misbehave is not None else None,
         )
         asyncio.run(_run_until_signal(config))
     except SwarmError as e:

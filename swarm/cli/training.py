@@ -85,10 +85,9 @@ def training_config(
     data_dir: Path,
     rpc_timeout_s: float,
     orchestrator_candidate: bool = False,
-    misbehave: str | None = None,
 ) -> TrainingConfig | ValidatorConfig | None:
     """The node's TrainingConfig (or ValidatorConfig for ``--role validator``) from the parsed options
-    (None for ``--role dht``)."""
+    (None for ``--role dht``). ``--misbehave`` is not a training option: `swarm.cli.node` hands it to the node."""
     if role == "dht":
         return None
     run = RunConfig.from_toml(config_path)
@@ -101,7 +100,7 @@ def training_config(
             rpc_timeout_s=rpc_timeout_s,
         )
     verification = node_verification_config(
-        misbehave=misbehave, orchestrator_candidate=orchestrator_candidate, data_dir=data_dir, run_id=run.run_id
+        orchestrator_candidate=orchestrator_candidate, data_dir=data_dir, run_id=run.run_id
     )
     return TrainingConfig(
         run=run,

@@ -24,7 +24,8 @@ from swarm.dht import DHT, DHTConfig
 from swarm.run.config import RunConfig
 from swarm.data import make_source
 from swarm.errors import ConfigError, SwarmError
-from swarm.training.verifying import misbehave_args, rewards_summary
+from swarm.testing.misbehave import misbehave_args
+from swarm.training.verifying import rewards_summary
 from swarm.training.view import SwarmView, format_table, peers_key, progress_key
 
 log = logging.getLogger(__name__)

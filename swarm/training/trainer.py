@@ -36,6 +36,7 @@ from swarm.training.balancing import StagePeer, choose_stage
 from swarm.training.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
 from swarm.data import ShardedData
 from swarm.training.driver import Driver
+from swarm.training.hooks import HONEST, NodeHooks
 from swarm.errors import SwarmError
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stage
@@ -69,6 +70,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         transport: Transport,
         dht: object,
         on_serving: Callable[[int | None], None] | None = None,
+        hooks: NodeHooks = HONEST,
     ) -> None:
         self.cfg = cfg
         self.run_cfg = cfg.run
@@ -86,7 +88,12 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         ]
         self.data = ShardedData(cfg.run, self.me.to_bytes())
         self.checks = NodeVerification(
-            cfg.run.verification, cfg.verification, run_id=self.run_id, identity=transport.identity, dht=dht
+            cfg.run.verification,
+            cfg.verification,
+            run_id=self.run_id,
+            identity=transport.identity,
+            dht=dht,
+            hooks=hooks,
         )
         self.client = RemoteStageClient(
             transport,
@@ -96,7 +103,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
             local_server=lambda: self.server,
             collector=self.checks.collector,
             witness=self.checks.witness,
-            misbehaviour=self.checks.misbehaviour,
+            hooks=self.checks.hooks,
         )
         self.driver = Driver(
             cfg.driver,
@@ -114,7 +121,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
             server_of=lambda: self.server,
             witness=self.checks.witness,
             collector=self.checks.collector,
-            misbehaviour=self.checks.misbehaviour,
+            hooks=self.checks.hooks,
             refuse=lambda peer: peer in self.checks.offenders(),
         )
         self.service.register()
@@ -192,12 +199,11 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                 tg.create_task(self.checks.run(self._current_step, lambda: self.server.index if self.server else None))
                 for worker in range(self.cfg.inflight_microbatches):
                     tg.create_task(self._drive_loop(worker))
-                # a --misbehave demo node stays on the stage it joined: the demo measures detection, not a chase
                 if (
                     self.cfg.rebalance_interval_s > 0
                     and self.cfg.stage is None
                     and self.cfg.role == "auto"
-                    and self.checks.misbehaviour.kind is None
+                    and self.checks.hooks.rebalances
                 ):
                     tg.create_task(self._rebalance_loop())
         except* _Done:

@@ -112,7 +112,7 @@ class StepsMixin:
         closed = time.monotonic()
         await asyncio.to_thread(server.close_step)
         await self._publish_final_part(step, closed=True)
-        grads = self.checks.misbehaviour.gradients(step, await asyncio.to_thread(server.mean_gradients))
+        grads = self.checks.hooks.gradients_to_average(step, await asyncio.to_thread(server.mean_gradients))
         # offenders (caught here or by a quorum) are left out of this node's span; confirmed ones are not even
         # grouped with, while a suspect only this node caught still is, so that its other peers can confirm it
         offenders, confirmed = self.checks.offenders(), self.checks.confirmed_offenders()
