@@ -188,8 +188,9 @@ async def _start_node(
         *cfg.extra_node_args,
         *role_args,
     ]
-    if cfg.config_path is not None:
-        args += ["--config", str(cfg.config_path.resolve())]
+    if cfg.config_path is not None:  # a run file goes by its absolute path, a shipped preset by its name
+        spec = cfg.config_path.resolve() if cfg.config_path.exists() else cfg.config_path
+        args += ["--config", str(spec)]
     if bootstrap is not None:
         args += ["--initial-peers", bootstrap]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
