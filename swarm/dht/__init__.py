@@ -1,4 +1,4 @@
-"""The DHT layer: identity, multiaddrs, typed messages, the transport, and Kademlia.
+"""Kademlia on the `swarm.p2p` transport: routing, iterative lookup, owned records, storage, the DHT node.
 
 ``from swarm.dht import DHT, DHTConfig, ValueWithExpiration, owner_subkey`` is the public surface of Kademlia;
 see docs/dht.md.

@@ -123,7 +123,7 @@ def sign_receipt(identity: Identity, claim: WorkClaim, server_signature: bytes) 
 
 
 def forge_receipt(identity: Identity, claim: WorkClaim, server_signature: bytes) -> WorkReceipt:
-    """Sign a receipt without checking the ack (what a forger does; used by `swarm/misbehave.py` and tests)."""
+    """Sign a receipt without checking the ack (what a forger does; used by `swarm/testing/misbehave.py` and tests)."""
     body = WorkReceipt(claim=claim, server_signature=server_signature, caller_signature=bytes(64)).receipt_body()
     return WorkReceipt(claim=claim, server_signature=server_signature, caller_signature=identity.sign(body))
 
