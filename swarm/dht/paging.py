@@ -1,0 +1,74 @@
+"""Paging of FIND_VALUE replies: one reply never carries more than a byte budget of records.
+
+A key's records that fit the budget whole are sent whole, with no cursor. Otherwise they are ordered (the plain
+value, then owned subkeys, then unowned ones, each group by subkey bytes) and a reply holds those after the
+request's cursor that fit; if more remain it carries a cursor (the position of its last record) that the client
+sends back for the next page. Owned subkeys therefore come in the first pages, whatever junk a key holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from swarm.dht.records import Record
+from swarm.dht.storage import is_owned
+from swarm.errors import ProtocolError
+from swarm.p2p.messages import packb, unpackb
+
+RECORD_WIRE_OVERHEAD_BYTES = 96  # msgpack field names and headers of one Record
+MAX_CURSOR_BYTES = (1 << 20) + 64  # a subkey (at most max_key_size_bytes <= 1 MiB) and a rank
+
+Position = tuple[int, bytes]
+
+
+def wire_size_bytes(record: Record) -> int:
+    """An upper bound of the bytes ``record`` takes in a message."""
+    return (
+        len(record.key)
+        + len(record.subkey or b"")
+        + len(record.value)
+        + len(record.signature)
+        + RECORD_WIRE_OVERHEAD_BYTES
+    )
+
+
+def position(record: Record) -> Position:
+    """Where ``record`` stands in the page order: (0 plain | 1 owned | 2 unowned, subkey bytes)."""
+    if record.subkey is None:
+        return (0, b"")
+    return (1 if is_owned(record) else 2, record.subkey)
+
+
+def encode_cursor(pos: Position) -> bytes:
+    return packb([pos[0], pos[1]])
+
+
+def decode_cursor(cursor: bytes) -> Position | None:
+    """The position a cursor names (None for b"", the first page); ProtocolError if it is malformed."""
+    if not cursor:
+        return None
+    obj = unpackb(cursor, max_size_bytes=MAX_CURSOR_BYTES)
+    if not (isinstance(obj, list) and len(obj) == 2 and obj[0] in (0, 1, 2) and isinstance(obj[1], bytes)):
+        raise ProtocolError("malformed FIND_VALUE cursor; send back the next_cursor of the previous reply")
+    return (int(obj[0]), obj[1])
+
+
+def page(records: Sequence[Record], cursor: bytes, budget_bytes: int) -> tuple[list[Record], bytes]:
+    """The records of one reply after ``cursor`` within ``budget_bytes``, and the next cursor (b"" at the end)."""
+    after = decode_cursor(cursor)
+    if after is None and sum(wire_size_bytes(r) for r in records) <= budget_bytes:
+        return list(records), b""
+    ordered = sorted(((position(r), r) for r in records), key=lambda pair: pair[0])
+    chosen: list[Record] = []
+    used = 0
+    last: Position | None = None
+    for pos, record in ordered:
+        if after is not None and pos <= after:
+            continue
+        size = wire_size_bytes(record)
+        if chosen and used + size > budget_bytes:
+            return chosen, encode_cursor(last or pos)
+        chosen.append(record)
+        used += size
+        last = pos
+    return chosen, b""
