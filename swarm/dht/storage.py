@@ -171,7 +171,7 @@ class MemoryStorage:
             until=until,
             seq=next(self._seq),
         )
-        if not self._within_shares(held, replaced):
+        if not self._within_sender_share(held, replaced):
             return False
         victims: list[Held] = []
         deficit = self._ledger.total_bytes - sum(h.size_bytes for h in replaced) + held.size_bytes
@@ -181,6 +181,8 @@ class MemoryStorage:
             if planned is None:
                 return False
             victims = planned
+        if not self._within_host_share(held, [*replaced, *victims]):
+            return False
         for old in [*replaced, *victims]:
             self._drop(old)
         self._data.setdefault(key_id, {})[record.subkey] = held
@@ -216,23 +218,24 @@ class MemoryStorage:
         victim = _subkey_victim(list(entry.values()), owned, source)
         return None if victim is None else [victim]
 
-    def _within_shares(self, held: Held, replaced: list[Held]) -> bool:
+    def _within_sender_share(self, held: Held, replaced: list[Held]) -> bool:
         ledger, cfg = self._ledger, self.config
         if ledger.count - len(replaced) + 1 > cfg.max_records:
             return False
-        if held.source is not None:
-            mine = [h for h in replaced if h.source == held.source]
-            if ledger.source_count[held.source] - len(mine) + 1 > cfg.max_records_per_source:
-                return False
-            cap = math.floor(cfg.max_share_per_source * cfg.budget_bytes)
-            if ledger.source_bytes[held.source] - sum(h.size_bytes for h in mine) + held.size_bytes > cap:
-                return False
-        if held.host is not None:
-            from_host = sum(h.size_bytes for h in replaced if h.host == held.host)
-            cap = math.floor(cfg.max_share_per_host * cfg.budget_bytes)
-            if ledger.host_bytes[held.host] - from_host + held.size_bytes > cap:
-                return False
-        return True
+        if held.source is None:
+            return True
+        mine = [h for h in replaced if h.source == held.source]
+        if ledger.source_count[held.source] - len(mine) + 1 > cfg.max_records_per_source:
+            return False
+        cap = math.floor(cfg.max_share_per_source * cfg.budget_bytes)
+        return ledger.source_bytes[held.source] - sum(h.size_bytes for h in mine) + held.size_bytes <= cap
+
+    def _within_host_share(self, held: Held, leaving: list[Held]) -> bool:
+        if held.host is None:
+            return True
+        cap = math.floor(self.config.max_share_per_host * self.config.budget_bytes)
+        from_host = sum(h.size_bytes for h in leaving if h.host == held.host)
+        return self._ledger.host_bytes[held.host] - from_host + held.size_bytes <= cap
 
     def _drop(self, held: Held) -> None:
         entry = self._data.get(held.key_id)
