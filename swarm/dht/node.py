@@ -21,6 +21,7 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.dht.lookup import LookupParams, LookupReply, LookupResult, iterative_lookup
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import packb
+from swarm.dht.paging import follow_pages
 from swarm.dht.protocol import DHTProtocol, RoutingTableReply
 from swarm.dht.records import Record, RecordChecker, ValueWithExpiration, make_record
 from swarm.dht.routing import ID_BITS, Contact, RoutingTable, key_id_of_packed, node_id_of
@@ -262,39 +263,6 @@ class DHT:
             cursors[contact.peer_id] = (contact, cursor)
         return LookupReply(contacts, records)
 
-    async def _follow_pages(
-        self, key: bytes, key_id: int, cursors: dict[PeerID, tuple[Contact, bytes]]
-    ) -> list[tuple[Contact, list[Record]]]:
-        """The further pages of paged FIND_VALUE replies, from the ``alpha`` closest peers that paged, within
-        ``lookup_timeout_s``; the pages that arrived by then are kept."""
-        chosen = sorted(cursors.values(), key=lambda pair: pair[0].node_id ^ key_id)[: self.config.alpha]
-        pages: list[tuple[Contact, list[Record]]] = []
-        try:
-            async with asyncio.timeout(self.config.lookup_timeout_s):
-                await asyncio.gather(*(self._pages_of(contact, key, cursor, pages) for contact, cursor in chosen))
-        except TimeoutError:
-            log.debug("%s: get: stopped following pages at lookup_timeout_s", self.peer_id.short())
-        return pages
-
-    async def _pages_of(
-        self, contact: Contact, key: bytes, cursor: bytes, pages: list[tuple[Contact, list[Record]]]
-    ) -> None:
-        seen = {cursor}
-        records_left = self.config.max_subkeys_per_key + 1  # an honest holder has no more than that
-        pages_left = records_left
-        while cursor and records_left > 0 and pages_left > 0:
-            try:
-                records, _, cursor = await self.protocol.call_find_value(contact, key, cursor)
-            except _FAILURES as e:
-                log.debug("%s: get: a page from %s failed: %s", self.peer_id.short(), contact.peer_id.short(), e)
-                return
-            pages.append((contact, records))
-            records_left -= len(records)
-            pages_left -= 1
-            if cursor in seen:
-                return  # a peer that sends us round in circles
-            seen.add(cursor)
-
     async def store(self, key: str | bytes, value: Any, expiration_time: float, subkey: Any = None) -> bool:
         """Store ``value`` under ``key`` (and ``subkey``) at the k closest nodes until ``expiration_time``.
 
@@ -331,7 +299,7 @@ class DHT:
 
         ``latest=False`` returns as soon as ``get_quorum`` peers (or this node) answered with the key;
         ``latest=True`` asks until the k closest peers answered and keeps the newest version of each subkey.
-        Paged replies (a dictionary larger than ``max_reply_bytes``) are followed, see ``_follow_pages``.
+        Paged replies (a dictionary larger than ``max_reply_bytes``) are followed: see :func:`follow_pages`.
         """
         key_bytes = packb(key)
         key_id = key_id_of_packed(key_bytes)
@@ -342,13 +310,24 @@ class DHT:
             cursors: dict[PeerID, tuple[Contact, bytes]] = {}
             result = await self._lookup_value(key_id, key_bytes, None if latest else self.config.get_quorum, cursors)
             fetched = list(result.found)
-            if cursors:
-                fetched.extend(await self._follow_pages(key_bytes, key_id, cursors))
+            if cursors:  # the rest of paged replies: from the alpha closest peers that paged
+                starts = sorted(cursors.values(), key=lambda pair: pair[0].node_id ^ key_id)[: self.config.alpha]
+                fetched.extend(await self._follow_pages(key_bytes, starts))
             for _, records in fetched:
                 found.extend(records)
             if self.config.cache_on_path:
                 self._cache_fetched(key_id, fetched, local)
         return self._merge(self._winners(found))
+
+    async def _follow_pages(
+        self, key: bytes, starts: Sequence[tuple[Contact, bytes]]
+    ) -> list[tuple[Contact, list[Record]]]:
+        async def fetch(contact: Contact, cursor: bytes) -> tuple[list[Record], bytes]:
+            records, _, next_cursor = await self.protocol.call_find_value(contact, key, cursor)
+            return records, next_cursor
+
+        limit = self.config.max_subkeys_per_key + 1  # an honest holder has no more records for one key
+        return await follow_pages(fetch, starts, deadline_s=self.config.lookup_timeout_s, max_records=limit)
 
     def _cache_fetched(
         self, key_id: int, fetched: Sequence[tuple[Contact, Sequence[Record]]], local: Sequence[Record]

@@ -20,7 +20,7 @@ from swarm.dht.config import DHTConfig
 from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p.messages import Message
-from swarm.dht.paging import MAX_CURSOR_BYTES, page, wire_size_bytes
+from swarm.dht.paging import MAX_CURSOR_BYTES, batches, page
 from swarm.dht.records import Record, RecordChecker
 from swarm.dht.routing import ID_BYTES, Contact, RoutingTable, id_from_bytes, id_to_bytes, key_id_of_packed
 from swarm.dht.storage import RecordStorage
@@ -387,28 +387,13 @@ class DHTProtocol:
         """Send records to ``peer`` (in STOREs of at most max_records_per_store records and the reply budget in
         bytes); one flag per record: stored or not."""
         stored: list[bool] = []
-        for batch in self._store_batches(records):
+        for batch in batches(records, self.config.max_records_per_store, self.reply_budget_bytes()):
             req = StoreRequest(sender=self.self_info(), records=batch)
             reply = await self._call(peer, "dht.store", req, StoreReply)
             if len(reply.stored) != len(req.records):
                 raise ProtocolError("STORE reply has a different number of flags than records sent")
             stored.extend(reply.stored)
         return stored
-
-    def _store_batches(self, records: Sequence[Record]) -> list[tuple[Record, ...]]:
-        budget, used = self.reply_budget_bytes(), 0
-        batches: list[tuple[Record, ...]] = []
-        batch: list[Record] = []
-        for record in records:
-            size = wire_size_bytes(record)
-            if batch and (len(batch) >= self.config.max_records_per_store or used + size > budget):
-                batches.append(tuple(batch))
-                batch, used = [], 0
-            batch.append(record)
-            used += size
-        if batch:
-            batches.append(tuple(batch))
-        return batches
 
     async def call_routing_table(self, peer: PeerID | PeerAddress) -> RoutingTableReply:
         """The routing table of ``peer`` (for inspection and crawling)."""
