@@ -263,6 +263,8 @@ class DHT:
             cursors[contact.peer_id] = (contact, cursor)
         return LookupReply(contacts, records)
 
+    # -- the API --
+
     async def store(self, key: str | bytes, value: Any, expiration_time: float, subkey: Any = None) -> bool:
         """Store ``value`` under ``key`` (and ``subkey``) at the k closest nodes until ``expiration_time``.
 
