@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import RecordValidator
+from swarm.dht.storage import check_prefixes
 from swarm.p2p import TransportConfig
 from swarm.errors import AddressError, ConfigError
 
@@ -23,6 +24,13 @@ class DHTConfig:
     ``initial_peers`` are multiaddrs of running nodes (the first node of a swarm has none).
     ``client_mode`` nodes get and store but never enter other nodes' routing tables (and do not listen).
     ``transport`` configures the transport the DHT creates when it is not given one.
+
+    Storage limits (docs/dht.md, "Storage budgets"): ``storage_budget_bytes`` and ``cache_budget_bytes`` bound
+    what the node holds; one sending PeerID may hold ``max_share_per_peer`` and one source IP
+    ``max_share_per_ip`` of each; keys starting with ``preferred_key_prefixes`` are evicted last;
+    a key holds at most ``max_subkeys_per_key`` subkeys; one FIND_VALUE reply carries at most ``max_reply_bytes``
+    of records (and at most half the transport's ``max_message_size_bytes``; the rest is paged); a copy cached
+    by ``get`` is kept at most ``cache_ttl_s``.
     """
 
     initial_peers: tuple[str, ...] = ()
@@ -47,6 +55,14 @@ class DHTConfig:
     max_records_per_peer: int = 10_000
     max_cached_records: int = 10_000
     max_records_per_store: int = 64
+    storage_budget_bytes: int = 64 * 1024 * 1024
+    cache_budget_bytes: int = 16 * 1024 * 1024
+    max_share_per_peer: float = 0.125
+    max_share_per_ip: float = 0.25
+    max_subkeys_per_key: int = 1024
+    preferred_key_prefixes: tuple[str, ...] = ()
+    max_reply_bytes: int = 4 * 1024 * 1024
+    cache_ttl_s: float = 60.0
     max_crawl_peers: int = 10_000
     validators: tuple[RecordValidator, ...] = ()
     clock: Callable[[], float] = time.time
@@ -77,6 +93,10 @@ class DHTConfig:
             ("max_cached_records", 1, 1 << 30),
             ("max_records_per_store", 1, 10_000),
             ("max_crawl_peers", 1, 1 << 20),
+            ("storage_budget_bytes", 1 << 16, 1 << 40),
+            ("cache_budget_bytes", 1 << 16, 1 << 40),
+            ("max_subkeys_per_key", 1, 1 << 20),
+            ("max_reply_bytes", 1 << 16, 1 << 30),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -89,6 +109,7 @@ class DHTConfig:
             "republish_interval_s",
             "maintenance_interval_s",
             "max_ttl_s",
+            "cache_ttl_s",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -98,6 +119,19 @@ class DHTConfig:
         if self.lookup_timeout_s < self.rpc_timeout_s:
             raise ConfigError(
                 f"lookup_timeout_s ({self.lookup_timeout_s}) must be >= rpc_timeout_s ({self.rpc_timeout_s})"
+            )
+        for name in ("max_share_per_peer", "max_share_per_ip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+                raise ConfigError(f"{name} must be a fraction of the budget in (0, 1], got {value!r}")
+        check_prefixes("preferred_key_prefixes", self.preferred_key_prefixes)
+        if not isinstance(self.preferred_key_prefixes, tuple):
+            raise ConfigError("preferred_key_prefixes must be a tuple of strings")
+        largest_record = self.max_value_size_bytes + 2 * self.max_key_size_bytes + 1024
+        if self.max_reply_bytes < largest_record:
+            raise ConfigError(
+                f"max_reply_bytes ({self.max_reply_bytes}) must hold the largest record ({largest_record} bytes: "
+                "max_value_size_bytes + 2 x max_key_size_bytes + 1024)"
             )
         if not callable(self.clock):
             raise ConfigError("clock must be a callable returning seconds since the epoch")
