@@ -94,10 +94,7 @@ class TopKCodec:
         ensure_finite(src, "the tensor to encode")
         numel = src.numel()
         k = self.num_kept(numel)
-        if k == numel:
-            indices = torch.arange(numel, device=src.device)
-        else:
-            indices = top_indices(src.abs(), k).sort().values
+        indices = torch.arange(numel, device=src.device) if k == numel else top_indices(src.abs(), k).sort().values
         values = src[indices].cpu()
         width = index_width_bytes(numel)
         packed = indices.cpu().numpy().astype(_INDEX_DTYPES[width])

@@ -48,7 +48,8 @@ class InputSpec:
         for got, want in zip(x.shape[1:], self.tail_shape, strict=False):
             if want >= 0 and got != want:
                 raise StageInputError(
-                    f"stage {stage} expects inputs of shape [B, {', '.join(map(str, self.tail_shape))}], got {list(x.shape)}"
+                    f"stage {stage} expects inputs of shape [B, {', '.join(map(str, self.tail_shape))}], "
+                    f"got {list(x.shape)}"
                 )
         if self.max_value is not None and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.max_value):
             raise StageInputError(f"stage {stage} expects token ids in [0, {self.max_value}), got out-of-range ids")

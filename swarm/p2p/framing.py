@@ -68,7 +68,7 @@ FLAG_CHUNKS = 0x01  # on REQUEST / REPLY: DATA frames follow, then END
 _KNOWN_FLAGS = FLAG_CHUNKS
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     OVERLOADED = "overloaded"
     UNKNOWN_METHOD = "unknown_method"
     BAD_REQUEST = "bad_request"
@@ -216,6 +216,8 @@ class FrameParser:
         payload: bytes | memoryview
         if buffer is not None:
             payload = buffer
+        elif len(parts) == 1:
+            payload = bytes(parts[0])
         else:
-            payload = b"".join(parts) if len(parts) != 1 else bytes(parts[0])
+            payload = b"".join(parts)
         self._on_frame(Frame(head[0], head[1], head[2], payload))

@@ -78,8 +78,8 @@ class StageReplayer:
 
     A check uses the weights the checked server itself had at that step (replicas differ for a while after a
     failed averaging round, and an honest server must not be flagged for that). If that server's state could
-    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if its state
-    was simply not fetched in time, the check is inconclusive.
+    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used;
+    if its state was simply not fetched in time, the check is inconclusive.
     """
 
     def __init__(self, run: RunConfig, keep_steps: int) -> None:

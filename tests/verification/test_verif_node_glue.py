@@ -103,7 +103,7 @@ def pipeline_traffic(misbehave: str | None, num_steps: int, per_step: int):
 
 
 async def test_real_stages_replay_without_false_positives_and_catch_a_lazy_stage0():
-    receipts, services, states, (driver, s1) = pipeline_traffic(None, num_steps=3, per_step=6)
+    receipts, services, states, (driver, _s1) = pipeline_traffic(None, num_steps=3, per_step=6)
     assert {r.claim.stage for r in receipts} == {0, 1} and all(r.problem() is None for r in receipts)
     replayer = StageReplayer(RUN, keep_steps=10)
     for state, peer in states:
