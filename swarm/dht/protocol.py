@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from swarm.dht.config import DHTConfig
 from swarm.p2p.identity import PeerID
@@ -26,6 +27,8 @@ from swarm.p2p.rpc import UnaryHandler
 from swarm.errors import AddressError, IdentityError, ProtocolError, RecordError, SwarmError
 
 log = logging.getLogger(__name__)
+
+ReplyT = TypeVar("ReplyT", bound=Message)
 
 MAX_MADDRS_PER_PEER = 8
 MAX_PEERS_PER_REPLY = 1000
@@ -311,7 +314,9 @@ class DHTProtocol:
 
     # -- clients --
 
-    async def _call(self, peer: PeerID | PeerAddress, method: str, request: Message, reply_type: type) -> Message:
+    async def _call(
+        self, peer: PeerID | PeerAddress, method: str, request: Message, reply_type: type[ReplyT]
+    ) -> ReplyT:
         async with asyncio.timeout(self.config.rpc_timeout_s):
             return await self.transport.call(peer, method, request, reply_type, timeout_s=self.config.rpc_timeout_s)
 

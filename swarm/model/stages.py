@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -110,7 +111,8 @@ class PipelineModel(nn.Module):
         return x
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.stages[-1].loss(self(ids), targets)
+        last = cast(StageModel, self.stages[-1])  # nn.ModuleList is not generic: it holds the StageModels given
+        return last.loss(self(ids), targets)
 
 
 def stage_block_ranges(num_blocks: int, num_stages: int) -> list[range]:

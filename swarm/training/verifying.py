@@ -19,6 +19,7 @@ from typing import Any
 from swarm.p2p.identity import Identity, PeerID
 from swarm.errors import ConfigError, SwarmError
 from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
+from swarm.verification.common import RecordStore
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
 from swarm.verification.settings import VerificationSettings
@@ -72,7 +73,13 @@ class NodeVerification:
     """Owns the witness, the receipt collector, the misbehaviour hooks and the optional orchestrator."""
 
     def __init__(
-        self, settings: VerificationSettings, cfg: NodeVerificationConfig, *, run_id: str, identity: Identity, dht: Any
+        self,
+        settings: VerificationSettings,
+        cfg: NodeVerificationConfig,
+        *,
+        run_id: str,
+        identity: Identity,
+        dht: RecordStore,
     ) -> None:
         self.settings = settings
         self.cfg = cfg
