@@ -124,19 +124,19 @@ class Node:
             await self.start()
             if on_listening is not None:
                 on_listening(self.listen_maddrs)
-            await self._join()
+            dht = await self._join()
             if self.config.training is not None and self.transport is not None:
                 role = TrainingRole(
                     self.config.training,
                     transport=self.transport,
-                    dht=self.dht,
+                    dht=dht,
                     on_serving=on_serving,
                     hooks=hooks_for(self.config.misbehave),
                 )
                 await role.run(stop_event)
             elif self.config.validator is not None and self.transport is not None and self.identity is not None:
                 validator = ValidatorRole(
-                    self.config.validator, transport=self.transport, dht=self.dht, identity=self.identity
+                    self.config.validator, transport=self.transport, dht=dht, identity=self.identity
                 )
                 await validator.run(stop_event)
             else:
@@ -144,7 +144,7 @@ class Node:
         finally:
             await self.stop()
 
-    async def _join(self) -> None:
+    async def _join(self) -> DHT:
         """Join the DHT through the initial peers (BootstrapError if none answers; the first node has none)."""
         if self.transport is None:
             raise SwarmError("the node has not started yet; call start() first")
@@ -153,6 +153,7 @@ class Node:
         )
         await dht.start()
         self.dht = dht
+        return dht
 
     def _on_peer_connected(self, peer_id: PeerID, addr: PeerAddress) -> None:
         log.info("node %s connected to peer %s (%s)", self.peer_id.short(), peer_id.short(), addr.to_maddr())

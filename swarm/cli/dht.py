@@ -72,11 +72,12 @@ def peers(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
         if run_id is not None:
             found = await dht.get(f"{run_id}/peers", latest=True)
             if isinstance(found, dict):
-                meta = {_owner_of(k): v.value for k, v in found.items() if _owner_of(k)}
+                meta = {owner: v.value for k, v in found.items() if (owner := _owner_of(k))}
         rows = []
         for reply in replies:
             peer = str(PeerID(reply.peer.peer_id))
-            info = meta.get(peer) if isinstance(meta.get(peer), dict) else {}
+            entry = meta.get(peer)
+            info: dict[str, Any] = entry if isinstance(entry, dict) else {}
             rows.append(
                 {
                     "peer_id": peer,

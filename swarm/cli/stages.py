@@ -20,7 +20,10 @@ from swarm.training.view import SwarmView, format_table, peers_key, progress_key
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id and stages.",
+    help=(
+        "Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); "
+        "gives the run id and stages."
+    ),
 )
 @json_option
 @click.pass_context

@@ -386,10 +386,10 @@ class DHT:
                     continue
                 answers.append(reply)
                 for info in reply.peers:
-                    contact = self.protocol.contact_from(info)
-                    if contact is not None and contact.peer_id not in seen:
-                        seen.add(contact.peer_id)
-                        queue.append(contact.peer_id)
+                    found = self.protocol.contact_from(info)
+                    if found is not None and found.peer_id not in seen:
+                        seen.add(found.peer_id)
+                        queue.append(found.peer_id)
         return answers[:limit]
 
     async def _routing_table_of(self, peer_id: PeerID) -> RoutingTableReply | None:

@@ -30,7 +30,7 @@ from swarm.errors import AddressError, IdentityError, ProtocolError, RecordError
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=Message)
+ReplyT = TypeVar("ReplyT", bound=Message)
 
 MAX_MADDRS_PER_PEER = 8
 MAX_PEERS_PER_REPLY = 1000
@@ -335,7 +335,9 @@ class DHTProtocol:
 
     # -- clients --
 
-    async def _call(self, peer: PeerID | PeerAddress, method: str, request: Message, reply_type: type[M]) -> M:
+    async def _call(
+        self, peer: PeerID | PeerAddress, method: str, request: Message, reply_type: type[ReplyT]
+    ) -> ReplyT:
         async with asyncio.timeout(self.config.rpc_timeout_s):
             return await self.transport.call(peer, method, request, reply_type, timeout_s=self.config.rpc_timeout_s)
 

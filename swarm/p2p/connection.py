@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -113,8 +113,9 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # a TCP transport, as create_server/connection give
-        transport.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
+        tcp = cast(asyncio.Transport, transport)  # a TCP transport, as create_server/create_connection give
+        self._transport = tcp
+        tcp.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
         peer = transport.get_extra_info("peername")
         if peer:
             self.remote_host, self.remote_port = str(peer[0]), int(peer[1])

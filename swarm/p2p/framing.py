@@ -68,7 +68,7 @@ FLAG_CHUNKS = 0x01  # on REQUEST / REPLY: DATA frames follow, then END
 _KNOWN_FLAGS = FLAG_CHUNKS
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     OVERLOADED = "overloaded"
     UNKNOWN_METHOD = "unknown_method"
     BAD_REQUEST = "bad_request"
@@ -96,7 +96,7 @@ def encode_request(method: str, timeout_s: float, body: Any) -> bytes:
     return packb([method, max(1, int(timeout_s * 1000)), body])
 
 
-def decode_request(payload: bytes, *, max_size_bytes: int) -> RequestHead:
+def decode_request(payload: bytes | memoryview, *, max_size_bytes: int) -> RequestHead:
     obj = unpackb(payload, max_size_bytes=max_size_bytes)
     if (
         not isinstance(obj, list)
@@ -114,7 +114,7 @@ def encode_error(code: ErrorCode, message: str) -> bytes:
     return packb({"code": code.value, "message": message[:4000]})
 
 
-def decode_error(payload: bytes) -> tuple[str, str]:
+def decode_error(payload: bytes | memoryview) -> tuple[str, str]:
     obj = unpackb(payload, max_size_bytes=16 * 1024)
     if not isinstance(obj, dict) or not isinstance(obj.get("code"), str) or not isinstance(obj.get("message"), str):
         raise ProtocolError("error frame must be a map {code: str, message: str}")
@@ -206,7 +206,7 @@ class FrameParser:
         self._head = (stream_id, frame_type, flags)
         self._need = length
         if length > self.DIRECT_PAYLOAD_BYTES:
-            self._buffer, self._filled = memoryview(numpy.empty(length, dtype=numpy.uint8)), 0
+            self._buffer, self._filled = numpy.empty(length, dtype=numpy.uint8).data, 0
 
     def _finish(self) -> None:
         head, parts, buffer = self._head, self._parts, self._buffer
@@ -216,6 +216,8 @@ class FrameParser:
         payload: bytes | memoryview
         if buffer is not None:
             payload = buffer
+        elif len(parts) == 1:
+            payload = bytes(parts[0])
         else:
-            payload = b"".join(parts) if len(parts) != 1 else bytes(parts[0])
+            payload = b"".join(parts)
         self._on_frame(Frame(head[0], head[1], head[2], payload))

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message, packb
@@ -178,10 +178,10 @@ async def call(conn: Connection, method: str, request: Message, reply_type: type
         conn.streams.pop(stream.id, None)
 
 
-class StreamReply:
+class StreamReply(Generic[M]):
     """The caller's side of an open stream: the typed ``reply`` header and the reply's byte ``chunks()``."""
 
-    def __init__(self, stream: Stream, reply: Message, has_chunks: bool, timeout_s: float) -> None:
+    def __init__(self, stream: Stream, reply: M, has_chunks: bool, timeout_s: float) -> None:
         self._stream = stream
         self.reply = reply
         self.has_chunks = has_chunks
@@ -223,7 +223,7 @@ async def open_stream(
     reply_type: type[M],
     chunks: AsyncIterable[Chunk] | None,
     timeout_s: float,
-) -> AsyncIterator[StreamReply]:
+) -> AsyncIterator[StreamReply[M]]:
     """Send ``header`` (and ``chunks``), wait for the typed reply; each wait is bounded by ``timeout_s``."""
     payload = _encode(conn, method, header, timeout_s)
     stream = conn.open_stream(method)

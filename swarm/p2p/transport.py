@@ -173,7 +173,9 @@ class Transport:
     async def connect(self, peer: PeerLike) -> PeerID:
         """Dial ``peer`` (or reuse the open connection) and return its authenticated PeerID."""
         conn = await self._connection(peer)
-        return conn.peer_id  # type: ignore[return-value]
+        if conn.peer_id is None:  # _connection returns only connections whose handshake finished
+            raise TransportError("internal: a connection without an authenticated peer id")
+        return conn.peer_id
 
     async def call(
         self, peer: PeerLike, method: str, request: Message, reply_type: type[M], *, timeout_s: float | None = None
@@ -193,7 +195,7 @@ class Transport:
         *,
         chunks: AsyncIterable[Chunk] | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[StreamReply]:
+    ) -> AsyncIterator[StreamReply[M]]:
         """Open a stream: send ``header`` and ``chunks``; yields a StreamReply (``reply``, ``chunks()``).
 
         ``timeout_s`` bounds each wait (the reply header, each chunk, each window grant), so a stalled peer
@@ -222,6 +224,8 @@ class Transport:
             raise TransportError("the transport is not running; call start() first")
         if isinstance(peer, str):
             peer = parse_maddr(peer)
+        peer_id: PeerID | None
+        addrs: tuple[PeerAddress, ...]
         if isinstance(peer, PeerID):
             peer_id, addrs = peer, self.addresses(peer)
             if not addrs and self._open_connection(peer) is None:

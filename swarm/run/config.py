@@ -1,8 +1,8 @@
 """The run: one TOML file describes what the swarm trains; its canonical hash is the run id.
 
 A :class:`RunConfig` has sections ``model``, ``pipeline``, ``batch``, ``optimizer``, ``codecs``, ``data``,
-``verification``, ``averaging`` and a ``seed``. Two nodes may train together only if their configs are identical; :meth:`RunConfig.check_same_run`
-names the first differing field so a misconfigured node is refused with a useful error.
+``verification``, ``averaging`` and a ``seed``. Two nodes may train together only if their configs are identical;
+:meth:`RunConfig.check_same_run` names the first differing field so a misconfigured node is refused with a useful error.
 """
 
 from __future__ import annotations

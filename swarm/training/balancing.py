@@ -17,7 +17,8 @@ from swarm.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True)
 class BalanceConfig:
-    """``move_margin``: move only if old bottleneck < margin x new; a peer with no measurement counts as ``default_throughput``."""
+    """``move_margin``: move only if old bottleneck < margin x new; a peer with no measurement counts as
+    ``default_throughput``."""
 
     move_margin: float = 0.75
     default_throughput: float = 1.0

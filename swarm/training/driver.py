@@ -147,12 +147,11 @@ class Driver:
         acts: list[torch.Tensor] = [mb.inputs]
         forward_peers: list[Any] = []
         for stage in range(last):
-            peer, out = await self._call(
-                stage,
-                mb,
-                "forward",
-                lambda p, s=stage: self.client.forward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s]),
-            )
+
+            async def forward(p: Any, s: int = stage) -> torch.Tensor:
+                return await self.client.forward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s])
+
+            peer, out = await self._call(stage, mb, "forward", forward)
             forward_peers.append(peer)
             acts.append(out)
         _, (grad, loss) = await self._call(

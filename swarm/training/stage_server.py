@@ -31,6 +31,13 @@ from swarm.run.config import OptimizerConfig
 log = logging.getLogger(__name__)
 
 
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """``p``'s gradient buffer: `StageServer.zero_grad` gives every trained parameter one when it is built."""
+    if p.grad is None:
+        raise SwarmError("internal: a trained parameter has no gradient buffer (zero_grad was not called)")
+    return p.grad
+
+
 class StaleStepError(SwarmError):
     """The request names another step than this server's, or the step is closed for averaging; retry."""
 
@@ -176,7 +183,7 @@ class StageServer:
         """The accumulated gradients divided by the samples served (zeros if none): what the all-reduce averages."""
         with self.lock:
             scale = 1.0 / self.samples if self.samples else 0.0
-            return [(p.grad.detach() * scale).cpu() for p in self.parameters()]
+            return [(_grad(p).detach() * scale).cpu() for p in self.parameters()]
 
     def apply_step(
         self, gradients: list[torch.Tensor], *, new_step: int | None = None, replace: Mapping[int, torch.Tensor] = {}
@@ -200,7 +207,7 @@ class StageServer:
                 for index, value in replace.items():
                     params[index].copy_(value)
             for p, g in zip(params, gradients, strict=False):
-                p.grad.copy_(g)
+                _grad(p).copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
             self.optimizer.step()
             self.step = self.step + 1 if new_step is None else new_step
@@ -232,7 +239,7 @@ class StageServer:
 
     def _reset(self) -> None:
         for p in self.parameters():
-            p.grad.zero_()
+            _grad(p).zero_()
         self.samples = 0
         self.accepting = True
         self._graphs.clear()

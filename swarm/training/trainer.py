@@ -32,6 +32,7 @@ from pathlib import Path
 from swarm.p2p.identity import PeerID
 from swarm.p2p import Transport
 from swarm.averaging import Averager, AveragerConfig
+from swarm.dht import DHT
 from swarm.training.balancing import StagePeer, choose_stage
 from swarm.training.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
 from swarm.data import ShardedData
@@ -68,7 +69,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         cfg: TrainingConfig,
         *,
         transport: Transport,
-        dht: object,
+        dht: DHT,
         on_serving: Callable[[int | None], None] | None = None,
         hooks: NodeHooks = HONEST,
     ) -> None:
@@ -273,7 +274,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         """Refuse to join a swarm of the same run name whose config differs (ConfigError names the field)."""
         key = config_key(self.run_cfg.name)
         async with asyncio.timeout(self.cfg.dht_timeout_s):
-            found = await self.dht.get(key, latest=True)  # type: ignore[attr-defined]
+            found = await self.dht.get(key, latest=True)
         value = getattr(found, "value", None)
         if (
             isinstance(value, dict)

@@ -28,6 +28,7 @@ from swarm.training.progress import ProgressRecord, StepHint, StepHintReply
 from swarm.training.view import SwarmView, peers_key, progress_key
 
 if TYPE_CHECKING:
+    from swarm.dht import DHT
     from swarm.p2p.identity import PeerID
     from swarm.p2p import RpcContext, Transport
     from swarm.run.config import RunConfig
@@ -44,7 +45,7 @@ class RecordsMixin:
     run_cfg: RunConfig
     run_id: str
     transport: Transport
-    dht: object
+    dht: DHT
     me: PeerID
     rng: random.Random
     server: StageServer | None
@@ -66,7 +67,7 @@ class RecordsMixin:
     async def _store(self, key: str, value: object, *, ttl_s: float, subkey: str | None = None) -> None:
         try:
             async with asyncio.timeout(self.cfg.dht_timeout_s):
-                await self.dht.store(key, value, time.time() + ttl_s, subkey=subkey)  # type: ignore[attr-defined]
+                await self.dht.store(key, value, time.time() + ttl_s, subkey=subkey)
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning("%s: could not store %s in the DHT: %s", self.me.short(), key, e)
 
@@ -74,8 +75,8 @@ class RecordsMixin:
         """Read the run's peer and progress records into ``view`` and learn the peers' addresses."""
         try:
             async with asyncio.timeout(self.cfg.dht_timeout_s):
-                peers = await self.dht.get(peers_key(self.run_id), latest=True)  # type: ignore[attr-defined]
-                progress = await self.dht.get(progress_key(self.run_id), latest=True)  # type: ignore[attr-defined]
+                peers = await self.dht.get(peers_key(self.run_id), latest=True)
+                progress = await self.dht.get(progress_key(self.run_id), latest=True)
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning("%s: could not read the swarm's records: %s", self.me.short(), e)
             return

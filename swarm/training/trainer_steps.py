@@ -187,7 +187,7 @@ class StepsMixin:
             )
             await asyncio.to_thread(server.skip_to, self.swarm_step())
             self._behind_since = None
-        elif ahead and (self.needs_sync or now - self._behind_since >= self.cfg.behind_grace_s):
+        elif ahead and peer is not None and (self.needs_sync or now - self._behind_since >= self.cfg.behind_grace_s):
             try:
                 await asyncio.to_thread(server.close_step)
                 await self.sync_from(peer, server)

@@ -24,6 +24,7 @@ import torch
 
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import parse_maddr
+from swarm.dht import DHT
 from swarm.dht.records import owner_subkey
 from swarm.p2p import Transport
 from swarm.training.checkpoint import StageState
@@ -78,8 +79,8 @@ class StageReplayer:
 
     A check uses the weights the checked server itself had at that step (replicas differ for a while after a
     failed averaging round, and an honest server must not be flagged for that). If that server's state could
-    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if its state
-    was simply not fetched in time, the check is inconclusive.
+    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used;
+    if its state was simply not fetched in time, the check is inconclusive.
     """
 
     def __init__(self, run: RunConfig, keep_steps: int) -> None:
@@ -171,7 +172,7 @@ class _Done(Exception):
 class ValidatorRole:
     """Syncs weights, checks closed windows, publishes verdicts, stands as orchestrator candidate."""
 
-    def __init__(self, cfg: ValidatorConfig, *, transport: Transport, dht: Any, identity: Identity) -> None:
+    def __init__(self, cfg: ValidatorConfig, *, transport: Transport, dht: DHT, identity: Identity) -> None:
         self.cfg = cfg
         self.settings = cfg.run.verification
         self.run_id = cfg.run.run_id
@@ -241,8 +242,8 @@ class ValidatorRole:
 
     def finished(self) -> bool:
         """With ``max_steps``: every attestable window was checked and has an accepted attestation."""
-        last = self.last_attestable_window()
-        if last is None or self.current_step() < self.cfg.max_steps:
+        max_steps, last = self.cfg.max_steps, self.last_attestable_window()
+        if max_steps is None or last is None or self.current_step() < max_steps:
             return False
         return (self.next_window or 0) > last and self.orchestrator.next_window > last
 

@@ -19,6 +19,7 @@ from typing import Any
 from swarm.errors import ConfigError, SwarmError
 from swarm.p2p.identity import Identity, PeerID
 from swarm.training.hooks import HONEST, NodeHooks
+from swarm.verification.common import RecordStore
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
 from swarm.verification.settings import VerificationSettings
@@ -75,7 +76,7 @@ class NodeVerification:
         *,
         run_id: str,
         identity: Identity,
-        dht: Any,
+        dht: RecordStore,
         hooks: NodeHooks = HONEST,
     ) -> None:
         self.settings = settings

@@ -38,7 +38,7 @@ def test_join_check_names_the_differing_field() -> None:
     cfg = RunConfig.from_toml()
     other = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, microbatch_size=4))
     cfg.check_same_run(cfg.to_dict())
-    with pytest.raises(ConfigError, match="batch.microbatch_size"):
+    with pytest.raises(ConfigError, match=r"batch\.microbatch_size"):
         cfg.check_same_run(other)
 
 
