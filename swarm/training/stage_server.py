@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 class StaleStepError(SwarmError):
     """The request names another step than this server's, or the step is closed for averaging; retry."""
 
+    code = "stale_step"
+
 
 class StageObserver(Protocol):
     """Sees each served microbatch (verification receipts/retention hook); must be cheap and not raise."""
