@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import Message
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import is_owner_subkey, owner_subkey, subkey_owner
 from swarm.p2p import RpcContext, Transport
 from swarm.averaging.allreduce import AllReduceServer, Group
 from swarm.averaging.config import AveragerConfig
@@ -229,7 +229,7 @@ class Matchmaker:
             for subkey, item in found.items():
                 if isinstance(item.value, dict) and item.value.get("closed") is True:
                     # owner subkeys are signed by their owner: one withdrawal per peer, never forged
-                    withdrawn += isinstance(subkey, str) and subkey.startswith("[owner:") and subkey != mine
+                    withdrawn += is_owner_subkey(subkey) and subkey != mine
                     continue
                 member = self._parse_entry(subkey, item.value)
                 if member is not None and member.peer_id not in members and member.peer_id not in exclude:
@@ -267,9 +267,9 @@ class Matchmaker:
 
     def _parse_entry(self, subkey: Any, value: Any) -> MemberInfo | None:
         try:
-            if not (isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]")):
+            peer_id = subkey_owner(subkey)
+            if peer_id is None:
                 raise ProtocolError(f"subkey {subkey!r} is not an owner marker")
-            peer_id = PeerID.from_base58(subkey[len("[owner:") : -1])
             if not isinstance(value, dict):
                 raise ProtocolError("value is not a map")
             return MemberInfo.from_wire({**value, "peer_id": peer_id.to_bytes()})

@@ -21,7 +21,8 @@ from typing import Any
 
 import click
 
-from swarm.dht import DHT, owner_subkey
+from swarm.dht import DHT
+from swarm.dht.keys import owner_subkey, peers_key, subkey_owner
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import ValueWithExpiration
@@ -53,12 +54,6 @@ def main(ctx: click.Context, initial_peers: tuple[str, ...], rpc_timeout_s: floa
     ctx.obj = ClientOptions(initial_peers=split_maddrs(initial_peers), rpc_timeout_s=rpc_timeout_s)
 
 
-def _owner_of(subkey: Any) -> str | None:
-    if isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]"):
-        return subkey[len("[owner:") : -1]
-    return None
-
-
 @main.command()
 @click.option("--run", "run_id", default=None, help="Run id: read role and stage from the {run}/peers records.")
 @json_option
@@ -70,9 +65,10 @@ def peers(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
         replies = await dht.crawl()
         meta: dict[str, Any] = {}
         if run_id is not None:
-            found = await dht.get(f"{run_id}/peers", latest=True)
+            found = await dht.get(peers_key(run_id), latest=True)
             if isinstance(found, dict):
-                meta = {_owner_of(k): v.value for k, v in found.items() if _owner_of(k)}
+                owners = {k: subkey_owner(k) for k in found}
+                meta = {str(owner): found[k].value for k, owner in owners.items() if owner is not None}
         rows = []
         for reply in replies:
             peer = str(PeerID(reply.peer.peer_id))

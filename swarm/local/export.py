@@ -22,7 +22,8 @@ from swarm.run.config import RunConfig
 from swarm.errors import AddressError, ConfigError, NotFoundError, SwarmError
 from swarm.model.stages import PipelineModel, build_stages
 from swarm.training.stage_rpc import call_state_download
-from swarm.training.view import SwarmView, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.training.view import SwarmView
 
 log = logging.getLogger(__name__)
 

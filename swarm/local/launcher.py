@@ -25,7 +25,8 @@ from swarm.run.config import RunConfig
 from swarm.data import make_source
 from swarm.errors import ConfigError, SwarmError
 from swarm.training.verifying import misbehave_args, rewards_summary
-from swarm.training.view import SwarmView, format_table, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.training.view import SwarmView, format_table
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,8 @@ from swarm.training.trainer_driving import DrivingMixin
 from swarm.training.trainer_records import RecordsMixin
 from swarm.training.trainer_steps import StepsMixin
 from swarm.training.training_config import TrainingConfig
-from swarm.training.view import SwarmView, config_key
+from swarm.dht.keys import config_key
+from swarm.training.view import SwarmView
 from swarm.training.verifying import NodeVerification
 from swarm.training.wiring import PeerSelector
 from swarm.verification.attestation import fetch_attestations

@@ -12,36 +12,13 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarm.dht.keys import subkey_owner
+from swarm.errors import ProtocolError
 from swarm.p2p.identity import PeerID
-from swarm.errors import IdentityError, ProtocolError
 from swarm.training.messages import PeerRecord
 from swarm.training.progress import ProgressRecord, parse_records, step_samples
 
 log = logging.getLogger(__name__)
-
-
-def peers_key(run_id: str) -> str:
-    return f"{run_id}/peers"
-
-
-def progress_key(run_id: str) -> str:
-    return f"{run_id}/progress"
-
-
-def config_key(run_name: str) -> str:
-    """Not hashed: a node with a different config of the same run name finds it and learns which field differs."""
-    return f"runs/{run_name}/config"
-
-
-def subkey_peer(subkey: Any) -> PeerID | None:
-    """The PeerID named by an ``[owner:<PeerID>]`` subkey, or None."""
-    text = str(subkey)
-    if not (text.startswith("[owner:") and text.endswith("]")):
-        return None
-    try:
-        return PeerID.from_base58(text[len("[owner:") : -1])
-    except IdentityError:
-        return None
 
 
 @dataclass
@@ -55,7 +32,7 @@ class SwarmView:
     def parse(cls, peers_value: Any, progress_value: Any) -> SwarmView:
         view = cls()
         for subkey, value in _items(peers_value):
-            peer = subkey_peer(subkey)
+            peer = subkey_owner(subkey)
             if peer is None:
                 continue
             try:
@@ -63,7 +40,7 @@ class SwarmView:
             except ProtocolError as e:
                 log.warning("skipping a malformed stage record of %s: %s", peer.short(), e)
         for subkey, record in parse_records(_items(progress_value)).items():
-            peer = subkey_peer(subkey)
+            peer = subkey_owner(subkey)
             if peer is not None:
                 view.progress[peer] = record
         return view

@@ -18,12 +18,12 @@ from typing import Any
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
+from swarm.dht.keys import attestation_key, owner_subkey
 from swarm.errors import ProtocolError
 from swarm.verification.common import (
     DIGEST_SIZE_BYTES,
     RecordStore,
     check_digest,
-    owner_subkey,
     peer_from_bytes,
     record_items,
     signing_body,
@@ -125,10 +125,6 @@ class Attestation(Message):
 def leader_rank(run_id: str, peer: PeerID) -> bytes:
     """The election key: the live candidate with the smallest rank leads (same on every machine)."""
     return hashlib.sha256(_RANK_DOMAIN + run_id.encode() + peer.to_bytes()).digest()
-
-
-def attestation_key(run_id: str, window: int) -> str:
-    return f"{run_id}/attestation/{window}"
 
 
 def build_attestation(

@@ -16,16 +16,13 @@ from typing import Any, TypeVar
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message, packb
 from swarm.errors import ProtocolError
-from swarm.verification.common import RecordStore, owner_subkey, record_items
+from swarm.dht.keys import part_subkey
+from swarm.verification.common import RecordStore, record_items
 
 log = logging.getLogger(__name__)
 
 MAX_PART_BYTES = 48 * 1024
 B = TypeVar("B", bound=Message)
-
-
-def part_subkey(peer_id: PeerID, part: int) -> str:
-    return f"{owner_subkey(peer_id)}#{part}"
 
 
 def split_batch(batch: B, items_field: str, max_part_bytes: int = MAX_PART_BYTES) -> list[B]:

@@ -36,11 +36,6 @@ def peer_from_bytes(raw: bytes, what: str) -> PeerID:
         raise ProtocolError(f"{what}: {e}") from None
 
 
-def owner_subkey(peer_id: PeerID) -> str:
-    """The DHT subkey that only ``peer_id`` may write: ``[owner:<PeerID>]``."""
-    return f"[owner:{peer_id.to_base58()}]"
-
-
 def check_digest(value: bytes, what: str) -> None:
     """Raise ValueError (turned into ProtocolError by Message.from_wire) if ``value`` is not a SHA-256."""
     if len(value) != DIGEST_SIZE_BYTES:

@@ -19,7 +19,8 @@ from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.errors import ConfigError, ProtocolError
 from swarm.verification.attestation import leader_rank
-from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
+from swarm.dht.keys import orchestrator_key, owner_subkey
+from swarm.verification.common import RecordStore, peer_from_bytes, record_items, signing_body
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,6 @@ def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cf
         signature=bytes(SIGNATURE_SIZE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
-
-
-def orchestrator_key(run_id: str) -> str:
-    return f"{run_id}/orchestrator"
 
 
 async def publish_heartbeat(store: RecordStore, hb: Heartbeat) -> bool:

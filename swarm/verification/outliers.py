@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.errors import ConfigError, ProtocolError
-from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
+from swarm.dht.keys import outliers_key, owner_subkey
+from swarm.verification.common import RecordStore, peer_from_bytes, record_items, signing_body
 
 if TYPE_CHECKING:
     import torch
@@ -161,10 +162,6 @@ def sign_report(identity: Identity, *, run_id: str, window: int, entries: Sequen
         signature=bytes(SIGNATURE_SIZE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
-
-
-def outliers_key(run_id: str, window: int) -> str:
-    return f"{run_id}/outliers/{window}"
 
 
 async def publish_report(store: RecordStore, report: OutlierReport, expiration_time: float) -> bool:

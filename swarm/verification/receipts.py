@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.errors import VerificationError
+from swarm.dht.keys import receipts_key
 from swarm.verification.batches import merge_batches, publish_batch
 from swarm.verification.common import RecordStore, check_digest, peer_from_bytes, signing_body
 
@@ -149,10 +150,6 @@ class ReceiptBatch(Message):
     @property
     def digest(self) -> bytes:
         return hashlib.sha256(self.pack()).digest()
-
-
-def receipts_key(run_id: str, window: int) -> str:
-    return f"{run_id}/receipts/{window}"
 
 
 async def publish_receipts(store: RecordStore, batch: ReceiptBatch, expiration_time: float) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
+from swarm.dht.keys import verdicts_key
 from swarm.verification.batches import merge_batches, publish_batch
 from swarm.verification.common import RecordStore, check_digest, peer_from_bytes, signing_body
 
@@ -112,10 +113,6 @@ class VerdictBatch(Message):
     @property
     def digest(self) -> bytes:
         return hashlib.sha256(self.pack()).digest()
-
-
-def verdicts_key(run_id: str, window: int) -> str:
-    return f"{run_id}/verdicts/{window}"
 
 
 async def publish_verdicts(store: RecordStore, batch: VerdictBatch, expiration_time: float) -> bool:
