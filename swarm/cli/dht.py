@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from swarm.dht import DHT
-from swarm.dht.keys import owner_subkey, peers_key, subkey_owner
+from swarm.dht.keys import owner_subkey, peers_key
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import ValueWithExpiration
@@ -31,6 +31,7 @@ from swarm.cli.dht_client import ClientOptions, emit, json_option, run_with_dht,
 from swarm.cli.logs import setup_logging
 from swarm.cli.stages import stages
 from swarm.errors import SwarmError
+from swarm.training.messages import PEERS_SCHEMA, PeerRecord
 
 __all__ = ["ClientOptions", "emit", "json_option", "main", "run_with_dht"]
 
@@ -63,22 +64,21 @@ def peers(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
 
     async def action(dht: DHT) -> list[dict[str, Any]]:
         replies = await dht.crawl()
-        meta: dict[str, Any] = {}
+        meta: dict[PeerID, PeerRecord] = {}
         if run_id is not None:
-            found = await dht.get(peers_key(run_id), latest=True)
-            if isinstance(found, dict):
-                owners = {k: subkey_owner(k) for k in found}
-                meta = {str(owner): found[k].value for k, owner in owners.items() if owner is not None}
+            for entry in PEERS_SCHEMA.entries(await dht.get(peers_key(run_id), latest=True)):
+                if entry.owner is not None and isinstance(entry.value, PeerRecord):
+                    meta[entry.owner] = entry.value
         rows = []
         for reply in replies:
-            peer = str(PeerID(reply.peer.peer_id))
-            info = meta.get(peer) if isinstance(meta.get(peer), dict) else {}
+            peer = PeerID(reply.peer.peer_id)
+            record = meta.get(peer)
             rows.append(
                 {
-                    "peer_id": peer,
+                    "peer_id": str(peer),
                     "maddrs": list(reply.peer.maddrs),
-                    "role": info.get("role"),
-                    "stage": info.get("stage"),
+                    "role": record.role if record else None,
+                    "stage": record.stage if record else None,
                     "num_records": reply.num_records,
                 }
             )

@@ -11,6 +11,8 @@ from swarm.p2p.messages import packb
 from swarm.errors import IdentityError, ProtocolError, VerificationError
 
 DIGEST_SIZE_BYTES = 32
+MAX_RECORD_TTL_S = 7 * 86400.0  # receipts, verdicts, outlier reports, attestations: the audit trail lives a week
+MAX_HEARTBEAT_TTL_S = 86400.0  # ``{run}/orchestrator`` heartbeats (ElectionConfig.heartbeat_ttl_s's bound)
 
 
 def digest_parts(parts: Sequence[bytes]) -> bytes:
