@@ -18,6 +18,7 @@ from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.testing.misbehave import MisbehaveConfig, hooks_for
+from swarm.training.schemas import with_run_schemas
 from swarm.training.trainer import TrainingConfig, TrainingRole
 from swarm.training.validator import ValidatorConfig, ValidatorRole
 
@@ -149,7 +150,9 @@ class Node:
         if self.transport is None:
             raise SwarmError("the node has not started yet; call start() first")
         dht = DHT.create(
-            DHTConfig(initial_peers=self.config.initial_peers), identity=self.identity, transport=self.transport
+            with_run_schemas(DHTConfig(initial_peers=self.config.initial_peers)),
+            identity=self.identity,
+            transport=self.transport,
         )
         await dht.start()
         self.dht = dht

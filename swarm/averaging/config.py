@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from swarm.averaging.messages import MAX_GROUP_RECORD_TTL_S
 from swarm.averaging.reducer import ReductionConfig
 from swarm.errors import ConfigError
 
@@ -33,7 +34,7 @@ class AveragerConfig:
     - ``reduction``: ``mean`` or ``centered_clip`` (with ``clip_tau`` and ``clip_iterations``).
     - ``inspect_parts``: keep every member's values of the first N parts of our span and return them in
       `AveragingResult.inspected`, so the caller can check for outlier or replayed gradients.
-    - ``record_ttl_s``: lifetime of this peer's matchmaking record in the DHT.
+    - ``record_ttl_s``: lifetime of this peer's matchmaking record in the DHT (at most 3600 s).
     - ``max_part_bytes``: the largest encoded chunk accepted from a peer.
     """
 
@@ -74,6 +75,11 @@ class AveragerConfig:
             "poll_interval_s",
         ):
             _positive_seconds(name, getattr(self, name))
+        if self.record_ttl_s > MAX_GROUP_RECORD_TTL_S:
+            raise ConfigError(
+                f"record_ttl_s must be at most {MAX_GROUP_RECORD_TTL_S:.0f} s (nodes refuse group entries that live "
+                f"longer), got {self.record_ttl_s!r}"
+            )
         size = self.part_size_bytes
         if not isinstance(size, int) or isinstance(size, bool) or not 4096 <= size <= 8 * 1024 * 1024:
             raise ConfigError(f"part_size_bytes must be an int in [4096, 8388608], got {size!r}")

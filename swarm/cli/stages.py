@@ -11,7 +11,8 @@ import click
 from swarm.dht import DHT
 from swarm.cli.dht_client import json_option, run_with_dht
 from swarm.run.config import RunConfig
-from swarm.training.view import SwarmView, format_table, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.training.view import SwarmView, format_table
 
 
 @click.command()

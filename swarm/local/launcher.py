@@ -26,7 +26,9 @@ from swarm.data import make_source
 from swarm.errors import ConfigError, SwarmError
 from swarm.testing.misbehave import misbehave_args
 from swarm.training.verifying import rewards_summary
-from swarm.training.view import SwarmView, format_table, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.training.schemas import with_run_schemas
+from swarm.training.view import SwarmView, format_table
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +226,14 @@ async def _read_line(node: NodeProcess) -> str:
 
 async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], out: TextIO, started: float) -> None:
     """Show the live table from the DHT until every node process has exited."""
-    dht_cfg = DHTConfig(
-        initial_peers=tuple(n.maddr for n in nodes if n.maddr),
-        client_mode=True,
-        rpc_timeout_s=2.0,
-        lookup_timeout_s=4.0,
-        maintenance_interval_s=3600.0,
+    dht_cfg = with_run_schemas(
+        DHTConfig(
+            initial_peers=tuple(n.maddr for n in nodes if n.maddr),
+            client_mode=True,
+            rpc_timeout_s=2.0,
+            lookup_timeout_s=4.0,
+            maintenance_interval_s=3600.0,
+        )
     )
     waits = [asyncio.ensure_future(n.proc.wait()) for n in nodes]
     try:

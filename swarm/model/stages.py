@@ -28,6 +28,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class StageInputError(SwarmError):
     """An activation sent to a stage has the wrong shape or dtype; the request is rejected."""
 
+    code = "stage_input"
+
 
 @dataclass(frozen=True, kw_only=True)
 class InputSpec:

@@ -69,12 +69,14 @@ class DriverConfig:
 
 
 def is_stale_step(error: BaseException) -> bool:
-    """Whether ``error`` (local or a peer's answer) says the step is over or not open: no ban, no retry."""
-    return isinstance(error, StaleStepError) or (isinstance(error, RemoteError) and "StaleStepError" in str(error))
+    """Whether ``error`` (local, or a peer's answer by its code) says the step is over or not open: no ban, no retry."""
+    return isinstance(error, StaleStepError) or (isinstance(error, RemoteError) and error.code == StaleStepError.code)
 
 
 class _Stale(SwarmError):
     """Internal: a peer's answer said the step is over (raised inside a call so that no peer is banned)."""
+
+    code = "stale_reply"
 
 
 class Driver:

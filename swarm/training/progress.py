@@ -12,8 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from swarm.p2p.messages import Message
+from swarm.dht.keys import PROGRESS
+from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.errors import ProtocolError
+from swarm.p2p.messages import Message
+from swarm.training.messages import MAX_PEER_RECORD_TTL_S
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,11 @@ class ProgressRecord(Message):
     def __post_init__(self) -> None:
         if self.step < 0 or self.samples < 0 or self.samples_per_s < 0:
             raise ValueError("step, samples and samples_per_s must be >= 0")
+
+
+PROGRESS_SCHEMA = RecordSchema(
+    key=PROGRESS, kind=RecordKind.OWNED, value_types=(ProgressRecord,), max_ttl_s=MAX_PEER_RECORD_TTL_S
+)
 
 
 def parse_records(items: Iterable[tuple[Any, Any]]) -> dict[str, ProgressRecord]:

@@ -41,6 +41,8 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
 class StaleStepError(SwarmError):
     """The request names another step than this server's, or the step is closed for averaging; retry."""
 
+    code = "stale_step"
+
 
 class StageObserver(Protocol):
     """Sees each served microbatch (verification receipts/retention hook); must be cheap and not raise."""

@@ -41,6 +41,7 @@ from swarm.training.hooks import HONEST, NodeHooks
 from swarm.errors import SwarmError
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stage
+from swarm.training.messages import CONFIG_SCHEMA, MAX_CONFIG_RECORD_TTL_S, RunConfigRecord
 from swarm.training.progress import StepHint
 from swarm.training.stage_rpc import RemoteStageClient, StageService, call_state_download
 from swarm.training.stage_server import StageServer, StageServerConfig
@@ -49,7 +50,8 @@ from swarm.training.trainer_driving import DrivingMixin
 from swarm.training.trainer_records import RecordsMixin
 from swarm.training.trainer_steps import StepsMixin
 from swarm.training.training_config import TrainingConfig
-from swarm.training.view import SwarmView, config_key
+from swarm.dht.keys import config_key
+from swarm.training.view import SwarmView
 from swarm.training.verifying import NodeVerification
 from swarm.training.wiring import PeerSelector
 from swarm.verification.attestation import fetch_attestations
@@ -275,14 +277,12 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         key = config_key(self.run_cfg.name)
         async with asyncio.timeout(self.cfg.dht_timeout_s):
             found = await self.dht.get(key, latest=True)
-        value = getattr(found, "value", None)
-        if (
-            isinstance(value, dict)
-            and value.get("hash") != self.run_cfg.config_hash()
-            and isinstance(value.get("config"), dict)
-        ):
-            self.run_cfg.check_same_run(value["config"])
-        await self._store(key, {"hash": self.run_cfg.config_hash(), "config": self.run_cfg.to_dict()}, ttl_s=3600.0)
+        entries = CONFIG_SCHEMA.entries(found)
+        record = entries[0].value if entries else None
+        if isinstance(record, RunConfigRecord) and record.hash != self.run_cfg.config_hash():
+            self.run_cfg.check_same_run(record.config)
+        mine = RunConfigRecord(hash=self.run_cfg.config_hash(), config=self.run_cfg.to_dict())
+        await self._store(key, mine.to_wire(), ttl_s=MAX_CONFIG_RECORD_TTL_S)
 
     async def become(self, stage: int) -> None:
         """Serve ``stage``: build it, then load the newest state (swarm download, else own checkpoint)."""

@@ -21,11 +21,11 @@ import time
 from typing import TYPE_CHECKING
 
 from swarm.p2p.maddr import parse_maddr
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import owner_subkey, peers_key, progress_key
 from swarm.errors import AddressError, SwarmError
 from swarm.training.messages import PeerRecord
 from swarm.training.progress import ProgressRecord, StepHint, StepHintReply
-from swarm.training.view import SwarmView, peers_key, progress_key
+from swarm.training.view import SwarmView
 
 if TYPE_CHECKING:
     from swarm.dht import DHT

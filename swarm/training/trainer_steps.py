@@ -20,6 +20,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+from swarm.dht.keys import averaging_group_key
 from swarm.errors import SwarmError
 from swarm.training.tied import tied_index
 
@@ -121,7 +122,7 @@ class StepsMixin:
             result = await self.averager.step(
                 grads,
                 weight=max(float(server.samples), 1e-3),
-                group_key=f"{self.run_id}/avg/{server.index}/{step}",
+                group_key=averaging_group_key(self.run_id, server.index, step),
                 target_group_size=len(others) + 1,
                 exclude=offenders,
                 avoid=confirmed,

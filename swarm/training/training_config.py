@@ -9,7 +9,7 @@ from swarm.training.balancing import BalanceConfig
 from swarm.run.config import RunConfig
 from swarm.training.driver import DriverConfig
 from swarm.errors import ConfigError
-from swarm.training.messages import ROLES
+from swarm.training.messages import MAX_PEER_RECORD_TTL_S, MAX_RECORD_PERIOD_S, ROLES
 from swarm.training.verifying import NodeVerificationConfig
 from swarm.training.wiring import WiringConfig
 
@@ -61,8 +61,13 @@ class TrainingConfig:
         for name in ("save_every_steps", "inflight_microbatches"):
             if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= 10_000:
                 raise ConfigError(f"{name} must be an int in [1, 10000], got {getattr(self, name)!r}")
+        if not isinstance(self.record_period_s, (int, float)) or not 0 < self.record_period_s <= MAX_RECORD_PERIOD_S:
+            raise ConfigError(
+                f"record_period_s must be a number of seconds in (0, {MAX_RECORD_PERIOD_S:.0f}] (a peer record "
+                f"lives two periods, and nodes refuse ones that live longer than {MAX_PEER_RECORD_TTL_S:.0f} s), "
+                f"got {self.record_period_s!r}"
+            )
         for name in (
-            "record_period_s",
             "poll_interval_s",
             "view_interval_s",
             "rpc_timeout_s",

@@ -25,7 +25,7 @@ import torch
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht import DHT
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import owner_subkey, peers_key, progress_key
 from swarm.p2p import Transport
 from swarm.training.checkpoint import StageState
 from swarm.run.config import RunConfig
@@ -33,7 +33,7 @@ from swarm.errors import AddressError, CodecError, ConfigError, SwarmError
 from swarm.training.messages import PeerRecord
 from swarm.model.stages import StageInputError, StageModel, build_stages
 from swarm.training.stage_rpc import call_state_download, decode
-from swarm.training.view import SwarmView, peers_key, progress_key
+from swarm.training.view import SwarmView
 from swarm.training.verifying import orchestrator_config
 from swarm.verification.orchestrator import Orchestrator
 from swarm.verification.receipts import fetch_receipts

@@ -27,6 +27,8 @@ R = TypeVar("R")
 class NoPeerError(NotFoundError):
     """No unbanned peer serves the stage right now; wait for one to join or move there."""
 
+    code = "no_peer"
+
 
 @dataclass(frozen=True, kw_only=True)
 class WiringConfig:

@@ -15,8 +15,10 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message, packb
-from swarm.errors import ProtocolError
-from swarm.verification.common import RecordStore, owner_subkey, record_items
+from swarm.errors import RecordError
+from swarm.dht.keys import part_subkey
+from swarm.dht.schema import RecordSchema
+from swarm.verification.common import RecordStore, record_items
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,6 @@ class BatchMessage(Protocol):
 B = TypeVar("B", bound=BatchMessage)
 
 
-def part_subkey(peer_id: PeerID, part: int) -> str:
-    return f"{owner_subkey(peer_id)}#{part}"
-
-
 def split_batch(batch: B, items_field: str, max_part_bytes: int = MAX_PART_BYTES) -> list[B]:
     """``batch`` as parts of at most ``max_part_bytes`` packed each (numbered, with ``num_parts`` set)."""
     items: Sequence[Message] = getattr(batch, items_field)
@@ -86,16 +84,24 @@ async def publish_batch(
 
 
 def merge_batches(
-    result: Any, cls: type[B], items_field: str, run_id: str, window: int, check: Callable[[B], str | None]
+    result: Any,
+    schema: RecordSchema,
+    cls: type[B],
+    items_field: str,
+    run_id: str,
+    window: int,
+    check: Callable[[B], str | None],
 ) -> dict[PeerID, B]:
-    """Whole batches, by publisher, from a DHT ``get`` answer (see the module docstring for what is dropped)."""
+    """Whole batches, by publisher, from a DHT ``get`` answer (see the module docstring for what is dropped).
+
+    Each part's value is read with the key's ``schema``, as every node checks it on STORE."""
     parts: dict[PeerID, dict[int, B]] = {}
     for subkey, raw in record_items(result):
         try:
-            if not isinstance(raw, (bytes, bytearray)):
-                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-            batch = cls.unpack(raw)
-        except ProtocolError as e:
+            batch = schema.parse_value(raw)
+            if not isinstance(batch, cls):
+                raise RecordError(f"expected a {cls.__name__}, got a {type(batch).__name__}")
+        except RecordError as e:
             log.warning("dropping a malformed %s part for %s window %d: %s", cls.__name__, run_id, window, e)
             continue
         publisher = PeerID(batch.publisher)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
-from swarm.errors import ConfigError, ProtocolError
+from swarm.errors import ConfigError, RecordError
 from swarm.verification.attestation import leader_rank
-from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
+from swarm.dht.keys import ORCHESTRATOR, orchestrator_key, owner_subkey
+from swarm.dht.schema import RecordKind, RecordSchema
+from swarm.verification.common import MAX_HEARTBEAT_TTL_S, RecordStore, peer_from_bytes, record_items, signing_body
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,11 @@ class Heartbeat(Message):
         )
 
 
+ORCHESTRATOR_SCHEMA = RecordSchema(
+    key=ORCHESTRATOR, kind=RecordKind.OWNED, value_types=(Heartbeat,), packed=True, max_ttl_s=MAX_HEARTBEAT_TTL_S
+)
+
+
 def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cfg: ElectionConfig) -> Heartbeat:
     unsigned = Heartbeat(
         run_id=run_id,
@@ -90,10 +97,6 @@ def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cf
         signature=bytes(SIGNATURE_SIZE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
-
-
-def orchestrator_key(run_id: str) -> str:
-    return f"{run_id}/orchestrator"
 
 
 async def publish_heartbeat(store: RecordStore, hb: Heartbeat) -> bool:
@@ -107,10 +110,10 @@ async def fetch_heartbeats(store: RecordStore, run_id: str) -> list[Heartbeat]:
     out = []
     for subkey, raw in record_items(await store.get(orchestrator_key(run_id), latest=True)):
         try:
-            if not isinstance(raw, (bytes, bytearray)):
-                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-            hb = Heartbeat.unpack(raw)
-        except ProtocolError as e:
+            hb = ORCHESTRATOR_SCHEMA.parse_value(raw)
+            if not isinstance(hb, Heartbeat):
+                raise RecordError(f"expected a Heartbeat, got a {type(hb).__name__}")
+        except RecordError as e:
             log.warning("dropping a malformed heartbeat for %s: %s", run_id, e)
             continue
         if hb.run_id == run_id and subkey == owner_subkey(hb.candidate_id):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from swarm.dht import DHT, DHTConfig
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import owner_subkey
 from swarm.p2p import RpcContext
 from swarm.averaging import Averager, AveragerConfig
 from swarm.averaging.allreduce import AllReduceServer, run_allreduce

@@ -165,7 +165,7 @@ async def junk_subkeys(node: NodeProcess, count: int, value: bytes) -> dict[str,
     """The owner stores its subkey of ``jsk/peers``; ``count`` 60 KB junk subkeys (from 8 identities) follow;
     a client then gets the key."""
     owner = identity(7777)
-    key = "jsk/peers"
+    key = "jsk/board"
     async with attacker(owner) as t:
         rec = make_record(key, "owner", time.time() + 600, owner_subkey(owner.peer_id), identity=owner)
         owner_stored = await send(t, node.maddr, [rec])
@@ -182,8 +182,9 @@ async def junk_subkeys(node: NodeProcess, count: int, value: bytes) -> dict[str,
 
 async def plain_over_dictionary(node: NodeProcess) -> dict[str, Any]:
     """An owner-signed subkey, then one unsigned plain value with a 6-day expiration on the same key."""
+    # not a `{run}/peers` key: that one has a schema (PeerRecord values) that refuses these values before storage
     owner = identity(8888)
-    key = "pod/peers"
+    key = "pod/board"
     async with attacker(owner) as t:
         rec = make_record(key, "owner", time.time() + 600, owner_subkey(owner.peer_id), identity=owner)
         await send(t, node.maddr, [rec])

@@ -12,6 +12,7 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity
 from swarm.p2p import Transport, TransportConfig
 from swarm.run.config import RunConfig
+from swarm.training.schemas import with_run_schemas
 from swarm.training.trainer import TrainingConfig, TrainingRole
 
 FAST = dict(
@@ -61,8 +62,10 @@ class Swarm:
         identity = Identity.from_seed(bytes([seed + 1]) * 32)
         transport = Transport(identity, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=3.0))
         await transport.start()
-        dht = DHT.create(
-            DHTConfig(initial_peers=(self.bootstrap,) if self.bootstrap else ()), identity=identity, transport=transport
+        dht = DHT.create(  # the run's record schemas, as swarm.node installs them
+            with_run_schemas(DHTConfig(initial_peers=(self.bootstrap,) if self.bootstrap else ())),
+            identity=identity,
+            transport=transport,
         )
         await dht.start()
         if self.bootstrap is None:

@@ -20,8 +20,9 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity
 from swarm.p2p import TransportConfig
 from swarm.cli.dht import main
-from swarm.verification.attestation import GENESIS_DIGEST, attestation_key, build_attestation, publish_attestation
-from swarm.verification.common import digest_parts, owner_subkey
+from swarm.dht.keys import attestation_key, owner_subkey
+from swarm.verification.attestation import GENESIS_DIGEST, build_attestation, publish_attestation
+from swarm.verification.common import digest_parts
 from swarm.verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt
 from swarm.verification.rewards import RewardConfig, compute_rewards
 
