@@ -2,8 +2,8 @@
 peer, samples published receipts, replays them and publishes signed verdicts; it is an orchestrator candidate.
 
 `StageReplayer` implements `swarm.verification.replay.Replayer` with the run's stage models: it keeps the weights of
-each (stage, step) it downloaded (the last ``retention_steps`` steps) and recomputes forward and backward
-exactly as `StageServer` does.
+each (stage, step) it downloaded (the last ``retention_steps`` steps) and recomputes forward and backward with the
+functions `StageServer` serves with (`swarm.training.compute`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import owner_subkey
 from swarm.p2p import Transport
 from swarm.training.checkpoint import StageState
+from swarm.training.compute import input_grad, loss_backward, outputs_backward, stage_forward, stage_loss
 from swarm.run.config import RunConfig
 from swarm.errors import AddressError, CodecError, ConfigError, SwarmError
 from swarm.training.messages import PeerRecord
@@ -130,21 +131,20 @@ class StageReplayer:
             model = self._load(stage, step, server)
             try:
                 x = decode(inputs[0], "inputs", dtype=model.input_spec.dtype)
-                leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
-                with torch.enable_grad():
-                    out = model(leaf)
-                    if kind == "forward":
-                        return [out.detach()]
-                    if model.is_last:
-                        targets = decode(inputs[1], "targets")
-                        (model.loss(out, targets) * x.shape[0]).backward()
-                    else:
-                        out.backward(decode(inputs[1], "grad_outputs", dtype=torch.float32))
+                if kind == "forward":
+                    return [stage_forward(model, x)[1].detach()]
+                if model.is_last:
+                    leaf, loss = stage_loss(model, x, decode(inputs[1], "targets"))
+                    loss_backward(loss, int(x.shape[0]))
+                else:
+                    leaf, out = stage_forward(model, x)
+                    outputs_backward(out, decode(inputs[1], "grad_outputs", dtype=torch.float32))
+                grad = input_grad(leaf)
             except (StageInputError, IndexError) as e:
                 raise ReplayUnavailableError(f"the receipt's inputs do not replay: {e}") from None
             finally:
                 model.zero_grad(set_to_none=True)
-            return [] if leaf.grad is None else [leaf.grad.detach()]
+            return [] if grad is None else [grad]
 
     def decode_outputs(self, *, stage: int, kind: str, outputs: Sequence[bytes]) -> list[torch.Tensor]:
         try:
