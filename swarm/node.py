@@ -17,7 +17,7 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
 from swarm.errors import AddressError, ConfigError, SwarmError
-from swarm.training.trainer import TrainingConfig, TrainingRole
+from swarm.training.trainer import TrainingConfig, build_training_role
 from swarm.training.validator import ValidatorConfig, ValidatorRole
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class Node:
     ) -> None:
         """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
 
-        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``).
+        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``), built by
+        `build_training_role`; its RPC handlers are unregistered when it ends.
         """
         try:
             await self.start()
@@ -122,8 +123,13 @@ class Node:
                 on_listening(self.listen_maddrs)
             await self._join()
             if self.config.training is not None and self.transport is not None:
-                role = TrainingRole(self.config.training, transport=self.transport, dht=self.dht, on_serving=on_serving)
-                await role.run(stop_event)
+                role = build_training_role(
+                    self.config.training, transport=self.transport, dht=self.dht, on_serving=on_serving
+                )
+                try:
+                    await role.run(stop_event)
+                finally:
+                    role.stop()
             elif self.config.validator is not None and self.transport is not None and self.identity is not None:
                 validator = ValidatorRole(
                     self.config.validator, transport=self.transport, dht=self.dht, identity=self.identity
