@@ -1,9 +1,10 @@
 """A training node's verification duties: ack and retain served work, sign and publish receipts, cheat on purpose
 (``--misbehave``), and stand as an orchestrator candidate (``--orchestrator-candidate``).
 
-`TrainingRole` builds one `NodeVerification`, hands ``witness`` and ``misbehaviour`` to its `StageService` and
-``collector`` to its `RemoteStageClient`, runs `NodeVerification.run` in its TaskGroup and passes the step's
-gradients through ``misbehaviour.gradients`` before averaging.
+`swarm.training.trainer.build_training_role` builds one `NodeVerification` and hands ``witness`` and
+``misbehaviour`` to the role's `StageService` and ``collector`` to its `RemoteStageClient`; the role runs
+`NodeVerification.run` in its TaskGroup and its `Stepper` passes the step's gradients through
+``misbehaviour.gradients`` before averaging.
 """
 
 from __future__ import annotations
