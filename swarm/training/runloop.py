@@ -3,7 +3,7 @@ it, the view loop, reading the run's records, and writing the node's summary whe
 
 A role calls `run_loops(stop_event, loops)` once it has joined. The TaskGroup runs the watch, the view loop and the
 role's own ``loops`` until ``stop_event`` is set (the role's `_stopping` runs, then the group ends) or the role's
-`_finished` says so; then the summary is written, whatever ended the group.
+`_is_over` says so; then the summary is written, whatever ended the group.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ class _Done(Exception):
 class RunLoop(ABC):
     """The loop plumbing of a role; subclasses say when they are done, how they see the run, what they report."""
 
-    def __init__(self, *, name: str, poll_interval_s: float, summary_path: Path | None) -> None:
-        self.name = name  # a short peer id, for log lines
+    def __init__(self, *, poll_interval_s: float, summary_path: Path | None) -> None:
         self.poll_interval_s = poll_interval_s
         self.summary_path = summary_path
 
@@ -51,7 +50,7 @@ class RunLoop(ABC):
 
     async def _watch(self, stop_event: asyncio.Event) -> None:
         while not stop_event.is_set():
-            if await self._finished(stop_event):
+            if await self._is_over(stop_event):
                 raise _Done()
             try:
                 async with asyncio.timeout(self.poll_interval_s):
@@ -68,7 +67,7 @@ class RunLoop(ABC):
             await self._next_view()
 
     @abstractmethod
-    async def _finished(self, stop_event: asyncio.Event) -> bool:
+    async def _is_over(self, stop_event: asyncio.Event) -> bool:
         """Whether the role is done (checked every ``poll_interval_s``); may finish its work before saying so."""
 
     async def _stopping(self) -> None:

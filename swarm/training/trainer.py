@@ -69,9 +69,7 @@ class TrainingRole(RunLoop):
         unregister: list[Callable[[], None]],
         on_serving: Callable[[int | None], None] | None = None,
     ) -> None:
-        super().__init__(
-            name=state.me.short(), poll_interval_s=state.cfg.poll_interval_s, summary_path=state.cfg.summary_path
-        )
+        super().__init__(poll_interval_s=state.cfg.poll_interval_s, summary_path=state.cfg.summary_path)
         self.state = state
         self.records = records
         self.sync = sync
@@ -122,7 +120,7 @@ class TrainingRole(RunLoop):
     async def _next_view(self) -> None:
         await self.records.wait_refresh()
 
-    async def _finished(self, stop_event: asyncio.Event) -> bool:
+    async def _is_over(self, stop_event: asyncio.Event) -> bool:
         """At ``max_steps``: save, serve the validators until the last window is attested, and end."""
         st, max_steps = self.state, self.state.cfg.max_steps
         if max_steps is None or st.current_step() < max_steps:

@@ -68,9 +68,7 @@ class ValidatorRole(RunLoop):
     """Syncs weights, checks closed windows, publishes verdicts, stands as orchestrator candidate."""
 
     def __init__(self, cfg: ValidatorConfig, *, transport: Transport, dht: Any, identity: Identity) -> None:
-        super().__init__(
-            name=identity.peer_id.short(), poll_interval_s=cfg.poll_interval_s, summary_path=cfg.summary_path
-        )
+        super().__init__(poll_interval_s=cfg.poll_interval_s, summary_path=cfg.summary_path)
         self.cfg = cfg
         self.settings = cfg.run.verification
         self.run_id = cfg.run.run_id
@@ -157,7 +155,7 @@ class ValidatorRole(RunLoop):
         )
         await self.run_loops(stop_event, [self._check_loop(), self._orchestrator_loop()])
 
-    async def _finished(self, stop_event: asyncio.Event) -> bool:
+    async def _is_over(self, stop_event: asyncio.Event) -> bool:
         """Every attestable window attested, or the swarm stopped ``FINISH_GRACE_S`` ago."""
         if self.finished():
             return True
