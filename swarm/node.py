@@ -19,7 +19,7 @@ from swarm.p2p import Transport, TransportConfig
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.testing.misbehave import MisbehaveConfig, hooks_for
 from swarm.training.schemas import with_run_schemas
-from swarm.training.trainer import TrainingConfig, TrainingRole
+from swarm.training.trainer import TrainingConfig, build_training_role
 from swarm.training.validator import ValidatorConfig, ValidatorRole
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class Node:
     ) -> None:
         """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
 
-        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``).
+        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``), built by
+        `build_training_role`; its RPC handlers are unregistered when it ends.
         """
         try:
             await self.start()
@@ -127,14 +128,17 @@ class Node:
                 on_listening(self.listen_maddrs)
             dht = await self._join()
             if self.config.training is not None and self.transport is not None:
-                role = TrainingRole(
+                role = build_training_role(
                     self.config.training,
                     transport=self.transport,
                     dht=dht,
                     on_serving=on_serving,
                     hooks=hooks_for(self.config.misbehave),
                 )
-                await role.run(stop_event)
+                try:
+                    await role.run(stop_event)
+                finally:
+                    role.stop()
             elif self.config.validator is not None and self.transport is not None and self.identity is not None:
                 validator = ValidatorRole(
                     self.config.validator, transport=self.transport, dht=dht, identity=self.identity

@@ -111,6 +111,10 @@ class Matchmaker:
         self.transport.register("avg.begin", BeginRequest, self.rpc_begin)
         self.transport.register("avg.ready", ReadyHint, self.rpc_ready)
 
+    def unregister(self) -> None:
+        for method in ("avg.join", "avg.begin", "avg.ready"):
+            self.transport.unregister(method)
+
     def my_info(self, weight: float) -> MemberInfo:
         return MemberInfo(
             peer_id=self.transport.peer_id.to_bytes(),

@@ -57,16 +57,6 @@ def step_samples(records: Iterable[ProgressRecord], step: int) -> int:
     return sum(r.samples for r in records if r.step == step)
 
 
-def target_reached(records: Iterable[ProgressRecord], step: int, target_batch_size: int) -> bool:
-    """Whether the step's samples reached the target batch size."""
-    return step_samples(records, step) >= target_batch_size
-
-
-def latest_step(records: Iterable[ProgressRecord], default: int = 0) -> int:
-    """The newest step any driver reports (a node below it has fallen behind)."""
-    return max((r.step for r in records), default=default)
-
-
 @dataclass(frozen=True, kw_only=True)
 class StepHint(Message):
     """``step.hint``: "the samples of ``step`` look complete": the receiver re-reads the progress records now.

@@ -99,6 +99,13 @@ class StageService:
         if self.witness is not None:
             self.witness.service.register(self.transport)
 
+    def unregister(self) -> None:
+        """Stop serving what `register` registered (the transport is shared and stays up)."""
+        for method in ("stage.forward", "stage.backward", "state.download"):
+            self.transport.unregister(method)
+        if self.witness is not None:
+            self.witness.service.unregister(self.transport)
+
     def _ack(
         self, ctx: RpcContext, req: ForwardRequest | BackwardRequest, kind: str, outputs: list[bytes], num_samples: int
     ) -> bytes:

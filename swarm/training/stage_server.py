@@ -8,7 +8,7 @@ all-reduce weighted by samples gives the mean over the whole step.
 Backward works on any replica: if this server ran the forward of the microbatch it reuses the retained
 autograd graph (a bounded window keyed by microbatch id), otherwise it recomputes from the resent inputs.
 Work tagged with a step other than the current one, or arriving while the step is closed for averaging, is
-rejected. A `StageObserver` (the verification layer's hook) sees every input/output pair.
+rejected. The compute itself is `swarm.training.compute`, which the validator's replay runs as well.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -27,6 +26,7 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.model.optim import set_step_lr
 from swarm.model.stages import StageInputError, StageModel
 from swarm.run.config import OptimizerConfig
+from swarm.training.compute import input_grad, loss_backward, outputs_backward, stage_forward, stage_loss
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,6 @@ class StaleStepError(SwarmError):
     """The request names another step than this server's, or the step is closed for averaging; retry."""
 
     code = "stale_step"
-
-
-class StageObserver(Protocol):
-    """Sees each served microbatch (verification receipts/retention hook); must be cheap and not raise."""
-
-    def on_forward(self, microbatch_id: str, step: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None: ...
-
-    def on_backward(
-        self, microbatch_id: str, step: int, inputs: torch.Tensor, grad_inputs: torch.Tensor | None
-    ) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,13 +69,11 @@ class StageServer:
         cfg: StageServerConfig,
         *,
         step: int = 0,
-        observer: StageObserver | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.optimizer_cfg = optimizer_cfg
         self.cfg = cfg
-        self.observer = observer
         self.step = step
         self.samples = 0
         self.busy_s = 0.0
@@ -109,18 +97,13 @@ class StageServer:
         with self.lock:
             self._check_step(step)
             started = time.perf_counter()
-            leaf = self._leaf(inputs)
-            with torch.enable_grad():
-                outputs = self.model(leaf)
+            leaf, outputs = stage_forward(self.model, inputs)
             self.busy_s += time.perf_counter() - started
             if self.cfg.retained_graphs:
                 self._graphs[microbatch_id] = (leaf, outputs)
                 while len(self._graphs) > self.cfg.retained_graphs:
                     self._graphs.popitem(last=False)
-        result = outputs.detach()
-        if self.observer is not None:
-            self.observer.on_forward(microbatch_id, step, inputs, result)
-        return result
+        return outputs.detach()
 
     def backward(
         self, inputs: torch.Tensor, grad_outputs: torch.Tensor, *, step: int, microbatch_id: str
@@ -139,11 +122,8 @@ class StageServer:
                 )
             if not bool(torch.isfinite(grad_outputs).all()):
                 raise StageInputError(f"stage {self.index} got non-finite grad_outputs; the request is rejected")
-            outputs.backward(grad_outputs)
-            grad_inputs = self._finish(leaf, inputs, started)
-        if self.observer is not None:
-            self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
-        return grad_inputs
+            outputs_backward(outputs, grad_outputs)
+            return self._finish(leaf, inputs, started)
 
     def loss_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, step: int, microbatch_id: str
@@ -160,17 +140,11 @@ class StageServer:
         with self.lock:
             self._check_step(step)
             started = time.perf_counter()
-            leaf = self._leaf(inputs)
-            with torch.enable_grad():
-                outputs = self.model(leaf)
-                loss = self.model.loss(outputs, targets)
+            leaf, loss = stage_loss(self.model, inputs, targets)
             if not bool(torch.isfinite(loss)):
                 raise SwarmError(f"stage {self.index} computed a non-finite loss; the microbatch is dropped")
-            (loss * inputs.shape[0]).backward()
+            loss_backward(loss, int(inputs.shape[0]))
             grad_inputs = self._finish(leaf, inputs, started)
-        if self.observer is not None:
-            self.observer.on_forward(microbatch_id, step, inputs, outputs.detach())
-            self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
         return float(loss.detach()), grad_inputs
 
     # ---- steps ---------------------------------------------------------------------------------------------
@@ -255,19 +229,14 @@ class StageServer:
         if step != self.step or not self.accepting:
             raise StaleStepError(f"stage {self.index} is not accepting work for step {step} (at {self.step}); retry")
 
-    def _leaf(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
-
     def _graph_for(self, microbatch_id: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._graphs.pop(microbatch_id, None)
         if cached is not None and cached[0].shape == inputs.shape and torch.equal(cached[0].detach(), inputs):
             return cached
-        leaf = self._leaf(inputs)
-        with torch.enable_grad():
-            return leaf, self.model(leaf)
+        return stage_forward(self.model, inputs)
 
     def _finish(self, leaf: torch.Tensor, inputs: torch.Tensor, started: float) -> torch.Tensor | None:
         self.samples += int(inputs.shape[0])
         self.total_samples += int(inputs.shape[0])
         self.busy_s += time.perf_counter() - started
-        return leaf.grad.detach() if leaf.is_floating_point() and leaf.grad is not None else None
+        return input_grad(leaf)

@@ -1,9 +1,10 @@
 """A training node's verification duties: ack and retain served work, sign and publish receipts, and stand as
 an orchestrator candidate (``--orchestrator-candidate``).
 
-`TrainingRole` builds one `NodeVerification` with the node's `NodeHooks`, hands ``witness`` and ``hooks`` to its
-`StageService` and ``collector`` to its `RemoteStageClient`, runs `NodeVerification.run` in its TaskGroup and
-passes the step's gradients through ``hooks.gradients_to_average`` before averaging.
+`swarm.training.trainer.build_training_role` builds one `NodeVerification` with the node's `NodeHooks` and hands
+``witness`` and ``hooks`` to the role's `StageService` and ``collector`` to its `RemoteStageClient`; the role runs
+`NodeVerification.run` in its TaskGroup and its `Stepper` passes the step's gradients through
+``hooks.gradients_to_average`` before averaging.
 """
 
 from __future__ import annotations

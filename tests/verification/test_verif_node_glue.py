@@ -19,7 +19,7 @@ from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stages
 from swarm.training.stage_rpc import encode
 from swarm.training.stage_server import StageServer, StageServerConfig
-from swarm.training.validator import StageReplayer
+from swarm.training.replayer import StageReplayer
 from swarm.training.verifying import rewards_summary
 from swarm.verification.attestation import GENESIS_DIGEST, build_attestation
 from swarm.verification.ledger import Ledger
