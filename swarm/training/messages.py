@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from swarm.p2p.messages import Message
-
-ROLES = ("auto", "server", "trainer", "validator")
+from swarm.training.node_role import PEER_RECORD_ROLES, Role
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +87,7 @@ class StateHeader(Message):
 class PeerRecord(Message):
     """A node's entry under ``{run}/peers`` (subkey ``[owner:<PeerID>]``): what it serves and how fast."""
 
-    role: str
+    role: Role
     stage: int | None
     maddrs: list[str]
     throughput: float
@@ -96,8 +95,7 @@ class PeerRecord(Message):
     config_hash: str
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
+        object.__setattr__(self, "role", Role.parse(self.role, allowed=PEER_RECORD_ROLES))  # ConfigError: ValueError
         if self.stage is not None and self.stage < 0:
             raise ValueError("stage must be >= 0")
         if self.throughput < 0 or self.step < 0:

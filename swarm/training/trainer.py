@@ -22,7 +22,6 @@ loops live in mixins that share this state: `swarm.training.trainer_records.Reco
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -36,12 +35,14 @@ from swarm.training.balancing import StagePeer, choose_stage
 from swarm.training.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
 from swarm.data import ShardedData
 from swarm.training.driver import Driver
+from swarm.training.node_role import Role
 from swarm.errors import SwarmError
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stage
 from swarm.training.progress import StepHint
 from swarm.training.stage_rpc import RemoteStageClient, StageService, call_state_download
 from swarm.training.stage_server import StageServer, StageServerConfig
+from swarm.training.summary import NodeSummary
 from swarm.training.tied import TiedService
 from swarm.training.trainer_driving import DrivingMixin
 from swarm.training.trainer_records import RecordsMixin
@@ -168,7 +169,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         await self.check_run_config()
         await self.refresh_view()
         stage = self.cfg.stage
-        if stage is None and self.cfg.role != "trainer":
+        if stage is None and self.cfg.role != Role.TRAINER:
             stage = choose_stage(
                 [
                     StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or 1.0)
@@ -178,7 +179,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                 self.run_cfg.pipeline.num_stages,
                 my_speed=1.0,
             )
-        if stage is not None and self.cfg.role != "trainer":
+        if stage is not None and self.cfg.role != Role.TRAINER:
             await self.become(stage)
         await self.publish_record()
         if self.on_serving is not None:
@@ -196,7 +197,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
                 if (
                     self.cfg.rebalance_interval_s > 0
                     and self.cfg.stage is None
-                    and self.cfg.role == "auto"
+                    and self.cfg.role == Role.AUTO
                     and self.checks.misbehaviour.kind is None
                 ):
                     tg.create_task(self._rebalance_loop())
@@ -229,7 +230,7 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         Leaving at once would leave that work unchecked, so a cheater's last windows would go unflagged."""
         settings = self.run_cfg.verification
         last = settings.last_attestable_window(max_steps)
-        validators = [p for p, r in self.view.peers.items() if r.role == "validator"]
+        validators = [p for p, r in self.view.peers.items() if r.role == Role.VALIDATOR]
         if not settings.enabled or last < 0 or not validators or self.cfg.finish_linger_s <= 0:
             return
         log.info(
@@ -356,21 +357,19 @@ class TrainingRole(RecordsMixin, StepsMixin, DrivingMixin):
         """Write the node's losses and counts as JSON (the launcher aggregates them)."""
         if self.cfg.summary_path is None:
             return
-        summary = {
-            "peer_id": self.me.to_base58(),
-            "role": self.cfg.role,
-            "stage": self.server.index if self.server else None,
-            "step": self._current_step(),
-            "losses": {str(k): v for k, v in sorted(self.losses.items())},
-            "samples": self.samples_driven,
-            "elapsed_s": time.monotonic() - self.started,
-            "first_sample_time": self.first_sample_time,
-            "end_time": self.finished_time or time.time(),
-            "loss_floor": self.data.loss_floor,
-            "run_id": self.run_id,
-            "served_samples": self.server.total_samples if self.server else 0,
-            "verification": self.checks.summary(),
-        }
-        tmp = self.cfg.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary))
-        tmp.replace(self.cfg.summary_path)
+        summary = NodeSummary(
+            peer_id=self.me.to_base58(),
+            role=self.cfg.role,
+            stage=self.server.index if self.server else None,
+            step=self._current_step(),
+            losses={k: list(v) for k, v in sorted(self.losses.items())},
+            samples=self.samples_driven,
+            elapsed_s=time.monotonic() - self.started,
+            first_sample_time=self.first_sample_time,
+            end_time=self.finished_time or time.time(),
+            loss_floor=self.data.loss_floor,
+            run_id=self.run_id,
+            served_samples=self.server.total_samples if self.server else 0,
+            verification=self.checks.summary(),
+        )
+        summary.write(self.cfg.summary_path)

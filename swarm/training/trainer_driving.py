@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from swarm.training.balancing import StagePeer, choose_move
+from swarm.training.node_role import Role
 from swarm.training.stage_server import StaleStepError
 from swarm.training.wiring import NoPeerError
 
@@ -91,7 +92,9 @@ class DrivingMixin:
         others = self.step_samples(step) - self.my_samples.get(step, 0)
         if mine + others >= target:
             return False
-        drivers = sum(1 for r in self.view.peers.values() if r.role == "trainer" or (r.role == "auto" and r.stage == 0))
+        drivers = sum(
+            1 for r in self.view.peers.values() if r.role == Role.TRAINER or (r.role == Role.AUTO and r.stage == 0)
+        )
         fair = -(-target // max(drivers, 1) // micro) * micro if drivers > 1 else target
         stalled = time.monotonic() - self._step_opened > self.cfg.behind_grace_s
         return mine < fair or others >= target - fair or stalled
@@ -99,7 +102,7 @@ class DrivingMixin:
     async def _drive_loop(self, worker: int) -> None:
         while True:
             serving_first = self.server is not None and self.server.index == 0
-            if not (self.cfg.role == "trainer" or (self.cfg.role == "auto" and serving_first)):
+            if not (self.cfg.role == Role.TRAINER or (self.cfg.role == Role.AUTO and serving_first)):
                 await asyncio.sleep(self.cfg.poll_interval_s)
                 continue
             step = self._current_step()

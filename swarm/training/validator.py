@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -30,8 +29,10 @@ from swarm.training.checkpoint import StageState
 from swarm.run.config import RunConfig
 from swarm.errors import AddressError, CodecError, ConfigError, SwarmError
 from swarm.training.messages import PeerRecord
+from swarm.training.node_role import Role
 from swarm.model.stages import StageInputError, StageModel, build_stages
 from swarm.training.stage_rpc import call_state_download, decode
+from swarm.training.summary import NodeSummary
 from swarm.training.view import SwarmView, peers_key, progress_key
 from swarm.training.verifying import orchestrator_config
 from swarm.verification.orchestrator import Orchestrator
@@ -309,7 +310,7 @@ class ValidatorRole:
         if time.monotonic() - self._record_published < RECORD_PERIOD_S:
             return
         record = PeerRecord(
-            role="validator",
+            role=Role.VALIDATOR,
             stage=None,
             maddrs=list(self.transport.listen_maddrs),
             throughput=0.0,
@@ -409,16 +410,17 @@ class ValidatorRole:
         """The validator's counts and attested windows as JSON (the launcher aggregates them)."""
         if self.cfg.summary_path is None:
             return
-        summary = {
-            "peer_id": self.me.to_base58(),
-            "role": "validator",
-            "step": self.current_step(),
-            "run_id": self.run_id,
-            **self.stats,
-            "attested_windows": [a.window for a in self.orchestrator.signed],
-            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-            "elapsed_s": time.monotonic() - self.started,
-        }
-        tmp = self.cfg.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary))
-        tmp.replace(self.cfg.summary_path)
+        summary = NodeSummary(
+            peer_id=self.me.to_base58(),
+            role=Role.VALIDATOR,
+            step=self.current_step(),
+            run_id=self.run_id,
+            checks=self.stats["checks"],
+            failed=self.stats["failed"],
+            windows_checked=self.stats["windows_checked"],
+            states_synced=self.stats["states_synced"],
+            attested_windows=[a.window for a in self.orchestrator.signed],
+            ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+            elapsed_s=time.monotonic() - self.started,
+        )
+        summary.write(self.cfg.summary_path)

@@ -19,6 +19,7 @@ from typing import Any
 from swarm.p2p.identity import Identity, PeerID
 from swarm.errors import ConfigError, SwarmError
 from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
+from swarm.training.summary import VerificationSummary
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
 from swarm.verification.settings import VerificationSettings
@@ -168,14 +169,14 @@ class NodeVerification:
         ):
             self.collector.add(receipt)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> VerificationSummary:
         """What the launcher reads: the cheat this node ran and what it attested."""
-        return {
-            "misbehave": self.misbehaviour.kind,
-            "orchestrator_candidate": self.orchestrator is not None,
-            "attested_windows": [a.window for a in self.orchestrator.signed] if self.orchestrator else [],
-            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-        }
+        return VerificationSummary(
+            misbehave=self.misbehaviour.kind,
+            orchestrator_candidate=self.orchestrator is not None,
+            attested_windows=[a.window for a in self.orchestrator.signed] if self.orchestrator else [],
+            ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+        )
 
 
 def ledger_path_for(data_dir: Path, run_id: str) -> Path:
