@@ -37,7 +37,7 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--role",
             type=click.Choice([role.value for role in Role]),
-            default="auto",
+            default=Role.AUTO.value,
             show_default=True,
             help="auto: serve a stage (and drive on stage 0); server: serve only; trainer: "
             "drive only; validator: check others' work (no training); dht: no training.",

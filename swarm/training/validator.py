@@ -35,6 +35,7 @@ from swarm.training.stage_rpc import call_state_download, decode
 from swarm.training.summary import NodeSummary
 from swarm.training.view import SwarmView, peers_key, progress_key
 from swarm.training.verifying import orchestrator_config
+from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator
 from swarm.verification.receipts import fetch_receipts
 from swarm.verification.replay import ReceiptChecker, ReplayUnavailableError
@@ -193,7 +194,7 @@ class ValidatorRole:
             orchestrator_config(
                 self.settings,
                 run_id=self.run_id,
-                role="validator",
+                role=ElectionRole.VALIDATOR,
                 ledger_path=cfg.ledger_path,
                 tick_s=0.5,
                 dht_timeout_s=cfg.dht_timeout_s,

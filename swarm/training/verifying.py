@@ -21,6 +21,7 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
 from swarm.training.summary import VerificationSummary
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
+from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
 from swarm.verification.settings import VerificationSettings
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
@@ -51,7 +52,7 @@ def orchestrator_config(
     settings: VerificationSettings,
     *,
     run_id: str,
-    role: str,
+    role: ElectionRole,
     ledger_path: Path | None,
     tick_s: float,
     dht_timeout_s: float,
@@ -109,7 +110,7 @@ class NodeVerification:
                     orchestrator_config(
                         settings,
                         run_id=run_id,
-                        role="candidate",
+                        role=ElectionRole.CANDIDATE,
                         ledger_path=cfg.ledger_path,
                         tick_s=cfg.tick_s,
                         dht_timeout_s=cfg.dht_timeout_s,

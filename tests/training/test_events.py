@@ -17,6 +17,7 @@ from swarm.local.events import (
     EventReader,
     EventWriter,
     ListeningEvent,
+    NodeEvent,
     NodeEventError,
     ServingEvent,
     StoppedEvent,
@@ -25,7 +26,11 @@ from swarm.local.events import (
 )
 from swarm.p2p.maddr import parse_maddr
 
-EVENTS = [ListeningEvent(maddrs=["/ip4/127.0.0.1/tcp/1/p2p/x"]), ServingEvent(stage=1), ServingEvent(stage=None)]
+EVENTS: list[NodeEvent] = [
+    ListeningEvent(maddrs=["/ip4/127.0.0.1/tcp/1/p2p/x"]),
+    ServingEvent(stage=1),
+    ServingEvent(stage=None),
+]
 
 
 def test_round_trip_through_the_file(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from swarm.run.config import RunConfig
 from swarm.training.messages import PeerRecord
 from swarm.training.node_role import PEER_RECORD_ROLES, TRAINING_ROLES, Role
 from swarm.training.training_config import TrainingConfig
+from swarm.verification.election import ElectionRole
+from swarm.verification.orchestrator import OrchestratorConfig
 
 
 def test_parse_accepts_the_strings_and_the_members() -> None:
@@ -37,9 +39,8 @@ def test_the_strings_stay_on_the_wire_and_in_json() -> None:
     assert unpackb(record.pack())["role"] == "server" and json.dumps({"role": Role.SERVER}) == '{"role": "server"}'
     again = PeerRecord.unpack(record.pack())
     assert again == record and type(again.role) is Role
-    assert (
-        PeerRecord(role="trainer", stage=None, maddrs=[], throughput=0.0, step=0, config_hash="h").role is Role.TRAINER
-    )
+    parsed = PeerRecord(role="trainer", stage=None, maddrs=[], throughput=0.0, step=0, config_hash="h")  # type: ignore[arg-type]
+    assert parsed.role is Role.TRAINER
 
 
 @pytest.mark.parametrize("role", ["king", "dht"])
@@ -51,7 +52,14 @@ def test_a_peer_record_with_a_bad_role_is_a_protocol_error(role: str) -> None:
 
 
 def test_training_config_takes_training_roles_only() -> None:
-    assert TrainingConfig(run=RunConfig(), role="trainer").role is Role.TRAINER
+    assert TrainingConfig(run=RunConfig(), role="trainer").role is Role.TRAINER  # type: ignore[arg-type]
     for bad in ("validator", "dht", "king"):
         with pytest.raises(ConfigError, match="role"):
             TrainingConfig(run=RunConfig(), role=bad)  # type: ignore[arg-type]
+
+
+def test_election_roles_are_an_enum_too() -> None:
+    assert ElectionRole.parse("candidate") is ElectionRole.CANDIDATE
+    assert OrchestratorConfig(run_id="r", role="validator").role is ElectionRole.VALIDATOR  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"role must be one of \['validator', 'candidate'\], got 'auto'"):
+        ElectionRole.parse("auto")
