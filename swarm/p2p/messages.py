@@ -6,13 +6,15 @@ decoded object against the field annotations and raises :class:`ProtocolError` o
 handlers only ever see well-typed values. Range checks go in ``__post_init__`` (raise ``ValueError``);
 they are turned into ``ProtocolError`` too.
 
-Supported annotations: ``int``, ``float`` (ints accepted), ``str``, ``bytes``, ``bool``, ``None``,
-``X | None``, ``list[T]``, ``tuple[T, ...]``, ``dict[K, V]``, nested ``Message`` subclasses, ``Any``.
+Supported annotations: ``int``, ``float`` (ints accepted), ``str``, ``bytes``, ``bool``, ``None``, a
+``StrEnum`` (travels as its string), ``X | None``, ``list[T]``, ``tuple[T, ...]``, ``dict[K, V]``, nested
+``Message`` subclasses, ``Any``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
@@ -164,4 +166,9 @@ def _check_scalar(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (bytes, bytearray)):
             raise ProtocolError(f"{where}: expected bytes, got {type(value).__name__}")
         return bytes(value)
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        choices = [member.value for member in hint]
+        if not isinstance(value, str) or value not in choices:
+            raise ProtocolError(f"{where}: expected one of {choices}, got {value!r}")
+        return hint(value)
     raise TypeError(f"{where}: unsupported annotation {hint!r} in a Message")

@@ -19,6 +19,7 @@ from swarm.training.stage_server import StaleStepError
 from swarm.training.state import TrainerState
 from swarm.training.verifying import NodeVerification
 from swarm.training.wiring import NoPeerError
+from swarm.training.node_role import Role
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ class Driving:
         others = st.step_samples(step) - st.my_samples.get(step, 0)
         if mine + others >= target:
             return False
-        drivers = sum(1 for r in st.view.peers.values() if r.role == "trainer" or (r.role == "auto" and r.stage == 0))
+        drivers = sum(
+            1 for r in st.view.peers.values() if r.role == Role.TRAINER or (r.role == Role.AUTO and r.stage == 0)
+        )
         fair = -(-target // max(drivers, 1) // micro) * micro if drivers > 1 else target
         stalled = time.monotonic() - st.step_opened > st.cfg.behind_grace_s
         return mine < fair or others >= target - fair or stalled
@@ -78,7 +81,7 @@ class Driving:
         st = self.state
         while True:
             serving_first = st.server is not None and st.server.index == 0
-            if not (st.cfg.role == "trainer" or (st.cfg.role == "auto" and serving_first)):
+            if not (st.cfg.role == Role.TRAINER or (st.cfg.role == Role.AUTO and serving_first)):
                 await asyncio.sleep(st.cfg.poll_interval_s)
                 continue
             step = st.current_step()

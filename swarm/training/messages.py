@@ -12,8 +12,8 @@ from typing import Any
 from swarm.dht.keys import CONFIG, PEERS
 from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.p2p.messages import Message
+from swarm.training.node_role import PEER_RECORD_ROLES, Role
 
-ROLES = ("auto", "server", "trainer", "validator")
 MAX_RECORD_PERIOD_S = 60.0  # the longest `record_period_s` a node may use
 MAX_PEER_RECORD_TTL_S = 4 * MAX_RECORD_PERIOD_S  # peer and progress records: a few record periods at most
 MAX_CONFIG_RECORD_TTL_S = 3600.0  # ``runs/{name}/config``: nodes store it for an hour
@@ -94,7 +94,7 @@ class StateHeader(Message):
 class PeerRecord(Message):
     """A node's entry under ``{run}/peers`` (subkey ``[owner:<PeerID>]``): what it serves and how fast."""
 
-    role: str
+    role: Role
     stage: int | None
     maddrs: list[str]
     throughput: float
@@ -102,8 +102,7 @@ class PeerRecord(Message):
     config_hash: str
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
+        object.__setattr__(self, "role", Role.parse(self.role, allowed=PEER_RECORD_ROLES))  # ConfigError: ValueError
         if self.stage is not None and self.stage < 0:
             raise ValueError("stage must be >= 0")
         if self.throughput < 0 or self.step < 0:

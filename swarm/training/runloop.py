@@ -9,7 +9,6 @@ role's own ``loops`` until ``stop_event`` is set (the role's `_stopping` runs, t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Iterable
@@ -20,6 +19,7 @@ from swarm.errors import AddressError, SwarmError
 from swarm.p2p import Transport
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht.keys import peers_key, progress_key
+from swarm.training.summary import NodeSummary
 from swarm.training.view import SwarmView
 
 log = logging.getLogger(__name__)
@@ -88,17 +88,13 @@ class RunLoop(ABC):
         await asyncio.sleep(self.poll_interval_s)
 
     @abstractmethod
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> NodeSummary:
         """What the node reports when the role ends (the launcher aggregates it)."""
 
     def write_summary(self) -> None:
-        """Write `summary` as JSON to ``summary_path`` (atomically; nothing without a path)."""
-        if self.summary_path is None:
-            return
-        summary = self.summary()
-        tmp = self.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary))
-        tmp.replace(self.summary_path)
+        """Write `summary` to ``summary_path`` (atomically, `NodeSummary.write`; nothing without a path)."""
+        if self.summary_path is not None:
+            self.summary().write(self.summary_path)
 
 
 async def read_view(dht: Any, transport: Transport, *, run_id: str, timeout_s: float) -> SwarmView | None:

@@ -27,6 +27,7 @@ from swarm.training.state import TrainerState
 from swarm.training.verifying import NodeVerification
 from swarm.dht.keys import config_key
 from swarm.training.messages import CONFIG_SCHEMA, MAX_CONFIG_RECORD_TTL_S, RunConfigRecord
+from swarm.training.node_role import Role
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class StateSync:
     def first_stage(self) -> int | None:
         """The stage to serve on joining: the configured one, else the weakest (None for a trainer)."""
         st = self.state
-        if st.cfg.role == "trainer":
+        if st.cfg.role == Role.TRAINER:
             return None
         if st.cfg.stage is not None:
             return st.cfg.stage

@@ -26,11 +26,11 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 from swarm.averaging import Averager, AveragerConfig
 from swarm.data import ShardedData
 from swarm.dht import DHT
+from swarm.training.node_role import Role
 from swarm.errors import SwarmError
 from swarm.p2p import Transport
 from swarm.p2p.identity import PeerID
@@ -44,6 +44,7 @@ from swarm.training.stage_rpc import RemoteStageClient, StageService
 from swarm.training.state import TrainerState
 from swarm.training.stepping import Stepper
 from swarm.training.sync import StateSync
+from swarm.training.summary import NodeSummary
 from swarm.training.tied import TiedService
 from swarm.training.training_config import TrainingConfig
 from swarm.training.verifying import NodeVerification
@@ -99,7 +100,12 @@ class TrainingRole(RunLoop):
             self.checks.run(st.current_step, st.stage),
             *(self.driving.drive_loop(worker) for worker in range(cfg.inflight_microbatches)),
         ]
-        if cfg.rebalance_interval_s > 0 and cfg.stage is None and cfg.role == "auto" and self.checks.hooks.rebalances:
+        if (
+            cfg.rebalance_interval_s > 0
+            and cfg.stage is None
+            and cfg.role == Role.AUTO
+            and self.checks.hooks.rebalances
+        ):
             loops.append(self.rebalancer.rebalance_loop())
         await self.run_loops(stop_event, loops)
 
@@ -139,7 +145,7 @@ class TrainingRole(RunLoop):
         st, cfg = self.state, self.state.cfg
         settings = st.run_cfg.verification
         last = settings.last_attestable_window(max_steps)
-        validators = [p for p, r in st.view.peers.items() if r.role == "validator"]
+        validators = [p for p, r in st.view.peers.items() if r.role == Role.VALIDATOR]
         if not settings.enabled or last < 0 or not validators or cfg.finish_linger_s <= 0:
             return
         log.info(
@@ -168,24 +174,24 @@ class TrainingRole(RunLoop):
                 "%s: window %d was not attested within %.0fs; leaving anyway", st.me.short(), last, cfg.finish_linger_s
             )
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> NodeSummary:
         """The node's losses and counts (the launcher aggregates them)."""
         st = self.state
-        return {
-            "peer_id": st.me.to_base58(),
-            "role": st.cfg.role,
-            "stage": st.server.index if st.server else None,
-            "step": st.current_step(),
-            "losses": {str(k): v for k, v in sorted(st.losses.items())},
-            "samples": st.samples_driven,
-            "elapsed_s": time.monotonic() - st.started,
-            "first_sample_time": st.first_sample_time,
-            "end_time": st.finished_time or time.time(),
-            "loss_floor": self.driving.data.loss_floor,
-            "run_id": st.run_id,
-            "served_samples": st.server.total_samples if st.server else 0,
-            "verification": self.checks.summary(),
-        }
+        return NodeSummary(
+            peer_id=st.me.to_base58(),
+            role=st.cfg.role,
+            stage=st.server.index if st.server else None,
+            step=st.current_step(),
+            losses={k: list(v) for k, v in sorted(st.losses.items())},
+            samples=st.samples_driven,
+            elapsed_s=time.monotonic() - st.started,
+            first_sample_time=st.first_sample_time,
+            end_time=st.finished_time or time.time(),
+            loss_floor=self.driving.data.loss_floor,
+            run_id=st.run_id,
+            served_samples=st.server.total_samples if st.server else 0,
+            verification=self.checks.summary(),
+        )
 
 
 def build_training_role(

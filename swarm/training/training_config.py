@@ -9,7 +9,8 @@ from swarm.training.balancing import BalanceConfig
 from swarm.run.config import RunConfig
 from swarm.training.driver import DriverConfig
 from swarm.errors import ConfigError
-from swarm.training.messages import MAX_PEER_RECORD_TTL_S, MAX_RECORD_PERIOD_S, ROLES
+from swarm.training.messages import MAX_PEER_RECORD_TTL_S, MAX_RECORD_PERIOD_S
+from swarm.training.node_role import TRAINING_ROLES, Role
 from swarm.training.verifying import NodeVerificationConfig
 from swarm.training.wiring import WiringConfig
 
@@ -22,7 +23,7 @@ class TrainingConfig:
 
     run: RunConfig
     stage: int | None = None
-    role: str = "auto"
+    role: Role = Role.AUTO  # a string is parsed: auto, server or trainer
     device: str = "cpu"
     checkpoint_dir: Path | None = None
     save_every_steps: int = 5
@@ -52,8 +53,7 @@ class TrainingConfig:
         n = self.run.pipeline.num_stages
         if self.stage is not None and (not isinstance(self.stage, int) or not 0 <= self.stage < n):
             raise ConfigError(f"stage must be 'auto' or an int in [0, {n}), got {self.stage!r}")
-        if self.role not in ROLES or self.role == "validator":
-            raise ConfigError(f"role must be one of auto, server, trainer, got {self.role!r}")
+        object.__setattr__(self, "role", Role.parse(self.role, allowed=TRAINING_ROLES))
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -93,7 +93,7 @@ class TrainingConfig:
     @property
     def drives(self) -> bool:
         """Trainers always drive; ``auto`` nodes drive while they serve stage 0."""
-        return self.role in ("auto", "trainer")
+        return self.role in (Role.AUTO, Role.TRAINER)
 
 
 def parse_stage(text: str) -> int | None:

@@ -24,9 +24,12 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.training.messages import PeerRecord
 from swarm.training.replayer import StageReplayer, TransportFetcher
 from swarm.training.stage_rpc import call_state_download
+from swarm.training.node_role import Role
 from swarm.training.runloop import RunLoop, read_view
+from swarm.training.summary import NodeSummary
 from swarm.training.view import SwarmView
 from swarm.training.verifying import orchestrator_config
+from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator
 from swarm.verification.receipts import fetch_receipts
 from swarm.verification.replay import ReceiptChecker
@@ -90,7 +93,7 @@ class ValidatorRole(RunLoop):
             orchestrator_config(
                 self.settings,
                 run_id=self.run_id,
-                role="validator",
+                role=ElectionRole.VALIDATOR,
                 ledger_path=cfg.ledger_path,
                 tick_s=0.5,
                 dht_timeout_s=cfg.dht_timeout_s,
@@ -192,7 +195,7 @@ class ValidatorRole(RunLoop):
         if time.monotonic() - self._record_published < RECORD_PERIOD_S:
             return
         record = PeerRecord(
-            role="validator",
+            role=Role.VALIDATOR,
             stage=None,
             maddrs=list(self.transport.listen_maddrs),
             throughput=0.0,
@@ -288,15 +291,18 @@ class ValidatorRole(RunLoop):
                 log.warning("%s: orchestrator round failed: %s", self.me.short(), e)
             await asyncio.sleep(self.orchestrator.cfg.tick_s)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> NodeSummary:
         """The validator's counts and attested windows (the launcher aggregates them)."""
-        return {
-            "peer_id": self.me.to_base58(),
-            "role": "validator",
-            "step": self.current_step(),
-            "run_id": self.run_id,
-            **self.stats,
-            "attested_windows": [a.window for a in self.orchestrator.signed],
-            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-            "elapsed_s": time.monotonic() - self.started,
-        }
+        return NodeSummary(
+            peer_id=self.me.to_base58(),
+            role=Role.VALIDATOR,
+            step=self.current_step(),
+            run_id=self.run_id,
+            checks=self.stats["checks"],
+            failed=self.stats["failed"],
+            windows_checked=self.stats["windows_checked"],
+            states_synced=self.stats["states_synced"],
+            attested_windows=[a.window for a in self.orchestrator.signed],
+            ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+            elapsed_s=time.monotonic() - self.started,
+        )

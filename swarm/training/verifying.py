@@ -21,7 +21,9 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.p2p.identity import Identity, PeerID
 from swarm.training.hooks import HONEST, NodeHooks
 from swarm.verification.common import RecordStore
+from swarm.training.summary import VerificationSummary
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
+from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
 from swarm.verification.settings import VerificationSettings
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
@@ -49,7 +51,7 @@ def orchestrator_config(
     settings: VerificationSettings,
     *,
     run_id: str,
-    role: str,
+    role: ElectionRole,
     ledger_path: Path | None,
     tick_s: float,
     dht_timeout_s: float,
@@ -114,7 +116,7 @@ class NodeVerification:
                     orchestrator_config(
                         settings,
                         run_id=run_id,
-                        role="candidate",
+                        role=ElectionRole.CANDIDATE,
                         ledger_path=cfg.ledger_path,
                         tick_s=cfg.tick_s,
                         dht_timeout_s=cfg.dht_timeout_s,
@@ -170,14 +172,14 @@ class NodeVerification:
         for receipt in self.hooks.extra_receipts(self.identity, run_id=self.run_id, step=step, stage=stage or 0):
             self.collector.add(receipt)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> VerificationSummary:
         """What the launcher reads: how this node deviated on purpose (its hooks' label) and what it attested."""
-        return {
-            "misbehave": self.hooks.label,
-            "orchestrator_candidate": self.orchestrator is not None,
-            "attested_windows": [a.window for a in self.orchestrator.signed] if self.orchestrator else [],
-            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-        }
+        return VerificationSummary(
+            misbehave=self.hooks.label,
+            orchestrator_candidate=self.orchestrator is not None,
+            attested_windows=[a.window for a in self.orchestrator.signed] if self.orchestrator else [],
+            ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+        )
 
 
 def ledger_path_for(data_dir: Path, run_id: str) -> Path:

@@ -11,6 +11,7 @@ carries a term a verifier can check against the chain.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +27,20 @@ from swarm.verification.common import MAX_HEARTBEAT_TTL_S, RecordStore, peer_fro
 log = logging.getLogger(__name__)
 
 _HEARTBEAT_DOMAIN = b"swarm/heartbeat/v1\x00"
-ROLES = ("validator", "candidate")
+
+
+class ElectionRole(enum.StrEnum):
+    """Who stands in an election: a validator, or a training node started with ``--orchestrator-candidate``."""
+
+    VALIDATOR = "validator"
+    CANDIDATE = "candidate"
+
+    @classmethod
+    def parse(cls, value: object) -> ElectionRole:
+        """The role named by ``value``; ConfigError (a ValueError) if it is none."""
+        if not isinstance(value, str) or value not in cls.__members__.values():
+            raise ConfigError(f"role must be one of {[r.value for r in cls]}, got {value!r}")
+        return cls(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,14 +64,13 @@ class ElectionConfig:
 class Heartbeat(Message):
     run_id: str
     candidate: bytes
-    role: str
+    role: ElectionRole
     issued_at: float
     expires_at: float
     signature: bytes
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        object.__setattr__(self, "role", ElectionRole.parse(self.role))
         if not self.expires_at > self.issued_at:
             raise ValueError("expires_at must be after issued_at")
         if len(self.signature) != SIGNATURE_SIZE_BYTES:
@@ -87,7 +100,9 @@ ORCHESTRATOR_SCHEMA = RecordSchema(
 )
 
 
-def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cfg: ElectionConfig) -> Heartbeat:
+def sign_heartbeat(
+    identity: Identity, *, run_id: str, role: ElectionRole, now: float, cfg: ElectionConfig
+) -> Heartbeat:
     unsigned = Heartbeat(
         run_id=run_id,
         candidate=identity.peer_id.to_bytes(),

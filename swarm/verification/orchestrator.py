@@ -28,7 +28,7 @@ from swarm.verification.attestation import (
 )
 from swarm.verification.common import RecordStore
 from swarm.verification.election import (
-    ROLES,
+    ElectionRole,
     ElectionConfig,
     choose_leader,
     fetch_heartbeats,
@@ -49,7 +49,7 @@ class OrchestratorConfig:
     """One candidate's settings; ``rewards`` and ``election`` come from the run config."""
 
     run_id: str
-    role: str = "candidate"
+    role: ElectionRole = ElectionRole.CANDIDATE  # a string is parsed
     election: ElectionConfig = field(default_factory=ElectionConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     settle_steps: int = 2
@@ -62,8 +62,7 @@ class OrchestratorConfig:
     def __post_init__(self) -> None:
         if not self.run_id:
             raise ConfigError("run_id must not be empty")
-        if self.role not in ROLES:
-            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        object.__setattr__(self, "role", ElectionRole.parse(self.role))
         if not 0 <= self.settle_steps <= 1_000_000:
             raise ConfigError(f"settle_steps must be in [0, 1000000], got {self.settle_steps!r}")
         if not isinstance(self.settle_s, (int, float)) or not 0 <= self.settle_s <= 3600:

@@ -19,6 +19,7 @@ from swarm.dht import DHT, DHTConfig
 from swarm.dht.records import make_record
 from swarm.p2p.identity import Identity
 from swarm.p2p.maddr import parse_maddr
+from swarm.local.events import EventReader, ListeningEvent
 
 # DHT-only nodes (--role dht): this test exercises the DHT, and training nodes would compete for the CPU
 NODE_CMD = [
@@ -36,26 +37,28 @@ JOIN_DEADLINE_S = 60.0
 
 def _spawn(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    events = ["--events-file", str(tmp_path / f"{name}.events.jsonl")]
     return subprocess.Popen(
-        [*NODE_CMD, "--data-dir", str(tmp_path / name), *args],
-        stdout=subprocess.PIPE,
+        [*NODE_CMD, "--data-dir", str(tmp_path / name), *events, *args],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
     )
 
 
-def _maddr(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # printed as soon as the node listens; the test timeout bounds the wait
-    assert line.startswith("listening on "), line
-    return line.split()[-1]
+def _maddr(proc: subprocess.Popen[str], tmp_path: Path, name: str) -> str:
+    """The node's multiaddr from its ``listening`` event (reported as soon as it listens)."""
+    events = EventReader(tmp_path / f"{name}.events.jsonl")
+    return events.wait_for_blocking(
+        ListeningEvent, alive=lambda: proc.poll() is None, timeout_s=JOIN_DEADLINE_S
+    ).maddrs[0]
 
 
 def _wait_joined(first: str, others: list[str]) -> None:
     """Wait until ``first`` lists every other node in its routing table.
 
-    A node prints ``listening on`` before it joins through its initial peers, so the line alone does not say that
+    A node reports ``listening`` before it joins through its initial peers, so the event alone does not say that
     the swarm knows it yet.
     """
     want = {str(parse_maddr(m).peer_id) for m in others}
@@ -81,11 +84,11 @@ def test_swarm_dht_inspects_a_local_swarm(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[str]] = []
     try:
         procs.append(_spawn(tmp_path, "a"))
-        first = _maddr(procs[0])
+        first = _maddr(procs[0], tmp_path, "a")
         maddrs = [first]
         for name in ("b", "c"):
             procs.append(_spawn(tmp_path, name, "--initial-peers", first))
-            maddrs.append(_maddr(procs[-1]))
+            maddrs.append(_maddr(procs[-1], tmp_path, name))
         _wait_joined(first, maddrs[1:])
         env = {"SWARM_INITIAL_PEERS": first}
 
@@ -166,9 +169,9 @@ def test_an_unsigned_write_over_the_peer_records_is_refused_by_live_nodes(tmp_pa
     procs: list[subprocess.Popen[str]] = []
     try:
         procs.append(_spawn(tmp_path, "a"))
-        first = _maddr(procs[0])
+        first = _maddr(procs[0], tmp_path, "a")
         procs.append(_spawn(tmp_path, "b", "--initial-peers", first))
-        maddrs = [first, _maddr(procs[1])]
+        maddrs = [first, _maddr(procs[1], tmp_path, "b")]
         _wait_joined(first, maddrs[1:])
         env = {"SWARM_INITIAL_PEERS": first}
         owners = []

@@ -295,5 +295,5 @@ async def test_node_verification_publishes_receipts_forges_and_attests(tmp_path)
     batches = await fetch_receipts(store, "r", 0)
     assert len(batches[me.peer_id].receipts) == 2 * MisbehaveConfig().forged_per_flush
     [att] = await fetch_attestations(store, "r", 0)
-    assert att.flagged == [me.peer_id.to_bytes()] and node.summary()["attested_windows"] == [0]
+    assert att.flagged == [me.peer_id.to_bytes()] and node.summary().attested_windows == [0]
     assert Ledger(cfg.ledger_path).read() == [att]
