@@ -16,8 +16,10 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, format_maddr, parse_maddr
 from swarm.p2p.messages import Message
 from swarm.p2p import rpc
+from swarm.p2p.budget import ConnectionBudget, Verdict, source_of
 from swarm.p2p.config import TransportConfig
 from swarm.p2p.connection import Connection
+from swarm.p2p.connlog import ConnectionLog
 from swarm.p2p.framing import FLAG_CHUNKS, Chunk, ErrorCode, Frame, WriteScratch, decode_request
 from swarm.p2p.rpc import HandlerEntry, StreamHandler, StreamReply, UnaryHandler
 from swarm.p2p.streams import Stream
@@ -42,6 +44,9 @@ class Transport:
         self._addresses: dict[PeerID, list[PeerAddress]] = {}
         self._conns: dict[PeerID, list[Connection]] = {}
         self._all: set[Connection] = set()
+        self._budget = ConnectionBudget(config)
+        self._refusing: set[Connection] = set()  # refused connections lingering until the peer reads why
+        self._conn_log = ConnectionLog(log, identity.peer_id.short(), interval_s=config.connection_log_interval_s)
         self._dials: dict[Any, asyncio.Task[Connection]] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -103,7 +108,7 @@ class Transport:
             tasks.append(self._reaper)
         for task in tasks:
             task.cancel()
-        for conn in list(self._all):
+        for conn in [*self._all, *self._refusing]:
             conn.close("the transport is stopping", warn=False)
             tasks.extend(conn.tasks)
         if tasks:
@@ -114,8 +119,10 @@ class Transport:
                     await server.wait_closed()
         self._servers.clear()
         self._all.clear()
+        self._refusing.clear()
         self._conns.clear()
         self._reaper = None
+        self._conn_log.flush()
 
     # -- registration and address book --
 
@@ -167,6 +174,32 @@ class Transport:
         """Close every connection to ``peer_id`` (in-flight requests fail with TransportError)."""
         for conn in list(self._conns.get(peer_id, ())):
             conn.close("disconnected on request", warn=False)
+
+    # -- protected peers (docs/transport.md, "Connection budgets") --
+
+    def protect(self, peer_id: PeerID, tag: str) -> None:
+        """Mark ``peer_id`` as needed by the component ``tag`` (e.g. ``"dht.routing"``): its connections are
+        never evicted, may use the slots reserved for protected peers, and skip the per-address cap."""
+        self._budget.protect(peer_id, tag)
+
+    def unprotect(self, peer_id: PeerID, tag: str) -> bool:
+        """Drop ``tag``'s protection of ``peer_id``; True if another tag still protects it."""
+        return self._budget.unprotect(peer_id, tag)
+
+    def set_protected(self, tag: str, peers: Iterable[PeerID]) -> None:
+        """Make ``peers`` exactly the peers ``tag`` protects (protects the new ones, unprotects the dropped ones)."""
+        self._budget.set_protected(tag, peers)
+
+    def is_protected(self, peer_id: PeerID) -> bool:
+        return self._budget.is_protected(peer_id)
+
+    def protected_peers(self, tag: str | None = None) -> set[PeerID]:
+        """The peers ``tag`` protects (any tag if None)."""
+        return self._budget.protected_peers(tag)
+
+    def connection_counts(self) -> dict[str, int]:
+        """``pending`` (inbound handshakes) and ``established`` connections, as the budgets count them."""
+        return {"pending": self._budget.pending_count, "established": self._budget.established_count}
 
     # -- calls --
 
@@ -251,16 +284,27 @@ class Transport:
                 return await self._dial(addr)
             except (TransportError, HandshakeError) as e:
                 errors.append(e)
-        if len(errors) == 1:
+        if len(errors) == 1 or all(isinstance(e, OverloadedError) for e in errors):
             raise errors[0]
         who = peer_id.short() if peer_id is not None else "the peer"
         raise TransportError(f"cannot reach {who} at any known address: " + "; ".join(map(str, errors)))
 
     async def _dial(self, addr: PeerAddress) -> Connection:
-        if len(self._all) >= self.config.max_connections:
-            raise OverloadedError(
-                f"max_connections={self.config.max_connections} reached; close idle peers or raise it"
-            )
+        verdict = self._budget.check_dial()
+        if not self._admit(None, verdict):
+            raise OverloadedError(verdict.reason)
+        self._budget.add_dial()
+        try:
+            conn = await self._dial_and_handshake(addr)
+        finally:
+            self._budget.end_dial()
+        self._budget.add_established(conn)
+        self.add_addresses(conn.peer_id, [addr])  # type: ignore[arg-type]  # the handshake set it
+        self._add_connection(conn)
+        conn.begin_frames()
+        return conn
+
+    async def _dial_and_handshake(self, addr: PeerAddress) -> Connection:
         family = socket.AF_INET6 if addr.protocol in ("ip6", "dns6") else socket.AF_INET
         loop = asyncio.get_running_loop()
         try:
@@ -278,14 +322,14 @@ class Transport:
             raise HandshakeError(
                 f"handshake with {addr} did not finish within {self.config.handshake_timeout_s}s; is it a swarm node?"
             ) from None
-        except SwarmError as e:
-            conn.close(f"handshake failed: {e}", warn=True)
+        except SwarmError as e:  # a refusal is the peer's honest answer, not a fault: no warning
+            conn.close(f"handshake failed: {e}", warn=not isinstance(e, OverloadedError))
             raise
         if peer_id == self.peer_id:
             conn.close("dialled ourselves", warn=False)
             raise TransportError(f"{addr} is this node itself; leave it out of the peers to dial")
-        self.add_addresses(peer_id, [addr])
-        self._add_connection(conn)
+        if conn.closed:
+            raise TransportError(f"connection to {addr} closed right after the handshake: {conn.close_reason}")
         return conn
 
     def _inbound_protocol(self) -> Connection:
@@ -299,12 +343,15 @@ class Transport:
         )
 
     def on_connection_made(self, conn: Connection) -> None:
-        """Connection callback: start the handshake of an accepted connection (or refuse it over the limit)."""
+        """Connection callback: start the handshake of an accepted connection, within the pending budget."""
         if conn.initiator:
             return
-        if not self._running or len(self._all) >= self.config.max_connections:
-            conn.close(f"refused: max_connections={self.config.max_connections} reached", warn=True)
+        if not self._running:
+            conn.close("refused: the transport is stopping", warn=False)
             return
+        if not self._admit(conn, self._budget.check_pending(conn)):
+            return
+        self._budget.add_pending(conn)
         self._all.add(conn)
         task = asyncio.get_running_loop().create_task(self._accept(conn))
         self._handshakes.add(task)
@@ -322,7 +369,55 @@ class Transport:
         except SwarmError as e:
             conn.close(f"handshake failed: {e}", warn=True)
             return
+        if conn.closed or not self._admit(conn, self._budget.check_established(conn)):
+            return
+        self._budget.add_established(conn)
         self._add_connection(conn)
+        conn.begin_frames()
+
+    def _admit(self, conn: Connection | None, verdict: Verdict) -> bool:
+        """Carry out a budget verdict: evict its victim, refuse ``conn`` if it is not admitted."""
+        victim = verdict.victim
+        if victim is not None:
+            self._conn_log.warning(
+                f"evicted ({verdict.limit})",
+                source_of(victim.remote_host),
+                "%s: evicting the connection of %s to make room (%s): %s",
+                self.peer_id.short(),
+                victim.peer_short,
+                verdict.limit,
+                verdict.reason,
+            )
+            self._budget.release(victim)  # its slot is free now, even while its refusal lingers
+            self._turn_away(victim, f"evicted to make room ({verdict.limit}): {verdict.reason}")
+        if verdict.admit or conn is None:
+            return verdict.admit
+        self._conn_log.warning(
+            f"refused ({verdict.limit})",
+            source_of(conn.remote_host),
+            "%s: refusing a connection from %s: at the connection limit: %s",
+            self.peer_id.short(),
+            conn.peer_short,
+            verdict.reason,
+        )
+        self._turn_away(conn, verdict.reason)
+        return False
+
+    def _turn_away(self, conn: Connection, reason: str) -> None:
+        """Tell ``conn``'s peer that we are at our connection limit and close; at once (the peer may not learn
+        why) if too many refusals linger already."""
+        linger_s = min(1.0, self.config.handshake_timeout_s)
+        if len(self._refusing) < self.config.max_pending_connections and conn.refuse(reason, linger_s):
+            self._refusing.add(conn)
+        else:
+            conn.close(f"refused: {reason}", warn=False)
+
+    def on_connection_warning(self, conn: Connection, reason: str) -> None:
+        """Connection callback: a connection closes for a reason worth a warning (rate limited: see connlog)."""
+        kind = "closed during the handshake" if conn.peer_id is None else "closed for bad input"
+        self._conn_log.warning(
+            kind, source_of(conn.remote_host), "%s: closing connection to %s: %s", conn.local_short, conn.peer_short, reason
+        )
 
     def _add_connection(self, conn: Connection) -> None:
         peer_id = conn.peer_id
@@ -350,6 +445,8 @@ class Transport:
 
     def on_connection_closed(self, conn: Connection) -> None:
         """Connection callback: forget a closed connection (the reaper or stop() awaits its last tasks)."""
+        self._budget.release(conn)
+        self._refusing.discard(conn)
         if not conn.tasks:
             self._all.discard(conn)
         if conn.peer_id is None or conn not in self._conns.get(conn.peer_id, ()):
@@ -418,6 +515,7 @@ class Transport:
         period_s = min(1.0, self.config.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(period_s)
+            self._conn_log.flush_if_due()
             now = time.monotonic()
             for conn in list(self._all):
                 if conn.closed and not conn.tasks:
