@@ -113,9 +113,13 @@ async def _legit_peer(maddr: str, window_s: float) -> dict[str, Any]:
             attempts += 1
             try:
                 await client.call(maddr, "dht.ping", PingRequest(), PingReply, timeout_s=5.0)
-                return {"connected": True, "refused_s": round(time.monotonic() - start, 3), "attempts": attempts,
-                        "first_error": first_error}
-            except Exception as e:  # noqa: BLE001  # measured, whatever it is
+                return {
+                    "connected": True,
+                    "refused_s": round(time.monotonic() - start, 3),
+                    "attempts": attempts,
+                    "first_error": first_error,
+                }
+            except Exception as e:  # measured, whatever it is
                 first_error = first_error or f"{type(e).__name__}: {e}"[:300]
                 await asyncio.sleep(0.2)
     return {"connected": False, "refused_s": round(window_s, 3), "attempts": attempts, "first_error": first_error}

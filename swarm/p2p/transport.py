@@ -16,10 +16,9 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, format_maddr, parse_maddr
 from swarm.p2p.messages import Message
 from swarm.p2p import rpc
-from swarm.p2p.budget import ConnectionBudget, Verdict, source_of
+from swarm.p2p.admission import Admission
 from swarm.p2p.config import TransportConfig
 from swarm.p2p.connection import Connection
-from swarm.p2p.connlog import ConnectionLog
 from swarm.p2p.framing import FLAG_CHUNKS, Chunk, ErrorCode, Frame, WriteScratch, decode_request
 from swarm.p2p.rpc import HandlerEntry, StreamHandler, StreamReply, UnaryHandler
 from swarm.p2p.streams import Stream
@@ -44,9 +43,7 @@ class Transport:
         self._addresses: dict[PeerID, list[PeerAddress]] = {}
         self._conns: dict[PeerID, list[Connection]] = {}
         self._all: set[Connection] = set()
-        self._budget = ConnectionBudget(config)
-        self._refusing: set[Connection] = set()  # refused connections lingering until the peer reads why
-        self._conn_log = ConnectionLog(log, identity.peer_id.short(), interval_s=config.connection_log_interval_s)
+        self._admission = Admission(config, log, identity.peer_id.short())  # the connection budgets
         self._dials: dict[Any, asyncio.Task[Connection]] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -108,7 +105,8 @@ class Transport:
             tasks.append(self._reaper)
         for task in tasks:
             task.cancel()
-        for conn in [*self._all, *self._refusing]:
+        self._admission.close_all()
+        for conn in list(self._all):
             conn.close("the transport is stopping", warn=False)
             tasks.extend(conn.tasks)
         if tasks:
@@ -119,10 +117,8 @@ class Transport:
                     await server.wait_closed()
         self._servers.clear()
         self._all.clear()
-        self._refusing.clear()
         self._conns.clear()
         self._reaper = None
-        self._conn_log.flush()
 
     # -- registration and address book --
 
@@ -180,26 +176,27 @@ class Transport:
     def protect(self, peer_id: PeerID, tag: str) -> None:
         """Mark ``peer_id`` as needed by the component ``tag`` (e.g. ``"dht.routing"``): its connections are
         never evicted, may use the slots reserved for protected peers, and skip the per-address cap."""
-        self._budget.protect(peer_id, tag)
+        self._admission.budget.protect(peer_id, tag)
 
     def unprotect(self, peer_id: PeerID, tag: str) -> bool:
         """Drop ``tag``'s protection of ``peer_id``; True if another tag still protects it."""
-        return self._budget.unprotect(peer_id, tag)
+        return self._admission.budget.unprotect(peer_id, tag)
 
     def set_protected(self, tag: str, peers: Iterable[PeerID]) -> None:
         """Make ``peers`` exactly the peers ``tag`` protects (protects the new ones, unprotects the dropped ones)."""
-        self._budget.set_protected(tag, peers)
+        self._admission.budget.set_protected(tag, peers)
 
     def is_protected(self, peer_id: PeerID) -> bool:
-        return self._budget.is_protected(peer_id)
+        return self._admission.budget.is_protected(peer_id)
 
     def protected_peers(self, tag: str | None = None) -> set[PeerID]:
         """The peers ``tag`` protects (any tag if None)."""
-        return self._budget.protected_peers(tag)
+        return self._admission.budget.protected_peers(tag)
 
     def connection_counts(self) -> dict[str, int]:
         """``pending`` (inbound handshakes) and ``established`` connections, as the budgets count them."""
-        return {"pending": self._budget.pending_count, "established": self._budget.established_count}
+        budget = self._admission.budget
+        return {"pending": budget.pending_count, "established": budget.established_count}
 
     # -- calls --
 
@@ -290,15 +287,9 @@ class Transport:
         raise TransportError(f"cannot reach {who} at any known address: " + "; ".join(map(str, errors)))
 
     async def _dial(self, addr: PeerAddress) -> Connection:
-        verdict = self._budget.check_dial()
-        if not self._admit(None, verdict):
-            raise OverloadedError(verdict.reason)
-        self._budget.add_dial()
-        try:
+        with self._admission.dial_slot():  # OverloadedError if every slot is taken and busy
             conn = await self._dial_and_handshake(addr)
-        finally:
-            self._budget.end_dial()
-        self._budget.add_established(conn)
+            self._admission.dialled(conn)
         self.add_addresses(conn.peer_id, [addr])  # type: ignore[arg-type]  # the handshake set it
         self._add_connection(conn)
         conn.begin_frames()
@@ -349,9 +340,8 @@ class Transport:
         if not self._running:
             conn.close("refused: the transport is stopping", warn=False)
             return
-        if not self._admit(conn, self._budget.check_pending(conn)):
+        if not self._admission.accept(conn):
             return
-        self._budget.add_pending(conn)
         self._all.add(conn)
         task = asyncio.get_running_loop().create_task(self._accept(conn))
         self._handshakes.add(task)
@@ -369,55 +359,14 @@ class Transport:
         except SwarmError as e:
             conn.close(f"handshake failed: {e}", warn=True)
             return
-        if conn.closed or not self._admit(conn, self._budget.check_established(conn)):
+        if not self._admission.establish(conn):
             return
-        self._budget.add_established(conn)
         self._add_connection(conn)
         conn.begin_frames()
 
-    def _admit(self, conn: Connection | None, verdict: Verdict) -> bool:
-        """Carry out a budget verdict: evict its victim, refuse ``conn`` if it is not admitted."""
-        victim = verdict.victim
-        if victim is not None:
-            self._conn_log.warning(
-                f"evicted ({verdict.limit})",
-                source_of(victim.remote_host),
-                "%s: evicting the connection of %s to make room (%s): %s",
-                self.peer_id.short(),
-                victim.peer_short,
-                verdict.limit,
-                verdict.reason,
-            )
-            self._budget.release(victim)  # its slot is free now, even while its refusal lingers
-            self._turn_away(victim, f"evicted to make room ({verdict.limit}): {verdict.reason}")
-        if verdict.admit or conn is None:
-            return verdict.admit
-        self._conn_log.warning(
-            f"refused ({verdict.limit})",
-            source_of(conn.remote_host),
-            "%s: refusing a connection from %s: at the connection limit: %s",
-            self.peer_id.short(),
-            conn.peer_short,
-            verdict.reason,
-        )
-        self._turn_away(conn, verdict.reason)
-        return False
-
-    def _turn_away(self, conn: Connection, reason: str) -> None:
-        """Tell ``conn``'s peer that we are at our connection limit and close; at once (the peer may not learn
-        why) if too many refusals linger already."""
-        linger_s = min(1.0, self.config.handshake_timeout_s)
-        if len(self._refusing) < self.config.max_pending_connections and conn.refuse(reason, linger_s):
-            self._refusing.add(conn)
-        else:
-            conn.close(f"refused: {reason}", warn=False)
-
     def on_connection_warning(self, conn: Connection, reason: str) -> None:
         """Connection callback: a connection closes for a reason worth a warning (rate limited: see connlog)."""
-        kind = "closed during the handshake" if conn.peer_id is None else "closed for bad input"
-        self._conn_log.warning(
-            kind, source_of(conn.remote_host), "%s: closing connection to %s: %s", conn.local_short, conn.peer_short, reason
-        )
+        self._admission.warn_close(conn, reason)
 
     def _add_connection(self, conn: Connection) -> None:
         peer_id = conn.peer_id
@@ -445,8 +394,7 @@ class Transport:
 
     def on_connection_closed(self, conn: Connection) -> None:
         """Connection callback: forget a closed connection (the reaper or stop() awaits its last tasks)."""
-        self._budget.release(conn)
-        self._refusing.discard(conn)
+        self._admission.closed(conn)
         if not conn.tasks:
             self._all.discard(conn)
         if conn.peer_id is None or conn not in self._conns.get(conn.peer_id, ()):
@@ -515,7 +463,7 @@ class Transport:
         period_s = min(1.0, self.config.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(period_s)
-            self._conn_log.flush_if_due()
+            self._admission.log.flush_if_due()
             now = time.monotonic()
             for conn in list(self._all):
                 if conn.closed and not conn.tasks:

@@ -110,7 +110,7 @@ class _FloodConnection(asyncio.Protocol):
                 self.send, _ = self._hs.split()
                 self.flood.stats["handshakes"] += 1
                 self._settle()
-        except Exception:  # noqa: BLE001  # an attacker does not care why; it counts and goes on
+        except Exception:  # an attacker does not care why; it counts and goes on
             self.flood.stats["errors"] += 1
             self.close()
 

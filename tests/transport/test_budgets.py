@@ -66,7 +66,11 @@ def _flood(server: Transport, kind: str, count: int, sources: range, **kwargs: o
     addr = parse_maddr(server.listen_maddrs[0])
     return ConnFlood(
         FloodConfig(
-            host=addr.host, port=addr.port, kind=kind, count=count, sources=tuple(f"127.0.0.{i}" for i in sources),
+            host=addr.host,
+            port=addr.port,
+            kind=kind,
+            count=count,
+            sources=tuple(f"127.0.0.{i}" for i in sources),
             **kwargs,  # type: ignore[arg-type]
         )
     )
