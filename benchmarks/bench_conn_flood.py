@@ -1,6 +1,6 @@
 """Connection floods against a real node: how long a legitimate peer is refused, and how fast the node logs.
 
-Starts a ``swarm-node start`` child (its code from ``--server-pythonpath``, so the same run can measure an
+Starts a ``swarm-node start --role dht`` child (its code from ``--server-pythonpath``, so the same run can measure an
 older tree), then for each attack a ``python -m swarm.testing.conn_flood`` child from this tree:
 
 - ``handshaken``: ``--handshaken`` connections, each a real Noise handshake under a fresh identity, PINGing every

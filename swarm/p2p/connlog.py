@@ -4,7 +4,7 @@ Anyone can open connections, so one warning per connection lets a peer flood the
 were measured before this existed). Each transport logs at most ``FULL_LINES_PER_INTERVAL`` such warnings in
 full per ``interval_s``; the rest are counted and summarized in one line when the interval ends::
 
-    <me>: refused/evicted 412 connections in the last 10 s: 300 refused (max_pending_per_ip), ...; \
+    <me>: refused, evicted or closed 412 connections in the last 10 s: 300 refused (max_pending_per_ip), ...; \
 sources 127.0.0.2 x300, 127.0.0.3 x112
 """
 
