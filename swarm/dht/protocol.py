@@ -35,6 +35,7 @@ ReplyT = TypeVar("ReplyT", bound=Message)
 MAX_MADDRS_PER_PEER = 8
 MAX_PEERS_PER_REPLY = 1000
 _MAX_CACHED_CONTACTS = 50_000
+ROUTING_TAG = "dht.routing"  # the transport protects routing-table contacts under this tag (docs/transport.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,9 +189,11 @@ class DHTProtocol:
             self.transport.register(method, request_type, handler)
 
     def unregister(self) -> None:
-        """Stop serving the DHT methods (the transport is shared and stays up)."""
+        """Stop serving the DHT methods (the transport is shared and stays up) and drop the protection of the
+        routing table's contacts."""
         for method, _, _ in self._methods():
             self.transport.unregister(method)
+        self.transport.set_protected(ROUTING_TAG, ())
 
     # -- peers seen --
 
@@ -231,6 +234,7 @@ class DHTProtocol:
         known = contact.peer_id in self.table
         stale = self.table.add(contact)
         if not known and contact.peer_id in self.table:
+            self.transport.protect(contact.peer_id, ROUTING_TAG)  # its connections keep their slots
             self.on_new_contact(contact)
         if stale is not None and stale.peer_id not in self._pinging:
             self._pinging.add(stale.peer_id)
@@ -239,7 +243,9 @@ class DHTProtocol:
     def peer_failed(self, peer_id: PeerID) -> None:
         """A peer did not answer: evict it (the bucket's most recent replacement takes its place)."""
         promoted = self.table.remove(peer_id)
+        self.transport.unprotect(peer_id, ROUTING_TAG)
         if promoted is not None:
+            self.transport.protect(promoted.peer_id, ROUTING_TAG)
             self.on_new_contact(promoted)
 
     async def _ping_before_evict(self, stale: Contact) -> None:

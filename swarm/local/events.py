@@ -27,6 +27,8 @@ DEFAULT_POLL_INTERVAL_S = 0.05
 class NodeEventError(SwarmError):
     """The events file holds a line that is not a node event, or a node ended before the awaited event."""
 
+    code = "node_event"
+
 
 @dataclass(frozen=True, kw_only=True)
 class ListeningEvent(Message):

@@ -19,6 +19,12 @@ class TransportConfig:
 
     ``listen_maddrs`` are ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>`` (port 0 picks a free port); ``()`` makes a
     dial-only transport. Every timeout is in seconds; every size in bytes.
+
+    Connection budgets (docs/transport.md, "Connection budgets"): ``max_connections`` established connections
+    (both directions), of which ``max_connections_per_ip`` inbound ones from one source address (an IPv6 /64);
+    ``max_pending_connections`` inbound connections still in the handshake, ``max_pending_per_ip`` from one
+    address; ``protected_reserve_fraction`` of ``max_connections`` is kept for protected peers
+    (``Transport.protect``). Refusals and evictions are summarized once per ``connection_log_interval_s``.
     """
 
     listen_maddrs: tuple[str, ...] = ()
@@ -28,6 +34,11 @@ class TransportConfig:
     write_timeout_s: float = 10.0
     idle_timeout_s: float = 120.0
     max_connections: int = 512
+    max_connections_per_ip: int = 128
+    max_pending_connections: int = 64
+    max_pending_per_ip: int = 16
+    protected_reserve_fraction: float = 0.125
+    connection_log_interval_s: float = 10.0
     max_inflight_requests_per_peer: int = 128
     max_frame_size_bytes: int = 16 * 1024 * 1024
     max_message_size_bytes: int = 8 * 1024 * 1024
@@ -43,18 +54,39 @@ class TransportConfig:
                 parse_maddr(maddr)
             except AddressError as e:
                 raise ConfigError(f"listen_maddrs: {e}") from None
-        for name in ("rpc_timeout_s", "connect_timeout_s", "handshake_timeout_s", "write_timeout_s", "idle_timeout_s"):
+        for name in (
+            "rpc_timeout_s",
+            "connect_timeout_s",
+            "handshake_timeout_s",
+            "write_timeout_s",
+            "idle_timeout_s",
+            "connection_log_interval_s",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
                 raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
-        for name in ("max_connections", "max_inflight_requests_per_peer"):
+        for name in (
+            "max_connections",
+            "max_connections_per_ip",
+            "max_pending_connections",
+            "max_pending_per_ip",
+            "max_inflight_requests_per_peer",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
                 raise ConfigError(f"{name} must be an int in [1, 1000000], got {value!r}")
+        fraction = self.protected_reserve_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 0.5:
+            raise ConfigError(f"protected_reserve_fraction must be a number in [0, 0.5], got {fraction!r}")
         self._check_size("max_frame_size_bytes", 1024, 1 << 31)
         self._check_size("max_message_size_bytes", 64, self.max_frame_size_bytes - 64)
         self._check_size("stream_window_bytes", INITIAL_STREAM_WINDOW_BYTES, 1 << 31)
         self._check_size("write_buffer_high_bytes", MAX_NOISE_MESSAGE_BYTES, 1 << 31)
+
+    @property
+    def reserved_connections(self) -> int:
+        """Established slots only protected peers may take: ``protected_reserve_fraction`` of ``max_connections``."""
+        return int(self.max_connections * self.protected_reserve_fraction)
 
     def _check_size(self, name: str, low: int, high: int) -> None:
         value = getattr(self, name)

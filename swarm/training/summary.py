@@ -24,6 +24,8 @@ MAX_SUMMARY_SIZE_BYTES = 64 * 1024 * 1024
 class SummaryError(SwarmError):
     """A node summary file is missing, unreadable or not a valid summary; the message names the file."""
 
+    code = "summary"
+
 
 @dataclass(frozen=True, kw_only=True)
 class VerificationSummary(Message):

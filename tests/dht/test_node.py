@@ -315,3 +315,24 @@ async def test_a_dht_on_a_shared_transport_stops_serving_on_shutdown_and_a_new_o
         async with DHT.create(dht_config(), identity=identity, transport=shared):
             reply = await other.transport.call(shared.listen_maddrs[0], "dht.ping", PingRequest(), PingReply)
             assert reply.peer.peer_id == identity.peer_id.to_bytes()
+
+
+async def test_routing_table_contacts_are_protected_on_the_transport() -> None:
+    """The transport never evicts the connections of routing-table peers (docs/transport.md, "Connection budgets")."""
+    async with asyncio.timeout(60), swarm(5, bucket_size=4) as s:
+        for node in s.nodes:
+            contacts = {c.peer_id for c in node.table.contacts()}
+            assert contacts and node.transport.protected_peers("dht.routing") == contacts
+        node = s.nodes[0]
+        gone = node.table.contacts()[0].peer_id
+        node.protocol.peer_failed(gone)
+        assert not node.transport.is_protected(gone)
+    identity = make_identity(0, salt="protect")
+    async with (
+        asyncio.timeout(30),
+        Transport(identity, TransportConfig(listen_maddrs=LOOPBACK)) as shared,
+        DHT.create(dht_config(), identity=make_identity(1, salt="protect")) as other,
+    ):
+        async with DHT.create(dht_config(initial_peers=other.listen_maddrs), identity=identity, transport=shared):
+            assert shared.is_protected(other.peer_id)
+        assert shared.protected_peers() == set()  # the DHT stopped: the shared transport protects nothing for it
