@@ -24,7 +24,7 @@ from swarm.data import ShardedData
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stages
 from swarm.training.stage_rpc import encode
-from swarm.training.validator import StageReplayer
+from swarm.training.replayer import StageReplayer
 from swarm.verification.replay import CheckConfig, ReceiptChecker
 from swarm.verification.retention import FetchService
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig

@@ -14,7 +14,8 @@ Declare a config by subclassing `Config` with its section name, and every field 
 The subclass is made a frozen, keyword-only dataclass. On construction every field is checked against its
 annotation (``int`` excludes ``bool``; ``float`` takes an int or a float, not a bool; ``X | None``; ``tuple[...]``;
 ``Path``; nested configs) and against its range or choices; then `Config.validate` runs. Every failure is a
-`ConfigError` whose message names the field as ``section.field``.
+`ConfigError` whose message names the field as ``section.field``. A field declared with ``convert=`` first turns
+the given value into its type (``setting(default=Role.AUTO, convert=Role.parse, ...)`` takes ``"auto"`` too).
 
 `build` makes a config from plain data (parsed TOML, say), recursively for nested configs, and rejects unknown
 keys. `apply_overrides` applies ``dotted.path=VALUE`` overrides (``--set`` on the command line) to such data.
@@ -90,6 +91,7 @@ def setting(
     lt: float | None = None,
     choices: Iterable[Any] | None = None,
     limits: Limits | None = None,
+    convert: Callable[[Any], Any] | None = None,
 ) -> T: ...
 
 
@@ -104,6 +106,7 @@ def setting(
     lt: float | None = None,
     choices: Iterable[Any] | None = None,
     limits: Limits | None = None,
+    convert: Callable[[Any], Any] | None = None,
 ) -> T: ...
 
 
@@ -117,6 +120,7 @@ def setting(
     lt: float | None = None,
     choices: Iterable[Any] | None = None,
     limits: Limits | None = None,
+    convert: Callable[[Any], Any] | None = None,
 ) -> Any: ...
 
 
@@ -131,9 +135,12 @@ def setting(
     lt: float | None = None,
     choices: Iterable[Any] | None = None,
     limits: Limits | None = None,
+    convert: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A config field: its default (or ``default_factory``; neither: required), a one-line ``doc``, and its limits:
     ``ge``/``gt``/``le``/``lt``/``choices``, or ``limits`` (`limits_of` another config's field) to share a range.
+    ``convert`` turns a given value into the field's type before it is checked (``Role.parse`` turns ``"auto"``
+    into ``Role.AUTO``); a ConfigError it raises is reported under the field's name.
 
     ``default`` is keyword-only so that type checkers see it (``dataclass_transform`` field specifiers).
     """
@@ -143,7 +150,8 @@ def setting(
     if limits is not None and own != Limits():
         raise TypeError("give either limits or ge/gt/le/lt/choices, not both")
     limits = limits if limits is not None else own
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"doc": doc, "limits": limits})
+    metadata = {"doc": doc, "limits": limits, "convert": convert}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def limits_of(cls: type[Config], name: str) -> Limits:
@@ -248,11 +256,18 @@ def _field_check(cls: type[Config], field: dataclasses.Field[Any], tp: Any) -> C
     kind = _kind(tp)
     limits: Limits = field.metadata.get("limits", Limits())
     limited = limits != Limits()
+    convert: Callable[[Any], Any] | None = field.metadata.get("convert")
     where = f"{cls.section}.{field.name}"
     name = field.name
 
     def check(config: Config) -> None:
         value = getattr(config, name)
+        if convert is not None:
+            try:
+                value = convert(value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            object.__setattr__(config, name, value)
         if not kind.accepts(value):
             raise ConfigError(f"{where} must be {kind.name}, got {value!r}")
         if not limited or value is None:

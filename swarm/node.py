@@ -17,7 +17,9 @@ from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
 from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
-from swarm.training.trainer import TrainingConfig, TrainingRole
+from swarm.testing.misbehave import MisbehaveConfig, hooks_for
+from swarm.training.schemas import with_run_schemas
+from swarm.training.trainer import TrainingConfig, build_training_role
 from swarm.training.validator import ValidatorConfig, ValidatorRole
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class NodeConfig(Config, section="node"):
     identity_path: Path | None = setting(default=None, doc="Key file to use instead of <data_dir>/identity.pem.")
     training: TrainingConfig | None = setting(default=None, doc="The training role (None: a DHT-only node).")
     validator: ValidatorConfig | None = setting(default=None, doc="The validator role, instead of training.")
+    misbehave: MisbehaveConfig | None = setting(
+        default=None, doc="--misbehave: the training role cheats on purpose (tests, demos); None: honest."
+    )
 
     def validate(self) -> None:
         for maddr in self.initial_peers:
@@ -104,19 +109,29 @@ class Node:
     ) -> None:
         """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
 
-        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``).
+        With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``), built by
+        `build_training_role`; its RPC handlers are unregistered when it ends.
         """
         try:
             await self.start()
             if on_listening is not None:
                 on_listening(self.listen_maddrs)
-            await self._join()
+            dht = await self._join()
             if self.config.training is not None and self.transport is not None:
-                role = TrainingRole(self.config.training, transport=self.transport, dht=self.dht, on_serving=on_serving)
-                await role.run(stop_event)
+                role = build_training_role(
+                    self.config.training,
+                    transport=self.transport,
+                    dht=dht,
+                    on_serving=on_serving,
+                    hooks=hooks_for(self.config.misbehave),
+                )
+                try:
+                    await role.run(stop_event)
+                finally:
+                    role.stop()
             elif self.config.validator is not None and self.transport is not None and self.identity is not None:
                 validator = ValidatorRole(
-                    self.config.validator, transport=self.transport, dht=self.dht, identity=self.identity
+                    self.config.validator, transport=self.transport, dht=dht, identity=self.identity
                 )
                 await validator.run(stop_event)
             else:
@@ -124,15 +139,18 @@ class Node:
         finally:
             await self.stop()
 
-    async def _join(self) -> None:
+    async def _join(self) -> DHT:
         """Join the DHT through the initial peers (BootstrapError if none answers; the first node has none)."""
         if self.transport is None:
             raise SwarmError("the node has not started yet; call start() first")
         dht = DHT.create(
-            DHTConfig(initial_peers=self.config.initial_peers), identity=self.identity, transport=self.transport
+            with_run_schemas(DHTConfig(initial_peers=self.config.initial_peers)),
+            identity=self.identity,
+            transport=self.transport,
         )
         await dht.start()
         self.dht = dht
+        return dht
 
     def _on_peer_connected(self, peer_id: PeerID, addr: PeerAddress) -> None:
         log.info("node %s connected to peer %s (%s)", self.peer_id.short(), peer_id.short(), addr.to_maddr())

@@ -39,6 +39,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("bench_dht.py", ["--sizes", "8", "--no-hivemind", "--no-kademlia"], ["swarm_n8", "goals"]),
     ("bench_verification.py", [], ["overhead_ratio", "checks_passed"]),
     (
+        "bench_conn_flood.py",
+        ["--handshaken", "20", "--silent", "20", "--sources", "2", "--window", "10", "--observe", "1"],
+        ["handshaken", "silent", "legit_connected_under_both"],
+    ),
+    (
         "bench_convergence.py",
         ["--steps", "2", "--nodes", "2", "--skip-lossy", "--out-dir", "{tmp}"],
         ["final_loss_ratio", "tokens_per_s_ratio", "goals"],

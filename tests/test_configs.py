@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import inspect
 import pkgutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,92 @@ def test_ints_bools_and_tuple_items(kwargs: dict[str, object], message: str) -> 
     assert str(info.value).startswith(message), str(info.value)
 
 
+class Level(enum.StrEnum):
+    LOW = "low"
+    HIGH = "high"
+
+
+def _level(value: object) -> Level:
+    if not isinstance(value, str) or value not in Level.__members__.values():
+        raise ConfigError(f"unknown level {value!r}")
+    return Level(value)
+
+
+class Converted(Config, section="converted"):
+    """A field whose value is converted before it is checked."""
+
+    level: Level = setting(default=Level.LOW, convert=_level, choices=("low", "high"), doc="low or high.")
+
+
+def test_convert_runs_before_the_checks_and_names_the_field() -> None:
+    assert Converted(level="high").level is Level.HIGH  # type: ignore[arg-type]
+    assert Converted().level is Level.LOW and build(Converted, {"level": "high"}) == Converted(level=Level.HIGH)
+    with pytest.raises(ConfigError, match=r"^converted\.level: unknown level 'mid'$"):
+        Converted(level="mid")  # type: ignore[arg-type]
+    rows = {name: (default, accepted) for name, default, accepted, _ in describe(Converted)}
+    assert rows["level"] == ('"low"', "one of ('low', 'high')")
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: _transport(protected_reserve_fraction=0.6), "transport.protected_reserve_fraction must be"),
+        (lambda: _transport(max_pending_per_ip=0), "transport.max_pending_per_ip must be an int in [1, 1000000]"),
+        (lambda: _transport(connection_log_interval_s=0), "transport.connection_log_interval_s must be"),
+        (lambda: _dht(storage_budget_bytes=1024), "dht.storage_budget_bytes must be an int in [65536, "),
+        (lambda: _dht(max_share_per_ip=0.0), "dht.max_share_per_ip must be a number in (0, 1]"),
+        (lambda: _dht(preferred_key_prefixes=("run/", "")), "dht.preferred_key_prefixes must hold non-empty"),
+        (lambda: _dht(max_reply_bytes=1 << 16), "dht.max_reply_bytes (65536) must hold the largest record"),
+        (lambda: _storage(budget_bytes=0), "storage.budget_bytes must be an int >= 1"),
+        (lambda: _averager(record_ttl_s=3601.0), "averager.record_ttl_s must be a number in (0, 3600.0]"),
+        (lambda: _training(record_period_s=61.0), "training.record_period_s must be a number in (0, 60.0]"),
+        (lambda: _training(role="validator"), "training.role: role 'validator' is not allowed here"),
+        (lambda: _orchestrator(role="auto"), "orchestrator.role: role must be one of"),
+    ],
+)
+def test_merged_fields_are_checked_by_the_helper(factory: Callable[[], object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        factory()
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def _transport(**kwargs: object) -> object:
+    from swarm.p2p import TransportConfig
+
+    return TransportConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _dht(**kwargs: object) -> object:
+    from swarm.dht import DHTConfig
+
+    return DHTConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _storage(**kwargs: object) -> object:
+    from swarm.dht.storage import StorageConfig
+
+    return StorageConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _averager(**kwargs: object) -> object:
+    from swarm.averaging.config import AveragerConfig
+
+    return AveragerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _training(**kwargs: object) -> object:
+    from swarm.run.config import RunConfig
+    from swarm.training.training_config import TrainingConfig
+
+    return TrainingConfig(run=RunConfig(), **kwargs)  # type: ignore[arg-type]
+
+
+def _orchestrator(**kwargs: object) -> object:
+    from swarm.verification.orchestrator import OrchestratorConfig
+
+    return OrchestratorConfig(run_id="r", **kwargs)  # type: ignore[arg-type]
+
+
 def test_accepted_edges() -> None:
     assert Inner(count=0).count == 0 and Inner(count=10).count == 10
     assert Outer(name="x", ratio=1e-9, limit=1).limit == 1
@@ -166,7 +254,17 @@ def test_every_config_field_has_a_one_line_doc() -> None:
     configs = _package_configs()
     names = {cls.__name__ for cls in configs}
     assert {"RunConfig", "OptimizerConfig", "TransportConfig", "DHTConfig", "AveragerConfig", "TrainingConfig"} <= names
-    assert len(configs) >= 35
+    assert {
+        "StorageConfig",
+        "LookupParams",
+        "MisbehaveConfig",
+        "NodeConfig",
+        "LaunchConfig",
+        "ExportConfig",
+        "OrchestratorConfig",
+        "FloodConfig",
+    } <= names
+    assert len(configs) >= 38
     missing = [
         f"{cls.__module__}.{cls.__name__}.{f.name}"
         for cls in configs

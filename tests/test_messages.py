@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,15 @@ class Inner(Message):
     weight: float = 1.0
 
 
+class Color(enum.StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Outer(Message):
     count: int
+    color: Color
     flag: bool
     blob: bytes
     inner: Inner
@@ -38,6 +45,7 @@ class Outer(Message):
 def _outer() -> Outer:
     return Outer(
         count=3,
+        color=Color.RED,
         flag=True,
         blob=b"\x00\xff",
         inner=Inner(name="a"),
@@ -52,7 +60,13 @@ def _outer() -> Outer:
 def test_round_trip() -> None:
     message = _outer()
     assert Outer.unpack(message.pack()) == message
-    assert Outer.unpack(Outer(count=0, flag=False, blob=b"", inner=Inner(name="")).pack()).items == ()
+    assert Outer.unpack(Outer(count=0, color=Color.BLUE, flag=False, blob=b"", inner=Inner(name="")).pack()).items == ()
+
+
+def test_str_enums_travel_as_their_strings() -> None:
+    wire = unpackb(_outer().pack())
+    assert wire["color"] == "red" and type(wire["color"]) is str
+    assert type(Outer.unpack(_outer().pack()).color) is Color
 
 
 def test_ints_are_accepted_as_floats() -> None:
@@ -72,6 +86,8 @@ def test_ints_are_accepted_as_floats() -> None:
         ({"table": {"k": "v"}}, "table"),
         ({"maybe": 5}, "does not match"),
         ({"count": -1}, "count must be >= 0"),
+        ({"color": "green"}, r"Outer.color: expected one of \['red', 'blue'\]"),
+        ({"color": 1}, "Outer.color: expected one of"),
         ({"extra": 1}, "unknown fields"),
     ],
 )

@@ -15,31 +15,38 @@ from swarm.p2p.identity import Identity
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p import TransportConfig
 from swarm.errors import ConfigError, IdentityError
+from swarm.local.events import EventReader, ListeningEvent, NodeEventError
 from swarm.node import Node, NodeConfig
 
 NODE_CMD = [sys.executable, "-c", "from swarm.cli.node import main; main()", "start"]
 DEADLINE_S = 60
 
 
-def _spawn(*args: str) -> subprocess.Popen[str]:
+def _spawn(*args: str, events: Path | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*NODE_CMD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    events_args = ["--events-file", str(events)] if events is not None else []
+    return subprocess.Popen(
+        [*NODE_CMD, *args, *events_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
-def _listening_maddr(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the node prints this as soon as it listens; the test's timeout bounds it
-    if not line.startswith("listening on "):
+def _listening_maddr(proc: subprocess.Popen[str], events: Path) -> str:
+    """The first multiaddr of the node's ``listening`` event (reported as soon as it listens)."""
+    try:
+        event = EventReader(events).wait_for_blocking(
+            ListeningEvent, alive=lambda: proc.poll() is None, timeout_s=DEADLINE_S
+        )
+    except (NodeEventError, TimeoutError) as e:
         proc.kill()
         _, err = proc.communicate(timeout=DEADLINE_S)
-        raise AssertionError(f"expected 'listening on ...' first, got {line!r}; stderr:\n{err[-3000:]}")
-    return line.split()[-1]
+        raise AssertionError(f"expected a 'listening' event first ({e}); stderr:\n{err[-3000:]}") from None
+    return event.maddrs[0]
 
 
-def _stop(proc: subprocess.Popen[str], sig: int) -> tuple[int, str]:
+def _stop(proc: subprocess.Popen[str], sig: int) -> tuple[int, str, str]:
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=DEADLINE_S)
-    return proc.returncode, err
+    out, err = proc.communicate(timeout=DEADLINE_S)
+    return proc.returncode, out, err
 
 
 @pytest.mark.integration
@@ -47,18 +54,27 @@ def _stop(proc: subprocess.Popen[str], sig: int) -> tuple[int, str]:
 def test_two_nodes_join_and_stop_cleanly(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[str]] = []
     try:
-        first = _spawn("--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(tmp_path / "a"))
+        first = _spawn("--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(tmp_path / "a"), events=tmp_path / "a.ev")
         procs.append(first)
-        first_maddr = _listening_maddr(first)
+        first_maddr = _listening_maddr(first, tmp_path / "a.ev")
         first_id = parse_maddr(first_maddr).peer_id
         assert first_id == Identity.load(tmp_path / "a" / "identity.pem").peer_id
         assert (tmp_path / "a" / "identity.pem").stat().st_mode & 0o777 == 0o600
 
         key = tmp_path / "b.pem"
         Identity.from_seed(b"\x02" * 32).save(key)
-        second = _spawn("--data-dir", str(tmp_path / "b"), "--identity", str(key), "--initial-peers", first_maddr)
+        second = _spawn(
+            "--data-dir",
+            str(tmp_path / "b"),
+            "--identity",
+            str(key),
+            "--initial-peers",
+            first_maddr,
+            events=tmp_path / "b.ev",
+        )
         procs.append(second)
-        second_id = parse_maddr(_listening_maddr(second)).peer_id
+        second_maddr = _listening_maddr(second, tmp_path / "b.ev")
+        second_id = parse_maddr(second_maddr).peer_id
         assert second_id == Identity.load(key).peer_id
         assert second.stderr is not None
         for line in second.stderr:  # bounded by the test timeout; the join is logged within a second
@@ -66,9 +82,11 @@ def test_two_nodes_join_and_stop_cleanly(tmp_path: Path) -> None:
                 assert first_id.short() in line
                 break
 
-        rc2, err2 = _stop(second, signal.SIGTERM)
-        rc1, err1 = _stop(first, signal.SIGINT)
+        rc2, out2, err2 = _stop(second, signal.SIGTERM)
+        rc1, out1, err1 = _stop(first, signal.SIGINT)
         assert (rc1, rc2) == (0, 0)
+        # the line for people comes first on stdout; programs read the events
+        assert out1.startswith(f"listening on {first_maddr}") and out2.startswith(f"listening on {second_maddr}")
         assert "Traceback" not in err1 + err2
         assert f"connected to peer {second_id.short()}" in err1
     finally:

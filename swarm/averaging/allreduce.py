@@ -108,6 +108,10 @@ class AllReduceServer:
         self.transport.register_stream("avg.part", PartHeader, self.rpc_part)
         self.transport.register_stream("avg.result", ResultRequest, self.rpc_result)
 
+    def unregister(self) -> None:
+        for method in ("avg.part", "avg.result"):
+            self.transport.unregister(method)
+
     def expect(self, group_key: str, round_id: bytes) -> None:
         """A round we agreed to: requests for it wait (up to ``join_timeout_s``) until it opens."""
         self._expected.setdefault((group_key, round_id), asyncio.Event())

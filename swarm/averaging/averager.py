@@ -61,6 +61,11 @@ class Averager:
         self.server.register()
         self.matchmaker.register()
 
+    def unregister(self) -> None:
+        """Stop serving the averaging RPCs this averager registered (the transport is shared and stays up)."""
+        self.matchmaker.unregister()
+        self.server.unregister()
+
     async def step(
         self,
         tensors: Sequence[torch.Tensor],

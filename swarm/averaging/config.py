@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from swarm.averaging.messages import MAX_GROUP_RECORD_TTL_S
 from swarm.averaging.reducer import ReductionConfig
 from swarm.configs import Config, limits_of, setting
 
@@ -49,7 +50,12 @@ class AveragerConfig(Config, section="averager"):
     inspect_parts: int = setting(
         default=0, limits=limits_of(ReductionConfig, "inspect_parts"), doc="Keep every member's values of N parts."
     )
-    record_ttl_s: float = setting(default=120.0, gt=0, le=86400, doc="Lifetime of the matchmaking record.")
+    record_ttl_s: float = setting(
+        default=120.0,
+        gt=0,
+        le=MAX_GROUP_RECORD_TTL_S,
+        doc="Lifetime of the matchmaking record (nodes refuse group entries that live longer).",
+    )
     poll_interval_s: float = setting(default=0.25, gt=0, le=86400, doc="Seconds between polls of the DHT.")
 
     def validate(self) -> None:

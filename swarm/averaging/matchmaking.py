@@ -33,14 +33,17 @@ from typing import Any, Protocol, TypeVar
 from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import Message
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import owner_subkey
 from swarm.p2p import RpcContext, Transport
 from swarm.averaging.allreduce import AllReduceServer, Group
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.messages import (
     MAX_GROUP_SIZE,
     BeginReply,
+    GROUP_SCHEMA,
     BeginRequest,
+    GroupEntry,
+    GroupWithdrawal,
     JoinReply,
     JoinRequest,
     MemberInfo,
@@ -48,7 +51,7 @@ from swarm.averaging.messages import (
     ReadyHintReply,
     round_id_of,
 )
-from swarm.errors import AddressError, IdentityError, ProtocolError, SwarmError
+from swarm.errors import AddressError, ProtocolError, SwarmError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -108,6 +111,10 @@ class Matchmaker:
         self.transport.register("avg.begin", BeginRequest, self.rpc_begin)
         self.transport.register("avg.ready", ReadyHint, self.rpc_ready)
 
+    def unregister(self) -> None:
+        for method in ("avg.join", "avg.begin", "avg.ready"):
+            self.transport.unregister(method)
+
     def my_info(self, weight: float) -> MemberInfo:
         return MemberInfo(
             peer_id=self.transport.peer_id.to_bytes(),
@@ -156,13 +163,7 @@ class Matchmaker:
 
     async def _form(self, group_key: str, state: _Looking) -> Group:
         me = state.me
-        value = {
-            "ready_at": me.ready_at,
-            "weight": me.weight,
-            "bandwidth": me.bandwidth,
-            "client_mode": me.client_mode,
-            "maddrs": list(me.maddrs),
-        }
+        value = GroupEntry.of(me).to_wire()
         state.expiration_time = self.clock() + self.config.record_ttl_s
         await self.dht.store(group_key, value, state.expiration_time, subkey=owner_subkey(self.transport.peer_id))
         seen = await self._gather(group_key, state)
@@ -221,18 +222,20 @@ class Matchmaker:
         self, group_key: str, me: MemberInfo, exclude: frozenset[bytes] = frozenset()
     ) -> tuple[list[MemberInfo], int]:
         """Entries still looking under the key (ours included, ``exclude`` left out), parsed, and the number of
-        withdrawn ones; malformed entries are skipped with a warning."""
+        withdrawn ones; entries that break `GROUP_SCHEMA` are skipped with a warning."""
         found = await self.dht.get(group_key, latest=True)
         members = {me.peer_id: me}
-        withdrawn, mine = 0, owner_subkey(self.transport.peer_id)
-        if isinstance(found, dict):
-            for subkey, item in found.items():
-                if isinstance(item.value, dict) and item.value.get("closed") is True:
-                    # owner subkeys are signed by their owner: one withdrawal per peer, never forged
-                    withdrawn += isinstance(subkey, str) and subkey.startswith("[owner:") and subkey != mine
-                    continue
-                member = self._parse_entry(subkey, item.value)
-                if member is not None and member.peer_id not in members and member.peer_id not in exclude:
+        withdrawn = 0
+        for entry in GROUP_SCHEMA.entries(found):
+            if entry.owner is None:
+                continue
+            if isinstance(entry.value, GroupWithdrawal):
+                # owner subkeys are signed by their owner: one withdrawal per peer, never forged
+                withdrawn += entry.owner != self.transport.peer_id
+                continue
+            if isinstance(entry.value, GroupEntry):
+                member = entry.value.member(entry.owner.to_bytes())
+                if member.peer_id not in members and member.peer_id not in exclude:
                     members[member.peer_id] = member
         return list(members.values()), withdrawn
 
@@ -258,24 +261,12 @@ class Matchmaker:
             async with asyncio.timeout(self.config.rpc_timeout_s):
                 await self.dht.store(
                     group_key,
-                    {"closed": True},
+                    GroupWithdrawal(closed=True).to_wire(),
                     math.nextafter(expiration_time, math.inf),
                     subkey=owner_subkey(self.transport.peer_id),
                 )
         except (SwarmError, OSError, TimeoutError) as e:
             log.warning("%s: could not withdraw from %r: %s", self.transport.peer_id.short(), group_key, e)
-
-    def _parse_entry(self, subkey: Any, value: Any) -> MemberInfo | None:
-        try:
-            if not (isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]")):
-                raise ProtocolError(f"subkey {subkey!r} is not an owner marker")
-            peer_id = PeerID.from_base58(subkey[len("[owner:") : -1])
-            if not isinstance(value, dict):
-                raise ProtocolError("value is not a map")
-            return MemberInfo.from_wire({**value, "peer_id": peer_id.to_bytes()})
-        except (ProtocolError, IdentityError) as e:
-            log.warning("%s: skipping a malformed matchmaking entry: %s", self.transport.peer_id.short(), e)
-            return None
 
     async def _lead(self, group_key: str, state: _Looking, seen: list[MemberInfo]) -> Group:
         """Recruit the peers we see, then send the final membership to those who accepted."""

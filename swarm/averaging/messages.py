@@ -1,4 +1,5 @@
-"""Typed wire messages of the ``avg.*`` RPCs: matchmaking (join, begin) and the all-reduce streams."""
+"""Typed wire messages of the ``avg.*`` RPCs (matchmaking: join, begin; the all-reduce streams) and the entries
+of a group key in the DHT (`GroupEntry`, `GroupWithdrawal`, checked by `GROUP_SCHEMA`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from swarm.dht.keys import AVERAGING_GROUP
+from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.p2p.identity import PEER_ID_SIZE_BYTES
 from swarm.p2p.messages import Message
 
@@ -13,6 +16,7 @@ MAX_GROUP_KEY_CHARS = 512
 MAX_GROUP_SIZE = 256
 ROUND_ID_BYTES = 32
 MAX_MADDRS = 16
+MAX_GROUP_RECORD_TTL_S = 3600.0  # the longest a matchmaking entry may live (AveragerConfig.record_ttl_s)
 
 
 def _check_key(group_key: str) -> None:
@@ -39,19 +43,77 @@ class MemberInfo(Message):
     def __post_init__(self) -> None:
         if len(self.peer_id) != PEER_ID_SIZE_BYTES:
             raise ValueError(f"peer_id must have {PEER_ID_SIZE_BYTES} bytes, got {len(self.peer_id)}")
-        if len(self.maddrs) > MAX_MADDRS or any(len(m) > 512 for m in self.maddrs):
-            raise ValueError(f"at most {MAX_MADDRS} maddrs of at most 512 characters")
-        for name in ("ready_at", "weight"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite")
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
-        if self.bandwidth is not None and not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
-            raise ValueError(f"bandwidth must be finite and > 0 when given, got {self.bandwidth}")
+        _check_member(self.maddrs, self.ready_at, self.weight, self.bandwidth)
 
     def rank(self) -> tuple[float, bytes]:
         """Order of members: earliest ready first, PeerID bytes break ties."""
         return (self.ready_at, self.peer_id)
+
+
+def _check_member(maddrs: tuple[str, ...], ready_at: float, weight: float, bandwidth: float | None) -> None:
+    if len(maddrs) > MAX_MADDRS or any(len(m) > 512 for m in maddrs):
+        raise ValueError(f"at most {MAX_MADDRS} maddrs of at most 512 characters")
+    for name, value in (("ready_at", ready_at), ("weight", weight)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(f"bandwidth must be finite and > 0 when given, got {bandwidth}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupEntry(Message):
+    """A peer ready to average, under the group key (subkey ``[owner:<its PeerID>]``): a `MemberInfo` without
+    the PeerID, which the owner subkey names."""
+
+    ready_at: float = 0.0
+    weight: float = 1.0
+    bandwidth: float | None = None
+    client_mode: bool = False
+    maddrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_member(self.maddrs, self.ready_at, self.weight, self.bandwidth)
+
+    @classmethod
+    def of(cls, member: MemberInfo) -> GroupEntry:
+        return cls(
+            ready_at=member.ready_at,
+            weight=member.weight,
+            bandwidth=member.bandwidth,
+            client_mode=member.client_mode,
+            maddrs=member.maddrs,
+        )
+
+    def member(self, peer_id: bytes) -> MemberInfo:
+        return MemberInfo(
+            peer_id=peer_id,
+            maddrs=self.maddrs,
+            ready_at=self.ready_at,
+            weight=self.weight,
+            bandwidth=self.bandwidth,
+            client_mode=self.client_mode,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupWithdrawal(Message):
+    """What replaces a peer's `GroupEntry` once it is done with matchmaking: ``{"closed": true}``."""
+
+    closed: bool
+
+    def __post_init__(self) -> None:
+        if self.closed is not True:
+            raise ValueError("a withdrawal must say closed: true")
+
+
+GROUP_SCHEMA = RecordSchema(
+    key=AVERAGING_GROUP,
+    kind=RecordKind.OWNED,
+    value_types=(GroupEntry, GroupWithdrawal),
+    max_ttl_s=MAX_GROUP_RECORD_TTL_S,
+)
 
 
 def round_id_of(group_key: str, members: tuple[MemberInfo, ...]) -> bytes:

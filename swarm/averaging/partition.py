@@ -74,10 +74,8 @@ def span_sizes(total_numel: int, bandwidths: Sequence[float | None], client_mode
     if not owners:
         return [0] * len(bandwidths)
     given = [bandwidths[i] for i in owners]
-    if all(b is not None and b > 0 and math.isfinite(b) for b in given):
-        shares = [float(b) for b in given]  # type: ignore[arg-type]
-    else:
-        shares = [1.0] * len(owners)
+    positive = [float(b) for b in given if b is not None and b > 0 and math.isfinite(b)]
+    shares = positive if len(positive) == len(given) else [1.0] * len(owners)
     total_share = sum(shares)
     exact = [total_numel * s / total_share for s in shares]
     sizes = [math.floor(x) for x in exact]

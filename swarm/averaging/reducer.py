@@ -147,6 +147,7 @@ class SpanReducer:
                     if acc is None:
                         raise SwarmError(f"internal: part {i} has weight but no accumulator")
                     acc.div_(self._weight[i])
+                    reduced = acc
                 else:
                     held, self._held[i] = self._held[i], []
                     result = await asyncio.to_thread(
@@ -156,10 +157,11 @@ class SpanReducer:
                         tau=self.config.clip_tau,
                         iterations=self.config.clip_iterations,
                     )
-                    self._acc[i] = result.to(torch.float32)
+                    reduced = result.to(torch.float32)
+                    self._acc[i] = reduced
                 samples = self._samples.pop(i, None)
                 if samples:
-                    self.inspected[i] = (samples, self._acc[i])
+                    self.inspected[i] = (samples, reduced)
             self._done[i].set()
 
     def has_result(self, part_index: int) -> bool:

@@ -21,7 +21,8 @@ from typing import Any
 
 import click
 
-from swarm.dht import DHT, owner_subkey
+from swarm.dht import DHT
+from swarm.dht.keys import owner_subkey, peers_key
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import ValueWithExpiration
@@ -30,6 +31,7 @@ from swarm.cli.dht_client import ClientOptions, emit, json_option, run_with_dht,
 from swarm.cli.logs import setup_logging
 from swarm.cli.stages import stages
 from swarm.errors import SwarmError
+from swarm.training.messages import PEERS_SCHEMA, PeerRecord
 
 __all__ = ["ClientOptions", "emit", "json_option", "main", "run_with_dht"]
 
@@ -53,12 +55,6 @@ def main(ctx: click.Context, initial_peers: tuple[str, ...], rpc_timeout_s: floa
     ctx.obj = ClientOptions(initial_peers=split_maddrs(initial_peers), rpc_timeout_s=rpc_timeout_s)
 
 
-def _owner_of(subkey: Any) -> str | None:
-    if isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]"):
-        return subkey[len("[owner:") : -1]
-    return None
-
-
 @main.command()
 @click.option("--run", "run_id", default=None, help="Run id: read role and stage from the {run}/peers records.")
 @json_option
@@ -68,21 +64,21 @@ def peers(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
 
     async def action(dht: DHT) -> list[dict[str, Any]]:
         replies = await dht.crawl()
-        meta: dict[str, Any] = {}
+        meta: dict[PeerID, PeerRecord] = {}
         if run_id is not None:
-            found = await dht.get(f"{run_id}/peers", latest=True)
-            if isinstance(found, dict):
-                meta = {_owner_of(k): v.value for k, v in found.items() if _owner_of(k)}
+            for entry in PEERS_SCHEMA.entries(await dht.get(peers_key(run_id), latest=True)):
+                if entry.owner is not None and isinstance(entry.value, PeerRecord):
+                    meta[entry.owner] = entry.value
         rows = []
         for reply in replies:
-            peer = str(PeerID(reply.peer.peer_id))
-            info = meta.get(peer) if isinstance(meta.get(peer), dict) else {}
+            peer = PeerID(reply.peer.peer_id)
+            record = meta.get(peer)
             rows.append(
                 {
-                    "peer_id": peer,
+                    "peer_id": str(peer),
                     "maddrs": list(reply.peer.maddrs),
-                    "role": info.get("role"),
-                    "stage": info.get("stage"),
+                    "role": record.role if record else None,
+                    "stage": record.stage if record else None,
                     "num_records": reply.num_records,
                 }
             )

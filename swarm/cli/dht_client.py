@@ -19,6 +19,7 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity
 from swarm.configs import Config, setting
 from swarm.errors import SwarmError
+from swarm.training.schemas import with_run_schemas
 
 T = TypeVar("T")
 
@@ -47,12 +48,14 @@ def run_with_dht(ctx: click.Context, action: Callable[[DHT], Awaitable[T]], *, i
         raise click.UsageError("give --initial-peers (or set SWARM_INITIAL_PEERS) to reach a swarm")
 
     async def main() -> T:
-        config = DHTConfig(
-            initial_peers=opts.initial_peers,
-            client_mode=True,
-            rpc_timeout_s=opts.rpc_timeout_s,
-            lookup_timeout_s=max(8.0, 2 * opts.rpc_timeout_s),
-            maintenance_interval_s=3600.0,
+        config = with_run_schemas(  # what it reads (and stores) is checked like every node checks it
+            DHTConfig(
+                initial_peers=opts.initial_peers,
+                client_mode=True,
+                rpc_timeout_s=opts.rpc_timeout_s,
+                lookup_timeout_s=max(8.0, 2 * opts.rpc_timeout_s),
+                maintenance_interval_s=3600.0,
+            )
         )
         async with DHT.create(config, identity=identity) as dht:
             return await action(dht)

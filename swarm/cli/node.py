@@ -3,7 +3,8 @@
     swarm-node start --listen /ip4/0.0.0.0/tcp/31337 --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW... \
         [--data-dir DIR] [--identity FILE]
 
-Prints ``listening on <multiaddr with /p2p/PeerID>`` as soon as it listens; SIGINT/SIGTERM stop it cleanly
+Prints ``listening on <multiaddr with /p2p/PeerID>`` as soon as it listens (for people); programs pass
+``--events-file PATH`` and read the node's events there (`swarm.local.events`). SIGINT/SIGTERM stop it cleanly
 (exit code 0).
 """
 
@@ -21,7 +22,9 @@ from swarm.p2p import TransportConfig
 from swarm.cli.logs import setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
+from swarm.local.events import EventWriter, ListeningEvent, ServingEvent, StoppedEvent
 from swarm.node import Node, NodeConfig
+from swarm.testing.misbehave import MisbehaveConfig
 from swarm.training.trainer import TrainingConfig
 from swarm.training.validator import ValidatorConfig
 
@@ -31,22 +34,35 @@ def _split_maddrs(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part for value in values for part in value.replace(",", " ").split() if part)
 
 
-def _print_listening(maddrs: tuple[str, ...]) -> None:
-    for maddr in maddrs:
-        print(f"listening on {maddr}", flush=True)
+class _Reporter:
+    """What the node tells its starter: lines on stdout for people, and the events in ``--events-file``."""
+
+    def __init__(self, events_file: Path | None) -> None:
+        self.events = EventWriter(events_file) if events_file is not None else None
+
+    def listening(self, maddrs: tuple[str, ...]) -> None:
+        for maddr in maddrs:
+            print(f"listening on {maddr}", flush=True)
+        if self.events is not None:
+            self.events.emit(ListeningEvent(maddrs=list(maddrs)))
+
+    def serving(self, stage: int | None) -> None:
+        print(f"serving stage {stage if stage is not None else 'none (trainer)'}", flush=True)
+        if self.events is not None:
+            self.events.emit(ServingEvent(stage=stage))
+
+    def stopped(self, error: str | None) -> None:
+        if self.events is not None:
+            self.events.emit(StoppedEvent(error=error))
 
 
-def _print_serving(stage: int | None) -> None:
-    print(f"serving stage {stage if stage is not None else 'none (trainer)'}", flush=True)
-
-
-async def _run_until_signal(config: NodeConfig) -> None:
+async def _run_until_signal(config: NodeConfig, reporter: _Reporter) -> None:
     stop_event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_event.set)
     try:
-        await Node(config).run(stop_event, on_listening=_print_listening, on_serving=_print_serving)
+        await Node(config).run(stop_event, on_listening=reporter.listening, on_serving=reporter.serving)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -101,6 +117,12 @@ def main() -> None:
     help="Seconds to wait for an answer to one request.",
 )
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option(
+    "--events-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append the node's events here, one JSON object per line: listening, serving, stopped (for programs).",
+)
 @training_options
 def start(
     listen: tuple[str, ...],
@@ -110,10 +132,18 @@ def start(
     identity_path: Path | None,
     rpc_timeout_s: float,
     log_level: str,
+    events_file: Path | None,
     **training: Any,
 ) -> None:
     """Start a node: listen, join through the initial peers, serve until SIGINT/SIGTERM."""
     setup_logging(log_level)
+    misbehave: str | None = training.pop("misbehave")
+    try:
+        reporter = _Reporter(events_file)
+    except OSError as e:
+        click.echo(f"error: cannot write --events-file {events_file}: {e}", err=True)
+        sys.exit(1)
+    error: str | None = None
     try:
         config = NodeConfig(
             transport=TransportConfig(listen_maddrs=_split_maddrs(listen), rpc_timeout_s=rpc_timeout_s),
@@ -121,13 +151,20 @@ def start(
             data_dir=data_dir.expanduser(),
             identity_path=identity_path.expanduser() if identity_path is not None else None,
             **_role(training_config(data_dir=data_dir.expanduser(), rpc_timeout_s=rpc_timeout_s, **training)),
+            misbehave=MisbehaveConfig(kind=misbehave) if misbehave is not None else None,
         )
-        asyncio.run(_run_until_signal(config))
+        asyncio.run(_run_until_signal(config, reporter))
     except SwarmError as e:
+        error = str(e)
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:  # a SIGINT before the signal handlers were installed: still a clean stop
         sys.exit(0)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        reporter.stopped(error)
 
 
 main.add_command(local)

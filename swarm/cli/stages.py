@@ -14,7 +14,8 @@ from swarm.cli.dht_client import json_option, run_with_dht
 from swarm.cli.options import set_option
 from swarm.errors import ConfigError
 from swarm.run.config import RunConfig
-from swarm.training.view import SwarmView, format_table, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.training.view import SwarmView, format_table
 
 
 @click.command()
@@ -23,8 +24,10 @@ from swarm.training.view import SwarmView, format_table, peers_key, progress_key
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); gives the run id "
-    "and stages.",
+    help=(
+        "Run config TOML of the swarm (a file, or a shipped preset name; default: tiny_gpt); "
+        "gives the run id and stages."
+    ),
 )
 @set_option
 @json_option

@@ -18,6 +18,7 @@ from swarm.run.config import RunConfig
 from swarm.errors import SwarmError
 from swarm.testing.misbehave import KINDS as MISBEHAVE_KINDS
 from swarm.testing.misbehave import parse_misbehave_spec
+from swarm.training.node_role import Role
 from swarm.training.training_config import TrainingConfig, parse_stage
 from swarm.training.validator import ValidatorConfig
 from swarm.training.verifying import ledger_path_for, node_verification_config
@@ -37,8 +38,8 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--stage", default="auto", show_default=True, help="Stage to serve, or 'auto' (the weakest)."),
         click.option(
             "--role",
-            type=click.Choice(["auto", "server", "trainer", "validator", "dht"]),
-            default="auto",
+            type=click.Choice([role.value for role in Role]),
+            default=Role.AUTO.value,
             show_default=True,
             help="auto: serve a stage (and drive on stage 0); server: serve only; trainer: "
             "drive only; validator: check others' work (no training); dht: no training.",
@@ -80,7 +81,7 @@ def training_config(
     config_path: Path | None,
     overrides: tuple[str, ...] = (),
     stage: str,
-    role: str,
+    role: str | Role,
     device: str,
     max_steps: int | None,
     summary_file: Path | None,
@@ -88,14 +89,14 @@ def training_config(
     data_dir: Path,
     rpc_timeout_s: float,
     orchestrator_candidate: bool = False,
-    misbehave: str | None = None,
 ) -> TrainingConfig | ValidatorConfig | None:
     """The node's TrainingConfig (or ValidatorConfig for ``--role validator``) from the parsed options
-    (None for ``--role dht``)."""
-    if role == "dht":
+    (None for ``--role dht``). ``--misbehave`` is not a training option: `swarm.cli.node` hands it to the node."""
+    role = Role.parse(role)
+    if role == Role.DHT:
         return None
     run = RunConfig.load(config_path, overrides)
-    if role == "validator":
+    if role == Role.VALIDATOR:
         return ValidatorConfig(
             run=run,
             ledger_path=ledger_path_for(data_dir, run.run_id),
@@ -104,7 +105,7 @@ def training_config(
             rpc_timeout_s=rpc_timeout_s,
         )
     verification = node_verification_config(
-        misbehave=misbehave, orchestrator_candidate=orchestrator_candidate, data_dir=data_dir, run_id=run.run_id
+        orchestrator_candidate=orchestrator_candidate, data_dir=data_dir, run_id=run.run_id
     )
     return TrainingConfig(
         run=run,

@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -90,13 +90,14 @@ class Codec(Protocol):
         ...
 
 
-_REGISTRY: dict[str, type] = {}
-_BY_ID: dict[int, type] = {}
+_REGISTRY: dict[str, type[Codec]] = {}
+_BY_ID: dict[int, type[Codec]] = {}
+C = TypeVar("C", bound=Codec)
 
 
-def register_codec(cls: type) -> type:
+def register_codec(cls: type[C]) -> type[C]:
     """Class decorator: make a codec class reachable by its ``name`` and wire ``codec_id``."""
-    name, codec_id = cls.name, cls.codec_id  # type: ignore[attr-defined]
+    name, codec_id = cls.name, cls.codec_id
     if _REGISTRY.get(name, cls) is not cls or _BY_ID.get(codec_id, cls) is not cls:
         raise ValueError(f"codec name {name!r} or id {codec_id} is already registered by another class")
     _REGISTRY[name] = cls
@@ -189,7 +190,7 @@ def view_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().reshape(-1).contiguous()
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def tensor_from_buffer(buf: memoryview, dtype: torch.dtype, *, offset_bytes: int, count: int) -> torch.Tensor:

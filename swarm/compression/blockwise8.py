@@ -72,6 +72,9 @@ class Blockwise8Codec:
             raise ConfigError(f"blockwise8 blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
         self.blocksize = blocksize
         self.alignment_numel = blocksize
+        # Import bitsandbytes now, where codecs are built (configs, servers), not inside the first encode: its
+        # import takes seconds on a busy CPU and would stall an event loop mid-round (parts then time out).
+        _bnb_functional()
 
     @classmethod
     def _code(cls, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from swarm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """What a tensor on the wire is for."""
 
     ACTIVATIONS = "activations"

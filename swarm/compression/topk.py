@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +37,12 @@ log = logging.getLogger(__name__)
 
 _SAMPLE_MIN_NUMEL = 1 << 16
 _SAMPLE_STRIDE = 64
-_INDEX_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<i8")}
+_INDEX_DTYPES: dict[int, np.dtype[Any]] = {
+    1: np.dtype("<u1"),
+    2: np.dtype("<u2"),
+    4: np.dtype("<u4"),
+    8: np.dtype("<i8"),
+}
 
 
 def index_width_bytes(numel: int) -> int:
@@ -94,10 +99,7 @@ class TopKCodec:
         ensure_finite(src, "the tensor to encode")
         numel = src.numel()
         k = self.num_kept(numel)
-        if k == numel:
-            indices = torch.arange(numel, device=src.device)
-        else:
-            indices = top_indices(src.abs(), k).sort().values
+        indices = torch.arange(numel, device=src.device) if k == numel else top_indices(src.abs(), k).sort().values
         values = src[indices].cpu()
         width = index_width_bytes(numel)
         packed = indices.cpu().numpy().astype(_INDEX_DTYPES[width])
@@ -107,7 +109,7 @@ class TopKCodec:
             dtype=tensor.dtype,
             shape=tuple(tensor.shape),
             params={"k": k},
-            payload=(memoryview(packed).cast("B"), padding, view_bytes(values)),
+            payload=(packed.data.cast("B"), padding, view_bytes(values)),
         )
 
     def decode(self, encoded: Encoded, *, device: torch.device | str | None = None) -> torch.Tensor:

@@ -237,14 +237,14 @@ class ChunkAssembler:
         max_size_bytes: int = DEFAULT_MAX_SIZE_BYTES,
         device: torch.device | str | None = None,
     ) -> None:
-        self._limits = {"max_numel": max_numel, "max_size_bytes": max_size_bytes, "device": device}
+        self._max_numel, self._max_size_bytes, self._device = max_numel, max_size_bytes, device
         self._out: torch.Tensor | None = None
         self._spans: list[tuple[int, int]] = []
         self._covered = 0
 
     def add(self, data: bytes | bytearray | memoryview) -> DecodedChunk:
         """Decode one chunk and place it; CodecError if it disagrees with earlier chunks or overlaps them."""
-        chunk = decode_chunk(data, **self._limits)  # type: ignore[arg-type]
+        chunk = decode_chunk(data, max_numel=self._max_numel, max_size_bytes=self._max_size_bytes, device=self._device)
         if self._out is None:
             self._out = torch.empty(chunk.total_numel, dtype=chunk.dtype, device=chunk.values.device)
             self._shape = chunk.shape

@@ -3,7 +3,8 @@
 Maintenance (one owned task): drop expired records, refresh buckets not touched for ``refresh_interval_s``
 (a lookup of a random ID in their range), republish this node's own records every ``republish_interval_s``
 until they expire. When a new peer enters the routing table, the records it is now among the ``k`` closest
-to are handed over to it; values found by ``get`` are cached at the closest peer on the path that lacked them.
+to are handed over to it. Records that ``get`` fetched from other peers are kept in this node's own cache
+(``cache_on_path``, for at most ``cache_ttl_s``); nobody else decides what a node caches.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from swarm.dht.config import DHTConfig
@@ -20,10 +21,11 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.dht.lookup import LookupParams, LookupReply, LookupResult, iterative_lookup
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import packb
+from swarm.dht.paging import follow_pages
 from swarm.dht.protocol import DHTProtocol, RoutingTableReply
 from swarm.dht.records import Record, RecordChecker, ValueWithExpiration, make_record
 from swarm.dht.routing import ID_BITS, Contact, RoutingTable, key_id_of_packed, node_id_of
-from swarm.dht.storage import MemoryStorage, RecordStorage, StorageConfig
+from swarm.dht.storage import MemoryStorage, RecordStorage, StorageConfig, check_prefixes, is_owned
 from swarm.p2p import Transport
 from swarm.errors import BootstrapError, ConfigError, SwarmError
 
@@ -60,26 +62,33 @@ class DHT:
             clock=config.clock,
         )
         self.table = RoutingTable(node_id_of(self.peer_id), bucket_size=config.bucket_size, clock=config.clock)
-        per_peer = min(config.max_records_per_peer, config.max_records)
-        self.storage: RecordStorage = (
-            storage
-            if storage is not None
-            else MemoryStorage(
-                StorageConfig(max_records=config.max_records, max_records_per_source=per_peer),
-                clock=config.clock,
-                select=self.checker.select,
-            )
-        )
-        self.cache = MemoryStorage(
-            StorageConfig(
-                max_records=config.max_cached_records, max_records_per_source=min(per_peer, config.max_cached_records)
-            ),
-            clock=config.clock,
-            select=self.checker.select,
-        )
+        self.storage: RecordStorage = storage if storage is not None else self._memory_storage(cache=False)
+        self.cache = self._memory_storage(cache=True)
         self._own: dict[tuple[bytes, bytes | None], tuple[Record, float]] = {}
         self._protocol: DHTProtocol | None = None
         self.last_lookup: LookupResult | None = None
+
+    def _memory_storage(self, *, cache: bool) -> MemoryStorage:
+        c = self.config
+        max_records = c.max_cached_records if cache else c.max_records
+        limits = StorageConfig(
+            max_records=max_records,
+            max_records_per_source=min(c.max_records_per_peer, max_records),
+            budget_bytes=c.cache_budget_bytes if cache else c.storage_budget_bytes,
+            max_share_per_source=c.max_share_per_peer,
+            max_share_per_host=c.max_share_per_ip,
+            max_subkeys_per_key=c.max_subkeys_per_key,
+            preferred_prefixes=c.preferred_key_prefixes,
+        )
+        return MemoryStorage(limits, clock=c.clock, select=self.checker.select)
+
+    def prefer_prefixes(self, prefixes: Iterable[str]) -> None:
+        """Keep keys starting with ``prefixes`` (e.g. ``["<run_id>/", "runs/<name>/"]`` of the runs this node
+        takes part in) over all others when storage or cache is over budget. The preferred set becomes
+        ``config.preferred_key_prefixes`` plus ``prefixes`` (each call replaces the previous call's)."""
+        chosen = (*self.config.preferred_key_prefixes, *check_prefixes("prefixes", prefixes))
+        self.storage.prefer(chosen)
+        self.cache.prefer(chosen)
 
     @classmethod
     def create(
@@ -234,9 +243,11 @@ class DHT:
     async def _find_node(self, contact: Contact, target_id: int) -> LookupReply:
         return LookupReply(await self.protocol.call_find_node(contact, target_id))
 
-    async def _lookup_value(self, key_id: int, key: bytes, quorum: int | None) -> LookupResult:
+    async def _lookup_value(
+        self, key_id: int, key: bytes, quorum: int | None, cursors: dict[PeerID, tuple[Contact, bytes]]
+    ) -> LookupResult:
         async def call(contact: Contact) -> LookupReply:
-            return await self._ask(contact, lambda: self._find_value(contact, key))
+            return await self._ask(contact, lambda: self._find_value(contact, key, cursors))
 
         initial = self.table.nearest(key_id, self.config.bucket_size)
         params = self._params(quorum or 10**9)
@@ -244,8 +255,12 @@ class DHT:
         self.last_lookup = result
         return result
 
-    async def _find_value(self, contact: Contact, key: bytes) -> LookupReply:
-        records, contacts = await self.protocol.call_find_value(contact, key)
+    async def _find_value(
+        self, contact: Contact, key: bytes, cursors: dict[PeerID, tuple[Contact, bytes]]
+    ) -> LookupReply:
+        records, contacts, cursor = await self.protocol.call_find_value(contact, key)
+        if cursor:
+            cursors[contact.peer_id] = (contact, cursor)
         return LookupReply(contacts, records)
 
     # -- the API --
@@ -272,9 +287,9 @@ class DHT:
         outcomes = await asyncio.gather(*(self._store_at(c.peer_id, [record]) for c in targets))
         return stored + sum(1 for ok in outcomes if ok and ok[0])
 
-    async def _store_at(self, peer_id: PeerID, records: Sequence[Record], *, cache: bool = False) -> list[bool]:
+    async def _store_at(self, peer_id: PeerID, records: Sequence[Record]) -> list[bool]:
         try:
-            return await self.protocol.call_store(peer_id, records, cache=cache)
+            return await self.protocol.call_store(peer_id, records)
         except _FAILURES as e:
             log.debug("%s: STORE at %s failed: %s", self.peer_id.short(), peer_id.short(), e)
             return []
@@ -286,19 +301,46 @@ class DHT:
 
         ``latest=False`` returns as soon as ``get_quorum`` peers (or this node) answered with the key;
         ``latest=True`` asks until the k closest peers answered and keeps the newest version of each subkey.
+        Paged replies (a dictionary larger than ``max_reply_bytes``) are followed: see :func:`follow_pages`.
         """
         key_bytes = packb(key)
         key_id = key_id_of_packed(key_bytes)
         self.last_lookup = None
-        found = self.protocol.local_records(key_id)
+        local = self.protocol.local_records(key_id)
+        found = list(local)
         if not found or latest:
-            result = await self._lookup_value(key_id, key_bytes, None if latest else self.config.get_quorum)
-            for _, records in result.found:
+            cursors: dict[PeerID, tuple[Contact, bytes]] = {}
+            result = await self._lookup_value(key_id, key_bytes, None if latest else self.config.get_quorum, cursors)
+            fetched = list(result.found)
+            if cursors:  # the rest of paged replies: from the alpha closest peers that paged
+                starts = sorted(cursors.values(), key=lambda pair: pair[0].node_id ^ key_id)[: self.config.alpha]
+                fetched.extend(await self._follow_pages(key_bytes, starts))
+            for _, records in fetched:
                 found.extend(records)
-            if found and self.config.cache_on_path and result.without_value:
-                winners = self._winners(found)
-                self._spawn(self._store_at(result.without_value[0].peer_id, winners, cache=True))
+            if self.config.cache_on_path:
+                self._cache_fetched(key_id, fetched, local)
         return self._merge(self._winners(found))
+
+    async def _follow_pages(
+        self, key: bytes, starts: Sequence[tuple[Contact, bytes]]
+    ) -> list[tuple[Contact, list[Record]]]:
+        async def fetch(contact: Contact, cursor: bytes) -> tuple[list[Record], bytes]:
+            records, _, next_cursor = await self.protocol.call_find_value(contact, key, cursor)
+            return records, next_cursor
+
+        limit = self.config.max_subkeys_per_key + 1  # an honest holder has no more records for one key
+        return await follow_pages(fetch, starts, deadline_s=self.config.lookup_timeout_s, max_records=limit)
+
+    def _cache_fetched(
+        self, key_id: int, fetched: Sequence[tuple[Contact, Sequence[Record]]], local: Sequence[Record]
+    ) -> None:
+        """Keep what this node fetched (the winning versions it does not hold already) in its cache."""
+        source = {id(r): contact.peer_id for contact, records in fetched for r in records}
+        held = {r.slot(): r for r in local}
+        keep_until = self.config.clock() + self.config.cache_ttl_s
+        for record in self._winners([r for _, records in fetched for r in records]):
+            if held.get(record.slot()) != record:
+                self.cache.put(key_id, record, source=source[id(record)], keep_until=keep_until)
 
     def _winners(self, records: Sequence[Record]) -> list[Record]:
         now = self.config.clock()
@@ -314,7 +356,9 @@ class DHT:
     def _merge(records: Sequence[Record]) -> ValueWithExpiration | dict[Any, ValueWithExpiration] | None:
         plain = next((r for r in records if r.subkey is None), None)
         subs = [r for r in records if r.subkey is not None]
-        if plain is not None and (not subs or plain.expiration_time > max(r.expiration_time for r in subs)):
+        if plain is not None and (
+            not subs or (plain.expiration_time > max(r.expiration_time for r in subs) and not any(map(is_owned, subs)))
+        ):  # a plain value never hides owner-signed subkeys, as in storage
             return plain.with_value()
         if subs:
             return {r.unpacked_subkey(): r.with_value() for r in subs}
@@ -342,10 +386,10 @@ class DHT:
                     continue
                 answers.append(reply)
                 for info in reply.peers:
-                    contact = self.protocol.contact_from(info)
-                    if contact is not None and contact.peer_id not in seen:
-                        seen.add(contact.peer_id)
-                        queue.append(contact.peer_id)
+                    found = self.protocol.contact_from(info)
+                    if found is not None and found.peer_id not in seen:
+                        seen.add(found.peer_id)
+                        queue.append(found.peer_id)
         return answers[:limit]
 
     async def _routing_table_of(self, peer_id: PeerID) -> RoutingTableReply | None:

@@ -4,7 +4,8 @@ Every request names its ``sender`` (PeerID and listen multiaddrs) unless the cal
 the server checks that it matches the authenticated PeerID of the connection and adds it to its routing
 table (ping-before-evict when the bucket is full). Records received on STORE and in FIND_VALUE answers
 go through the :class:`~swarm.dht.records.RecordChecker` (owner signature, limits, validators); bad ones are
-dropped with a warning, the rest are served.
+dropped with a warning, the rest are served. A STORE lands in storage charged to the sender's PeerID and IP
+address (the receiver alone decides what it caches); a FIND_VALUE reply is paged (:mod:`swarm.dht.paging`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from swarm.dht.config import DHTConfig
 from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p.messages import Message
+from swarm.dht.paging import MAX_CURSOR_BYTES, batches, page
 from swarm.dht.records import Record, RecordChecker
 from swarm.dht.routing import ID_BYTES, Contact, RoutingTable, id_from_bytes, id_to_bytes, key_id_of_packed
 from swarm.dht.storage import RecordStorage
@@ -27,9 +30,12 @@ from swarm.errors import AddressError, IdentityError, ProtocolError, RecordError
 
 log = logging.getLogger(__name__)
 
+ReplyT = TypeVar("ReplyT", bound=Message)
+
 MAX_MADDRS_PER_PEER = 8
 MAX_PEERS_PER_REPLY = 1000
 _MAX_CACHED_CONTACTS = 50_000
+ROUTING_TAG = "dht.routing"  # the transport protects routing-table contacts under this tag (docs/transport.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,22 +87,29 @@ class FindNodeReply(Message):
 class FindValueRequest(Message):
     sender: NodeInfo | None = None
     key: bytes  # the msgpack form of the key
+    cursor: bytes = b""  # b"": the first page; else the next_cursor of the previous reply
+
+    def __post_init__(self) -> None:
+        if len(self.cursor) > MAX_CURSOR_BYTES:
+            raise ValueError(f"cursor longer than {MAX_CURSOR_BYTES} bytes")
 
 
 @dataclass(frozen=True, kw_only=True)
 class FindValueReply(Message):
     records: tuple[Record, ...] = ()
     peers: tuple[NodeInfo, ...] = ()
+    next_cursor: bytes = b""  # b"": no more records; else send it back for the next page
 
     def __post_init__(self) -> None:
         _check_peers(self.peers)
+        if len(self.next_cursor) > MAX_CURSOR_BYTES:
+            raise ValueError(f"next_cursor longer than {MAX_CURSOR_BYTES} bytes")
 
 
 @dataclass(frozen=True, kw_only=True)
 class StoreRequest(Message):
     sender: NodeInfo | None = None
     records: tuple[Record, ...]
-    cache: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,9 +189,11 @@ class DHTProtocol:
             self.transport.register(method, request_type, handler)
 
     def unregister(self) -> None:
-        """Stop serving the DHT methods (the transport is shared and stays up)."""
+        """Stop serving the DHT methods (the transport is shared and stays up) and drop the protection of the
+        routing table's contacts."""
         for method, _, _ in self._methods():
             self.transport.unregister(method)
+        self.transport.set_protected(ROUTING_TAG, ())
 
     # -- peers seen --
 
@@ -219,6 +234,7 @@ class DHTProtocol:
         known = contact.peer_id in self.table
         stale = self.table.add(contact)
         if not known and contact.peer_id in self.table:
+            self.transport.protect(contact.peer_id, ROUTING_TAG)  # its connections keep their slots
             self.on_new_contact(contact)
         if stale is not None and stale.peer_id not in self._pinging:
             self._pinging.add(stale.peer_id)
@@ -227,7 +243,9 @@ class DHTProtocol:
     def peer_failed(self, peer_id: PeerID) -> None:
         """A peer did not answer: evict it (the bucket's most recent replacement takes its place)."""
         promoted = self.table.remove(peer_id)
+        self.transport.unprotect(peer_id, ROUTING_TAG)
         if promoted is not None:
+            self.transport.protect(promoted.peer_id, ROUTING_TAG)
             self.on_new_contact(promoted)
 
     async def _ping_before_evict(self, stale: Contact) -> None:
@@ -270,8 +288,15 @@ class DHTProtocol:
         if len(req.key) > self.config.max_key_size_bytes:
             raise RecordError(f"key longer than max_key_size_bytes={self.config.max_key_size_bytes}")
         key_id = key_id_of_packed(req.key)
-        records = [r for r in self.local_records(key_id) if r.key == req.key]
-        return FindValueReply(records=tuple(records), peers=self._nearest_infos(key_id, ctx.peer_id))
+        records, next_cursor = page(
+            [r for r in self.local_records(key_id) if r.key == req.key], req.cursor, self.reply_budget_bytes()
+        )
+        peers = self._nearest_infos(key_id, ctx.peer_id) if not req.cursor else ()
+        return FindValueReply(records=tuple(records), peers=peers, next_cursor=next_cursor)
+
+    def reply_budget_bytes(self) -> int:
+        """The most record bytes one reply (or one STORE) carries: ``max_reply_bytes``, within the message cap."""
+        return min(self.config.max_reply_bytes, self.transport.config.max_message_size_bytes // 2)
 
     def local_records(self, key_id: int) -> list[Record]:
         """Stored and cached records of a key, one per (key, subkey), the winning version of each."""
@@ -285,7 +310,6 @@ class DHTProtocol:
         self._sender_seen(ctx, req.sender)
         if len(req.records) > self.config.max_records_per_store:
             raise RecordError(f"at most max_records_per_store={self.config.max_records_per_store} records per STORE")
-        target = self.cache if req.cache else self.storage
         stored = []
         for record in req.records:
             try:
@@ -294,7 +318,13 @@ class DHTProtocol:
                 log.warning("%s: rejected a record from %s: %s", self.peer_id.short(), ctx.peer_id.short(), e)
                 stored.append(False)
                 continue
-            stored.append(target.put(key_id_of_packed(record.key), record, source=ctx.peer_id))
+            key_id = key_id_of_packed(record.key)
+            stored.append(self.storage.put(key_id, record, source=ctx.peer_id, host=ctx.remote_host))
+        refused = stored.count(False)
+        if refused:
+            log.debug(
+                "%s: refused %d of %d records from %s", self.peer_id.short(), refused, len(stored), ctx.peer_id.short()
+            )
         return StoreReply(stored=tuple(stored))
 
     async def rpc_routing_table(self, ctx: RpcContext, req: RoutingTableRequest) -> RoutingTableReply:
@@ -311,7 +341,9 @@ class DHTProtocol:
 
     # -- clients --
 
-    async def _call(self, peer: PeerID | PeerAddress, method: str, request: Message, reply_type: type) -> Message:
+    async def _call(
+        self, peer: PeerID | PeerAddress, method: str, request: Message, reply_type: type[ReplyT]
+    ) -> ReplyT:
         async with asyncio.timeout(self.config.rpc_timeout_s):
             return await self.transport.call(peer, method, request, reply_type, timeout_s=self.config.rpc_timeout_s)
 
@@ -339,9 +371,12 @@ class DHTProtocol:
         self.peer_seen(contact)
         return self._contacts(reply.peers)
 
-    async def call_find_value(self, contact: Contact, key: bytes) -> tuple[list[Record], list[Contact]]:
-        """Ask ``contact`` for the records of ``key`` (msgpack form); bad records are dropped with a warning."""
-        req = FindValueRequest(sender=self.self_info(), key=key)
+    async def call_find_value(
+        self, contact: Contact, key: bytes, cursor: bytes = b""
+    ) -> tuple[list[Record], list[Contact], bytes]:
+        """One page of the records of ``key`` (msgpack form) at ``contact``, closer contacts, and the next cursor
+        (b"" when there is no more); bad records are dropped with a warning."""
+        req = FindValueRequest(sender=self.self_info(), key=key, cursor=cursor)
         reply = await self._call(contact.peer_id, "dht.find_value", req, FindValueReply)
         self.peer_seen(contact)
         records = []
@@ -354,14 +389,14 @@ class DHTProtocol:
                 log.warning("%s: dropping a record from %s: %s", self.peer_id.short(), contact.peer_id.short(), e)
                 continue
             records.append(record)
-        return records, self._contacts(reply.peers)
+        return records, self._contacts(reply.peers), reply.next_cursor
 
-    async def call_store(self, peer: PeerID, records: Sequence[Record], *, cache: bool = False) -> list[bool]:
-        """Send records to ``peer``; one flag per record: stored or not."""
+    async def call_store(self, peer: PeerID, records: Sequence[Record]) -> list[bool]:
+        """Send records to ``peer`` (in STOREs of at most max_records_per_store records and the reply budget in
+        bytes); one flag per record: stored or not."""
         stored: list[bool] = []
-        step = self.config.max_records_per_store
-        for i in range(0, len(records), step):
-            req = StoreRequest(sender=self.self_info(), records=tuple(records[i : i + step]), cache=cache)
+        for batch in batches(records, self.config.max_records_per_store, self.reply_budget_bytes()):
+            req = StoreRequest(sender=self.self_info(), records=batch)
             reply = await self._call(peer, "dht.store", req, StoreReply)
             if len(reply.stored) != len(req.records):
                 raise ProtocolError("STORE reply has a different number of flags than records sent")

@@ -4,7 +4,7 @@ A :class:`Record` travels in msgpack form: ``key``, ``subkey`` and ``value`` are
 user's objects, so every node signs and checks exactly the same bytes. ``subkey`` is None for a plain
 value; a key holding subkeys is a *dictionary value* whose subkeys expire independently.
 
-A key or subkey containing ``[owner:<PeerID base58>]`` (see :func:`owner_subkey`) is *owned*: it is
+A key or subkey containing ``[owner:<PeerID base58>]`` (see `swarm.dht.keys.owner_subkey`) is *owned*: it is
 accepted only with that PeerID's Ed25519 signature over (key, subkey, value, expiration_time). Every
 node checks this on STORE and on the answers it receives, through :class:`RecordChecker`.
 
@@ -16,25 +16,17 @@ returning None to leave it to the default rule (the later expiration wins).
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from swarm.dht.keys import OWNER_MARKER, OWNER_MARKER_BYTES
+from swarm.errors import IdentityError, ProtocolError, RecordError
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.messages import Message, packb, unpackb
-from swarm.errors import IdentityError, ProtocolError, RecordError
 
-_B58 = "1-9A-HJ-NP-Za-km-z"
-_OWNER_RE = re.compile(rf"\[owner:([{_B58}]+)\]")
-_OWNER_RE_BYTES = re.compile(rf"\[owner:([{_B58}]+)\]".encode())
 _SIGNING_DOMAIN = "swarm-dht-record-v1"
-
-
-def owner_subkey(peer_id: PeerID) -> str:
-    """The marker that makes a key or subkey owned by ``peer_id``: ``[owner:<PeerID base58>]``."""
-    return f"[owner:{peer_id.to_base58()}]"
 
 
 @dataclass(frozen=True)
@@ -109,9 +101,9 @@ def _owners_in(packed: bytes | None) -> set[str]:
         return set()
     obj = unpackb(packed)
     if isinstance(obj, str):
-        return set(_OWNER_RE.findall(obj))
+        return set(OWNER_MARKER.findall(obj))
     if isinstance(obj, bytes):
-        return {m.decode("ascii") for m in _OWNER_RE_BYTES.findall(obj)}
+        return {m.decode("ascii") for m in OWNER_MARKER_BYTES.findall(obj)}
     return set()
 
 

@@ -22,7 +22,9 @@ from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, NotFoundError, SwarmError
 from swarm.model.stages import PipelineModel, build_stages
 from swarm.training.stage_rpc import call_state_download
-from swarm.training.view import SwarmView, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.training.schemas import with_run_schemas
+from swarm.training.view import SwarmView
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,14 @@ def export_model(cfg: ExportConfig) -> list[int]:
 
 
 async def _export(cfg: ExportConfig) -> list[int]:
-    dht_cfg = DHTConfig(
-        initial_peers=cfg.initial_peers,
-        client_mode=True,
-        rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0),
-        lookup_timeout_s=max(8.0, cfg.rpc_timeout_s),
-        maintenance_interval_s=3600.0,
+    dht_cfg = with_run_schemas(
+        DHTConfig(
+            initial_peers=cfg.initial_peers,
+            client_mode=True,
+            rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0),
+            lookup_timeout_s=max(8.0, cfg.rpc_timeout_s),
+            maintenance_interval_s=3600.0,
+        )
     )
     async with DHT.create(dht_cfg) as dht:
         states = await gather_stages(dht, cfg.run, rpc_timeout_s=cfg.rpc_timeout_s)

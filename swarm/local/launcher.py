@@ -2,9 +2,11 @@
 
 The first process is the bootstrap peer; the others get ``--initial-peers`` with its multiaddr. Each node is
 started after the previous one reports the stage it serves (so self-assignment sees the earlier records) and
-drives no microbatch until all N are in the run's records. Logs and checkpoints go to
-``runs/<timestamp>/node-<i>/``. A client-mode DHT node reads the per-stage view for the live table. Every
-process is stopped on exit, on error and on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
+drives no microbatch until all N are in the run's records. A node reports through its events file
+(``--events-file``, `swarm.local.events`), never through its output. Logs go to ``runs/<timestamp>/node-<i>.log``;
+checkpoints, events and the node's `NodeSummary` (read at the end) to ``runs/<timestamp>/node-<i>/``. A client-mode
+DHT node reads the per-stage view for the live table. Every process is stopped on exit, on error and on Ctrl-C
+(SIGTERM, then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,12 +28,20 @@ from swarm.run.config import RunConfig
 from swarm.data import make_source
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError, SwarmError
-from swarm.training.verifying import misbehave_args, rewards_summary
-from swarm.training.view import SwarmView, format_table, peers_key, progress_key
+from swarm.dht.keys import peers_key, progress_key
+from swarm.local.events import EventReader, ListeningEvent, NodeEventError, ServingEvent
+from swarm.testing.misbehave import misbehave_args
+from swarm.training.node_role import Role
+from swarm.training.schemas import with_run_schemas
+from swarm.training.summary import NodeSummary, SummaryError
+from swarm.training.verifying import rewards_summary
+from swarm.training.view import SwarmView, format_table
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
+SUMMARY_FILE_NAME = "summary.json"  # in each node's folder: its NodeSummary
+EVENTS_FILE_NAME = "events.jsonl"  # in each node's folder: its events (swarm.local.events)
 CHEATER_GRACE_S = 20.0  # after every honest node exited, how long misbehaving (--misbehave) nodes may still run
 
 
@@ -66,9 +77,14 @@ class NodeProcess:
     proc: asyncio.subprocess.Process
     folder: Path
     maddr: str | None = None
-    stage: str | None = None
-    lines: list[str] = field(default_factory=list)
+    stage: int | None = None  # the stage it serves (None: none, or not reported yet)
+    events: EventReader | None = None
     misbehaving: bool = False
+
+    @property
+    def serving(self) -> str:
+        """What it serves, for people."""
+        return f"serving stage {self.stage if self.stage is not None else 'none (trainer)'}"
 
 
 def launch(cfg: LaunchConfig) -> int:
@@ -103,9 +119,9 @@ async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str,
                 node = await _start_after_bootstrap(cfg, run_dir, i, nodes, cheats.get(i, ()))
                 node.misbehaving = i in cheats
                 nodes.append(node)
-                print(f"node {i}: {node.maddr} serving stage {node.stage}", file=out, flush=True)
+                print(f"node {i}: {node.maddr} {node.serving}", file=out, flush=True)
             for i in range(cfg.num_nodes, cfg.num_nodes + cfg.num_validators):
-                node = await _start_node(cfg, run_dir, i, nodes[0].maddr, ("--role", "validator"))
+                node = await _start_node(cfg, run_dir, i, nodes[0].maddr, ("--role", Role.VALIDATOR))
                 nodes.append(node)
                 print(f"node {i}: {node.maddr} validator", file=out, flush=True)
             await _watch(cfg, run, nodes, out, started)
@@ -161,6 +177,8 @@ async def _start_node(
 ) -> NodeProcess:
     folder = run_dir / f"node-{index}"
     folder.mkdir(parents=True, exist_ok=True)
+    events_path = folder / EVENTS_FILE_NAME
+    events_path.unlink(missing_ok=True)  # an earlier run's events must not be read as this node's
     args = [
         sys.executable,
         "-m",
@@ -173,55 +191,55 @@ async def _start_node(
         "--max-steps",
         str(cfg.steps),
         "--summary-file",
-        str(folder / "summary.json"),
+        str(folder / SUMMARY_FILE_NAME),
+        "--events-file",
+        str(events_path),
         "--start-after-peers",
         str(cfg.num_nodes + cfg.num_validators),
         *cfg.extra_node_args,
         *role_args,
     ]
-    if cfg.config_path is not None:  # a file by its absolute path (the nodes run elsewhere), a preset by name
-        args += ["--config", str(cfg.config_path.resolve() if cfg.config_path.exists() else cfg.config_path)]
+    if cfg.config_path is not None:  # a run file goes by its absolute path, a shipped preset by its name
+        spec = cfg.config_path.resolve() if cfg.config_path.exists() else cfg.config_path
+        args += ["--config", str(spec)]
     for override in cfg.overrides:
         args += ["--set", override]
     if bootstrap is not None:
         args += ["--initial-peers", bootstrap]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(run_dir / f"node-{index}.log", "ab") as log_file:
+    with open(run_dir / f"node-{index}.log", "ab") as log_file:  # stdout too: its lines are for people
         proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env, start_new_session=True
+            *args, stdout=log_file, stderr=log_file, env=env, start_new_session=True
         )
-    node = NodeProcess(index=index, proc=proc, folder=folder)
-    async with asyncio.timeout(cfg.start_timeout_s):
-        while node.stage is None and not ("validator" in role_args and node.maddr is not None):
-            line = await _read_line(node)
-            if line.startswith("listening on ") and node.maddr is None:
-                node.maddr = line.split()[-1]
-            elif line.startswith("serving stage "):
-                node.stage = line[len("serving stage ") :]
+    events = EventReader(events_path)
+    node = NodeProcess(index=index, proc=proc, folder=folder, events=events)
+    try:
+        async with asyncio.timeout(cfg.start_timeout_s):
+            node.maddr = (await events.wait_for(ListeningEvent, alive=_alive(proc))).maddrs[0]
+            if Role.VALIDATOR not in role_args:
+                node.stage = (await events.wait_for(ServingEvent, alive=_alive(proc))).stage
+    except NodeEventError as e:
+        if proc.returncode is None:  # a malformed events line, not an exit
+            raise SwarmError(f"node {index}: {e}") from None
+        code = await proc.wait()
+        raise SwarmError(f"node {index} exited with code {code} while starting; see node-{index}.log") from None
     return node
 
 
-async def _read_line(node: NodeProcess) -> str:
-    stdout = node.proc.stdout
-    if stdout is None:
-        raise SwarmError("internal: node stdout is not piped")
-    raw = await stdout.readline()
-    if not raw:
-        code = await node.proc.wait()
-        raise SwarmError(f"node {node.index} exited with code {code} while starting; see node-{node.index}.log")
-    line = raw.decode(errors="replace").strip()
-    node.lines.append(line)
-    return line
+def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:
+    return lambda: proc.returncode is None
 
 
 async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], out: TextIO, started: float) -> None:
     """Show the live table from the DHT until every node process has exited."""
-    dht_cfg = DHTConfig(
-        initial_peers=tuple(n.maddr for n in nodes if n.maddr),
-        client_mode=True,
-        rpc_timeout_s=2.0,
-        lookup_timeout_s=4.0,
-        maintenance_interval_s=3600.0,
+    dht_cfg = with_run_schemas(
+        DHTConfig(
+            initial_peers=tuple(n.maddr for n in nodes if n.maddr),
+            client_mode=True,
+            rpc_timeout_s=2.0,
+            lookup_timeout_s=4.0,
+            maintenance_interval_s=3600.0,
+        )
     )
     waits = [asyncio.ensure_future(n.proc.wait()) for n in nodes]
     try:
@@ -278,38 +296,27 @@ async def _stop_all(nodes: list[NodeProcess]) -> None:
 
 def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[NodeProcess]) -> dict[str, Any]:
     """Aggregate the nodes' summary files into the run's JSON summary."""
-    summaries = []
-    for node in nodes:
-        path = node.folder / "summary.json"
-        if path.exists():
-            summaries.append(json.loads(path.read_text()))
+    summaries = _read_summaries(nodes)
     per_step: dict[int, list[float]] = {}
     for s in summaries:
-        for step, losses in s.get("losses", {}).items():
-            per_step.setdefault(int(step), []).extend(losses)
+        for step, losses in s.losses.items():
+            per_step.setdefault(step, []).extend(losses)
     curve = [sum(per_step[k]) / len(per_step[k]) for k in sorted(per_step)]
     stages: list[list[str]] = [[] for _ in range(run.pipeline.num_stages)]
     for s in summaries:
-        if s.get("stage") is not None:
-            stages[s["stage"]].append(s["peer_id"])
-    samples = sum(s.get("samples", 0) for s in summaries)
-    starts = [s["first_sample_time"] for s in summaries if s.get("first_sample_time")]
-    ends = [s["end_time"] for s in summaries if s.get("end_time")]
+        if s.stage is not None:
+            stages[s.stage].append(s.peer_id)
+    samples = sum(s.samples for s in summaries)
+    starts = [s.first_sample_time for s in summaries if s.first_sample_time]
+    ends = [s.end_time for s in summaries if s.end_time]
     elapsed = max(ends) - min(starts) if starts and ends else 0.0
     # the run's steps: those of the honest training nodes (a cheater cut off by the checks may lag behind)
-    steps = min(
-        (
-            s.get("step", 0)
-            for s in summaries
-            if s.get("role") != "validator" and not (s.get("verification") or {}).get("misbehave")
-        ),
-        default=0,
-    )
+    steps = min((s.step for s in summaries if s.role != Role.VALIDATOR and not s.misbehaving), default=0)
     floor = make_source(run).loss_floor
-    checks = rewards_summary([Path(s["ledger_path"]) for s in summaries if s.get("ledger_path")], run.run_id)
+    checks = rewards_summary([Path(s.ledger_path) for s in summaries if s.ledger_path], run.run_id)
     return {
         **checks,
-        "misbehaving": sorted(s["peer_id"] for s in summaries if (s.get("verification") or {}).get("misbehave")),
+        "misbehaving": sorted(s.peer_id for s in summaries if s.misbehaving),
         "ok": len(summaries) == len(nodes) and steps >= cfg.steps,
         "steps": steps,
         "initial_loss": round(curve[0], 4) if curve else None,
@@ -325,3 +332,17 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         "run_dir": str(run_dir),
         "exit_codes": [n.proc.returncode for n in nodes],
     }
+
+
+def _read_summaries(nodes: list[NodeProcess]) -> list[NodeSummary]:
+    """Every node's `NodeSummary`; a node that wrote none (it did not stop cleanly) or a bad one is left out."""
+    summaries = []
+    for node in nodes:
+        path = node.folder / SUMMARY_FILE_NAME
+        if not path.exists():
+            continue
+        try:
+            summaries.append(NodeSummary.read(path))
+        except SummaryError as e:
+            log.warning("node %d: %s; leaving it out of the run's summary", node.index, e)
+    return summaries

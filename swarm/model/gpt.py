@@ -56,7 +56,7 @@ class Head(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(cfg.d_model)
-        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.weight: torch.Tensor = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))  # as nn.Linear declares it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.ln(x), self.weight)

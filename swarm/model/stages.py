@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class StageInputError(SwarmError):
     """An activation sent to a stage has the wrong shape or dtype; the request is rejected."""
+
+    code = "stage_input"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +51,8 @@ class InputSpec:
         for got, want in zip(x.shape[1:], self.tail_shape, strict=False):
             if want >= 0 and got != want:
                 raise StageInputError(
-                    f"stage {stage} expects inputs of shape [B, {', '.join(map(str, self.tail_shape))}], got {list(x.shape)}"
+                    f"stage {stage} expects inputs of shape [B, {', '.join(map(str, self.tail_shape))}], "
+                    f"got {list(x.shape)}"
                 )
         if self.max_value is not None and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.max_value):
             raise StageInputError(f"stage {stage} expects token ids in [0, {self.max_value}), got out-of-range ids")
@@ -109,7 +113,8 @@ class PipelineModel(nn.Module):
         return x
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.stages[-1].loss(self(ids), targets)
+        last = cast(StageModel, self.stages[-1])  # nn.ModuleList is not generic: it holds the StageModels given
+        return last.loss(self(ids), targets)
 
 
 def stage_block_ranges(num_blocks: int, num_stages: int) -> list[range]:

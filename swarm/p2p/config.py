@@ -18,6 +18,12 @@ class TransportConfig(Config, section="transport"):
 
     ``listen_maddrs`` are ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>`` (port 0 picks a free port); ``()`` makes a
     dial-only transport. Every timeout is in seconds; every size in bytes.
+
+    Connection budgets (docs/transport.md, "Connection budgets"): ``max_connections`` established connections
+    (both directions), of which ``max_connections_per_ip`` inbound ones from one source address (an IPv6 /64);
+    ``max_pending_connections`` inbound connections still in the handshake, ``max_pending_per_ip`` from one
+    address; ``protected_reserve_fraction`` of ``max_connections`` is kept for protected peers
+    (``Transport.protect``). Refusals and evictions are summarized once per ``connection_log_interval_s``.
     """
 
     listen_maddrs: tuple[str, ...] = setting(default=(), doc="Multiaddrs to listen on (port 0: any free port).")
@@ -26,7 +32,24 @@ class TransportConfig(Config, section="transport"):
     handshake_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of the Noise handshake.")
     write_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of draining one write.")
     idle_timeout_s: float = setting(default=120.0, gt=0, le=86400, doc="A connection idle this long is closed.")
-    max_connections: int = setting(default=512, ge=1, le=1_000_000, doc="Most open connections.")
+    max_connections: int = setting(
+        default=512, ge=1, le=1_000_000, doc="Most established connections, both directions together."
+    )
+    max_connections_per_ip: int = setting(
+        default=128, ge=1, le=1_000_000, doc="Most inbound established connections from one address (IPv6: /64)."
+    )
+    max_pending_connections: int = setting(
+        default=64, ge=1, le=1_000_000, doc="Most inbound connections still in the handshake."
+    )
+    max_pending_per_ip: int = setting(
+        default=16, ge=1, le=1_000_000, doc="Most inbound connections in the handshake from one address."
+    )
+    protected_reserve_fraction: float = setting(
+        default=0.125, ge=0, le=0.5, doc="Share of max_connections kept for protected peers."
+    )
+    connection_log_interval_s: float = setting(
+        default=10.0, gt=0, le=86400, doc="Refusals and evictions are summarized once per this many seconds."
+    )
     max_inflight_requests_per_peer: int = setting(
         default=128, ge=1, le=1_000_000, doc="Most requests one peer may have in flight here."
     )
@@ -55,3 +78,8 @@ class TransportConfig(Config, section="transport"):
                 f"must be at most max_frame_size_bytes - 64 ({self.max_frame_size_bytes - 64}), "
                 f"got {self.max_message_size_bytes!r}",
             )
+
+    @property
+    def reserved_connections(self) -> int:
+        """Established slots only protected peers may take: ``protected_reserve_fraction`` of ``max_connections``."""
+        return int(self.max_connections * self.protected_reserve_fraction)

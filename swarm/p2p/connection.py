@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -27,14 +27,26 @@ from swarm.p2p.framing import (
     PING_PAYLOAD_BYTES,
     RECORD_PREFIX,
     Chunk,
+    ErrorCode,
     Frame,
     FrameParser,
     FrameType,
     WriteScratch,
+    decode_error,
+    encode_error,
 )
 from swarm.p2p.noise import TAG_LEN, CipherState, HandshakeState, make_payload, verify_payload
+from swarm.p2p.refusal import AT_CONNECTION_LIMIT, AT_LIMIT_TEXT, encode_refusal, parse_refusal
 from swarm.p2p.streams import Stream
-from swarm.errors import HandshakeError, PeerIDMismatchError, ProtocolError, RpcTimeoutError, SwarmError, TransportError
+from swarm.errors import (
+    HandshakeError,
+    OverloadedError,
+    PeerIDMismatchError,
+    ProtocolError,
+    RpcTimeoutError,
+    SwarmError,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,8 @@ class ConnectionOwner(Protocol):
     def on_request(self, conn: Connection, stream: Stream, frame: Frame) -> None: ...
 
     def on_connection_closed(self, conn: Connection) -> None: ...
+
+    def on_connection_warning(self, conn: Connection, reason: str) -> None: ...
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -91,6 +105,10 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_waiter: asyncio.Future[None] | None = None
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
+        self._recv_ready: CipherState | None = None  # set by the handshake, used once begin_frames() admits us
+        self._refusing: asyncio.TimerHandle | None = None  # the linger timer of a refusal
+        self._replied = False  # as the responder: handshake message 2 is sent
+        self._close_error: type[TransportError] = TransportError
         self._parser = FrameParser(config.max_frame_size_bytes, self._on_frame)
         self._next_stream_id = 1 if initiator else 2
         self._paused = False
@@ -108,13 +126,14 @@ class Connection(asyncio.BufferedProtocol):
 
     @property
     def is_open(self) -> bool:
-        return not self._closed.done() and self._send is not None
+        return not self._closed.done() and self._send is not None and self._refusing is None
 
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # a TCP transport, as create_server/connection give
-        transport.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
+        tcp = cast(asyncio.Transport, transport)  # a TCP transport, as create_server/create_connection give
+        self._transport = tcp
+        tcp.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
         peer = transport.get_extra_info("peername")
         if peer:
             self.remote_host, self.remote_port = str(peer[0]), int(peer[1])
@@ -129,6 +148,9 @@ class Connection(asyncio.BufferedProtocol):
         return self._rview[self._rend :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._refusing is not None:  # refused: drop what the peer still sends until it closes
+            self._rstart = self._rend = 0
+            return
         self._rend += nbytes
         self._grow_or_count(nbytes == self._offered_bytes)
         if self._recv is not None:
@@ -188,8 +210,10 @@ class Connection(asyncio.BufferedProtocol):
         self._rstart = pos
 
     def eof_received(self) -> bool:
-        if self._send is None:
-            self.close("the peer closed the connection during the handshake", warn=True)
+        if self._refusing is not None:
+            self.close("refused; the peer closed the connection", warn=False)
+        elif self._send is None:  # a dialler's handshake raises the reason (a refusal may be in the buffer)
+            self.close("the peer closed the connection during the handshake", warn=not self.initiator)
         elif self._rend > self._rstart or self._parser.mid_frame:
             self.close("the peer closed the connection in the middle of a frame (truncated)", warn=True)
         else:
@@ -239,7 +263,11 @@ class Connection(asyncio.BufferedProtocol):
         payload = make_payload(identity, static_key)
         if self.initiator:
             self._write_record(hs.write_message(b""))
-            remote = verify_payload(hs.read_message(await self._read_handshake_message()), hs.rs or b"")
+            message = await self._read_handshake_message()
+            refusal = parse_refusal(message)
+            if refusal is not None:
+                self._raise_refused(*refusal)
+            remote = verify_payload(hs.read_message(message), hs.rs or b"")
             if expected is not None and remote != expected:
                 raise PeerIDMismatchError(
                     f"dialled {self.remote_host}:{self.remote_port} expecting peer {expected} but it proved to be "
@@ -249,15 +277,57 @@ class Connection(asyncio.BufferedProtocol):
         else:
             hs.read_message(await self._read_handshake_message())
             self._write_record(hs.write_message(payload))
+            self._replied = True
             remote = verify_payload(hs.read_message(await self._read_handshake_message()), hs.rs or b"")
         self.peer_id = remote
         self.last_active_s = time.monotonic()
-        self._send, self._recv = hs.split()
-        self._process_records(self._recv)  # transport records that came right after message 3
+        self._send, self._recv_ready = hs.split()
+        return remote
+
+    def _raise_refused(self, code: str, message: str) -> None:
+        where = f"{self.remote_host}:{self.remote_port}"
+        if code == AT_CONNECTION_LIMIT:
+            raise OverloadedError(
+                f"{where} refused the connection: {AT_LIMIT_TEXT} ({message}); retry later or use another peer"
+            )
+        raise TransportError(f"{where} refused the connection ({code}): {message}")
+
+    def begin_frames(self) -> None:
+        """The transport admitted this connection after its handshake: read frames (those that came right after
+        handshake message 3 were held until now)."""
+        if self._recv_ready is None or self._closed.done():
+            return
+        self._recv, self._recv_ready = self._recv_ready, None
+        self._process_records(self._recv)
         if self._reading_paused and self._transport is not None and not self._closed.done():
             self._reading_paused = False
             self._transport.resume_reading()
-        return remote
+
+    def refuse(self, message: str, linger_s: float) -> bool:
+        """Tell the peer that we are at our connection limit, then close. Before the handshake the refusal
+        record takes the place of message 2; after it, an ERROR frame on stream 0 (code ``overloaded``). We
+        half-close and drop the peer's input until it closes or ``linger_s`` passes: closing a socket with
+        unread input would reset it and could destroy the refusal before the peer reads it. False (nothing
+        sent) if the connection is closed or between handshake messages 2 and 3, where no refusal fits."""
+        if self._closed.done() or self._refusing is not None or self._transport is None:
+            return False
+        if self._send is None and self._replied:
+            return False
+        if self._send is not None:
+            self.send_frame(0, FrameType.ERROR, 0, encode_error(ErrorCode.OVERLOADED, message))
+        else:
+            self._write_record(encode_refusal(message))
+        self._rstart = self._rend = 0
+        self._refusing = asyncio.get_running_loop().call_later(
+            linger_s, lambda: self.close(f"refused: {message}", warn=False)
+        )
+        try:
+            if self._transport.can_write_eof():
+                self._transport.write_eof()
+        except OSError:  # the peer is gone already
+            self.close(f"refused: {message}", warn=False)
+            return False
+        return True
 
     # -- writing --
 
@@ -290,12 +360,13 @@ class Connection(asyncio.BufferedProtocol):
         self._transport.write(out_view)
         if self._transport.get_write_buffer_size() == 0:  # the socket took it all: nothing refers to `out`
             self._scratch.give_back(out)
-        self.last_active_s = time.monotonic()
+        if ftype is not FrameType.PING and ftype is not FrameType.PONG:
+            self.last_active_s = time.monotonic()
 
     async def drain(self) -> None:
         """Wait until the socket's write buffer is below its limit; close the connection after write_timeout_s."""
         if self._closed.done():
-            raise TransportError(f"connection to {self.peer_short} is closed: {self.close_reason}")
+            raise self._close_error(f"connection to {self.peer_short} is closed: {self.close_reason}")
         if not self._paused:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -306,7 +377,7 @@ class Connection(asyncio.BufferedProtocol):
         except TimeoutError:
             self.close(f"the peer stopped reading for write_timeout_s={self.config.write_timeout_s}s", warn=True)
         if self._closed.done():
-            raise TransportError(f"connection to {self.peer_short} is closed: {self.close_reason}")
+            raise self._close_error(f"connection to {self.peer_short} is closed: {self.close_reason}")
 
     # -- frames --
 
@@ -318,23 +389,20 @@ class Connection(asyncio.BufferedProtocol):
             > (2 * self.config.write_buffer_high_bytes + self.config.max_frame_size_bytes)
         ):
             raise ProtocolError("the peer keeps sending but does not read our answers")
+        ftype = frame.type
+        if ftype is FrameType.PING or ftype is FrameType.PONG:  # keep-alives: not activity (see docs/transport.md)
+            self._on_ping(ftype, frame.payload)
+            return
         self.last_active_s = time.monotonic()  # complete frames only: a trickled half frame stays idle
-        ftype, stream = frame.type, self.streams.get(frame.stream_id)
+        stream = self.streams.get(frame.stream_id)
         if ftype is FrameType.REQUEST:
             if stream is not None or frame.stream_id % 2 == self._next_stream_id % 2 or frame.stream_id == 0:
                 raise ProtocolError(f"REQUEST with a bad or reused stream id {frame.stream_id}")
             stream = Stream(self, frame.stream_id, "?", window_bytes=self.config.stream_window_bytes)
             self.streams[frame.stream_id] = stream
             self.owner.on_request(self, stream, frame)
-        elif ftype is FrameType.PING or ftype is FrameType.PONG:
-            if len(frame.payload) != PING_PAYLOAD_BYTES:
-                raise ProtocolError(f"{ftype.name} frame of {len(frame.payload)} bytes; expected {PING_PAYLOAD_BYTES}")
-            if ftype is FrameType.PING:
-                self.send_frame(0, FrameType.PONG, 0, frame.payload)
-                return
-            waiter = self._pings.pop(bytes(frame.payload), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        elif ftype is FrameType.ERROR and frame.stream_id == 0:
+            self._on_connection_error(frame.payload)
         elif stream is None:
             return  # a late frame for a stream that is finished or cancelled here: harmless
         elif ftype is FrameType.REPLY or ftype is FrameType.ERROR:
@@ -355,12 +423,31 @@ class Connection(asyncio.BufferedProtocol):
             reason = bytes(frame.payload[:1000]).decode("utf-8", "replace")
             stream.fail(TransportError(f"{self.peer_short} reset the stream {stream.method}: {reason}"))
 
+    def _on_ping(self, ftype: FrameType, payload: bytes | memoryview) -> None:
+        if len(payload) != PING_PAYLOAD_BYTES:
+            raise ProtocolError(f"{ftype.name} frame of {len(payload)} bytes; expected {PING_PAYLOAD_BYTES}")
+        if ftype is FrameType.PING:
+            self.send_frame(0, FrameType.PONG, 0, payload)
+            return
+        waiter = self._pings.pop(bytes(payload), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_connection_error(self, payload: bytes | memoryview) -> None:
+        """An ERROR frame on stream 0: the peer closes the whole connection, e.g. it is at its connection limit."""
+        code, message = decode_error(bytes(payload))
+        if code == ErrorCode.OVERLOADED.value:
+            self._close_error = OverloadedError
+            self.close(f"{AT_LIMIT_TEXT} ({message[:400]}); retry later or use another peer", warn=False)
+        else:
+            self.close(f"the peer closed the connection with an error ({code[:100]}): {message[:400]}", warn=False)
+
     # -- client helpers --
 
     def open_stream(self, method: str) -> Stream:
         """A new outgoing stream with its reply future registered."""
         if not self.is_open:
-            raise TransportError(f"connection to {self.peer_short} is closed: {self.close_reason}; retry to redial")
+            raise self._close_error(f"connection to {self.peer_short} is closed: {self.close_reason}; retry to redial")
         stream_id = self._next_stream_id
         if stream_id >= 2**32 - 2:
             self.close("stream ids exhausted", warn=False)
@@ -407,8 +494,10 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.close_reason = reason
         self._closed.set_result(None)
-        if warn:
-            log.warning("%s: closing connection to %s: %s", self.local_short, self.peer_short, reason)
+        if self._refusing is not None:
+            self._refusing.cancel()
+        if warn:  # rate limited by the owner: anyone can open connections that fail
+            self.owner.on_connection_warning(self, reason)
         else:
             log.debug("%s: closing connection to %s: %s", self.local_short, self.peer_short, reason)
         if self._transport is not None:
@@ -416,7 +505,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._transport.close()
             else:
                 self._transport.abort()
-        error = TransportError(f"connection to {self.peer_short} closed: {reason}; retry to redial")
+        error = self._close_error(f"connection to {self.peer_short} closed: {reason}; retry to redial")
         for stream in list(self.streams.values()):
             stream.fail(error)
         self.streams.clear()

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy
 
+from swarm.errors import GENERIC_CODE, FrameTooLargeError, ProtocolError, is_valid_code, register_code
 from swarm.p2p.messages import packb, unpackb
-from swarm.errors import FrameTooLargeError, ProtocolError
 
 FRAME_HEADER = struct.Struct(">IBBI")
 FRAME_HEADER_BYTES = FRAME_HEADER.size
@@ -55,7 +55,7 @@ class WriteScratch:
 class FrameType(enum.IntEnum):
     REQUEST = 1  # payload: packb([method, timeout_ms, body])
     REPLY = 2  # payload: packb(body)
-    ERROR = 3  # payload: packb({"code": str, "message": str})
+    ERROR = 3  # payload: packb({"code": str token, "message": str}); see encode_error
     DATA = 4  # payload: one chunk of a stream
     END = 5  # no more DATA in this direction
     WINDOW = 6  # payload: u32 more bytes the sender of this frame will accept on the stream
@@ -68,13 +68,28 @@ FLAG_CHUNKS = 0x01  # on REQUEST / REPLY: DATA frames follow, then END
 _KNOWN_FLAGS = FLAG_CHUNKS
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
+    """The transport's own error codes. A handler's SwarmError sends its class's ``code`` (swarm.errors)."""
+
     OVERLOADED = "overloaded"
     UNKNOWN_METHOD = "unknown_method"
     BAD_REQUEST = "bad_request"
     FAILED = "failed"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+
+
+for _code in ErrorCode:
+    register_code(_code.value)
+
+MAX_ERROR_MESSAGE_CHARS = 4000
+MAX_ERROR_PAYLOAD_BYTES = 16 * 1024
+
+
+def code_text(code: ErrorCode | str) -> str:
+    """The wire token of ``code``: a valid token as it is, anything else as the generic code."""
+    text = code.value if isinstance(code, ErrorCode) else code
+    return text if is_valid_code(text) else GENERIC_CODE
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +111,7 @@ def encode_request(method: str, timeout_s: float, body: Any) -> bytes:
     return packb([method, max(1, int(timeout_s * 1000)), body])
 
 
-def decode_request(payload: bytes, *, max_size_bytes: int) -> RequestHead:
+def decode_request(payload: bytes | memoryview, *, max_size_bytes: int) -> RequestHead:
     obj = unpackb(payload, max_size_bytes=max_size_bytes)
     if (
         not isinstance(obj, list)
@@ -110,12 +125,18 @@ def decode_request(payload: bytes, *, max_size_bytes: int) -> RequestHead:
     return RequestHead(method=obj[0], timeout_s=obj[1] / 1000.0, body=obj[2])
 
 
-def encode_error(code: ErrorCode, message: str) -> bytes:
-    return packb({"code": code.value, "message": message[:4000]})
+def encode_error(code: ErrorCode | str, message: str) -> bytes:
+    """An ERROR payload: ``{code, message}``; the code is a short ASCII token (see swarm.errors)."""
+    return packb({"code": code_text(code), "message": message[:MAX_ERROR_MESSAGE_CHARS]})
 
 
-def decode_error(payload: bytes) -> tuple[str, str]:
-    obj = unpackb(payload, max_size_bytes=16 * 1024)
+def decode_error(payload: bytes | memoryview) -> tuple[str, str]:
+    """``(code, message)`` of an ERROR payload as sent; ProtocolError unless it is a map of two strings.
+
+    The code is not checked here: the caller reads it with `swarm.errors.known_code` (malformed or unknown
+    codes become the generic one).
+    """
+    obj = unpackb(payload, max_size_bytes=MAX_ERROR_PAYLOAD_BYTES)
     if not isinstance(obj, dict) or not isinstance(obj.get("code"), str) or not isinstance(obj.get("message"), str):
         raise ProtocolError("error frame must be a map {code: str, message: str}")
     return obj["code"], obj["message"]
@@ -206,7 +227,7 @@ class FrameParser:
         self._head = (stream_id, frame_type, flags)
         self._need = length
         if length > self.DIRECT_PAYLOAD_BYTES:
-            self._buffer, self._filled = memoryview(numpy.empty(length, dtype=numpy.uint8)), 0
+            self._buffer, self._filled = numpy.empty(length, dtype=numpy.uint8).data, 0
 
     def _finish(self) -> None:
         head, parts, buffer = self._head, self._parts, self._buffer
@@ -216,6 +237,8 @@ class FrameParser:
         payload: bytes | memoryview
         if buffer is not None:
             payload = buffer
+        elif len(parts) == 1:
+            payload = bytes(parts[0])
         else:
-            payload = b"".join(parts) if len(parts) != 1 else bytes(parts[0])
+            payload = b"".join(parts)
         self._on_frame(Frame(head[0], head[1], head[2], payload))

@@ -6,13 +6,15 @@ decoded object against the field annotations and raises :class:`ProtocolError` o
 handlers only ever see well-typed values. Range checks go in ``__post_init__`` (raise ``ValueError``);
 they are turned into ``ProtocolError`` too.
 
-Supported annotations: ``int``, ``float`` (ints accepted), ``str``, ``bytes``, ``bool``, ``None``,
-``X | None``, ``list[T]``, ``tuple[T, ...]``, ``dict[K, V]``, nested ``Message`` subclasses, ``Any``.
+Supported annotations: ``int``, ``float`` (ints accepted), ``str``, ``bytes``, ``bool``, ``None``, a
+``StrEnum`` (travels as its string), ``X | None``, ``list[T]``, ``tuple[T, ...]``, ``dict[K, V]``, nested
+``Message`` subclasses, ``Any``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
@@ -31,7 +33,7 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpackb(data: bytes | memoryview, *, max_size_bytes: int = DEFAULT_MAX_MESSAGE_SIZE_BYTES) -> Any:
+def unpackb(data: bytes | bytearray | memoryview, *, max_size_bytes: int = DEFAULT_MAX_MESSAGE_SIZE_BYTES) -> Any:
     """msgpack-decode untrusted bytes with size limits; ProtocolError on anything malformed."""
     if len(data) > max_size_bytes:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_size_bytes}")
@@ -49,15 +51,20 @@ class Message:
     """Base of typed wire messages. Subclasses are ``@dataclass(frozen=True, kw_only=True)``."""
 
     _hints_cache: ClassVar[dict[type, dict[str, Any]]] = {}
+    # Declared for the type checker only (every subclass is a dataclass, which sets it): makes a Message a
+    # dataclass instance for dataclasses.fields / replace.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def pack(self) -> bytes:
         return packb(self.to_wire())
 
     @classmethod
-    def unpack(cls: type[M], data: bytes | memoryview, *, max_size_bytes: int = DEFAULT_MAX_MESSAGE_SIZE_BYTES) -> M:
+    def unpack(
+        cls: type[M], data: bytes | bytearray | memoryview, *, max_size_bytes: int = DEFAULT_MAX_MESSAGE_SIZE_BYTES
+    ) -> M:
         return cls.from_wire(unpackb(data, max_size_bytes=max_size_bytes))
 
     @classmethod
@@ -66,7 +73,7 @@ class Message:
         if not isinstance(obj, dict):
             raise ProtocolError(f"{cls.__name__}: expected a map, got {type(obj).__name__}")
         hints = cls._hints()
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(obj) - set(fields)
         if unknown:
             raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
@@ -159,4 +166,9 @@ def _check_scalar(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (bytes, bytearray)):
             raise ProtocolError(f"{where}: expected bytes, got {type(value).__name__}")
         return bytes(value)
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        choices = [member.value for member in hint]
+        if not isinstance(value, str) or value not in choices:
+            raise ProtocolError(f"{where}: expected one of {choices}, got {value!r}")
+        return hint(value)
     raise TypeError(f"{where}: unsupported annotation {hint!r} in a Message")

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message, packb
@@ -18,12 +18,21 @@ from swarm.p2p.framing import (
     ErrorCode,
     FrameType,
     RequestHead,
+    code_text,
     decode_error,
     encode_error,
     encode_request,
 )
 from swarm.p2p.streams import Stream
-from swarm.errors import OverloadedError, ProtocolError, RemoteError, RpcTimeoutError, SwarmError, TransportError
+from swarm.errors import (
+    OverloadedError,
+    ProtocolError,
+    RemoteError,
+    RpcTimeoutError,
+    SwarmError,
+    TransportError,
+    known_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,7 @@ class HandlerEntry:
     streaming: bool
 
 
-def reject(conn: Connection, stream: Stream, code: ErrorCode, message: str) -> None:
+def reject(conn: Connection, stream: Stream, code: ErrorCode | str, message: str) -> None:
     """Answer a request with an error frame and forget its stream."""
     conn.send_frame(stream.id, FrameType.ERROR, 0, encode_error(code, message))
     conn.streams.pop(stream.id, None)
@@ -102,9 +111,9 @@ async def serve_request(conn: Connection, stream: Stream, entry: HandlerEntry, h
         )
         _fail(conn, stream, reply_sent, ErrorCode.TIMEOUT, message)
     except ProtocolError as e:
-        _fail(conn, stream, reply_sent, ErrorCode.BAD_REQUEST, str(e))
-    except SwarmError as e:
-        _fail(conn, stream, reply_sent, ErrorCode.FAILED, f"{type(e).__name__}: {e}")
+        _fail(conn, stream, reply_sent, e.code, str(e))
+    except SwarmError as e:  # the reply carries the error's code: callers decide on it, never on the text
+        _fail(conn, stream, reply_sent, e.code, f"{type(e).__name__}: {e}")
     except Exception as e:  # a bug in a handler must not take the node down
         log.exception("%s: handler of %s failed on a request from %s", conn.local_short, entry.method, conn.peer_short)
         _fail(conn, stream, reply_sent, ErrorCode.INTERNAL, f"{type(e).__name__} in the handler (see the peer's log)")
@@ -114,25 +123,36 @@ async def serve_request(conn: Connection, stream: Stream, entry: HandlerEntry, h
             conn.send_frame(stream.id, FrameType.RESET, 0, b"the handler finished without reading all chunks")
 
 
-def _fail(conn: Connection, stream: Stream, reply_sent: bool, code: ErrorCode, message: str) -> None:
+def _fail(conn: Connection, stream: Stream, reply_sent: bool, code: ErrorCode | str, message: str) -> None:
+    text = code_text(code)
     log.warning(
-        "%s: request %s from %s failed (%s): %s", conn.local_short, stream.method, conn.peer_short, code.value, message
+        "%s: request %s from %s failed (%s): %s", conn.local_short, stream.method, conn.peer_short, text, message
     )
     if stream.error is not None:
         return
     if reply_sent:
-        conn.send_frame(stream.id, FrameType.RESET, 0, f"{code.value}: {message}".encode()[:1000])
+        conn.send_frame(stream.id, FrameType.RESET, 0, f"{text}: {message}".encode()[:1000])
     else:
-        conn.send_frame(stream.id, FrameType.ERROR, 0, encode_error(code, message))
+        conn.send_frame(stream.id, FrameType.ERROR, 0, encode_error(text, message))
 
 
 def _parse_reply(conn: Connection, stream: Stream, result: ReplyFrame, reply_type: type[M]) -> M:
     ftype, _, payload = result
     if ftype is FrameType.ERROR:
-        code, message = decode_error(payload)
-        if code == ErrorCode.OVERLOADED.value:
+        sent, message = decode_error(payload)
+        code = known_code(sent)
+        if code != sent:
+            log.warning(
+                "%s: %s answered %s with a malformed or unknown error code %r; read as %r",
+                conn.local_short,
+                conn.peer_short,
+                stream.method,
+                sent[:40],
+                code,
+            )
+        if code == OverloadedError.code:
             raise OverloadedError(f"{conn.peer_short} is overloaded ({message}); retry later or use another peer")
-        raise RemoteError(f"{conn.peer_short} answered {stream.method} with an error ({code}): {message}")
+        raise RemoteError(f"{conn.peer_short} answered {stream.method} with an error ({code}): {message}", code=code)
     return reply_type.unpack(payload, max_size_bytes=conn.config.max_message_size_bytes)
 
 
@@ -178,10 +198,10 @@ async def call(conn: Connection, method: str, request: Message, reply_type: type
         conn.streams.pop(stream.id, None)
 
 
-class StreamReply:
+class StreamReply(Generic[M]):
     """The caller's side of an open stream: the typed ``reply`` header and the reply's byte ``chunks()``."""
 
-    def __init__(self, stream: Stream, reply: Message, has_chunks: bool, timeout_s: float) -> None:
+    def __init__(self, stream: Stream, reply: M, has_chunks: bool, timeout_s: float) -> None:
         self._stream = stream
         self.reply = reply
         self.has_chunks = has_chunks
@@ -223,7 +243,7 @@ async def open_stream(
     reply_type: type[M],
     chunks: AsyncIterable[Chunk] | None,
     timeout_s: float,
-) -> AsyncIterator[StreamReply]:
+) -> AsyncIterator[StreamReply[M]]:
     """Send ``header`` (and ``chunks``), wait for the typed reply; each wait is bounded by ``timeout_s``."""
     payload = _encode(conn, method, header, timeout_s)
     stream = conn.open_stream(method)

@@ -16,6 +16,7 @@ from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, format_maddr, parse_maddr
 from swarm.p2p.messages import Message
 from swarm.p2p import rpc
+from swarm.p2p.admission import Admission
 from swarm.p2p.config import TransportConfig
 from swarm.p2p.connection import Connection
 from swarm.p2p.framing import FLAG_CHUNKS, Chunk, ErrorCode, Frame, WriteScratch, decode_request
@@ -42,6 +43,7 @@ class Transport:
         self._addresses: dict[PeerID, list[PeerAddress]] = {}
         self._conns: dict[PeerID, list[Connection]] = {}
         self._all: set[Connection] = set()
+        self._admission = Admission(config, log, identity.peer_id.short())  # the connection budgets
         self._dials: dict[Any, asyncio.Task[Connection]] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -103,6 +105,7 @@ class Transport:
             tasks.append(self._reaper)
         for task in tasks:
             task.cancel()
+        self._admission.close_all()
         for conn in list(self._all):
             conn.close("the transport is stopping", warn=False)
             tasks.extend(conn.tasks)
@@ -168,12 +171,41 @@ class Transport:
         for conn in list(self._conns.get(peer_id, ())):
             conn.close("disconnected on request", warn=False)
 
+    # -- protected peers (docs/transport.md, "Connection budgets") --
+
+    def protect(self, peer_id: PeerID, tag: str) -> None:
+        """Mark ``peer_id`` as needed by the component ``tag`` (e.g. ``"dht.routing"``): its connections are
+        never evicted, may use the slots reserved for protected peers, and skip the per-address cap."""
+        self._admission.budget.protect(peer_id, tag)
+
+    def unprotect(self, peer_id: PeerID, tag: str) -> bool:
+        """Drop ``tag``'s protection of ``peer_id``; True if another tag still protects it."""
+        return self._admission.budget.unprotect(peer_id, tag)
+
+    def set_protected(self, tag: str, peers: Iterable[PeerID]) -> None:
+        """Make ``peers`` exactly the peers ``tag`` protects (protects the new ones, unprotects the dropped ones)."""
+        self._admission.budget.set_protected(tag, peers)
+
+    def is_protected(self, peer_id: PeerID) -> bool:
+        return self._admission.budget.is_protected(peer_id)
+
+    def protected_peers(self, tag: str | None = None) -> set[PeerID]:
+        """The peers ``tag`` protects (any tag if None)."""
+        return self._admission.budget.protected_peers(tag)
+
+    def connection_counts(self) -> dict[str, int]:
+        """``pending`` (inbound handshakes) and ``established`` connections, as the budgets count them."""
+        budget = self._admission.budget
+        return {"pending": budget.pending_count, "established": budget.established_count}
+
     # -- calls --
 
     async def connect(self, peer: PeerLike) -> PeerID:
         """Dial ``peer`` (or reuse the open connection) and return its authenticated PeerID."""
         conn = await self._connection(peer)
-        return conn.peer_id  # type: ignore[return-value]
+        if conn.peer_id is None:  # _connection returns only connections whose handshake finished
+            raise TransportError("internal: a connection without an authenticated peer id")
+        return conn.peer_id
 
     async def call(
         self, peer: PeerLike, method: str, request: Message, reply_type: type[M], *, timeout_s: float | None = None
@@ -193,7 +225,7 @@ class Transport:
         *,
         chunks: AsyncIterable[Chunk] | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[StreamReply]:
+    ) -> AsyncIterator[StreamReply[M]]:
         """Open a stream: send ``header`` and ``chunks``; yields a StreamReply (``reply``, ``chunks()``).
 
         ``timeout_s`` bounds each wait (the reply header, each chunk, each window grant), so a stalled peer
@@ -222,6 +254,8 @@ class Transport:
             raise TransportError("the transport is not running; call start() first")
         if isinstance(peer, str):
             peer = parse_maddr(peer)
+        peer_id: PeerID | None
+        addrs: tuple[PeerAddress, ...]
         if isinstance(peer, PeerID):
             peer_id, addrs = peer, self.addresses(peer)
             if not addrs and self._open_connection(peer) is None:
@@ -251,16 +285,21 @@ class Transport:
                 return await self._dial(addr)
             except (TransportError, HandshakeError) as e:
                 errors.append(e)
-        if len(errors) == 1:
+        if len(errors) == 1 or all(isinstance(e, OverloadedError) for e in errors):
             raise errors[0]
         who = peer_id.short() if peer_id is not None else "the peer"
         raise TransportError(f"cannot reach {who} at any known address: " + "; ".join(map(str, errors)))
 
     async def _dial(self, addr: PeerAddress) -> Connection:
-        if len(self._all) >= self.config.max_connections:
-            raise OverloadedError(
-                f"max_connections={self.config.max_connections} reached; close idle peers or raise it"
-            )
+        with self._admission.dial_slot():  # OverloadedError if every slot is taken and busy
+            conn = await self._dial_and_handshake(addr)
+            self._admission.dialled(conn)
+        self.add_addresses(conn.peer_id, [addr])  # type: ignore[arg-type]  # the handshake set it
+        self._add_connection(conn)
+        conn.begin_frames()
+        return conn
+
+    async def _dial_and_handshake(self, addr: PeerAddress) -> Connection:
         family = socket.AF_INET6 if addr.protocol in ("ip6", "dns6") else socket.AF_INET
         loop = asyncio.get_running_loop()
         try:
@@ -278,14 +317,14 @@ class Transport:
             raise HandshakeError(
                 f"handshake with {addr} did not finish within {self.config.handshake_timeout_s}s; is it a swarm node?"
             ) from None
-        except SwarmError as e:
-            conn.close(f"handshake failed: {e}", warn=True)
+        except SwarmError as e:  # a refusal is the peer's honest answer, not a fault: no warning
+            conn.close(f"handshake failed: {e}", warn=not isinstance(e, OverloadedError))
             raise
         if peer_id == self.peer_id:
             conn.close("dialled ourselves", warn=False)
             raise TransportError(f"{addr} is this node itself; leave it out of the peers to dial")
-        self.add_addresses(peer_id, [addr])
-        self._add_connection(conn)
+        if conn.closed:
+            raise TransportError(f"connection to {addr} closed right after the handshake: {conn.close_reason}")
         return conn
 
     def _inbound_protocol(self) -> Connection:
@@ -299,11 +338,13 @@ class Transport:
         )
 
     def on_connection_made(self, conn: Connection) -> None:
-        """Connection callback: start the handshake of an accepted connection (or refuse it over the limit)."""
+        """Connection callback: start the handshake of an accepted connection, within the pending budget."""
         if conn.initiator:
             return
-        if not self._running or len(self._all) >= self.config.max_connections:
-            conn.close(f"refused: max_connections={self.config.max_connections} reached", warn=True)
+        if not self._running:
+            conn.close("refused: the transport is stopping", warn=False)
+            return
+        if not self._admission.accept(conn):
             return
         self._all.add(conn)
         task = asyncio.get_running_loop().create_task(self._accept(conn))
@@ -322,7 +363,14 @@ class Transport:
         except SwarmError as e:
             conn.close(f"handshake failed: {e}", warn=True)
             return
+        if not self._admission.establish(conn):
+            return
         self._add_connection(conn)
+        conn.begin_frames()
+
+    def on_connection_warning(self, conn: Connection, reason: str) -> None:
+        """Connection callback: a connection closes for a reason worth a warning (rate limited: see connlog)."""
+        self._admission.warn_close(conn, reason)
 
     def _add_connection(self, conn: Connection) -> None:
         peer_id = conn.peer_id
@@ -350,6 +398,7 @@ class Transport:
 
     def on_connection_closed(self, conn: Connection) -> None:
         """Connection callback: forget a closed connection (the reaper or stop() awaits its last tasks)."""
+        self._admission.closed(conn)
         if not conn.tasks:
             self._all.discard(conn)
         if conn.peer_id is None or conn not in self._conns.get(conn.peer_id, ()):
@@ -418,6 +467,7 @@ class Transport:
         period_s = min(1.0, self.config.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(period_s)
+            self._admission.log.flush_if_due()
             now = time.monotonic()
             for conn in list(self._all):
                 if conn.closed and not conn.tasks:

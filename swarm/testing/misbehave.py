@@ -8,9 +8,10 @@ Kinds:
 * ``forge-receipts``: as a caller, also signs receipts for itself (and for a colluder) for work never done;
 * ``replay``: re-sends the gradients of an old step to the all-reduce.
 
-The stage server calls `Misbehaviour.outputs` on what it is about to return, the trainer calls
-`Misbehaviour.gradients` on what it is about to average, and the driver calls `Misbehaviour.forged_receipts`
-when it flushes its receipts. With ``kind=None`` every hook returns its input unchanged.
+`Misbehaviour` implements `swarm.training.hooks.NodeHooks`, the one interface the product calls: the stage
+server passes what it returns through `stage_outputs`, the trainer passes what it averages through
+`gradients_to_average`, and the verification loop publishes `extra_receipts` (forged ones, once per step).
+With ``kind=None`` every hook returns its input unchanged. The node builds it (`hooks_for`) from its config.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import logging
 
 import torch
 
-from swarm.p2p.identity import Identity, PeerID
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError
+from swarm.p2p.identity import Identity, PeerID
+from swarm.training.hooks import HONEST, NodeHooks
 from swarm.verification.common import digest_parts
 from swarm.verification.receipts import WorkClaim, WorkReceipt, forge_receipt
 
@@ -55,18 +57,59 @@ def parse_misbehave_spec(text: str) -> tuple[str, int]:
     return kind, int(count)
 
 
+def misbehave_args(num_nodes: int, specs: tuple[tuple[str, int], ...]) -> dict[int, tuple[str, ...]]:
+    """Which training nodes of a local swarm cheat: the last ones (never node 0, the bootstrap peer, unless
+    every node cheats), as ``{index: ("--misbehave", KIND)}``."""
+    args: dict[int, tuple[str, ...]] = {}
+    index = num_nodes - 1
+    for kind, count in specs:
+        for _ in range(count):
+            args[index] = ("--misbehave", kind)
+            index -= 1
+    return args
+
+
+def hooks_for(cfg: MisbehaveConfig | None) -> NodeHooks:
+    """The hooks a node injects into its training role: `HONEST` unless ``cfg`` names a cheat."""
+    return HONEST if cfg is None or cfg.kind is None else Misbehaviour(cfg)
+
+
 class Misbehaviour:
-    """The cheating hooks of one node."""
+    """The cheating hooks of one node (a `swarm.training.hooks.NodeHooks`)."""
 
     def __init__(self, cfg: MisbehaveConfig) -> None:
         self.cfg = cfg
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self._first_gradients: list[torch.Tensor] | None = None
         self._forged = 0
+        self._forged_steps: set[int] = set()
 
     @property
     def kind(self) -> str | None:
         return self.cfg.kind
+
+    @property
+    def label(self) -> str | None:
+        """The cheat's name, reported as ``misbehave`` in the node's summary."""
+        return self.cfg.kind
+
+    @property
+    def rebalances(self) -> bool:
+        """A cheating node stays on the stage it joined: the demos measure detection, not a chase."""
+        return self.cfg.kind is None
+
+    def stage_outputs(self, kind: str, result: torch.Tensor) -> torch.Tensor:
+        return self.outputs(kind, result)
+
+    def gradients_to_average(self, step: int, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.gradients(step, grads)
+
+    def extra_receipts(self, identity: Identity, *, run_id: str, step: int, stage: int) -> list[WorkReceipt]:
+        """With ``forge-receipts``: forged receipts, once per step; else none."""
+        if self.cfg.kind != "forge-receipts" or step in self._forged_steps:
+            return []
+        self._forged_steps.add(step)
+        return self.forged_receipts(identity, run_id=run_id, step=step, stage=stage)
 
     def outputs(self, kind: str, result: torch.Tensor) -> torch.Tensor:
         """What a stage server returns for ``kind`` (forward/backward) instead of ``result``."""

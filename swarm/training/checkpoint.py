@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class CheckpointError(SwarmError):
     """A checkpoint or downloaded state does not match this stage (other run, stage or shapes), or is corrupt."""
 
+    code = "checkpoint"
+
 
 @dataclass(frozen=True, kw_only=True)
 class StageState:

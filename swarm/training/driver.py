@@ -56,12 +56,14 @@ class DriverConfig(Config, section="driver"):
 
 
 def is_stale_step(error: BaseException) -> bool:
-    """Whether ``error`` (local or a peer's answer) says the step is over or not open: no ban, no retry."""
-    return isinstance(error, StaleStepError) or (isinstance(error, RemoteError) and "StaleStepError" in str(error))
+    """Whether ``error`` (local, or a peer's answer by its code) says the step is over or not open: no ban, no retry."""
+    return isinstance(error, StaleStepError) or (isinstance(error, RemoteError) and error.code == StaleStepError.code)
 
 
 class _Stale(SwarmError):
     """Internal: a peer's answer said the step is over (raised inside a call so that no peer is banned)."""
+
+    code = "stale_reply"
 
 
 class Driver:
@@ -134,12 +136,11 @@ class Driver:
         acts: list[torch.Tensor] = [mb.inputs]
         forward_peers: list[Any] = []
         for stage in range(last):
-            peer, out = await self._call(
-                stage,
-                mb,
-                "forward",
-                lambda p, s=stage: self.client.forward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s]),
-            )
+
+            async def forward(p: Any, s: int = stage) -> torch.Tensor:
+                return await self.client.forward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s])
+
+            peer, out = await self._call(stage, mb, "forward", forward)
             forward_peers.append(peer)
             acts.append(out)
         _, (grad, loss) = await self._call(

@@ -7,10 +7,16 @@ decodes them with size limits and then checks shape and dtype against its stage 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from swarm.dht.keys import CONFIG, PEERS
+from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.p2p.messages import Message
+from swarm.training.node_role import PEER_RECORD_ROLES, Role
 
-ROLES = ("auto", "server", "trainer", "validator")
+MAX_RECORD_PERIOD_S = 60.0  # the longest `record_period_s` a node may use
+MAX_PEER_RECORD_TTL_S = 4 * MAX_RECORD_PERIOD_S  # peer and progress records: a few record periods at most
+MAX_CONFIG_RECORD_TTL_S = 3600.0  # ``runs/{name}/config``: nodes store it for an hour
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +94,7 @@ class StateHeader(Message):
 class PeerRecord(Message):
     """A node's entry under ``{run}/peers`` (subkey ``[owner:<PeerID>]``): what it serves and how fast."""
 
-    role: str
+    role: Role
     stage: int | None
     maddrs: list[str]
     throughput: float
@@ -96,9 +102,24 @@ class PeerRecord(Message):
     config_hash: str
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
+        object.__setattr__(self, "role", Role.parse(self.role, allowed=PEER_RECORD_ROLES))  # ConfigError: ValueError
         if self.stage is not None and self.stage < 0:
             raise ValueError("stage must be >= 0")
         if self.throughput < 0 or self.step < 0:
             raise ValueError("throughput and step must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfigRecord(Message):
+    """The value under ``runs/{name}/config``: the run config's hash and its dictionary form."""
+
+    hash: str
+    config: dict[str, Any]
+
+
+PEERS_SCHEMA = RecordSchema(
+    key=PEERS, kind=RecordKind.OWNED, value_types=(PeerRecord,), max_ttl_s=MAX_PEER_RECORD_TTL_S
+)
+CONFIG_SCHEMA = RecordSchema(
+    key=CONFIG, kind=RecordKind.VALUE, value_types=(RunConfigRecord,), max_ttl_s=MAX_CONFIG_RECORD_TTL_S
+)

@@ -12,8 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from swarm.p2p.messages import Message
+from swarm.dht.keys import PROGRESS
+from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.errors import ProtocolError
+from swarm.p2p.messages import Message
+from swarm.training.messages import MAX_PEER_RECORD_TTL_S
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,11 @@ class ProgressRecord(Message):
             raise ValueError("step, samples and samples_per_s must be >= 0")
 
 
+PROGRESS_SCHEMA = RecordSchema(
+    key=PROGRESS, kind=RecordKind.OWNED, value_types=(ProgressRecord,), max_ttl_s=MAX_PEER_RECORD_TTL_S
+)
+
+
 def parse_records(items: Iterable[tuple[Any, Any]]) -> dict[str, ProgressRecord]:
     """(subkey, value) pairs from the DHT -> records by subkey; malformed values are skipped."""
     out: dict[str, ProgressRecord] = {}
@@ -47,16 +55,6 @@ def parse_records(items: Iterable[tuple[Any, Any]]) -> dict[str, ProgressRecord]
 def step_samples(records: Iterable[ProgressRecord], step: int) -> int:
     """Samples completed in ``step`` over all drivers."""
     return sum(r.samples for r in records if r.step == step)
-
-
-def target_reached(records: Iterable[ProgressRecord], step: int, target_batch_size: int) -> bool:
-    """Whether the step's samples reached the target batch size."""
-    return step_samples(records, step) >= target_batch_size
-
-
-def latest_step(records: Iterable[ProgressRecord], default: int = 0) -> int:
-    """The newest step any driver reports (a node below it has fallen behind)."""
-    return max((r.step for r in records), default=default)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,7 @@ from swarm.compression import (
 from swarm.p2p.identity import PeerID
 from swarm.p2p import RpcContext, Transport
 from swarm.training.checkpoint import StageState, capture_state
+from swarm.training.hooks import HONEST, NodeHooks
 from swarm.errors import CodecError, ProtocolError, SwarmError
 from swarm.training.messages import (
     BackwardReply,
@@ -36,7 +37,6 @@ from swarm.training.messages import (
     StateRequest,
     TensorInfo,
 )
-from swarm.testing.misbehave import Misbehaviour
 from swarm.model.stages import StageInputError
 from swarm.training.stage_server import StageServer
 from swarm.verification.witness import ReceiptCollector, ServerWitness
@@ -80,7 +80,7 @@ class StageService:
         server_of: Callable[[], StageServer | None],
         witness: ServerWitness | None = None,
         collector: ReceiptCollector | None = None,
-        misbehaviour: Misbehaviour | None = None,
+        hooks: NodeHooks = HONEST,
         refuse: Callable[[PeerID], bool] | None = None,
     ) -> None:
         self.transport = transport
@@ -89,7 +89,7 @@ class StageService:
         self.server_of = server_of
         self.witness = witness  # verification: retains served work for verify.fetch and acks it
         self.collector = collector  # verification: signs receipts for callers' own upstream work
-        self.misbehaviour = misbehaviour  # --misbehave (tests and demos only)
+        self.hooks = hooks  # what the server returns passes through hooks.stage_outputs
         self.refuse = refuse  # callers this node serves no work for (caught by its gradient checks)
 
     def register(self) -> None:
@@ -98,6 +98,13 @@ class StageService:
         self.transport.register_stream("state.download", StateRequest, self.rpc_state_download)
         if self.witness is not None:
             self.witness.service.register(self.transport)
+
+    def unregister(self) -> None:
+        """Stop serving what `register` registered (the transport is shared and stays up)."""
+        for method in ("stage.forward", "stage.backward", "state.download"):
+            self.transport.unregister(method)
+        if self.witness is not None:
+            self.witness.service.unregister(self.transport)
 
     def _ack(
         self, ctx: RpcContext, req: ForwardRequest | BackwardRequest, kind: str, outputs: list[bytes], num_samples: int
@@ -146,8 +153,7 @@ class StageService:
         out = await asyncio.to_thread(
             server.forward, inputs, step=req.step, microbatch_id=f"{ctx.peer_id.to_base58()}/{req.microbatch_id}"
         )
-        if self.misbehaviour is not None:
-            out = self.misbehaviour.outputs("forward", out)
+        out = self.hooks.stage_outputs("forward", out)
         encoded = await asyncio.to_thread(encode, out, self.policy, Role.ACTIVATIONS)
         return ForwardReply(outputs=encoded, ack=self._ack(ctx, req, "forward", [encoded], int(inputs.shape[0])))
 
@@ -166,8 +172,8 @@ class StageService:
             grad_out = decode(req.grad_outputs or b"", "grad_outputs", dtype=torch.float32, device=device)
             loss = None
             grad = await asyncio.to_thread(server.backward, inputs, grad_out, step=req.step, microbatch_id=mb_id)
-        if grad is not None and self.misbehaviour is not None:
-            grad = self.misbehaviour.outputs("backward", grad)
+        if grad is not None:
+            grad = self.hooks.stage_outputs("backward", grad)
         encoded = None if grad is None else await asyncio.to_thread(encode, grad, self.policy, Role.ACTIVATION_GRADS)
         ack = self._ack(ctx, req, "backward", [] if encoded is None else [encoded], int(inputs.shape[0]))
         return BackwardReply(grad_inputs=encoded, loss=loss, ack=ack)
@@ -263,7 +269,7 @@ class RemoteStageClient:
         local_server: Callable[[], StageServer | None],
         collector: ReceiptCollector | None = None,
         witness: ServerWitness | None = None,
-        misbehaviour: Misbehaviour | None = None,
+        hooks: NodeHooks = HONEST,
     ) -> None:
         self.transport = transport
         self.policy = policy
@@ -272,7 +278,7 @@ class RemoteStageClient:
         self.local_server = local_server
         self.collector = collector  # verification: signs a receipt for each acknowledged remote result
         self.witness = witness  # verification: witnesses this node's own stage work for the next stage's server
-        self.misbehaviour = misbehaviour  # --misbehave (tests and demos only)
+        self.hooks = hooks  # what the server returns passes through hooks.stage_outputs
         self._own_work: OrderedDict[str, tuple[int, bytes, int]] = OrderedDict()  # mb id -> stage, inputs, samples
 
     def _attach_upstream(self, peer: PeerID, req: M) -> M:
@@ -296,8 +302,7 @@ class RemoteStageClient:
         self, local: StageServer, *, stage: int, step: int, microbatch_id: str, inputs: torch.Tensor
     ) -> torch.Tensor:
         out = await asyncio.to_thread(local.forward, inputs, step=step, microbatch_id=microbatch_id)
-        if self.misbehaviour is not None:
-            out = self.misbehaviour.outputs("forward", out)
+        out = self.hooks.stage_outputs("forward", out)
         if self.witness is not None:
             self._own_work[microbatch_id] = (
                 stage,

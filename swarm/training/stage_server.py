@@ -8,7 +8,7 @@ all-reduce weighted by samples gives the mean over the whole step.
 Backward works on any replica: if this server ran the forward of the microbatch it reuses the retained
 autograd graph (a bounded window keyed by microbatch id), otherwise it recomputes from the resent inputs.
 Work tagged with a step other than the current one, or arriving while the step is closed for averaging, is
-rejected. A `StageObserver` (the verification layer's hook) sees every input/output pair.
+rejected. The compute itself is `swarm.training.compute`, which the validator's replay runs as well.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Protocol
 
 import torch
 
@@ -27,22 +26,22 @@ from swarm.errors import SwarmError
 from swarm.model.optim import set_step_lr
 from swarm.model.stages import StageInputError, StageModel
 from swarm.run.config import OptimizerConfig
+from swarm.training.compute import input_grad, loss_backward, outputs_backward, stage_forward, stage_loss
 
 log = logging.getLogger(__name__)
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """``p``'s gradient buffer: `StageServer.zero_grad` gives every trained parameter one when it is built."""
+    if p.grad is None:
+        raise SwarmError("internal: a trained parameter has no gradient buffer (zero_grad was not called)")
+    return p.grad
 
 
 class StaleStepError(SwarmError):
     """The request names another step than this server's, or the step is closed for averaging; retry."""
 
-
-class StageObserver(Protocol):
-    """Sees each served microbatch (verification receipts/retention hook); must be cheap and not raise."""
-
-    def on_forward(self, microbatch_id: str, step: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None: ...
-
-    def on_backward(
-        self, microbatch_id: str, step: int, inputs: torch.Tensor, grad_inputs: torch.Tensor | None
-    ) -> None: ...
+    code = "stale_step"
 
 
 class StageServerConfig(Config, section="stage_server"):
@@ -63,13 +62,11 @@ class StageServer:
         cfg: StageServerConfig,
         *,
         step: int = 0,
-        observer: StageObserver | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.optimizer_cfg = optimizer_cfg
         self.cfg = cfg
-        self.observer = observer
         self.step = step
         self.samples = 0
         self.busy_s = 0.0
@@ -93,18 +90,13 @@ class StageServer:
         with self.lock:
             self._check_step(step)
             started = time.perf_counter()
-            leaf = self._leaf(inputs)
-            with torch.enable_grad():
-                outputs = self.model(leaf)
+            leaf, outputs = stage_forward(self.model, inputs)
             self.busy_s += time.perf_counter() - started
             if self.cfg.retained_graphs:
                 self._graphs[microbatch_id] = (leaf, outputs)
                 while len(self._graphs) > self.cfg.retained_graphs:
                     self._graphs.popitem(last=False)
-        result = outputs.detach()
-        if self.observer is not None:
-            self.observer.on_forward(microbatch_id, step, inputs, result)
-        return result
+        return outputs.detach()
 
     def backward(
         self, inputs: torch.Tensor, grad_outputs: torch.Tensor, *, step: int, microbatch_id: str
@@ -123,11 +115,8 @@ class StageServer:
                 )
             if not bool(torch.isfinite(grad_outputs).all()):
                 raise StageInputError(f"stage {self.index} got non-finite grad_outputs; the request is rejected")
-            outputs.backward(grad_outputs)
-            grad_inputs = self._finish(leaf, inputs, started)
-        if self.observer is not None:
-            self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
-        return grad_inputs
+            outputs_backward(outputs, grad_outputs)
+            return self._finish(leaf, inputs, started)
 
     def loss_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, *, step: int, microbatch_id: str
@@ -144,17 +133,11 @@ class StageServer:
         with self.lock:
             self._check_step(step)
             started = time.perf_counter()
-            leaf = self._leaf(inputs)
-            with torch.enable_grad():
-                outputs = self.model(leaf)
-                loss = self.model.loss(outputs, targets)
+            leaf, loss = stage_loss(self.model, inputs, targets)
             if not bool(torch.isfinite(loss)):
                 raise SwarmError(f"stage {self.index} computed a non-finite loss; the microbatch is dropped")
-            (loss * inputs.shape[0]).backward()
+            loss_backward(loss, int(inputs.shape[0]))
             grad_inputs = self._finish(leaf, inputs, started)
-        if self.observer is not None:
-            self.observer.on_forward(microbatch_id, step, inputs, outputs.detach())
-            self.observer.on_backward(microbatch_id, step, inputs, grad_inputs)
         return float(loss.detach()), grad_inputs
 
     # ---- steps ---------------------------------------------------------------------------------------------
@@ -169,7 +152,7 @@ class StageServer:
         """The accumulated gradients divided by the samples served (zeros if none): what the all-reduce averages."""
         with self.lock:
             scale = 1.0 / self.samples if self.samples else 0.0
-            return [(p.grad.detach() * scale).cpu() for p in self.parameters()]
+            return [(_grad(p).detach() * scale).cpu() for p in self.parameters()]
 
     def apply_step(
         self, gradients: list[torch.Tensor], *, new_step: int | None = None, replace: Mapping[int, torch.Tensor] = {}
@@ -193,7 +176,7 @@ class StageServer:
                 for index, value in replace.items():
                     params[index].copy_(value)
             for p, g in zip(params, gradients, strict=False):
-                p.grad.copy_(g)
+                _grad(p).copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
             self.optimizer.step()
             self.step = self.step + 1 if new_step is None else new_step
@@ -225,7 +208,7 @@ class StageServer:
 
     def _reset(self) -> None:
         for p in self.parameters():
-            p.grad.zero_()
+            _grad(p).zero_()
         self.samples = 0
         self.accepting = True
         self._graphs.clear()
@@ -239,19 +222,14 @@ class StageServer:
         if step != self.step or not self.accepting:
             raise StaleStepError(f"stage {self.index} is not accepting work for step {step} (at {self.step}); retry")
 
-    def _leaf(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
-
     def _graph_for(self, microbatch_id: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._graphs.pop(microbatch_id, None)
         if cached is not None and cached[0].shape == inputs.shape and torch.equal(cached[0].detach(), inputs):
             return cached
-        leaf = self._leaf(inputs)
-        with torch.enable_grad():
-            return leaf, self.model(leaf)
+        return stage_forward(self.model, inputs)
 
     def _finish(self, leaf: torch.Tensor, inputs: torch.Tensor, started: float) -> torch.Tensor | None:
         self.samples += int(inputs.shape[0])
         self.total_samples += int(inputs.shape[0])
         self.busy_s += time.perf_counter() - started
-        return leaf.grad.detach() if leaf.is_floating_point() and leaf.grad is not None else None
+        return input_grad(leaf)

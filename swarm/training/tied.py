@@ -143,6 +143,9 @@ class TiedService:
     def register(self) -> None:
         self.transport.register("stage.tied", TiedRequest, self.rpc_tied)
 
+    def unregister(self) -> None:
+        self.transport.unregister("stage.tied")
+
     async def rpc_tied(self, ctx: RpcContext, req: TiedRequest) -> TiedReply:
         server = self.server_of()
         if req.run_id != self.run_id or server is None or server.index != req.stage or tied_index(server) is None:

@@ -9,12 +9,16 @@ from swarm.run.config import RunConfig
 from swarm.training.driver import DriverConfig
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError
-from swarm.training.messages import ROLES
+from swarm.training.messages import MAX_RECORD_PERIOD_S
+from swarm.training.node_role import TRAINING_ROLES, Role
 from swarm.training.verifying import NodeVerificationConfig
 from swarm.training.wiring import WiringConfig
 
 DEVICES = ("cpu", "cuda", "mps")
-TRAINING_ROLES = tuple(role for role in ROLES if role != "validator")  # --role validator has its own config
+
+
+def _training_role(value: object) -> Role:
+    return Role.parse(value, allowed=TRAINING_ROLES)
 
 
 class TrainingConfig(Config, section="training"):
@@ -22,13 +26,23 @@ class TrainingConfig(Config, section="training"):
 
     run: RunConfig = setting(doc="The run this node trains.")
     stage: int | None = setting(default=None, ge=0, doc="Stage to serve (None: choose the weakest).")
-    role: str = setting(default="auto", choices=TRAINING_ROLES, doc="auto, server (serve only) or trainer (drive).")
+    role: Role = setting(
+        default=Role.AUTO,
+        convert=_training_role,
+        choices=tuple(role.value for role in Role if role in TRAINING_ROLES),
+        doc="auto (serve, and drive on stage 0), server (serve only) or trainer (drive only); a string is parsed.",
+    )
     device: str = setting(default="cpu", choices=DEVICES, doc="Torch device of the stage: cpu, cuda or mps.")
     checkpoint_dir: Path | None = setting(default=None, doc="Where stage checkpoints go (None: none).")
     save_every_steps: int = setting(default=5, ge=1, le=10_000, doc="Steps between checkpoints.")
     max_steps: int | None = setting(default=None, ge=1, doc="Stop after this many optimizer steps (None: never).")
     summary_path: Path | None = setting(default=None, doc="Write the node's summary JSON here when it stops.")
-    record_period_s: float = setting(default=5.0, gt=0, le=86400, doc="Seconds between republishes of own records.")
+    record_period_s: float = setting(
+        default=5.0,
+        gt=0,
+        le=MAX_RECORD_PERIOD_S,
+        doc="Seconds between republishes of own records (a peer record lives two; nodes refuse longer-lived ones).",
+    )
     poll_interval_s: float = setting(
         default=0.2, gt=0, le=86400, doc="Seconds between polls while waiting on the swarm."
     )

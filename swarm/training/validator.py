@@ -1,43 +1,38 @@
 """The validator role (``swarm-node start --role validator``): keeps every stage's weights in sync like a joining
 peer, samples published receipts, replays them and publishes signed verdicts; it is an orchestrator candidate.
 
-`StageReplayer` implements `swarm.verification.replay.Replayer` with the run's stage models: it keeps the weights of
-each (stage, step) it downloaded (the last ``retention_steps`` steps) and recomputes forward and backward
-exactly as `StageServer` does.
+It replays with `swarm.training.replayer.StageReplayer`, which recomputes forward and backward with the functions
+`StageServer` serves with (`swarm.training.compute`). Its loops run on `swarm.training.runloop.RunLoop`, like the
+trainer's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from swarm.p2p.identity import Identity, PeerID
-from swarm.p2p.maddr import parse_maddr
-from swarm.dht.records import owner_subkey
+from swarm.dht import DHT
+from swarm.dht.keys import owner_subkey, peers_key
 from swarm.p2p import Transport
-from swarm.training.checkpoint import StageState
 from swarm.run.config import RunConfig
 from swarm.configs import Config, setting
-from swarm.errors import AddressError, CodecError, ConfigError, SwarmError
+from swarm.errors import ConfigError, SwarmError
 from swarm.training.messages import PeerRecord
-from swarm.model.stages import StageInputError, StageModel, build_stages
-from swarm.training.stage_rpc import call_state_download, decode
-from swarm.training.view import SwarmView, peers_key, progress_key
+from swarm.training.replayer import StageReplayer, TransportFetcher
+from swarm.training.stage_rpc import call_state_download
+from swarm.training.node_role import Role
+from swarm.training.runloop import RunLoop, read_view
+from swarm.training.summary import NodeSummary
+from swarm.training.view import SwarmView
 from swarm.training.verifying import orchestrator_config
+from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator
 from swarm.verification.receipts import fetch_receipts
-from swarm.verification.replay import ReceiptChecker, ReplayUnavailableError
-from swarm.verification.retention import FetchReply, FetchRequest, call_fetch
+from swarm.verification.replay import ReceiptChecker
 from swarm.verification.verdicts import VerdictBatch, publish_verdicts
 
 log = logging.getLogger(__name__)
@@ -66,105 +61,11 @@ class ValidatorConfig(Config, section="validator"):
             raise ConfigError("verification.enabled is false in the run config; a validator has nothing to do")
 
 
-class StageReplayer:
-    """A `Replayer` over the run's stage models and the per-step weights this validator downloaded from each server.
-
-    A check uses the weights the checked server itself had at that step (replicas differ for a while after a
-    failed averaging round, and an honest server must not be flagged for that). If that server's state could
-    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if its state
-    was simply not fetched in time, the check is inconclusive.
-    """
-
-    def __init__(self, run: RunConfig, keep_steps: int) -> None:
-        self.models: list[StageModel] = build_stages(run)
-        self.keep = keep_steps * len(self.models) * 16
-        self._states: OrderedDict[tuple[int, int, PeerID], tuple[bytes, dict[str, torch.Tensor]]] = OrderedDict()
-        self.refused: set[tuple[int, int, PeerID]] = set()
-        self._lock = threading.Lock()
-
-    def has(self, stage: int, step: int, peer: PeerID) -> bool:
-        return (stage, step, peer) in self._states
-
-    def add_state(self, state: StageState, peer: PeerID) -> None:
-        """Keep the parameters ``peer`` had at ``state.step`` (with their digest)."""
-        params = {k[len("param.") :]: v for k, v in sorted(state.tensors.items()) if k.startswith("param.")}
-        digest = hashlib.sha256(b"".join(v.float().contiguous().numpy().tobytes() for v in params.values())).digest()
-        with self._lock:
-            self._states[(state.stage, state.step, peer)] = (digest, params)
-            while len(self._states) > self.keep:
-                self._states.popitem(last=False)
-
-    def _weights_for(self, stage: int, step: int, server: PeerID | None) -> dict[str, torch.Tensor]:
-        own = self._states.get((stage, step, server)) if server is not None else None
-        if own is not None:
-            return own[1]
-        others = [v for (s, t, _), v in self._states.items() if s == stage and t == step]
-        if server is not None and (stage, step, server) not in self.refused:
-            raise ReplayUnavailableError(f"the weights {server.short()} had at step {step} were not downloaded")
-        # agreement needs two replicas at least: one other replica may itself have diverged (a cheater
-        # averaging alone), and checking an honest server against it would flag the honest server
-        if len(others) < 2 or len({d for d, _ in others}) != 1:
-            raise ReplayUnavailableError(f"no weights of stage {stage} at step {step} that two replicas agree on")
-        return others[0][1]
-
-    def _load(self, stage: int, step: int, server: PeerID | None) -> StageModel:
-        params = self._weights_for(stage, step, server)
-        model = self.models[stage]
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(params[name].to(p.dtype).reshape(p.shape))
-        return model
-
-    def recompute(
-        self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes], server: PeerID | None = None
-    ) -> list[torch.Tensor]:
-        """Forward outputs, or the gradient w.r.t. the inputs, as `StageServer` computes them."""
-        with self._lock:
-            model = self._load(stage, step, server)
-            try:
-                x = decode(inputs[0], "inputs", dtype=model.input_spec.dtype)
-                leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
-                with torch.enable_grad():
-                    out = model(leaf)
-                    if kind == "forward":
-                        return [out.detach()]
-                    if model.is_last:
-                        targets = decode(inputs[1], "targets")
-                        (model.loss(out, targets) * x.shape[0]).backward()
-                    else:
-                        out.backward(decode(inputs[1], "grad_outputs", dtype=torch.float32))
-            except (StageInputError, IndexError) as e:
-                raise ReplayUnavailableError(f"the receipt's inputs do not replay: {e}") from None
-            finally:
-                model.zero_grad(set_to_none=True)
-            return [] if leaf.grad is None else [leaf.grad.detach()]
-
-    def decode_outputs(self, *, stage: int, kind: str, outputs: Sequence[bytes]) -> list[torch.Tensor]:
-        try:
-            return [decode(o, "claimed outputs", dtype=torch.float32) for o in outputs]
-        except StageInputError as e:
-            raise CodecError(str(e)) from None
-
-
-class TransportFetcher:
-    """A `Fetcher` over the node's transport."""
-
-    def __init__(self, transport: Transport, timeout_s: float) -> None:
-        self.transport = transport
-        self.timeout_s = timeout_s
-
-    async def fetch(self, server: PeerID, req: FetchRequest) -> FetchReply:
-        return await call_fetch(self.transport, server, req, self.timeout_s)
-
-
-class _Done(Exception):
-    """Internal: ends the role's TaskGroup."""
-
-
-class ValidatorRole:
+class ValidatorRole(RunLoop):
     """Syncs weights, checks closed windows, publishes verdicts, stands as orchestrator candidate."""
 
-    def __init__(self, cfg: ValidatorConfig, *, transport: Transport, dht: Any, identity: Identity) -> None:
+    def __init__(self, cfg: ValidatorConfig, *, transport: Transport, dht: DHT, identity: Identity) -> None:
+        super().__init__(poll_interval_s=cfg.poll_interval_s, summary_path=cfg.summary_path)
         self.cfg = cfg
         self.settings = cfg.run.verification
         self.run_id = cfg.run.run_id
@@ -185,7 +86,7 @@ class ValidatorRole:
             orchestrator_config(
                 self.settings,
                 run_id=self.run_id,
-                role="validator",
+                role=ElectionRole.VALIDATOR,
                 ledger_path=cfg.ledger_path,
                 tick_s=0.5,
                 dht_timeout_s=cfg.dht_timeout_s,
@@ -199,6 +100,7 @@ class ValidatorRole:
         self.next_window: int | None = None
         self._step_seen = 0
         self._newest_seen = 0
+        self._done_since: float | None = None  # since when the swarm is at max_steps (or its trainers are gone)
         self.stats = {"checks": 0, "failed": 0, "windows_checked": 0, "states_synced": 0}
         self.started = time.monotonic()
 
@@ -234,8 +136,8 @@ class ValidatorRole:
 
     def finished(self) -> bool:
         """With ``max_steps``: every attestable window was checked and has an accepted attestation."""
-        last = self.last_attestable_window()
-        if last is None or self.current_step() < self.cfg.max_steps:
+        max_steps, last = self.cfg.max_steps, self.last_attestable_window()
+        if max_steps is None or last is None or self.current_step() < max_steps:
             return False
         return (self.next_window or 0) > last and self.orchestrator.next_window > last
 
@@ -248,61 +150,45 @@ class ValidatorRole:
             self.settings.sample_probability,
             self.settings.window_steps,
         )
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch(stop_event))
-                tg.create_task(self._view_loop())
-                tg.create_task(self._check_loop())
-                tg.create_task(self._orchestrator_loop())
-        except* _Done:
-            pass
-        finally:
-            self.write_summary()
+        await self.run_loops(stop_event, [self._check_loop(), self._orchestrator_loop()])
 
-    async def _watch(self, stop_event: asyncio.Event) -> None:
-        done_since: float | None = None
-        while not stop_event.is_set():
-            if self.finished():
-                break
-            trainers_gone = self._step_seen > 0 and not any(r.stage is not None for r in self.view.peers.values())
-            if self.cfg.max_steps is not None and (self.current_step() >= self.cfg.max_steps or trainers_gone):
-                done_since = done_since or time.monotonic()
-                if time.monotonic() - done_since > FINISH_GRACE_S:
-                    log.warning(
-                        "%s: the swarm stopped at step %d; not every window was attested",
-                        self.me.short(),
-                        self.current_step(),
-                    )
-                    break
-            try:
-                async with asyncio.timeout(self.cfg.poll_interval_s):
-                    await stop_event.wait()
-            except TimeoutError:
-                pass
-        raise _Done()
+    async def _is_over(self, stop_event: asyncio.Event) -> bool:
+        """Every attestable window attested, or the swarm stopped ``FINISH_GRACE_S`` ago."""
+        if self.finished():
+            return True
+        trainers_gone = self._step_seen > 0 and not any(r.stage is not None for r in self.view.peers.values())
+        if self.cfg.max_steps is not None and (self.current_step() >= self.cfg.max_steps or trainers_gone):
+            self._done_since = self._done_since or time.monotonic()
+            if time.monotonic() - self._done_since > FINISH_GRACE_S:
+                log.warning(
+                    "%s: the swarm stopped at step %d; not every window was attested",
+                    self.me.short(),
+                    self.current_step(),
+                )
+                return True
+        return False
 
-    async def _view_loop(self) -> None:
-        while True:
+    async def refresh_view(self) -> bool:
+        view = await read_view(self.dht, self.transport, run_id=self.run_id, timeout_s=self.cfg.dht_timeout_s)
+        if view is not None:
+            self.view = view
+        return view is not None
+
+    async def _after_view(self, fresh: bool) -> None:
+        """Announce this validator (with a fresh view), then download the stages' new states."""
+        if fresh:
             try:
-                async with asyncio.timeout(self.cfg.dht_timeout_s):
-                    peers = await self.dht.get(peers_key(self.run_id), latest=True)
-                    progress = await self.dht.get(progress_key(self.run_id), latest=True)
-                self.view = SwarmView.parse(peers, progress)
                 await self._publish_record()
-                for peer, record in self.view.peers.items():
-                    if peer != self.me:
-                        self.transport.add_addresses(peer, [parse_maddr(m) for m in record.maddrs])
-            except (SwarmError, TimeoutError, OSError, AddressError) as e:
+            except (SwarmError, TimeoutError, OSError) as e:
                 log.warning("%s: could not refresh the swarm view: %s", self.me.short(), e)
-            await self._sync_states()
-            await asyncio.sleep(self.cfg.poll_interval_s)
+        await self._sync_states()
 
     async def _publish_record(self) -> None:
         """Announce this validator in ``{run}/peers`` (stage None): drivers may wait for it before starting."""
         if time.monotonic() - self._record_published < RECORD_PERIOD_S:
             return
         record = PeerRecord(
-            role="validator",
+            role=Role.VALIDATOR,
             stage=None,
             maddrs=list(self.transport.listen_maddrs),
             throughput=0.0,
@@ -398,20 +284,18 @@ class ValidatorRole:
                 log.warning("%s: orchestrator round failed: %s", self.me.short(), e)
             await asyncio.sleep(self.orchestrator.cfg.tick_s)
 
-    def write_summary(self) -> None:
-        """The validator's counts and attested windows as JSON (the launcher aggregates them)."""
-        if self.cfg.summary_path is None:
-            return
-        summary = {
-            "peer_id": self.me.to_base58(),
-            "role": "validator",
-            "step": self.current_step(),
-            "run_id": self.run_id,
-            **self.stats,
-            "attested_windows": [a.window for a in self.orchestrator.signed],
-            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-            "elapsed_s": time.monotonic() - self.started,
-        }
-        tmp = self.cfg.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary))
-        tmp.replace(self.cfg.summary_path)
+    def summary(self) -> NodeSummary:
+        """The validator's counts and attested windows (the launcher aggregates them)."""
+        return NodeSummary(
+            peer_id=self.me.to_base58(),
+            role=Role.VALIDATOR,
+            step=self.current_step(),
+            run_id=self.run_id,
+            checks=self.stats["checks"],
+            failed=self.stats["failed"],
+            windows_checked=self.stats["windows_checked"],
+            states_synced=self.stats["states_synced"],
+            attested_windows=[a.window for a in self.orchestrator.signed],
+            ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+            elapsed_s=time.monotonic() - self.started,
+        )

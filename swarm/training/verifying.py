@@ -1,9 +1,10 @@
-"""A training node's verification duties: ack and retain served work, sign and publish receipts, cheat on purpose
-(``--misbehave``), and stand as an orchestrator candidate (``--orchestrator-candidate``).
+"""A training node's verification duties: ack and retain served work, sign and publish receipts, and stand as
+an orchestrator candidate (``--orchestrator-candidate``).
 
-`TrainingRole` builds one `NodeVerification`, hands ``witness`` and ``misbehaviour`` to its `StageService` and
-``collector`` to its `RemoteStageClient`, runs `NodeVerification.run` in its TaskGroup and passes the step's
-gradients through ``misbehaviour.gradients`` before averaging.
+`swarm.training.trainer.build_training_role` builds one `NodeVerification` with the node's `NodeHooks` and hands
+``witness`` and ``hooks`` to the role's `StageService` and ``collector`` to its `RemoteStageClient`; the role runs
+`NodeVerification.run` in its TaskGroup and its `Stepper` passes the step's gradients through
+``hooks.gradients_to_average`` before averaging.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from swarm.p2p.identity import Identity, PeerID
 from swarm.configs import Config, setting
 from swarm.errors import SwarmError
-from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour
+from swarm.p2p.identity import Identity, PeerID
+from swarm.training.hooks import HONEST, NodeHooks
+from swarm.verification.common import RecordStore
+from swarm.training.summary import VerificationSummary
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
+from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
 from swarm.verification.settings import VerificationSettings
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
@@ -30,7 +34,6 @@ log = logging.getLogger(__name__)
 class NodeVerificationConfig(Config, section="node_verification"):
     """Per-node verification options (the run-wide ones are `VerificationSettings` in the run config)."""
 
-    misbehave: MisbehaveConfig = setting(default_factory=MisbehaveConfig, doc="Cheat on purpose (tests and demos).")
     orchestrator_candidate: bool = setting(default=False, doc="Stand for election as the rewards orchestrator.")
     ledger_path: Path | None = setting(default=None, doc="File of the reward ledger (candidates only).")
     tick_s: float = setting(default=0.5, gt=0, le=3600, doc="Seconds between rounds of the verification loop.")
@@ -41,7 +44,7 @@ def orchestrator_config(
     settings: VerificationSettings,
     *,
     run_id: str,
-    role: str,
+    role: ElectionRole,
     ledger_path: Path | None,
     tick_s: float,
     dht_timeout_s: float,
@@ -60,15 +63,22 @@ def orchestrator_config(
 
 
 class NodeVerification:
-    """Owns the witness, the receipt collector, the misbehaviour hooks and the optional orchestrator."""
+    """Owns the witness, the receipt collector, the node's hooks and the optional orchestrator."""
 
     def __init__(
-        self, settings: VerificationSettings, cfg: NodeVerificationConfig, *, run_id: str, identity: Identity, dht: Any
+        self,
+        settings: VerificationSettings,
+        cfg: NodeVerificationConfig,
+        *,
+        run_id: str,
+        identity: Identity,
+        dht: RecordStore,
+        hooks: NodeHooks = HONEST,
     ) -> None:
         self.settings = settings
         self.cfg = cfg
         self.identity = identity
-        self.misbehaviour = Misbehaviour(cfg.misbehave)
+        self.hooks = hooks
         self.witness: ServerWitness | None = None
         self.collector: ReceiptCollector | None = None
         self.orchestrator: Orchestrator | None = None
@@ -99,7 +109,7 @@ class NodeVerification:
                     orchestrator_config(
                         settings,
                         run_id=run_id,
-                        role="candidate",
+                        role=ElectionRole.CANDIDATE,
                         ledger_path=cfg.ledger_path,
                         tick_s=cfg.tick_s,
                         dht_timeout_s=cfg.dht_timeout_s,
@@ -109,17 +119,16 @@ class NodeVerification:
                 )
         self.run_id = run_id
         self._step_now: Callable[[], int] = lambda: 0
-        self._forged_steps: set[int] = set()
 
     async def run(self, current_step: Callable[[], int], current_stage: Callable[[], int | None]) -> None:
-        """Forever: publish closed windows' receipts (plus forged ones when misbehaving), run the orchestrator."""
+        """Forever: publish closed windows' receipts (plus the hooks' extra ones), run the orchestrator."""
         self._step_now = current_step
         if self.collector is None:
             return
         while True:
             step = current_step()
             try:
-                self._forge(step, current_stage())
+                self._add_extra_receipts(step, current_stage())
                 await self.collector.flush(step, now=time.time())
                 if self.gradients is not None:
                     async with asyncio.timeout(self.cfg.dht_timeout_s):
@@ -150,23 +159,20 @@ class NodeVerification:
         if self.gradients is not None and parts:
             await asyncio.to_thread(self.gradients.inspect, step, stage, parts)
 
-    def _forge(self, step: int, stage: int | None) -> None:
-        if self.misbehaviour.kind != "forge-receipts" or step in self._forged_steps or self.collector is None:
+    def _add_extra_receipts(self, step: int, stage: int | None) -> None:
+        if self.collector is None:
             return
-        self._forged_steps.add(step)
-        for receipt in self.misbehaviour.forged_receipts(
-            self.identity, run_id=self.run_id, step=step, stage=stage or 0
-        ):
+        for receipt in self.hooks.extra_receipts(self.identity, run_id=self.run_id, step=step, stage=stage or 0):
             self.collector.add(receipt)
 
-    def summary(self) -> dict[str, Any]:
-        """What the launcher reads: the cheat this node ran and what it attested."""
-        return {
-            "misbehave": self.misbehaviour.kind,
-            "orchestrator_candidate": self.orchestrator is not None,
-            "attested_windows": [a.window for a in self.orchestrator.signed] if self.orchestrator else [],
-            "ledger_path": str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
-        }
+    def summary(self) -> VerificationSummary:
+        """What the launcher reads: how this node deviated on purpose (its hooks' label) and what it attested."""
+        return VerificationSummary(
+            misbehave=self.hooks.label,
+            orchestrator_candidate=self.orchestrator is not None,
+            attested_windows=[a.window for a in self.orchestrator.signed] if self.orchestrator else [],
+            ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
+        )
 
 
 def ledger_path_for(data_dir: Path, run_id: str) -> Path:
@@ -174,12 +180,9 @@ def ledger_path_for(data_dir: Path, run_id: str) -> Path:
     return data_dir / "ledger" / f"{run_id}.jsonl"
 
 
-def node_verification_config(
-    *, misbehave: str | None, orchestrator_candidate: bool, data_dir: Path, run_id: str
-) -> NodeVerificationConfig:
-    """The per-node verification options from ``--misbehave`` and ``--orchestrator-candidate``."""
+def node_verification_config(*, orchestrator_candidate: bool, data_dir: Path, run_id: str) -> NodeVerificationConfig:
+    """The per-node verification options from ``--orchestrator-candidate``."""
     return NodeVerificationConfig(
-        misbehave=MisbehaveConfig(kind=misbehave),
         orchestrator_candidate=orchestrator_candidate,
         ledger_path=ledger_path_for(data_dir, run_id) if orchestrator_candidate else None,
     )
@@ -209,15 +212,3 @@ def rewards_summary(ledger_paths: list[Path], run_id: str) -> dict[str, Any]:
         "attestations": len(accepted),
         "attested_windows": [a.window for a in accepted],
     }
-
-
-def misbehave_args(num_nodes: int, specs: tuple[tuple[str, int], ...]) -> dict[int, tuple[str, ...]]:
-    """Which training nodes of a local swarm cheat: the last ones (never node 0, the bootstrap peer, unless
-    every node cheats), as ``{index: ("--misbehave", KIND)}``."""
-    args: dict[int, tuple[str, ...]] = {}
-    index = num_nodes - 1
-    for kind, count in specs:
-        for _ in range(count):
-            args[index] = ("--misbehave", kind)
-            index -= 1
-    return args

@@ -1,8 +1,8 @@
 """The swarm as seen in the DHT: stage records (`PeerRecord`) and progress records, parsed and summarised.
 
 Used by the trainer (whom to call, whom to average with, where to download state), by `swarm-dht stages` and by
-the launcher's live table. Records are signed by their owners (the DHT checks the ``[owner:...]`` subkey);
-malformed ones are skipped with a warning.
+the launcher's live table. Records are signed by their owners (the DHT checks the ``[owner:...]`` subkey); entries
+are read with the keys' schemas (`PEERS_SCHEMA`, `PROGRESS_SCHEMA`), which skip malformed ones with a warning.
 """
 
 from __future__ import annotations
@@ -13,35 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarm.p2p.identity import PeerID
-from swarm.errors import IdentityError, ProtocolError
-from swarm.training.messages import PeerRecord
-from swarm.training.progress import ProgressRecord, parse_records, step_samples
+from swarm.training.messages import PEERS_SCHEMA, PeerRecord
+from swarm.training.progress import PROGRESS_SCHEMA, ProgressRecord, step_samples
 
 log = logging.getLogger(__name__)
-
-
-def peers_key(run_id: str) -> str:
-    return f"{run_id}/peers"
-
-
-def progress_key(run_id: str) -> str:
-    return f"{run_id}/progress"
-
-
-def config_key(run_name: str) -> str:
-    """Not hashed: a node with a different config of the same run name finds it and learns which field differs."""
-    return f"runs/{run_name}/config"
-
-
-def subkey_peer(subkey: Any) -> PeerID | None:
-    """The PeerID named by an ``[owner:<PeerID>]`` subkey, or None."""
-    text = str(subkey)
-    if not (text.startswith("[owner:") and text.endswith("]")):
-        return None
-    try:
-        return PeerID.from_base58(text[len("[owner:") : -1])
-    except IdentityError:
-        return None
 
 
 @dataclass
@@ -54,18 +29,12 @@ class SwarmView:
     @classmethod
     def parse(cls, peers_value: Any, progress_value: Any) -> SwarmView:
         view = cls()
-        for subkey, value in _items(peers_value):
-            peer = subkey_peer(subkey)
-            if peer is None:
-                continue
-            try:
-                view.peers[peer] = PeerRecord.from_wire(value)
-            except ProtocolError as e:
-                log.warning("skipping a malformed stage record of %s: %s", peer.short(), e)
-        for subkey, record in parse_records(_items(progress_value)).items():
-            peer = subkey_peer(subkey)
-            if peer is not None:
-                view.progress[peer] = record
+        for entry in PEERS_SCHEMA.entries(peers_value):
+            if entry.owner is not None and isinstance(entry.value, PeerRecord):
+                view.peers[entry.owner] = entry.value
+        for entry in PROGRESS_SCHEMA.entries(progress_value):
+            if entry.owner is not None and isinstance(entry.value, ProgressRecord):
+                view.progress[entry.owner] = entry.value
         return view
 
     def stage_peers(self, stage: int) -> list[PeerID]:
@@ -104,12 +73,6 @@ class SwarmView:
             "loss": sum(losses) / len(losses) if losses else None,
             "samples_per_s": round(sum(r.samples_per_s for r in self.progress.values()), 3),
         }
-
-
-def _items(value: Any) -> list[tuple[Any, Any]]:
-    if not isinstance(value, dict):
-        return []
-    return [(k, getattr(v, "value", v)) for k, v in value.items()]
 
 
 def format_table(summary: dict[str, Any], *, eta_s: float | None = None) -> str:

@@ -28,6 +28,8 @@ R = TypeVar("R")
 class NoPeerError(NotFoundError):
     """No unbanned peer serves the stage right now; wait for one to join or move there."""
 
+    code = "no_peer"
+
 
 class WiringConfig(Config, section="wiring"):
     """EMA smoothing, ban backoff, and how many peers one request may try."""

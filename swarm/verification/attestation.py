@@ -18,12 +18,14 @@ from typing import Any
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
-from swarm.errors import ProtocolError
+from swarm.dht.keys import ATTESTATION, attestation_key, owner_subkey
+from swarm.dht.schema import RecordKind, RecordSchema
+from swarm.errors import RecordError
 from swarm.verification.common import (
     DIGEST_SIZE_BYTES,
+    MAX_RECORD_TTL_S,
     RecordStore,
     check_digest,
-    owner_subkey,
     peer_from_bytes,
     record_items,
     signing_body,
@@ -122,13 +124,14 @@ class Attestation(Message):
         return {PeerID(e.peer): e.share for e in self.shares}
 
 
+ATTESTATION_SCHEMA = RecordSchema(
+    key=ATTESTATION, kind=RecordKind.OWNED, value_types=(Attestation,), packed=True, max_ttl_s=MAX_RECORD_TTL_S
+)
+
+
 def leader_rank(run_id: str, peer: PeerID) -> bytes:
     """The election key: the live candidate with the smallest rank leads (same on every machine)."""
     return hashlib.sha256(_RANK_DOMAIN + run_id.encode() + peer.to_bytes()).digest()
-
-
-def attestation_key(run_id: str, window: int) -> str:
-    return f"{run_id}/attestation/{window}"
 
 
 def build_attestation(
@@ -193,10 +196,10 @@ async def fetch_attestations(store: RecordStore, run_id: str, window: int) -> li
     found = []
     for subkey, raw in record_items(await store.get(attestation_key(run_id, window), latest=True)):
         try:
-            if not isinstance(raw, (bytes, bytearray)):
-                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-            att = Attestation.unpack(raw)
-        except ProtocolError as e:
+            att = ATTESTATION_SCHEMA.parse_value(raw)
+            if not isinstance(att, Attestation):
+                raise RecordError(f"expected an Attestation, got a {type(att).__name__}")
+        except RecordError as e:
             log.warning("dropping a malformed attestation for %s window %d: %s", run_id, window, e)
             continue
         if subkey != owner_subkey(att.orchestrator_id):

@@ -11,21 +11,47 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message, packb
-from swarm.errors import ProtocolError
-from swarm.verification.common import RecordStore, owner_subkey, record_items
+from swarm.errors import RecordError
+from swarm.dht.keys import part_subkey
+from swarm.dht.schema import RecordSchema
+from swarm.verification.common import RecordStore, record_items
 
 log = logging.getLogger(__name__)
 
 MAX_PART_BYTES = 48 * 1024
-B = TypeVar("B", bound=Message)
 
 
-def part_subkey(peer_id: PeerID, part: int) -> str:
-    return f"{owner_subkey(peer_id)}#{part}"
+class BatchMessage(Protocol):
+    """What a batch message (ReceiptBatch, VerdictBatch) has: its label, publisher and part numbering."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def window(self) -> int: ...
+
+    @property
+    def publisher(self) -> bytes: ...
+
+    @property
+    def part(self) -> int: ...
+
+    @property
+    def num_parts(self) -> int: ...
+
+    def pack(self) -> bytes: ...
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview, *, max_size_bytes: int = ...) -> Self: ...
+
+
+B = TypeVar("B", bound=BatchMessage)
 
 
 def split_batch(batch: B, items_field: str, max_part_bytes: int = MAX_PART_BYTES) -> list[B]:
@@ -46,45 +72,55 @@ def split_batch(batch: B, items_field: str, max_part_bytes: int = MAX_PART_BYTES
     ]
 
 
-async def publish_batch(store: RecordStore, key: str, batch: Message, items_field: str, expiration_time: float) -> bool:
+async def publish_batch(
+    store: RecordStore, key: str, batch: BatchMessage, items_field: str, expiration_time: float
+) -> bool:
     """Store every part of ``batch`` under its publisher's part subkeys; True if all were stored."""
-    publisher = PeerID(batch.publisher)  # type: ignore[attr-defined]
+    publisher = PeerID(batch.publisher)
     ok = True
     for part in split_batch(batch, items_field):
-        ok &= bool(await store.store(key, part.pack(), expiration_time, subkey=part_subkey(publisher, part.part)))  # type: ignore[attr-defined]
+        ok &= bool(await store.store(key, part.pack(), expiration_time, subkey=part_subkey(publisher, part.part)))
     return ok
 
 
 def merge_batches(
-    result: Any, cls: type[B], items_field: str, run_id: str, window: int, check: Callable[[B], str | None]
+    result: Any,
+    schema: RecordSchema,
+    cls: type[B],
+    items_field: str,
+    run_id: str,
+    window: int,
+    check: Callable[[B], str | None],
 ) -> dict[PeerID, B]:
-    """Whole batches, by publisher, from a DHT ``get`` answer (see the module docstring for what is dropped)."""
+    """Whole batches, by publisher, from a DHT ``get`` answer (see the module docstring for what is dropped).
+
+    Each part's value is read with the key's ``schema``, as every node checks it on STORE."""
     parts: dict[PeerID, dict[int, B]] = {}
     for subkey, raw in record_items(result):
         try:
-            if not isinstance(raw, (bytes, bytearray)):
-                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-            batch = cls.unpack(raw)
-        except ProtocolError as e:
+            batch = schema.parse_value(raw)
+            if not isinstance(batch, cls):
+                raise RecordError(f"expected a {cls.__name__}, got a {type(batch).__name__}")
+        except RecordError as e:
             log.warning("dropping a malformed %s part for %s window %d: %s", cls.__name__, run_id, window, e)
             continue
-        publisher = PeerID(batch.publisher)  # type: ignore[attr-defined]
+        publisher = PeerID(batch.publisher)
         problem = None
-        if subkey != part_subkey(publisher, batch.part):  # type: ignore[attr-defined]
+        if subkey != part_subkey(publisher, batch.part):
             problem = f"stored under subkey {subkey!r}, not its own"
-        elif batch.run_id != run_id or batch.window != window:  # type: ignore[attr-defined]
-            problem = f"labelled {batch.run_id}/{batch.window}"  # type: ignore[attr-defined]
+        elif batch.run_id != run_id or batch.window != window:
+            problem = f"labelled {batch.run_id}/{batch.window}"
         else:
             problem = check(batch)
         if problem is not None:
             log.warning("dropping %s part of %s: %s", cls.__name__, publisher.short(), problem)
             continue
-        parts.setdefault(publisher, {})[batch.part] = batch  # type: ignore[attr-defined]
+        parts.setdefault(publisher, {})[batch.part] = batch
     merged: dict[PeerID, B] = {}
     for publisher, found in sorted(parts.items()):
-        num_parts = found[0].num_parts if 0 in found else 0  # type: ignore[attr-defined]
-        complete = [found.get(i) for i in range(num_parts)]
-        if num_parts == 0 or any(p is None or p.num_parts != num_parts for p in complete):  # type: ignore[attr-defined]
+        num_parts = found[0].num_parts if 0 in found else 0
+        complete = [found[i] for i in range(num_parts) if i in found]
+        if num_parts == 0 or len(complete) != num_parts or any(p.num_parts != num_parts for p in complete):
             log.warning("dropping incomplete %s of %s for window %d", cls.__name__, publisher.short(), window)
             continue
         items = [item for p in complete for item in getattr(p, items_field)]

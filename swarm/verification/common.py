@@ -11,6 +11,8 @@ from swarm.p2p.messages import packb
 from swarm.errors import IdentityError, ProtocolError, VerificationError
 
 DIGEST_SIZE_BYTES = 32
+MAX_RECORD_TTL_S = 7 * 86400.0  # receipts, verdicts, outlier reports, attestations: the audit trail lives a week
+MAX_HEARTBEAT_TTL_S = 86400.0  # ``{run}/orchestrator`` heartbeats (ElectionConfig.heartbeat_ttl_s's bound)
 
 
 def digest_parts(parts: Sequence[bytes]) -> bytes:
@@ -34,11 +36,6 @@ def peer_from_bytes(raw: bytes, what: str) -> PeerID:
         return PeerID(raw)
     except IdentityError as e:
         raise ProtocolError(f"{what}: {e}") from None
-
-
-def owner_subkey(peer_id: PeerID) -> str:
-    """The DHT subkey that only ``peer_id`` may write: ``[owner:<PeerID>]``."""
-    return f"[owner:{peer_id.to_base58()}]"
 
 
 def check_digest(value: bytes, what: str) -> None:

@@ -11,6 +11,7 @@ carries a term a verifier can check against the chain.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,14 +19,29 @@ from dataclasses import dataclass
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.configs import Config, setting
-from swarm.errors import ProtocolError
+from swarm.errors import ConfigError, RecordError
 from swarm.verification.attestation import leader_rank
-from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
+from swarm.dht.keys import ORCHESTRATOR, orchestrator_key, owner_subkey
+from swarm.dht.schema import RecordKind, RecordSchema
+from swarm.verification.common import MAX_HEARTBEAT_TTL_S, RecordStore, peer_from_bytes, record_items, signing_body
 
 log = logging.getLogger(__name__)
 
 _HEARTBEAT_DOMAIN = b"swarm/heartbeat/v1\x00"
-ROLES = ("validator", "candidate")
+
+
+class ElectionRole(enum.StrEnum):
+    """Who stands in an election: a validator, or a training node started with ``--orchestrator-candidate``."""
+
+    VALIDATOR = "validator"
+    CANDIDATE = "candidate"
+
+    @classmethod
+    def parse(cls, value: object) -> ElectionRole:
+        """The role named by ``value``; ConfigError (a ValueError) if it is none."""
+        if not isinstance(value, str) or value not in cls.__members__.values():
+            raise ConfigError(f"role must be one of {[r.value for r in cls]}, got {value!r}")
+        return cls(value)
 
 
 class ElectionConfig(Config, section="election"):
@@ -49,14 +65,13 @@ class ElectionConfig(Config, section="election"):
 class Heartbeat(Message):
     run_id: str
     candidate: bytes
-    role: str
+    role: ElectionRole
     issued_at: float
     expires_at: float
     signature: bytes
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        object.__setattr__(self, "role", ElectionRole.parse(self.role))
         if not self.expires_at > self.issued_at:
             raise ValueError("expires_at must be after issued_at")
         if len(self.signature) != SIGNATURE_SIZE_BYTES:
@@ -81,7 +96,14 @@ class Heartbeat(Message):
         )
 
 
-def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cfg: ElectionConfig) -> Heartbeat:
+ORCHESTRATOR_SCHEMA = RecordSchema(
+    key=ORCHESTRATOR, kind=RecordKind.OWNED, value_types=(Heartbeat,), packed=True, max_ttl_s=MAX_HEARTBEAT_TTL_S
+)
+
+
+def sign_heartbeat(
+    identity: Identity, *, run_id: str, role: ElectionRole, now: float, cfg: ElectionConfig
+) -> Heartbeat:
     unsigned = Heartbeat(
         run_id=run_id,
         candidate=identity.peer_id.to_bytes(),
@@ -91,10 +113,6 @@ def sign_heartbeat(identity: Identity, *, run_id: str, role: str, now: float, cf
         signature=bytes(SIGNATURE_SIZE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
-
-
-def orchestrator_key(run_id: str) -> str:
-    return f"{run_id}/orchestrator"
 
 
 async def publish_heartbeat(store: RecordStore, hb: Heartbeat) -> bool:
@@ -108,10 +126,10 @@ async def fetch_heartbeats(store: RecordStore, run_id: str) -> list[Heartbeat]:
     out = []
     for subkey, raw in record_items(await store.get(orchestrator_key(run_id), latest=True)):
         try:
-            if not isinstance(raw, (bytes, bytearray)):
-                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-            hb = Heartbeat.unpack(raw)
-        except ProtocolError as e:
+            hb = ORCHESTRATOR_SCHEMA.parse_value(raw)
+            if not isinstance(hb, Heartbeat):
+                raise RecordError(f"expected a Heartbeat, got a {type(hb).__name__}")
+        except RecordError as e:
             log.warning("dropping a malformed heartbeat for %s: %s", run_id, e)
             continue
         if hb.run_id == run_id and subkey == owner_subkey(hb.candidate_id):

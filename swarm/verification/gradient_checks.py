@@ -40,12 +40,21 @@ log = logging.getLogger(__name__)
 
 
 class InspectedValues(Protocol):
-    """One reduced part (`swarm.averaging.allreduce.InspectedPart`): each member's values and the center."""
+    """One reduced part (`swarm.averaging.allreduce.InspectedPart`): each member's values and the center.
 
-    start: int
-    end: int
-    values: Mapping[PeerID, torch.Tensor]
-    center: torch.Tensor
+    Read-only members, so that a frozen dataclass satisfies it."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
+
+    @property
+    def values(self) -> Mapping[PeerID, torch.Tensor]: ...
+
+    @property
+    def center(self) -> torch.Tensor: ...
 
 
 class GradientCheckConfig(Config, section="gradient_checks"):

@@ -10,6 +10,7 @@ A candidate that takes over therefore attests every window the old leader missed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from swarm.verification.attestation import (
 )
 from swarm.verification.common import RecordStore
 from swarm.verification.election import (
-    ROLES,
+    ElectionRole,
     ElectionConfig,
     choose_leader,
     fetch_heartbeats,
@@ -47,7 +48,12 @@ class OrchestratorConfig(Config, section="orchestrator"):
     """One candidate's settings; ``rewards`` and ``election`` come from the run config."""
 
     run_id: str = setting(doc="The run whose rewards are attested.")
-    role: str = setting(default="candidate", choices=ROLES, doc="validator or candidate.")
+    role: ElectionRole = setting(
+        default=ElectionRole.CANDIDATE,
+        convert=ElectionRole.parse,
+        choices=tuple(role.value for role in ElectionRole),
+        doc="validator or candidate (a string is parsed).",
+    )
     election: ElectionConfig = setting(default_factory=ElectionConfig, doc="Heartbeats of the election.")
     rewards: RewardConfig = setting(default_factory=RewardConfig, doc="How work is weighed.")
     settle_steps: int = setting(default=2, ge=0, le=1_000_000, doc="Steps after a window closes before attesting it.")
@@ -104,10 +110,8 @@ class Orchestrator:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         while True:

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.configs import Config, setting
-from swarm.errors import ProtocolError
-from swarm.verification.common import RecordStore, owner_subkey, peer_from_bytes, record_items, signing_body
+from swarm.errors import RecordError
+from swarm.dht.keys import OUTLIERS, outliers_key, owner_subkey
+from swarm.dht.schema import RecordKind, RecordSchema
+from swarm.verification.common import MAX_RECORD_TTL_S, RecordStore, peer_from_bytes, record_items, signing_body
 
 if TYPE_CHECKING:
     import torch
@@ -144,6 +146,11 @@ class OutlierReport(Message):
         return self.reporter_id.verify(self.signature, self.body())
 
 
+OUTLIERS_SCHEMA = RecordSchema(
+    key=OUTLIERS, kind=RecordKind.OWNED, value_types=(OutlierReport,), packed=True, max_ttl_s=MAX_RECORD_TTL_S
+)
+
+
 def sign_report(identity: Identity, *, run_id: str, window: int, entries: Sequence[OutlierEntry]) -> OutlierReport:
     unsigned = OutlierReport(
         run_id=run_id,
@@ -153,10 +160,6 @@ def sign_report(identity: Identity, *, run_id: str, window: int, entries: Sequen
         signature=bytes(SIGNATURE_SIZE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.body()))
-
-
-def outliers_key(run_id: str, window: int) -> str:
-    return f"{run_id}/outliers/{window}"
 
 
 async def publish_report(store: RecordStore, report: OutlierReport, expiration_time: float) -> bool:
@@ -173,10 +176,10 @@ async def fetch_reports(store: RecordStore, run_id: str, window: int) -> dict[Pe
     out: dict[PeerID, OutlierReport] = {}
     for subkey, raw in record_items(await store.get(outliers_key(run_id, window), latest=True)):
         try:
-            if not isinstance(raw, (bytes, bytearray)):
-                raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-            report = OutlierReport.unpack(raw)
-        except ProtocolError as e:
+            report = OUTLIERS_SCHEMA.parse_value(raw)
+            if not isinstance(report, OutlierReport):
+                raise RecordError(f"expected an OutlierReport, got a {type(report).__name__}")
+        except RecordError as e:
             log.warning("dropping a malformed outlier report for %s window %d: %s", run_id, window, e)
             continue
         if subkey == owner_subkey(report.reporter_id) and report.run_id == run_id and report.window == window:

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.errors import VerificationError
+from swarm.dht.keys import OWNER_PART_SUBKEY, RECEIPTS, receipts_key
+from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.verification.batches import merge_batches, publish_batch
-from swarm.verification.common import RecordStore, check_digest, peer_from_bytes, signing_body
+from swarm.verification.common import MAX_RECORD_TTL_S, RecordStore, check_digest, peer_from_bytes, signing_body
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def sign_receipt(identity: Identity, claim: WorkClaim, server_signature: bytes) 
 
 
 def forge_receipt(identity: Identity, claim: WorkClaim, server_signature: bytes) -> WorkReceipt:
-    """Sign a receipt without checking the ack (what a forger does; used by `swarm/misbehave.py` and tests)."""
+    """Sign a receipt without checking the ack (what a forger does; used by `swarm/testing/misbehave.py` and tests)."""
     body = WorkReceipt(claim=claim, server_signature=server_signature, caller_signature=bytes(64)).receipt_body()
     return WorkReceipt(claim=claim, server_signature=server_signature, caller_signature=identity.sign(body))
 
@@ -151,8 +153,14 @@ class ReceiptBatch(Message):
         return hashlib.sha256(self.pack()).digest()
 
 
-def receipts_key(run_id: str, window: int) -> str:
-    return f"{run_id}/receipts/{window}"
+RECEIPTS_SCHEMA = RecordSchema(
+    key=RECEIPTS,
+    kind=RecordKind.OWNED,
+    subkey=OWNER_PART_SUBKEY,
+    value_types=(ReceiptBatch,),
+    packed=True,
+    max_ttl_s=MAX_RECORD_TTL_S,
+)
 
 
 async def publish_receipts(store: RecordStore, batch: ReceiptBatch, expiration_time: float) -> bool:
@@ -168,7 +176,7 @@ def _check_receipt_batch(batch: ReceiptBatch) -> str | None:
 
 def parse_receipt_batches(result: object, run_id: str, window: int) -> dict[PeerID, ReceiptBatch]:
     """Whole batches by publisher from a DHT answer; malformed, mislabelled or incomplete ones are dropped."""
-    return merge_batches(result, ReceiptBatch, "receipts", run_id, window, _check_receipt_batch)
+    return merge_batches(result, RECEIPTS_SCHEMA, ReceiptBatch, "receipts", run_id, window, _check_receipt_batch)
 
 
 async def fetch_receipts(store: RecordStore, run_id: str, window: int) -> dict[PeerID, ReceiptBatch]:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 class ReplayUnavailableError(VerificationError):
     """The validator cannot recompute this work (no weights for that stage and step); no verdict is issued."""
 
+    code = "replay_unavailable"
+
 
 class Replayer(Protocol):
     """Recomputes one stage's forward or backward at a given step (implemented by `swarm/validator.py`)."""

@@ -141,6 +141,10 @@ class FetchService:
         """Serve ``verify.fetch`` on a `swarm.p2p.Transport`."""
         transport.register(FETCH_METHOD, FetchRequest, self.rpc_fetch)
 
+    def unregister(self, transport: Any) -> None:
+        """Stop serving ``verify.fetch`` (the transport is shared and stays up)."""
+        transport.unregister(FETCH_METHOD)
+
 
 async def call_fetch(transport: Any, server: PeerID, req: FetchRequest, timeout_s: float) -> FetchReply:
     """Client side of ``verify.fetch`` over a `swarm.p2p.Transport` (raises its TransportError/RemoteError)."""

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
+from swarm.dht.keys import OWNER_PART_SUBKEY, VERDICTS, verdicts_key
+from swarm.dht.schema import RecordKind, RecordSchema
 from swarm.verification.batches import merge_batches, publish_batch
-from swarm.verification.common import RecordStore, check_digest, peer_from_bytes, signing_body
+from swarm.verification.common import MAX_RECORD_TTL_S, RecordStore, check_digest, peer_from_bytes, signing_body
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,14 @@ class VerdictBatch(Message):
         return hashlib.sha256(self.pack()).digest()
 
 
-def verdicts_key(run_id: str, window: int) -> str:
-    return f"{run_id}/verdicts/{window}"
+VERDICTS_SCHEMA = RecordSchema(
+    key=VERDICTS,
+    kind=RecordKind.OWNED,
+    subkey=OWNER_PART_SUBKEY,
+    value_types=(VerdictBatch,),
+    packed=True,
+    max_ttl_s=MAX_RECORD_TTL_S,
+)
 
 
 async def publish_verdicts(store: RecordStore, batch: VerdictBatch, expiration_time: float) -> bool:
@@ -133,7 +141,7 @@ def _check_verdict_batch(batch: VerdictBatch) -> str | None:
 
 def parse_verdict_batches(result: object, run_id: str, window: int) -> dict[PeerID, VerdictBatch]:
     """Whole batches by publisher from a DHT answer; malformed, mislabelled or incomplete ones are dropped."""
-    return merge_batches(result, VerdictBatch, "verdicts", run_id, window, _check_verdict_batch)
+    return merge_batches(result, VERDICTS_SCHEMA, VerdictBatch, "verdicts", run_id, window, _check_verdict_batch)
 
 
 async def fetch_verdicts(store: RecordStore, run_id: str, window: int) -> dict[PeerID, VerdictBatch]:

@@ -45,7 +45,9 @@ async def _run(
         s.expect(g.group_key, g.round_id)
     async with asyncio.timeout(60):
         return list(
-            await asyncio.gather(*(run_allreduce(s, g, f, w) for s, g, f, w in zip(servers, groups, flats, weights, strict=False)))
+            await asyncio.gather(
+                *(run_allreduce(s, g, f, w) for s, g, f, w in zip(servers, groups, flats, weights, strict=False))
+            )
         )
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from swarm.dht import DHT, DHTConfig
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import owner_subkey
 from swarm.averaging import Averager, AveragerConfig, AveragingResult
 from swarm.averaging.partition import flatten_tensors
 from swarm.errors import SwarmError

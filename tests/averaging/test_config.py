@@ -21,6 +21,7 @@ from swarm.errors import ConfigError
         ({"client_mode": "yes"}, "client_mode"),
         ({"reduction": "median"}, "reduction"),
         ({"clip_tau": -2.0}, "clip_tau"),
+        ({"record_ttl_s": 3601.0}, "record_ttl_s"),  # nodes refuse group entries living longer (GROUP_SCHEMA)
     ],
 )
 def test_bad_values_name_the_field(kwargs: dict, field: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from swarm.dht import DHT, DHTConfig
-from swarm.dht.records import owner_subkey
+from swarm.dht.keys import owner_subkey
 from swarm.p2p import RpcContext
 from swarm.averaging import Averager, AveragerConfig
 from swarm.averaging.allreduce import AllReduceServer, run_allreduce
@@ -139,7 +139,10 @@ async def test_peers_after_one_that_went_alone_still_group_without_waiting_for_i
             first = await avgs[0].step(tensors[0], weight=1.0, group_key="run/avg/1/4", target_group_size=1)
             assert first.group_size == 1
             results = await asyncio.gather(
-                *(a.step(t, weight=1.0, group_key="run/avg/1/4", timeout_s=10.0) for a, t in zip(avgs[1:], tensors[1:], strict=False))
+                *(
+                    a.step(t, weight=1.0, group_key="run/avg/1/4", timeout_s=10.0)
+                    for a, t in zip(avgs[1:], tensors[1:], strict=False)
+                )
             )
     assert all(r.with_others and r.group_size == 2 for r in results)
     for t in tensors[1:]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 
 from dht_testutil import make_identity
@@ -47,7 +48,7 @@ async def test_find_node_matches_brute_force_and_rounds_are_few() -> None:
             target = rng.getrandbits(ID_BITS)
             start = net.contacts[rng.randrange(150)]
             initial = net.tables[start.peer_id].nearest(target, 8)
-            result = await iterative_lookup(target, initial, lambda c: net.call(c, target), params)
+            result = await iterative_lookup(target, initial, functools.partial(net.call, target=target), params)
             expected = sorted(net.contacts, key=lambda c: c.node_id ^ target)[:8]
             assert [c.peer_id for c in result.closest] == [c.peer_id for c in expected]
             rounds.append(result.rounds)

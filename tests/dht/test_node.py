@@ -133,21 +133,31 @@ async def test_joining_node_receives_the_keys_it_is_responsible_for() -> None:
         await wait_until(lambda: all(newcomer.storage.get(key_id_of(k)) for k in mine), timeout_s=10)
 
 
-async def test_found_values_are_cached_on_the_path() -> None:
-    async with asyncio.timeout(60), swarm(16, bucket_size=2, seed=5) as s:
-        now = time.time()
-        cached_somewhere = False
+async def test_found_values_are_cached_by_the_reader_for_cache_ttl_s() -> None:
+    """The node that fetched a value keeps it in its own cache and serves the next get from there, for at most
+    cache_ttl_s; no other node caches anything (a STORE never lands in a cache: the receiver decides)."""
+    clock = FakeClock(time.time())
+    async with asyncio.timeout(60), swarm(16, bucket_size=2, seed=5, clock=clock, cache_ttl_s=30.0) as s:
+        readers = []
         for i in range(10):
             key = f"p{i}"
-            assert await s.nodes[0].store(key, i, now + 60)
+            assert await s.nodes[0].store(key, i, clock() + 600)
             reader = s.nodes[1 + i]
+            if reader.storage.get(key_id_of(key)):
+                continue  # a holder of the key has nothing to fetch
             assert (await reader.get(key)).value == i
-            missing = reader.last_lookup.without_value if reader.last_lookup else []
-            if missing:
-                holder = next(n for n in s.nodes if n.peer_id == missing[0].peer_id)
-                await wait_until(lambda h=holder, k=key: bool(h.cache.get(key_id_of(k))))
-                cached_somewhere = True
-        assert cached_somewhere
+            assert reader.last_lookup is not None  # it asked the network
+            assert [r.unpacked_value() for r in reader.cache.get(key_id_of(key))] == [i]
+            assert (await reader.get(key)).value == i
+            assert reader.last_lookup is None  # served from its cache
+            readers.append(reader)
+        assert len(readers) >= 5
+        for node in s.nodes:
+            if node not in readers:
+                assert len(node.cache) == 0
+        clock.advance(31)  # past cache_ttl_s, long before the records expire
+        for reader in readers:
+            assert len(reader.cache) == 0
 
 
 async def test_republish_restores_records_and_refresh_runs() -> None:
@@ -156,8 +166,7 @@ async def test_republish_restores_records_and_refresh_runs() -> None:
         origin = s.nodes[0]
         assert await origin.store("r", "v", clock() + 1000)
         for node in s.nodes:
-            node.storage._data.clear()  # every holder forgets it (e.g. restarted)
-            node.storage._size = 0
+            node.storage.clear()  # every holder forgets it (e.g. restarted)
         assert await s.nodes[2].get("r", latest=True) is None
         clock.advance(101)
         await origin.maintain()
@@ -306,3 +315,24 @@ async def test_a_dht_on_a_shared_transport_stops_serving_on_shutdown_and_a_new_o
         async with DHT.create(dht_config(), identity=identity, transport=shared):
             reply = await other.transport.call(shared.listen_maddrs[0], "dht.ping", PingRequest(), PingReply)
             assert reply.peer.peer_id == identity.peer_id.to_bytes()
+
+
+async def test_routing_table_contacts_are_protected_on_the_transport() -> None:
+    """The transport never evicts the connections of routing-table peers (docs/transport.md, "Connection budgets")."""
+    async with asyncio.timeout(60), swarm(5, bucket_size=4) as s:
+        for node in s.nodes:
+            contacts = {c.peer_id for c in node.table.contacts()}
+            assert contacts and node.transport.protected_peers("dht.routing") == contacts
+        node = s.nodes[0]
+        gone = node.table.contacts()[0].peer_id
+        node.protocol.peer_failed(gone)
+        assert not node.transport.is_protected(gone)
+    identity = make_identity(0, salt="protect")
+    async with (
+        asyncio.timeout(30),
+        Transport(identity, TransportConfig(listen_maddrs=LOOPBACK)) as shared,
+        DHT.create(dht_config(), identity=make_identity(1, salt="protect")) as other,
+    ):
+        async with DHT.create(dht_config(initial_peers=other.listen_maddrs), identity=identity, transport=shared):
+            assert shared.is_protected(other.peer_id)
+        assert shared.protected_peers() == set()  # the DHT stopped: the shared transport protects nothing for it

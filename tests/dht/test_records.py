@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 
 from swarm.p2p.messages import packb
+from swarm.dht.keys import owner_subkey
 from swarm.dht.records import (
     OwnerSignatureValidator,
     Record,
     RecordChecker,
     make_record,
-    owner_subkey,
     record_owner,
 )
 from swarm.errors import RecordError

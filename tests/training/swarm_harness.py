@@ -12,7 +12,9 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity
 from swarm.p2p import Transport, TransportConfig
 from swarm.run.config import RunConfig
-from swarm.training.trainer import TrainingConfig, TrainingRole
+from swarm.training.schemas import with_run_schemas
+from swarm.training.state import TrainerState
+from swarm.training.trainer import TrainingConfig, TrainingRole, build_training_role
 
 FAST = dict(
     record_period_s=1.0,
@@ -30,9 +32,14 @@ FAST = dict(
 class LiveNode:
     transport: Transport
     dht: DHT
-    role: TrainingRole
+    trainer: TrainingRole
     task: asyncio.Task[None]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def role(self) -> TrainerState:
+        """The role's shared state (its stage server, losses, view)."""
+        return self.trainer.state
 
     async def kill(self) -> None:
         """Vanish without a goodbye: cancel everything, drop every connection (like SIGKILL)."""
@@ -45,6 +52,7 @@ class LiveNode:
         self.stop.set()
         async with asyncio.timeout(timeout_s):
             await asyncio.gather(self.task, return_exceptions=True)
+        self.trainer.stop()
         await self.dht.shutdown()
         await self.transport.stop()
 
@@ -61,16 +69,18 @@ class Swarm:
         identity = Identity.from_seed(bytes([seed + 1]) * 32)
         transport = Transport(identity, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=3.0))
         await transport.start()
-        dht = DHT.create(
-            DHTConfig(initial_peers=(self.bootstrap,) if self.bootstrap else ()), identity=identity, transport=transport
+        dht = DHT.create(  # the run's record schemas, as swarm.node installs them
+            with_run_schemas(DHTConfig(initial_peers=(self.bootstrap,) if self.bootstrap else ())),
+            identity=identity,
+            transport=transport,
         )
         await dht.start()
         if self.bootstrap is None:
             self.bootstrap = transport.listen_maddrs[0]
         cfg = TrainingConfig(run=self.run, seed=seed, **{**FAST, **overrides})  # type: ignore[arg-type]
         serving = asyncio.Event()
-        role = TrainingRole(cfg, transport=transport, dht=dht, on_serving=lambda _s: serving.set())
-        node = LiveNode(transport=transport, dht=dht, role=role, task=None)  # type: ignore[arg-type]
+        role = build_training_role(cfg, transport=transport, dht=dht, on_serving=lambda _s: serving.set())
+        node = LiveNode(transport=transport, dht=dht, trainer=role, task=None)  # type: ignore[arg-type]
         node.task = asyncio.create_task(role.run(node.stop))
         self.nodes.append(node)
         async with asyncio.timeout(timeout_s):

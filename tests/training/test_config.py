@@ -11,6 +11,8 @@ import torch
 from swarm.compression import CodecPolicy
 from swarm.run.config import DEFAULT_PRESET, RunConfig
 from swarm.errors import ConfigError
+from swarm.training.messages import PEERS_SCHEMA
+from swarm.training.training_config import TrainingConfig
 
 
 def test_default_run_loads_and_has_a_stable_run_id() -> None:
@@ -38,7 +40,7 @@ def test_join_check_names_the_differing_field() -> None:
     cfg = RunConfig.from_toml()
     other = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, microbatch_size=4))
     cfg.check_same_run(cfg.to_dict())
-    with pytest.raises(ConfigError, match="batch.microbatch_size"):
+    with pytest.raises(ConfigError, match=r"batch\.microbatch_size"):
         cfg.check_same_run(other)
 
 
@@ -102,3 +104,13 @@ def test_bad_codec_parameters_name_the_field(tmp_path: Path, text: str, field: s
     path.write_text(text)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         RunConfig.from_toml(path)
+
+
+def test_record_period_is_bounded_by_the_peer_records_schema() -> None:
+    """Peer records live 2 x record_period_s, and every node refuses ones that live longer than PEERS_SCHEMA's
+    maximum: a longer period would make a node vanish from the view between two of its records."""
+    run = RunConfig.from_toml()
+    TrainingConfig(run=run, record_period_s=60.0)
+    assert PEERS_SCHEMA.max_ttl_s >= 2 * 60.0 + 60  # the progress record's lifetime at the longest period
+    with pytest.raises(ConfigError, match="record_period_s"):
+        TrainingConfig(run=run, record_period_s=61.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -9,8 +10,11 @@ import torch
 
 from swarm.run.config import RunConfig
 from swarm.data import ShardedData
-from swarm.training.driver import Driver, DriverConfig
-from swarm.errors import TransportError
+from swarm.training.driver import Driver, DriverConfig, is_stale_step
+from swarm.errors import RemoteError, TransportError
+from swarm.p2p import RpcContext, Transport, TransportConfig
+from swarm.p2p.identity import Identity
+from swarm.training.progress import StepHint, StepHintReply
 from swarm.model import build_stages
 from swarm.model.optim import make_optimizer
 from swarm.training.stage_server import StageServer, StageServerConfig, StaleStepError
@@ -117,3 +121,55 @@ async def test_closed_step_abandons_the_microbatch_without_counting() -> None:
     with pytest.raises(StaleStepError, match="closed"):
         await driver.run_microbatch(ShardedData(cfg, b"d").microbatch(0, 1))
     assert servers["a0"].samples == 0
+
+
+class RemoteClient(InProcessClient):
+    """Like `InProcessClient`, but a replica's StaleStepError reaches the driver as a peer's answer would: a
+    RemoteError with the error's code (``text`` replaces the message, so the text cannot be what decides)."""
+
+    def __init__(self, servers: dict[str, StageServer], code: str, text: str) -> None:
+        super().__init__(servers)
+        self.code, self.text = code, text
+
+    async def backward(self, peer: str, **kwargs: object) -> tuple[torch.Tensor | None, float | None]:
+        try:
+            return await super().backward(peer, **kwargs)  # type: ignore[arg-type]
+        except StaleStepError:
+            raise RemoteError(self.text, code=self.code) from None
+
+
+async def test_the_retry_decision_reads_the_code_not_the_text() -> None:
+    assert is_stale_step(RemoteError("peer answered (stale_step): anything", code="stale_step"))
+    assert not is_stale_step(RemoteError("peer answered (failed): StaleStepError: step 3 closed", code="failed"))
+    cfg = RunConfig.from_toml()
+    for code, text, stale in (("stale_step", "no telltale text", True), ("failed", "StaleStepError: closed", False)):
+        servers = {"a0": server(cfg, 0), "b1": server(cfg, 1)}
+        servers["b1"].close_step()
+        driver = make_driver(cfg, RemoteClient(servers, code, text), {0: ["a0"], 1: ["b1"]}, [0])
+        driver.cfg = DriverConfig(retry_wait_s=0.0, stale_wait_s=0.0, max_stale_retries=5, max_microbatch_attempts=3)
+        with pytest.raises(StaleStepError if stale else NoPeerError):
+            await driver.run_microbatch(ShardedData(cfg, b"d").microbatch(0, 0))
+        # a stale answer is no fault of the peer; any other failure bans it
+        assert driver.selectors[1].is_banned("b1") is not stale
+
+
+async def test_a_remote_stale_step_error_arrives_with_its_code() -> None:
+    identities = [Identity.from_seed(bytes([40 + i]) * 32) for i in range(2)]
+    transports = [Transport(i, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",))) for i in identities]
+
+    async def closed(ctx: RpcContext, request: StepHint) -> StepHintReply:
+        raise StaleStepError(f"stage 1 is not accepting work for step {request.step}; retry")
+
+    try:
+        for t in transports:
+            await t.start()
+        transports[0].register("test.closed", StepHint, closed)
+        async with asyncio.timeout(20):
+            with pytest.raises(RemoteError) as caught:
+                await transports[1].call(
+                    transports[0].listen_maddrs[0], "test.closed", StepHint(run_id="r", step=3), StepHintReply
+                )
+    finally:
+        for t in transports:
+            await t.stop()
+    assert caught.value.code == "stale_step" and is_stale_step(caught.value)

@@ -89,7 +89,7 @@ def test_model_factory_replaces_the_gpt(cfg: RunConfig) -> None:
     _, result = train_local(run, steps=3)
     assert len(result.losses) == 3 and result.loss_floor is not None
     bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factory="tests.training.nowhere:make"))
-    with pytest.raises(ConfigError, match="model.factory"):
+    with pytest.raises(ConfigError, match=r"model\.factory"):
         build_stages(bad)
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from swarm.local.events import E, EventReader, ListeningEvent, ServingEvent
 from tests.training.swarm_harness import small_run
 
 DEADLINE_S = 90.0
 
 
-def _start(tmp_path: Path, i: int, config: Path, bootstrap: str | None) -> tuple[subprocess.Popen[str], Path]:
+def _start(tmp_path: Path, i: int, config: Path, bootstrap: str | None) -> tuple[subprocess.Popen[str], Path, Path]:
     log = tmp_path / f"node-{i}.log"
+    events = tmp_path / f"node-{i}.events.jsonl"
     args = [
         sys.executable,
         "-m",
@@ -30,27 +32,24 @@ def _start(tmp_path: Path, i: int, config: Path, bootstrap: str | None) -> tuple
         str(config),
         "--start-after-peers",
         "4",
+        "--events-file",
+        str(events),
     ]
     if bootstrap:
         args += ["--initial-peers", bootstrap]
     with open(log, "w") as err:
         proc = subprocess.Popen(
             args,
-            stdout=subprocess.PIPE,
+            stdout=err,
             stderr=err,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )
-    return proc, log
+    return proc, log, events
 
 
-def _read_until(proc: subprocess.Popen[str], prefix: str) -> str:
-    assert proc.stdout is not None
-    while True:  # each line comes within seconds; the test's timeout bounds the loop
-        line = proc.stdout.readline()
-        assert line, f"the node exited before printing {prefix!r}"
-        if line.startswith(prefix):
-            return line.strip()
+def _wait_event(proc: subprocess.Popen[str], events: EventReader, kind: type[E]) -> E:
+    return events.wait_for_blocking(kind, alive=lambda: proc.poll() is None, timeout_s=DEADLINE_S)
 
 
 def _newest_step(log: Path) -> int:
@@ -71,12 +70,15 @@ def test_sigkilled_stage_peer_is_routed_around(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text(small_run().to_toml())
     procs: list[tuple[subprocess.Popen[str], Path, str]] = []
+    started: list[subprocess.Popen[str]] = []
     try:
         bootstrap = None
         for i in range(4):
-            proc, log = _start(tmp_path, i, config, bootstrap)
-            maddr = _read_until(proc, "listening on ").split()[-1]
-            stage = _read_until(proc, "serving stage ").split()[-1]
+            proc, log, events_path = _start(tmp_path, i, config, bootstrap)
+            started.append(proc)
+            events = EventReader(events_path)
+            maddr = _wait_event(proc, events, ListeningEvent).maddrs[0]
+            stage = str(_wait_event(proc, events, ServingEvent).stage)
             bootstrap = bootstrap or maddr
             procs.append((proc, log, stage))
         assert sorted(s for _, _, s in procs) == ["0", "0", "1", "1"]
@@ -87,10 +89,10 @@ def test_sigkilled_stage_peer_is_routed_around(tmp_path: Path) -> None:
         victim.wait(timeout=30)
         _wait_step(survivor_log, _newest_step(survivor_log) + 3)
     finally:
-        for proc, _, _ in procs:
+        for proc in started:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc, _, _ in procs:
+        for proc in started:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

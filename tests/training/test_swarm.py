@@ -80,7 +80,7 @@ async def test_node_with_a_different_run_config_is_refused() -> None:
         await swarm.add(seed=30)
         other = dataclasses.replace(run, optimizer=dataclasses.replace(run.optimizer, lr=0.1))
         swarm.run = other
-        with pytest.raises(ConfigError, match="optimizer.lr"):
+        with pytest.raises(ConfigError, match=r"optimizer\.lr"):
             await swarm.add(seed=31)
     finally:
         await swarm.close()

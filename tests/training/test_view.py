@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from swarm.p2p.identity import Identity
-from swarm.dht.records import ValueWithExpiration, owner_subkey
+from swarm.dht.keys import owner_subkey
+from swarm.dht.records import ValueWithExpiration
 from swarm.training.messages import PeerRecord
 from swarm.training.progress import ProgressRecord
 from swarm.training.view import SwarmView, format_table

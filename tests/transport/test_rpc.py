@@ -81,7 +81,7 @@ async def test_deadline_cancels_the_remote_handler(make_transport: MakeTransport
 
     server.register("test.hang", Echo, hang)
     async with asyncio.timeout(10):
-        with pytest.raises(RpcTimeoutError, match="did not answer test.hang within 0.2s"):
+        with pytest.raises(RpcTimeoutError, match=r"did not answer test\.hang within 0\.2s"):
             await client.call(server.listen_maddrs[0], "test.hang", Echo(), Echo, timeout_s=0.2)
         await cancelled.wait()  # the RESET reached the server, which cancelled the handler
         server.register("test.echo", Echo, _echo)
@@ -108,7 +108,7 @@ async def test_errors_become_remote_errors_and_the_connection_stays(
             await client.call(addr, "test.fail", Echo(), Echo)
         with pytest.raises(RemoteError, match="KeyError in the handler"):
             await client.call(addr, "test.crash", Echo(), Echo)
-        with pytest.raises(RemoteError, match="serves no method 'test.nope'"):
+        with pytest.raises(RemoteError, match=r"serves no method 'test\.nope'"):
             await client.call(addr, "test.nope", Echo(), Echo)
         with pytest.raises(RemoteError, match="bad_request"):  # fails Echo.from_wire on the server
             await client.call(addr, "test.echo", _WrongEcho(text=5), Echo)  # type: ignore[arg-type]
@@ -335,7 +335,7 @@ async def test_failing_upload_iterator_aborts_the_stream(make_transport: MakeTra
     server.register_stream("test.drain", Echo, drain)
     server.register("test.echo", Echo, _echo)
     async with asyncio.timeout(10):
-        with pytest.raises((TransportError, RemoteError), match="disk read failed|reset"):
+        with pytest.raises((TransportError, RemoteError), match=r"disk read failed|reset"):
             async with client.open_stream(server.listen_maddrs[0], "test.drain", Echo(), Echo, chunks=broken()):
                 pass
         assert (await client.call(server.listen_maddrs[0], "test.echo", Echo(number=1), Echo)).number == 2

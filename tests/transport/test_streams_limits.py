@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from swarm.p2p import RpcContext
+from swarm.p2p import RpcContext, Transport
 from swarm.errors import HandshakeError, OverloadedError, RemoteError, RpcTimeoutError, TransportError
 from tests.transport.conftest import Echo, MakeTransport
 
@@ -37,7 +37,7 @@ async def test_receiver_that_never_reads_times_the_sender_out(make_transport: Ma
     server.register_stream("test.ignore", Echo, ignore)
     server.register("test.echo", Echo, _echo)
     async with asyncio.timeout(DEADLINE_S):
-        with pytest.raises(RpcTimeoutError, match="test.ignore"):
+        with pytest.raises(RpcTimeoutError, match=r"test\.ignore"):
             async with client.open_stream(
                 server.listen_maddrs[0], "test.ignore", Echo(), Echo, chunks=many(), timeout_s=1.0
             ):
@@ -73,7 +73,7 @@ async def test_stalled_reply_chunks_time_out_and_early_exit_resets(make_transpor
             with pytest.raises(RpcTimeoutError, match="no chunk"):
                 await chunks.__anext__()
         async with client.open_stream(addr, "test.stall", Echo(number=2), Echo) as s:
-            async for chunk in s.chunks():
+            async for _chunk in s.chunks():
                 break  # leave early: the stream is reset and the server stops producing
         await producer_closed[2].wait()
         await producer_closed[1].wait()
@@ -98,7 +98,7 @@ async def test_oversized_chunk_request_and_reply_fail_clearly(make_transport: Ma
         with pytest.raises(TransportError, match="exceeds max_frame_size_bytes"):
             async with client.open_stream(addr, "test.sink", Echo(), Echo, chunks=_one((1 << 20) + 1)):
                 pass
-        with pytest.raises(TransportError, match="exceeds max_message_size_bytes.*stream"):
+        with pytest.raises(TransportError, match=r"exceeds max_message_size_bytes.*stream"):
             await client.call(addr, "test.echo", Echo(text="y" * (1 << 17)), Echo)
         with pytest.raises(RemoteError, match="return large payloads as chunks"):
             await client.call(addr, "test.big", Echo(), Echo)
@@ -128,18 +128,39 @@ async def test_unary_call_to_a_streaming_reply_fails_clearly(make_transport: Mak
 async def test_connection_limits(make_transport: MakeTransport) -> None:
     server = await make_transport(max_connections=1)
     server.register("test.echo", Echo, _echo)
+    release = asyncio.Event()
+
+    async def hold(ctx: RpcContext, request: Echo) -> Echo:
+        await release.wait()
+        return Echo(number=request.number + 1)
+
+    server.register("test.hold", Echo, hold)
     first, second = await make_transport(), await make_transport()
     async with asyncio.timeout(DEADLINE_S):
         await first.call(server.listen_maddrs[0], "test.echo", Echo(), Echo)
-        with pytest.raises((HandshakeError, TransportError)):
+        held = asyncio.ensure_future(first.call(server.peer_id, "test.hold", Echo(number=5), Echo))
+        while not server.connection_counts()["established"] or not _busy(server):
+            await asyncio.sleep(0.01)
+        # the only slot is busy (a request in flight): the newcomer is refused, and told why
+        with pytest.raises((HandshakeError, TransportError)) as refused:
             await second.call(server.listen_maddrs[0], "test.echo", Echo(), Echo)
-        assert (await first.call(server.peer_id, "test.echo", Echo(), Echo)).number == 1  # the first still served
+        assert isinstance(refused.value, OverloadedError)
+        assert "the peer is at its connection limit" in str(refused.value)
+        release.set()
+        assert (await held).number == 6  # the first is still served
+        assert (await first.call(server.peer_id, "test.echo", Echo(), Echo)).number == 1
+        # now the first is idle: the newcomer evicts it instead of being refused
+        assert (await second.call(server.listen_maddrs[0], "test.echo", Echo(number=2), Echo)).number == 3
     dialler = await make_transport(max_connections=1)
     other = await make_transport()
     async with asyncio.timeout(DEADLINE_S):
         await dialler.connect(other.listen_maddrs[0])
         with pytest.raises(OverloadedError, match="max_connections=1"):
             await dialler.connect(first.listen_maddrs[0])
+
+
+def _busy(transport: Transport) -> bool:
+    return any(conn.streams for conn in transport._all)
 
 
 @pytest.mark.slow

@@ -10,18 +10,18 @@ from verif_helpers import MemoryStore, make_identity
 
 from swarm.p2p.identity import Identity
 from swarm.errors import ConfigError, VerificationError
+from swarm.dht.keys import attestation_key, owner_subkey
 from swarm.verification.attestation import (
     GENESIS_DIGEST,
     Attestation,
     ShareEntry,
-    attestation_key,
     build_attestation,
     fetch_attestations,
     pick_attestation,
     publish_attestation,
     verify_attestation,
 )
-from swarm.verification.common import digest_parts, owner_subkey
+from swarm.verification.common import digest_parts
 from swarm.verification.ledger import Ledger
 from swarm.verification.receipts import ReceiptBatch, WorkClaim, WorkReceipt, forge_receipt, sign_ack, sign_receipt
 from swarm.verification.rewards import RewardConfig, compute_rewards

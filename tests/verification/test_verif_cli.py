@@ -20,21 +20,26 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity
 from swarm.p2p import TransportConfig
 from swarm.cli.dht import main
-from swarm.verification.attestation import GENESIS_DIGEST, attestation_key, build_attestation, publish_attestation
-from swarm.verification.common import digest_parts, owner_subkey
+from swarm.dht.keys import attestation_key, owner_subkey
+from swarm.local.events import EventReader, ListeningEvent
+from swarm.verification.attestation import GENESIS_DIGEST, build_attestation, publish_attestation
+from swarm.verification.common import digest_parts
 from swarm.verification.receipts import ReceiptBatch, WorkClaim, publish_receipts, sign_ack, sign_receipt
 from swarm.verification.rewards import RewardConfig, compute_rewards
 
-# A bare DHT node process (independent of the training CLI): prints its multiaddr, serves until stdin closes.
+# A bare DHT node process (independent of the training CLI): reports its multiaddrs in the events file named by
+# its argument (swarm.local.events), serves until stdin closes.
 DHT_NODE = """
 import asyncio, sys
+from pathlib import Path
 from swarm.dht import DHT, DHTConfig
+from swarm.local.events import EventWriter, ListeningEvent
 from swarm.p2p import TransportConfig
 
 async def main():
     cfg = DHTConfig(transport=TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",)), maintenance_interval_s=3600.0)
     async with DHT.create(cfg) as dht:
-        print("listening on", dht.listen_maddrs[0], flush=True)
+        EventWriter(Path(sys.argv[1])).emit(ListeningEvent(maddrs=list(dht.listen_maddrs)))
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 asyncio.run(main())
@@ -150,18 +155,17 @@ def cli(maddr: str, *args: str) -> tuple[int, str]:
 @pytest.mark.timeout(120)
 def test_attestations_verify_good_replayed_and_tampered(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", DHT_NODE],
+        [sys.executable, "-c", DHT_NODE, str(tmp_path / "events.jsonl")],
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=Path(__file__).parents[2],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), line
-        maddr = line.split()[-1]
+        events = EventReader(tmp_path / "events.jsonl")
+        maddr = events.wait_for_blocking(ListeningEvent, alive=lambda: proc.poll() is None, timeout_s=60).maddrs[0]
         asyncio.run(populate(maddr))
 
         code, out = cli(maddr, "--run", "good", "--window", "1", "--verify", "--json")

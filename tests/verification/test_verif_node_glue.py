@@ -13,13 +13,14 @@ from swarm.training.checkpoint import capture_state
 from swarm.run.config import RunConfig
 from swarm.data import ShardedData
 from swarm.errors import ConfigError
-from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour, parse_misbehave_spec
+from swarm.testing.misbehave import MisbehaveConfig, Misbehaviour, hooks_for, misbehave_args, parse_misbehave_spec
+from swarm.training.hooks import HONEST
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stages
 from swarm.training.stage_rpc import encode
 from swarm.training.stage_server import StageServer, StageServerConfig
-from swarm.training.validator import StageReplayer
-from swarm.training.verifying import misbehave_args, rewards_summary
+from swarm.training.replayer import StageReplayer
+from swarm.training.verifying import rewards_summary
 from swarm.verification.attestation import GENESIS_DIGEST, build_attestation
 from swarm.verification.ledger import Ledger
 from swarm.verification.replay import CheckConfig, ReceiptChecker
@@ -103,7 +104,7 @@ def pipeline_traffic(misbehave: str | None, num_steps: int, per_step: int):
 
 
 async def test_real_stages_replay_without_false_positives_and_catch_a_lazy_stage0():
-    receipts, services, states, (driver, s1) = pipeline_traffic(None, num_steps=3, per_step=6)
+    receipts, services, states, (driver, _s1) = pipeline_traffic(None, num_steps=3, per_step=6)
     assert {r.claim.stage for r in receipts} == {0, 1} and all(r.problem() is None for r in receipts)
     replayer = StageReplayer(RUN, keep_steps=10)
     for state, peer in states:
@@ -159,6 +160,27 @@ def test_misbehaviour_hooks():
         with pytest.raises(ConfigError):
             parse_misbehave_spec(bad)
     assert misbehave_args(5, (("lazy", 1), ("replay", 1))) == {4: ("--misbehave", "lazy"), 3: ("--misbehave", "replay")}
+
+
+def test_node_hooks_honest_default_and_injected_misbehaviour():
+    """The product sees only `NodeHooks`: the honest default changes nothing; the node injects `Misbehaviour`."""
+    x = torch.randn(4, 8)
+    me = make_identity("hooks")
+    assert HONEST.stage_outputs("forward", x) is x and HONEST.gradients_to_average(0, [x])[0] is x
+    assert HONEST.extra_receipts(me, run_id="r", step=0, stage=0) == []
+    assert HONEST.label is None and HONEST.rebalances
+    assert hooks_for(None) is HONEST and hooks_for(MisbehaveConfig()) is HONEST
+    lazy = hooks_for(MisbehaveConfig(kind="lazy"))
+    assert isinstance(lazy, Misbehaviour) and lazy.label == "lazy" and not lazy.rebalances
+    assert torch.equal(lazy.stage_outputs("backward", x), torch.zeros_like(x))
+    flip = hooks_for(MisbehaveConfig(kind="sign-flip"))
+    assert torch.equal(flip.gradients_to_average(0, [x])[0], x * -1000.0)
+    forger = hooks_for(MisbehaveConfig(kind="forge-receipts"))
+    first = forger.extra_receipts(me, run_id="r", step=1, stage=0)
+    assert len(first) == MisbehaveConfig().forged_per_flush and all(r.problem() is not None for r in first)
+    assert forger.extra_receipts(me, run_id="r", step=1, stage=0) == []  # once per step
+    assert len(forger.extra_receipts(me, run_id="r", step=2, stage=0)) == len(first)
+    assert lazy.extra_receipts(me, run_id="r", step=1, stage=0) == []
 
 
 def test_rewards_summary_from_ledgers(tmp_path):
@@ -251,11 +273,10 @@ async def test_node_verification_publishes_receipts_forges_and_attests(tmp_path)
     store = MemoryStore(clock=lambda: 0.0)
     settings = VerificationSettings(window_steps=2, settle_steps=0)
     me = make_identity("nv-forger")
-    cfg = node_verification_config(
-        misbehave="forge-receipts", orchestrator_candidate=True, data_dir=tmp_path, run_id="r"
-    )
+    cfg = node_verification_config(orchestrator_candidate=True, data_dir=tmp_path, run_id="r")
     cfg = type(cfg)(**{**cfg.__dict__, "tick_s": 0.01})
-    node = NodeVerification(settings, cfg, run_id="r", identity=me, dht=store)
+    forger = Misbehaviour(MisbehaveConfig(kind="forge-receipts"))
+    node = NodeVerification(settings, cfg, run_id="r", identity=me, dht=store, hooks=forger)
     node.orchestrator.cfg = type(node.orchestrator.cfg)(**{**node.orchestrator.cfg.__dict__, "settle_s": 0.0})
     step = {"now": 0}
     task = asyncio.create_task(node.run(lambda: step["now"], lambda: 0))
@@ -263,7 +284,7 @@ async def test_node_verification_publishes_receipts_forges_and_attests(tmp_path)
         async with asyncio.timeout(10):
             for now in (0, 1):
                 step["now"] = now
-                while now not in node._forged_steps:
+                while now not in forger._forged_steps:
                     await asyncio.sleep(0.01)
             step["now"] = 3
             while node.orchestrator.next_window < 1:
@@ -274,5 +295,5 @@ async def test_node_verification_publishes_receipts_forges_and_attests(tmp_path)
     batches = await fetch_receipts(store, "r", 0)
     assert len(batches[me.peer_id].receipts) == 2 * MisbehaveConfig().forged_per_flush
     [att] = await fetch_attestations(store, "r", 0)
-    assert att.flagged == [me.peer_id.to_bytes()] and node.summary()["attested_windows"] == [0]
+    assert att.flagged == [me.peer_id.to_bytes()] and node.summary().attested_windows == [0]
     assert Ledger(cfg.ledger_path).read() == [att]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from swarm.local.events import E, EventReader, ListeningEvent, NodeEventError, ServingEvent
 from swarm.run.config import RunConfig
 from swarm.training.verifying import ledger_path_for
 from swarm.verification.ledger import Ledger
@@ -40,6 +41,8 @@ def _start(folder: Path, extra: list[str], bootstrap: str | None) -> subprocess.
         str(folder / "summary.json"),
         "--start-after-peers",
         str(NUM_TRAINERS + NUM_VALIDATORS),
+        "--events-file",
+        str(folder / "events.jsonl"),
         *extra,
     ]
     if bootstrap:
@@ -47,7 +50,7 @@ def _start(folder: Path, extra: list[str], bootstrap: str | None) -> subprocess.
     with open(folder / "node.log", "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
             args,
-            stdout=subprocess.PIPE,
+            stdout=log,
             stderr=log,
             text=True,
             cwd=REPO,
@@ -56,15 +59,13 @@ def _start(folder: Path, extra: list[str], bootstrap: str | None) -> subprocess.
         )
 
 
-def _wait_line(proc: subprocess.Popen[str], prefix: str, deadline: float) -> str:
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"node exited with {proc.wait(timeout=10)} before printing {prefix!r}")
-        if line.startswith(prefix):
-            return line.strip()
-    raise AssertionError(f"no {prefix!r} line in time")
+def _wait_event(proc: subprocess.Popen[str], events: EventReader, kind: type[E], deadline: float) -> E:
+    try:
+        return events.wait_for_blocking(
+            kind, alive=lambda: proc.poll() is None, timeout_s=max(deadline - time.monotonic(), 0.0)
+        )
+    except NodeEventError:
+        raise AssertionError(f"node exited with {proc.wait(timeout=10)} before reporting {kind.KIND!r}") from None
 
 
 def _attested(ledger: Path, run_id: str) -> list[int]:
@@ -84,10 +85,11 @@ def test_killed_orchestrator_is_replaced_and_every_window_is_attested_once(tmp_p
             role = ["--role", "validator"] if i >= NUM_TRAINERS else []
             proc = _start(tmp_path / f"node-{i}", role, bootstrap)
             procs.append(proc)
-            maddr = _wait_line(proc, "listening on ", deadline).split()[-1]
+            events = EventReader(tmp_path / f"node-{i}" / "events.jsonl")
+            maddr = _wait_event(proc, events, ListeningEvent, deadline).maddrs[0]
             bootstrap = bootstrap or maddr
             if not role:
-                _wait_line(proc, "serving stage ", deadline)
+                _wait_event(proc, events, ServingEvent, deadline)
         ledgers = {i: ledger_path_for(tmp_path / f"node-{i}", run_id) for i in range(NUM_TRAINERS, len(procs))}
         leader = None
         while leader is None and time.monotonic() < deadline:  # the first validator to attest is the leader
@@ -109,5 +111,3 @@ def test_killed_orchestrator_is_replaced_and_every_window_is_attested_once(tmp_p
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-            if proc.stdout is not None:
-                proc.stdout.close()

@@ -9,8 +9,9 @@ from verif_helpers import MemoryStore, make_identity
 
 from swarm.p2p.identity import Identity
 from swarm.errors import ProtocolError, VerificationError
-from swarm.verification.batches import MAX_PART_BYTES, part_subkey
-from swarm.verification.common import digest_parts, owner_subkey
+from swarm.dht.keys import owner_subkey, part_subkey, receipts_key
+from swarm.verification.batches import MAX_PART_BYTES
+from swarm.verification.common import digest_parts
 from swarm.verification.receipts import (
     ReceiptBatch,
     WorkClaim,
@@ -18,7 +19,6 @@ from swarm.verification.receipts import (
     fetch_receipts,
     forge_receipt,
     publish_receipts,
-    receipts_key,
     sign_ack,
     sign_receipt,
 )

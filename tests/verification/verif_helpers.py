@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm.p2p.identity import Identity
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""swarm.training.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not ``rpc_timeout_s``; a
-peer past a step it never kept answers at once; a node never asks itself; one peer sending a bad tied gradient
-is outvoted by two honest ones (same bits as honest), and against one honest one moves no value beyond it; on
-re-tie steps two drifted copies of the matrix become equal again (their mean), and only on those."""
+"""swarm.training.tied across machines: a slow or stuck peer of the other stage costs ``hedge_s``, not
+``rpc_timeout_s``; a peer past a step it never kept answers at once; a node never asks itself; one peer sending a
+bad tied gradient is outvoted by two honest ones (same bits as honest), and against one honest one moves no value
+beyond it; on re-tie steps two drifted copies of the matrix become equal again (their mean), and only on those."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ def _pair(
 ) -> tuple[StageServer, StageServer, list[TiedService], tuple[int, int]]:
     """A stage-0 and a last-stage server on ``ts[0]`` and ``ts[1]``, their services and tied indices."""
     first, last = _server(cfg, 0), _server(cfg, 1)
-    services = [_service(cfg, t, s, retie_every_steps=retie_every_steps) for t, s in zip(ts, (first, last), strict=False)]
+    services = [
+        _service(cfg, t, s, retie_every_steps=retie_every_steps) for t, s in zip(ts, (first, last), strict=False)
+    ]
     i0, i1 = tied_index(first), tied_index(last)
     assert i0 is not None and i1 is not None
     return first, last, services, (i0, i1)

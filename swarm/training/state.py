@@ -1,0 +1,100 @@
+"""`TrainerState`: the one declared state the training role's collaborators share.
+
+The role is a handful of collaborators built by `swarm.training.trainer.build_training_role`: the run's records and
+view (`swarm.training.records`), stepping (`swarm.training.stepping`), driving (`swarm.training.driving`),
+rebalancing (`swarm.training.rebalancing`) and state sync (`swarm.training.sync`). Each reads and writes this
+object, which it receives in its constructor; nothing else is shared. Besides the fields, it answers the questions
+every part asks of them (the current step, the samples of a step) and wakes the loops waiting for a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarm.p2p import Transport
+from swarm.p2p.identity import PeerID
+from swarm.run.config import RunConfig
+from swarm.training.stage_server import StageServer
+from swarm.training.training_config import TrainingConfig
+from swarm.training.view import SwarmView
+from swarm.training.wiring import PeerSelector
+
+
+@dataclass(eq=False, kw_only=True)
+class TrainerState:
+    """What the training role's collaborators share: its config and transport, the stage it serves, the run's
+    view, and this node's per-step counters. Per-step dicts are keyed by step."""
+
+    cfg: TrainingConfig
+    transport: Transport
+    dht: Any  # a `swarm.dht.DHT` (tests pass one, or an in-memory store with the same methods)
+    rng: random.Random
+    selectors: list[PeerSelector[PeerID]]  # one per stage: which peer of the stage to call next
+    server: StageServer | None = None  # the stage this node serves (None: a trainer, or between stages)
+    view: SwarmView = field(default_factory=SwarmView)
+    my_samples: dict[int, int] = field(default_factory=dict)  # samples this node drove to completion
+    inflight: dict[int, int] = field(default_factory=dict)  # samples of this node's microbatches in flight
+    next_index: dict[int, int] = field(default_factory=dict)  # the next microbatch index of this node's shard
+    losses: dict[int, list[float]] = field(default_factory=dict)  # the losses of this node's microbatches
+    started: float = field(default_factory=time.monotonic)
+    samples_driven: int = 0
+    first_sample_time: float | None = None
+    finished_time: float | None = None  # when max_steps was reached (the run's end, lingering excluded)
+    needs_sync: bool = False  # the last step was averaged alone: adopt a peer's next state
+    published: float = 0.0  # when this driver last published its progress (monotonic)
+    published_samples: dict[int, int] = field(default_factory=dict)  # the step and samples last published
+    behind_since: float | None = None  # since when the served stage is behind the swarm
+    step_opened: float = field(default_factory=time.monotonic)  # when the served step opened
+    refresh_now: asyncio.Event = field(default_factory=asyncio.Event)  # a step hint: re-read the records now
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced on each `notify`
+
+    @property
+    def run_cfg(self) -> RunConfig:
+        return self.cfg.run
+
+    @property
+    def run_id(self) -> str:
+        return self.cfg.run.run_id
+
+    @property
+    def me(self) -> PeerID:
+        return self.transport.peer_id
+
+    def stage(self) -> int | None:
+        """The stage this node serves now (None: none)."""
+        return self.server.index if self.server is not None else None
+
+    def current_step(self) -> int:
+        """The served stage's step; without a stage, the slowest stage's newest step."""
+        if self.server is not None:
+            return self.server.step
+        steps = [self.view.newest_step(s)[1] for s in range(self.run_cfg.pipeline.num_stages)]
+        return max(0, min(steps)) if steps else 0
+
+    def swarm_step(self) -> int:
+        """The newest step in any stage record or progress record of the run."""
+        steps = [r.step for r in self.view.peers.values()] + [r.step for r in self.view.progress.values()]
+        return max(steps, default=0)
+
+    def step_samples(self, step: int) -> int:
+        """The samples of ``step`` done so far: the others' progress records plus this node's own count."""
+        others = sum(r.samples for p, r in self.view.progress.items() if p != self.me and r.step == step)
+        return others + self.my_samples.get(step, 0)
+
+    def notify(self) -> None:
+        """Wake every loop waiting in `wait_change` (the view, a step or this node's progress changed)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Return on the next `notify`, or after ``timeout_s``."""
+        event = self.changed
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            pass

@@ -1,0 +1,212 @@
+"""The training role's step machinery (`Stepper`): when a step closes, averaging, catching up.
+
+When the samples of the stage server's step (this node's own plus the others' progress records) reach the target
+batch size, `finish_step` closes it, averages the mean gradients with the stage's peers (weighted by samples), adds
+the other stage's part of the tied matrix's gradient and applies the optimizer; `catch_up` downloads the state of a
+peer ahead (or jumps to the swarm's step when no peer of the stage is ahead); after averaging alone,
+`adopt_reference_state` loads a peer's next state so the replicas meet again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from swarm.averaging import Averager
+from swarm.dht.keys import averaging_group_key
+from swarm.errors import SwarmError
+from swarm.p2p.identity import PeerID
+from swarm.training.records import RunRecords
+from swarm.training.stage_server import StageServer
+from swarm.training.state import TrainerState
+from swarm.training.sync import StateSync
+from swarm.training.tied import TiedService, tied_index
+from swarm.training.verifying import NodeVerification
+
+log = logging.getLogger(__name__)
+
+
+class Stepper:
+    """Closes, averages and applies the stage server's steps and keeps it in step with the swarm."""
+
+    def __init__(
+        self,
+        state: TrainerState,
+        *,
+        records: RunRecords,
+        sync: StateSync,
+        checks: NodeVerification,
+        averager: Averager,
+        tied: TiedService,
+    ) -> None:
+        self.state = state
+        self.records = records
+        self.sync = sync
+        self.checks = checks
+        self.averager = averager
+        self.tied = tied
+
+    async def step_loop(self) -> None:
+        """Forever: on each change, close the served step once its samples reach the target, else catch up."""
+        st = self.state
+        while True:
+            await st.wait_change(st.cfg.poll_interval_s)
+            server = st.server
+            if server is None:
+                continue
+            if st.step_samples(server.step) >= st.run_cfg.batch.target_batch_size:
+                await self.finish_step(server)
+            else:
+                await self.catch_up(server)
+
+    async def finish_step(self, server: StageServer) -> None:
+        """Close the step, average mean gradients with the stage's peers, apply the optimizer, save."""
+        st = self.state
+        step = server.step
+        closed = time.monotonic()
+        await asyncio.to_thread(server.close_step)
+        await self.records.publish_final_part(step, closed=True)
+        grads = self.checks.hooks.gradients_to_average(step, await asyncio.to_thread(server.mean_gradients))
+        offenders = self.checks.offenders()  # caught here or by a quorum: left out of this node's span
+        await self._average(server, step, grads, offenders)
+        averaged = time.monotonic()
+        retie = await self._combine_tied(server, step, grads, offenders)
+        tied_done = time.monotonic()
+        if not (st.needs_sync and await self.adopt_reference_state(server, step + 1)):
+            await asyncio.to_thread(server.apply_step, grads, replace=retie)
+        st.notify()
+        now = time.monotonic()
+        elapsed, st.step_opened = now - st.step_opened, now
+        log.info(
+            "%s: stage %d step %d done (%d samples served in all; %.2fs: %.2fs feeding, %.3fs averaging, "
+            "%.3fs tied, %.3fs optimizer)",
+            st.me.short(),
+            server.index,
+            step,
+            server.total_samples,
+            elapsed,
+            closed - (now - elapsed),
+            averaged - closed,
+            tied_done - averaged,
+            now - tied_done,
+        )
+        if server.step % st.cfg.save_every_steps == 0:
+            await asyncio.to_thread(self.sync.save_checkpoint)
+        await self.records.publish_record()
+
+    async def _average(
+        self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
+    ) -> None:
+        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone)."""
+        st = self.state
+        # offenders are left out of this node's span; confirmed ones are not even grouped with, while a suspect
+        # only this node caught still is, so that its other peers can confirm it
+        confirmed = self.checks.confirmed_offenders()
+        others = [p for p in st.view.stage_peers(server.index) if p != st.me and p not in confirmed]
+        if not others:
+            return
+        result = await self.averager.step(
+            grads,
+            weight=max(float(server.samples), 1e-3),
+            group_key=averaging_group_key(st.run_id, server.index, step),
+            target_group_size=len(others) + 1,
+            exclude=offenders,
+            avoid=confirmed,
+        )
+        await self.checks.inspect(step, server.index, result.inspected)
+        if not result.with_others:
+            log.warning(
+                "%s: step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",
+                st.me.short(),
+                step,
+                server.index,
+                len(others),
+            )
+            st.needs_sync = True
+
+    async def _combine_tied(
+        self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
+    ) -> dict[int, torch.Tensor]:
+        """Add the other stage's part of the tied matrix's gradient (from peers not in ``offenders``); returns the
+        parameters to re-tie at this step."""
+        if tied_index(server) is None:
+            return {}
+        st = self.state
+        other = st.run_cfg.pipeline.num_stages - 1 if server.index == 0 else 0
+        trusted = [p for p in st.view.stage_peers(other) if p not in offenders]
+        return (await self.tied.combine(server, step, grads, st.rng.sample(trusted, len(trusted)))).replace
+
+    async def catch_up(self, server: StageServer) -> None:
+        """Download the state of a peer of the stage that is ahead, or jump to the swarm's step when none is."""
+        st = self.state
+        peer, newest = st.view.newest_step(server.index, exclude=self.checks.offenders())
+        now = time.monotonic()
+        # strictly ahead: a server's weights change only together with its step, so that validators replaying
+        # a step's work with the weights they downloaded for that step never see two versions of them
+        ahead = peer is not None and peer != st.me and newest >= server.step + 1
+        if not ahead and st.swarm_step() <= server.step + 1:
+            st.behind_since = None
+            return
+        if st.behind_since is None:
+            st.behind_since = now
+        if not ahead and now - st.behind_since >= st.cfg.behind_grace_s:
+            # the whole stage fell behind the drivers (e.g. its peers were lost): nobody to download from
+            log.warning(
+                "%s: stage %d is at step %d, the swarm at %d, and no peer of the stage is ahead; jumping",
+                st.me.short(),
+                server.index,
+                server.step,
+                st.swarm_step(),
+            )
+            await asyncio.to_thread(server.skip_to, st.swarm_step())
+            st.behind_since = None
+        elif peer is not None and ahead and (st.needs_sync or now - st.behind_since >= st.cfg.behind_grace_s):
+            try:
+                await asyncio.to_thread(server.close_step)
+                await self.sync.sync_from(peer, server)
+                st.needs_sync = False
+            except (SwarmError, TimeoutError, OSError) as e:
+                st.selectors[server.index].report_failure(peer)
+                log.warning("%s: state download from %s failed: %s", st.me.short(), peer.short(), e)
+                await asyncio.to_thread(server.skip_to, server.step)
+            st.behind_since = None
+            await self.records.publish_record()
+
+    async def adopt_reference_state(self, server: StageServer, next_step: int) -> bool:
+        """After averaging alone, at the step boundary: load the state of ``next_step`` from a peer of the stage
+        (the one with the smallest PeerID first) instead of applying this node's own update, so the replicas meet
+        again. The reference replica (smallest PeerID) keeps its own. False: apply the own update (no peer got
+        there within ``behind_grace_s``; the next boundary tries again)."""
+        st = self.state
+        deadline = time.monotonic() + st.cfg.behind_grace_s
+        while time.monotonic() < deadline:
+            offenders = self.checks.offenders()  # never adopt the state of a peer caught cheating
+            peers = sorted(
+                (p for p in st.view.stage_peers(server.index) if p not in offenders), key=lambda p: p.to_bytes()
+            )
+            if not peers or peers[0] == st.me:
+                st.needs_sync = False
+                return False
+            for peer in peers:
+                record = st.view.peers.get(peer)
+                if peer == st.me or record is None or record.step < next_step:
+                    continue
+                try:
+                    await self.sync.sync_from(peer, server)
+                    st.needs_sync = False
+                    return True
+                except (SwarmError, TimeoutError, OSError) as e:
+                    st.selectors[server.index].report_failure(peer)
+                    log.warning("%s: state download from %s failed: %s", st.me.short(), peer.short(), e)
+            await st.wait_change(st.cfg.poll_interval_s)
+        log.warning(
+            "%s: no peer of stage %d reached step %d within %.1fs; applying own update",
+            st.me.short(),
+            server.index,
+            next_step,
+            st.cfg.behind_grace_s,
+        )
+        return False

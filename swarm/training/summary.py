@@ -1,0 +1,125 @@
+"""`NodeSummary`: what a node reports when it stops (``swarm-node start --summary-file``), written and read here only.
+
+A trainer and a validator each build one `NodeSummary` when they stop; `swarm-node local` reads every node's file
+and aggregates them into the run's summary. The file is one JSON object whose keys are the field names below (the
+keys of the hand-written dicts this replaces, so older files still read); fields a role does not fill keep their
+defaults. `NodeSummary.write` is atomic (a temporary file, then a rename), so a reader never sees half a file;
+`NodeSummary.read` checks every field and raises `SummaryError` for a missing, unreadable or malformed file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarm.errors import ProtocolError, SwarmError
+from swarm.p2p.messages import Message
+from swarm.training.node_role import PEER_RECORD_ROLES, Role
+
+MAX_SUMMARY_SIZE_BYTES = 64 * 1024 * 1024
+
+
+class SummaryError(SwarmError):
+    """A node summary file is missing, unreadable or not a valid summary; the message names the file."""
+
+    code = "summary"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerificationSummary(Message):
+    """A training node's verification duties (`swarm.training.verifying.NodeVerification.summary`)."""
+
+    misbehave: str | None = None  # the cheat this node ran on purpose (--misbehave), or None
+    orchestrator_candidate: bool = False
+    attested_windows: list[int] = field(default_factory=list)  # the windows it attested as orchestrator
+    ledger_path: str | None = None  # its orchestrator ledger (candidates only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSummary(Message):
+    """One node's losses, counts and checks when it stopped. Times: ``*_time`` wall clock (s), ``elapsed_s``
+    since the role started."""
+
+    peer_id: str
+    role: Role  # a string is parsed
+    run_id: str
+    step: int  # the step the node had reached
+    elapsed_s: float
+    # training nodes
+    stage: int | None = None  # the stage served at the end (None: a trainer or a validator)
+    losses: dict[int, list[float]] = field(default_factory=dict)  # step -> losses of the microbatches it drove
+    samples: int = 0  # samples it drove
+    served_samples: int = 0  # samples its stage served
+    first_sample_time: float | None = None
+    end_time: float | None = None  # when it reached max_steps (or stopped)
+    loss_floor: float | None = None  # the data's loss floor, when known
+    verification: VerificationSummary | None = None
+    # validators
+    checks: int = 0  # receipts checked
+    failed: int = 0  # checks that failed
+    windows_checked: int = 0
+    states_synced: int = 0
+    attested_windows: list[int] = field(default_factory=list)
+    ledger_path: str | None = None  # the validator's orchestrator ledger
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role.parse(self.role, allowed=PEER_RECORD_ROLES))
+        if not self.peer_id or not self.run_id:
+            raise ValueError("peer_id and run_id must not be empty")
+        for name in ("step", "samples", "served_samples", "checks", "failed", "windows_checked", "states_synced"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stage is not None and self.stage < 0:
+            raise ValueError(f"stage must be None or >= 0, got {self.stage}")
+
+    @property
+    def misbehaving(self) -> bool:
+        """Whether this node cheated on purpose (``--misbehave``)."""
+        return self.verification is not None and self.verification.misbehave is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the file (step keys of ``losses`` as strings)."""
+        obj = self.to_wire()
+        obj["losses"] = {str(step): list(losses) for step, losses in sorted(self.losses.items())}
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: Any) -> NodeSummary:
+        """Check a decoded JSON object; ProtocolError if it is not a summary."""
+        if isinstance(obj, dict) and isinstance(obj.get("losses"), dict):
+            try:
+                obj = {**obj, "losses": {int(step): losses for step, losses in obj["losses"].items()}}
+            except ValueError:
+                raise ProtocolError(
+                    f"NodeSummary.losses: keys must be step numbers, got {list(obj['losses'])}"
+                ) from None
+        return cls.from_wire(obj)
+
+    def write(self, path: Path) -> None:
+        """Write the summary to ``path`` atomically: ``.<name>.tmp`` in the same folder, then a rename."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_json()))
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> NodeSummary:
+        """The summary in ``path``; SummaryError if it is missing, unreadable or malformed."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SUMMARY_SIZE_BYTES + 1)
+        except FileNotFoundError:
+            raise SummaryError(f"no node summary at {path} (the node did not stop cleanly?)") from None
+        except OSError as e:
+            raise SummaryError(f"cannot read the node summary {path}: {e}") from None
+        if len(data) > MAX_SUMMARY_SIZE_BYTES:
+            raise SummaryError(f"the node summary {path} is over {MAX_SUMMARY_SIZE_BYTES} bytes")
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise SummaryError(f"the node summary {path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_json(obj)
+        except ProtocolError as e:
+            raise SummaryError(f"the node summary {path} is malformed: {e}") from None

@@ -1,0 +1,155 @@
+"""The training role's state sync (`StateSync`): joining the run and loading a stage's newest state.
+
+- `check_run_config`: refuse to join a swarm of the same run name whose config differs;
+- `first_stage`: the stage a node with ``stage=None`` starts on (the weakest);
+- `become`: serve a stage: build it, then load the newest state (a download from the peer of the stage with the
+  newest step, else this node's own checkpoint, else the swarm's step with the weights it has);
+- `sync_from`: download a stage's state from a peer and load it;
+- checkpoints: `save_checkpoint` writes the served stage to ``checkpoint_dir`` (`become` resumes from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from swarm.errors import SwarmError
+from swarm.model.optim import make_optimizer
+from swarm.model.stages import build_stage
+from swarm.p2p.identity import PeerID
+from swarm.training.balancing import StagePeer, choose_stage
+from swarm.training.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
+from swarm.training.records import RunRecords
+from swarm.training.stage_rpc import call_state_download
+from swarm.training.stage_server import StageServer, StageServerConfig
+from swarm.training.state import TrainerState
+from swarm.training.verifying import NodeVerification
+from swarm.dht.keys import config_key
+from swarm.training.messages import CONFIG_SCHEMA, MAX_CONFIG_RECORD_TTL_S, RunConfigRecord
+from swarm.training.node_role import Role
+
+log = logging.getLogger(__name__)
+
+
+class StateSync:
+    """Joins the run and keeps the served stage's state loaded from the swarm or this node's checkpoint."""
+
+    def __init__(self, state: TrainerState, *, records: RunRecords, checks: NodeVerification) -> None:
+        self.state = state
+        self.records = records
+        self.checks = checks
+
+    async def check_run_config(self) -> None:
+        """Refuse to join a swarm of the same run name whose config differs (ConfigError names the field)."""
+        st = self.state
+        key = config_key(st.run_cfg.name)
+        async with asyncio.timeout(st.cfg.dht_timeout_s):
+            found = await st.dht.get(key, latest=True)
+        entries = CONFIG_SCHEMA.entries(found)
+        record = entries[0].value if entries else None
+        if isinstance(record, RunConfigRecord) and record.hash != st.run_cfg.config_hash():
+            st.run_cfg.check_same_run(record.config)
+        mine = RunConfigRecord(hash=st.run_cfg.config_hash(), config=st.run_cfg.to_dict())
+        await self.records.store(key, mine.to_wire(), ttl_s=MAX_CONFIG_RECORD_TTL_S)
+
+    def first_stage(self) -> int | None:
+        """The stage to serve on joining: the configured one, else the weakest (None for a trainer)."""
+        st = self.state
+        if st.cfg.role == Role.TRAINER:
+            return None
+        if st.cfg.stage is not None:
+            return st.cfg.stage
+        return choose_stage(
+            [
+                StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or 1.0)
+                for p, r in st.view.peers.items()
+                if r.stage is not None
+            ],
+            st.run_cfg.pipeline.num_stages,
+            my_speed=1.0,
+        )
+
+    async def become(self, stage: int) -> None:
+        """Serve ``stage``: build it, then load the newest state (swarm download, else own checkpoint)."""
+        st = self.state
+        server = await self._build(stage)
+        peer, step = st.view.newest_step(stage, exclude=self.checks.offenders())
+        if peer is not None and peer != st.me and step > server.step:
+            try:
+                await self.sync_from(peer, server)
+            except (SwarmError, TimeoutError, OSError) as e:  # e.g. its record outlived it: serve, don't die
+                st.selectors[stage].report_failure(peer)
+                log.warning("%s: state download from %s failed: %s", st.me.short(), peer.short(), e)
+                peer = None
+        if (peer is None or peer == st.me) and server.step < st.swarm_step():
+            log.warning(
+                "%s: stage %d has no peer to download its state from; serving %s weights at the swarm's step %d",
+                st.me.short(),
+                stage,
+                "checkpointed" if server.step else "initial",
+                st.swarm_step(),
+            )
+            server.skip_to(st.swarm_step())
+        st.server = server
+        log.info("%s: serving stage %d of run %s at step %d", st.me.short(), stage, st.run_id, server.step)
+
+    async def _build(self, stage: int) -> StageServer:
+        """A server of ``stage`` with initial weights, or this node's checkpoint of it when there is one."""
+        st = self.state
+        model = build_stage(st.run_cfg, stage).to(st.cfg.device)
+        optimizer = make_optimizer(model.parameters(), st.run_cfg.optimizer)
+        server = StageServer(
+            model,
+            optimizer,
+            st.run_cfg.optimizer,
+            StageServerConfig(max_batch=st.run_cfg.batch.microbatch_size),
+            step=0,
+        )
+        checkpoint = self.checkpoint_path(stage)
+        if checkpoint is not None and checkpoint.exists():
+            try:
+                state = await asyncio.to_thread(load_state, checkpoint)
+                apply_state(model, optimizer, state, run_id=st.run_id, stage=stage)
+                server.skip_to(state.step)
+                log.info("%s: resumed stage %d at step %d from %s", st.me.short(), stage, state.step, checkpoint)
+            except CheckpointError as e:
+                log.warning("%s: ignoring checkpoint: %s", st.me.short(), e)
+        return server
+
+    async def sync_from(self, peer: PeerID, server: StageServer) -> None:
+        """Download ``server``'s stage state from ``peer`` and load it (stops accepting work while loading)."""
+        st = self.state
+        log.info("%s: downloading stage %d state from %s", st.me.short(), server.index, peer.short())
+        state = await call_state_download(
+            st.transport, peer, run_id=st.run_id, stage=server.index, timeout_s=st.cfg.rpc_timeout_s
+        )
+
+        def load() -> None:
+            with server.lock:
+                apply_state(server.model, server.optimizer, state, run_id=st.run_id, stage=server.index)
+            server.skip_to(state.step)
+
+        await asyncio.to_thread(load)
+        log.info(
+            "%s: stage %d now at step %d (downloaded from %s)", st.me.short(), server.index, state.step, peer.short()
+        )
+
+    def checkpoint_path(self, stage: int) -> Path | None:
+        """Where ``stage``'s checkpoint lives (None without ``checkpoint_dir``)."""
+        directory = self.state.cfg.checkpoint_dir
+        return None if directory is None else directory / f"stage-{stage}.safetensors"
+
+    def save_checkpoint(self) -> None:
+        """Save the served stage's state to its checkpoint file (nothing without a server or ``checkpoint_dir``)."""
+        st = self.state
+        server = st.server
+        path = None if server is None else self.checkpoint_path(server.index)
+        if server is None or path is None:
+            return
+        with server.lock:
+            state = capture_state(
+                server.model, server.optimizer, run_id=st.run_id, stage=server.index, step=server.step
+            )
+        save_state(path, state)
+        log.info("%s: saved stage %d at step %d to %s", st.me.short(), server.index, server.step, path)
