@@ -123,7 +123,7 @@ def bench_cipher(peers: int, size_mib: float) -> float:
     is the one cost an encrypted all-reduce adds to gloo's work whatever its language, so gloo's CPU plus this
     is the least CPU an encrypted round can take.
     """
-    from swarm.p2p.connection import MAX_PLAINTEXT_BYTES
+    from swarm.p2p.sealing import MAX_PLAINTEXT_BYTES
     from swarm.p2p.noise import TAG_LEN, CipherState
 
     each_way = int(2 * (peers - 1) / peers * _numel(size_mib) * 4)

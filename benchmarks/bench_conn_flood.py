@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarm.dht.protocol import PingReply, PingRequest
+from swarm.dht.messages import PingReply, PingRequest
 from swarm.p2p import Transport, TransportConfig
 from swarm.p2p.identity import Identity
 

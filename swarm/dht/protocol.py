@@ -1,11 +1,10 @@
-"""The DHT's wire protocol: typed messages, ``rpc_*`` handlers and ``call_*`` clients over the transport.
+"""The DHT's protocol endpoint of one node: the peers it sees on the wire and the ``call_*`` clients.
 
-Every request names its ``sender`` (PeerID and listen multiaddrs) unless the caller is in client mode;
-the server checks that it matches the authenticated PeerID of the connection and adds it to its routing
-table (ping-before-evict when the bucket is full). Records received on STORE and in FIND_VALUE answers
-go through the :class:`~swarm.dht.records.RecordChecker` (owner signature, limits, validators); bad ones are
-dropped with a warning, the rest are served. A STORE lands in storage charged to the sender's PeerID and IP
-address (the receiver alone decides what it caches); a FIND_VALUE reply is paged (:mod:`swarm.dht.paging`).
+Every request names its ``sender`` (PeerID and listen multiaddrs) unless the caller is in client mode; the
+server checks that it matches the authenticated PeerID of the connection and adds it to its routing table
+(ping-before-evict when the bucket is full). Records in FIND_VALUE answers go through the
+:class:`~swarm.dht.records.RecordChecker` (owner signature, limits, validators); bad ones are dropped with a
+warning. The wire messages are in :mod:`swarm.dht.messages`, the ``rpc_*`` handlers in :mod:`swarm.dht.handlers`.
 """
 
 from __future__ import annotations
@@ -13,16 +12,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 from swarm.dht.config import DHTConfig
+from swarm.dht.handlers import DHTHandlers
+from swarm.dht.messages import (
+    MAX_MADDRS_PER_PEER,
+    FindNodeReply,
+    FindNodeRequest,
+    FindValueReply,
+    FindValueRequest,
+    NodeInfo,
+    PingReply,
+    PingRequest,
+    RoutingTableReply,
+    RoutingTableRequest,
+    StoreReply,
+    StoreRequest,
+)
 from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p.messages import Message
-from swarm.dht.paging import MAX_CURSOR_BYTES, batches, page
+from swarm.dht.paging import batches
 from swarm.dht.records import Record, RecordChecker
-from swarm.dht.routing import ID_BYTES, Contact, RoutingTable, id_from_bytes, id_to_bytes, key_id_of_packed
+from swarm.dht.routing import Contact, RoutingTable, id_to_bytes
 from swarm.dht.storage import RecordStorage
 from swarm.p2p import RpcContext, Transport
 from swarm.p2p.rpc import UnaryHandler
@@ -32,116 +45,14 @@ log = logging.getLogger(__name__)
 
 ReplyT = TypeVar("ReplyT", bound=Message)
 
-MAX_MADDRS_PER_PEER = 8
-MAX_PEERS_PER_REPLY = 1000
 _MAX_CACHED_CONTACTS = 50_000
 ROUTING_TAG = "dht.routing"  # the transport protects routing-table contacts under this tag (docs/transport.md)
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeInfo(Message):
-    """A peer on the wire: PeerID bytes and its listen multiaddrs."""
-
-    peer_id: bytes
-    maddrs: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if len(self.maddrs) > MAX_MADDRS_PER_PEER or any(len(m) > 300 for m in self.maddrs):
-            raise ValueError(f"at most {MAX_MADDRS_PER_PEER} multiaddrs of <= 300 characters per peer")
-
-
-def _check_peers(peers: Sequence[NodeInfo]) -> None:
-    if len(peers) > MAX_PEERS_PER_REPLY:
-        raise ValueError(f"at most {MAX_PEERS_PER_REPLY} peers per message, got {len(peers)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PingRequest(Message):
-    sender: NodeInfo | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class PingReply(Message):
-    peer: NodeInfo
-
-
-@dataclass(frozen=True, kw_only=True)
-class FindNodeRequest(Message):
-    sender: NodeInfo | None = None
-    target: bytes
-
-    def __post_init__(self) -> None:
-        if len(self.target) != ID_BYTES:
-            raise ValueError(f"target must be a {ID_BYTES}-byte ID, got {len(self.target)} bytes")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FindNodeReply(Message):
-    peers: tuple[NodeInfo, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_peers(self.peers)
-
-
-@dataclass(frozen=True, kw_only=True)
-class FindValueRequest(Message):
-    sender: NodeInfo | None = None
-    key: bytes  # the msgpack form of the key
-    cursor: bytes = b""  # b"": the first page; else the next_cursor of the previous reply
-
-    def __post_init__(self) -> None:
-        if len(self.cursor) > MAX_CURSOR_BYTES:
-            raise ValueError(f"cursor longer than {MAX_CURSOR_BYTES} bytes")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FindValueReply(Message):
-    records: tuple[Record, ...] = ()
-    peers: tuple[NodeInfo, ...] = ()
-    next_cursor: bytes = b""  # b"": no more records; else send it back for the next page
-
-    def __post_init__(self) -> None:
-        _check_peers(self.peers)
-        if len(self.next_cursor) > MAX_CURSOR_BYTES:
-            raise ValueError(f"next_cursor longer than {MAX_CURSOR_BYTES} bytes")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StoreRequest(Message):
-    sender: NodeInfo | None = None
-    records: tuple[Record, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class StoreReply(Message):
-    stored: tuple[bool, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RoutingTableRequest(Message):
-    pass
-
-
-@dataclass(frozen=True, kw_only=True)
-class RoutingTableReply(Message):
-    peer: NodeInfo
-    client_mode: bool
-    peers: tuple[NodeInfo, ...] = ()
-    buckets: tuple[int, ...] = ()
-    num_records: int = 0
-
-    def __post_init__(self) -> None:
-        _check_peers(self.peers)
-        if len(self.buckets) != len(self.peers):
-            raise ValueError("buckets must have one entry per peer")
-
-
-def to_info(contact: Contact) -> NodeInfo:
-    return NodeInfo(peer_id=contact.peer_id.to_bytes(), maddrs=contact.maddrs)
+PEER_FAILURES = (SwarmError, OSError, TimeoutError)  # what a call_* raises when the peer fails to answer
 
 
 class DHTProtocol:
-    """Handlers and clients of one node; owns the routing-table bookkeeping of peers seen on the wire."""
+    """Clients of one node (its handlers: ``DHTHandlers``); owns the routing-table bookkeeping of peers seen on
+    the wire."""
 
     def __init__(
         self,
@@ -164,6 +75,7 @@ class DHTProtocol:
         self._contact_cache: dict[tuple[bytes, tuple[str, ...]], Contact] = {}  # parsing PeerIDs costs
         self.on_new_contact: Callable[[Contact], None] = lambda contact: None
         self.running = False
+        self._handlers = DHTHandlers(self)
 
     @property
     def peer_id(self) -> PeerID:
@@ -176,12 +88,13 @@ class DHTProtocol:
         return NodeInfo(peer_id=self.peer_id.to_bytes(), maddrs=self.transport.listen_maddrs[:MAX_MADDRS_PER_PEER])
 
     def _methods(self) -> tuple[tuple[str, type[Message], UnaryHandler], ...]:
+        h = self._handlers
         return (
-            ("dht.ping", PingRequest, self.rpc_ping),
-            ("dht.find_node", FindNodeRequest, self.rpc_find_node),
-            ("dht.find_value", FindValueRequest, self.rpc_find_value),
-            ("dht.store", StoreRequest, self.rpc_store),
-            ("dht.routing_table", RoutingTableRequest, self.rpc_routing_table),
+            ("dht.ping", PingRequest, h.rpc_ping),
+            ("dht.find_node", FindNodeRequest, h.rpc_find_node),
+            ("dht.find_value", FindValueRequest, h.rpc_find_value),
+            ("dht.store", StoreRequest, h.rpc_store),
+            ("dht.routing_table", RoutingTableRequest, h.rpc_routing_table),
         )
 
     def register(self) -> None:
@@ -251,7 +164,7 @@ class DHTProtocol:
     async def _ping_before_evict(self, stale: Contact) -> None:
         try:
             await self.call_ping(stale.peer_id)
-        except (SwarmError, OSError, TimeoutError):
+        except PEER_FAILURES:
             log.debug("%s: evicting %s, it did not answer a ping", self.peer_id.short(), stale.peer_id.short())
             self.peer_failed(stale.peer_id)
         else:
@@ -259,7 +172,9 @@ class DHTProtocol:
         finally:
             self._pinging.discard(stale.peer_id)
 
-    def _sender_seen(self, ctx: RpcContext, sender: NodeInfo | None) -> None:
+    def sender_seen(self, ctx: RpcContext, sender: NodeInfo | None) -> None:
+        """A request named its sender: check it against the connection's PeerID and note the peer (handlers call
+        this first; it also refuses every request while the node shuts down)."""
         if not self.running:
             raise SwarmError("this DHT node is shutting down; use another peer")
         if sender is None:
@@ -270,29 +185,7 @@ class DHTProtocol:
         if contact is not None:
             self.peer_seen(contact)
 
-    def _nearest_infos(self, target_id: int, exclude: PeerID) -> tuple[NodeInfo, ...]:
-        return tuple(to_info(c) for c in self.table.nearest(target_id, self.config.bucket_size, exclude=(exclude,)))
-
-    # -- handlers --
-
-    async def rpc_ping(self, ctx: RpcContext, req: PingRequest) -> PingReply:
-        self._sender_seen(ctx, req.sender)
-        return PingReply(peer=self.self_info() or NodeInfo(peer_id=self.peer_id.to_bytes()))
-
-    async def rpc_find_node(self, ctx: RpcContext, req: FindNodeRequest) -> FindNodeReply:
-        self._sender_seen(ctx, req.sender)
-        return FindNodeReply(peers=self._nearest_infos(id_from_bytes(req.target), ctx.peer_id))
-
-    async def rpc_find_value(self, ctx: RpcContext, req: FindValueRequest) -> FindValueReply:
-        self._sender_seen(ctx, req.sender)
-        if len(req.key) > self.config.max_key_size_bytes:
-            raise RecordError(f"key longer than max_key_size_bytes={self.config.max_key_size_bytes}")
-        key_id = key_id_of_packed(req.key)
-        records, next_cursor = page(
-            [r for r in self.local_records(key_id) if r.key == req.key], req.cursor, self.reply_budget_bytes()
-        )
-        peers = self._nearest_infos(key_id, ctx.peer_id) if not req.cursor else ()
-        return FindValueReply(records=tuple(records), peers=peers, next_cursor=next_cursor)
+    # -- records served --
 
     def reply_budget_bytes(self) -> int:
         """The most record bytes one reply (or one STORE) carries: ``max_reply_bytes``, within the message cap."""
@@ -305,39 +198,6 @@ class DHTProtocol:
             current = best.get(record.slot())
             best[record.slot()] = record if current is None else self.checker.select(current, record)
         return list(best.values())
-
-    async def rpc_store(self, ctx: RpcContext, req: StoreRequest) -> StoreReply:
-        self._sender_seen(ctx, req.sender)
-        if len(req.records) > self.config.max_records_per_store:
-            raise RecordError(f"at most max_records_per_store={self.config.max_records_per_store} records per STORE")
-        stored = []
-        for record in req.records:
-            try:
-                self.checker.check(record)
-            except RecordError as e:
-                log.warning("%s: rejected a record from %s: %s", self.peer_id.short(), ctx.peer_id.short(), e)
-                stored.append(False)
-                continue
-            key_id = key_id_of_packed(record.key)
-            stored.append(self.storage.put(key_id, record, source=ctx.peer_id, host=ctx.remote_host))
-        refused = stored.count(False)
-        if refused:
-            log.debug(
-                "%s: refused %d of %d records from %s", self.peer_id.short(), refused, len(stored), ctx.peer_id.short()
-            )
-        return StoreReply(stored=tuple(stored))
-
-    async def rpc_routing_table(self, ctx: RpcContext, req: RoutingTableRequest) -> RoutingTableReply:
-        if not self.running:
-            raise SwarmError("this DHT node is shutting down; use another peer")
-        contacts = self.table.contacts()[:MAX_PEERS_PER_REPLY]
-        return RoutingTableReply(
-            peer=self.self_info() or NodeInfo(peer_id=self.peer_id.to_bytes()),
-            client_mode=self.config.client_mode,
-            peers=tuple(to_info(c) for c in contacts),
-            buckets=tuple(self.table.bucket_index(c.node_id) for c in contacts),
-            num_records=len(self.storage),
-        )
 
     # -- clients --
 

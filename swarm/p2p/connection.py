@@ -1,18 +1,18 @@
-"""One TCP connection: the Noise handshake, encrypted records, mux frames, streams, drain with a deadline.
+"""One TCP connection: the asyncio protocol that ties handshake, read buffer, records, frames and streams together.
 
-The connection is an ``asyncio.BufferedProtocol``: the socket reads into one buffer (80 KiB, grown to 1 MiB while
-bulk data flows, see ``trim_read_buffer``), which is split into length-prefixed Noise records and decrypted in
+The connection is an ``asyncio.BufferedProtocol``: the socket reads into its ReadBuffer (``readbuffer.py``: 80 KiB,
+grown to 1 MiB while bulk data flows), which is split into length-prefixed Noise records and decrypted in
 ``buffer_updated`` (no per-record coroutine switch; a large frame's records decrypt straight into its payload
-buffer), and frames go to their streams synchronously. Writes are synchronous too (encrypted straight into a
-reused buffer, see WriteScratch); callers then ``await drain()``, which has the ``write_timeout_s`` deadline, so
-frames of concurrent streams never interleave mid-frame.
+buffer), and frames go to their streams synchronously (``demux.py``). Writes are synchronous too (``sealing.py``
+encrypts straight into a reused buffer, see WriteScratch); callers then ``await drain()``, which has the
+``write_timeout_s`` deadline, so frames of concurrent streams never interleave mid-frame. The Noise XX handshake
+is in ``handshake.py``, keep-alive PINGs in ``keepalive.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol, cast
@@ -20,11 +20,9 @@ from typing import Any, Protocol, cast
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from swarm.p2p.identity import Identity, PeerID
-from swarm.p2p.config import MAX_NOISE_MESSAGE_BYTES, TransportConfig
+from swarm.p2p.config import TransportConfig
+from swarm.p2p.demux import deliver
 from swarm.p2p.framing import (
-    FRAME_HEADER,
-    FRAME_HEADER_BYTES,
-    PING_PAYLOAD_BYTES,
     RECORD_PREFIX,
     Chunk,
     ErrorCode,
@@ -35,27 +33,16 @@ from swarm.p2p.framing import (
     decode_error,
     encode_error,
 )
-from swarm.p2p.noise import TAG_LEN, CipherState, HandshakeState, make_payload, verify_payload
-from swarm.p2p.refusal import AT_CONNECTION_LIMIT, AT_LIMIT_TEXT, encode_refusal, parse_refusal
+from swarm.p2p.handshake import noise_xx
+from swarm.p2p.keepalive import Pinger
+from swarm.p2p.noise import TAG_LEN, CipherState
+from swarm.p2p.readbuffer import ReadBuffer
+from swarm.p2p.refusal import AT_LIMIT_TEXT, encode_refusal
+from swarm.p2p.sealing import seal_frame
 from swarm.p2p.streams import Stream
-from swarm.errors import (
-    HandshakeError,
-    OverloadedError,
-    PeerIDMismatchError,
-    ProtocolError,
-    RpcTimeoutError,
-    SwarmError,
-    TransportError,
-)
+from swarm.errors import HandshakeError, OverloadedError, ProtocolError, SwarmError, TransportError
 
 log = logging.getLogger(__name__)
-
-MAX_PLAINTEXT_BYTES = MAX_NOISE_MESSAGE_BYTES - TAG_LEN
-_RECORD_SPACE_BYTES = MAX_NOISE_MESSAGE_BYTES + 2  # one whole length-prefixed record
-_SMALL_READ_BUFFER_BYTES = 80 * 1024  # idle and small-RPC connections: one whole record fits
-_LARGE_READ_BUFFER_BYTES = 1 << 20  # while bulk data flows: fewer, larger socket reads
-_FULL_READS_TO_GROW = 2  # consecutive reads that fill the small buffer before it grows
-_MERGED_HEAD_BYTES = 4096  # a frame's first buffer up to this size goes in the frame header's record
 
 
 class ConnectionOwner(Protocol):
@@ -95,12 +82,7 @@ class Connection(asyncio.BufferedProtocol):
         self.last_active_s = time.monotonic()
         self.close_reason = ""
         self._transport: asyncio.Transport | None = None
-        self._rbuf = bytearray(_SMALL_READ_BUFFER_BYTES)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = self._rend = 0
-        self._offered_bytes = 0  # size of the view get_buffer handed out last
-        self._full_reads = 0  # consecutive reads that filled that view
-        self._filled_since_trim = False
+        self.read_buffer = ReadBuffer()
         self._reading_paused = False
         self._handshake_waiter: asyncio.Future[None] | None = None
         self._send: CipherState | None = None
@@ -113,7 +95,7 @@ class Connection(asyncio.BufferedProtocol):
         self._next_stream_id = 1 if initiator else 2
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._pinger = Pinger(lambda ftype, payload: self.send_frame(0, ftype, 0, payload))
         self._closed = asyncio.get_running_loop().create_future()
 
     @property
@@ -140,54 +122,32 @@ class Connection(asyncio.BufferedProtocol):
         self.owner.on_connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._rbuf) - self._rend < _RECORD_SPACE_BYTES:  # move the partial record to the front
-            unread = self._rend - self._rstart
-            self._rbuf[:unread] = self._rbuf[self._rstart : self._rend]
-            self._rstart, self._rend = 0, unread
-        self._offered_bytes = len(self._rbuf) - self._rend
-        return self._rview[self._rend :]
+        return self.read_buffer.offer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        rb = self.read_buffer
         if self._refusing is not None:  # refused: drop what the peer still sends until it closes
-            self._rstart = self._rend = 0
+            rb.discard()
             return
-        self._rend += nbytes
-        self._grow_or_count(nbytes == self._offered_bytes)
+        rb.filled(nbytes)
         if self._recv is not None:
             self._process_records(self._recv)
             return
         # Handshaking: the handshake coroutine takes its messages out; hold the rest (pause when full).
         if self._handshake_waiter is not None and not self._handshake_waiter.done():
             self._handshake_waiter.set_result(None)
-        if self._rend - self._rstart > len(self._rbuf) - _RECORD_SPACE_BYTES and self._transport:
+        if rb.nearly_full and self._transport:
             self._transport.pause_reading()
             self._reading_paused = True
 
-    def _grow_or_count(self, full: bool) -> None:
-        """Grow the small read buffer once reads keep filling it (bulk data is flowing)."""
-        self._full_reads = self._full_reads + 1 if full else 0
-        self._filled_since_trim |= full
-        if self._full_reads >= _FULL_READS_TO_GROW and len(self._rbuf) < _LARGE_READ_BUFFER_BYTES:
-            self._resize_read_buffer(_LARGE_READ_BUFFER_BYTES)
-
     def trim_read_buffer(self) -> None:
-        """Shrink a large read buffer back if no read filled it since the last call (the transport's reaper
-        calls this every period, so a connection that went quiet holds only the small buffer)."""
-        unread = self._rend - self._rstart
-        if not self._filled_since_trim and len(self._rbuf) > _SMALL_READ_BUFFER_BYTES and unread < _RECORD_SPACE_BYTES:
-            self._resize_read_buffer(_SMALL_READ_BUFFER_BYTES)
-        self._filled_since_trim = False
-
-    def _resize_read_buffer(self, size_bytes: int) -> None:
-        unread = self._rend - self._rstart
-        rbuf = bytearray(size_bytes)
-        rbuf[:unread] = self._rview[self._rstart : self._rend]
-        self._rbuf, self._rview = rbuf, memoryview(rbuf)
-        self._rstart, self._rend, self._full_reads = 0, unread, 0
+        """Shrink a large read buffer back if no read filled it since the last call (see ReadBuffer.trim)."""
+        self.read_buffer.trim()
 
     def _process_records(self, recv: CipherState) -> None:
         """Decrypt and dispatch every complete record in the read buffer."""
-        view, pos, end = self._rview, self._rstart, self._rend
+        rb = self.read_buffer
+        view, pos, end = rb.view, rb.start, rb.end
         parser, closed = self._parser, self._closed
         try:
             while end - pos >= 2 and not closed.done():  # the hot loop of bulk transfers: kept flat on purpose
@@ -207,14 +167,14 @@ class Connection(asyncio.BufferedProtocol):
                     parser.feed(recv.decrypt_with_ad(b"", record))
         except SwarmError as e:
             self.close(f"{e}", warn=True)
-        self._rstart = pos
+        rb.start = pos
 
     def eof_received(self) -> bool:
         if self._refusing is not None:
             self.close("refused; the peer closed the connection", warn=False)
         elif self._send is None:  # a dialler's handshake raises the reason (a refusal may be in the buffer)
             self.close("the peer closed the connection during the handshake", warn=not self.initiator)
-        elif self._rend > self._rstart or self._parser.mid_frame:
+        elif self.read_buffer.unread_bytes > 0 or self._parser.mid_frame:
             self.close("the peer closed the connection in the middle of a frame (truncated)", warn=True)
         else:
             self.close("the peer closed the connection", warn=False)
@@ -239,58 +199,35 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- handshake --
 
-    async def _read_handshake_message(self) -> bytes:
+    async def read_handshake_record(self) -> bytes:
         """The next length-prefixed record from the read buffer, as the handshake needs it."""
         while True:
-            pos, end = self._rstart, self._rend
-            if end - pos >= 2:
-                size = (self._rbuf[pos] << 8) | self._rbuf[pos + 1]
-                if end - pos - 2 >= size:
-                    self._rstart = pos + 2 + size
-                    return bytes(self._rview[pos + 2 : pos + 2 + size])
+            record = self.read_buffer.take_record()
+            if record is not None:
+                return record
             if self._closed.done():
                 raise HandshakeError(f"connection closed during the handshake: {self.close_reason}")
             self._handshake_waiter = asyncio.get_running_loop().create_future()
             await asyncio.wait([self._handshake_waiter, self._closed], return_when=asyncio.FIRST_COMPLETED)
 
-    def _write_record(self, message: bytes) -> None:
+    def write_record(self, message: bytes) -> None:
         if self._transport is not None and not self._closed.done():
             self._transport.write(RECORD_PREFIX.pack(len(message)) + message)
 
+    def replied(self) -> None:
+        """As the responder: handshake message 2 is sent."""
+        self._replied = True
+
     async def handshake(self, identity: Identity, static_key: X25519PrivateKey, expected: PeerID | None) -> PeerID:
         """Run Noise XX; return the authenticated remote PeerID (the caller bounds this with a timeout)."""
-        hs = HandshakeState(initiator=self.initiator, static_key=static_key)
-        payload = make_payload(identity, static_key)
-        if self.initiator:
-            self._write_record(hs.write_message(b""))
-            message = await self._read_handshake_message()
-            refusal = parse_refusal(message)
-            if refusal is not None:
-                self._raise_refused(*refusal)
-            remote = verify_payload(hs.read_message(message), hs.rs or b"")
-            if expected is not None and remote != expected:
-                raise PeerIDMismatchError(
-                    f"dialled {self.remote_host}:{self.remote_port} expecting peer {expected} but it proved to be "
-                    f"{remote}; the address is stale or wrong: update the multiaddr's /p2p/ part"
-                )
-            self._write_record(hs.write_message(payload))
-        else:
-            hs.read_message(await self._read_handshake_message())
-            self._write_record(hs.write_message(payload))
-            self._replied = True
-            remote = verify_payload(hs.read_message(await self._read_handshake_message()), hs.rs or b"")
+        where = f"{self.remote_host}:{self.remote_port}"
+        remote, send, recv = await noise_xx(
+            self, initiator=self.initiator, where=where, identity=identity, static_key=static_key, expected=expected
+        )
         self.peer_id = remote
         self.last_active_s = time.monotonic()
-        self._send, self._recv_ready = hs.split()
+        self._send, self._recv_ready = send, recv
         return remote
-
-    def _raise_refused(self, code: str, message: str) -> None:
-        where = f"{self.remote_host}:{self.remote_port}"
-        if code == AT_CONNECTION_LIMIT:
-            raise OverloadedError(
-                f"{where} refused the connection: {AT_LIMIT_TEXT} ({message}); retry later or use another peer"
-            )
-        raise TransportError(f"{where} refused the connection ({code}): {message}")
 
     def begin_frames(self) -> None:
         """The transport admitted this connection after its handshake: read frames (those that came right after
@@ -316,8 +253,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._send is not None:
             self.send_frame(0, FrameType.ERROR, 0, encode_error(ErrorCode.OVERLOADED, message))
         else:
-            self._write_record(encode_refusal(message))
-        self._rstart = self._rend = 0
+            self.write_record(encode_refusal(message))
+        self.read_buffer.discard()
         self._refusing = asyncio.get_running_loop().call_later(
             linger_s, lambda: self.close(f"refused: {message}", warn=False)
         )
@@ -338,25 +275,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         if self._closed.done() or self._transport is None or self._send is None:
             return
-        views = [memoryview(b).cast("B") for b in (payload if isinstance(payload, tuple) else (payload,))]
-        size = sum(v.nbytes for v in views)
-        header = FRAME_HEADER.pack(stream_id, ftype, flags, size)
-        if size + FRAME_HEADER_BYTES <= MAX_PLAINTEXT_BYTES:
-            pieces: list[bytes | memoryview] = [b"".join((header, *views))]
-        else:
-            pieces = [header]
-            if views[0].nbytes <= _MERGED_HEAD_BYTES:  # a small leading buffer (a message head) shares a record
-                pieces[0] = header + views.pop(0)
-            pieces += [v[i : i + MAX_PLAINTEXT_BYTES] for v in views for i in range(0, v.nbytes, MAX_PLAINTEXT_BYTES)]
-        total = sum(len(p) for p in pieces) + len(pieces) * (2 + TAG_LEN)
-        out = self._scratch.take(total)
-        out_view = memoryview(out)[:total]
-        pos = 0
-        for piece in pieces:
-            n = len(piece) + TAG_LEN
-            RECORD_PREFIX.pack_into(out_view, pos, n)
-            self._send.encrypt_into(piece, out_view[pos + 2 : pos + 2 + n])
-            pos += 2 + n
+        out, out_view = seal_frame(self._send, self._scratch, stream_id, ftype, flags, payload)
         self._transport.write(out_view)
         if self._transport.get_write_buffer_size() == 0:  # the socket took it all: nothing refers to `out`
             self._scratch.give_back(out)
@@ -391,47 +310,13 @@ class Connection(asyncio.BufferedProtocol):
             raise ProtocolError("the peer keeps sending but does not read our answers")
         ftype = frame.type
         if ftype is FrameType.PING or ftype is FrameType.PONG:  # keep-alives: not activity (see docs/transport.md)
-            self._on_ping(ftype, frame.payload)
+            self._pinger.on_frame(ftype, frame.payload)
             return
         self.last_active_s = time.monotonic()  # complete frames only: a trickled half frame stays idle
-        stream = self.streams.get(frame.stream_id)
-        if ftype is FrameType.REQUEST:
-            if stream is not None or frame.stream_id % 2 == self._next_stream_id % 2 or frame.stream_id == 0:
-                raise ProtocolError(f"REQUEST with a bad or reused stream id {frame.stream_id}")
-            stream = Stream(self, frame.stream_id, "?", window_bytes=self.config.stream_window_bytes)
-            self.streams[frame.stream_id] = stream
-            self.owner.on_request(self, stream, frame)
-        elif ftype is FrameType.ERROR and frame.stream_id == 0:
+        if ftype is FrameType.ERROR and frame.stream_id == 0:
             self._on_connection_error(frame.payload)
-        elif stream is None:
-            return  # a late frame for a stream that is finished or cancelled here: harmless
-        elif ftype is FrameType.REPLY or ftype is FrameType.ERROR:
-            reply = stream.reply
-            # a second answer is a protocol error; an answer to a call we reset, or whose caller was cancelled
-            # (its future is cancelled at once, the stream is dropped a loop turn later), is just late
-            if reply is None or (reply.done() and not reply.cancelled() and stream.error is None):
-                raise ProtocolError(f"unexpected {ftype.name} on stream {frame.stream_id}")
-            if not reply.done():
-                reply.set_result((ftype, frame.flags, frame.payload))
-        elif ftype is FrameType.DATA:
-            stream.on_data(frame.payload)
-        elif ftype is FrameType.END:
-            stream.on_end()
-        elif ftype is FrameType.WINDOW:
-            stream.on_window(frame.payload)
-        elif ftype is FrameType.RESET:
-            reason = bytes(frame.payload[:1000]).decode("utf-8", "replace")
-            stream.fail(TransportError(f"{self.peer_short} reset the stream {stream.method}: {reason}"))
-
-    def _on_ping(self, ftype: FrameType, payload: bytes | memoryview) -> None:
-        if len(payload) != PING_PAYLOAD_BYTES:
-            raise ProtocolError(f"{ftype.name} frame of {len(payload)} bytes; expected {PING_PAYLOAD_BYTES}")
-        if ftype is FrameType.PING:
-            self.send_frame(0, FrameType.PONG, 0, payload)
-            return
-        waiter = self._pings.pop(bytes(payload), None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        else:
+            deliver(self, frame)
 
     def _on_connection_error(self, payload: bytes | memoryview) -> None:
         """An ERROR frame on stream 0: the peer closes the whole connection, e.g. it is at its connection limit."""
@@ -470,21 +355,10 @@ class Connection(asyncio.BufferedProtocol):
 
     async def ping(self, timeout_s: float) -> float:
         """Round-trip time of a PING frame, in seconds."""
-        token = os.urandom(PING_PAYLOAD_BYTES)
-        waiter = asyncio.get_running_loop().create_future()
-        self._pings[token] = waiter
-        start = time.perf_counter()
-        try:
-            self.send_frame(0, FrameType.PING, 0, token)
-            async with asyncio.timeout(timeout_s):
-                await asyncio.wait([waiter, self._closed], return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            raise RpcTimeoutError(f"{self.peer_short} did not answer a ping within {timeout_s:.1f}s") from None
-        finally:
-            self._pings.pop(token, None)
-        if not waiter.done():
+        rtt_s = await self._pinger.round_trip(timeout_s, self._closed, self.peer_short)
+        if rtt_s is None:
             raise TransportError(f"connection to {self.peer_short} closed during a ping: {self.close_reason}")
-        return time.perf_counter() - start
+        return rtt_s
 
     # -- closing --
 

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from swarm.dht import DHT, DHTConfig, owner_subkey
-from swarm.dht.protocol import NodeInfo, StoreReply, StoreRequest
+from swarm.dht.messages import NodeInfo, StoreReply, StoreRequest
 from swarm.dht.records import Record, make_record
 from swarm.errors import SwarmError
 from swarm.p2p import Transport, TransportConfig

@@ -14,7 +14,7 @@ from dht_testutil import LOOPBACK, FakeClock, Swarm, dht_config, make_identity, 
 from swarm.dht import DHT, owner_subkey
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import packb
-from swarm.dht.protocol import FindNodeRequest, FindNodeReply, NodeInfo, PingReply, PingRequest
+from swarm.dht.messages import FindNodeRequest, FindNodeReply, NodeInfo, PingReply, PingRequest
 from swarm.dht.records import Record, make_record
 from swarm.dht.routing import key_id_of
 from swarm.dht.storage import MemoryStorage, StorageConfig

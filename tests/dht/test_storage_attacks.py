@@ -14,7 +14,7 @@ import pytest
 from dht_testutil import dht_config, make_identity, swarm
 
 from swarm.dht import DHT, owner_subkey
-from swarm.dht.protocol import NodeInfo, StoreReply, StoreRequest
+from swarm.dht.messages import NodeInfo, StoreReply, StoreRequest
 from swarm.dht.records import Record, make_record
 from swarm.dht.routing import key_id_of
 from swarm.errors import RemoteError

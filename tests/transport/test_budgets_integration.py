@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from swarm.dht.protocol import PingReply, PingRequest
+from swarm.dht.messages import PingReply, PingRequest
 from swarm.errors import TransportError
 from swarm.p2p import Transport, TransportConfig
 from tests.transport.conftest import seeded_identity

@@ -109,4 +109,4 @@ async def test_malformed_codes_from_a_peer_are_mapped_or_dropped_and_both_keep_s
             assert caught.value.code == outcome
             assert "malformed or unknown error code" in caplog.text
         assert (await client.call(addr, "test.echo", Echo(number=1), Echo)).number == 2  # one connection, still fine
-    assert len(client._all) == 1
+    assert len(client._table.all) == 1

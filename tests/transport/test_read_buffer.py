@@ -10,15 +10,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from swarm.p2p import RpcContext, TransportConfig
-from swarm.p2p import connection as connection_module
 from swarm.p2p.connection import Connection
 from swarm.p2p.framing import Frame, FrameType, WriteScratch
+from swarm.p2p.readbuffer import LARGE_READ_BUFFER_BYTES, SMALL_READ_BUFFER_BYTES, ReadBuffer
 from swarm.p2p.streams import Stream
 from tests.transport.conftest import Echo, MakeTransport, seeded_identity
 
 DEADLINE_S = 20
-SMALL = connection_module._SMALL_READ_BUFFER_BYTES
-LARGE = connection_module._LARGE_READ_BUFFER_BYTES
+SMALL = SMALL_READ_BUFFER_BYTES
+LARGE = LARGE_READ_BUFFER_BYTES
 
 
 class _Owner:
@@ -97,22 +97,22 @@ async def test_read_buffer_grows_under_bulk_data_and_trims_back_when_quiet() -> 
             )
             accepted.begin_frames()  # what the transport does once its budget admits the connection
             client.begin_frames()
-            assert len(accepted._rbuf) == SMALL and len(client._rbuf) == SMALL
+            assert len(accepted.read_buffer.buf) == SMALL and len(client.read_buffer.buf) == SMALL
 
             for i, payload in enumerate(frames):
                 client.send_frame(1 + 2 * i, FrameType.REQUEST, 0, payload)
                 await client.drain()
             await owner.all_received.wait()
             assert b"".join(owner.payloads) == b"".join(frames)  # intact, in order, across the resize
-            assert len(accepted._rbuf) == LARGE  # grew, and only to the cap
-            assert len(client._rbuf) == SMALL  # the side that received nothing kept the small buffer
+            assert len(accepted.read_buffer.buf) == LARGE  # grew, and only to the cap
+            assert len(client.read_buffer.buf) == SMALL  # the side that received nothing kept the small buffer
 
             accepted.trim_read_buffer()
-            assert len(accepted._rbuf) == LARGE  # reads filled it since the last trim: still busy
+            assert len(accepted.read_buffer.buf) == LARGE  # reads filled it since the last trim: still busy
             accepted.trim_read_buffer()
-            assert len(accepted._rbuf) == SMALL  # a whole quiet period: back to the initial size
+            assert len(accepted.read_buffer.buf) == SMALL  # a whole quiet period: back to the initial size
             client.trim_read_buffer()
-            assert len(client._rbuf) == SMALL
+            assert len(client.read_buffer.buf) == SMALL
 
             owner.all_received.clear()
             owner.expected_bytes += 1000
@@ -138,15 +138,15 @@ async def test_transport_reaper_trims_a_grown_buffer(
 ) -> None:
     resized: list[int] = []
     trimmed = asyncio.Event()
-    original = Connection._resize_read_buffer
+    original = ReadBuffer.resize
 
-    def recording_resize(self: Connection, size_bytes: int) -> None:
+    def recording_resize(self: ReadBuffer, size_bytes: int) -> None:
         original(self, size_bytes)
         resized.append(size_bytes)
         if size_bytes == SMALL:
             trimmed.set()
 
-    monkeypatch.setattr(Connection, "_resize_read_buffer", recording_resize)
+    monkeypatch.setattr(ReadBuffer, "resize", recording_resize)
     server, client = await make_transport(), await make_transport()
     payload = random.Random(9).randbytes(6 * 1024 * 1024)
 

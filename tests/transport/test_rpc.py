@@ -64,7 +64,7 @@ async def test_concurrent_calls_share_one_connection(make_transport: MakeTranspo
             *(client.call(server.peer_id, "test.slow", Echo(number=i), Echo) for i in range(50))
         )
     assert [r.number for r in replies] == list(range(50))
-    assert len(client._all) == 1 and len(server._all) == 1  # reused, not one connection per call
+    assert len(client._table.all) == 1 and len(server._table.all) == 1  # reused, not one connection per call
 
 
 async def test_deadline_cancels_the_remote_handler(make_transport: MakeTransport) -> None:
@@ -113,7 +113,7 @@ async def test_errors_become_remote_errors_and_the_connection_stays(
         with pytest.raises(RemoteError, match="bad_request"):  # fails Echo.from_wire on the server
             await client.call(addr, "test.echo", _WrongEcho(text=5), Echo)  # type: ignore[arg-type]
         assert (await client.call(addr, "test.echo", Echo(number=1), Echo)).number == 2
-    assert len(server._all) == 1
+    assert len(server._table.all) == 1
     assert "unknown method" in caplog.text and "failed (bad_request)" in caplog.text
 
 
@@ -131,7 +131,7 @@ async def test_inflight_limit_answers_overloaded(make_transport: MakeTransport) 
     async with asyncio.timeout(10):
         await client.connect(addr)
         blocked = [asyncio.create_task(client.call(addr, "test.block", Echo(number=i), Echo)) for i in range(2)]
-        while len(next(iter(server._all)).tasks) < 2:
+        while len(next(iter(server._table.all)).tasks) < 2:
             await asyncio.sleep(0.01)
         with pytest.raises(OverloadedError, match="overloaded"):
             await client.call(addr, "test.block", Echo(), Echo)
@@ -243,7 +243,7 @@ async def test_a_reply_racing_the_callers_cancellation_is_dropped_not_a_protocol
     async with asyncio.timeout(10):
         task = asyncio.create_task(client.call(server.listen_maddrs[0], "test.slow", Echo(), Echo))
         await started.wait()
-        (conn,) = client._conns[server.peer_id]
+        (conn,) = client._table.by_peer[server.peer_id]
         (stream_id,) = conn.streams
         task.cancel()  # cancels the reply future now; the call's `finally` runs at the task's next turn
         conn._on_frame(Frame(stream_id, FrameType.REPLY, 0, packb(Echo().to_wire())))  # the reply, this turn
@@ -381,7 +381,7 @@ async def test_simultaneous_dials_are_safe(make_transport: MakeTransport) -> Non
                 b.call(a.peer_id, "test.echo", Echo(number=2), Echo),
             )
             assert (r1.number, r2.number) == (2, 3)
-    assert len(a._all) <= 2 and len(b._all) <= 2
+    assert len(a._table.all) <= 2 and len(b._table.all) <= 2
 
 
 async def test_register_and_config_errors(make_transport: MakeTransport) -> None:

@@ -160,7 +160,7 @@ async def test_connection_limits(make_transport: MakeTransport) -> None:
 
 
 def _busy(transport: Transport) -> bool:
-    return any(conn.streams for conn in transport._all)
+    return any(conn.streams for conn in transport._table.all)
 
 
 @pytest.mark.slow

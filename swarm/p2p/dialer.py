@@ -1,0 +1,147 @@
+"""Dialling: where peers listen (the address book) and how a transport reaches one.
+
+A call to a peer reuses its open connection; otherwise one dial per peer (or per address, for a multiaddr
+without ``/p2p/``) is in flight at a time and every concurrent caller awaits it. A dial tries the peer's known
+addresses newest first, each within ``connect_timeout_s`` + ``handshake_timeout_s``, inside a slot of the
+connection budget (OverloadedError when none is free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from swarm.p2p.admission import Admission
+from swarm.p2p.config import TransportConfig
+from swarm.p2p.connection import Connection
+from swarm.p2p.conntable import ConnectionTable
+from swarm.p2p.identity import Identity, PeerID
+from swarm.p2p.maddr import PeerAddress, parse_maddr
+from swarm.errors import HandshakeError, OverloadedError, SwarmError, TransportError
+
+PeerLike = PeerID | PeerAddress | str
+MAX_ADDRESSES_PER_PEER = 16
+
+
+class Dialer:
+    """The outbound side of one transport: its address book and its dials in flight."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        static_key: X25519PrivateKey,
+        config: TransportConfig,
+        admission: Admission,
+        table: ConnectionTable,
+        make_connection: Callable[[], Connection],
+        establish: Callable[[Connection], None],
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self._static_key = static_key
+        self._admission = admission
+        self._table = table
+        self._make_connection = make_connection  # an outbound (initiator) Connection
+        self._establish = establish  # hands a dialled connection to the transport
+        self._addresses: dict[PeerID, list[PeerAddress]] = {}
+        self._dials: dict[Any, asyncio.Task[Connection]] = {}
+
+    @property
+    def tasks(self) -> list[asyncio.Task[Connection]]:
+        """The dials in flight (the transport cancels them when it stops)."""
+        return list(self._dials.values())
+
+    def add_addresses(self, peer_id: PeerID, addrs: Iterable[PeerAddress]) -> None:
+        """Remember where ``peer_id`` listens (used when dialling it by PeerID); newest first."""
+        known = self._addresses.setdefault(peer_id, [])
+        for addr in addrs:
+            addr = addr.with_peer_id(peer_id)
+            if addr in known:
+                known.remove(addr)
+            known.insert(0, addr)
+        del known[MAX_ADDRESSES_PER_PEER:]
+
+    def addresses(self, peer_id: PeerID) -> tuple[PeerAddress, ...]:
+        return tuple(self._addresses.get(peer_id, ()))
+
+    async def connection(self, peer: PeerLike) -> Connection:
+        """The open connection to ``peer``, dialling it if there is none."""
+        if isinstance(peer, str):
+            peer = parse_maddr(peer)
+        peer_id: PeerID | None
+        addrs: tuple[PeerAddress, ...]
+        if isinstance(peer, PeerID):
+            peer_id, addrs = peer, self.addresses(peer)
+            if not addrs and self._table.open_connection(peer) is None:
+                raise TransportError(f"no known address for peer {peer.short()}; add one with add_addresses()")
+        else:
+            peer_id, addrs = peer.peer_id, (peer,)
+        if peer_id is not None and (conn := self._table.open_connection(peer_id)) is not None:
+            return conn
+        key: Any = peer_id if peer_id is not None else (addrs[0].host, addrs[0].port)
+        task = self._dials.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._dial_any(peer_id, addrs))
+            self._dials[key] = task
+            task.add_done_callback(lambda t: self._dial_done(key, t))
+        return await asyncio.shield(task)
+
+    def _dial_done(self, key: Any, task: asyncio.Task[Connection]) -> None:
+        if self._dials.get(key) is task:
+            del self._dials[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it
+
+    async def _dial_any(self, peer_id: PeerID | None, addrs: Iterable[PeerAddress]) -> Connection:
+        errors: list[SwarmError] = []
+        for addr in addrs:
+            try:
+                return await self._dial(addr)
+            except (TransportError, HandshakeError) as e:
+                errors.append(e)
+        if len(errors) == 1 or all(isinstance(e, OverloadedError) for e in errors):
+            raise errors[0]
+        who = peer_id.short() if peer_id is not None else "the peer"
+        raise TransportError(f"cannot reach {who} at any known address: " + "; ".join(map(str, errors)))
+
+    async def _dial(self, addr: PeerAddress) -> Connection:
+        with self._admission.dial_slot():  # OverloadedError if every slot is taken and busy
+            conn = await self._dial_and_handshake(addr)
+            self._admission.dialled(conn)
+        self.add_addresses(conn.peer_id, [addr])  # type: ignore[arg-type]  # the handshake set it
+        self._establish(conn)
+        conn.begin_frames()
+        return conn
+
+    async def _dial_and_handshake(self, addr: PeerAddress) -> Connection:
+        family = socket.AF_INET6 if addr.protocol in ("ip6", "dns6") else socket.AF_INET
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                _, conn = await loop.create_connection(self._make_connection, addr.host, addr.port, family=family)
+        except (OSError, TimeoutError) as e:
+            reason = e or "timed out"
+            raise TransportError(f"cannot connect to {addr}: {reason}; check that the peer runs there") from None
+        self._table.all.add(conn)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout_s):
+                peer_id = await conn.handshake(self.identity, self._static_key, addr.peer_id)
+        except TimeoutError:
+            conn.close("handshake timed out", warn=True)
+            raise HandshakeError(
+                f"handshake with {addr} did not finish within {self.config.handshake_timeout_s}s; is it a swarm node?"
+            ) from None
+        except SwarmError as e:  # a refusal is the peer's honest answer, not a fault: no warning
+            conn.close(f"handshake failed: {e}", warn=not isinstance(e, OverloadedError))
+            raise
+        if peer_id == self.identity.peer_id:
+            conn.close("dialled ourselves", warn=False)
+            raise TransportError(f"{addr} is this node itself; leave it out of the peers to dial")
+        if conn.closed:
+            raise TransportError(f"connection to {addr} closed right after the handshake: {conn.close_reason}")
+        return conn
