@@ -28,6 +28,7 @@ from swarm.training.schemas import with_run_schemas
 from tests.training.swarm_harness import small_run
 
 DEADLINE_S = 100.0
+UNSIGNED_TTL_S = 3620  # the old key's limit (3600 s + 30 s clock skew): it outlives the honest nodes' values
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -81,15 +82,15 @@ def _dht_cli(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=60)
 
 
-async def _store_unsigned_at_each(nodes: list[_Node], bootstrap: str, key: str, value: object) -> None:
-    """The unsigned write from a client that skips the schema check (an attacker's own build): every node refuses."""
+async def _store_unsigned_at_each(nodes: list[_Node], bootstrap: str, key: str, value: object) -> list[list[bool]]:
+    """The unsigned write from a client that skips the schema check (an attacker's own build), sent to each node;
+    each node's answer (``[False]``: refused)."""
     schemaless = DHT.create(DHTConfig(initial_peers=(bootstrap,), client_mode=True))
     await schemaless.start()
     try:
-        record = make_record(key, value, time.time() + 600_000)
+        record = make_record(key, value, time.time() + UNSIGNED_TTL_S)
         async with asyncio.timeout(30):
-            for node in nodes:
-                assert await schemaless.protocol.call_store(node.peer_id(), [record]) == [False]
+            return [await schemaless.protocol.call_store(node.peer_id(), [record]) for node in nodes]
     finally:
         await schemaless.shutdown()
 
@@ -135,12 +136,20 @@ async def test_an_honest_node_joins_a_swarm_whose_config_key_is_poisoned(tmp_pat
         poison = json.dumps(RunConfigRecord(hash=wrong.config_hash(), config=wrong.to_dict()).to_wire())
         Identity.from_seed(b"\x66" * 32).save(tmp_path / "attacker.pem")
         signed = ("--ttl", "200", "--owned", "--identity", str(tmp_path / "attacker.pem"))
-        unsigned, owned, _ = await asyncio.gather(  # the attacks at once (each CLI start takes seconds)
-            asyncio.to_thread(_dht_cli, bootstrap, "put", key, poison, "--ttl", "600000"),
+        unsigned, owned, refused = await asyncio.gather(  # the attacks at once (each CLI start takes seconds)
+            asyncio.to_thread(_dht_cli, bootstrap, "put", key, poison, "--ttl", str(UNSIGNED_TTL_S)),
             asyncio.to_thread(_dht_cli, bootstrap, "put", key, poison, *signed),
             _store_unsigned_at_each(nodes, bootstrap, key, json.loads(poison)),
         )
+
+        late = _Node(tmp_path / "c", config, 0, bootstrap)
+        nodes.append(late)
+        await late.wait(ListeningEvent, deadline)
+        late_id = late.peer_id()
+        await late.wait(ServingEvent, deadline)  # before: it exited with "run config differs in field 'optimizer.lr'"
+        # the attacks' outcomes, checked once the honest node joined (before the fix, its exit is what fails)
         assert unsigned.returncode != 0, unsigned.stdout  # refused: a plain value where owned subkeys are required
+        assert refused == [[False], [False]]  # and every node refuses it from a client that skips that check
         assert owned.returncode == 0, owned.stderr  # one attacker identity's valid, signed entry
         async with asyncio.timeout(30):
             entries = CONFIG_SCHEMA.entries(await client.get(key, latest=True))
@@ -148,12 +157,6 @@ async def test_an_honest_node_joins_a_swarm_whose_config_key_is_poisoned(tmp_pat
             run.config_hash(),
             wrong.config_hash(),
         }
-
-        late = _Node(tmp_path / "c", config, 0, bootstrap)
-        nodes.append(late)
-        await late.wait(ListeningEvent, deadline)
-        late_id = late.peer_id()
-        await late.wait(ServingEvent, deadline)  # before: it exited with "run config differs in field 'optimizer.lr'"
         joined = (await _peer_steps(client, run.run_id)).get(late_id, 0)
         await _wait_step(client, run.run_id, late_id, joined + 2, deadline)  # it trains with the swarm
         late.stop()
