@@ -138,6 +138,14 @@ async def test_an_honest_node_joins_despite_a_poisoned_config_key() -> None:
         async with asyncio.timeout(30):
             peers = await attacker.get(peers_key(run.run_id), latest=True)
         assert isinstance(peers, dict) and len(peers) == 3
+        # the roles' wiring of the lower layers: the run's keys are evicted last, the run's peers' connections kept
+        members = [*nodes, late]
+        for node in members:
+            assert node.dht.storage._prefixes == (f"{run.run_id}/", f"runs/{run.name}/")  # type: ignore[attr-defined]
+            view = set(node.role.view.peers) - {node.dht.peer_id}
+            assert view and node.transport.protected_peers("training") == view
+        late.trainer.stop()
+        assert late.transport.protected_peers("training") == set()
     finally:
         for client in clients:
             await client.shutdown()
