@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class ConfigVotes:
     """Who votes for which config hash (one vote per signer), and one config of each hash seen in an entry."""
 
+    me: PeerID  # the joining node (which never votes)
     votes: dict[PeerID, str]
     configs: dict[str, dict[str, Any]]
 
@@ -75,7 +76,7 @@ def collect_votes(
             continue
         if isinstance(record, PeerRecord) and record.config_hash == my_hash:
             votes[entry.owner] = my_hash
-    return ConfigVotes(votes=votes, configs=configs)
+    return ConfigVotes(me=me, votes=votes, configs=configs)
 
 
 def check_join(run: RunConfig, votes: ConfigVotes) -> None:
@@ -86,7 +87,8 @@ def check_join(run: RunConfig, votes: ConfigVotes) -> None:
     if disagree <= agree:
         if disagree:
             log.warning(
-                "%d live peer(s) of run %s publish another config; %d agree with this node's, so it joins",
+                "%s: %d live peer(s) of run %s publish another config; %d agree with this node's, so it joins",
+                votes.me.short(),
                 disagree,
                 run.name,
                 agree,
