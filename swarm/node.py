@@ -1,6 +1,7 @@
 """One swarm node: its identity and its transport (the DHT join and the training role plug in here later).
 
-``Node.run(stop_event)`` loads or creates the identity, listens, joins through the initial peers, serves until
+``Node.run(stop_event)`` checks its inputs (the data dir, the run's data file and model factory) before anything
+else, loads or creates the identity, listens, joins through the initial peers, serves until
 the event is set, and shuts down cleanly (no task left running).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,6 +63,16 @@ class NodeConfig(Config, section="node"):
         return self.identity_path if self.identity_path is not None else self.data_dir / IDENTITY_FILE_NAME
 
 
+def prepare_data_dir(path: Path) -> None:
+    """Create the node's data dir (and its parents) if missing; ConfigError if it cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data dir {str(path)!r} cannot be created: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"data dir {str(path)!r} is not writable")
+
+
 class Node:
     """A running node: owns its identity and transport; ``start()`` / ``stop()`` or ``run(stop_event)``."""
 
@@ -80,9 +92,20 @@ class Node:
     def listen_maddrs(self) -> tuple[str, ...]:
         return self.transport.listen_maddrs if self.transport is not None else ()
 
-    async def start(self) -> None:
-        """Load (or create) the identity and start listening. Does not join yet: see run()."""
+    def check_inputs(self) -> None:
+        """ConfigError (one line, naming what is wrong) unless the node can start: the data dir exists or can be
+        created, and the run's local inputs are usable (`RunConfig.check_inputs`: data file, model factory)."""
         cfg = self.config
+        prepare_data_dir(cfg.data_dir)
+        role = cfg.training or cfg.validator
+        if role is not None:
+            role.run.check_inputs()
+
+    async def start(self) -> None:
+        """Check the inputs (`check_inputs`), load (or create) the identity and start listening. Does not join
+        yet: see run()."""
+        cfg = self.config
+        self.check_inputs()
         if cfg.identity_path is not None:
             self.identity = Identity.load(cfg.identity_path)
         else:

@@ -28,7 +28,7 @@ from swarm.p2p.maddr import parse_maddr
 from swarm.dht.records import ValueWithExpiration
 from swarm.cli.attestations import attestations
 from swarm.cli.dht_client import ClientOptions, emit, json_option, run_with_dht, split_maddrs
-from swarm.cli.logs import setup_logging
+from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.stages import stages
 from swarm.errors import SwarmError
 from swarm.training.messages import PEERS_SCHEMA, PeerRecord
@@ -47,7 +47,7 @@ __all__ = ["ClientOptions", "emit", "json_option", "main", "run_with_dht"]
 @click.option(
     "--rpc-timeout", "rpc_timeout_s", type=float, default=3.0, show_default=True, help="Seconds to wait for one answer."
 )
-@click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="WARNING", show_default=True)
 @click.pass_context
 def main(ctx: click.Context, initial_peers: tuple[str, ...], rpc_timeout_s: float, log_level: str) -> None:
     """Inspect a swarm's DHT (joins as a client-mode node, which nobody routes to)."""

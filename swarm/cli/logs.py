@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # what --log-level accepts (any case)
+
 
 def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
     """Log to stderr (and optionally a file) with timestamps and the module name."""

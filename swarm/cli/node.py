@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from swarm.p2p import TransportConfig
-from swarm.cli.logs import setup_logging
+from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
 from swarm.local.events import EventWriter, ListeningEvent, ServingEvent, StoppedEvent
@@ -116,7 +116,7 @@ def main() -> None:
     show_default=True,
     help="Seconds to wait for an answer to one request.",
 )
-@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
 @click.option(
     "--events-file",
     type=click.Path(dir_okay=False, path_type=Path),

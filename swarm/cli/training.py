@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from swarm.cli.logs import setup_logging
+from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.options import set_option
 from swarm.run.config import RunConfig
 from swarm.errors import SwarmError
@@ -142,7 +142,13 @@ def training_config(
 @click.option(
     "--timeout", "timeout_s", type=float, default=1800.0, show_default=True, help="Give up after this many seconds."
 )
-@click.option("--log-level", default="WARNING", show_default=True, help="The launcher's own log level.")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="WARNING",
+    show_default=True,
+    help="The launcher's own log level.",
+)
 @click.option(
     "--validators",
     "num_validators",
@@ -218,7 +224,7 @@ def local(
     help="Where to write the gathered single-process checkpoint (safetensors).",
 )
 @click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True)
-@click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="WARNING", show_default=True)
 def export(
     initial_peers: tuple[str, ...],
     config_path: Path | None,

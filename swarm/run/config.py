@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import tomllib
 from collections.abc import Iterable
@@ -184,7 +185,7 @@ class RunConfig(Config, section="run"):
 
     def canonical_bytes(self) -> bytes:
         """Sorted-key compact JSON of every field: equal configs give equal bytes."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return canonical_bytes(self.to_dict())
 
     def config_hash(self) -> str:
         """SHA-256 hex of the canonical form."""
@@ -215,6 +216,19 @@ class RunConfig(Config, section="run"):
                     f"has {theirs.get(key, '<missing>')!r}; start the node with the swarm's run config"
                 )
 
+    # ---- the run's inputs ----------------------------------------------------------------------------------
+
+    def check_inputs(self) -> None:
+        """ConfigError naming the field unless the run's local inputs are usable: the data file of
+        ``data.source = "text"`` (a readable file of at least one sample) and the ``model.factory`` import.
+
+        A node calls this before it listens, so a bad input is one error line, not a failure after joining.
+        """
+        if self.data.source == "text":
+            _check_text_file(self.data.path, self.model.seq_len + 2)  # a window of seq_len + 1 tokens
+        if self.model.factory:
+            _check_factory(self.model.factory)
+
     # ---- loading -------------------------------------------------------------------------------------------
 
     @classmethod
@@ -234,6 +248,11 @@ class RunConfig(Config, section="run"):
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"run config {label!r} is not valid TOML: {e}") from None
+        if not data:  # the defaults are a run of their own: an empty file would silently train something else
+            raise ConfigError(
+                f"run config {label!r} is empty (no keys); write the run's settings, or omit --config for the "
+                f"default run {DEFAULT_PRESET!r}"
+            )
         return cls.from_dict(apply_overrides(data, overrides, cls))
 
     @classmethod
@@ -270,3 +289,41 @@ def read_run_text(spec: str | Path | None) -> tuple[str, str]:
         f"cannot read run config {str(spec)!r}: no such file, and no shipped preset of that name "
         f"(presets: {', '.join(preset_names())})"
     )
+
+
+def canonical_bytes(data: dict[str, Any]) -> bytes:
+    """The canonical form of a run config's dictionary (sorted-key compact JSON); TypeError if not JSON data."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def canonical_hash(data: dict[str, Any]) -> str | None:
+    """SHA-256 hex of a run config dictionary's canonical form (what `RunConfig.config_hash` gives for its
+    `to_dict`), or None if ``data`` is not JSON data (e.g. a peer's record holding bytes)."""
+    try:
+        return hashlib.sha256(canonical_bytes(data)).hexdigest()
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _check_text_file(path: str, min_bytes: int) -> None:
+    file = Path(path)
+    try:
+        if not file.is_file():
+            raise ConfigError(f"data.path {path!r} is not a file (data.source = 'text' reads a text file)")
+        size = file.stat().st_size
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"data.path {path!r} cannot be read: {e.strerror or e}") from None
+    if size < min_bytes:
+        raise ConfigError(f"data.path {path!r} has {size} bytes, fewer than one sample of {min_bytes}")
+
+
+def _check_factory(spec: str) -> None:
+    module_name, _, func_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except Exception as e:  # user code: importing it may raise anything; each is a config error here
+        raise ConfigError(f"model.factory {spec!r} cannot be imported: {type(e).__name__}: {e}") from None
+    if not callable(factory):
+        raise ConfigError(f"model.factory {spec!r} is not callable")

@@ -15,8 +15,7 @@ from swarm.p2p.messages import Message
 from swarm.training.node_role import PEER_RECORD_ROLES, Role
 
 MAX_RECORD_PERIOD_S = 60.0  # the longest `record_period_s` a node may use
-MAX_PEER_RECORD_TTL_S = 4 * MAX_RECORD_PERIOD_S  # peer and progress records: a few record periods at most
-MAX_CONFIG_RECORD_TTL_S = 3600.0  # ``runs/{name}/config``: nodes store it for an hour
+MAX_PEER_RECORD_TTL_S = 4 * MAX_RECORD_PERIOD_S  # peer, progress and config records: a few record periods at most
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +110,8 @@ class PeerRecord(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfigRecord(Message):
-    """The value under ``runs/{name}/config``: the run config's hash and its dictionary form."""
+    """A node's entry under ``runs/{name}/config`` (subkey ``[owner:<PeerID>]``, refreshed with its `PeerRecord`):
+    its run config's hash and dictionary form, which the join check (`swarm.training.join_check`) reads."""
 
     hash: str
     config: dict[str, Any]
@@ -121,5 +121,5 @@ PEERS_SCHEMA = RecordSchema(
     key=PEERS, kind=RecordKind.OWNED, value_types=(PeerRecord,), max_ttl_s=MAX_PEER_RECORD_TTL_S
 )
 CONFIG_SCHEMA = RecordSchema(
-    key=CONFIG, kind=RecordKind.VALUE, value_types=(RunConfigRecord,), max_ttl_s=MAX_CONFIG_RECORD_TTL_S
+    key=CONFIG, kind=RecordKind.OWNED, value_types=(RunConfigRecord,), max_ttl_s=MAX_PEER_RECORD_TTL_S
 )

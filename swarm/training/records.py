@@ -2,9 +2,9 @@
 
 - view: read ``{run}/peers`` and ``{run}/progress`` (`refresh_view`) every ``view_interval_s``, and at once on a
   ``step.hint`` (`rpc_step_hint`);
-- records: publish this node's `PeerRecord` every ``record_period_s`` (expiry twice that), and a driver's
-  `ProgressRecord` of a step (`publish_progress`, `publish_final_part`), telling the run's peers when a step looks
-  complete (`send_step_hints`).
+- records: publish this node's `PeerRecord` and `RunConfigRecord` every ``record_period_s`` (expiry twice that),
+  and a driver's `ProgressRecord` of a step (`publish_progress`, `publish_final_part`), telling the run's peers
+  when a step looks complete (`send_step_hints`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import asyncio
 import logging
 import time
 
-from swarm.dht.keys import owner_subkey, peers_key, progress_key
+from swarm.dht.keys import config_key, owner_subkey, peers_key, progress_key
 from swarm.errors import SwarmError
 from swarm.p2p import RpcContext
 from swarm.p2p.identity import PeerID
-from swarm.training.messages import PeerRecord
+from swarm.training.messages import PeerRecord, RunConfigRecord
 from swarm.training.progress import ProgressRecord, StepHint, StepHintReply
 from swarm.training.runloop import read_view
 from swarm.training.state import TrainerState
@@ -75,8 +75,23 @@ class RunRecords:
             config_hash=st.run_cfg.config_hash(),
         )
         st.view.peers[st.me] = record
+        await asyncio.gather(
+            self.store(
+                peers_key(st.run_id), record.to_wire(), ttl_s=2 * st.cfg.record_period_s, subkey=owner_subkey(st.me)
+            ),
+            self.publish_config(),
+        )
+
+    async def publish_config(self) -> None:
+        """Publish this node's `RunConfigRecord` under ``runs/{name}/config`` (its owned subkey), expiring with its
+        `PeerRecord`: the join check of nodes of the same run name counts it (`swarm.training.join_check`)."""
+        st = self.state
+        record = RunConfigRecord(hash=st.run_cfg.config_hash(), config=st.run_cfg.to_dict())
         await self.store(
-            peers_key(st.run_id), record.to_wire(), ttl_s=2 * st.cfg.record_period_s, subkey=owner_subkey(st.me)
+            config_key(st.run_cfg.name),
+            record.to_wire(),
+            ttl_s=2 * st.cfg.record_period_s,
+            subkey=owner_subkey(st.me),
         )
 
     async def publish_progress(self, step: int) -> None:

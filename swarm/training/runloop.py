@@ -24,6 +24,8 @@ from swarm.training.view import SwarmView
 
 log = logging.getLogger(__name__)
 
+PROTECTED_TAG = "training"  # the tag under which a role protects its run's peers' connections from eviction
+
 
 class _Done(Exception):
     """Internal: ends the role's TaskGroup (stop requested, or the role finished)."""
@@ -97,9 +99,22 @@ class RunLoop(ABC):
             self.summary().write(self.summary_path)
 
 
+def run_key_prefixes(run_id: str, run_name: str) -> list[str]:
+    """The DHT key prefixes of a run's records (``{run}/...`` and ``runs/{name}/...``), which a role's node keeps
+    over all others when its storage is over budget (`DHT.prefer_prefixes`)."""
+    return [f"{run_id}/", f"runs/{run_name}/"]
+
+
+def unprotect_run_peers(transport: Transport) -> None:
+    """Drop the protection `read_view` gave the run's peers (the role stops)."""
+    transport.set_protected(PROTECTED_TAG, ())
+
+
 async def read_view(dht: Any, transport: Transport, *, run_id: str, timeout_s: float) -> SwarmView | None:
     """The run's peer and progress records as a `SwarmView` (None, with a warning, if the DHT does not answer within
-    ``timeout_s``), and the peers' addresses learnt by ``transport``."""
+    ``timeout_s``), and the peers' addresses learnt by ``transport``. Every peer of the view (this node aside) becomes
+    exactly the set ``transport`` protects under `PROTECTED_TAG`: its connection keeps a reserved slot and is never
+    evicted for a newcomer (the stage's peers, the stages this node calls, the drivers it serves)."""
     me = transport.peer_id
     try:
         async with asyncio.timeout(timeout_s):
@@ -116,4 +131,5 @@ async def read_view(dht: Any, transport: Transport, *, run_id: str, timeout_s: f
             transport.add_addresses(peer, [parse_maddr(m) for m in record.maddrs])
         except AddressError as e:
             log.warning("%s: stage record of %s has a bad address: %s", me.short(), peer.short(), e)
+    transport.set_protected(PROTECTED_TAG, [p for p in view.peers if p != me])
     return view

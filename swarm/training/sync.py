@@ -1,6 +1,7 @@
 """The training role's state sync (`StateSync`): joining the run and loading a stage's newest state.
 
-- `check_run_config`: refuse to join a swarm of the same run name whose config differs;
+- `check_run_config`: refuse to join a swarm of the same run name whose config differs (by the live signed records
+  of the run name: `swarm.training.join_check`);
 - `first_stage`: the stage a node with ``stage=None`` starts on (the weakest);
 - `become`: serve a stage: build it, then load the newest state (a download from the peer of the stage with the
   newest step, else this node's own checkpoint, else the swarm's step with the weights it has);
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from swarm.errors import SwarmError
@@ -25,8 +27,9 @@ from swarm.training.stage_rpc import call_state_download
 from swarm.training.stage_server import StageServer, StageServerConfig
 from swarm.training.state import TrainerState
 from swarm.training.verifying import NodeVerification
-from swarm.dht.keys import config_key
-from swarm.training.messages import CONFIG_SCHEMA, MAX_CONFIG_RECORD_TTL_S, RunConfigRecord
+from swarm.dht.keys import config_key, peers_key
+from swarm.training.join_check import check_join, collect_votes
+from swarm.training.messages import CONFIG_SCHEMA, PEERS_SCHEMA
 from swarm.training.node_role import Role
 
 log = logging.getLogger(__name__)
@@ -41,17 +44,22 @@ class StateSync:
         self.checks = checks
 
     async def check_run_config(self) -> None:
-        """Refuse to join a swarm of the same run name whose config differs (ConfigError names the field)."""
+        """Refuse to join when a strict majority of the live, owner-signed records of the run name hold another config
+        (ConfigError names the field; the rule: `swarm.training.join_check`); then publish this node's config entry."""
         st = self.state
-        key = config_key(st.run_cfg.name)
         async with asyncio.timeout(st.cfg.dht_timeout_s):
-            found = await st.dht.get(key, latest=True)
-        entries = CONFIG_SCHEMA.entries(found)
-        record = entries[0].value if entries else None
-        if isinstance(record, RunConfigRecord) and record.hash != st.run_cfg.config_hash():
-            st.run_cfg.check_same_run(record.config)
-        mine = RunConfigRecord(hash=st.run_cfg.config_hash(), config=st.run_cfg.to_dict())
-        await self.records.store(key, mine.to_wire(), ttl_s=MAX_CONFIG_RECORD_TTL_S)
+            configs, peers = await asyncio.gather(
+                st.dht.get(config_key(st.run_cfg.name), latest=True), st.dht.get(peers_key(st.run_id), latest=True)
+            )
+        votes = collect_votes(
+            CONFIG_SCHEMA.entries(configs),
+            PEERS_SCHEMA.entries(peers),
+            me=st.me,
+            my_hash=st.run_cfg.config_hash(),
+            now=time.time(),
+        )
+        check_join(st.run_cfg, votes)
+        await self.records.publish_config()
 
     def first_stage(self) -> int | None:
         """The stage to serve on joining: the configured one, else the weakest (None for a trainer)."""

@@ -39,7 +39,7 @@ from swarm.training.hooks import HONEST, NodeHooks
 from swarm.training.progress import StepHint
 from swarm.training.rebalancing import Rebalancer
 from swarm.training.records import STEP_HINT_METHOD, RunRecords
-from swarm.training.runloop import RunLoop
+from swarm.training.runloop import RunLoop, run_key_prefixes, unprotect_run_peers
 from swarm.training.stage_rpc import RemoteStageClient, StageService
 from swarm.training.state import TrainerState
 from swarm.training.stepping import Stepper
@@ -86,6 +86,7 @@ class TrainingRole(RunLoop):
     async def run(self, stop_event: asyncio.Event) -> None:
         """Join the run, serve and drive until ``stop_event`` is set or ``max_steps`` is reached."""
         st, cfg = self.state, self.state.cfg
+        st.dht.prefer_prefixes(run_key_prefixes(st.run_id, st.run_cfg.name))  # evicted last when storage is full
         await self.sync.check_run_config()
         await self.records.refresh_view()
         stage = self.sync.first_stage()
@@ -110,9 +111,11 @@ class TrainingRole(RunLoop):
         await self.run_loops(stop_event, loops)
 
     def stop(self) -> None:
-        """Stop serving: unregister every RPC handler of the role (the transport is shared and stays up)."""
+        """Stop serving: unregister every RPC handler of the role and drop the protection of the run's peers'
+        connections (the transport is shared and stays up)."""
         while self._unregister:
             self._unregister.pop()()
+        unprotect_run_peers(self.state.transport)
 
     # ---- the run loop's hooks ------------------------------------------------------------------------------
 

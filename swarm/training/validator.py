@@ -16,16 +16,16 @@ from typing import Any
 
 from swarm.p2p.identity import Identity, PeerID
 from swarm.dht import DHT
-from swarm.dht.keys import owner_subkey, peers_key
+from swarm.dht.keys import config_key, owner_subkey, peers_key
 from swarm.p2p import Transport
 from swarm.run.config import RunConfig
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError, SwarmError
-from swarm.training.messages import PeerRecord
+from swarm.training.messages import PeerRecord, RunConfigRecord
 from swarm.training.replayer import StageReplayer, TransportFetcher
 from swarm.training.stage_rpc import call_state_download
 from swarm.training.node_role import Role
-from swarm.training.runloop import RunLoop, read_view
+from swarm.training.runloop import RunLoop, read_view, run_key_prefixes, unprotect_run_peers
 from swarm.training.summary import NodeSummary
 from swarm.training.view import SwarmView
 from swarm.training.verifying import orchestrator_config
@@ -150,7 +150,11 @@ class ValidatorRole(RunLoop):
             self.settings.sample_probability,
             self.settings.window_steps,
         )
-        await self.run_loops(stop_event, [self._check_loop(), self._orchestrator_loop()])
+        self.dht.prefer_prefixes(run_key_prefixes(self.run_id, self.cfg.run.name))  # evicted last when storage is full
+        try:
+            await self.run_loops(stop_event, [self._check_loop(), self._orchestrator_loop()])
+        finally:
+            unprotect_run_peers(self.transport)
 
     async def _is_over(self, stop_event: asyncio.Event) -> bool:
         """Every attestable window attested, or the swarm stopped ``FINISH_GRACE_S`` ago."""
@@ -184,7 +188,8 @@ class ValidatorRole(RunLoop):
         await self._sync_states()
 
     async def _publish_record(self) -> None:
-        """Announce this validator in ``{run}/peers`` (stage None): drivers may wait for it before starting."""
+        """Announce this validator in ``{run}/peers`` (stage None; drivers may wait for it before starting), and its
+        config in ``runs/{name}/config``."""
         if time.monotonic() - self._record_published < RECORD_PERIOD_S:
             return
         record = PeerRecord(
@@ -195,12 +200,13 @@ class ValidatorRole(RunLoop):
             step=self.current_step(),
             config_hash=self.cfg.run.config_hash(),
         )
+        run = self.cfg.run
+        config = RunConfigRecord(hash=run.config_hash(), config=run.to_dict())  # the join check counts it
+        expiration, subkey = time.time() + 2 * RECORD_PERIOD_S, owner_subkey(self.me)
         async with asyncio.timeout(self.cfg.dht_timeout_s):
-            await self.dht.store(
-                peers_key(self.run_id),
-                record.to_wire(),
-                time.time() + 2 * RECORD_PERIOD_S,
-                subkey=owner_subkey(self.me),
+            await asyncio.gather(
+                self.dht.store(peers_key(self.run_id), record.to_wire(), expiration, subkey=subkey),
+                self.dht.store(config_key(run.name), config.to_wire(), expiration, subkey=subkey),
             )
         self._record_published = time.monotonic()
 
