@@ -33,6 +33,7 @@ from swarm.training.messages import CONFIG_SCHEMA, PEERS_SCHEMA
 from swarm.training.node_role import Role
 
 log = logging.getLogger(__name__)
+JOIN_READ_ATTEMPTS = 3  # reads of the run's records on joining (each bounded by dht_timeout_s) before giving up
 
 
 class StateSync:
@@ -47,10 +48,7 @@ class StateSync:
         """Refuse to join when a strict majority of the live, owner-signed records of the run name hold another config
         (ConfigError names the field; the rule: `swarm.training.join_check`); then publish this node's config entry."""
         st = self.state
-        async with asyncio.timeout(st.cfg.dht_timeout_s):
-            configs, peers = await asyncio.gather(
-                st.dht.get(config_key(st.run_cfg.name), latest=True), st.dht.get(peers_key(st.run_id), latest=True)
-            )
+        configs, peers = await self._read_join_records()
         votes = collect_votes(
             CONFIG_SCHEMA.entries(configs),
             PEERS_SCHEMA.entries(peers),
@@ -60,6 +58,31 @@ class StateSync:
         )
         check_join(st.run_cfg, votes)
         await self.records.publish_config()
+
+    async def _read_join_records(self) -> tuple[object, object]:
+        """The run name's config entries and the run's peer records; a read that times out (a busy or slow
+        swarm) is retried, JOIN_READ_ATTEMPTS times in all, before the node gives up with a SwarmError."""
+        st = self.state
+        for attempt in range(1, JOIN_READ_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(st.cfg.dht_timeout_s):
+                    configs, peers = await asyncio.gather(
+                        st.dht.get(config_key(st.run_cfg.name), latest=True),
+                        st.dht.get(peers_key(st.run_id), latest=True),
+                    )
+                return configs, peers
+            except TimeoutError:
+                log.warning(
+                    "%s: reading the run's records timed out after %.1fs (attempt %d of %d)",
+                    st.me.short(),
+                    st.cfg.dht_timeout_s,
+                    attempt,
+                    JOIN_READ_ATTEMPTS,
+                )
+        raise SwarmError(
+            f"could not read the run's records from the DHT in {JOIN_READ_ATTEMPTS} attempts of "
+            f"{st.cfg.dht_timeout_s:.1f}s; check the initial peers and the network"
+        )
 
     def first_stage(self) -> int | None:
         """The stage to serve on joining: the configured one, else the weakest (None for a trainer)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,13 +14,14 @@ from swarm.dht import DHT, DHTConfig
 from swarm.dht.keys import config_key, owner_subkey, peers_key
 from swarm.dht.records import make_record
 from swarm.dht.schema import Entry
-from swarm.errors import ConfigError, RecordError
+from swarm.errors import ConfigError, RecordError, SwarmError
 from swarm.p2p.identity import Identity, PeerID
 from swarm.run.config import RunConfig
 from swarm.training.join_check import check_join, collect_votes
 from swarm.training.messages import CONFIG_SCHEMA, MAX_PEER_RECORD_TTL_S, PeerRecord, RunConfigRecord
 from swarm.training.node_role import Role
 from swarm.training.schemas import with_run_schemas
+from swarm.training.sync import JOIN_READ_ATTEMPTS, StateSync
 from tests.training.swarm_harness import Swarm, small_run
 
 NOW = 1_000_000.0
@@ -150,3 +152,34 @@ async def test_an_honest_node_joins_despite_a_poisoned_config_key() -> None:
         for client in clients:
             await client.shutdown()
         await swarm.close()
+
+
+class _SlowDHT:
+    """A DHT whose first ``hangs`` reads never answer (a swarm too busy to reply in time), then answer empty."""
+
+    def __init__(self, hangs: int) -> None:
+        self.hangs = hangs
+        self.reads = 0
+
+    async def get(self, key: str, latest: bool = False) -> None:
+        self.reads += 1
+        if self.reads <= self.hangs:
+            await asyncio.sleep(3600)
+
+
+def _sync_over(dht: _SlowDHT) -> StateSync:
+    run = small_run()
+    state = SimpleNamespace(
+        cfg=SimpleNamespace(dht_timeout_s=0.05), dht=dht, run_cfg=run, run_id=run.run_id, me=_peer(1)
+    )
+    return StateSync(state, records=None, checks=None)  # type: ignore[arg-type]
+
+
+async def test_a_join_read_that_times_out_is_retried_then_gives_up_with_a_clear_error() -> None:
+    slow = _SlowDHT(hangs=2)  # the first attempt's two reads hang: the second attempt answers
+    assert await _sync_over(slow)._read_join_records() == (None, None)
+    assert slow.reads == 4
+    dead = _SlowDHT(hangs=1_000)
+    with pytest.raises(SwarmError, match="could not read the run's records from the DHT in 3 attempts"):
+        await _sync_over(dead)._read_join_records()
+    assert dead.reads == 2 * JOIN_READ_ATTEMPTS
