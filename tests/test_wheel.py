@@ -26,7 +26,7 @@ import pytest
 from swarm.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("tiny_gpt", "tiny_gpt_checked", "tiny_gpt_robust")
+PRESETS = ("gpt_stdlib", "tiny_gpt", "tiny_gpt_checked", "tiny_gpt_robust")
 BUILD_TIMEOUT_S = 180.0
 INSTALL_TIMEOUT_S = 180.0
 PROBE_TIMEOUT_S = 60.0

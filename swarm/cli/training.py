@@ -14,6 +14,7 @@ import click
 
 from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.options import set_option
+from swarm.data import bind_data
 from swarm.run.config import RunConfig
 from swarm.errors import SwarmError
 from swarm.testing.misbehave import KINDS as MISBEHAVE_KINDS
@@ -95,7 +96,7 @@ def training_config(
     role = Role.parse(role)
     if role == Role.DHT:
         return None
-    run = RunConfig.load(config_path, overrides)
+    run = bind_data(RunConfig.load(config_path, overrides))  # data files checked (and hashed) before listening
     if role == Role.VALIDATOR:
         return ValidatorConfig(
             run=run,
@@ -240,7 +241,7 @@ def export(
     try:
         peers = tuple(p for v in initial_peers for p in v.replace(",", " ").split() if p)
         cfg = ExportConfig(
-            run=RunConfig.load(config_path, overrides),
+            run=bind_data(RunConfig.load(config_path, overrides)),
             initial_peers=peers,
             out_path=out_path,
             rpc_timeout_s=rpc_timeout_s,

@@ -1,4 +1,5 @@
-"""Training data: a seeded random Markov source with a known entropy rate, a text-file source, and shards.
+"""Training data: a seeded random Markov source with a known entropy rate, a text-file source, token shards
+(`swarm.data.shard_source`), and the per-driver draws from them.
 
 The Markov source draws each row of a first-order transition matrix from a symmetric Dirichlet distribution;
 sequences start in the stationary distribution, so every next-token prediction has conditional entropy equal to
@@ -6,7 +7,8 @@ the chain's entropy rate: the best reachable mean loss (nats), reported as ``los
 
 Shards: the samples of microbatch ``index`` of ``step`` fed by the driver with key ``shard_key`` (its PeerID
 bytes) come from a generator seeded with ``(run seed, shard_key, step, index)``: deterministic for that
-driver and independent of every other driver's, so no two peers feed the same samples in a step.
+driver and independent of every other driver's, so no two peers feed the same samples in a step. Token shards
+place each driver's windows by position instead (`PositionalSource`, see `swarm.data.shard_source`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,6 +31,16 @@ class DataSource(Protocol):
     loss_floor: float | None
 
     def sample(self, rng: np.random.Generator, num_samples: int, length: int) -> np.ndarray: ...
+
+
+@runtime_checkable
+class PositionalSource(Protocol):
+    """A source that places each driver's windows itself (`swarm.data.shard_source.ShardSource.draw`), so that
+    drivers' windows in one step are disjoint unless their position ranges overlap."""
+
+    def draw(
+        self, *, seed: int, driver_key: bytes, step: int, index: int, num_samples: int, stride: int, length: int
+    ) -> np.ndarray: ...
 
 
 class MarkovSource:
@@ -88,9 +100,14 @@ class TextSource:
 
 
 def make_source(cfg: RunConfig) -> DataSource:
-    """The data source named by the run config."""
+    """The data source named by the run config (shards: of the manifest on this machine, see `bind_data`)."""
     if cfg.data.source == "text":
         return TextSource(cfg.data.path)
+    if cfg.data.source in ("shards", "stdlib"):
+        from swarm.data.binding import manifest_path
+        from swarm.data.shard_source import ShardSource
+
+        return ShardSource(manifest_path(cfg))
     return MarkovSource(cfg.model.vocab_size, concentration=cfg.data.markov_concentration, seed=cfg.seed)
 
 
@@ -114,6 +131,7 @@ class ShardedData:
     def __init__(self, cfg: RunConfig, shard_key: bytes, source: DataSource | None = None) -> None:
         self.cfg = cfg
         self.source = source if source is not None else make_source(cfg)
+        self._shard_key = shard_key
         self._key_words = [
             int.from_bytes(hashlib.sha256(shard_key).digest()[i : i + 4], "big") for i in range(0, 16, 4)
         ]
@@ -125,8 +143,22 @@ class ShardedData:
     def microbatch(self, step: int, index: int, num_samples: int | None = None) -> Microbatch:
         """The samples of one microbatch: the same arguments always give the same tokens."""
         size = num_samples if num_samples is not None else self.cfg.batch.microbatch_size
-        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *self._key_words, step, index]))
-        tokens = torch.from_numpy(self.source.sample(rng, size, self.cfg.model.seq_len + 1))
+        length = self.cfg.model.seq_len + 1
+        if isinstance(self.source, PositionalSource):
+            stride = max(size, self.cfg.batch.microbatch_size)
+            array = self.source.draw(
+                seed=self.cfg.seed,
+                driver_key=self._shard_key,
+                step=step,
+                index=index,
+                num_samples=size,
+                stride=stride,
+                length=length,
+            )
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *self._key_words, step, index]))
+            array = self.source.sample(rng, size, length)
+        tokens = torch.from_numpy(array)
         return Microbatch(
             step=step, index=index, inputs=tokens[:, :-1].contiguous(), targets=tokens[:, 1:].contiguous()
         )

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from swarm.dht import DHT, DHTConfig
 from swarm.run.config import RunConfig
-from swarm.data import make_source
+from swarm.data import bind_data, make_source
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError, SwarmError
 from swarm.dht.keys import peers_key, progress_key
@@ -89,7 +89,8 @@ class NodeProcess:
 
 def launch(cfg: LaunchConfig) -> int:
     """Run the local swarm to completion; print the table and (with ``as_json``) the summary. Returns an exit code."""
-    run = RunConfig.load(cfg.config_path, cfg.overrides)  # fail early on a bad config, before any process starts
+    # fail early on a bad config or missing data, before any process starts; a stdlib run's shards are built here
+    run = bind_data(RunConfig.load(cfg.config_path, cfg.overrides), progress=not cfg.as_json)
     run_dir = cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -25,7 +25,7 @@ from swarm.verification.settings import VerificationSettings
 
 DEFAULT_PRESET = "tiny_gpt"  # the default run: swarm/run/presets/tiny_gpt.toml, shipped as package data
 OPTIMIZERS = ("adamw", "sgd")
-DATA_SOURCES = ("markov", "text")
+DATA_SOURCES = ("markov", "text", "shards", "stdlib")
 # = swarm.compression.blockwise8.VALID_BLOCKSIZES (a test checks); not imported from there, which would load torch
 BLOCKWISE8_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -128,17 +128,37 @@ class CodecsConfig(Config, section="codecs"):
 
 
 class DataConfig(Config, section="data"):
-    """Where samples come from: a seeded Markov source (``markov``) or a text file read as bytes (``text``)."""
+    """Where samples come from: a seeded Markov source (``markov``), a text file read as bytes (``text``), token
+    shards named by a manifest (``shards``, see docs/training.md "Data"), or the Python standard library's sources
+    tokenized by a BPE trained on them (``stdlib``, built once into a cache folder).
 
-    source: str = setting(default="markov", choices=DATA_SOURCES, doc="markov (synthetic, seeded) or text (a file).")
+    ``manifest_sha256`` and ``tokenizer_sha256`` name the data by content: left empty in the file, they are filled
+    in from the manifest before a node starts (`swarm.data.bind_data`), so they are part of the run id on every
+    node; set in the file, a node whose files differ refuses to start. Once ``manifest_sha256`` is set, the
+    ``manifest`` path is machine-local: it is left out of the run id, so each machine may keep the shards elsewhere.
+    """
+
+    source: str = setting(default="markov", choices=DATA_SOURCES, doc="markov, text, shards or stdlib.")
     path: str = setting(default="", doc="The text file read as bytes when source = 'text'.")
     markov_concentration: float = setting(
         default=0.1, ge=1e-4, le=1e4, doc="markov: Dirichlet concentration of each row (small: predictable)."
+    )
+    manifest: str = setting(default="", doc="shards: the manifest.json `swarm-data prepare` wrote.")
+    manifest_sha256: str = setting(default="", doc="SHA-256 of the manifest ('': filled in when a node starts).")
+    tokenizer_sha256: str = setting(default="", doc="SHA-256 of the tokenizer file ('': filled in from the manifest).")
+    stdlib_max_bytes: int = setting(
+        default=4 << 20, ge=1 << 10, le=1 << 32, doc="stdlib: bytes of stdlib source to tokenize (a sorted prefix)."
     )
 
     def validate(self) -> None:
         if self.source == "text" and not self.path:
             raise ConfigError("data.path must name a text file when data.source = 'text'")
+        if self.source == "shards" and not self.manifest:
+            raise ConfigError("data.manifest must name a manifest.json when data.source = 'shards'")
+        for name in ("manifest_sha256", "tokenizer_sha256"):
+            value = getattr(self, name)
+            if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+                raise self.invalid(name, f"must be 64 lowercase hex digits or empty, got {value!r}")
 
 
 class AveragingSettings(Config, section="averaging"):
@@ -176,6 +196,8 @@ class RunConfig(Config, section="run"):
             )
         if self.data.source == "text" and not self.model.factory and self.model.vocab_size < 256:
             raise ConfigError("model.vocab_size must be >= 256 for data.source = 'text' (byte-level tokens)")
+        if self.data.source == "stdlib" and self.model.vocab_size < 258:
+            raise ConfigError("model.vocab_size must be >= 258 for data.source = 'stdlib' (it is the BPE's size)")
 
     # ---- identity of the run -------------------------------------------------------------------------------
 
@@ -184,8 +206,8 @@ class RunConfig(Config, section="run"):
         return dataclasses.asdict(self)
 
     def canonical_bytes(self) -> bytes:
-        """Sorted-key compact JSON of every field: equal configs give equal bytes."""
-        return canonical_bytes(self.to_dict())
+        """Sorted-key compact JSON of every field of the run's identity (`identity`): equal runs, equal bytes."""
+        return canonical_bytes(identity(self.to_dict()))
 
     def config_hash(self) -> str:
         """SHA-256 hex of the canonical form."""
@@ -207,8 +229,8 @@ class RunConfig(Config, section="run"):
 
     def check_same_run(self, other: RunConfig | dict[str, Any]) -> None:
         """Raise ConfigError naming the first field where ``other`` differs from this config."""
-        mine = flatten(self.to_dict())
-        theirs = flatten(other.to_dict() if isinstance(other, RunConfig) else other)
+        mine = flatten(identity(self.to_dict()))
+        theirs = flatten(identity(other.to_dict() if isinstance(other, RunConfig) else other))
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key, "<missing>") != theirs.get(key, "<missing>"):
                 raise ConfigError(
@@ -261,6 +283,15 @@ class RunConfig(Config, section="run"):
         return cls.load(path)
 
 
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run config's dict (`RunConfig.to_dict`) that is the run: all of it, except the machine-local
+    ``data.manifest`` path once ``data.manifest_sha256`` names the data by content."""
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("manifest_sha256"):
+        return {**config, "data": {**data, "manifest": ""}}
+    return config
+
+
 def preset_names() -> tuple[str, ...]:
     """The run presets shipped inside the package (``swarm/run/presets/*.toml``), without the suffix."""
     folder = resources.files("swarm.run") / "presets"
@@ -297,10 +328,10 @@ def canonical_bytes(data: dict[str, Any]) -> bytes:
 
 
 def canonical_hash(data: dict[str, Any]) -> str | None:
-    """SHA-256 hex of a run config dictionary's canonical form (what `RunConfig.config_hash` gives for its
-    `to_dict`), or None if ``data`` is not JSON data (e.g. a peer's record holding bytes)."""
+    """SHA-256 hex of the canonical form of a run config dictionary's `identity` (what `RunConfig.config_hash`
+    gives for its `to_dict`), or None if ``data`` is not JSON data (e.g. a peer's record holding bytes)."""
     try:
-        return hashlib.sha256(canonical_bytes(data)).hexdigest()
+        return hashlib.sha256(canonical_bytes(identity(data))).hexdigest()
     except (TypeError, ValueError, RecursionError):
         return None
 
