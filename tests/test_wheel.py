@@ -26,7 +26,8 @@ import pytest
 from swarm.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("gpt_stdlib", "tiny_gpt", "tiny_gpt_checked", "tiny_gpt_robust")
+PRESETS = ("gpt_stdlib", "tiny_gpt", "tiny_gpt_checked", "tiny_gpt_robust", "tiny_llama")
+HF_PRESETS = ("llama_150m", "llama_1b", "llama_20m", "llama_8b", "tiny_llama")  # model configs: swarm/run/hf_presets
 BUILD_TIMEOUT_S = 180.0
 INSTALL_TIMEOUT_S = 180.0
 PROBE_TIMEOUT_S = 60.0
@@ -134,6 +135,7 @@ def test_wheel_holds_only_the_swarm_package_and_its_presets(wheel: Path) -> None
     dist_info = top_level.split("/")[0]
     assert {n.split("/")[0] for n in names} == {"swarm", dist_info}
     assert {f"swarm/run/presets/{p}.toml" for p in PRESETS} <= set(names)
+    assert {f"swarm/run/hf_presets/{p}.json" for p in HF_PRESETS} <= set(names)
     assert "swarm/py.typed" in names
 
 

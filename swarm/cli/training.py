@@ -206,8 +206,7 @@ def local(
     "initial_peers",
     multiple=True,
     envvar="SWARM_INITIAL_PEERS",
-    required=True,
-    help="Multiaddrs of swarm nodes (repeatable or comma-separated).",
+    help="Multiaddrs of swarm nodes (repeatable or comma-separated); or give --from-dir.",
 )
 @click.option(
     "--config",
@@ -220,9 +219,24 @@ def local(
 @click.option(
     "--out",
     "out_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     required=True,
-    help="Where to write the gathered single-process checkpoint (safetensors).",
+    help="Where to write: the single-process checkpoint (safetensors), or a folder (--format hf).",
+)
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["safetensors", "hf"]),
+    default="safetensors",
+    show_default=True,
+    help="safetensors: PipelineModel names in one file; hf: config.json + model.safetensors for transformers.",
+)
+@click.option(
+    "--from-dir",
+    "from_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Export offline from this run directory's stage checkpoints (swarm-node local's --run-dir).",
 )
 @click.option("--rpc-timeout", "rpc_timeout_s", type=float, default=10.0, show_default=True)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="WARNING", show_default=True)
@@ -231,10 +245,13 @@ def export(
     config_path: Path | None,
     overrides: tuple[str, ...],
     out_path: Path,
+    export_format: str,
+    from_dir: Path | None,
     rpc_timeout_s: float,
     log_level: str,
 ) -> None:
-    """Gather every stage from the swarm into one checkpoint that loads into the single-process model."""
+    """Gather every stage (from the swarm, or a run directory) into one checkpoint that loads into the
+    single-process model, or into a Hugging Face folder that transformers loads."""
     from swarm.local.export import ExportConfig, export_model
 
     setup_logging(log_level)
@@ -245,6 +262,8 @@ def export(
             initial_peers=peers,
             out_path=out_path,
             rpc_timeout_s=rpc_timeout_s,
+            format=export_format,
+            from_dir=from_dir,
         )
         steps = export_model(cfg)
     except SwarmError as e:

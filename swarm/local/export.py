@@ -1,5 +1,8 @@
 """`swarm-node export`: gather every stage's parameters from the swarm into one single-process checkpoint.
 
+``format = "hf"`` writes the Hugging Face layout instead (`swarm.local.export_hf`), and ``from_dir`` reads the
+stage states offline from a run directory's checkpoints instead of a live swarm.
+
 Joins as a client-mode DHT node, reads the run's stage records, downloads each stage's state (``state.download``)
 from the peer of that stage with the newest step, and writes the parameters under the names of
 `PipelineModel(build_stages(run)).state_dict()`, so ``load_state_dict`` works on the single-process model.
@@ -16,6 +19,7 @@ from safetensors.torch import save_file
 
 from swarm.dht import DHT, DHTConfig
 from swarm.p2p.maddr import parse_maddr
+from swarm.local.export_hf import states_from_run_dir, write_hf
 from swarm.training.checkpoint import CheckpointError, StageState
 from swarm.run.config import RunConfig
 from swarm.configs import Config, setting
@@ -29,22 +33,45 @@ from swarm.training.view import SwarmView
 log = logging.getLogger(__name__)
 
 
+EXPORT_FORMATS = ("safetensors", "hf")
+
+
 class ExportConfig(Config, section="export"):
-    """Which run, through which peers, to which file."""
+    """Which run, from which peers (or run directory), to which file or folder, in which format."""
 
     run: RunConfig = setting(doc="The run whose stages are gathered.")
-    initial_peers: tuple[str, ...] = setting(doc="Multiaddrs of nodes of the swarm.")
-    out_path: Path = setting(doc="Where the single-process checkpoint (safetensors) goes.")
+    initial_peers: tuple[str, ...] = setting(default=(), doc="Multiaddrs of nodes of the swarm.")
+    out_path: Path = setting(doc="The single-process checkpoint (safetensors), or the folder (hf).")
     rpc_timeout_s: float = setting(default=10.0, gt=0, le=3600, doc="Deadline of one download.")
+    format: str = setting(
+        default="safetensors", choices=EXPORT_FORMATS, doc="safetensors (PipelineModel names) or hf (a folder)."
+    )
+    from_dir: Path | None = setting(default=None, doc="Read the stages from this run directory's checkpoints.")
 
     def validate(self) -> None:
-        if not self.initial_peers:
-            raise ConfigError("export.initial_peers: give at least one multiaddr of a node of the swarm")
+        if not self.initial_peers and self.from_dir is None:
+            raise ConfigError(
+                "export.initial_peers: give at least one multiaddr of a node of the swarm (or a run directory)"
+            )
+        if self.initial_peers and self.from_dir is not None:
+            raise ConfigError("export.from_dir: give either a run directory or initial peers, not both")
 
 
 def export_model(cfg: ExportConfig) -> list[int]:
-    """Download every stage and write the checkpoint; returns the step of each stage's state."""
-    return asyncio.run(_export(cfg))
+    """Gather every stage (download, or from ``from_dir``) and write the export; the step of each stage's state."""
+    if cfg.from_dir is None:
+        return asyncio.run(_export(cfg))
+    states = states_from_run_dir(cfg.run, cfg.from_dir)
+    write_export(cfg, states)
+    return [s.step for s in states]
+
+
+def write_export(cfg: ExportConfig, states: list[StageState]) -> None:
+    """Write ``states`` in ``cfg.format`` to ``cfg.out_path``."""
+    if cfg.format == "hf":
+        write_hf(cfg.run, states, cfg.out_path)
+    else:
+        write_checkpoint(cfg.run, states, cfg.out_path)
 
 
 async def _export(cfg: ExportConfig) -> list[int]:
@@ -59,7 +86,7 @@ async def _export(cfg: ExportConfig) -> list[int]:
     )
     async with DHT.create(dht_cfg) as dht:
         states = await gather_stages(dht, cfg.run, rpc_timeout_s=cfg.rpc_timeout_s)
-    write_checkpoint(cfg.run, states, cfg.out_path)
+    await asyncio.to_thread(write_export, cfg, states)
     return [s.step for s in states]
 
 

@@ -4,6 +4,7 @@ Stage 0 holds the embedding, the last stage holds the final norm, the head and t
 the token embedding: in one process (`PipelineModel`) they are one Parameter; across machines stage 0 and the
 last stage each hold the matrix (``StageModel.tied_name`` names it) and add each other's averaged gradient of it
 every step (`swarm.training.tied`), so both apply the same update.
+The run's model family (`swarm.model.families`: the tiny GPT, or a `transformers` config) builds the stages.
 A user factory ``package.module:function`` may replace the tiny GPT: it is called with the `RunConfig` and
 returns ``(list_of_stage_modules, loss_fn)``.
 """
@@ -129,7 +130,15 @@ def stage_block_ranges(num_blocks: int, num_stages: int) -> list[range]:
 
 
 def build_stages(cfg: RunConfig) -> list[StageModel]:
-    """Every stage of the run with its deterministic initial weights (identical on every node)."""
+    """Every stage of the run with its deterministic initial weights (identical on every node), built by the
+    run's model family (`swarm.model.families`)."""
+    from swarm.model.families import family_for  # the families build on this module
+
+    return family_for(cfg).build_stages(cfg)
+
+
+def gpt_stages(cfg: RunConfig) -> list[StageModel]:
+    """The tiny GPT's stages (or the user factory's)."""
     if cfg.model.factory:
         return _stages_from_factory(cfg)
     m = cfg.model

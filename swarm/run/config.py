@@ -21,17 +21,30 @@ from typing import Any
 
 from swarm.configs import Config, apply_overrides, build, flatten, setting
 from swarm.errors import ConfigError
+from swarm.run.hf_config import hf_config_sha256, hf_get, read_hf_config
 from swarm.verification.settings import VerificationSettings
 
 DEFAULT_PRESET = "tiny_gpt"  # the default run: swarm/run/presets/tiny_gpt.toml, shipped as package data
 OPTIMIZERS = ("adamw", "sgd")
+MODEL_FAMILIES = ("gpt", "hf")
 DATA_SOURCES = ("markov", "text", "shards", "stdlib")
 # = swarm.compression.blockwise8.VALID_BLOCKSIZES (a test checks); not imported from there, which would load torch
 BLOCKWISE8_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class ModelConfig(Config, section="model"):
-    """The tiny GPT (or a user factory ``package.module:function`` returning stage modules and the loss)."""
+    """The model: the tiny GPT (``family = "gpt"``, shaped by the fields below, or a user factory
+    ``package.module:function`` returning stage modules and the loss), or a Hugging Face `transformers` config
+    (``family = "hf"``: ``hf_config`` a path to a ``config.json``, or ``hf_preset`` a shipped one), built with
+    seeded random weights and cut at decoder-layer boundaries. With ``hf`` the config gives the shape:
+    ``vocab_size`` must equal its vocabulary (the data's tokens) and ``d_model``, ``num_heads``, ``num_blocks``
+    and ``mlp_ratio`` are unused."""
+
+    family: str = setting(
+        default="gpt", choices=MODEL_FAMILIES, doc="gpt (the tiny GPT) or hf (a transformers config)."
+    )
+    hf_config: str = setting(default="", doc="family hf: path to a transformers config.json.")
+    hf_preset: str = setting(default="", doc="family hf: a shipped model config (tiny_llama, llama_20m, ...).")
 
     vocab_size: int = setting(default=64, ge=2, le=1 << 20, doc="Tokens in the vocabulary (>= 256 for text data).")
     d_model: int = setting(default=64, ge=4, le=1 << 16, doc="Width of the residual stream; a multiple of num_heads.")
@@ -46,6 +59,29 @@ class ModelConfig(Config, section="model"):
             raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
         if self.factory and ":" not in self.factory:
             raise self.invalid("factory", f"must look like 'package.module:function', got {self.factory!r}")
+        if self.family != "hf":
+            if self.hf_config or self.hf_preset:
+                raise self.invalid("family", "must be 'hf' when model.hf_config or model.hf_preset is set")
+            return
+        if self.factory:
+            raise self.invalid("factory", "must be empty with family 'hf' (the transformers config builds the model)")
+        hf = self.hf_dict()
+        if hf_get(hf, "vocab_size") != self.vocab_size:
+            raise self.invalid(
+                "vocab_size", f"is {self.vocab_size} but the hf config's vocab_size is {hf_get(hf, 'vocab_size')}"
+            )
+        max_positions = hf_get(hf, "max_positions")
+        if isinstance(max_positions, int) and self.seq_len > max_positions:
+            raise self.invalid("seq_len", f"is {self.seq_len}, above the hf config's {max_positions} positions")
+
+    def hf_dict(self) -> dict[str, Any]:
+        """The transformers config of a ``family = "hf"`` model, as a plain dict (ConfigError if unreadable)."""
+        return read_hf_config(path=self.hf_config, preset=self.hf_preset)
+
+    @property
+    def num_layers(self) -> int:
+        """The blocks (tiny GPT) or decoder layers (hf) that stages are cut between."""
+        return int(hf_get(self.hf_dict(), "num_layers")) if self.family == "hf" else self.num_blocks
 
 
 class PipelineConfig(Config, section="pipeline"):
@@ -189,10 +225,11 @@ class RunConfig(Config, section="run"):
     def validate(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise self.invalid("name", f"must be a non-empty string of letters, digits, '-' and '_', got {self.name!r}")
-        if not self.model.factory and self.pipeline.num_stages > self.model.num_blocks:
+        if not self.model.factory and self.pipeline.num_stages > self.model.num_layers:
+            what = "the hf config's decoder layers" if self.model.family == "hf" else "model.num_blocks"
             raise ConfigError(
-                f"pipeline.num_stages ({self.pipeline.num_stages}) must not exceed model.num_blocks "
-                f"({self.model.num_blocks}): stages are cut at block boundaries"
+                f"pipeline.num_stages ({self.pipeline.num_stages}) must not exceed {what} "
+                f"({self.model.num_layers}): stages are cut at block boundaries"
             )
         if self.data.source == "text" and not self.model.factory and self.model.vocab_size < 256:
             raise ConfigError("model.vocab_size must be >= 256 for data.source = 'text' (byte-level tokens)")
@@ -206,8 +243,17 @@ class RunConfig(Config, section="run"):
         return dataclasses.asdict(self)
 
     def canonical_bytes(self) -> bytes:
-        """Sorted-key compact JSON of every field of the run's identity (`identity`): equal runs, equal bytes."""
-        return canonical_bytes(identity(self.to_dict()))
+        """Sorted-key compact JSON of the run's identity (`identity_dict`): equal runs, equal bytes."""
+        return canonical_bytes(self.identity_dict())
+
+    def identity_dict(self) -> dict[str, Any]:
+        """What makes the run: every field (`identity`: less a bound shard manifest's local path), and for a
+        ``family = "hf"`` run the SHA-256 of its transformers config, so two nodes whose config files differ are
+        different runs. Nodes publish this form in their config entries (the join check)."""
+        data = identity(self.to_dict())
+        if self.model.family == "hf":
+            data["model"] = {**data["model"], "hf_config_sha256": hf_config_sha256(self.model.hf_dict())}
+        return data
 
     def config_hash(self) -> str:
         """SHA-256 hex of the canonical form."""
@@ -229,8 +275,8 @@ class RunConfig(Config, section="run"):
 
     def check_same_run(self, other: RunConfig | dict[str, Any]) -> None:
         """Raise ConfigError naming the first field where ``other`` differs from this config."""
-        mine = flatten(identity(self.to_dict()))
-        theirs = flatten(identity(other.to_dict() if isinstance(other, RunConfig) else other))
+        mine = flatten(self.identity_dict())
+        theirs = flatten(other.identity_dict() if isinstance(other, RunConfig) else identity(other))
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key, "<missing>") != theirs.get(key, "<missing>"):
                 raise ConfigError(

@@ -86,7 +86,7 @@ class RunRecords:
         """Publish this node's `RunConfigRecord` under ``runs/{name}/config`` (its owned subkey), expiring with its
         `PeerRecord`: the join check of nodes of the same run name counts it (`swarm.training.join_check`)."""
         st = self.state
-        record = RunConfigRecord(hash=st.run_cfg.config_hash(), config=st.run_cfg.to_dict())
+        record = RunConfigRecord(hash=st.run_cfg.config_hash(), config=st.run_cfg.identity_dict())
         await self.store(
             config_key(st.run_cfg.name),
             record.to_wire(),

@@ -201,7 +201,7 @@ class ValidatorRole(RunLoop):
             config_hash=self.cfg.run.config_hash(),
         )
         run = self.cfg.run
-        config = RunConfigRecord(hash=run.config_hash(), config=run.to_dict())  # the join check counts it
+        config = RunConfigRecord(hash=run.config_hash(), config=run.identity_dict())  # the join check counts it
         expiration, subkey = time.time() + 2 * RECORD_PERIOD_S, owner_subkey(self.me)
         async with asyncio.timeout(self.cfg.dht_timeout_s):
             await asyncio.gather(

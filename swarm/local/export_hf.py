@@ -1,0 +1,89 @@
+"""Export in the Hugging Face layout, and stage states read offline from a run directory's checkpoints.
+
+`write_hf` loads the stage states into the run's `transformers` model (the ``hf`` family's whole-model names,
+`swarm.model.families`) and writes it with ``save_pretrained``: ``config.json``, ``generation_config.json`` and
+``model.safetensors``, which ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` loads. The tied
+embedding/head matrix is taken from stage 0. Tokenizer files (`tokenizer_files`) are copied beside them.
+
+`states_from_run_dir` finds ``stage-<k>.safetensors`` under ``RUN_DIR/**/checkpoints/<run id>/`` (where
+`swarm-node local` puts each node's checkpoints) and keeps, per stage, the one with the newest step.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from swarm.errors import ConfigError, NotFoundError
+from swarm.model.families import family_for, merge_stage_tensors
+from swarm.model.hf import build_hf_model
+from swarm.model.stages import build_stages
+from swarm.run.config import RunConfig
+from swarm.training.checkpoint import CheckpointError, StageState, load_state
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_files(run: RunConfig) -> list[Path]:
+    """The tokenizer files the Hugging Face export copies beside the model (``tokenizer.json`` and kin).
+
+    The hook for runs with a tokenizer: none yet, so the list is empty and the export holds the model alone."""
+    del run
+    return []
+
+
+def write_hf(run: RunConfig, states: list[StageState], out_dir: Path) -> None:
+    """Write the run's model in the Hugging Face layout to ``out_dir`` (created; existing files replaced)."""
+    if run.model.family != "hf":
+        raise ConfigError(
+            "export --format hf needs a run with model.family = 'hf' (a transformers config); the tiny GPT exports "
+            "with --format safetensors"
+        )
+    stages = build_stages(run)
+    names = family_for(run).whole_names(run, stages)
+    by_stage = {state.stage: state for state in states}
+    if sorted(by_stage) != list(range(len(stages))):
+        raise CheckpointError(f"need the state of every stage 0..{len(stages) - 1}, got stages {sorted(by_stage)}")
+    per_stage = []
+    for index, stage_names in enumerate(names):
+        tensors = by_stage[index].tensors
+        try:
+            per_stage.append({name: tensors[f"param.{name}"] for name in stage_names})
+        except KeyError as e:
+            raise CheckpointError(
+                f"the state of stage {index} lacks parameter {e}; is it a state of this run?"
+            ) from None
+    whole = merge_stage_tensors(names, per_stage)
+    model = build_hf_model(run.model.hf_dict(), run.seed)
+    missing, unexpected = model.load_state_dict(whole, strict=False)
+    tied = set() if not getattr(model.config, "tie_word_embeddings", False) else {"lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"the stage states do not fit the model: missing {missing}, unexpected {unexpected}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    for path in tokenizer_files(run):
+        shutil.copy2(path, out_dir / path.name)
+    log.info("wrote %s in the Hugging Face layout (stage steps %s)", out_dir, [s.step for s in states])
+
+
+def states_from_run_dir(run: RunConfig, run_dir: Path) -> list[StageState]:
+    """Each stage's newest checkpoint of ``run`` under ``run_dir``; NotFoundError names a stage with none."""
+    if not run_dir.is_dir():
+        raise NotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    newest: dict[int, StageState] = {}
+    for path in sorted(run_dir.glob(f"**/checkpoints/{run.run_id}/stage-*.safetensors")):
+        try:
+            state = load_state(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+            continue
+        if state.run_id == run.run_id and (state.stage not in newest or state.step > newest[state.stage].step):
+            newest[state.stage] = state
+    for stage in range(run.pipeline.num_stages):
+        if stage not in newest:
+            raise NotFoundError(
+                f"no checkpoint of stage {stage} of run {run.run_id} under {run_dir} (looked for "
+                f"**/checkpoints/{run.run_id}/stage-{stage}.safetensors); pass the run's --config and its run directory"
+            )
+    return [newest[stage] for stage in range(run.pipeline.num_stages)]

@@ -1,0 +1,164 @@
+"""The ``hf`` model family: a `transformers` causal LM built from its config, cut at decoder-layer boundaries.
+
+Every node builds the whole model from the run's config with the run seed (``torch.manual_seed``; no hub download,
+ever) and keeps its stage's pieces: stage 0 the token (and, GPT-2, position) embeddings and the first layers,
+middle stages layers, the last stage the last layers, the final norm and the LM head. Nothing but the hidden
+states crosses a stage boundary: each stage computes its own position ids (``0..L-1``) and rotary cos/sin from
+the sequence length, and attention is causal inside every layer (the ``sdpa`` attention with no mask, which
+`transformers` runs with ``is_causal``). With ``tie_word_embeddings`` the LM head is the embedding matrix: one
+Parameter in one process, and across machines the tied exchange (`swarm.training.tied`) keeps the copies of
+stage 0 (``body.embed.weight``) and the last stage (``body.lm_head.weight``) equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from swarm.errors import ConfigError
+from swarm.model.gpt import lm_loss
+from swarm.model.stages import InputSpec, StageModel, stage_block_ranges
+from swarm.run.config import RunConfig
+from swarm.run.hf_config import hf_get
+
+
+def hf_transformers_config(data: dict[str, Any]) -> Any:
+    """The `transformers` config object of a config dict, with the attention set to ``sdpa`` (causal, no mask)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConfigError("model.family 'hf' needs transformers: pip install 'swarm-p2p[hf]'") from None
+    fields = dict(data)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_hf_model(data: dict[str, Any], seed: int) -> Any:
+    """The whole causal LM with deterministic fp32 weights: every node building it with ``seed`` gets the same."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_transformers_config(data)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.float()
+
+
+class HfStageBody(nn.Module):
+    """The pieces of one stage; ``forward`` maps token ids (stage 0) or hidden states to hidden states (or logits).
+
+    ``whole_names`` maps each of its parameter names to the name `transformers` gives it in the whole model.
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[nn.Module],
+        rotary: nn.Module | None,
+        embed: nn.Module | None = None,
+        positions: nn.Module | None = None,
+        dropout: nn.Module | None = None,
+        norm: nn.Module | None = None,
+        lm_head: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed = embed
+        self.positions = positions
+        self.dropout = dropout
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary = rotary
+        self.whole_names: dict[str, str] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        position_ids = torch.arange(length, device=x.device).unsqueeze(0)
+        h = x
+        if self.embed is not None:
+            h = self.embed(x)
+            if self.positions is not None:
+                h = h + self.positions(position_ids)
+            if self.dropout is not None:
+                h = self.dropout(h)
+        kwargs: dict[str, Any] = {}
+        if self.rotary is not None:
+            kwargs = {"position_ids": position_ids, "position_embeddings": self.rotary(h, position_ids)}
+        for layer in self.layers:
+            out = layer(h, attention_mask=None, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.lm_head is not None:
+            h = self.lm_head(h)
+        return h
+
+
+def _parts(model: Any) -> dict[str, Any]:
+    """The pieces of a supported causal LM: Llama/Qwen keep them in ``model.model``, GPT-2 in ``model.transformer``."""
+    base: Any = model.base_model
+    if hasattr(base, "h"):  # GPT-2
+        return {"embed": base.wte, "positions": base.wpe, "dropout": base.drop, "layers": base.h, "norm": base.ln_f}
+    return {"embed": base.embed_tokens, "layers": base.layers, "norm": base.norm, "rotary": base.rotary_emb}
+
+
+class HfFamily:
+    """`ModelFamily` of ``[model] family = "hf"``."""
+
+    name = "hf"
+
+    def build_stages(self, run: RunConfig) -> list[StageModel]:
+        data = run.model.hf_dict()
+        model = build_hf_model(data, run.seed)
+        parts = _parts(model)
+        whole = {id(p): name for name, p in model.named_parameters()}  # the tied matrix under its embedding name
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        n = run.pipeline.num_stages
+        width = int(hf_get(data, "hidden_size"))
+        stages = []
+        for i, layer_range in enumerate(stage_block_ranges(len(parts["layers"]), n)):
+            first, last = i == 0, i == n - 1
+            body = HfStageBody(
+                layers=[parts["layers"][b] for b in layer_range],
+                rotary=parts.get("rotary"),
+                embed=parts["embed"] if first else None,
+                positions=parts.get("positions") if first else None,
+                dropout=parts.get("dropout") if first else None,
+                norm=parts["norm"] if last else None,
+                lm_head=model.get_output_embeddings() if last else None,
+            )
+            body.whole_names = {name: whole[id(p)] for name, p in body.named_parameters()}
+            spec = (
+                InputSpec(dtype=torch.int64, tail_shape=(run.model.seq_len,), max_value=run.model.vocab_size)
+                if first
+                else InputSpec(dtype=torch.float32, tail_shape=(run.model.seq_len, width))
+            )
+            tied_name = None if n == 1 or not tied else "body.embed.weight" if first else "body.lm_head.weight"
+            stages.append(
+                StageModel(
+                    body,
+                    index=i,
+                    num_stages=n,
+                    input_spec=spec,
+                    loss_fn=lm_loss,
+                    tied_name=tied_name if first or last else None,
+                )
+            )
+        return stages
+
+    def whole_names(self, run: RunConfig, stages: Sequence[StageModel]) -> list[dict[str, str]]:
+        return [{f"body.{k}": v for k, v in _body(stage).whole_names.items()} for stage in stages]
+
+
+def _body(stage: StageModel) -> HfStageBody:
+    if not isinstance(stage.body, HfStageBody):
+        raise ConfigError(f"stage {stage.index} is not a stage of an hf model")
+    return stage.body
