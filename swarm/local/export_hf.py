@@ -3,7 +3,8 @@
 `write_hf` loads the stage states into the run's `transformers` model (the ``hf`` family's whole-model names,
 `swarm.model.families`) and writes it with ``save_pretrained``: ``config.json``, ``generation_config.json`` and
 ``model.safetensors``, which ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` loads. The tied
-embedding/head matrix is taken from stage 0. Tokenizer files (`tokenizer_files`) are copied beside them.
+embedding/head matrix is taken from stage 0. A run trained on token shards also gets its tokenizer (`tokenizer_file`,
+saved as a `transformers` fast tokenizer).
 
 `states_from_run_dir` finds ``stage-<k>.safetensors`` under ``RUN_DIR/**/checkpoints/<run id>/`` (where
 `swarm-node local` puts each node's checkpoints) and keeps, per stage, the one with the newest step.
@@ -12,9 +13,11 @@ embedding/head matrix is taken from stage 0. Tokenizer files (`tokenizer_files`)
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
+from swarm.data.binding import manifest_path
+from swarm.data.manifest import load_manifest
+from swarm.data.tokenizer import END_OF_TEXT
 from swarm.errors import ConfigError, NotFoundError
 from swarm.model.families import family_for, merge_stage_tensors
 from swarm.model.hf import build_hf_model
@@ -25,12 +28,23 @@ from swarm.training.checkpoint import CheckpointError, StageState, load_state
 log = logging.getLogger(__name__)
 
 
-def tokenizer_files(run: RunConfig) -> list[Path]:
-    """The tokenizer files the Hugging Face export copies beside the model (``tokenizer.json`` and kin).
+def tokenizer_file(run: RunConfig) -> Path | None:
+    """The run's ``tokenizer.json``: the one its token-shard manifest names (``data.source`` ``shards`` or
+    ``stdlib``); None for a run without a tokenizer (Markov or byte-level text data)."""
+    if run.data.source not in ("shards", "stdlib"):
+        return None
+    manifest = load_manifest(manifest_path(run))
+    return manifest.folder / manifest.tokenizer_file
 
-    The hook for runs with a tokenizer: none yet, so the list is empty and the export holds the model alone."""
-    del run
-    return []
+
+def write_tokenizer(path: Path, out_dir: Path) -> None:
+    """Save ``path`` beside the model as a `transformers` fast tokenizer (``tokenizer.json``,
+    ``tokenizer_config.json``), so ``AutoTokenizer.from_pretrained(out_dir)`` loads it; ``<|endoftext|>`` (id 0 of a
+    `swarm-data` tokenizer) is its end-of-text and padding token."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+    tokenizer.save_pretrained(str(out_dir))
 
 
 def write_hf(run: RunConfig, states: list[StageState], out_dir: Path) -> None:
@@ -62,8 +76,9 @@ def write_hf(run: RunConfig, states: list[StageState], out_dir: Path) -> None:
         raise CheckpointError(f"the stage states do not fit the model: missing {missing}, unexpected {unexpected}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
-    for path in tokenizer_files(run):
-        shutil.copy2(path, out_dir / path.name)
+    tokenizer = tokenizer_file(run)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out_dir)
     log.info("wrote %s in the Hugging Face layout (stage steps %s)", out_dir, [s.step for s in states])
 
 
