@@ -19,6 +19,7 @@ from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
 from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
+from swarm.model.devices import check_precision, resolve_device
 from swarm.testing.misbehave import MisbehaveConfig, hooks_for
 from swarm.training.schemas import with_run_schemas
 from swarm.training.trainer import TrainingConfig, build_training_role
@@ -94,12 +95,15 @@ class Node:
 
     def check_inputs(self) -> None:
         """ConfigError (one line, naming what is wrong) unless the node can start: the data dir exists or can be
-        created, and the run's local inputs are usable (`RunConfig.check_inputs`: data file, model factory)."""
+        created, the run's local inputs are usable (`RunConfig.check_inputs`: data file, model factory), and the
+        training device is there and computes in the run's precision (`swarm.model.devices`)."""
         cfg = self.config
         prepare_data_dir(cfg.data_dir)
         role = cfg.training or cfg.validator
         if role is not None:
             role.run.check_inputs()
+        if cfg.training is not None:  # a device that is not there fails here, before the node listens
+            check_precision(resolve_device(cfg.training.device), cfg.training.run.precision.compute)
 
     async def start(self) -> None:
         """Check the inputs (`check_inputs`), load (or create) the identity and start listening. Does not join

@@ -17,6 +17,7 @@ from swarm.cli.options import set_option
 from swarm.data import bind_data
 from swarm.run.config import RunConfig
 from swarm.errors import SwarmError
+from swarm.model.devices import DEVICE_CHOICES
 from swarm.testing.misbehave import KINDS as MISBEHAVE_KINDS
 from swarm.testing.misbehave import parse_misbehave_spec
 from swarm.training.node_role import Role
@@ -45,7 +46,13 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="auto: serve a stage (and drive on stage 0); server: serve only; trainer: "
             "drive only; validator: check others' work (no training); dht: no training.",
         ),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True),
+        click.option(
+            "--device",
+            type=click.Choice(DEVICE_CHOICES),
+            default="cpu",
+            show_default=True,
+            help="Torch device of the stage; auto: CUDA if there, else MPS, else CPU.",
+        ),
         click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps."),
         click.option(
             "--summary-file",
@@ -165,6 +172,13 @@ def training_config(
     metavar="KIND:COUNT",
     help="COUNT training nodes cheat with KIND (repeatable), e.g. lazy:1.",
 )
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Every node's torch device; auto: CUDA if there, else MPS, else CPU.",
+)
 def local(
     num_nodes: int,
     config_path: Path | None,
@@ -176,6 +190,7 @@ def local(
     log_level: str,
     num_validators: int,
     misbehave: tuple[str, ...],
+    device: str,
 ) -> None:
     """Train with N node processes on this machine; live table; stops every process on exit or Ctrl-C."""
     from swarm.local.launcher import LaunchConfig, launch
@@ -192,6 +207,7 @@ def local(
             timeout_s=timeout_s,
             num_validators=num_validators,
             misbehave=tuple(parse_misbehave_spec(m) for m in misbehave),
+            device=device,
         )
         code = launch(cfg)
     except SwarmError as e:

@@ -29,6 +29,7 @@ from swarm.data import bind_data, make_source
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError, SwarmError
 from swarm.dht.keys import peers_key, progress_key
+from swarm.model.devices import DEVICE_CHOICES, check_precision, resolve_device
 from swarm.local.events import EventReader, ListeningEvent, NodeEventError, ServingEvent
 from swarm.testing.misbehave import misbehave_args
 from swarm.training.node_role import Role
@@ -62,6 +63,9 @@ class LaunchConfig(Config, section="local"):
     misbehave: tuple[tuple[str, int], ...] = setting(
         default=(), doc="(kind, count) pairs: the last training nodes cheat on purpose."
     )
+    device: str = setting(
+        default="auto", choices=DEVICE_CHOICES, doc="Every node's --device (auto: CUDA, then MPS, then CPU)."
+    )
 
     def validate(self) -> None:
         cheaters = sum(count for _, count in self.misbehave)
@@ -91,6 +95,7 @@ def launch(cfg: LaunchConfig) -> int:
     """Run the local swarm to completion; print the table and (with ``as_json``) the summary. Returns an exit code."""
     # fail early on a bad config or missing data, before any process starts; a stdlib run's shards are built here
     run = bind_data(RunConfig.load(cfg.config_path, cfg.overrides), progress=not cfg.as_json)
+    check_precision(resolve_device(cfg.device), run.precision.compute)
     run_dir = cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -197,6 +202,8 @@ async def _start_node(
         str(events_path),
         "--start-after-peers",
         str(cfg.num_nodes + cfg.num_validators),
+        "--device",
+        cfg.device,
         *cfg.extra_node_args,
         *role_args,
     ]
@@ -332,6 +339,8 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         "run_id": run.run_id,
         "run_dir": str(run_dir),
         "exit_codes": [n.proc.returncode for n in nodes],
+        "devices": sorted({s.device for s in summaries if s.device}),  # what the nodes' --device resolved to
+        "precision": run.precision.compute,
     }
 
 

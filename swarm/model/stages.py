@@ -5,12 +5,15 @@ the token embedding: in one process (`PipelineModel`) they are one Parameter; ac
 last stage each hold the matrix (``StageModel.tied_name`` names it) and add each other's averaged gradient of it
 every step (`swarm.training.tied`), so both apply the same update.
 The run's model family (`swarm.model.families`: the tiny GPT, or a `transformers` config) builds the stages.
+A stage computes in the run's precision (`swarm.model.precision`): with ``bf16`` its body runs under autocast and
+its activations (outputs, and floating inputs) are bfloat16, in one process as across machines.
 A user factory ``package.module:function`` may replace the tiny GPT: it is called with the `RunConfig` and
 returns ``(list_of_stage_modules, loss_fn)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from torch import nn
 from swarm.run.config import RunConfig
 from swarm.errors import ConfigError, SwarmError
 from swarm.model.gpt import build_gpt_pieces, lm_loss
+from swarm.model.precision import autocast, compute_dtype
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,12 +79,20 @@ class StageModel(nn.Module):
         tied_name: str | None = None,
     ) -> None:
         super().__init__()
+        self.activation_dtype = torch.float32  # `build_stages` sets the run's precision (`set_precision`)
         self.tied_name = tied_name  # the parameter shared with another stage (embedding <-> head), if any
         self.body = body
         self.index = index
         self.num_stages = num_stages
         self.input_spec = input_spec
         self._loss_fn = loss_fn
+
+    def set_precision(self, dtype: torch.dtype) -> None:
+        """Compute in ``dtype`` (float32, or bfloat16 under autocast): the outputs sent to the next stage, and the
+        floating inputs this stage accepts, are ``dtype``. The parameters keep their own dtype (float32)."""
+        self.activation_dtype = dtype
+        if self.input_spec.dtype.is_floating_point:
+            self.input_spec = dataclasses.replace(self.input_spec, dtype=dtype)
 
     @property
     def is_first(self) -> bool:
@@ -91,7 +103,17 @@ class StageModel(nn.Module):
         return self.index == self.num_stages - 1
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.body(inputs)
+        """The stage's outputs. In float32 just the body; in a lower precision the body runs under autocast on
+        float32 inputs (the residual stream stays float32 inside the stage), and the outputs are cast to the
+        activation dtype, except the last stage's logits, which are float32 (the loss is computed in float32)."""
+        if self.activation_dtype == torch.float32:
+            return self.body(inputs)
+        x = inputs.float() if inputs.is_floating_point() else inputs
+        with autocast(x.device, self.activation_dtype):
+            outputs = self.body(x)
+        if not outputs.is_floating_point():
+            return outputs
+        return outputs.float() if self.is_last else outputs.to(self.activation_dtype)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss (last stage only)."""
@@ -134,7 +156,10 @@ def build_stages(cfg: RunConfig) -> list[StageModel]:
     run's model family (`swarm.model.families`)."""
     from swarm.model.families import family_for  # the families build on this module
 
-    return family_for(cfg).build_stages(cfg)
+    stages = family_for(cfg).build_stages(cfg)
+    for stage in stages:
+        stage.set_precision(compute_dtype(cfg.precision.compute))
+    return stages
 
 
 def gpt_stages(cfg: RunConfig) -> list[StageModel]:

@@ -1,9 +1,9 @@
 """The run: one TOML file describes what the swarm trains; its canonical hash is the run id.
 
 A :class:`RunConfig` has sections ``model``, ``pipeline``, ``batch``, ``optimizer``, ``codecs``, ``data``,
-``verification``, ``averaging`` and a ``seed``. Two nodes may train together only if their configs are identical;
-:meth:`RunConfig.check_same_run` names the first differing field so a misconfigured node is refused with a useful
-error. Every field is declared with `swarm.configs.setting` (its doc and range); `RunConfig.load` applies
+``verification``, ``averaging``, ``precision`` and a ``seed``. Two nodes may train together only if their configs
+are identical; :meth:`RunConfig.check_same_run` names the first differing field so a misconfigured node is refused
+with a useful error. Every field is declared with `swarm.configs.setting` (its doc and range); `RunConfig.load` applies
 command-line overrides (``--set optimizer.lr=1e-3``) to the parsed TOML, so they change the run id as an edit would.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 from swarm.configs import Config, apply_overrides, build, flatten, setting
 from swarm.errors import ConfigError
 from swarm.run.hf_config import hf_config_sha256, hf_get, read_hf_config
+from swarm.run.precision import PrecisionConfig
 from swarm.verification.settings import VerificationSettings
 
 DEFAULT_PRESET = "tiny_gpt"  # the default run: swarm/run/presets/tiny_gpt.toml, shipped as package data
@@ -221,6 +222,7 @@ class RunConfig(Config, section="run"):
         default_factory=VerificationSettings, doc="Checking of work and rewards."
     )
     averaging: AveragingSettings = setting(default_factory=AveragingSettings, doc="Gradient reduction.")
+    precision: PrecisionConfig = setting(default_factory=PrecisionConfig, doc="The dtype stages compute in.")
 
     def validate(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():

@@ -91,7 +91,7 @@ class StageReplayer:
                     loss_backward(loss, int(x.shape[0]))
                 else:
                     leaf, out = stage_forward(model, x)
-                    outputs_backward(out, decode(inputs[1], "grad_outputs", dtype=torch.float32))
+                    outputs_backward(out, decode(inputs[1], "grad_outputs", dtype=model.activation_dtype))
                 grad = input_grad(leaf)
             except (StageInputError, IndexError) as e:
                 raise ReplayUnavailableError(f"the receipt's inputs do not replay: {e}") from None

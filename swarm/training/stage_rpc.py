@@ -169,7 +169,9 @@ class StageService:
                 server.loss_backward, inputs, targets, step=req.step, microbatch_id=mb_id
             )
         else:
-            grad_out = decode(req.grad_outputs or b"", "grad_outputs", dtype=torch.float32, device=device)
+            grad_out = decode(
+                req.grad_outputs or b"", "grad_outputs", dtype=server.model.activation_dtype, device=device
+            )
             loss = None
             grad = await asyncio.to_thread(server.backward, inputs, grad_out, step=req.step, microbatch_id=mb_id)
         if grad is not None:
@@ -270,11 +272,13 @@ class RemoteStageClient:
         collector: ReceiptCollector | None = None,
         witness: ServerWitness | None = None,
         hooks: NodeHooks = HONEST,
+        activation_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.transport = transport
         self.policy = policy
         self.run_id = run_id
         self.rpc_timeout_s = rpc_timeout_s
+        self.activation_dtype = activation_dtype  # of the run's precision: outputs and gradients are decoded to it
         self.local_server = local_server
         self.collector = collector  # verification: signs a receipt for each acknowledged remote result
         self.witness = witness  # verification: witnesses this node's own stage work for the next stage's server
@@ -360,7 +364,7 @@ class RemoteStageClient:
         )
         req = self._attach_upstream(peer, req)
         reply = await self.transport.call(peer, "stage.forward", req, ForwardReply, timeout_s=self.rpc_timeout_s)
-        outputs = decode(reply.outputs, f"outputs of stage {stage} from {peer.short()}", dtype=torch.float32)
+        outputs = decode(reply.outputs, f"outputs of stage {stage} from {peer.short()}", dtype=self.activation_dtype)
         self._receipt(peer, req, "forward", [reply.outputs], int(inputs.shape[0]), reply.ack)
         return outputs
 
@@ -402,7 +406,7 @@ class RemoteStageClient:
         grad = (
             None
             if reply.grad_inputs is None
-            else decode(reply.grad_inputs, f"grad_inputs from {peer.short()}", dtype=torch.float32)
+            else decode(reply.grad_inputs, f"grad_inputs from {peer.short()}", dtype=self.activation_dtype)
         )
         if stage > 0 and grad is None:
             raise ProtocolError(f"{peer.short()} answered stage {stage} backward without grad_inputs")

@@ -56,6 +56,8 @@ class NodeSummary(Message):
     end_time: float | None = None  # when it reached max_steps (or stopped)
     loss_floor: float | None = None  # the data's loss floor, when known
     verification: VerificationSummary | None = None
+    device: str | None = None  # the torch device its stage computed on (``--device auto`` resolved)
+    precision: str | None = None  # the run's compute precision (fp32, bf16)
     # validators
     checks: int = 0  # receipts checked
     failed: int = 0  # checks that failed

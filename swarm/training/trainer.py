@@ -22,6 +22,7 @@ the last window is attested), the summary, and the one function that builds it a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +33,8 @@ from swarm.data import ShardedData
 from swarm.dht import DHT
 from swarm.training.node_role import Role
 from swarm.errors import SwarmError
+from swarm.model.devices import check_precision, resolve_device
+from swarm.model.precision import compute_dtype
 from swarm.p2p import Transport
 from swarm.p2p.identity import PeerID
 from swarm.training.driving import Driving
@@ -194,6 +197,8 @@ class TrainingRole(RunLoop):
             run_id=st.run_id,
             served_samples=st.server.total_samples if st.server else 0,
             verification=self.checks.summary(),
+            device=st.cfg.device,
+            precision=st.run_cfg.precision.compute,
         )
 
 
@@ -207,8 +212,10 @@ def build_training_role(
 ) -> TrainingRole:
     """The training role on ``transport`` and ``dht``: its state, its collaborators, and every RPC handler it serves
     registered (``stage.*``, ``state.download``, ``stage.tied``, ``step.hint``, ``verify.fetch`` with verification
-    on, ``avg.*``); `TrainingRole.stop` unregisters them."""
+    on, ``avg.*``); `TrainingRole.stop` unregisters them. ``cfg.device`` ``auto`` is resolved here (ConfigError if
+    the device is not there, or cannot compute in the run's precision)."""
     me = transport.peer_id
+    cfg = _with_device(cfg, me)
     rng = random.Random(cfg.seed ^ int.from_bytes(me.to_bytes()[-8:], "big"))
     selectors: list[PeerSelector[PeerID]] = [
         PeerSelector(cfg.wiring, rng=random.Random(rng.random())) for _ in range(cfg.run.pipeline.num_stages)
@@ -228,6 +235,7 @@ def build_training_role(
         collector=checks.collector,
         witness=checks.witness,
         hooks=checks.hooks,
+        activation_dtype=compute_dtype(cfg.run.precision.compute),
     )
     driving = Driving(state, records=records, checks=checks, client=client, data=ShardedData(cfg.run, me.to_bytes()))
     unregister: list[Callable[[], None]] = []
@@ -248,6 +256,20 @@ def build_training_role(
         unregister=unregister,
         on_serving=on_serving,
     )
+
+
+def _with_device(cfg: TrainingConfig, me: PeerID) -> TrainingConfig:
+    """``cfg`` with its device resolved (`swarm.model.devices.resolve_device`), and checked for the precision."""
+    device = resolve_device(cfg.device)
+    check_precision(device, cfg.run.precision.compute)
+    log.info(
+        "%s: stage compute on %s (requested %s), precision %s",
+        me.short(),
+        device,
+        cfg.device,
+        cfg.run.precision.compute,
+    )
+    return cfg if device == cfg.device else dataclasses.replace(cfg, device=device)
 
 
 def _register_handlers(

@@ -9,12 +9,11 @@ from swarm.run.config import RunConfig
 from swarm.training.driver import DriverConfig
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError
+from swarm.model.devices import DEVICE_CHOICES
 from swarm.training.messages import MAX_RECORD_PERIOD_S
 from swarm.training.node_role import TRAINING_ROLES, Role
 from swarm.training.verifying import NodeVerificationConfig
 from swarm.training.wiring import WiringConfig
-
-DEVICES = ("cpu", "cuda", "mps")
 
 
 def _training_role(value: object) -> Role:
@@ -32,7 +31,11 @@ class TrainingConfig(Config, section="training"):
         choices=tuple(role.value for role in Role if role in TRAINING_ROLES),
         doc="auto (serve, and drive on stage 0), server (serve only) or trainer (drive only); a string is parsed.",
     )
-    device: str = setting(default="cpu", choices=DEVICES, doc="Torch device of the stage: cpu, cuda or mps.")
+    device: str = setting(
+        default="cpu",
+        choices=DEVICE_CHOICES,
+        doc="Torch device of the stage: cpu, cuda, mps, or auto (CUDA, then MPS, then CPU; resolved at start).",
+    )
     checkpoint_dir: Path | None = setting(default=None, doc="Where stage checkpoints go (None: none).")
     save_every_steps: int = setting(default=5, ge=1, le=10_000, doc="Steps between checkpoints.")
     max_steps: int | None = setting(default=None, ge=1, doc="Stop after this many optimizer steps (None: never).")
