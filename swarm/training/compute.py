@@ -4,7 +4,9 @@
 `swarm.training.validator.StageReplayer` recomputes with them, so that a replay of a step's work with that step's
 weights computes exactly what the server computed. They hold no lock and check no request: the server validates
 its inputs and serialises its compute around them. The last stage back-propagates ``loss * num_samples`` (sums
-over samples; the server divides by the samples served when the step closes).
+over samples; the server divides by the samples served when the step closes). The run's precision is applied by
+the model itself (`StageModel.forward`: bf16 autocast, bf16 activations), so these functions, `PipelineModel` and
+the single-process loop all compute in it alike; the backward follows the forward's dtypes.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Same model (all stages chained), same global batch per step (``target_batch_size`` in microbatches of
 ``microbatch_size``), same optimizer, same data source; gradients are the sample-weighted mean over the step,
-exactly what a swarm step computes after its all-reduce.
+exactly what a swarm step computes after its all-reduce. With ``[precision] compute = "bf16"`` each stage of the
+chain computes under bf16 autocast with bf16 activations between stages, as the swarm's stage servers do
+(`StageModel.forward`); the parameters and the optimizer state stay float32.
 """
 
 from __future__ import annotations
