@@ -4,7 +4,9 @@ activations through the wire codecs, and a validator's `StageReplayer` recompute
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
+import pytest
 import torch
 
 from swarm.compression import Role, deserialize_tensor
@@ -17,6 +19,7 @@ from swarm.training.checkpoint import capture_state
 from swarm.training.replayer import StageReplayer
 from swarm.training.stage_rpc import decode, encode
 from swarm.training.stage_server import StageServer, StageServerConfig
+from swarm.verification.compare import ToleranceConfig, compare_tensor
 
 
 def run(precision: str) -> RunConfig:
@@ -30,10 +33,11 @@ def run(precision: str) -> RunConfig:
     )
 
 
-def servers_of(cfg: RunConfig) -> list[StageServer]:
+def servers_of(cfg: RunConfig, device: str = "cpu") -> list[StageServer]:
+    models = [m.to(device) for m in build_stages(cfg)]
     return [
         StageServer(m, make_optimizer(m.parameters(), cfg.optimizer), cfg.optimizer, StageServerConfig())
-        for m in build_stages(cfg)
+        for m in models
     ]
 
 
@@ -43,30 +47,40 @@ def wire(tensor: torch.Tensor, cfg: RunConfig, role: Role, dtype: torch.dtype) -
     return data, decode(data, "test", dtype=dtype)
 
 
-def serve_step(cfg: RunConfig, servers: list[StageServer], step: int) -> list[dict[str, object]]:
-    """One step of two microbatches through the servers over the wire codecs; returns what each call saw."""
+@dataclass
+class Call:
+    """One served call: its stage and kind, its wire inputs (what a receipt holds) and what the server returned."""
+
+    stage: int
+    kind: str
+    inputs: list[bytes]
+    out: torch.Tensor | None
+    loss: float | None = None
+
+
+def serve_step(cfg: RunConfig, servers: list[StageServer], step: int) -> list[Call]:
+    """One step of two microbatches through the servers over the wire codecs; returns every call."""
     data = ShardedData(cfg, b"precision")
-    calls: list[dict[str, object]] = []
+    calls: list[Call] = []
     for index in range(2):
         mb, mb_id = data.microbatch(step, index, 4), f"mb{step}/{index}"
         inputs = [encode(mb.inputs, cfg.codecs.policy(), Role.ACTIVATIONS)]
         acts = [mb.inputs]
         for s in servers[:-1]:
             out = s.forward(acts[-1], step=step, microbatch_id=mb_id)
-            calls.append({"stage": s.index, "kind": "forward", "inputs": [inputs[-1]], "out": out})
+            calls.append(Call(stage=s.index, kind="forward", inputs=[inputs[-1]], out=out))
             data_out, received = wire(out, cfg, Role.ACTIVATIONS, servers[s.index + 1].model.input_spec.dtype)
             inputs.append(data_out)
             acts.append(received)
         targets = encode(mb.targets, cfg.codecs.policy(), Role.ACTIVATIONS)
         loss, grad = servers[-1].loss_backward(acts[-1], mb.targets, step=step, microbatch_id=mb_id)
-        calls.append({"stage": len(servers) - 1, "kind": "backward", "inputs": [inputs[-1], targets], "out": grad})
-        calls[-1]["loss"] = loss
+        calls.append(Call(stage=len(servers) - 1, kind="backward", inputs=[inputs[-1], targets], out=grad, loss=loss))
         for s in reversed(servers[:-1]):
             assert grad is not None
             grad_bytes, grad = wire(grad, cfg, Role.ACTIVATION_GRADS, s.model.activation_dtype)
-            calls.append({"stage": s.index, "kind": "backward", "inputs": [inputs[s.index], grad_bytes]})
-            grad = s.backward(acts[s.index], grad, step=step, microbatch_id=mb_id)
-            calls[-1]["out"] = grad
+            out = s.backward(acts[s.index], grad, step=step, microbatch_id=mb_id)
+            calls.append(Call(stage=s.index, kind="backward", inputs=[inputs[s.index], grad_bytes], out=out))
+            grad = out
     return calls
 
 
@@ -76,7 +90,7 @@ def test_bf16_serving_keeps_fp32_weights_and_optimizer_state_and_tracks_fp32() -
         cfg = run(precision)
         servers = servers_of(cfg)
         calls = serve_step(cfg, servers, 0)
-        losses[precision] = [c["loss"] for c in calls if "loss" in c]
+        losses[precision] = [c.loss for c in calls if c.loss is not None]
         for s in servers:
             s.close_step()
             s.apply_step(s.mean_gradients())
@@ -86,11 +100,11 @@ def test_bf16_serving_keeps_fp32_weights_and_optimizer_state_and_tracks_fp32() -
             )
             states = [v for st in s.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
             assert states and all(v.dtype == torch.float32 for v in states if v.dim() > 0)  # exp_avg, exp_avg_sq
-        wire_dtypes = {deserialize_tensor(c["inputs"][0]).dtype for c in calls if c["stage"] > 0}  # type: ignore[index]
+        wire_dtypes = {deserialize_tensor(c.inputs[0]).dtype for c in calls if c.stage > 0}
         assert wire_dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert all(torch.isfinite(torch.tensor(losses["bf16"])))
     for bf16, fp32 in zip(losses["bf16"], losses["fp32"], strict=True):
-        assert abs(bf16 - fp32) < 0.02 * fp32  # type: ignore[operator]
+        assert abs(bf16 - fp32) < 0.02 * fp32
 
 
 def test_a_replay_of_bf16_work_is_bit_equal_to_serving() -> None:
@@ -104,21 +118,39 @@ def test_a_replay_of_bf16_work_is_bit_equal_to_serving() -> None:
             replayer.add_state(state, peers[s.index])
         calls = serve_step(cfg, servers, step)
         for call in calls:
-            stage, kind = int(call["stage"]), str(call["kind"])  # type: ignore[call-overload]
             replayed = replayer.recompute(
-                stage=stage,
-                step=step,
-                kind=kind,
-                inputs=call["inputs"],
-                server=peers[stage],  # type: ignore[arg-type]
+                stage=call.stage, step=step, kind=call.kind, inputs=call.inputs, server=peers[call.stage]
             )
-            served = call["out"]
-            if served is None:
+            if call.out is None:
                 assert replayed == []  # stage 0's inputs are token ids: no gradient
                 continue
-            assert isinstance(served, torch.Tensor)
-            assert len(replayed) == 1 and replayed[0].dtype == served.dtype
-            assert torch.equal(replayed[0], served), (stage, kind)
+            assert len(replayed) == 1 and replayed[0].dtype == call.out.dtype
+            assert torch.equal(replayed[0], call.out), (call.stage, call.kind)
         for s in servers:
             s.close_step()
             s.apply_step(s.mean_gradients())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_work_served_on_cuda_replays_on_the_cpu_within_tolerance() -> None:
+    cfg = run("bf16")
+    servers = servers_of(cfg, "cuda")
+    assert all(p.is_cuda and p.dtype == torch.float32 for s in servers for p in s.parameters())
+    peers = [Identity.from_seed(hashlib.sha256(f"cuda-{i}".encode()).digest()).peer_id for i in range(3)]
+    replayer = StageReplayer(cfg, keep_steps=4)  # a validator replays on its CPU
+    for s in servers:
+        replayer.add_state(
+            capture_state(s.model, s.optimizer, run_id=cfg.run_id, stage=s.index, step=0), peers[s.index]
+        )
+    for call in serve_step(cfg, servers, 0):
+        replayed = replayer.recompute(
+            stage=call.stage, step=0, kind=call.kind, inputs=call.inputs, server=peers[call.stage]
+        )
+        if call.out is not None:
+            result = compare_tensor(replayed[0], call.out.cpu(), ToleranceConfig())
+            assert result.passed, (call.stage, call.kind, result.reason)
+    for s in servers:
+        s.close_step()
+        s.apply_step(s.mean_gradients())
+        states = [v for st in s.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        assert all(v.dtype == torch.float32 for v in states if v.dim() > 0)
