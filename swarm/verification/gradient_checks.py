@@ -127,6 +127,12 @@ class GradientChecker:
         with self._lock:
             return self._record(me, step, stage, found)
 
+    def report(self, step: int, stage: int, entries: Sequence[OutlierEntry]) -> list[OutlierEntry]:
+        """Add findings made outside the all-reduce (e.g. a step claim the records do not back) at this node's
+        ``step``: they are published and make offenders like the gradient findings; returns the new ones."""
+        with self._lock:
+            return self._record(self.identity.peer_id, step, stage, list(entries))
+
     def _record(self, me: PeerID, step: int, stage: int, found: list[OutlierEntry]) -> list[OutlierEntry]:
         """Keep the new findings of one round (the lock is held); returns them."""
         window = step // self.cfg.window_steps
@@ -140,12 +146,12 @@ class GradientChecker:
                 self._known[key] = entry
                 new.append(entry)
                 log.warning(
-                    "%s: stage %d step %d: %s sent a %s gradient part (distance %.3g, median %.3g); reporting it",
+                    "%s: stage %d step %d: %s: %s (distance %.3g, median %.3g); reporting it",
                     me.short(),
                     stage,
                     step,
                     PeerID(entry.peer).short(),
-                    entry.reason,
+                    entry.describe(),
                     entry.distance,
                     entry.median_distance,
                 )
