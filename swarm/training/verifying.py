@@ -4,7 +4,8 @@ an orchestrator candidate (``--orchestrator-candidate``).
 `swarm.training.trainer.build_training_role` builds one `NodeVerification` with the node's `NodeHooks` and hands
 ``witness`` and ``hooks`` to the role's `StageService` and ``collector`` to its `RemoteStageClient`; the role runs
 `NodeVerification.run` in its TaskGroup and its `Stepper` passes the step's gradients through
-``hooks.gradients_to_average`` before averaging.
+``hooks.gradients_to_average`` before averaging. Peers whose step claims the run's records do not back
+(`swarm.training.claims`) are reported through the same signed outlier reports (`report_step_claim`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ not judged. `GradientChecker.flush` publishes one signed `OutlierReport` per win
 subkey, restating every offender caught so far (re-signed whenever a finding is added, and once in each later
 window the node averages in). The orchestrator zeroes and flags a peer reported by ``outlier_min_reporters``
 distinct peers in a window. The trainer also leaves caught peers out of its all-reduce groups and spans
-(`GradientChecker.offenders`).
+(`GradientChecker.offenders`). Findings made outside the all-reduce (a training node's unbacked step claim, reason
+``step_claim``) join the same reports through `GradientChecker.report`.
 """
 
 from __future__ import annotations

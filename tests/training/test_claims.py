@@ -5,6 +5,7 @@ from __future__ import annotations
 from swarm.p2p.identity import Identity, PeerID
 from swarm.training.claims import CLAIM_SLACK_STEPS, REPORT_LEAD_STEPS, StepEvidence, quorum, step_evidence
 from swarm.training.messages import PeerRecord
+from swarm.training.node_role import Role
 from swarm.training.progress import ProgressRecord
 
 TARGET = 64
@@ -12,7 +13,7 @@ ME, A, B, C, D = (Identity.from_seed(bytes([i + 1]) * 32).peer_id for i in range
 
 
 def stage_record(stage: int | None, step: int) -> PeerRecord:
-    return PeerRecord(role="auto", stage=stage, maddrs=[], throughput=1.0, step=step, config_hash="h")
+    return PeerRecord(role=Role.AUTO, stage=stage, maddrs=[], throughput=1.0, step=step, config_hash="h")
 
 
 def progress(step: int, samples: int = 16) -> ProgressRecord:

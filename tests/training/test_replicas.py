@@ -20,6 +20,7 @@ from swarm.dht.keys import owner_subkey, peers_key, progress_key
 from swarm.p2p import Transport, TransportConfig
 from swarm.p2p.identity import Identity
 from swarm.training.messages import PeerRecord
+from swarm.training.node_role import Role
 from swarm.training.progress import ProgressRecord
 from swarm.training.replicas import MAX_DIVERGED_STEPS, ReplicaDivergedError
 from swarm.training.schemas import with_run_schemas
@@ -28,6 +29,12 @@ from tests.training.swarm_harness import LiveNode, Swarm, small_run, stage_weigh
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 FAKE_STEP = 100_000
+
+
+def step_of(node: LiveNode) -> int:
+    server = node.role.server
+    assert server is not None
+    return server.step
 
 
 def max_difference(a: LiveNode, b: LiveNode) -> float:
@@ -61,15 +68,17 @@ async def test_a_fake_step_claim_moves_nobody_and_is_reported() -> None:
         ]
         await swarm.wait_step(nodes, 2, timeout_s=60)
         await transport.start()
-        dht = DHT.create(with_run_schemas(DHTConfig(initial_peers=(swarm.bootstrap,))), identity=liar, transport=transport)
+        assert swarm.bootstrap is not None
+        config = with_run_schemas(DHTConfig(initial_peers=(swarm.bootstrap,)))
+        dht = DHT.create(config, identity=liar, transport=transport)
         await dht.start()
         expires = time.time() + 200
-        claim = PeerRecord(role="auto", stage=1, maddrs=[], throughput=50.0, step=FAKE_STEP, config_hash="x")
+        claim = PeerRecord(role=Role.AUTO, stage=1, maddrs=[], throughput=50.0, step=FAKE_STEP, config_hash="x")
         done = ProgressRecord(step=FAKE_STEP, samples=run.batch.target_batch_size, samples_per_s=9.0, time=time.time())
         assert await dht.store(peers_key(run.run_id), claim.to_wire(), expires, subkey=owner_subkey(liar.peer_id))
         assert await dht.store(progress_key(run.run_id), done.to_wire(), expires, subkey=owner_subkey(liar.peer_id))
         await finish(nodes)
-        assert [n.role.server.step for n in nodes] == [8, 8, 8]
+        assert [step_of(n) for n in nodes] == [8, 8, 8]
         for node in nodes:
             assert liar.peer_id in node.role.view.peers  # the claim was seen ...
             assert liar.peer_id in node.trainer.checks.offenders()  # ... not believed, and reported
@@ -80,39 +89,71 @@ async def test_a_fake_step_claim_moves_nobody_and_is_reported() -> None:
         await transport.stop()
 
 
-async def _restart_scenario(tmp_path: Path, *, corrupt: bool) -> tuple[float, int]:
-    """Three nodes (two replicas of stage 0, one of stage 1); one stage-0 replica is killed between checkpoints
-    and restarted at once with the same identity (its record still in the DHT) and its stage pinned, from its
-    stale (or a corrupt) checkpoint. Returns the replicas' max parameter difference at max_steps, and the
-    restarted node's step on rejoining."""
+async def snapshot_steps(node: LiveNode, into: dict[int, list[torch.Tensor]]) -> None:
+    """Forever: keep ``node``'s weights of each step it reaches (weights change only together with the step, under
+    the server's lock, so a step and the weights read together are consistent)."""
+    while True:
+        server = node.role.server
+        if server is not None:
+            with server.lock:
+                if server.step not in into:
+                    into[server.step] = [p.detach().clone() for p in server.model.parameters()]
+        await asyncio.sleep(0.005)
+
+
+async def _restart_scenario(tmp_path: Path, *, corrupt: bool) -> None:
+    """Three nodes (two replicas of stage 0, one of stage 1). One stage-0 replica is killed between checkpoints,
+    right after publishing its record, and restarted at once with the same identity and its stage pinned, from its
+    stale (or a corrupt) checkpoint, while its previous life's record (same step as its peer's, listed first with
+    these identities) is still in the DHT. Its weights on rejoining must be its peer's weights of that step, and
+    both replicas must be bit-identical at max_steps."""
     swarm = Swarm(small_run())
     max_steps = 12
-    keep = dict(stage=0, max_steps=max_steps, checkpoint_dir=tmp_path / "a", save_every_steps=3)
+    slow_records = dict(record_period_s=5.0)  # records outlive a restart (they live two periods), as in a real run
+    keep: dict[str, object] = dict(
+        stage=0, max_steps=max_steps, checkpoint_dir=tmp_path / "a", save_every_steps=3, **slow_records
+    )
+    peer_steps: dict[int, list[torch.Tensor]] = {}
+    watcher: asyncio.Task[None] | None = None
     try:
-        a = await swarm.add(seed=90, **keep)  # type: ignore[arg-type]
-        b = await swarm.add(seed=91, stage=0, max_steps=max_steps)
-        c = await swarm.add(seed=92, stage=1, max_steps=max_steps)
-        await wait_for(lambda: a.role.server.step >= 4 and a.role.server.step % 3 != 0, 60, "a step off checkpoint")
+        a = await swarm.add(seed=91, **keep)  # type: ignore[arg-type]
+        # b waits long for a's share of a step, so that a's old record (a driver's) is at b's step when a rejoins
+        b = await swarm.add(seed=90, stage=0, max_steps=max_steps, behind_grace_s=10.0, **slow_records)
+        c = await swarm.add(seed=92, stage=1, max_steps=max_steps, **slow_records)
+        watcher = asyncio.create_task(snapshot_steps(b, peer_steps))
+
+        def published_off_checkpoint() -> bool:
+            mine = a.role.view.peers.get(a.transport.peer_id)
+            step = step_of(a)
+            return step >= 4 and step % 3 != 0 and mine is not None and mine.step == step
+
+        await wait_for(published_off_checkpoint, 60, "a step between checkpoints, published")
+        await asyncio.sleep(0.2)  # the record's store lands
         await a.kill()
         swarm.bootstrap = b.transport.listen_maddrs[0]  # the first node's address died with it
         checkpoint = tmp_path / "a" / "stage-0.safetensors"
         assert checkpoint.exists()
         if corrupt:
             checkpoint.write_bytes(b"\x00garbage" * 64)
-        again = await swarm.add(seed=90, **keep)  # type: ignore[arg-type]
-        rejoined_at = again.role.server.step
+        again = await swarm.add(seed=91, **keep)  # type: ignore[arg-type]
+        server = again.role.server
+        assert server is not None
+        with server.lock:
+            rejoined_at, weights = server.step, [p.detach().clone() for p in server.model.parameters()]
+        await wait_for(lambda: rejoined_at in peer_steps, 30, "the peer's snapshot of the rejoin step")
+        assert all(torch.equal(p, q) for p, q in zip(weights, peer_steps[rejoined_at], strict=True))
         await finish([again, b, c])
-        assert again.role.server.step == b.role.server.step == max_steps
-        return max_difference(again, b), rejoined_at
+        assert step_of(again) == step_of(b) == max_steps
+        assert max_difference(again, b) == 0.0
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await swarm.close()
 
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["stale-checkpoint", "corrupt-checkpoint"])
 async def test_an_instantly_restarted_replica_takes_its_peers_state(tmp_path: Path, corrupt: bool) -> None:
-    difference, rejoined_at = await _restart_scenario(tmp_path, corrupt=corrupt)
-    assert rejoined_at >= 4  # the peer's state, not its own stale checkpoint (a step divisible by 3) or step 0
-    assert difference == 0.0
+    await _restart_scenario(tmp_path, corrupt=corrupt)
 
 
 async def test_a_replica_off_the_majority_downloads_its_state() -> None:
@@ -129,7 +170,7 @@ async def test_a_replica_off_the_majority_downloads_its_state() -> None:
         with server.lock, torch.no_grad():
             next(server.model.parameters()).add_(1e-3)
         await finish([*stage0, last])
-        assert all(n.role.server.step == 8 for n in stage0)
+        assert all(step_of(n) == 8 for n in stage0)
         assert max_difference(stage0[0], stage0[1]) == 0.0 and max_difference(stage0[1], stage0[2]) == 0.0
         assert odd.role.state_age_steps < 6 and all(n.role.state_age_steps == 8 for n in stage0[1:])
     finally:
@@ -158,7 +199,7 @@ async def test_a_replica_that_cannot_be_reconciled_stops_serving() -> None:
         assert odd.role.server is None and odd.role.diverged_steps == MAX_DIVERGED_STEPS
         record = odd.role.view.peers[odd.transport.peer_id]
         assert record.stage is None  # it left the stage's records
-        step = max(n.role.server.step for n in majority)
+        step = max(step_of(n) for n in majority)
         await swarm.wait_step([*majority, last], step + 1, timeout_s=60)  # the others go on without it
     finally:
         await swarm.close()
