@@ -41,6 +41,7 @@ class StateSync:
         self.state = state
         self.records = records
         self.checks = checks
+        self._joined = False  # the first `become` is the node's join (or rejoin) of the run
 
     async def check_run_config(self) -> None:
         """Refuse to join a swarm of the same run name whose config differs (ConfigError names the field)."""
@@ -77,7 +78,8 @@ class StateSync:
         another peer of the stage, else this node's own checkpoint, else the swarm's step with the weights it
         has). This node's own records never count: they may be a previous life's."""
         st = self.state
-        await self.read_records(stage)
+        await self.read_records(stage, joining=not self._joined)
+        self._joined = True
         server = await self._build(stage)
         offenders = self.checks.offenders()
         evidence = st.step_evidence(offenders)
@@ -106,11 +108,11 @@ class StateSync:
         st.server = server
         log.info("%s: serving stage %d of run %s at step %d", st.me.short(), stage, st.run_id, server.step)
 
-    async def read_records(self, stage: int) -> None:
+    async def read_records(self, stage: int, *, joining: bool) -> None:
         """Read the run's records before deciding where the stage's state comes from: retry a failed read for up to
-        ``max(record_period_s, dht_timeout_s)``; and on a rejoin (a record of this PeerID's previous life serves
-        ``stage``, or this node has a checkpoint of it) wait up to ``record_period_s`` for another peer of the
-        stage to show up (a live peer re-publishes its record every period)."""
+        ``max(record_period_s, dht_timeout_s)``; and when ``joining`` is a rejoin (a record of this PeerID's
+        previous life serves ``stage``, or this node has a checkpoint of it) wait up to ``record_period_s`` for
+        another peer of the stage to show up (a live peer re-publishes its record every period)."""
         st = self.state
         started = time.monotonic()
         read_deadline = started + max(st.cfg.record_period_s, st.cfg.dht_timeout_s)
@@ -127,7 +129,9 @@ class StateSync:
                     return
             else:
                 mine = st.view.peers.get(st.me)
-                rejoin = (mine is not None and mine.stage == stage) or (checkpoint is not None and checkpoint.exists())
+                rejoin = joining and (
+                    (mine is not None and mine.stage == stage) or (checkpoint is not None and checkpoint.exists())
+                )
                 if not rejoin or any(p != st.me for p in st.view.stage_peers(stage)):
                     return
                 if time.monotonic() >= started + st.cfg.record_period_s:

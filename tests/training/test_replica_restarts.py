@@ -36,7 +36,8 @@ from tests.training.swarm_harness import small_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
-MAX_STEPS = 14
+MAX_STEPS = 24  # long enough that the swarm is still mid-run when the restarted node is back (checked)
+CLAIM_MAX_STEPS = 40
 START_S = 60.0  # a process listens and serves within this (importing torch on a busy machine is slow)
 RUN_S = 100.0  # the whole run, from the restart to max_steps
 
@@ -50,6 +51,7 @@ class NodeProcess:
     stage: int
     config: Path
     bootstrap: str | None
+    max_steps: int = MAX_STEPS
     life: int = 0
     proc: subprocess.Popen[str] | None = None
     peer_id: PeerID | None = None
@@ -71,7 +73,7 @@ class NodeProcess:
         events = self.tmp / f"{self.name}-{self.life}.events.jsonl"
         args = [
             *(sys.executable, "-m", "swarm.cli.node", "start", "--data-dir", str(self.data_dir)),
-            *("--config", str(self.config), "--stage", str(self.stage), "--max-steps", str(MAX_STEPS)),
+            *("--config", str(self.config), "--stage", str(self.stage), "--max-steps", str(self.max_steps)),
             *("--summary-file", str(self.summary_path()), "--events-file", str(events), "--start-after-peers", "3"),
             *(("--initial-peers", self.bootstrap) if self.bootstrap else ()),
         ]
@@ -141,17 +143,20 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 @asynccontextmanager
-async def three_nodes(tmp_path: Path) -> AsyncIterator[tuple[RunConfig, list[NodeProcess]]]:
+async def three_nodes(tmp_path: Path, max_steps: int = MAX_STEPS) -> AsyncIterator[tuple[RunConfig, list[NodeProcess]]]:
     run = small_run()
     config = tmp_path / "run.toml"
     config.write_text(run.to_toml())
     nodes: list[NodeProcess] = []
     try:
-        a = NodeProcess(tmp=tmp_path, name="a", stage=0, config=config, bootstrap=None)
+        a = NodeProcess(tmp=tmp_path, name="a", stage=0, config=config, bootstrap=None, max_steps=max_steps)
         nodes.append(a)
         await a.start()
         for name, stage in (("b", 0), ("c", 1)):
-            nodes.append(NodeProcess(tmp=tmp_path, name=name, stage=stage, config=config, bootstrap=a.maddr))
+            node = NodeProcess(
+                tmp=tmp_path, name=name, stage=stage, config=config, bootstrap=a.maddr, max_steps=max_steps
+            )
+            nodes.append(node)
             await nodes[-1].start()
         yield run, nodes
     finally:
@@ -169,16 +174,17 @@ async def three_nodes(tmp_path: Path) -> AsyncIterator[tuple[RunConfig, list[Nod
 async def test_a_checkpoint_claiming_step_100000_does_not_move_the_swarm(tmp_path: Path) -> None:
     """b stops cleanly, its checkpoint's step is set to 100000 (the weights are valid), and it restarts: it does
     not believe its checkpoint, nobody jumps, and every node ends at max_steps."""
-    async with three_nodes(tmp_path) as (run, (a, b, c)):
+    async with three_nodes(tmp_path, CLAIM_MAX_STEPS) as (run, (a, b, c)):
         async with observer(a.maddr) as (transport, dht):
-            assert b.peer_id is not None
+            assert a.peer_id is not None and b.peer_id is not None
             await wait_record_step(transport, dht, run, b.peer_id, 3)
-        await b.stop(signal.SIGTERM)
-        state = load_state(b.checkpoint(run))
-        save_state(b.checkpoint(run), dataclasses.replace(state, step=100_000))
-        await b.start()
+            await b.stop(signal.SIGTERM)
+            state = load_state(b.checkpoint(run))
+            save_state(b.checkpoint(run), dataclasses.replace(state, step=100_000))
+            await b.start()
+            assert await wait_record_step(transport, dht, run, a.peer_id, 0) < CLAIM_MAX_STEPS - 5  # mid-run
         assert await wait_exit([a, b, c]) == [0, 0, 0]
-        assert [n.summary().step for n in (a, b, c)] == [MAX_STEPS] * 3
+        assert [n.summary().step for n in (a, b, c)] == [CLAIM_MAX_STEPS] * 3
 
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["stale-checkpoint", "corrupt-checkpoint"])
@@ -188,12 +194,13 @@ async def test_a_restarted_stage_0_replica_ends_bit_identical(tmp_path: Path, co
     bit-identical at max_steps."""
     async with three_nodes(tmp_path) as (run, (a, b, c)):
         async with observer(a.maddr) as (transport, dht):
-            assert b.peer_id is not None
+            assert a.peer_id is not None and b.peer_id is not None
             await wait_record_step(transport, dht, run, b.peer_id, 6)  # a checkpoint of step 5 exists
-        await b.stop(signal.SIGKILL)
-        if corrupt:
-            b.checkpoint(run).write_bytes(b"\x00garbage" * 64)
-        await b.start()
+            await b.stop(signal.SIGKILL)
+            if corrupt:
+                b.checkpoint(run).write_bytes(b"\x00garbage" * 64)
+            await b.start()
+            assert await wait_record_step(transport, dht, run, a.peer_id, 0) < MAX_STEPS - 5  # mid-run
         assert await wait_exit([a, b, c]) == [0, 0, 0]
         (step_a, weights_a), (step_b, weights_b) = parameters(a.checkpoint(run)), parameters(b.checkpoint(run))
         assert step_a == step_b == MAX_STEPS
