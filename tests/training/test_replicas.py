@@ -24,6 +24,7 @@ from swarm.training.node_role import Role
 from swarm.training.progress import ProgressRecord
 from swarm.training.replicas import MAX_DIVERGED_STEPS, ReplicaDivergedError
 from swarm.training.schemas import with_run_schemas
+from swarm.verification.outliers import fetch_reports, reported_peers
 from tests.training.swarm_harness import LiveNode, Swarm, small_run, stage_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -81,7 +82,15 @@ async def test_a_fake_step_claim_moves_nobody_and_is_reported() -> None:
         assert [step_of(n) for n in nodes] == [8, 8, 8]
         for node in nodes:
             assert liar.peer_id in node.role.view.peers  # the claim was seen ...
-            assert liar.peer_id in node.trainer.checks.offenders()  # ... not believed, and reported
+            assert liar.peer_id in node.trainer.checks.offenders()  # ... not believed, and an offender here
+        # ... and reported like any cheater: signed outlier reports of enough distinct peers flag it
+        settings = run.verification
+        flagged = [
+            reported_peers(await fetch_reports(dht, run.run_id, window), settings.outlier_min_reporters)
+            for window in range(8 // settings.window_steps + 1)
+        ]
+        reasons = [found[liar.peer_id] for found in flagged if liar.peer_id in found]
+        assert reasons and "claimed step 100000" in reasons[0]
     finally:
         await swarm.close()
         if dht is not None:
