@@ -64,6 +64,7 @@ class RoundState:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     encoded: dict[int, tuple[tuple[Any, ...], int]] = field(default_factory=dict)  # part -> (message, fetches left)
     excluded: set[int] = field(default_factory=set)  # members whose parts this owner refuses (gradient checks)
+    served: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # lossy codecs: each result part as sent
 
     def fetches_settled(self) -> bool:
         others = set(range(len(self.group.members))) - {self.group.my_index}
@@ -235,6 +236,8 @@ class AllReduceServer:
                 if index not in state.encoded:  # encode each result part once for all fetchers
                     data = await _codec_call(self.codec, self.codec.encode, values)
                     state.encoded.setdefault(index, (data, len(state.group.members) - 1))
+                    if not self.codec.inline:  # a lossy codec: the owner keeps the values the others decode
+                        state.served.setdefault(index, data)
                 data, left = state.encoded[index]
                 if left <= 1:
                     del state.encoded[index]
@@ -308,8 +311,13 @@ async def run_allreduce(
         for index, (start, end) in enumerate(my_parts):
             if reducer.has_result(index):
                 values = await reducer.wait_part(index)
-                if values is not None:
-                    flat[my_start + start : my_start + end].copy_(values)
+                if values is None:
+                    continue
+                out, served = flat[my_start + start : my_start + end], state.served.get(index)
+                if served is None:
+                    out.copy_(values)
+                else:  # keep what the other members decoded, not the exact values: replicas stay bit-identical
+                    await _codec_call(server.codec, server.codec.decode_into, b"".join(served), out)
     lost = tuple(
         group.peer(j)
         for j, (s, e) in enumerate(spans)

@@ -16,6 +16,7 @@ from swarm.p2p import Transport
 from swarm.averaging.allreduce import AllReduceServer, InspectedPart, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.matchmaking import GroupStore, Matchmaker
+from swarm.averaging.messages import MemberInfo
 from swarm.averaging.partition import flat_view_or_copy, unflatten_into
 from swarm.averaging.wire import CompressionPartCodec, PartCodec
 from swarm.errors import SwarmError
@@ -39,6 +40,7 @@ class AveragingResult:
     round_id: bytes = b""
     inspected: tuple[InspectedPart, ...] = ()  # with ``inspect_parts``: the members' values of parts we reduced
     excluded: tuple[PeerID, ...] = ()  # members left out by ``exclude`` (neither lost nor averaged with)
+    members: tuple[MemberInfo, ...] = ()  # the agreed membership with each member's state digest (empty: alone)
 
 
 class Averager:
@@ -76,6 +78,8 @@ class Averager:
         target_group_size: int | None = None,
         exclude: Collection[PeerID] = (),
         avoid: Collection[PeerID] = (),
+        state_digest: bytes = b"",
+        state_age_steps: int = 0,
     ) -> AveragingResult:
         """Average ``tensors`` in place with the group under ``group_key``, weighted by ``weight`` (samples).
 
@@ -83,6 +87,8 @@ class Averager:
         the group closes as soon as all of them are visible). ``exclude``: peers whose parts this peer refuses
         in the span it reduces (its gradient checks found them cheating); they do not count as lost.
         ``avoid``: peers matchmaking neither counts, recruits nor follows (confirmed cheaters).
+        ``state_digest`` / ``state_age_steps``: this peer's digest of the weights it averages for and their age,
+        stated to the group (`swarm.averaging.digests`); the result's ``members`` carry every member's.
 
         Never raises on peer faults: when no group forms the tensors keep their own values and ``with_others`` is
         False; when the round breaks part-way, each part holds the group's average or keeps its own values
@@ -105,7 +111,13 @@ class Averager:
         try:
             async with asyncio.timeout(total_s):
                 group = await self.matchmaker.form_group(
-                    group_key, float(weight), target_group_size=target_group_size, exclude=avoid, withdraw=False
+                    group_key,
+                    float(weight),
+                    target_group_size=target_group_size,
+                    exclude=avoid,
+                    withdraw=False,
+                    state_digest=state_digest,
+                    state_age_steps=state_age_steps,
                 )
                 async with asyncio.TaskGroup() as tg:  # the withdrawal is for later peers: not on our critical path
                     tg.create_task(self.matchmaker.withdraw(group_key))
@@ -145,4 +157,5 @@ class Averager:
             round_id=group.round_id,
             inspected=outcome.inspected,
             excluded=outcome.excluded,
+            members=group.members,
         )

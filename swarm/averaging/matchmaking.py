@@ -2,8 +2,9 @@
 
 The rule (see docs/averaging.md):
 
-1. A peer ready to average stores ``(ready_at, weight, bandwidth, client_mode, maddrs)`` under the group key,
-   subkey ``[owner:<its PeerID>]`` (signed), and gathers: it re-reads the key until ``target_group_size``
+1. A peer ready to average stores ``(ready_at, weight, bandwidth, client_mode, maddrs, state_digest,
+   state_age_steps)`` under the group key, subkey ``[owner:<its PeerID>]`` (signed), and gathers: it re-reads
+   the key until ``target_group_size``
    entries are visible or ``matchmaking_time_s`` has passed. If then another peer ranks first among what it
    sees, it tells that peer to re-read the key at once (``avg.ready``): that peer may have read the key just
    before this entry landed, and would otherwise see it only at its next poll.
@@ -115,7 +116,7 @@ class Matchmaker:
         for method in ("avg.join", "avg.begin", "avg.ready"):
             self.transport.unregister(method)
 
-    def my_info(self, weight: float) -> MemberInfo:
+    def my_info(self, weight: float, *, state_digest: bytes = b"", state_age_steps: int = 0) -> MemberInfo:
         return MemberInfo(
             peer_id=self.transport.peer_id.to_bytes(),
             maddrs=tuple(self.transport.listen_maddrs),
@@ -123,6 +124,8 @@ class Matchmaker:
             weight=weight,
             bandwidth=self.config.bandwidth,
             client_mode=self.config.client_mode,
+            state_digest=state_digest,
+            state_age_steps=state_age_steps,
         )
 
     async def form_group(
@@ -133,19 +136,23 @@ class Matchmaker:
         target_group_size: int | None = None,
         exclude: Collection[PeerID] = (),
         withdraw: bool = True,
+        state_digest: bytes = b"",
+        state_age_steps: int = 0,
     ) -> Group:
         """Agree on a group under ``group_key`` (or return a group of one); bounded by the config's deadlines.
 
         ``target_group_size`` (default: the config's) is where gathering stops and the most a leader recruits.
         Peers in ``exclude`` are neither counted, recruited nor followed. With ``withdraw=False`` the caller
-        withdraws our entry itself (:meth:`withdraw`), e.g. while the all-reduce already runs.
+        withdraws our entry itself (:meth:`withdraw`), e.g. while the all-reduce already runs. ``state_digest`` and
+        ``state_age_steps`` go into our entry, so the final membership carries them (`swarm.averaging.digests`).
         """
         if group_key in self._looking:
             raise SwarmError(f"already averaging under {group_key!r}; call step() once per key at a time")
         target = self.config.target_group_size if target_group_size is None else target_group_size
         if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= MAX_GROUP_SIZE:
             raise SwarmError(f"target_group_size must be an int in [1, {MAX_GROUP_SIZE}], got {target!r}")
-        state = _Looking(me=self.my_info(weight), target=target, exclude=frozenset(p.to_bytes() for p in exclude))
+        me = self.my_info(weight, state_digest=state_digest, state_age_steps=state_age_steps)
+        state = _Looking(me=me, target=target, exclude=frozenset(p.to_bytes() for p in exclude))
         self._looking[group_key] = state
         self.server.forming(group_key, True)
         try:

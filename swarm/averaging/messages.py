@@ -17,6 +17,7 @@ MAX_GROUP_SIZE = 256
 ROUND_ID_BYTES = 32
 MAX_MADDRS = 16
 MAX_GROUP_RECORD_TTL_S = 3600.0  # the longest a matchmaking entry may live (AveragerConfig.record_ttl_s)
+STATE_DIGEST_BYTES = 32  # a member's SHA-256 of the weights it averages for (empty: it states none)
 
 
 def _check_key(group_key: str) -> None:
@@ -39,15 +40,25 @@ class MemberInfo(Message):
     weight: float = 1.0
     bandwidth: float | None = None
     client_mode: bool = False
+    state_digest: bytes = b""  # SHA-256 of the member's weights before this step (see `swarm.averaging.digests`)
+    state_age_steps: int = 0  # steps the member applied since it last loaded its weights (the digest tie-break)
 
     def __post_init__(self) -> None:
         if len(self.peer_id) != PEER_ID_SIZE_BYTES:
             raise ValueError(f"peer_id must have {PEER_ID_SIZE_BYTES} bytes, got {len(self.peer_id)}")
         _check_member(self.maddrs, self.ready_at, self.weight, self.bandwidth)
+        _check_digest(self.state_digest, self.state_age_steps)
 
     def rank(self) -> tuple[float, bytes]:
         """Order of members: earliest ready first, PeerID bytes break ties."""
         return (self.ready_at, self.peer_id)
+
+
+def _check_digest(digest: bytes, age_steps: int) -> None:
+    if len(digest) not in (0, STATE_DIGEST_BYTES):
+        raise ValueError(f"state_digest must have 0 or {STATE_DIGEST_BYTES} bytes, got {len(digest)}")
+    if age_steps < 0:
+        raise ValueError(f"state_age_steps must be >= 0, got {age_steps}")
 
 
 def _check_member(maddrs: tuple[str, ...], ready_at: float, weight: float, bandwidth: float | None) -> None:
@@ -72,9 +83,12 @@ class GroupEntry(Message):
     bandwidth: float | None = None
     client_mode: bool = False
     maddrs: tuple[str, ...] = ()
+    state_digest: bytes = b""
+    state_age_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_member(self.maddrs, self.ready_at, self.weight, self.bandwidth)
+        _check_digest(self.state_digest, self.state_age_steps)
 
     @classmethod
     def of(cls, member: MemberInfo) -> GroupEntry:
@@ -84,6 +98,8 @@ class GroupEntry(Message):
             bandwidth=member.bandwidth,
             client_mode=member.client_mode,
             maddrs=member.maddrs,
+            state_digest=member.state_digest,
+            state_age_steps=member.state_age_steps,
         )
 
     def member(self, peer_id: bytes) -> MemberInfo:
@@ -94,6 +110,8 @@ class GroupEntry(Message):
             weight=self.weight,
             bandwidth=self.bandwidth,
             client_mode=self.client_mode,
+            state_digest=self.state_digest,
+            state_age_steps=self.state_age_steps,
         )
 
 

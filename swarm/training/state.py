@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from swarm.p2p import Transport
 from swarm.p2p.identity import PeerID
 from swarm.run.config import RunConfig
+from swarm.training.claims import StepEvidence, step_evidence
+from swarm.training.node_role import Role
 from swarm.training.stage_server import StageServer
 from swarm.training.training_config import TrainingConfig
 from swarm.training.view import SwarmView
@@ -45,6 +48,9 @@ class TrainerState:
     first_sample_time: float | None = None
     finished_time: float | None = None  # when max_steps was reached (the run's end, lingering excluded)
     needs_sync: bool = False  # the last step was averaged alone: adopt a peer's next state
+    state_age_steps: int = 0  # steps applied since the served weights were last loaded (digest tie-break)
+    last_digest: bytes = b""  # the served weights' digest stated at the last averaging
+    diverged_steps: int = 0  # consecutive steps this replica's digest lost the vote and could not be reconciled
     published: float = 0.0  # when this driver last published its progress (monotonic)
     published_samples: dict[int, int] = field(default_factory=dict)  # the step and samples last published
     behind_since: float | None = None  # since when the served stage is behind the swarm
@@ -75,10 +81,37 @@ class TrainerState:
         steps = [self.view.newest_step(s)[1] for s in range(self.run_cfg.pipeline.num_stages)]
         return max(0, min(steps)) if steps else 0
 
-    def swarm_step(self) -> int:
-        """The newest step in any stage record or progress record of the run."""
-        steps = [r.step for r in self.view.peers.values()] + [r.step for r in self.view.progress.values()]
-        return max(steps, default=0)
+    def drives(self) -> bool:
+        """Whether this node drives microbatches now (a trainer, or an ``auto`` node serving stage 0)."""
+        return self.cfg.role == Role.TRAINER or (self.cfg.role == Role.AUTO and self.stage() == 0)
+
+    def step_evidence(self, exclude: Collection[PeerID] = ()) -> StepEvidence:
+        """The step-claim rule (`swarm.training.claims`) applied to the view: what the OTHER peers' records back
+        (``exclude``: peers caught cheating, left out)."""
+        return step_evidence(
+            self.view.peers,
+            self.view.progress,
+            me=self.me,
+            exclude=exclude,
+            target_batch_size=self.run_cfg.batch.target_batch_size,
+            own_step=self.current_step() if self.drives() else None,
+        )
+
+    def swarm_step(self, exclude: Collection[PeerID] = ()) -> int:
+        """The run's step as the claim rule believes it (0 when no other peer has a record)."""
+        believed = self.step_evidence(exclude).believed
+        return 0 if believed is None else believed
+
+    def stage_sources(self, stage: int, exclude: Collection[PeerID] = ()) -> list[tuple[PeerID, int]]:
+        """Other peers of ``stage`` whose step the claim rule believes (``exclude`` left out), newest first: where
+        this node may download the stage's state. Never this node itself (its record may be a previous life's)."""
+        evidence = self.step_evidence(exclude)
+        found = [
+            (p, r.step)
+            for p, r in self.view.peers.items()
+            if r.stage == stage and p != self.me and p not in exclude and evidence.backs(r.step)
+        ]
+        return sorted(found, key=lambda item: (-item[1], item[0].to_bytes()))
 
     def step_samples(self, step: int) -> int:
         """The samples of ``step`` done so far: the others' progress records plus this node's own count."""

@@ -1,10 +1,12 @@
 """The training role's step machinery (`Stepper`): when a step closes, averaging, catching up.
 
 When the samples of the stage server's step (this node's own plus the others' progress records) reach the target
-batch size, `finish_step` closes it, averages the mean gradients with the stage's peers (weighted by samples), adds
-the other stage's part of the tied matrix's gradient and applies the optimizer; `catch_up` downloads the state of a
-peer ahead (or jumps to the swarm's step when no peer of the stage is ahead); after averaging alone,
-`adopt_reference_state` loads a peer's next state so the replicas meet again.
+batch size, `finish_step` closes it, averages the mean gradients with the stage's peers (weighted by samples, each
+member stating a digest of its weights), adds the other stage's part of the tied matrix's gradient and applies the
+optimizer, unless `swarm.training.replicas.Replicas` takes a peer's next state instead (this replica's digest lost
+the vote, or it averaged alone). `catch_up` downloads the state of a peer ahead, or jumps to the swarm's step when no
+peer of the stage is ahead; both only go as far as the step-claim rule (`swarm.training.claims`) believes, and peers
+whose claims fail it are reported.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import time
 import torch
 
 from swarm.averaging import Averager
+from swarm.averaging.digests import DigestVerdict, digest_majority
 from swarm.dht.keys import averaging_group_key
 from swarm.errors import SwarmError
 from swarm.p2p.identity import PeerID
+from swarm.training.claims import StepEvidence
 from swarm.training.records import RunRecords
+from swarm.training.replicas import Replicas
 from swarm.training.stage_server import StageServer
 from swarm.training.state import TrainerState
 from swarm.training.sync import StateSync
@@ -48,6 +53,7 @@ class Stepper:
         self.checks = checks
         self.averager = averager
         self.tied = tied
+        self.replicas = Replicas(state, records=records, sync=sync, checks=checks)
 
     async def step_loop(self) -> None:
         """Forever: on each change, close the served step once its samples reach the target, else catch up."""
@@ -63,7 +69,8 @@ class Stepper:
                 await self.catch_up(server)
 
     async def finish_step(self, server: StageServer) -> None:
-        """Close the step, average mean gradients with the stage's peers, apply the optimizer, save."""
+        """Close the step, average mean gradients with the stage's peers, apply the optimizer (or take the
+        majority's state), save."""
         st = self.state
         step = server.step
         closed = time.monotonic()
@@ -71,12 +78,13 @@ class Stepper:
         await self.records.publish_final_part(step, closed=True)
         grads = self.checks.hooks.gradients_to_average(step, await asyncio.to_thread(server.mean_gradients))
         offenders = self.checks.offenders()  # caught here or by a quorum: left out of this node's span
-        await self._average(server, step, grads, offenders)
+        verdict = await self._average(server, step, grads, offenders)
         averaged = time.monotonic()
         retie = await self._combine_tied(server, step, grads, offenders)
         tied_done = time.monotonic()
-        if not (st.needs_sync and await self.adopt_reference_state(server, step + 1)):
+        if not await self.replicas.settle(server, step + 1, verdict):
             await asyncio.to_thread(server.apply_step, grads, replace=retie)
+            st.state_age_steps += 1
         st.notify()
         now = time.monotonic()
         elapsed, st.step_opened = now - st.step_opened, now
@@ -99,15 +107,17 @@ class Stepper:
 
     async def _average(
         self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
-    ) -> None:
-        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone)."""
+    ) -> DigestVerdict | None:
+        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone); returns
+        the group's verdict on the members' weight digests (None: no vote)."""
         st = self.state
         # offenders are left out of this node's span; confirmed ones are not even grouped with, while a suspect
         # only this node caught still is, so that its other peers can confirm it
         confirmed = self.checks.confirmed_offenders()
         others = [p for p in st.view.stage_peers(server.index) if p != st.me and p not in confirmed]
         if not others:
-            return
+            return None
+        st.last_digest = await self.replicas.digest(server)
         result = await self.averager.step(
             grads,
             weight=max(float(server.samples), 1e-3),
@@ -115,6 +125,8 @@ class Stepper:
             target_group_size=len(others) + 1,
             exclude=offenders,
             avoid=confirmed,
+            state_digest=st.last_digest,
+            state_age_steps=st.state_age_steps,
         )
         await self.checks.inspect(step, server.index, result.inspected)
         if not result.with_others:
@@ -126,6 +138,8 @@ class Stepper:
                 len(others),
             )
             st.needs_sync = True
+            return None
+        return digest_majority(result.members)
 
     async def _combine_tied(
         self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
@@ -139,15 +153,30 @@ class Stepper:
         trusted = [p for p in st.view.stage_peers(other) if p not in offenders]
         return (await self.tied.combine(server, step, grads, st.rng.sample(trusted, len(trusted)))).replace
 
+    def report_claims(self, evidence: StepEvidence, own_step: int) -> None:
+        """Report every peer whose step claim the records do not back, far ahead of this node (claim rule)."""
+        if evidence.believed is None:
+            return
+        for peer, claimed in evidence.to_report(own_step).items():
+            self.checks.report_step_claim(
+                peer, claimed=claimed, believed=evidence.believed, step=own_step, stage=self.state.stage()
+            )
+
     async def catch_up(self, server: StageServer) -> None:
-        """Download the state of a peer of the stage that is ahead, or jump to the swarm's step when none is."""
+        """Download the state of a peer of the stage that is ahead, or jump to the swarm's step when none is; only
+        as far as the step-claim rule believes."""
         st = self.state
-        peer, newest = st.view.newest_step(server.index, exclude=self.checks.offenders())
+        evidence = st.step_evidence(self.checks.offenders())
+        self.report_claims(evidence, server.step)
+        offenders = self.checks.offenders()  # with the peers just reported
+        swarm_step = st.swarm_step(offenders)
+        sources = st.stage_sources(server.index, offenders)
+        peer, newest = sources[0] if sources else (None, -1)
         now = time.monotonic()
         # strictly ahead: a server's weights change only together with its step, so that validators replaying
         # a step's work with the weights they downloaded for that step never see two versions of them
-        ahead = peer is not None and peer != st.me and newest >= server.step + 1
-        if not ahead and st.swarm_step() <= server.step + 1:
+        ahead = peer is not None and newest >= server.step + 1
+        if not ahead and swarm_step <= server.step + 1:
             st.behind_since = None
             return
         if st.behind_since is None:
@@ -159,9 +188,10 @@ class Stepper:
                 st.me.short(),
                 server.index,
                 server.step,
-                st.swarm_step(),
+                swarm_step,
             )
-            await asyncio.to_thread(server.skip_to, st.swarm_step())
+            await asyncio.to_thread(server.skip_to, swarm_step)
+            st.state_age_steps = 0
             st.behind_since = None
         elif peer is not None and ahead and (st.needs_sync or now - st.behind_since >= st.cfg.behind_grace_s):
             try:
@@ -174,39 +204,3 @@ class Stepper:
                 await asyncio.to_thread(server.skip_to, server.step)
             st.behind_since = None
             await self.records.publish_record()
-
-    async def adopt_reference_state(self, server: StageServer, next_step: int) -> bool:
-        """After averaging alone, at the step boundary: load the state of ``next_step`` from a peer of the stage
-        (the one with the smallest PeerID first) instead of applying this node's own update, so the replicas meet
-        again. The reference replica (smallest PeerID) keeps its own. False: apply the own update (no peer got
-        there within ``behind_grace_s``; the next boundary tries again)."""
-        st = self.state
-        deadline = time.monotonic() + st.cfg.behind_grace_s
-        while time.monotonic() < deadline:
-            offenders = self.checks.offenders()  # never adopt the state of a peer caught cheating
-            peers = sorted(
-                (p for p in st.view.stage_peers(server.index) if p not in offenders), key=lambda p: p.to_bytes()
-            )
-            if not peers or peers[0] == st.me:
-                st.needs_sync = False
-                return False
-            for peer in peers:
-                record = st.view.peers.get(peer)
-                if peer == st.me or record is None or record.step < next_step:
-                    continue
-                try:
-                    await self.sync.sync_from(peer, server)
-                    st.needs_sync = False
-                    return True
-                except (SwarmError, TimeoutError, OSError) as e:
-                    st.selectors[server.index].report_failure(peer)
-                    log.warning("%s: state download from %s failed: %s", st.me.short(), peer.short(), e)
-            await st.wait_change(st.cfg.poll_interval_s)
-        log.warning(
-            "%s: no peer of stage %d reached step %d within %.1fs; applying own update",
-            st.me.short(),
-            server.index,
-            next_step,
-            st.cfg.behind_grace_s,
-        )
-        return False

@@ -3,8 +3,9 @@
 - `check_run_config`: refuse to join a swarm of the same run name whose config differs (by the live signed records
   of the run name: `swarm.training.join_check`);
 - `first_stage`: the stage a node with ``stage=None`` starts on (the weakest);
-- `become`: serve a stage: build it, then load the newest state (a download from the peer of the stage with the
-  newest step, else this node's own checkpoint, else the swarm's step with the weights it has);
+- `become`: serve a stage: read the run's records (with a deadline), build it, then load the newest state the
+  step-claim rule believes (a download from another peer of the stage, else this node's own checkpoint unless it is
+  far ahead of the swarm, else the swarm's step with the weights it has); never from this node's own record;
 - `sync_from`: download a stage's state from a peer and load it;
 - checkpoints: `save_checkpoint` writes the served stage to ``checkpoint_dir`` (`become` resumes from it).
 """
@@ -43,6 +44,7 @@ class StateSync:
         self.state = state
         self.records = records
         self.checks = checks
+        self._joined = False  # the first `become` is the node's join (or rejoin) of the run
 
     async def check_run_config(self) -> None:
         """Refuse to join when a strict majority of the live, owner-signed records of the run name hold another config
@@ -102,28 +104,85 @@ class StateSync:
         )
 
     async def become(self, stage: int) -> None:
-        """Serve ``stage``: build it, then load the newest state (swarm download, else own checkpoint)."""
+        """Serve ``stage``: build it, then load the newest state the step-claim rule believes (a download from
+        another peer of the stage, else this node's own checkpoint, else the swarm's step with the weights it
+        has). This node's own records never count: they may be a previous life's."""
         st = self.state
+        await self.read_records(stage, joining=not self._joined)
+        self._joined = True
         server = await self._build(stage)
-        peer, step = st.view.newest_step(stage, exclude=self.checks.offenders())
-        if peer is not None and peer != st.me and step > server.step:
-            try:
-                await self.sync_from(peer, server)
-            except (SwarmError, TimeoutError, OSError) as e:  # e.g. its record outlived it: serve, don't die
-                st.selectors[stage].report_failure(peer)
-                log.warning("%s: state download from %s failed: %s", st.me.short(), peer.short(), e)
-                peer = None
-        if (peer is None or peer == st.me) and server.step < st.swarm_step():
+        offenders = self.checks.offenders()
+        evidence = st.step_evidence(offenders)
+        if evidence.believed is not None and not evidence.backs(server.step):
+            log.warning(
+                "%s: the checkpoint of stage %d is at step %d, far ahead of the step %d the run's records back; "
+                "not believing it: taking the swarm's state",
+                st.me.short(),
+                stage,
+                server.step,
+                evidence.believed,
+            )
+            server.skip_to(evidence.believed)
+        downloaded = await self._download_newest(server, offenders)
+        swarm_step = st.swarm_step(offenders)
+        if not downloaded and server.step < swarm_step:
             log.warning(
                 "%s: stage %d has no peer to download its state from; serving %s weights at the swarm's step %d",
                 st.me.short(),
                 stage,
                 "checkpointed" if server.step else "initial",
-                st.swarm_step(),
+                swarm_step,
             )
-            server.skip_to(st.swarm_step())
+            server.skip_to(swarm_step)
+        st.state_age_steps = 0
         st.server = server
         log.info("%s: serving stage %d of run %s at step %d", st.me.short(), stage, st.run_id, server.step)
+
+    async def read_records(self, stage: int, *, joining: bool) -> None:
+        """Read the run's records before deciding where the stage's state comes from: retry a failed read for up to
+        ``max(record_period_s, dht_timeout_s)``; and when ``joining`` is a rejoin (a record of this PeerID's
+        previous life serves ``stage``, or this node has a checkpoint of it) wait up to ``record_period_s`` for
+        another peer of the stage to show up (a live peer re-publishes its record every period)."""
+        st = self.state
+        started = time.monotonic()
+        read_deadline = started + max(st.cfg.record_period_s, st.cfg.dht_timeout_s)
+        checkpoint = self.checkpoint_path(stage)
+        while True:
+            if not await self.records.refresh_view():
+                if time.monotonic() >= read_deadline:
+                    log.warning(
+                        "%s: could not read the run's records within %.1fs; choosing stage %d's state without them",
+                        st.me.short(),
+                        read_deadline - started,
+                        stage,
+                    )
+                    return
+            else:
+                mine = st.view.peers.get(st.me)
+                rejoin = joining and (
+                    (mine is not None and mine.stage == stage) or (checkpoint is not None and checkpoint.exists())
+                )
+                if not rejoin or any(p != st.me for p in st.view.stage_peers(stage)):
+                    return
+                if time.monotonic() >= started + st.cfg.record_period_s:
+                    log.info("%s: no other peer of stage %d in the run's records", st.me.short(), stage)
+                    return
+            await asyncio.sleep(st.cfg.poll_interval_s)
+
+    async def _download_newest(self, server: StageServer, offenders: frozenset[PeerID]) -> bool:
+        """Download the stage's state from the other peers of the stage the claim rule believes, newest first,
+        when they are at least at ``server``'s step (one that fails is skipped). False: none could serve it."""
+        st = self.state
+        for peer, step in st.stage_sources(server.index, offenders):
+            if step < server.step:
+                break
+            try:
+                await self.sync_from(peer, server)
+                return True
+            except (SwarmError, TimeoutError, OSError) as e:  # e.g. its record outlived it: try the next one
+                st.selectors[server.index].report_failure(peer)
+                log.warning("%s: state download from %s failed: %s", st.me.short(), peer.short(), e)
+        return False
 
     async def _build(self, stage: int) -> StageServer:
         """A server of ``stage`` with initial weights, or this node's checkpoint of it when there is one."""
@@ -162,6 +221,7 @@ class StateSync:
             server.skip_to(state.step)
 
         await asyncio.to_thread(load)
+        st.state_age_steps = 0
         log.info(
             "%s: stage %d now at step %d (downloaded from %s)", st.me.short(), server.index, state.step, peer.short()
         )

@@ -42,6 +42,7 @@ from swarm.training.hooks import HONEST, NodeHooks
 from swarm.training.progress import StepHint
 from swarm.training.rebalancing import Rebalancer
 from swarm.training.records import STEP_HINT_METHOD, RunRecords
+from swarm.training.replicas import ReplicaDivergedError
 from swarm.training.runloop import RunLoop, run_key_prefixes, unprotect_run_peers
 from swarm.training.stage_rpc import RemoteStageClient, StageService
 from swarm.training.state import TrainerState
@@ -111,7 +112,10 @@ class TrainingRole(RunLoop):
             and self.checks.hooks.rebalances
         ):
             loops.append(self.rebalancer.rebalance_loop())
-        await self.run_loops(stop_event, loops)
+        try:
+            await self.run_loops(stop_event, loops)
+        except* ReplicaDivergedError as group:  # the role's own reason to stop: raised as itself, not as a group
+            raise group.exceptions[0] from None
 
     def stop(self) -> None:
         """Stop serving: unregister every RPC handler of the role and drop the protection of the run's peers'

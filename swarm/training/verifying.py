@@ -4,7 +4,8 @@ an orchestrator candidate (``--orchestrator-candidate``).
 `swarm.training.trainer.build_training_role` builds one `NodeVerification` with the node's `NodeHooks` and hands
 ``witness`` and ``hooks`` to the role's `StageService` and ``collector`` to its `RemoteStageClient`; the role runs
 `NodeVerification.run` in its TaskGroup and its `Stepper` passes the step's gradients through
-``hooks.gradients_to_average`` before averaging.
+``hooks.gradients_to_average`` before averaging. Peers whose step claims the run's records do not back
+(`swarm.training.claims`) are reported through the same signed outlier reports (`report_step_claim`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from swarm.training.summary import VerificationSummary
 from swarm.verification.gradient_checks import GradientCheckConfig, GradientChecker, InspectedValues
 from swarm.verification.election import ElectionRole
 from swarm.verification.orchestrator import Orchestrator, OrchestratorConfig
+from swarm.verification.outliers import OutlierEntry
 from swarm.verification.settings import VerificationSettings
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
 
 log = logging.getLogger(__name__)
+
+MAX_STEP_LIARS = 1024  # peers whose step claims failed the rule, remembered by this node
 
 
 class NodeVerificationConfig(Config, section="node_verification"):
@@ -119,6 +123,8 @@ class NodeVerification:
                 )
         self.run_id = run_id
         self._step_now: Callable[[], int] = lambda: 0
+        self._step_liars: dict[PeerID, int] = {}  # peers whose step claims failed the claim rule -> their claim
+        self._liars: frozenset[PeerID] = frozenset()
 
     async def run(self, current_step: Callable[[], int], current_stage: Callable[[], int | None]) -> None:
         """Forever: publish closed windows' receipts (plus the hooks' extra ones), run the orchestrator."""
@@ -146,8 +152,37 @@ class NodeVerification:
         return 1 if self.gradients is not None else 0
 
     def offenders(self) -> frozenset[PeerID]:
-        """Peers this node's gradient checks caught (left out of its all-reduce spans and state downloads)."""
-        return self.gradients.offenders() if self.gradients is not None else frozenset()
+        """Peers this node caught: by its gradient checks, or claiming steps the records do not back (left out of
+        its all-reduce spans, its state downloads and its step evidence)."""
+        caught = self.gradients.offenders() if self.gradients is not None else frozenset()
+        return caught | self._liars if self._liars else caught
+
+    def report_step_claim(self, peer: PeerID, *, claimed: int, believed: int, step: int, stage: int | None) -> None:
+        """``peer`` claims step ``claimed`` where the claim rule believes ``believed``: report it through the
+        gradient checks' signed outlier reports (reason ``step_claim``; the orchestrator flags a peer that
+        ``outlier_min_reporters`` peers report), and treat it as an offender here from now on."""
+        if peer in self._step_liars:
+            return
+        log.warning(
+            "%s: %s claims step %d, the run's records back step %d; not believing it, reporting it",
+            self.identity.peer_id.short(),
+            peer.short(),
+            claimed,
+            believed,
+        )
+        self._step_liars[peer] = claimed
+        while len(self._step_liars) > MAX_STEP_LIARS:
+            self._step_liars.pop(next(iter(self._step_liars)))
+        self._liars = frozenset(self._step_liars)
+        if self.gradients is not None:
+            entry = OutlierEntry(
+                peer=peer.to_bytes(),
+                step=claimed,
+                reason="step_claim",
+                distance=float(claimed - believed),
+                median_distance=float(believed),
+            )
+            self.gradients.report(step, stage or 0, [entry])
 
     def confirmed_offenders(self) -> frozenset[PeerID]:
         """Offenders a quorum of peers reported: avoided in matchmaking too (one node's own finding alone is

@@ -8,7 +8,8 @@ not judged. `GradientChecker.flush` publishes one signed `OutlierReport` per win
 subkey, restating every offender caught so far (re-signed whenever a finding is added, and once in each later
 window the node averages in). The orchestrator zeroes and flags a peer reported by ``outlier_min_reporters``
 distinct peers in a window. The trainer also leaves caught peers out of its all-reduce groups and spans
-(`GradientChecker.offenders`).
+(`GradientChecker.offenders`). Findings made outside the all-reduce (a training node's unbacked step claim, reason
+``step_claim``) join the same reports through `GradientChecker.report`.
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ class GradientChecker:
         with self._lock:
             return self._record(me, step, stage, found)
 
+    def report(self, step: int, stage: int, entries: Sequence[OutlierEntry]) -> list[OutlierEntry]:
+        """Add findings made outside the all-reduce (e.g. a step claim the records do not back) at this node's
+        ``step``: they are published and make offenders like the gradient findings; returns the new ones."""
+        with self._lock:
+            return self._record(self.identity.peer_id, step, stage, list(entries))
+
     def _record(self, me: PeerID, step: int, stage: int, found: list[OutlierEntry]) -> list[OutlierEntry]:
         """Keep the new findings of one round (the lock is held); returns them."""
         window = step // self.cfg.window_steps
@@ -130,12 +137,12 @@ class GradientChecker:
                 self._known[key] = entry
                 new.append(entry)
                 log.warning(
-                    "%s: stage %d step %d: %s sent a %s gradient part (distance %.3g, median %.3g); reporting it",
+                    "%s: stage %d step %d: %s: %s (distance %.3g, median %.3g); reporting it",
                     me.short(),
                     stage,
                     step,
                     PeerID(entry.peer).short(),
-                    entry.reason,
+                    entry.describe(),
                     entry.distance,
                     entry.median_distance,
                 )

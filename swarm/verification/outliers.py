@@ -7,6 +7,9 @@ The stated rule, applied by every owner of a part after the reduction (CenteredC
 * **replayed part**: a sender whose part is bit-for-bit the part it sent for the same span at an earlier
   step (honest gradients never repeat exactly).
 
+Training nodes file a third kind of finding through the same reports: **step_claim**, a peer whose claimed step
+the run's records do not back (the claim rule of `swarm.training.claims`).
+
 Owners publish signed `OutlierReport`s under ``{run}/outliers/{window}``. A peer reported by at least
 ``min_reporters`` distinct other peers in a window is flagged in that window's attestation, and validators
 may recompute its gradients from its retained work.
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _REPORT_DOMAIN = b"swarm/outlier-report/v1\x00"
-REASONS = ("outlier", "replayed")
+REASONS = ("outlier", "replayed", "step_claim")  # step_claim: a step claim the records do not back (training)
 
 
 class OutlierConfig(Config, section="outliers"):
@@ -63,6 +66,12 @@ class OutlierEntry(Message):
         if self.reason not in REASONS:
             raise ValueError(f"reason must be one of {REASONS}, got {self.reason!r}")
         peer_from_bytes(self.peer, "peer")
+
+    def describe(self) -> str:
+        """What the reported peer did, in words."""
+        if self.reason == "step_claim":
+            return f"claimed step {self.step}, which the run's records do not back"
+        return f"{self.reason} gradient part at step {self.step}"
 
 
 def find_outliers(
@@ -198,7 +207,7 @@ def reported_peers(reports: Mapping[PeerID, OutlierReport], min_reporters: int) 
             peer = PeerID(entry.peer)
             if peer != reporter:
                 by_peer.setdefault(peer, set()).add(reporter)
-                reasons.setdefault(peer, f"{entry.reason} gradient part at step {entry.step}")
+                reasons.setdefault(peer, entry.describe())
     return {
         p: f"{reasons[p]} (reported by {len(r)} peers)" for p, r in sorted(by_peer.items()) if len(r) >= min_reporters
     }
