@@ -37,11 +37,11 @@ def test_llama_stdlib_validation_loss_falls_well_below_ln_vocab(tmp_path: Path) 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["ok"] and summary["steps"] >= STEPS
+    assert summary["ok"] and summary["steps"] >= STEPS, summary
     # validation losses of due steps only (0, every, 2 * every, ...), the initial and the final weights among them
     steps = [step for step, _ in summary["eval_curve"]]
-    assert steps[0] == 0 and steps[-1] == STEPS and set(steps) <= {*range(0, STEPS, every), STEPS}
+    assert steps[0] == 0 and steps[-1] == STEPS and set(steps) <= {*range(0, STEPS, every), STEPS}, summary
     initial, final = summary["initial_eval_loss"], summary["final_eval_loss"]
-    assert abs(initial - math.log(vocab)) < 0.3  # random init: about uniform over the vocabulary
+    assert abs(initial - math.log(vocab)) < 0.3, summary  # random init: about uniform over the vocabulary
     assert final < initial - 0.5, summary["eval_curve"]
-    assert summary["final_loss"] < summary["initial_loss"] - 0.5  # the training loss beside it
+    assert summary["final_loss"] < summary["initial_loss"] - 0.5, summary  # the training loss beside it
