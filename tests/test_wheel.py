@@ -26,8 +26,15 @@ import pytest
 from swarm.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("gpt_stdlib", "tiny_gpt", "tiny_gpt_checked", "tiny_gpt_robust", "tiny_llama")
-HF_PRESETS = ("llama_150m", "llama_1b", "llama_20m", "llama_8b", "tiny_llama")  # model configs: swarm/run/hf_presets
+PRESETS = ("gpt_stdlib", "llama_stdlib", "tiny_gpt", "tiny_gpt_checked", "tiny_gpt_robust", "tiny_llama")
+HF_PRESETS = (
+    "llama_150m",
+    "llama_1b",
+    "llama_20m",
+    "llama_8b",
+    "tiny_llama",
+    "tiny_llama_2k",
+)  # model configs: swarm/run/hf_presets
 BUILD_TIMEOUT_S = 180.0
 INSTALL_TIMEOUT_S = 180.0
 PROBE_TIMEOUT_S = 60.0

@@ -9,6 +9,10 @@ Shards: the samples of microbatch ``index`` of ``step`` fed by the driver with k
 bytes) come from a generator seeded with ``(run seed, shard_key, step, index)``: deterministic for that
 driver and independent of every other driver's, so no two peers feed the same samples in a step. Token shards
 place each driver's windows by position instead (`PositionalSource`, see `swarm.data.shard_source`).
+
+Held-out data (`ShardedData.eval_microbatch`, for the validation loss): the same microbatches on every node at every
+step. Token shards read their validation split in order; the Markov source draws from a fixed seed no driver's
+microbatch uses; a text file has no split, so its windows come from the whole file (a generator of a fixed seed).
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ class PositionalSource(Protocol):
     def draw(
         self, *, seed: int, driver_key: bytes, step: int, index: int, num_samples: int, stride: int, length: int
     ) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ValidationSource(Protocol):
+    """A source with a held-out split (`swarm.data.shard_source.ShardSource`)."""
+
+    def num_windows(self, length: int, split: str = "train") -> int: ...
+
+    def validation_batch(self, start: int, num_samples: int, length: int) -> np.ndarray: ...
+
+
+EVAL_SEED_WORD = 0x4556414C  # "EVAL": held-out draws of sources without a split; no driver's seed has 3 words
 
 
 class MarkovSource:
@@ -140,6 +156,18 @@ class ShardedData:
     def loss_floor(self) -> float | None:
         return self.source.loss_floor
 
+    def eval_microbatch(self, step: int, index: int) -> Microbatch:
+        """Held-out microbatch ``index`` (module docstring), tagged with ``step``: the same tokens at every step."""
+        size, length = self.cfg.batch.microbatch_size, self.cfg.model.seq_len + 1
+        num_val = self.source.num_windows(length, "val") if isinstance(self.source, ValidationSource) else 0
+        if isinstance(self.source, ValidationSource) and num_val > 0:
+            start = (index * size) % num_val
+            array = self.source.validation_batch(start, min(size, num_val - start), length)
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, EVAL_SEED_WORD, index]))
+            array = self.source.sample(rng, size, length)
+        return _split(step, index, torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)))
+
     def microbatch(self, step: int, index: int, num_samples: int | None = None) -> Microbatch:
         """The samples of one microbatch: the same arguments always give the same tokens."""
         size = num_samples if num_samples is not None else self.cfg.batch.microbatch_size
@@ -158,7 +186,9 @@ class ShardedData:
         else:
             rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, *self._key_words, step, index]))
             array = self.source.sample(rng, size, length)
-        tokens = torch.from_numpy(array)
-        return Microbatch(
-            step=step, index=index, inputs=tokens[:, :-1].contiguous(), targets=tokens[:, 1:].contiguous()
-        )
+        return _split(step, index, torch.from_numpy(array))
+
+
+def _split(step: int, index: int, tokens: torch.Tensor) -> Microbatch:
+    """The microbatch of windows ``tokens`` [B, T + 1]: inputs and the next-token targets."""
+    return Microbatch(step=step, index=index, inputs=tokens[:, :-1].contiguous(), targets=tokens[:, 1:].contiguous())

@@ -109,6 +109,11 @@ def launch(cfg: LaunchConfig) -> int:
         print(
             f"done: {summary['steps']} steps, loss {summary['initial_loss']} -> {summary['final_loss']} "
             f"(floor {summary['loss_floor']}), {summary['samples_per_s']} samples/s; logs in {run_dir}"
+            + (
+                f"; validation loss {summary['initial_eval_loss']} -> {summary['final_eval_loss']}"
+                if summary["eval_curve"]
+                else ""
+            )
         )
     return 0 if summary.get("ok") else 1
 
@@ -310,6 +315,11 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         for step, losses in s.losses.items():
             per_step.setdefault(step, []).extend(losses)
     curve = [sum(per_step[k]) / len(per_step[k]) for k in sorted(per_step)]
+    evals: dict[int, list[float]] = {}  # step -> the validation losses computed of it (one, or equal ones)
+    for s in summaries:
+        for step, loss in s.eval_losses.items():
+            evals.setdefault(step, []).append(loss)
+    eval_curve = [[k, round(sum(evals[k]) / len(evals[k]), 4)] for k in sorted(evals)]
     stages: list[list[str]] = [[] for _ in range(run.pipeline.num_stages)]
     for s in summaries:
         if s.stage is not None:
@@ -331,6 +341,9 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         "final_loss": round(curve[-1], 4) if curve else None,
         "loss_floor": round(floor, 4) if floor is not None else None,
         "loss_curve": [round(x, 4) for x in curve],
+        "initial_eval_loss": eval_curve[0][1] if eval_curve else None,
+        "final_eval_loss": eval_curve[-1][1] if eval_curve else None,
+        "eval_curve": eval_curve,  # [step, validation loss] pairs, every eval.every_steps steps and at the end
         "stages": [sorted(p) for p in stages],
         "samples": samples,
         "samples_per_s": round(samples / elapsed, 2) if elapsed > 0 else 0.0,

@@ -1,10 +1,11 @@
 """The run: one TOML file describes what the swarm trains; its canonical hash is the run id.
 
 A :class:`RunConfig` has sections ``model``, ``pipeline``, ``batch``, ``optimizer``, ``codecs``, ``data``,
-``verification``, ``averaging``, ``precision`` and a ``seed``. Two nodes may train together only if their configs
-are identical; :meth:`RunConfig.check_same_run` names the first differing field so a misconfigured node is refused
-with a useful error. Every field is declared with `swarm.configs.setting` (its doc and range); `RunConfig.load` applies
-command-line overrides (``--set optimizer.lr=1e-3``) to the parsed TOML, so they change the run id as an edit would.
+``verification``, ``averaging``, ``precision``, ``eval`` and a ``seed``. Two nodes may train together only if
+their configs are identical; :meth:`RunConfig.check_same_run` names the first differing field so a misconfigured
+node is refused with a useful error. Every field is declared with `swarm.configs.setting` (its doc and range);
+`RunConfig.load` applies command-line overrides (``--set optimizer.lr=1e-3``) to the parsed TOML, so they change
+the run id as an edit would.
 """
 
 from __future__ import annotations
@@ -207,6 +208,16 @@ class AveragingSettings(Config, section="averaging"):
     clip_iterations: int = setting(default=20, ge=1, le=10_000, doc="centered_clip: fixed-point iterations.")
 
 
+class EvalConfig(Config, section="eval"):
+    """Validation loss every ``every_steps`` steps (and at ``max_steps``): ``batches`` microbatches of the held-out
+    data, forward only, run by one driver of the swarm (the lowest PeerID among the drivers it sees) and published
+    in its progress record. Held-out data: the validation split of token shards (``shards``, ``stdlib``); for
+    ``markov``, sequences drawn from a separate fixed seed; for ``text``, windows of the same file (no split)."""
+
+    every_steps: int = setting(default=0, ge=0, le=1 << 30, doc="Evaluate every this many steps (0: never).")
+    batches: int = setting(default=4, ge=1, le=4096, doc="Microbatches of held-out data per evaluation.")
+
+
 class RunConfig(Config, section="run"):
     """Everything that must be identical on every node of one run."""
 
@@ -223,6 +234,7 @@ class RunConfig(Config, section="run"):
     )
     averaging: AveragingSettings = setting(default_factory=AveragingSettings, doc="Gradient reduction.")
     precision: PrecisionConfig = setting(default_factory=PrecisionConfig, doc="The dtype stages compute in.")
+    eval: EvalConfig = setting(default_factory=EvalConfig, doc="Validation loss on held-out data.")
 
     def validate(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():

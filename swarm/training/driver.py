@@ -45,6 +45,14 @@ class StageClient(Protocol):
     ) -> tuple[torch.Tensor | None, float | None]: ...
 
 
+class Evaluator(Protocol):
+    """How a driver reaches a stage replica for the validation loss (`swarm.training.eval_rpc.EvalClient`)."""
+
+    async def evaluate(
+        self, peer: Any, *, stage: int, step: int, inputs: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, float | None]: ...
+
+
 class DriverConfig(Config, section="driver"):
     """Retries of one microbatch: after a failure wait ``retry_wait_s`` (give up after ``max_microbatch_attempts``);
     when a replica is at another step wait ``stale_wait_s`` (at most ``max_stale_retries`` tries in all)."""
@@ -96,14 +104,38 @@ class Driver:
         Raises StaleStepError when the step closes first (the microbatch is then not counted anywhere it
         matters: the step's averaging has started), NoPeerError after ``max_microbatch_attempts``.
         """
-        mb_id = f"{self.name}/{mb.step}/{mb.index}"
+        return await self._retried(mb, f"{self.name}/{mb.step}/{mb.index}", self._pipeline)
+
+    async def evaluate(self, mb: Microbatch, evaluator: Evaluator) -> float:
+        """The mean loss of held-out ``mb`` with the weights of step ``mb.step``: forward only through one peer per
+        stage (``stage.eval`` with ``evaluator``), nothing accumulated; retried as `run_microbatch` retries."""
+
+        async def pipeline(mb: Microbatch, mb_id: str) -> float:
+            last, acts = self.num_stages - 1, mb.inputs
+            for stage in range(self.num_stages):
+                targets = mb.targets if stage == last else None
+
+                async def call(p: Any, s: int = stage, x: torch.Tensor = acts, t: torch.Tensor | None = targets) -> Any:
+                    return await evaluator.evaluate(p, stage=s, step=mb.step, inputs=x, targets=t)
+
+                _, (out, loss) = await self._call(stage, mb, f"evaluation {mb_id}", call)
+                if stage == last:
+                    if loss is None:
+                        raise SwarmError(f"the last stage answered evaluation {mb_id} without a loss")
+                    return float(loss)
+                acts = out
+            raise SwarmError("internal: a pipeline without stages")
+
+        return await self._retried(mb, f"{self.name}/eval/{mb.step}/{mb.index}", pipeline)
+
+    async def _retried(self, mb: Microbatch, mb_id: str, pipeline: Callable[[Microbatch, str], Any]) -> float:
         attempt, tries = 0, 0
         while attempt < self.cfg.max_microbatch_attempts and tries < self.cfg.max_stale_retries:
             tries += 1
             if self.step_of() != mb.step:
                 raise StaleStepError(f"step {mb.step} closed before microbatch {mb_id} completed")
             try:
-                return await self._pipeline(mb, f"{mb_id}#{tries}")
+                return float(await pipeline(mb, f"{mb_id}#{tries}"))
             except _Stale:
                 # a stage replica is at another step: ours closed (checked above) or it lags; wait, same samples
                 await asyncio.sleep(self.cfg.stale_wait_s)

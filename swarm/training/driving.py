@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from swarm.data import ShardedData
 from swarm.p2p.identity import PeerID
@@ -49,6 +50,7 @@ class Driving:
             step_of=state.current_step,
             name=state.me.short(),
         )
+        self.before_step: Callable[[int], Awaitable[None]] = _nothing  # `Evaluation.before_step` once built
 
     def peers_of(self, stage: int) -> list[PeerID]:
         """Where this node's microbatches go for ``stage``: itself if it serves it, else the stage's peers less
@@ -69,9 +71,7 @@ class Driving:
         others = st.step_samples(step) - st.my_samples.get(step, 0)
         if mine + others >= target:
             return False
-        drivers = sum(
-            1 for r in st.view.peers.values() if r.role == Role.TRAINER or (r.role == Role.AUTO and r.stage == 0)
-        )
+        drivers = len(st.view.drivers())
         fair = -(-target // max(drivers, 1) // micro) * micro if drivers > 1 else target
         stalled = time.monotonic() - st.step_opened > st.cfg.behind_grace_s
         return mine < fair or others >= target - fair or stalled
@@ -88,6 +88,7 @@ class Driving:
             if st.first_sample_time is None and len(st.view.peers) < st.cfg.start_after_peers:
                 await asyncio.sleep(st.cfg.poll_interval_s / 2)  # a start gate only: later departures don't stop us
                 continue
+            await self.before_step(step)  # the validation loss of the step's weights, when due (evaluating.py)
             if not self.may_start(step) or (st.cfg.max_steps is not None and step >= st.cfg.max_steps):
                 await st.wait_change(st.cfg.poll_interval_s / 2)
                 continue
@@ -127,3 +128,7 @@ class Driving:
             await self.records.refresh_view()  # the others' latest parts: is the step complete now?
             if st.step_samples(step) >= st.run_cfg.batch.target_batch_size:
                 await self.records.send_step_hints(step)
+
+
+async def _nothing(step: int) -> None:
+    return None

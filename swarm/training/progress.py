@@ -23,17 +23,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ProgressRecord(Message):
-    """One driver's progress: the step it feeds, the samples it completed in it, its rate, its latest loss."""
+    """One driver's progress: the step it feeds, the samples it completed in it, its rate, its latest loss (and,
+    from the evaluating driver, its latest validation loss: see `swarm.training.evaluating`)."""
 
     step: int
     samples: int
     samples_per_s: float
     loss: float | None = None
     time: float = 0.0
+    eval_step: int | None = None  # the evaluating driver's latest validation loss: the step of its weights
+    eval_loss: float | None = None
 
     def __post_init__(self) -> None:
         if self.step < 0 or self.samples < 0 or self.samples_per_s < 0:
             raise ValueError("step, samples and samples_per_s must be >= 0")
+        if (self.eval_step is None) != (self.eval_loss is None) or (self.eval_step or 0) < 0:
+            raise ValueError("eval_step and eval_loss come together, eval_step >= 0")
 
 
 PROGRESS_SCHEMA = RecordSchema(

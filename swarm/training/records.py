@@ -3,8 +3,8 @@
 - view: read ``{run}/peers`` and ``{run}/progress`` (`refresh_view`) every ``view_interval_s``, and at once on a
   ``step.hint`` (`rpc_step_hint`);
 - records: publish this node's `PeerRecord` and `RunConfigRecord` every ``record_period_s`` (expiry twice that),
-  and a driver's `ProgressRecord` of a step (`publish_progress`, `publish_final_part`), telling the run's peers
-  when a step looks complete (`send_step_hints`).
+  and a driver's `ProgressRecord` of a step (`publish_progress`, `publish_final_part`; with this node's latest
+  validation loss, if it evaluates), telling the run's peers when a step looks complete (`send_step_hints`).
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ class RunRecords:
             samples_per_s=st.samples_driven / elapsed,
             loss=sum(losses) / len(losses) if losses else None,
             time=time.time(),
+            eval_step=max(st.eval_losses, default=None),
+            eval_loss=st.eval_losses[max(st.eval_losses)] if st.eval_losses else None,
         )
         st.view.progress[st.me] = record
         st.published_samples = {step: record.samples}
@@ -114,6 +116,11 @@ class RunRecords:
             ttl_s=2 * st.cfg.record_period_s + 60,
             subkey=owner_subkey(st.me),
         )
+
+    async def publish_eval(self) -> None:
+        """Republish this driver's progress record (of the step it last published) with its latest validation loss."""
+        st = self.state
+        await self.publish_progress(next(iter(st.published_samples), st.current_step()))
 
     async def publish_final_part(self, step: int, *, closed: bool = False) -> None:
         """Publish this driver's samples of ``step`` unless already published (and, unless ``closed``, once no

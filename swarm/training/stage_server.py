@@ -140,6 +140,32 @@ class StageServer:
             grad_inputs = self._finish(leaf, inputs, started)
         return float(loss.detach()), grad_inputs
 
+    def evaluate(
+        self, inputs: torch.Tensor, targets: torch.Tensor | None, *, step: int
+    ) -> tuple[torch.Tensor | None, float | None]:
+        """Forward only (evaluation): no graph, nothing accumulated, not counted as served work. Returns (outputs,
+        None), or at the last stage with ``targets`` (None, mean loss). Needs the weights of ``step``: a step closed
+        for averaging still has them."""
+        self._check(inputs, step)
+        if targets is not None and (not self.model.is_last or targets.shape != inputs.shape[:2]):
+            raise StageInputError(f"stage {self.index}: targets go to the last stage, shaped like the inputs' [B, T]")
+        inputs = inputs.to(self.device)
+        with self.lock, torch.no_grad():
+            if step != self.step:
+                raise StaleStepError(f"stage {self.index} is at step {self.step}, the evaluation is for step {step}")
+            training = self.model.training
+            self.model.eval()
+            try:
+                outputs = self.model(inputs)
+                if targets is None:
+                    return outputs, None
+                loss = self.model.loss(outputs, targets.to(device=self.device, dtype=torch.int64))
+            finally:
+                self.model.train(training)
+        if not bool(torch.isfinite(loss)):
+            raise SwarmError(f"stage {self.index} computed a non-finite evaluation loss")
+        return None, float(loss)
+
     # ---- steps ---------------------------------------------------------------------------------------------
 
     def close_step(self) -> None:

@@ -43,6 +43,7 @@ class TrainerState:
     inflight: dict[int, int] = field(default_factory=dict)  # samples of this node's microbatches in flight
     next_index: dict[int, int] = field(default_factory=dict)  # the next microbatch index of this node's shard
     losses: dict[int, list[float]] = field(default_factory=dict)  # the losses of this node's microbatches
+    eval_losses: dict[int, float] = field(default_factory=dict)  # the validation losses this node computed
     started: float = field(default_factory=time.monotonic)
     samples_driven: int = 0
     first_sample_time: float | None = None

@@ -55,6 +55,7 @@ class NodeSummary(Message):
     first_sample_time: float | None = None
     end_time: float | None = None  # when it reached max_steps (or stopped)
     loss_floor: float | None = None  # the data's loss floor, when known
+    eval_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss (the evaluator only)
     verification: VerificationSummary | None = None
     device: str | None = None  # the torch device its stage computed on (``--device auto`` resolved)
     precision: str | None = None  # the run's compute precision (fp32, bf16)
@@ -85,18 +86,20 @@ class NodeSummary(Message):
         """The JSON object of the file (step keys of ``losses`` as strings)."""
         obj = self.to_wire()
         obj["losses"] = {str(step): list(losses) for step, losses in sorted(self.losses.items())}
+        obj["eval_losses"] = {str(step): loss for step, loss in sorted(self.eval_losses.items())}
         return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> NodeSummary:
         """Check a decoded JSON object; ProtocolError if it is not a summary."""
-        if isinstance(obj, dict) and isinstance(obj.get("losses"), dict):
-            try:
-                obj = {**obj, "losses": {int(step): losses for step, losses in obj["losses"].items()}}
-            except ValueError:
-                raise ProtocolError(
-                    f"NodeSummary.losses: keys must be step numbers, got {list(obj['losses'])}"
-                ) from None
+        for name in ("losses", "eval_losses"):
+            if isinstance(obj, dict) and isinstance(obj.get(name), dict):
+                try:
+                    obj = {**obj, name: {int(step): value for step, value in obj[name].items()}}
+                except ValueError:
+                    raise ProtocolError(
+                        f"NodeSummary.{name}: keys must be step numbers, got {list(obj[name])}"
+                    ) from None
         return cls.from_wire(obj)
 
     def write(self, path: Path) -> None:

@@ -11,6 +11,7 @@ the peer of the stage with the newest step), then runs its loops in one TaskGrou
 - steps: when the step's samples reach the target batch size, average gradients with the stage's peers
   (weighted by samples) and apply the optimizer; download state when fallen behind;
 - drivers (stage-0 nodes and trainers): push microbatches of this node's shard (`swarm.training.driver`);
+- evaluation: the validation loss every ``eval.every_steps`` steps, by one driver (`swarm.training.evaluating`);
 - rebalance: at randomized intervals, move to another stage when that clearly raises the bottleneck.
 
 The parts are collaborators sharing one `swarm.training.state.TrainerState`: `RunRecords` (records and view),
@@ -38,6 +39,8 @@ from swarm.model.precision import compute_dtype
 from swarm.p2p import Transport
 from swarm.p2p.identity import PeerID
 from swarm.training.driving import Driving
+from swarm.training.eval_rpc import EvalClient, EvalService
+from swarm.training.evaluating import Evaluation
 from swarm.training.hooks import HONEST, NodeHooks
 from swarm.training.progress import StepHint
 from swarm.training.rebalancing import Rebalancer
@@ -71,6 +74,7 @@ class TrainingRole(RunLoop):
         sync: StateSync,
         stepper: Stepper,
         driving: Driving,
+        evaluation: Evaluation,
         rebalancer: Rebalancer,
         checks: NodeVerification,
         unregister: list[Callable[[], None]],
@@ -82,6 +86,7 @@ class TrainingRole(RunLoop):
         self.sync = sync
         self.stepper = stepper
         self.driving = driving
+        self.evaluation = evaluation
         self.rebalancer = rebalancer
         self.checks = checks
         self.on_serving = on_serving
@@ -139,6 +144,9 @@ class TrainingRole(RunLoop):
             return False
         log.info("%s: reached max_steps=%d; stopping", st.me.short(), max_steps)
         st.finished_time = time.time()
+        serving_first = st.server is not None and st.server.index == 0
+        driver = st.cfg.role == Role.TRAINER or (st.cfg.role == Role.AUTO and serving_first)
+        await self.evaluation.final(max_steps, driver=driver)
         if st.server is not None:
             await asyncio.to_thread(self.sync.save_checkpoint)
         await self._serve_validators(stop_event, max_steps)
@@ -193,6 +201,7 @@ class TrainingRole(RunLoop):
             stage=st.server.index if st.server else None,
             step=st.current_step(),
             losses={k: list(v) for k, v in sorted(st.losses.items())},
+            eval_losses=dict(sorted(st.eval_losses.items())),
             samples=st.samples_driven,
             elapsed_s=time.monotonic() - st.started,
             first_sample_time=st.first_sample_time,
@@ -215,9 +224,9 @@ def build_training_role(
     hooks: NodeHooks = HONEST,
 ) -> TrainingRole:
     """The training role on ``transport`` and ``dht``: its state, its collaborators, and every RPC handler it serves
-    registered (``stage.*``, ``state.download``, ``stage.tied``, ``step.hint``, ``verify.fetch`` with verification
-    on, ``avg.*``); `TrainingRole.stop` unregisters them. ``cfg.device`` ``auto`` is resolved here (ConfigError if
-    the device is not there, or cannot compute in the run's precision)."""
+    registered (``stage.*`` with ``stage.eval``, ``state.download``, ``stage.tied``, ``step.hint``, ``verify.fetch``
+    with verification on, ``avg.*``); `TrainingRole.stop` unregisters them. ``cfg.device`` ``auto`` is resolved here
+    (ConfigError if the device is not there, or cannot compute in the run's precision)."""
     me = transport.peer_id
     cfg = _with_device(cfg, me)
     rng = random.Random(cfg.seed ^ int.from_bytes(me.to_bytes()[-8:], "big"))
@@ -242,6 +251,15 @@ def build_training_role(
         activation_dtype=compute_dtype(cfg.run.precision.compute),
     )
     driving = Driving(state, records=records, checks=checks, client=client, data=ShardedData(cfg.run, me.to_bytes()))
+    evaluator = EvalClient(
+        transport,
+        cfg.run.codecs.policy(),
+        run_id=cfg.run.run_id,
+        rpc_timeout_s=cfg.rpc_timeout_s,
+        local_server=lambda: state.server,
+    )
+    evaluation = Evaluation(state, records=records, driver=driving.driver, evaluator=evaluator, data=driving.data)
+    driving.before_step = evaluation.before_step
     unregister: list[Callable[[], None]] = []
     try:
         tied, averager = _register_handlers(state, records=records, checks=checks, unregister=unregister)
@@ -255,6 +273,7 @@ def build_training_role(
         sync=sync,
         stepper=Stepper(state, records=records, sync=sync, checks=checks, averager=averager, tied=tied),
         driving=driving,
+        evaluation=evaluation,
         rebalancer=Rebalancer(state, records=records, sync=sync),
         checks=checks,
         unregister=unregister,
@@ -294,6 +313,9 @@ def _register_handlers(
     )
     service.register()
     unregister.append(service.unregister)
+    evals = EvalService(transport, policy, run_id=state.run_id, server_of=lambda: state.server)
+    evals.register()
+    unregister.append(evals.unregister)
     tied = TiedService(
         transport,
         policy,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarm.p2p.identity import PeerID
+from swarm.training.node_role import Role
 from swarm.training.messages import PEERS_SCHEMA, PeerRecord
 from swarm.training.progress import PROGRESS_SCHEMA, ProgressRecord, step_samples
 
@@ -44,6 +45,17 @@ class SwarmView:
     def step_samples(self, step: int) -> int:
         return step_samples(self.progress.values(), step)
 
+    def drivers(self) -> list[PeerID]:
+        """The drivers (trainers, and auto-role peers of stage 0), sorted."""
+        return sorted(
+            p for p, r in self.peers.items() if r.role == Role.TRAINER or (r.role == Role.AUTO and r.stage == 0)
+        )
+
+    def latest_eval(self) -> tuple[int, float] | None:
+        """The newest validation loss in the progress records: (the step of its weights, the loss)."""
+        evals = [(r.eval_step, r.eval_loss) for r in self.progress.values() if r.eval_step is not None]
+        return max(((s, loss) for s, loss in evals if loss is not None), default=None)
+
     def newest_step(self, stage: int, exclude: Collection[PeerID] = ()) -> tuple[PeerID | None, int]:
         """The peer of ``stage`` with the newest step (peers in ``exclude`` left out), and that step."""
         best: tuple[PeerID | None, int] = (None, -1)
@@ -53,7 +65,8 @@ class SwarmView:
         return best
 
     def summary(self, num_stages: int) -> dict[str, Any]:
-        """Per stage: peers, throughput, step; overall: newest step, latest losses, samples/s."""
+        """Per stage: peers, throughput, step; overall: newest step, latest losses, the newest validation loss
+        (``eval``: (step, loss) or None), samples/s."""
         stages = []
         for s in range(num_stages):
             recs = [(p, r) for p, r in self.peers.items() if r.stage == s]
@@ -71,6 +84,7 @@ class SwarmView:
             "trainers": sorted(p.to_base58() for p, r in self.peers.items() if r.stage is None),
             "step": max((r.step for r in self.progress.values()), default=None),
             "loss": sum(losses) / len(losses) if losses else None,
+            "eval": self.latest_eval(),
             "samples_per_s": round(sum(r.samples_per_s for r in self.progress.values()), 3),
         }
 
@@ -84,6 +98,9 @@ def format_table(summary: dict[str, Any], *, eta_s: float | None = None) -> str:
         lines.append(f"{st['stage']:>5}  {len(st['peers']):>5}  {st['throughput']:>9.1f}  {step:>5}  {ids}")
     loss = summary.get("loss")
     tail = f"step {summary.get('step')}  loss {loss:.3f}" if loss is not None else f"step {summary.get('step')}  loss -"
+    evaluated = summary.get("eval")
+    if evaluated is not None:
+        tail += f"  eval {evaluated[1]:.3f} (step {evaluated[0]})"
     tail += f"  samples/s {summary.get('samples_per_s', 0.0):.1f}"
     if eta_s is not None:
         tail += f"  ETA {eta_s:.0f}s"

@@ -19,7 +19,7 @@ from swarm.run.hf_config import hf_preset_names, read_hf_config
 from tests.model.hf_configs import TINY_CONFIGS
 
 # the stage counts docs/training.md states each preset's memory for
-DOC_STAGES = {"tiny_llama": 2, "llama_20m": 2, "llama_150m": 4, "llama_1b": 4, "llama_8b": 8}
+DOC_STAGES = {"tiny_llama": 2, "tiny_llama_2k": 2, "llama_20m": 2, "llama_150m": 4, "llama_1b": 4, "llama_8b": 8}
 
 
 def preset_row(name: str) -> str:

@@ -17,6 +17,7 @@ from swarm.training.trainer import TrainingConfig, build_training_role
 ROLE_METHODS = {
     "stage.forward",
     "stage.backward",
+    "stage.eval",
     "state.download",
     "stage.tied",
     "step.hint",
