@@ -4,249 +4,37 @@ Every member owns one span (see :mod:`swarm.averaging.partition`). A member stre
 owner's span, one part per chunk (``avg.part``), and at the same time fetches the owner's reduced span, one
 part per chunk, as soon as each part is reduced (``avg.result``). Results are written into the member's flat
 vector in place; a part that never arrives (owner gone) keeps the member's own values. The owner's side lives
-in :class:`AllReduceServer`: it reduces parts from all senders as they arrive and drops a sender that stalls
-longer than ``part_timeout_s``, sends garbage, or breaks its stream.
+in :class:`AllReduceServer` (`swarm.averaging.owner`): it reduces parts from all senders as they arrive and drops
+a sender that stalls longer than ``part_timeout_s``, sends garbage, or breaks its stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Collection
 from typing import Any, TypeVar
 
 import torch
 
 from swarm.p2p.identity import PeerID
-from swarm.p2p import RpcContext, Transport
-from swarm.averaging.config import AveragerConfig
-from swarm.averaging.messages import MemberInfo, PartAck, PartHeader, ResultHeader, ResultRequest
-from swarm.averaging.partition import part_bounds, part_numel, span_bounds, span_sizes
+from swarm.averaging.messages import PartAck, PartHeader, ResultHeader, ResultRequest
+from swarm.averaging.partition import part_bounds, part_numel
 from swarm.averaging.reducer import SpanReducer
-from swarm.averaging.wire import PartCodec
+from swarm.averaging.owner import (
+    AllReduceOutcome,
+    AllReduceServer,
+    Group,
+    InspectedPart,
+    RoundState,
+    codec_call,
+)
 from swarm.errors import SwarmError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
-@dataclass(frozen=True, kw_only=True)
-class Group:
-    """An agreed group: the same key, round id and ordered members on every member; ``my_index`` is ours."""
-
-    group_key: str
-    round_id: bytes
-    members: tuple[MemberInfo, ...]
-    my_index: int
-
-    def peer(self, index: int) -> PeerID:
-        return PeerID(self.members[index].peer_id)
-
-    def index_of(self, peer_id: PeerID) -> int | None:
-        raw = peer_id.to_bytes()
-        return next((i for i, m in enumerate(self.members) if m.peer_id == raw), None)
-
-    def spans(self, total_numel: int) -> list[tuple[int, int]]:
-        sizes = span_sizes(total_numel, [m.bandwidth for m in self.members], [m.client_mode for m in self.members])
-        return span_bounds(sizes)
-
-
-@dataclass(kw_only=True)
-class RoundState:
-    """The owner's side of one round: our span's reducer and who has fetched its result."""
-
-    group: Group
-    span_parts: list[tuple[int, int]]
-    reducer: SpanReducer | None
-    started: set[int] = field(default_factory=set)
-    finished_fetch: set[int] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    encoded: dict[int, tuple[tuple[Any, ...], int]] = field(default_factory=dict)  # part -> (message, fetches left)
-    excluded: set[int] = field(default_factory=set)  # members whose parts this owner refuses (gradient checks)
-    served: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # lossy codecs: each result part as sent
-
-    def fetches_settled(self) -> bool:
-        others = set(range(len(self.group.members))) - {self.group.my_index}
-        failed = self.reducer.failed if self.reducer is not None else set()
-        return others <= (self.finished_fetch | failed)
-
-
-@dataclass(frozen=True, kw_only=True)
-class InspectedPart:
-    """One part of the span this peer reduced, for gradient checks: what each member sent for the values
-    ``[start, end)`` of the flat tensor, and the reduced center (mean or CenteredClip)."""
-
-    start: int
-    end: int
-    values: dict[PeerID, torch.Tensor]
-    center: torch.Tensor
-
-
-@dataclass(frozen=True, kw_only=True)
-class AllReduceOutcome:
-    """What happened in one exchange: owners whose span we could not (fully) get, senders the owner dropped."""
-
-    lost_owners: tuple[PeerID, ...]
-    dropped_senders: tuple[PeerID, ...]
-    inspected: tuple[InspectedPart, ...] = ()
-    excluded: tuple[PeerID, ...] = ()
-
-
-class AllReduceServer:
-    """Serves ``avg.part`` and ``avg.result`` for the rounds this peer takes part in."""
-
-    def __init__(self, config: AveragerConfig, transport: Transport, codec: PartCodec) -> None:
-        self.config = config
-        self.transport = transport
-        self.codec = codec
-        self._rounds: dict[tuple[str, bytes], RoundState] = {}
-        self._expected: dict[tuple[str, bytes], asyncio.Event] = {}
-        self._forming: set[str] = set()  # group keys our matchmaker is still forming a group under
-        self._agreed = asyncio.Event()  # set (and replaced) whenever a round is expected or a key stops forming
-
-    def register(self) -> None:
-        self.transport.register_stream("avg.part", PartHeader, self.rpc_part)
-        self.transport.register_stream("avg.result", ResultRequest, self.rpc_result)
-
-    def unregister(self) -> None:
-        for method in ("avg.part", "avg.result"):
-            self.transport.unregister(method)
-
-    def expect(self, group_key: str, round_id: bytes) -> None:
-        """A round we agreed to: requests for it wait (up to ``join_timeout_s``) until it opens."""
-        self._expected.setdefault((group_key, round_id), asyncio.Event())
-        self._wake()
-
-    def forming(self, group_key: str, active: bool) -> None:
-        """Our matchmaker is (``active``) or is no longer forming a group under ``group_key``.
-
-        While it is, a request for an unknown round under that key waits (up to ``join_timeout_s``) for our own
-        ``avg.begin``: the leader sends the membership to all followers at once, so a follower that got it first
-        may already stream to us before ours arrived. Once the key is no longer forming, unknown rounds fail.
-        """
-        if active:
-            self._forming.add(group_key)
-        else:
-            self._forming.discard(group_key)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._agreed.set()
-        self._agreed = asyncio.Event()
-
-    def open(self, state: RoundState) -> None:
-        key = (state.group.group_key, state.group.round_id)
-        self._rounds[key] = state
-        self._expected.setdefault(key, asyncio.Event()).set()
-
-    def close(self, state: RoundState) -> None:
-        key = (state.group.group_key, state.group.round_id)
-        self._rounds.pop(key, None)
-        self._expected.pop(key, None)
-
-    async def _round_for(self, ctx: RpcContext, group_key: str, round_id: bytes) -> tuple[RoundState, int]:
-        key = (group_key, round_id)
-        try:
-            async with asyncio.timeout(self.config.join_timeout_s):
-                event = self._expected.get(key)
-                while event is None and group_key in self._forming:  # our begin may still be on its way
-                    await self._agreed.wait()
-                    event = self._expected.get(key)
-                if event is None:
-                    raise SwarmError(f"no averaging round {round_id.hex()[:8]} under {group_key!r} here; not a member")
-                await event.wait()
-        except TimeoutError:
-            raise SwarmError(
-                f"averaging round {round_id.hex()[:8]} under {group_key!r} did not start here within "
-                f"{self.config.join_timeout_s:.1f}s"
-            ) from None
-        state = self._rounds.get(key)
-        if state is None:
-            raise SwarmError(f"averaging round {round_id.hex()[:8]} under {group_key!r} is already over")
-        sender = state.group.index_of(ctx.peer_id)
-        if sender is None or sender == state.group.my_index:
-            raise SwarmError(f"{ctx.peer_id.short()} is not a member of round {round_id.hex()[:8]}")
-        return state, sender
-
-    async def rpc_part(self, ctx: RpcContext, header: PartHeader, chunks: AsyncIterator[bytes]) -> tuple[PartAck, None]:
-        """Take a sender's parts of our span, one chunk per part; drop the sender on stall, garbage or break."""
-        state, sender = await self._round_for(ctx, header.group_key, header.round_id)
-        reducer = state.reducer
-        if reducer is None:
-            raise SwarmError("this peer owns no span in the round (client mode or empty span)")
-        if sender in state.excluded:
-            raise SwarmError(
-                f"{ctx.peer_id.short()} is left out of this peer's span: its gradient parts failed "
-                "this peer's gradient checks (outlier or replayed)"
-            )
-        if sender in state.started:
-            raise SwarmError(f"{ctx.peer_id.short()} opened avg.part twice in one round")
-        state.started.add(sender)
-        state.changed.set()
-        received, why = 0, "the stream was cancelled (connection lost)"
-        try:
-            for index, (start, end) in enumerate(state.span_parts):
-                async with asyncio.timeout(self.config.part_timeout_s):
-                    data = await anext(chunks)
-                values = await _codec_call(self.codec, self.codec.decode, data, end - start)
-                reducer.add(sender, index, values, header.weight)  # may be a view of data: the reducer copies
-                received += 1
-                await reducer.finish_ready()
-            async with asyncio.timeout(self.config.part_timeout_s):
-                async for _ in chunks:
-                    raise SwarmError("more chunks than parts in the span")
-            why = ""
-        except (SwarmError, TimeoutError, StopAsyncIteration) as e:
-            why = f"{type(e).__name__}: {e}"
-            raise SwarmError(f"part stream dropped after {received} parts: {why}") from None
-        finally:
-            if why:  # garbage, stall, broken stream or cancelled handler: the parts still missing go without it
-                log.warning(
-                    "%s: dropping sender %s after %d parts in round %s: %s",
-                    self.transport.peer_id.short(),
-                    ctx.peer_id.short(),
-                    received,
-                    header.round_id.hex()[:8],
-                    why,
-                )
-                reducer.fail(sender)
-                state.changed.set()  # the round's own task reduces the parts this completes
-        return PartAck(parts_received=received), None
-
-    async def rpc_result(
-        self, ctx: RpcContext, request: ResultRequest, chunks: AsyncIterator[bytes]
-    ) -> tuple[ResultHeader, AsyncIterator[bytes | tuple[Any, ...]]]:
-        """Stream our reduced span back, one part per chunk as soon as it is reduced (empty: no result)."""
-        state, sender = await self._round_for(ctx, request.group_key, request.round_id)
-        if state.reducer is None:
-            raise SwarmError("this peer owns no span in the round (client mode or empty span)")
-        return ResultHeader(num_parts=len(state.span_parts)), self._results(state, sender)
-
-    async def _results(self, state: RoundState, sender: int) -> AsyncIterator[bytes | tuple[Any, ...]]:
-        reducer = state.reducer
-        if reducer is None:
-            raise SwarmError("internal: a result stream for a round without a reducer")
-        try:
-            for index in range(len(state.span_parts)):
-                values = await reducer.wait_part(index)
-                if values is None:
-                    yield b""
-                    continue
-                if index not in state.encoded:  # encode each result part once for all fetchers
-                    data = await _codec_call(self.codec, self.codec.encode, values)
-                    state.encoded.setdefault(index, (data, len(state.group.members) - 1))
-                    if not self.codec.inline:  # a lossy codec: the owner keeps the values the others decode
-                        state.served.setdefault(index, data)
-                data, left = state.encoded[index]
-                if left <= 1:
-                    del state.encoded[index]
-                else:
-                    state.encoded[index] = (data, left - 1)
-                yield data
-        finally:
-            state.finished_fetch.add(sender)
-            state.changed.set()
+__all__ = ["AllReduceOutcome", "AllReduceServer", "Group", "InspectedPart", "RoundState", "run_allreduce"]
 
 
 async def run_allreduce(
@@ -263,40 +51,73 @@ async def run_allreduce(
     reduces: their ``avg.part`` is refused; they may still fetch the result.
     """
     cfg = server.config
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + cfg.allreduce_timeout_s
+    deadline = asyncio.get_running_loop().time() + cfg.allreduce_timeout_s
     spans = group.spans(flat.numel())
-    numel_per_part = part_numel(cfg.part_size_bytes)
-    me = group.my_index
-    my_start, my_end = spans[me]
-    my_parts = part_bounds(my_end - my_start, numel_per_part)
+    excluded = {j for j in range(len(group.members)) if j != group.my_index and group.peer(j) in exclude}
+    state = _open_round(server, group, flat, weight, spans, excluded)
+    done: dict[int, bool] = {}
+    try:
+        await _exchange_spans(server, state, flat, spans, weight, deadline, done)
+    finally:
+        server.close(state)
+    await _apply_own_span(server, state, flat, spans[group.my_index][0])
+    return _outcome(state, spans, done)
+
+
+def _open_round(
+    server: AllReduceServer,
+    group: Group,
+    flat: torch.Tensor,
+    weight: float,
+    spans: list[tuple[int, int]],
+    excluded: set[int],
+) -> RoundState:
+    """The round's state, opened on ``server``: the parts of this peer's span and their reducer, seeded with
+    this peer's own values (excluded members already failed)."""
+    my_start, my_end = spans[group.my_index]
+    my_parts = part_bounds(my_end - my_start, part_numel(server.config.part_size_bytes))
     reducer = None
     if my_parts:
-        senders = range(len(group.members))
         reducer = SpanReducer(
-            span_numel=my_end - my_start, parts=my_parts, senders=senders, config=cfg.reduction_config()
+            span_numel=my_end - my_start,
+            parts=my_parts,
+            senders=range(len(group.members)),
+            config=server.config.reduction_config(),
         )
         for index, (start, end) in enumerate(my_parts):
-            reducer.add(me, index, flat[my_start + start : my_start + end], weight)
-    excluded = {j for j in range(len(group.members)) if j != me and group.peer(j) in exclude}
-    if reducer is not None:
+            reducer.add(group.my_index, index, flat[my_start + start : my_start + end], weight)
         for j in excluded:
             reducer.fail(j)
     state = RoundState(group=group, span_parts=my_parts, reducer=reducer, excluded=excluded)
     server.open(state)
-    done: dict[int, bool] = {}
+    return state
+
+
+async def _exchange_spans(
+    server: AllReduceServer,
+    state: RoundState,
+    flat: torch.Tensor,
+    spans: list[tuple[int, int]],
+    weight: float,
+    deadline: float,
+    done: dict[int, bool],
+) -> None:
+    """Send every other owner our parts of its span (or decline an excluded one) and serve our own span, until
+    all settle or the deadline passes (then unfinished spans keep local values)."""
+    cfg, group = server.config, state.group
+    numel_per_part = part_numel(cfg.part_size_bytes)
     try:
         async with asyncio.timeout_at(deadline):
             async with asyncio.TaskGroup() as tg:
                 for j, (start, end) in enumerate(spans):
-                    if j == me or end <= start:
+                    if j == group.my_index or end <= start:
                         continue
-                    if j in excluded:  # an excluded owner's span keeps our values; tell it now
+                    if j in state.excluded:  # an excluded owner's span keeps our values; tell it now
                         tg.create_task(_decline(server, group, j, weight, deadline))
                     else:
                         parts = part_bounds(end - start, numel_per_part)
                         tg.create_task(_exchange(server, group, j, flat[start:end], parts, weight, deadline, done))
-                if reducer is not None:
+                if state.reducer is not None:
                     tg.create_task(_serve_until_settled(state, cfg.part_timeout_s))
     except TimeoutError:
         log.warning(
@@ -305,41 +126,52 @@ async def run_allreduce(
             group.round_id.hex()[:8],
             cfg.allreduce_timeout_s,
         )
-    finally:
-        server.close(state)
-    if reducer is not None:
-        for index, (start, end) in enumerate(my_parts):
-            if reducer.has_result(index):
-                values = await reducer.wait_part(index)
-                if values is None:
-                    continue
-                out, served = flat[my_start + start : my_start + end], state.served.get(index)
-                if served is None:
-                    out.copy_(values)
-                else:  # keep what the other members decoded, not the exact values: replicas stay bit-identical
-                    await _codec_call(server.codec, server.codec.decode_into, b"".join(served), out)
+
+
+async def _apply_own_span(server: AllReduceServer, state: RoundState, flat: torch.Tensor, my_start: int) -> None:
+    """Write the reduced parts of this peer's span into ``flat``: the values the other members decoded where a
+    part was served to them (so replicas stay bit-identical), else the exact reduction."""
+    reducer = state.reducer
+    if reducer is None:
+        return
+    for index, (start, end) in enumerate(state.span_parts):
+        if not reducer.has_result(index):
+            continue
+        values = await reducer.wait_part(index)
+        if values is None:
+            continue
+        out, served = flat[my_start + start : my_start + end], state.served.get(index)
+        if served is None:
+            out.copy_(values)
+        else:  # keep what the other members decoded, not the exact values: replicas stay bit-identical
+            await codec_call(server.codec, server.codec.decode_into, b"".join(served), out)
+
+
+def _outcome(state: RoundState, spans: list[tuple[int, int]], done: dict[int, bool]) -> AllReduceOutcome:
+    """Who was lost (owners whose span never came back), who was dropped, and what the reducer inspected."""
+    group, reducer, excluded, me = state.group, state.reducer, state.excluded, state.group.my_index
     lost = tuple(
         group.peer(j)
         for j, (s, e) in enumerate(spans)
         if j != me and e > s and j not in excluded and not done.get(j, False)
     )
-    dropped = tuple(group.peer(i) for i in sorted(reducer.failed - excluded)) if reducer is not None else ()
-    inspected = (
-        ()
-        if reducer is None
-        else tuple(
-            InspectedPart(
-                start=my_start + my_parts[i][0],
-                end=my_start + my_parts[i][1],
-                values={group.peer(s): v for s, v in sorted(values.items())},
-                center=center,
-            )
-            for i, (values, center) in sorted(reducer.inspected.items())
+    if reducer is None:
+        return AllReduceOutcome(
+            lost_owners=lost, dropped_senders=(), inspected=(), excluded=tuple(group.peer(j) for j in sorted(excluded))
         )
+    my_start = spans[me][0]
+    inspected = tuple(
+        InspectedPart(
+            start=my_start + state.span_parts[i][0],
+            end=my_start + state.span_parts[i][1],
+            values={group.peer(s): v for s, v in sorted(values.items())},
+            center=center,
+        )
+        for i, (values, center) in sorted(reducer.inspected.items())
     )
     return AllReduceOutcome(
         lost_owners=lost,
-        dropped_senders=dropped,
+        dropped_senders=tuple(group.peer(i) for i in sorted(reducer.failed - excluded)),
         inspected=inspected,
         excluded=tuple(group.peer(j) for j in sorted(excluded)),
     )
@@ -391,7 +223,7 @@ async def _exchange(
         # 'none' yields views of `span`; each is encrypted (copied) as soon as the stream has credit. The owner's
         # result for a part lands in `span` only after it has our part, so an unsent view never sees it change.
         for start, end in parts:
-            yield await _codec_call(codec, codec.encode, span[start:end])
+            yield await codec_call(codec, codec.encode, span[start:end])
 
     async def upload() -> None:
         header = PartHeader(group_key=group.group_key, round_id=group.round_id, weight=weight)
@@ -420,7 +252,7 @@ async def _exchange(
                     raise SwarmError("owner sent more parts than its span has")
                 start, end = parts[received]
                 if data:  # decode_into leaves our values in place if the part is bad
-                    await _codec_call(codec, codec.decode_into, data, span[start:end])
+                    await codec_call(codec, codec.decode_into, data, span[start:end])
                 received += 1
         return received
 
@@ -463,10 +295,3 @@ async def _logged(coro: Awaitable[T], what: str, peer: PeerID, server: AllReduce
             e or type(e).__name__,
         )
         return None
-
-
-async def _codec_call(codec: PartCodec, fn: Callable[..., T], *args: Any) -> T:
-    """Run a codec function on the loop when the codec is a plain copy, else in a worker thread."""
-    if codec.inline:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)

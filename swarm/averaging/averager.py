@@ -13,7 +13,7 @@ import torch
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p import Transport
-from swarm.averaging.allreduce import AllReduceServer, InspectedPart, run_allreduce
+from swarm.averaging.allreduce import AllReduceOutcome, AllReduceServer, Group, InspectedPart, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.matchmaking import GroupStore, Matchmaker
 from swarm.averaging.messages import MemberInfo
@@ -94,14 +94,7 @@ class Averager:
         False; when the round breaks part-way, each part holds the group's average or keeps its own values
         (``lost_peers`` names who failed). Bounded by ``timeout_s`` (default: every phase's deadline added up).
         """
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise SwarmError(f"weight must be a finite number of samples > 0, got {weight!r}")
-        if not tensors:
-            raise SwarmError("step() needs at least one tensor to average")
-        if target_group_size is not None and (
-            not isinstance(target_group_size, int) or isinstance(target_group_size, bool) or target_group_size < 1
-        ):
-            raise SwarmError(f"target_group_size must be None or an int >= 1, got {target_group_size!r}")
+        _check_step_args(tensors, weight, target_group_size)
         cfg = self.config
         total_s = (
             timeout_s or cfg.matchmaking_time_s + cfg.join_timeout_s + 2 * cfg.rpc_timeout_s + cfg.allreduce_timeout_s
@@ -122,18 +115,8 @@ class Averager:
                 async with asyncio.TaskGroup() as tg:  # the withdrawal is for later peers: not on our critical path
                     tg.create_task(self.matchmaker.withdraw(group_key))
                     if len(group.members) == 1:
-                        return AveragingResult(
-                            with_others=False, group_size=1, group=(self.transport.peer_id,), round_id=group.round_id
-                        )
-                    log.info(
-                        "%s: averaging %d values with %d peers under %r (round %s)",
-                        me,
-                        flat.numel(),
-                        len(group.members),
-                        group_key,
-                        group.round_id.hex()[:8],
-                    )
-                    outcome = await run_allreduce(self.server, group, flat, float(weight), exclude=exclude)
+                        return self._alone(group.round_id)
+                    outcome = await self._reduce(group, group_key, flat, float(weight), exclude)
         except TimeoutError:
             log.warning(
                 "%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
@@ -141,21 +124,55 @@ class Averager:
                 group_key,
                 total_s,
             )
-            return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,))
+            return self._alone()
         except (SwarmError, OSError) as e:
             log.warning("%s: averaging under %r failed (%s); parts not averaged keep local values", me, group_key, e)
-            return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,))
+            return self._alone()
         await asyncio.to_thread(unflatten_into, flat, tensors)
-        members = tuple(group.peer(i) for i in range(len(group.members)))
-        lost = tuple(dict.fromkeys(outcome.lost_owners + outcome.dropped_senders))
-        others = len(members) - 1 - len(outcome.excluded)
-        return AveragingResult(
-            with_others=len(lost) < others,
-            group_size=len(members),
-            group=members,
-            lost_peers=lost,
-            round_id=group.round_id,
-            inspected=outcome.inspected,
-            excluded=outcome.excluded,
-            members=group.members,
+        return _result(group, outcome)
+
+    def _alone(self, round_id: bytes = b"") -> AveragingResult:
+        """The result of a step that averaged with nobody: the tensors keep their own values."""
+        return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,), round_id=round_id)
+
+    async def _reduce(
+        self, group: Group, group_key: str, flat: torch.Tensor, weight: float, exclude: Collection[PeerID]
+    ) -> AllReduceOutcome:
+        log.info(
+            "%s: averaging %d values with %d peers under %r (round %s)",
+            self.transport.peer_id.short(),
+            flat.numel(),
+            len(group.members),
+            group_key,
+            group.round_id.hex()[:8],
         )
+        return await run_allreduce(self.server, group, flat, weight, exclude=exclude)
+
+
+def _check_step_args(tensors: Sequence[torch.Tensor], weight: float, target_group_size: int | None) -> None:
+    """SwarmError unless ``step``'s arguments are usable (they come from this node, not from peers)."""
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise SwarmError(f"weight must be a finite number of samples > 0, got {weight!r}")
+    if not tensors:
+        raise SwarmError("step() needs at least one tensor to average")
+    if target_group_size is not None and (
+        not isinstance(target_group_size, int) or isinstance(target_group_size, bool) or target_group_size < 1
+    ):
+        raise SwarmError(f"target_group_size must be None or an int >= 1, got {target_group_size!r}")
+
+
+def _result(group: Group, outcome: AllReduceOutcome) -> AveragingResult:
+    """A finished round's result: who took part, who was lost, what the reducer inspected."""
+    members = tuple(group.peer(i) for i in range(len(group.members)))
+    lost = tuple(dict.fromkeys(outcome.lost_owners + outcome.dropped_senders))
+    others = len(members) - 1 - len(outcome.excluded)
+    return AveragingResult(
+        with_others=len(lost) < others,
+        group_size=len(members),
+        group=members,
+        lost_peers=lost,
+        round_id=group.round_id,
+        inspected=outcome.inspected,
+        excluded=outcome.excluded,
+        members=group.members,
+    )
