@@ -422,6 +422,12 @@ def _check_path(schema: type[Config], keys: list[str]) -> None:
         cls = _config_type(_hints(cls)[key])
 
 
+def canonical_json(data: Mapping[str, Any]) -> bytes:
+    """The canonical form of config data (sorted-key compact JSON, UTF-8): equal data, equal bytes; TypeError if
+    ``data`` is not JSON data. Run ids and model-config hashes are SHA-256s of it."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out: dict[str, Any] = {}

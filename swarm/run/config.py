@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from swarm.configs import Config, apply_overrides, build, flatten, setting
+from swarm.configs import Config, apply_overrides, build, canonical_json, flatten, setting
 from swarm.errors import ConfigError
 from swarm.run.hf_config import hf_config_sha256, hf_get, read_hf_config
 from swarm.run.precision import PrecisionConfig
@@ -258,7 +258,7 @@ class RunConfig(Config, section="run"):
 
     def canonical_bytes(self) -> bytes:
         """Sorted-key compact JSON of the run's identity (`identity_dict`): equal runs, equal bytes."""
-        return canonical_bytes(self.identity_dict())
+        return canonical_json(self.identity_dict())
 
     def identity_dict(self) -> dict[str, Any]:
         """What makes the run: every field (`identity`: less a bound shard manifest's local path), and for a
@@ -382,16 +382,11 @@ def read_run_text(spec: str | Path | None) -> tuple[str, str]:
     )
 
 
-def canonical_bytes(data: dict[str, Any]) -> bytes:
-    """The canonical form of a run config's dictionary (sorted-key compact JSON); TypeError if not JSON data."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
 def canonical_hash(data: dict[str, Any]) -> str | None:
     """SHA-256 hex of the canonical form of a run config dictionary's `identity` (what `RunConfig.config_hash`
     gives for its `to_dict`), or None if ``data`` is not JSON data (e.g. a peer's record holding bytes)."""
     try:
-        return hashlib.sha256(canonical_bytes(identity(data))).hexdigest()
+        return hashlib.sha256(canonical_json(identity(data))).hexdigest()
     except (TypeError, ValueError, RecursionError):
         return None
 

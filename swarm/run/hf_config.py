@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from swarm.configs import canonical_json
 from swarm.errors import ConfigError
 
 # model_type values whose decoder layers swarm cuts into stages (the split-equivalence tests cover each one)
@@ -84,4 +85,4 @@ def hf_get(data: dict[str, Any], key: str) -> Any:
 
 def hf_config_sha256(data: dict[str, Any]) -> str:
     """SHA-256 of the config's canonical JSON: part of the run id, so every node of a run builds the same model."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(data)).hexdigest()
