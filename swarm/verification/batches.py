@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 from swarm.p2p.identity import PeerID
 from swarm.p2p.messages import Message, packb
 from swarm.errors import RecordError
-from swarm.dht.keys import part_subkey
-from swarm.dht.schema import RecordSchema
-from swarm.verification.common import RecordStore, record_items
+from swarm.dht.keys import OWNER_PART_SUBKEY, KeyPattern, part_subkey
+from swarm.dht.schema import RecordKind, RecordSchema
+from swarm.verification.common import MAX_RECORD_TTL_S, RecordStore, record_items
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +126,16 @@ def merge_batches(
         items = [item for p in complete for item in getattr(p, items_field)]
         merged[publisher] = dataclasses.replace(complete[0], **{items_field: items, "part": 0, "num_parts": 1})
     return merged
+
+
+def batch_schema(key: KeyPattern, batch_type: type[Message]) -> RecordSchema:
+    """The schema of a key of batches in parts (receipts, verdicts): owner-signed ``[owner:<PeerID>]#<part>``
+    subkeys, each the packed bytes of one part of ``batch_type``, kept at most `MAX_RECORD_TTL_S`."""
+    return RecordSchema(
+        key=key,
+        kind=RecordKind.OWNED,
+        subkey=OWNER_PART_SUBKEY,
+        value_types=(batch_type,),
+        packed=True,
+        max_ttl_s=MAX_RECORD_TTL_S,
+    )

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
 from swarm.errors import VerificationError
-from swarm.dht.keys import OWNER_PART_SUBKEY, RECEIPTS, receipts_key
-from swarm.dht.schema import RecordKind, RecordSchema
-from swarm.verification.batches import merge_batches, publish_batch
-from swarm.verification.common import MAX_RECORD_TTL_S, RecordStore, check_digest, peer_from_bytes, signing_body
+from swarm.dht.keys import RECEIPTS, receipts_key
+from swarm.verification.batches import batch_schema, merge_batches, publish_batch
+from swarm.verification.common import RecordStore, check_digest, peer_from_bytes, signing_body
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +152,7 @@ class ReceiptBatch(Message):
         return hashlib.sha256(self.pack()).digest()
 
 
-RECEIPTS_SCHEMA = RecordSchema(
-    key=RECEIPTS,
-    kind=RecordKind.OWNED,
-    subkey=OWNER_PART_SUBKEY,
-    value_types=(ReceiptBatch,),
-    packed=True,
-    max_ttl_s=MAX_RECORD_TTL_S,
-)
+RECEIPTS_SCHEMA = batch_schema(RECEIPTS, ReceiptBatch)
 
 
 async def publish_receipts(store: RecordStore, batch: ReceiptBatch, expiration_time: float) -> bool:

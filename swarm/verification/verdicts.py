@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 from swarm.p2p.identity import SIGNATURE_SIZE_BYTES, Identity, PeerID
 from swarm.p2p.messages import Message
-from swarm.dht.keys import OWNER_PART_SUBKEY, VERDICTS, verdicts_key
-from swarm.dht.schema import RecordKind, RecordSchema
-from swarm.verification.batches import merge_batches, publish_batch
-from swarm.verification.common import MAX_RECORD_TTL_S, RecordStore, check_digest, peer_from_bytes, signing_body
+from swarm.dht.keys import VERDICTS, verdicts_key
+from swarm.verification.batches import batch_schema, merge_batches, publish_batch
+from swarm.verification.common import RecordStore, check_digest, peer_from_bytes, signing_body
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +115,7 @@ class VerdictBatch(Message):
         return hashlib.sha256(self.pack()).digest()
 
 
-VERDICTS_SCHEMA = RecordSchema(
-    key=VERDICTS,
-    kind=RecordKind.OWNED,
-    subkey=OWNER_PART_SUBKEY,
-    value_types=(VerdictBatch,),
-    packed=True,
-    max_ttl_s=MAX_RECORD_TTL_S,
-)
+VERDICTS_SCHEMA = batch_schema(VERDICTS, VerdictBatch)
 
 
 async def publish_verdicts(store: RecordStore, batch: VerdictBatch, expiration_time: float) -> bool:
