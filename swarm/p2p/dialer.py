@@ -13,13 +13,10 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from swarm.p2p.admission import Admission
-from swarm.p2p.config import TransportConfig
+from swarm.p2p.endpoint import Endpoint
 from swarm.p2p.connection import Connection
-from swarm.p2p.conntable import ConnectionTable
-from swarm.p2p.identity import Identity, PeerID
+from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.errors import HandshakeError, OverloadedError, SwarmError, TransportError
 
@@ -30,24 +27,11 @@ MAX_ADDRESSES_PER_PEER = 16
 class Dialer:
     """The outbound side of one transport: its address book and its dials in flight."""
 
-    def __init__(
-        self,
-        *,
-        identity: Identity,
-        static_key: X25519PrivateKey,
-        config: TransportConfig,
-        admission: Admission,
-        table: ConnectionTable,
-        make_connection: Callable[[], Connection],
-        establish: Callable[[Connection], None],
-    ) -> None:
-        self.identity = identity
-        self.config = config
-        self._static_key = static_key
-        self._admission = admission
-        self._table = table
+    def __init__(self, endpoint: Endpoint, *, make_connection: Callable[[], Connection]) -> None:
+        self._endpoint = endpoint
+        self.identity = endpoint.identity
+        self.config = endpoint.config
         self._make_connection = make_connection  # an outbound (initiator) Connection
-        self._establish = establish  # hands a dialled connection to the transport
         self._addresses: dict[PeerID, list[PeerAddress]] = {}
         self._dials: dict[Any, asyncio.Task[Connection]] = {}
 
@@ -77,11 +61,11 @@ class Dialer:
         addrs: tuple[PeerAddress, ...]
         if isinstance(peer, PeerID):
             peer_id, addrs = peer, self.addresses(peer)
-            if not addrs and self._table.open_connection(peer) is None:
+            if not addrs and self._endpoint.table.open_connection(peer) is None:
                 raise TransportError(f"no known address for peer {peer.short()}; add one with add_addresses()")
         else:
             peer_id, addrs = peer.peer_id, (peer,)
-        if peer_id is not None and (conn := self._table.open_connection(peer_id)) is not None:
+        if peer_id is not None and (conn := self._endpoint.table.open_connection(peer_id)) is not None:
             return conn
         key: Any = peer_id if peer_id is not None else (addrs[0].host, addrs[0].port)
         task = self._dials.get(key)
@@ -110,11 +94,11 @@ class Dialer:
         raise TransportError(f"cannot reach {who} at any known address: " + "; ".join(map(str, errors)))
 
     async def _dial(self, addr: PeerAddress) -> Connection:
-        with self._admission.dial_slot():  # OverloadedError if every slot is taken and busy
+        with self._endpoint.admission.dial_slot():  # OverloadedError if every slot is taken and busy
             conn = await self._dial_and_handshake(addr)
-            self._admission.dialled(conn)
+            self._endpoint.admission.dialled(conn)
         self.add_addresses(conn.peer_id, [addr])  # type: ignore[arg-type]  # the handshake set it
-        self._establish(conn)
+        self._endpoint.establish(conn)
         conn.begin_frames()
         return conn
 
@@ -127,10 +111,10 @@ class Dialer:
         except (OSError, TimeoutError) as e:
             reason = e or "timed out"
             raise TransportError(f"cannot connect to {addr}: {reason}; check that the peer runs there") from None
-        self._table.all.add(conn)
+        self._endpoint.table.all.add(conn)
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
-                peer_id = await conn.handshake(self.identity, self._static_key, addr.peer_id)
+                peer_id = await conn.handshake(self.identity, self._endpoint.static_key, addr.peer_id)
         except TimeoutError:
             conn.close("handshake timed out", warn=True)
             raise HandshakeError(

@@ -12,13 +12,9 @@ import contextlib
 import socket
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from swarm.p2p.admission import Admission
-from swarm.p2p.config import TransportConfig
+from swarm.p2p.endpoint import Endpoint
 from swarm.p2p.connection import Connection
-from swarm.p2p.conntable import ConnectionTable
-from swarm.p2p.identity import Identity
 from swarm.p2p.maddr import format_maddr, parse_maddr
 from swarm.errors import ConfigError, SwarmError
 
@@ -26,24 +22,11 @@ from swarm.errors import ConfigError, SwarmError
 class Listener:
     """The inbound side of one transport: its listening sockets and the handshakes of accepted connections."""
 
-    def __init__(
-        self,
-        *,
-        identity: Identity,
-        static_key: X25519PrivateKey,
-        config: TransportConfig,
-        admission: Admission,
-        table: ConnectionTable,
-        make_connection: Callable[[], Connection],
-        establish: Callable[[Connection], None],
-    ) -> None:
-        self.identity = identity
-        self.config = config
-        self._static_key = static_key
-        self._admission = admission
-        self._table = table
+    def __init__(self, endpoint: Endpoint, *, make_connection: Callable[[], Connection]) -> None:
+        self._endpoint = endpoint
+        self.identity = endpoint.identity
+        self.config = endpoint.config
         self._make_connection = make_connection  # an inbound (responder) Connection
-        self._establish = establish  # hands an admitted connection to the transport
         self._servers: list[asyncio.Server] = []
         self._handshakes: set[asyncio.Task[None]] = set()
 
@@ -72,9 +55,9 @@ class Listener:
 
     def accepted(self, conn: Connection) -> None:
         """A connection was accepted: start its handshake, within the pending budget."""
-        if not self._admission.accept(conn):
+        if not self._endpoint.admission.accept(conn):
             return
-        self._table.all.add(conn)
+        self._endpoint.table.all.add(conn)
         task = asyncio.get_running_loop().create_task(self._handshake(conn))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -82,7 +65,7 @@ class Listener:
     async def _handshake(self, conn: Connection) -> None:
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
-                await conn.handshake(self.identity, self._static_key, None)
+                await conn.handshake(self.identity, self._endpoint.static_key, None)
         except TimeoutError:
             conn.close(
                 f"handshake not finished within handshake_timeout_s={self.config.handshake_timeout_s}s", warn=True
@@ -91,9 +74,9 @@ class Listener:
         except SwarmError as e:
             conn.close(f"handshake failed: {e}", warn=True)
             return
-        if not self._admission.establish(conn):
+        if not self._endpoint.admission.establish(conn):
             return
-        self._establish(conn)
+        self._endpoint.establish(conn)
         conn.begin_frames()
 
     def close(self) -> None:

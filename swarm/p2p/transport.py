@@ -25,6 +25,7 @@ from swarm.p2p.admission import Admission
 from swarm.p2p.config import TransportConfig
 from swarm.p2p.connection import Connection
 from swarm.p2p.conntable import ConnectionTable, PeerCallback
+from swarm.p2p.endpoint import Endpoint
 from swarm.p2p.dialer import Dialer, PeerLike
 from swarm.p2p.dispatch import dispatch_request
 from swarm.p2p.framing import Chunk, Frame, WriteScratch
@@ -49,24 +50,16 @@ class Transport:
         self._handlers: dict[str, HandlerEntry] = {}
         self._table = ConnectionTable(identity.peer_id)
         self._admission = Admission(config, log, identity.peer_id.short())  # the connection budgets
-        self._dialer = Dialer(
+        endpoint = Endpoint(
             identity=identity,
             static_key=self._static_key,
             config=config,
             admission=self._admission,
             table=self._table,
-            make_connection=self._outbound_protocol,
             establish=self._establish,
         )
-        self._listener = Listener(
-            identity=identity,
-            static_key=self._static_key,
-            config=config,
-            admission=self._admission,
-            table=self._table,
-            make_connection=self._inbound_protocol,
-            establish=self._establish,
-        )
+        self._dialer = Dialer(endpoint, make_connection=self._outbound_protocol)
+        self._listener = Listener(endpoint, make_connection=self._inbound_protocol)
         self._listen_maddrs: tuple[str, ...] = ()
         self._reaper: asyncio.Task[None] | None = None
         self._running = False
