@@ -149,6 +149,8 @@ class TrainingRole(RunLoop):
         await self.evaluation.final(max_steps, driver=driver)
         if st.server is not None:
             await asyncio.to_thread(self.sync.save_checkpoint)
+        # the step loop's own publication of the last step may be cancelled when this returns: publish it here
+        await self.records.publish_record()
         await self._serve_validators(stop_event, max_steps)
         return True
 
