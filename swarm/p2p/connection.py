@@ -40,6 +40,7 @@ from swarm.p2p.readbuffer import ReadBuffer
 from swarm.p2p.refusal import AT_LIMIT_TEXT, encode_refusal
 from swarm.p2p.sealing import seal_frame
 from swarm.p2p.streams import Stream
+from swarm.p2p.traffic import OTHER_FAMILY, P2P_FAMILY, Traffic, method_family
 from swarm.errors import HandshakeError, OverloadedError, ProtocolError, SwarmError, TransportError
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,11 @@ class Connection(asyncio.BufferedProtocol):
         owner: ConnectionOwner,
         local_short: str,
         scratch: WriteScratch,
+        traffic: Traffic,
     ) -> None:
         self.config = config
+        self.traffic = traffic
+        self._rx_pending_bytes = 0  # record bytes received since the last complete frame (see traffic.py)
         self._scratch = scratch
         self.local_short = local_short  # our own short PeerID, for log lines
         self.initiator = initiator
@@ -156,6 +160,7 @@ class Connection(asyncio.BufferedProtocol):
                     break
                 record = view[pos + 2 : pos + 2 + size]
                 pos += 2 + size
+                self._rx_pending_bytes += 2 + size
                 plain = size - TAG_LEN
                 if plain < 0:
                     raise ProtocolError("a Noise record shorter than its tag; closing the connection")
@@ -204,6 +209,7 @@ class Connection(asyncio.BufferedProtocol):
         while True:
             record = self.read_buffer.take_record()
             if record is not None:
+                self.traffic.received(P2P_FAMILY, 2 + len(record))
                 return record
             if self._closed.done():
                 raise HandshakeError(f"connection closed during the handshake: {self.close_reason}")
@@ -213,6 +219,7 @@ class Connection(asyncio.BufferedProtocol):
     def write_record(self, message: bytes) -> None:
         if self._transport is not None and not self._closed.done():
             self._transport.write(RECORD_PREFIX.pack(len(message)) + message)
+            self.traffic.sent(P2P_FAMILY, 2 + len(message))
 
     def replied(self) -> None:
         """As the responder: handshake message 2 is sent."""
@@ -277,6 +284,10 @@ class Connection(asyncio.BufferedProtocol):
             return
         out, out_view = seal_frame(self._send, self._scratch, stream_id, ftype, flags, payload)
         self._transport.write(out_view)
+        stream = self.streams.get(stream_id) if stream_id else None
+        self.traffic.sent(
+            P2P_FAMILY if not stream_id else method_family(stream.method) if stream else OTHER_FAMILY, len(out_view)
+        )
         if self._transport.get_write_buffer_size() == 0:  # the socket took it all: nothing refers to `out`
             self._scratch.give_back(out)
         if ftype is not FrameType.PING and ftype is not FrameType.PONG:
@@ -309,14 +320,19 @@ class Connection(asyncio.BufferedProtocol):
         ):
             raise ProtocolError("the peer keeps sending but does not read our answers")
         ftype = frame.type
+        size_bytes, self._rx_pending_bytes = self._rx_pending_bytes, 0
         if ftype is FrameType.PING or ftype is FrameType.PONG:  # keep-alives: not activity (see docs/transport.md)
+            self.traffic.received(P2P_FAMILY, size_bytes)
             self._pinger.on_frame(ftype, frame.payload)
             return
         self.last_active_s = time.monotonic()  # complete frames only: a trickled half frame stays idle
         if ftype is FrameType.ERROR and frame.stream_id == 0:
+            self.traffic.received(P2P_FAMILY, size_bytes)
             self._on_connection_error(frame.payload)
         else:
-            deliver(self, frame)
+            deliver(self, frame)  # a REQUEST gets its stream, and its method, here
+            stream = self.streams.get(frame.stream_id)
+            self.traffic.received(method_family(stream.method) if stream else OTHER_FAMILY, size_bytes)
 
     def _on_connection_error(self, payload: bytes | memoryview) -> None:
         """An ERROR frame on stream 0: the peer closes the whole connection, e.g. it is at its connection limit."""

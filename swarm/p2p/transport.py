@@ -32,6 +32,7 @@ from swarm.p2p.framing import Chunk, Frame, WriteScratch
 from swarm.p2p.listener import Listener
 from swarm.p2p.rpc import HandlerEntry, StreamHandler, StreamReply, UnaryHandler
 from swarm.p2p.streams import Stream
+from swarm.p2p.traffic import Traffic
 from swarm.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Transport:
         self.config = config
         self._static_key = X25519PrivateKey.generate()
         self._scratch = WriteScratch()
+        self.traffic = Traffic()  # bytes per RPC method family, both directions (see traffic.py)
         self._handlers: dict[str, HandlerEntry] = {}
         self._table = ConnectionTable(identity.peer_id)
         self._admission = Admission(config, log, identity.peer_id.short())  # the connection budgets
@@ -239,12 +241,22 @@ class Transport:
 
     def _inbound_protocol(self) -> Connection:
         return Connection(
-            config=self.config, initiator=False, owner=self, local_short=self.peer_id.short(), scratch=self._scratch
+            config=self.config,
+            initiator=False,
+            owner=self,
+            local_short=self.peer_id.short(),
+            scratch=self._scratch,
+            traffic=self.traffic,
         )
 
     def _outbound_protocol(self) -> Connection:
         return Connection(
-            config=self.config, initiator=True, owner=self, local_short=self.peer_id.short(), scratch=self._scratch
+            config=self.config,
+            initiator=True,
+            owner=self,
+            local_short=self.peer_id.short(),
+            scratch=self._scratch,
+            traffic=self.traffic,
         )
 
     def on_connection_made(self, conn: Connection) -> None:

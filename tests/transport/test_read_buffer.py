@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from swarm.p2p import RpcContext, TransportConfig
 from swarm.p2p.connection import Connection
+from swarm.p2p.traffic import Traffic
 from swarm.p2p.framing import Frame, FrameType, WriteScratch
 from swarm.p2p.readbuffer import LARGE_READ_BUFFER_BYTES, SMALL_READ_BUFFER_BYTES, ReadBuffer
 from swarm.p2p.streams import Stream
@@ -79,7 +80,9 @@ async def test_read_buffer_grows_under_bulk_data_and_trims_back_when_quiet() -> 
     loop = asyncio.get_running_loop()
 
     def make(initiator: bool) -> _TrackedConnection:
-        return _TrackedConnection(config=config, initiator=initiator, owner=owner, local_short="t", scratch=scratch)
+        return _TrackedConnection(
+            config=config, initiator=initiator, owner=owner, local_short="t", scratch=scratch, traffic=Traffic()
+        )
 
     server = await loop.create_server(lambda: make(False), "127.0.0.1", 0)
     client: _TrackedConnection | None = None
