@@ -354,6 +354,7 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         "exit_codes": [n.proc.returncode for n in nodes],
         "devices": sorted({s.device for s in summaries if s.device}),  # what the nodes' --device resolved to
         "precision": run.precision.compute,
+        "peak_rss_bytes": [s.peak_rss_bytes for s in summaries],  # per node process, in the nodes' order
     }
 
 

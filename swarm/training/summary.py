@@ -10,6 +10,7 @@ defaults. `NodeSummary.write` is atomic (a temporary file, then a rename), so a 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class NodeSummary(Message):
     verification: VerificationSummary | None = None
     device: str | None = None  # the torch device its stage computed on (``--device auto`` resolved)
     precision: str | None = None  # the run's compute precision (fp32, bf16)
+    peak_rss_bytes: int | None = None  # the node process's peak resident memory (None where the OS does not say)
     # validators
     checks: int = 0  # receipts checked
     failed: int = 0  # checks that failed
@@ -128,3 +130,14 @@ class NodeSummary(Message):
             return cls.from_json(obj)
         except ProtocolError as e:
             raise SummaryError(f"the node summary {path} is malformed: {e}") from None
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size in bytes (``getrusage``), or None where there is no ``resource``
+    module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux

@@ -51,7 +51,7 @@ from swarm.training.stage_rpc import RemoteStageClient, StageService
 from swarm.training.state import TrainerState
 from swarm.training.stepping import Stepper
 from swarm.training.sync import StateSync
-from swarm.training.summary import NodeSummary
+from swarm.training.summary import NodeSummary, peak_rss_bytes
 from swarm.training.tied import TiedService
 from swarm.training.training_config import TrainingConfig
 from swarm.training.verifying import NodeVerification
@@ -214,6 +214,7 @@ class TrainingRole(RunLoop):
             verification=self.checks.summary(),
             device=st.cfg.device,
             precision=st.run_cfg.precision.compute,
+            peak_rss_bytes=peak_rss_bytes(),
         )
 
 

@@ -81,6 +81,22 @@ def test_local_loop_learns_toward_the_floor(cfg: RunConfig) -> None:
     assert result.loss_floor is not None and result.losses[-1] > result.loss_floor - 0.1
 
 
+def test_local_loop_evaluates_at_the_swarms_steps_on_the_held_out_batches(cfg: RunConfig) -> None:
+    run = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every_steps=3, batches=2))
+    model, result = train_local(run, steps=7)
+    assert sorted(result.eval_losses) == [0, 3, 6, 7]  # every 3 steps, and the final weights
+    assert result.eval_losses[7] < result.eval_losses[0] - 0.3
+    data = ShardedData(run, b"anyone")  # the held-out microbatches do not depend on who draws them
+    with torch.no_grad():
+        losses = [
+            (float(model.loss(b.inputs, b.targets)), b.num_samples)
+            for b in (data.eval_microbatch(7, i) for i in range(2))
+        ]
+    assert result.eval_losses[7] == pytest.approx(sum(x * n for x, n in losses) / sum(n for _, n in losses), rel=1e-6)
+    _, plain = train_local(cfg, steps=2)
+    assert cfg.eval.every_steps == 0 and plain.eval_losses == {}
+
+
 def test_model_factory_replaces_the_gpt(cfg: RunConfig) -> None:
     run = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factory="tests.training.factory_example:make"))
     stages = build_stages(run)
