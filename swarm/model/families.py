@@ -29,6 +29,10 @@ class ModelFamily(Protocol):
         """Every stage with its deterministic initial weights (identical on every node)."""
         ...
 
+    def build_stage(self, run: RunConfig, index: int) -> StageModel:
+        """Stage ``index`` alone, with the same weights `build_stages` gives it (a family may allocate only it)."""
+        ...
+
     def whole_names(self, run: RunConfig, stages: Sequence[StageModel]) -> list[dict[str, str]]:
         """Per stage, ``{stage parameter name: whole-model parameter name}`` (``stages`` as `build_stages` gave)."""
         ...
@@ -41,6 +45,9 @@ class GptFamily:
 
     def build_stages(self, run: RunConfig) -> list[StageModel]:
         return gpt_stages(run)
+
+    def build_stage(self, run: RunConfig, index: int) -> StageModel:
+        return gpt_stages(run)[index]  # the model is small, and its seeded init draws the stages in order
 
     def whole_names(self, run: RunConfig, stages: Sequence[StageModel]) -> list[dict[str, str]]:
         whole = {id(p): name for name, p in PipelineModel(list(stages)).named_parameters()}

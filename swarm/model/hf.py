@@ -1,8 +1,12 @@
 """The ``hf`` model family: a `transformers` causal LM built from its config, cut at decoder-layer boundaries.
 
-Every node builds the whole model from the run's config with the run seed (``torch.manual_seed``; no hub download,
-ever) and keeps its stage's pieces: stage 0 the token (and, GPT-2, position) embeddings and the first layers,
-middle stages layers, the last stage the last layers, the final norm and the LM head. Nothing but the hidden
+The model is built from the run's config on the ``meta`` device (no memory, no hub download, ever); only the
+pieces a node needs are then allocated and initialized: a node serving one stage (`HfFamily.build_stage`) holds
+that stage's pieces and nothing else, so an 8B model's stage fits where the whole model would not. Stage 0 holds
+the token (and, GPT-2, position) embeddings and the first layers, middle stages layers, the last stage the last
+layers, the final norm and the LM head. Each module is initialized by `transformers`' own ``_init_weights`` under
+a seed derived from the run seed and the module's name in the whole model, so its weights are the same whichever
+subset of the model a node builds. Nothing but the hidden
 states crosses a stage boundary: each stage computes its own position ids (``0..L-1``) and rotary cos/sin from
 the sequence length, and attention is causal inside every layer (the ``sdpa`` attention with no mask, which
 `transformers` runs with ``is_causal``). With ``tie_word_embeddings`` the LM head is the embedding matrix: one
@@ -12,6 +16,7 @@ stage 0 (``body.embed.weight``) and the last stage (``body.lm_head.weight``) equ
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,18 +43,56 @@ def hf_transformers_config(data: dict[str, Any]) -> Any:
     return config
 
 
-def build_hf_model(data: dict[str, Any], seed: int) -> Any:
-    """The whole causal LM with deterministic fp32 weights: every node building it with ``seed`` gets the same."""
+def module_seed(seed: int, name: str) -> int:
+    """The init seed of the module called ``name`` in the whole model, for the run seed ``seed``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def build_hf_model(data: dict[str, Any], seed: int, *, stage: tuple[int, int] | None = None) -> Any:
+    """The causal LM with deterministic fp32 weights: every node building it with ``seed`` gets the same.
+
+    ``stage=(index, num_stages)`` allocates only that stage's pieces; the rest of the model stays on the ``meta``
+    device (shapes, no storage). None allocates all of it.
+    """
     from transformers import AutoModelForCausalLM
 
     config = hf_transformers_config(data)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    keep = _stage_modules(model, *stage) if stage is not None else [model]
+    names = {id(m): name for name, m in model.named_modules()}
+    for root in keep:
+        for module in root.modules():
+            if next(module.parameters(recurse=False), None) is None or not _on_meta(module):
+                continue
+            module.to_empty(device="cpu", recurse=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(module_seed(seed, names[id(module)]))
+                model._init_weights(module)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # allocating broke the tie: the head is the embedding matrix again
+    base: Any = model.base_model
+    if getattr(base, "rotary_emb", None) is not None:  # its buffers were never allocated: computed anew
+        base.rotary_emb = type(base.rotary_emb)(config=config)
     return model.float()
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in module.parameters(recurse=False))
+
+
+def _stage_modules(model: Any, index: int, num_stages: int) -> list[nn.Module]:
+    """The modules stage ``index`` of ``num_stages`` holds (the embedding too on a last stage whose head is tied)."""
+    parts = _parts(model)
+    layers = parts["layers"]
+    keep: list[nn.Module] = [layers[b] for b in stage_block_ranges(len(layers), num_stages)[index]]
+    if index == 0:
+        keep += [parts["embed"], *([parts["positions"]] if parts.get("positions") is not None else [])]
+    if index == num_stages - 1:
+        keep += [parts["norm"], model.get_output_embeddings()]
+        if getattr(model.config, "tie_word_embeddings", False):
+            keep.append(parts["embed"])
+    return keep
 
 
 class HfStageBody(nn.Module):
@@ -116,46 +159,49 @@ class HfFamily:
     name = "hf"
 
     def build_stages(self, run: RunConfig) -> list[StageModel]:
-        data = run.model.hf_dict()
-        model = build_hf_model(data, run.seed)
-        parts = _parts(model)
-        whole = {id(p): name for name, p in model.named_parameters()}  # the tied matrix under its embedding name
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        n = run.pipeline.num_stages
-        width = int(hf_get(data, "hidden_size"))
-        stages = []
-        for i, layer_range in enumerate(stage_block_ranges(len(parts["layers"]), n)):
-            first, last = i == 0, i == n - 1
-            body = HfStageBody(
-                layers=[parts["layers"][b] for b in layer_range],
-                rotary=parts.get("rotary"),
-                embed=parts["embed"] if first else None,
-                positions=parts.get("positions") if first else None,
-                dropout=parts.get("dropout") if first else None,
-                norm=parts["norm"] if last else None,
-                lm_head=model.get_output_embeddings() if last else None,
-            )
-            body.whole_names = {name: whole[id(p)] for name, p in body.named_parameters()}
-            spec = (
-                InputSpec(dtype=torch.int64, tail_shape=(run.model.seq_len,), max_value=run.model.vocab_size)
-                if first
-                else InputSpec(dtype=torch.float32, tail_shape=(run.model.seq_len, width))
-            )
-            tied_name = None if n == 1 or not tied else "body.embed.weight" if first else "body.lm_head.weight"
-            stages.append(
-                StageModel(
-                    body,
-                    index=i,
-                    num_stages=n,
-                    input_spec=spec,
-                    loss_fn=lm_loss,
-                    tied_name=tied_name if first or last else None,
-                )
-            )
-        return stages
+        model = build_hf_model(run.model.hf_dict(), run.seed)
+        return [_stage(run, model, i) for i in range(run.pipeline.num_stages)]
+
+    def build_stage(self, run: RunConfig, index: int) -> StageModel:
+        model = build_hf_model(run.model.hf_dict(), run.seed, stage=(index, run.pipeline.num_stages))
+        return _stage(run, model, index)
 
     def whole_names(self, run: RunConfig, stages: Sequence[StageModel]) -> list[dict[str, str]]:
         return [{f"body.{k}": v for k, v in _body(stage).whole_names.items()} for stage in stages]
+
+
+def _stage(run: RunConfig, model: Any, index: int) -> StageModel:
+    """Stage ``index`` of ``model`` (whose pieces of that stage are allocated)."""
+    parts = _parts(model)
+    whole = {id(p): name for name, p in model.named_parameters()}  # the tied matrix under its embedding name
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    n = run.pipeline.num_stages
+    first, last = index == 0, index == n - 1
+    body = HfStageBody(
+        layers=[parts["layers"][b] for b in stage_block_ranges(len(parts["layers"]), n)[index]],
+        rotary=parts.get("rotary"),
+        embed=parts["embed"] if first else None,
+        positions=parts.get("positions") if first else None,
+        dropout=parts.get("dropout") if first else None,
+        norm=parts["norm"] if last else None,
+        lm_head=model.get_output_embeddings() if last else None,
+    )
+    body.whole_names = {name: whole[id(p)] for name, p in body.named_parameters()}
+    width = int(hf_get(run.model.hf_dict(), "hidden_size"))
+    spec = (
+        InputSpec(dtype=torch.int64, tail_shape=(run.model.seq_len,), max_value=run.model.vocab_size)
+        if first
+        else InputSpec(dtype=torch.float32, tail_shape=(run.model.seq_len, width))
+    )
+    tied_name = None if n == 1 or not tied else "body.embed.weight" if first else "body.lm_head.weight"
+    return StageModel(
+        body,
+        index=index,
+        num_stages=n,
+        input_spec=spec,
+        loss_fn=lm_loss,
+        tied_name=tied_name if first or last else None,
+    )
 
 
 def _body(stage: StageModel) -> HfStageBody:

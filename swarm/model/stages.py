@@ -194,10 +194,14 @@ def gpt_stages(cfg: RunConfig) -> list[StageModel]:
 
 
 def build_stage(cfg: RunConfig, index: int) -> StageModel:
-    """One stage of the run (builds all, keeps one: the model is small and the weights must match)."""
+    """One stage of the run, with the weights `build_stages` gives it (the hf family allocates only that stage)."""
+    from swarm.model.families import family_for  # the families build on this module
+
     if not 0 <= index < cfg.pipeline.num_stages:
         raise ConfigError(f"stage must be in [0, {cfg.pipeline.num_stages}), got {index}")
-    return build_stages(cfg)[index]
+    stage = family_for(cfg).build_stage(cfg, index)
+    stage.set_precision(compute_dtype(cfg.precision.compute))
+    return stage
 
 
 def _stages_from_factory(cfg: RunConfig) -> list[StageModel]:

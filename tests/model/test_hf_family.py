@@ -24,7 +24,9 @@ from swarm.model import (
     merge_stage_tensors,
     split_whole_tensors,
 )
-from swarm.model.hf import build_hf_model
+from swarm.model import build_stage
+from swarm.model.hf import build_hf_model, hf_transformers_config
+from swarm.model.sizes import model_sizes
 from swarm.run.config import RunConfig
 from tests.model.hf_configs import SEQ_LEN, TINY_CONFIGS, VOCAB, hf_run
 
@@ -82,6 +84,24 @@ def test_staged_forward_and_backward_equal_the_unsplit_transformers_model(
             torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{family} {name}")
             seen.add(stage_names[name])
     assert seen == set(whole)  # every parameter of the whole model lives in some stage
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_a_node_builds_only_its_stage_with_the_same_weights(tmp_path: Path, family: str) -> None:
+    run = hf_run(tmp_path, family, num_stages=3, seed=7)
+    sizes = model_sizes(hf_transformers_config(run.model.hf_dict()), 3)
+    for index, full in enumerate(build_stages(run)):
+        alone = build_stage(run, index)
+        want = dict(full.named_parameters())
+        got = dict(alone.named_parameters())
+        assert set(got) == set(want)
+        assert all(torch.equal(got[n], want[n]) for n in want), index
+        assert all(p.device.type == "cpu" for p in got.values())
+        assert sum(p.numel() for p in got.values()) == sizes.stage_params[index]  # its pieces, nothing else
+        ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(index))
+        width = int(run.model.hf_dict().get("hidden_size") or run.model.hf_dict()["n_embd"])
+        x = ids if index == 0 else torch.randn(2, SEQ_LEN, width, generator=torch.Generator().manual_seed(index))
+        torch.testing.assert_close(alone(x), full(x))
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
