@@ -69,7 +69,9 @@ class DHTConfig(Config, section="dht"):
     max_share_per_peer: float = setting(
         default=0.125, gt=0, le=1, doc="Share of each budget one sending PeerID may hold."
     )
-    max_share_per_ip: float = setting(default=0.25, gt=0, le=1, doc="Share of each budget one source IP may hold.")
+    max_share_per_ip: float = setting(
+        default=0.25, gt=0, le=1, doc="Share of each budget one source IP (IPv6: one /64) may hold."
+    )
     max_subkeys_per_key: int = setting(default=1024, ge=1, le=1 << 20, doc="Most subkeys one key holds.")
     preferred_key_prefixes: tuple[str, ...] = setting(
         default=(), doc="Keys starting with one of these are evicted last."

@@ -28,6 +28,7 @@ from typing import Protocol
 from swarm.dht.budget import Held, Ledger, record_size_bytes
 from swarm.dht.records import Record, record_owner
 from swarm.errors import ConfigError, RecordError
+from swarm.p2p.budget import source_of
 from swarm.p2p.identity import PeerID
 from swarm.configs import Config, setting
 
@@ -158,7 +159,7 @@ class MemoryStorage:
             key_id=key_id,
             size_bytes=record_size_bytes(record),
             source=source,
-            host=host if source is not None else None,
+            host=source_of(host) if source is not None and host is not None else None,  # an IPv6 /64 as one
             owned=owned,
             preferred=self._is_preferred(record),
             until=until,
@@ -295,8 +296,8 @@ class MemoryStorage:
         return self._ledger.source_bytes.get(source, 0)
 
     def bytes_from_host(self, host: str) -> int:
-        """What the records sent from IP address ``host`` cost."""
-        return self._ledger.host_bytes.get(host, 0)
+        """What the records sent from IP address ``host`` (an IPv6 address: from its /64) cost."""
+        return self._ledger.host_bytes.get(source_of(host), 0)
 
 
 def _subkey_victim(held: list[Held], owned: bool, source: PeerID | None) -> Held | None:

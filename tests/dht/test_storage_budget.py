@@ -67,6 +67,20 @@ def test_many_identities_from_one_ip_share_one_cap(clock: FakeClock) -> None:
     assert _put(s, make_record("honest", VALUE, clock() + 10), source=1, host="10.0.0.2")
 
 
+def test_identities_from_one_ipv6_network_share_one_cap(clock: FakeClock) -> None:
+    """Addresses of one /64 are one source (a home or a VM gets a whole /64), as for connection budgets."""
+    s = _storage(clock, budget_bytes=4 * MIB, max_share_per_source=0.125, max_share_per_host=0.25)
+    stored = sum(
+        _put(s, make_record(f"v6sybil{n}/{i}", VALUE, clock() + 86400), source=100 + n, host=f"2001:db8:1:2::{n + 1:x}")
+        for n in range(40)
+        for i in range(20)
+    )
+    per_record = record_size_bytes(make_record("v6sybil10/10", VALUE, clock() + 86400))
+    assert stored == (4 * MIB // 4) // per_record
+    assert s.bytes_from_host("2001:db8:1:2::/64") <= MIB
+    assert _put(s, make_record("honest", VALUE, clock() + 10), source=1, host="2001:db8:1:3::1")  # another /64
+
+
 def test_over_budget_evicts_the_largest_sender_soonest_expiring_first(clock: FakeClock) -> None:
     s = _storage(clock, budget_bytes=1 * MIB, max_share_per_source=0.5, max_share_per_host=1.0)
     per = record_size_bytes(make_record("a/0", VALUE, clock() + 100))
