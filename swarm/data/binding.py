@@ -39,6 +39,7 @@ def bind_data(cfg: RunConfig, *, progress: bool = False) -> RunConfig:
         manifest_path(cfg),
         expected_sha256=cfg.data.manifest_sha256,
         expected_tokenizer_sha256=cfg.data.tokenizer_sha256,
+        use_cache=True,  # a node's start re-reads only shards that changed since they were last hashed here
     )
     if not cfg.model.factory and manifest.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from swarm.data.hash_cache import HashCache
 from swarm.data.tokenizer import file_sha256
 from swarm.errors import ConfigError
 
@@ -126,10 +127,16 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def verify_manifest(
-    path: str | Path, *, expected_sha256: str = "", expected_tokenizer_sha256: str = "", check_hashes: bool = True
+    path: str | Path,
+    *,
+    expected_sha256: str = "",
+    expected_tokenizer_sha256: str = "",
+    check_hashes: bool = True,
+    use_cache: bool = False,
 ) -> Manifest:
     """The manifest at ``path``, after checking that it is the one the run names (``expected_sha256``, when given),
-    that its tokenizer file matches, and that every shard exists with the recorded size and SHA-256.
+    that its tokenizer file matches, and that every shard exists with the recorded size and SHA-256 (with
+    ``use_cache``, a shard unchanged since it was last hashed here is not read again: `swarm.data.hash_cache`).
 
     Every failure is a ConfigError that names the file and says how to fix it: a node runs this before it listens.
     """
@@ -153,12 +160,17 @@ def verify_manifest(
     if not manifest.split("train"):
         raise ConfigError(f"manifest {str(manifest.path)!r} lists no train shard; {FIX}")
     itemsize = np.dtype(manifest.dtype).itemsize
-    for shard in manifest.shards:
-        _check_shard(manifest.folder / shard.file, shard, itemsize, check_hashes)
+    cache = HashCache(manifest.folder) if use_cache and check_hashes else None
+    try:
+        for shard in manifest.shards:
+            _check_shard(manifest.folder / shard.file, shard, itemsize, check_hashes, cache)
+    finally:
+        if cache is not None:
+            cache.save()
     return manifest
 
 
-def _check_shard(path: Path, shard: ShardInfo, itemsize: int, check_hash: bool) -> None:
+def _check_shard(path: Path, shard: ShardInfo, itemsize: int, check_hash: bool, cache: HashCache | None) -> None:
     if not path.is_file():
         raise ConfigError(f"token shard {str(path)!r} is missing; {FIX}")
     size = path.stat().st_size
@@ -167,7 +179,7 @@ def _check_shard(path: Path, shard: ShardInfo, itemsize: int, check_hash: bool) 
             f"token shard {str(path)!r} has {size} bytes, the manifest records {shard.tokens} tokens "
             f"({shard.tokens * itemsize} bytes): the file is truncated or changed; {FIX}"
         )
-    if check_hash and file_sha256(path) != shard.sha256:
+    if check_hash and (cache.sha256(path) if cache is not None else file_sha256(path)) != shard.sha256:
         raise ConfigError(
             f"token shard {str(path)!r} does not match the SHA-256 in its manifest: the file is corrupt or changed; "
             f"{FIX}"

@@ -126,6 +126,33 @@ def test_changed_shard_is_a_clear_error(shards: Path) -> None:
         bind_data(run_for(shards))
 
 
+def test_a_nodes_start_rehashes_only_the_shards_that_changed(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import swarm.data.hash_cache as hash_cache
+
+    hashed: list[str] = []
+    real = hash_cache.file_sha256
+    monkeypatch.setattr(hash_cache, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    manifest = load_manifest(shards)
+    bind_data(run_for(shards))
+    assert sorted(hashed) == sorted(s.file for s in manifest.shards)  # the first start hashes every shard
+    hashed.clear()
+    bind_data(run_for(shards))
+    assert hashed == []  # unchanged since: none is read again
+    shard = shards.parent / manifest.split("train")[0].file
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))  # same size, new contents (and a new stat)
+    with pytest.raises(ConfigError, match=rf"{shard.name}.*SHA-256"):
+        bind_data(run_for(shards))
+    assert hashed == [shard.name]
+    (shards.parent / ".swarm-verified.json").write_text("{not json")  # a corrupt record is only a cache miss
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    hashed.clear()
+    bind_data(run_for(shards))
+    assert sorted(hashed) == sorted(s.file for s in manifest.shards)
+
+
 def test_missing_shard_is_a_clear_error(shards: Path) -> None:
     shard = shards.parent / load_manifest(shards).split("train")[0].file
     shard.unlink()
