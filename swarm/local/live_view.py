@@ -45,6 +45,8 @@ def _fmt_reach(row: StageRow) -> str:
 def _fmt_peers(row: StageRow, model: RunViewModel) -> str:
     if row.peers:
         return ", ".join(p[-6:] for p in row.peers)
+    if not model.observed:
+        return "(reading the run's records)"
     return "(none)" if model.finishing or model.done else "(none: waiting for a peer)"
 
 

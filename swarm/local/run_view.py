@@ -98,6 +98,7 @@ class RunViewModel:
         self.eval: tuple[int, float] | None = None
         self.samples_per_s: float | None = None
         self.eta_s: float | None = None
+        self.observed = False  # a snapshot was read
         self.finishing = False
         self.done = False
         self._anchor: tuple[float, int] | None = None  # (time, steps) of the first step completion seen
@@ -105,6 +106,7 @@ class RunViewModel:
     def observe(self, snap: Snapshot, *, finishing: bool = False) -> None:
         """Take the records read now. ``finishing``: some node process has exited (its records may be gone)."""
         now = self.clock()
+        self.observed = True
         self.finishing = self.finishing or finishing
         if not (self.finishing and snap.num_peers < self.num_peers):
             self.stages, self.trainers = snap.stages, snap.trainers

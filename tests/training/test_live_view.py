@@ -130,6 +130,7 @@ def test_the_live_frame_is_redrawn_in_place() -> None:
     out = io.StringIO()
     view = LiveView(model, stream=out, live=True, width=120)
     view.start()
+    assert "(reading the run's records)" in out.getvalue() and "waiting for a peer" not in out.getvalue()
     for at, step in [(1.0, 1), (2.0, 2)]:
         clock.now = at
         model.observe(snap(step, loss=2.0))
