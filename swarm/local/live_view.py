@@ -9,8 +9,10 @@ shows a new step or new peers prints one line, and the end prints one ``final:``
 
 from __future__ import annotations
 
+import logging
+import sys
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -104,6 +106,7 @@ class LiveView:
         self._live: Live | None = None
         self._last_plain: tuple[object, ...] | None = None
         self._url_shown = False
+        self._rerouted: list[tuple[logging.StreamHandler[Any], Any]] = []
 
     def start(self) -> None:
         if self.is_live and self._live is None:
@@ -111,6 +114,7 @@ class LiveView:
                 render(self.model), console=self.console, auto_refresh=False, redirect_stdout=False, transient=False
             )
             self._live.start(refresh=True)
+            self._route_logs(sys.stderr)  # Live's proxy for stderr prints above the frame, never into it
 
     def refresh(self) -> None:
         if self._live is not None:
@@ -148,7 +152,19 @@ class LiveView:
     def stop(self) -> None:
         if self._live is not None:
             live, self._live = self._live, None
+            for handler, stream in self._rerouted:
+                handler.setStream(stream)
+            self._rerouted = []
             live.stop()
+
+    def _route_logs(self, proxy: TextIO) -> None:
+        """Point the root logger's handlers that write to our stream at ``proxy`` while the frame is live."""
+        if proxy is self.stream:
+            return
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
+                self._rerouted.append((handler, handler.stream))
+                handler.setStream(proxy)
 
     def _plain_url(self) -> None:
         if self.model.dashboard_url and not self._url_shown:

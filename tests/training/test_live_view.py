@@ -4,6 +4,8 @@ injected clock, the final frame that keeps the peers, the in-place frame on a te
 from __future__ import annotations
 
 import io
+import logging
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -166,3 +168,25 @@ def test_snapshot_of_a_view_counts_reachability_when_records_carry_it() -> None:
     out = io.StringIO()
     LiveView(model, stream=out, live=True, width=120).finish()
     assert "reachability" in out.getvalue() and "1 public, 1 relayed" in out.getvalue()
+
+
+def test_log_lines_print_above_the_live_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)  # what the launcher's view and its log handler both write to
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        view = LiveView(
+            RunViewModel(total_steps=4, batch_size=BATCH, num_stages=2, clock=Clock()), stream=out, live=True
+        )
+        view.start()
+        assert handler.stream is not out  # Live's stderr proxy: a line is printed above the frame
+        logging.getLogger("swarm.local.launcher").warning("could not read the swarm's records")
+        view.refresh()
+        view.stop()
+        assert handler.stream is out
+    finally:
+        root.removeHandler(handler)
+    assert "WARNING could not read the swarm's records" in out.getvalue()
