@@ -192,7 +192,7 @@ def local(
     misbehave: tuple[str, ...],
     device: str,
 ) -> None:
-    """Train with N node processes on this machine; live table; stops every process on exit or Ctrl-C."""
+    """Train with N node processes on this machine; live view on stderr; stops every process on exit or Ctrl-C."""
     from swarm.local.launcher import LaunchConfig, launch
 
     setup_logging(log_level)

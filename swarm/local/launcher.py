@@ -1,12 +1,13 @@
-"""`swarm-node local`: a swarm of N node processes on loopback, a live table, and a JSON summary.
+"""`swarm-node local`: a swarm of N node processes on loopback, a live view, and a JSON summary.
 
 The first process is the bootstrap peer; the others get ``--initial-peers`` with its multiaddr. Each node is
 started after the previous one reports the stage it serves (so self-assignment sees the earlier records) and
 drives no microbatch until all N are in the run's records. A node reports through its events file
 (``--events-file``, `swarm.local.events`), never through its output. Logs go to ``runs/<timestamp>/node-<i>.log``;
 checkpoints, events and the node's `NodeSummary` (read at the end) to ``runs/<timestamp>/node-<i>/``. A client-mode
-DHT node reads the per-stage view for the live table. Every process is stopped on exit, on error and on Ctrl-C
-(SIGTERM, then SIGKILL after a grace period).
+DHT node reads the run's records for the live view (`swarm.local.live_view`, on stderr: in place on a terminal,
+plain lines elsewhere; stdout gets only the final line or the ``--json`` summary). Every process is stopped on
+exit, on error and on Ctrl-C (SIGTERM, then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from swarm.dht import DHT, DHTConfig
 from swarm.run.config import RunConfig
@@ -36,7 +37,9 @@ from swarm.training.node_role import Role
 from swarm.training.schemas import with_run_schemas
 from swarm.training.summary import NodeSummary, SummaryError
 from swarm.training.verifying import rewards_summary
-from swarm.training.view import SwarmView, format_table
+from swarm.training.view import SwarmView
+from swarm.local.live_view import LiveView
+from swarm.local.run_view import RunViewModel, snapshot_of, step_samples_per_s
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class LaunchConfig(Config, section="local"):
     run_dir: Path | None = setting(default=None, doc="Where logs, checkpoints and summaries go (runs/<timestamp>).")
     timeout_s: float = setting(default=1800.0, gt=0, le=86400, doc="Give up after this many seconds.")
     start_timeout_s: float = setting(default=120.0, gt=0, le=86400, doc="Deadline of one node's start.")
-    table_interval_s: float = setting(default=2.0, gt=0, le=86400, doc="Seconds between refreshes of the live table.")
+    table_interval_s: float = setting(default=2.0, gt=0, le=86400, doc="Seconds between refreshes of the live view.")
     extra_node_args: tuple[str, ...] = setting(default=(), doc="More arguments for every node's command line.")
     num_validators: int = setting(default=0, ge=0, le=16, doc="Validator processes to start besides the nodes.")
     misbehave: tuple[tuple[str, int], ...] = setting(
@@ -84,6 +87,7 @@ class NodeProcess:
     stage: int | None = None  # the stage it serves (None: none, or not reported yet)
     events: EventReader | None = None
     misbehaving: bool = False
+    dashboard_url: str | None = None  # its status page (--http), shown in the live view when known
 
     @property
     def serving(self) -> str:
@@ -92,7 +96,8 @@ class NodeProcess:
 
 
 def launch(cfg: LaunchConfig) -> int:
-    """Run the local swarm to completion; print the table and (with ``as_json``) the summary. Returns an exit code."""
+    """Run the local swarm to completion; show the live view and print the result (with ``as_json``, the JSON
+    summary). Returns an exit code."""
     # fail early on a bad config or missing data, before any process starts; a stdlib run's shards are built here
     run = bind_data(RunConfig.load(cfg.config_path, cfg.overrides), progress=not cfg.as_json)
     check_precision(resolve_device(cfg.device), run.precision.compute)
@@ -106,9 +111,10 @@ def launch(cfg: LaunchConfig) -> int:
     if cfg.as_json:
         print(json.dumps(summary), flush=True)
     else:
+        rate = step_samples_per_s(summary["steps"], run.batch.target_batch_size, summary["elapsed_s"]) or 0.0
         print(
             f"done: {summary['steps']} steps, loss {summary['initial_loss']} -> {summary['final_loss']} "
-            f"(floor {summary['loss_floor']}), {summary['samples_per_s']} samples/s; logs in {run_dir}"
+            f"(floor {summary['loss_floor']}), {rate:.1f} samples/s; logs in {run_dir}"
             + (
                 f"; validation loss {summary['initial_eval_loss']} -> {summary['final_eval_loss']}"
                 if summary["eval_curve"]
@@ -120,38 +126,53 @@ def launch(cfg: LaunchConfig) -> int:
 
 async def _launch(cfg: LaunchConfig, run: RunConfig, run_dir: Path) -> dict[str, Any]:
     nodes: list[NodeProcess] = []
-    out: TextIO = sys.stderr if cfg.as_json else sys.stdout
-    started = time.monotonic()
+    model = RunViewModel(
+        total_steps=cfg.steps, batch_size=run.batch.target_batch_size, num_stages=run.pipeline.num_stages
+    )
+    view = LiveView(model, stream=sys.stderr)  # stdout keeps the final line (or the --json summary)
     error: str | None = None
     try:
-        async with asyncio.timeout(cfg.timeout_s):
-            cheats = misbehave_args(cfg.num_nodes, cfg.misbehave)
-            for i in range(cfg.num_nodes):
-                node = await _start_after_bootstrap(cfg, run_dir, i, nodes, cheats.get(i, ()))
-                node.misbehaving = i in cheats
-                nodes.append(node)
-                print(f"node {i}: {node.maddr} {node.serving}", file=out, flush=True)
-            for i in range(cfg.num_nodes, cfg.num_nodes + cfg.num_validators):
-                node = await _start_node(cfg, run_dir, i, nodes[0].maddr, ("--role", Role.VALIDATOR))
-                nodes.append(node)
-                print(f"node {i}: {node.maddr} validator", file=out, flush=True)
-            await _watch(cfg, run, nodes, out, started)
-    except TimeoutError:
-        stuck = [n.index for n in nodes if n.proc.returncode is None]
-        error = (
-            f"the run did not finish within --timeout {cfg.timeout_s:.0f}s; nodes still running: {stuck}; "
-            f"see their logs in {run_dir}"
-        )
-        print(error, file=sys.stderr, flush=True)
-        for index in stuck:
-            _print_log_tail(run_dir / f"node-{index}.log", index)
+        try:
+            async with asyncio.timeout(cfg.timeout_s):
+                await _start_all(cfg, run_dir, nodes, view)
+                model.dashboard_url = nodes[0].dashboard_url if nodes else None
+                view.start()
+                await _watch(cfg, run, nodes, view)
+        except TimeoutError:
+            view.stop()
+            stuck = [n.index for n in nodes if n.proc.returncode is None]
+            error = (
+                f"the run did not finish within --timeout {cfg.timeout_s:.0f}s; nodes still running: {stuck}; "
+                f"see their logs in {run_dir}"
+            )
+            print(error, file=sys.stderr, flush=True)
+            for index in stuck:
+                _print_log_tail(run_dir / f"node-{index}.log", index)
+        finally:
+            await _stop_all(nodes)
+        summary = _summarize(cfg, run, run_dir, nodes)
+        if error is not None:
+            summary["ok"] = False
+            summary["error"] = error
+        model.finish(summary)
+        view.finish()
     finally:
-        await _stop_all(nodes)
-    summary = _summarize(cfg, run, run_dir, nodes)
-    if error is not None:
-        summary["ok"] = False
-        summary["error"] = error
+        view.stop()
     return summary
+
+
+async def _start_all(cfg: LaunchConfig, run_dir: Path, nodes: list[NodeProcess], view: LiveView) -> None:
+    """Start the training nodes one after the other (node 0 first, the bootstrap peer), then the validators."""
+    cheats = misbehave_args(cfg.num_nodes, cfg.misbehave)
+    for i in range(cfg.num_nodes):
+        node = await _start_after_bootstrap(cfg, run_dir, i, nodes, cheats.get(i, ()))
+        node.misbehaving = i in cheats
+        nodes.append(node)
+        view.note(f"node {i}: {node.maddr} {node.serving}")
+    for i in range(cfg.num_nodes, cfg.num_nodes + cfg.num_validators):
+        node = await _start_node(cfg, run_dir, i, nodes[0].maddr, ("--role", Role.VALIDATOR))
+        nodes.append(node)
+        view.note(f"node {i}: {node.maddr} validator")
 
 
 def _print_log_tail(path: Path, index: int, num_lines: int = 40) -> None:
@@ -243,8 +264,8 @@ def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:
     return lambda: proc.returncode is None
 
 
-async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], out: TextIO, started: float) -> None:
-    """Show the live table from the DHT until every node process has exited."""
+async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], view: LiveView) -> None:
+    """Refresh the view from the DHT until every node process has exited."""
     dht_cfg = with_run_schemas(
         DHTConfig(
             initial_peers=tuple(n.maddr for n in nodes if n.maddr),
@@ -257,7 +278,6 @@ async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], ou
     waits = [asyncio.ensure_future(n.proc.wait()) for n in nodes]
     try:
         async with DHT.create(dht_cfg) as dht:
-            train_started: float | None = None
             honest_done_at: float | None = None
             while not all(w.done() for w in waits):
                 if all(w.done() for w, n in zip(waits, nodes, strict=False) if not n.misbehaving):
@@ -270,21 +290,17 @@ async def _watch(cfg: LaunchConfig, run: RunConfig, nodes: list[NodeProcess], ou
                         break
                 try:
                     async with asyncio.timeout(cfg.table_interval_s * 2):
-                        view = SwarmView.parse(
+                        swarm = SwarmView.parse(
                             await dht.get(peers_key(run.run_id), latest=True),
                             await dht.get(progress_key(run.run_id), latest=True),
                         )
-                    summary = view.summary(run.pipeline.num_stages)
-                    step = summary.get("step") or 0
-                    if train_started is None and step > 0:
-                        train_started = time.monotonic()
-                    eta = None
-                    if train_started is not None and step > 0:
-                        eta = (time.monotonic() - train_started) / step * max(cfg.steps - step, 0)
-                    if view.peers or not any(w.done() for w in waits):  # not the empty view of a finished run
-                        print(format_table(summary, eta_s=eta), file=out, flush=True)
+                    # once a node exited, records vanish as nodes stop: the view keeps the peers it last saw
+                    view.model.observe(
+                        snapshot_of(swarm, run.pipeline.num_stages), finishing=any(w.done() for w in waits)
+                    )
+                    view.refresh()
                 except (SwarmError, TimeoutError, OSError) as e:
-                    log.warning("could not read the swarm's records for the table: %s", e)
+                    log.warning("could not read the swarm's records for the view: %s", e)
                 await asyncio.wait(waits, timeout=cfg.table_interval_s)
     finally:
         for w in waits:

@@ -58,6 +58,10 @@ def test_local_swarm_trains_and_prints_the_json_summary(tmp_path: Path) -> None:
         assert key in summary
     assert summary["steps"] == 6
     assert summary["final_loss"] < summary["initial_loss"] - 0.3
+    # stderr is no terminal here: the view falls back to plain lines, the last one the final state with its peers
+    final = [line for line in proc.stderr.splitlines() if line.startswith("final: ")]
+    assert len(final) == 1 and final[0].startswith("final: step 6/6"), proc.stderr[-3000:]
+    assert "stage 0: 2 peers; stage 1: 2 peers" in final[0], final
     assert summary["loss_floor"] < summary["final_loss"]
     assert [len(s) for s in summary["stages"]] == [2, 2]
     assert all(p.startswith("12D3KooW") for s in summary["stages"] for p in s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import time
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -151,11 +153,12 @@ def cli(maddr: str, *args: str) -> tuple[int, str]:
     return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_attestations_verify_good_replayed_and_tampered(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def swarm_maddr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A DHT node process holding the "good" and "tampered" runs of `populate`; its multiaddr."""
+    folder = tmp_path_factory.mktemp("dht-node")
     proc = subprocess.Popen(
-        [sys.executable, "-c", DHT_NODE, str(tmp_path / "events.jsonl")],
+        [sys.executable, "-c", DHT_NODE, str(folder / "events.jsonl")],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -164,26 +167,10 @@ def test_attestations_verify_good_replayed_and_tampered(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        events = EventReader(tmp_path / "events.jsonl")
+        events = EventReader(folder / "events.jsonl")
         maddr = events.wait_for_blocking(ListeningEvent, alive=lambda: proc.poll() is None, timeout_s=60).maddrs[0]
         asyncio.run(populate(maddr))
-
-        code, out = cli(maddr, "--run", "good", "--window", "1", "--verify", "--json")
-        assert code == 0, out
-        rows = json.loads(out)
-        assert [r["window"] for r in rows] == [1] and rows[0]["ok"] and rows[0]["verified"]
-        assert sum(rows[0]["shares"].values()) == pytest.approx(1.0)
-
-        code, out = cli(maddr, "--run", "good", "--verify", "--json")
-        rows = json.loads(out)
-        assert code == 1 and [r["window"] for r in rows] == [0, 1, 2]
-        assert rows[0]["ok"] and rows[1]["ok"] and not rows[2]["ok"]
-        assert any("replayed" in p for p in rows[2]["problems"])
-
-        code, out = cli(maddr, "--run", "tampered", "--window", "1", "--verify", "--json")
-        assert code == 1 and "no validly signed attestation" in out and "signature does not verify" in out
-        code, out = cli(maddr, "--run", "tampered", "--window", "1")
-        assert code == 0 and "WINDOW" in out.splitlines()[0]
+        yield maddr
     finally:
         proc.stdin.close()
         try:
@@ -191,3 +178,61 @@ def test_attestations_verify_good_replayed_and_tampered(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_attestations_verify_good_replayed_and_tampered(swarm_maddr: str) -> None:
+    maddr = swarm_maddr
+    code, out = cli(maddr, "--run", "good", "--window", "1", "--verify", "--json")
+    assert code == 0, out
+    rows = json.loads(out)
+    assert [r["window"] for r in rows] == [1] and rows[0]["ok"] and rows[0]["verified"]
+    assert sum(rows[0]["shares"].values()) == pytest.approx(1.0)
+
+    code, out = cli(maddr, "--run", "good", "--verify", "--json")
+    rows = json.loads(out)
+    assert code == 1 and [r["window"] for r in rows] == [0, 1, 2]
+    assert rows[0]["ok"] and rows[1]["ok"] and not rows[2]["ok"]
+    assert any("replayed" in p for p in rows[2]["problems"])
+
+    code, out = cli(maddr, "--run", "tampered", "--window", "1", "--verify", "--json")
+    assert code == 1 and "no validly signed attestation" in out and "signature does not verify" in out
+    code, out = cli(maddr, "--run", "tampered", "--window", "1")
+    assert code == 0 and "WINDOW" in out.splitlines()[0]
+
+
+def _payouts_header(path: Path) -> dict[str, str]:
+    lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ") and "=" in line]
+    return dict(line.split("=", 1) for line in lines if not line.startswith("left_out_window"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_attestations_payouts_csv(swarm_maddr: str, tmp_path: Path) -> None:
+    maddr, csv_path = swarm_maddr, tmp_path / "payouts.csv"
+    code, out = cli(maddr, "--run", "good", "--window", "1", "--verify", "--payouts", str(csv_path))
+    assert code == 0, out
+    header = _payouts_header(csv_path)
+    assert header["run_id"] == "good" and header["windows"] == "1..1" and header["left_out"] == "0"
+    rows = list(csv.DictReader(line for line in csv_path.read_text().splitlines() if not line.startswith("#")))
+    server = make_identity("cli-server").peer_id
+    assert [(r["peer_id"], float(r["share"]), r["windows"]) for r in rows] == [(server.to_base58(), 1.0, "1")]
+
+    # the tampered window 1 is left out, the file says so and the exit code says a window failed
+    code, out = cli(maddr, "--run", "tampered", "--verify", "--payouts", str(csv_path))
+    assert code == 1, out
+    header = _payouts_header(csv_path)
+    assert header["run_id"] == "tampered" and header["windows"] == "0..1" and header["left_out"] == "1"
+    assert header["counted"] == "1" and "# left_out_window=1: no validly signed attestation" in csv_path.read_text()
+
+    # bad input: each a clear error, and no file written
+    for args, message in [
+        (("--run", "no-such-run", "--verify", "--payouts", str(tmp_path / "x.csv")), "no attestation of run"),
+        (("--run", "good", "--verify", "--payouts", str(tmp_path / "missing" / "x.csv")), "does not exist"),
+        (("--run", "good", "--verify", "--payouts", str(tmp_path)), "is a directory"),
+        (("--run", "good", "--payouts", str(tmp_path / "x.csv")), "--payouts needs --verify"),
+    ]:
+        code, out = cli(maddr, *args)
+        assert code != 0 and message in out, (args, out)
+    assert not (tmp_path / "x.csv").exists()

@@ -199,7 +199,7 @@ async def run_swarm(kind: str | None, num_steps: int = 30) -> tuple[dict[int, ob
         assert problems == []
         accepted[window] = prev = att
     cheater = miners[2] if kind is not None else None
-    return accepted, cheater, {"miners": miners, "work": work_done}
+    return accepted, cheater, {"miners": miners, "work": work_done, "store": store}
 
 
 async def test_honest_swarm_flags_nobody_and_pays_by_work():
