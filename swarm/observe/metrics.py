@@ -131,7 +131,9 @@ class SwarmCollector(Collector):
     def _stages(self) -> Iterator[Metric]:
         run = run_config(self.source.role())
         view = self.watcher.view
-        peers = GaugeMetricFamily("swarm_stage_peers", "Peers serving each stage, in the run's records", labels=["stage"])
+        peers = GaugeMetricFamily(
+            "swarm_stage_peers", "Peers serving each stage, in the run's records", labels=["stage"]
+        )
         rate = GaugeMetricFamily(
             "swarm_stage_throughput_samples_per_second", "The stage's peers' summed throughput", labels=["stage"]
         )
@@ -216,7 +218,9 @@ class SwarmCollector(Collector):
 
     def _reachability(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "swarm_dht_reachable", "1 when the last read of the DHT succeeded", 1 if self.watcher.dht_error is None else 0
+            "swarm_dht_reachable",
+            "1 when the last read of the DHT succeeded",
+            1 if self.watcher.dht_error is None else 0,
         )
         yield GaugeMetricFamily(
             "swarm_connected_peers", "Peers with an open connection", len(self.source.transport.connected_peers())

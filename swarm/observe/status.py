@@ -51,7 +51,9 @@ def status_json(source: NodeSource, watcher: SwarmWatcher, health: Health, now: 
     }
 
 
-def _eta_s(watcher: SwarmWatcher, step: int | None, limit: int | None, batch: int, samples_per_s: float) -> float | None:
+def _eta_s(
+    watcher: SwarmWatcher, step: int | None, limit: int | None, batch: int, samples_per_s: float
+) -> float | None:
     """Seconds to ``max_steps``: from the observed step rate, else from samples/s and the batch size."""
     if step is None or limit is None:
         return None

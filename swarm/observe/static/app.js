@@ -169,6 +169,7 @@ async function poll() {
   }
   $("offline").hidden = true;
   draw(status);  // an error here is a bug: it reaches the console and the page (report)
+  if (polls === 0) document.body.dataset.firstDrawMs = String(Math.round(performance.now()));  // load to first draw
   polls += 1;
   document.body.dataset.polls = String(polls);
   $("polls").textContent = String(polls);
