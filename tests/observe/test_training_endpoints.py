@@ -4,12 +4,15 @@
   as training runs (step, samples, bytes per RPC family, RPC latencies, averaging rounds, the loss);
 - /health of a stage-1 node answers 200, turns 503 ("alone in its stage") when its stage peer stops, and 200 again
   once a new peer serves the stage;
-- /api/status shows the run's stages with their peers, and the loss curve.
+- /api/status shows the run's stages with their peers, and the loss curve;
+- an attestation and verdicts published for window 0 (by a peer standing for an orchestrator and a validator) show
+  in /metrics (the node's reward share, the verdicts, the flagged peer) and in /api/status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +20,16 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from swarm.dht import DHT, DHTConfig
 from swarm.observe import HttpConfig, NodeSource, Observer
 from swarm.observe.metrics import METRIC_NAMES
+from swarm.p2p import Transport, TransportConfig
+from swarm.p2p.identity import Identity, PeerID
+from swarm.run.config import RunConfig
+from swarm.training.schemas import with_run_schemas
+from swarm.verification.attestation import GENESIS_DIGEST, build_attestation, publish_attestation
+from swarm.verification.rewards import RewardOutcome
+from swarm.verification.verdicts import VerdictBatch, publish_verdicts, sign_verdict
 from tests.training.swarm_harness import LiveNode, Swarm, small_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -112,7 +123,73 @@ async def test_metrics_move_and_health_follows_the_stage_peers() -> None:
             await swarm.add(seed=43, stage=1)
             report = await wait_until(lambda: health(200), 40, "/health 200 again once a new peer serves stage 1")
             assert report["status"] == "ok"
+
+            await publish_window_zero(swarm, server.transport.peer_id, driver.transport.peer_id)
+
+            async def attested() -> Any:
+                _, samples = await scrape(http, at_server)
+                return samples if total(samples, "swarm_attested_window") == 0 else None
+
+            samples = await wait_until(attested, 30, "window 0's attestation in /metrics")
+            assert total(samples, "swarm_reward_share_ratio") == 0.75
+            assert total(samples, "swarm_verification_verdicts_total", result="pass", subject="self") == 1
+            assert total(samples, "swarm_verification_verdicts_total", result="fail", subject="other") == 1
+            assert total(samples, "swarm_flagged_peers") == 1
+            _, body = await get_json(http, at_server.url + "api/status")
+            [attestation] = body["attestations"]
+            assert attestation["window"] == 0 and attestation["shares"][0] == {
+                "peer_id": server.transport.peer_id.to_base58(),
+                "share": 0.75,
+            }
+            assert body["flagged"] == [
+                {"peer_id": driver.transport.peer_id.to_base58(), "by": "attestation", "windows": [0]}
+            ]
     finally:
         for observer in observers:
             await observer.stop()
         await swarm.close()
+
+
+async def publish_window_zero(swarm: Swarm, server: PeerID, driver: PeerID) -> None:
+    """Window 0 as an orchestrator and a validator would publish it: ``server`` earns 3/4 and passes a check,
+    ``driver`` earns 1/4, fails a check and is flagged (signed by a peer of its own, joined through the swarm)."""
+    run: RunConfig = swarm.run
+    assert swarm.bootstrap is not None and run.verification.enabled and run.verification.window_steps <= 5
+    judge = Identity.from_seed(b"\x77" * 32)
+    transport = Transport(judge, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=3.0))
+    await transport.start()
+    dht = DHT.create(with_run_schemas(DHTConfig(initial_peers=(swarm.bootstrap,))), identity=judge, transport=transport)
+    try:
+        await dht.start()
+        verdicts = [
+            sign_verdict(
+                judge,
+                run_id=run.run_id,
+                window=0,
+                step=1,
+                subject=peer,
+                receipt_id=bytes([n]) * 32,
+                passed=passed,
+                reason="" if passed else "output differs",
+            )
+            for n, (peer, passed) in enumerate([(server, True), (driver, False)])
+        ]
+        batch = VerdictBatch(run_id=run.run_id, window=0, publisher=judge.peer_id.to_bytes(), verdicts=verdicts)
+        assert await publish_verdicts(dht, batch, time.time() + 600)
+        outcome = RewardOutcome(work={server: 3.0, driver: 1.0}, shares={server: 0.75, driver: 0.25}, flagged={driver})
+        attestation = build_attestation(
+            judge,
+            run_id=run.run_id,
+            window=0,
+            term=1,
+            cfg=run.verification.rewards(),
+            outcome=outcome,
+            receipts={},
+            verdicts={judge.peer_id: batch},
+            prev_digest=GENESIS_DIGEST,
+            issued_at=time.time(),
+        )
+        assert await publish_attestation(dht, attestation, time.time() + 600)
+    finally:
+        await dht.shutdown()
+        await transport.stop()
