@@ -201,14 +201,14 @@ class SwarmCollector(Collector):
             for subject in ("self", "other"):
                 verdicts.add_metric([result, subject], totals[(result, subject)])
         yield verdicts
-        attested = self.watcher.attested()
-        flagged = {p for facts in attested for p in facts.attestation.flagged} if attested else set()  # type: ignore[union-attr]
+        attested = [f.attestation for f in self.watcher.attested() if f.attestation is not None]
+        flagged = {p for attestation in attested for p in attestation.flagged}
         yield GaugeMetricFamily("swarm_flagged_peers", "Peers flagged in the recent attestations", len(flagged))
         yield GaugeMetricFamily(
             "swarm_offender_peers", "Peers this node caught cheating itself", len(offenders(self.source.role()))
         )
         last = attested[0] if attested else None
-        share = last.attestation.share_map().get(self.source.me, 0.0) if last and last.attestation else 0.0
+        share = last.share_map().get(self.source.me, 0.0) if last is not None else 0.0
         yield GaugeMetricFamily(
             "swarm_reward_share_ratio", "This node's share of the rewards in the last attested window", share
         )

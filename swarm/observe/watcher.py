@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from swarm.dht.keys import peers_key, progress_key
 from swarm.errors import SwarmError
@@ -103,17 +104,17 @@ class SwarmWatcher:
         """The windows with an accepted attestation, newest first."""
         return sorted((f for f in self.windows.values() if f.attestation is not None), key=lambda f: -f.window)
 
-    async def _read_view(self, dht: object, run: RunConfig) -> bool:
+    async def _read_view(self, dht: Any, run: RunConfig) -> bool:
         try:
             async with asyncio.timeout(self.cfg.dht_timeout_s):
-                peers = await dht.get(peers_key(run.run_id), latest=True)  # type: ignore[attr-defined]
-                progress = await dht.get(progress_key(run.run_id), latest=True)  # type: ignore[attr-defined]
+                peers = await dht.get(peers_key(run.run_id), latest=True)
+                progress = await dht.get(progress_key(run.run_id), latest=True)
         except (SwarmError, TimeoutError, OSError) as e:
             self.dht_error = f"reading the run's records failed: {e or type(e).__name__}"
             log.debug("%s: %s", self.source.me.short(), self.dht_error)
             return False
         self.view, self.view_at = SwarmView.parse(peers, progress), self.clock()
-        self.dht_error = None if len(dht.table) > 0 else "no peer in the DHT routing table"  # type: ignore[attr-defined]
+        self.dht_error = None if len(dht.table) > 0 else "no peer in the DHT routing table"
         train: dict[int, list[float]] = {}
         evals: dict[int, float] = {}
         for record in self.view.progress.values():
@@ -124,7 +125,7 @@ class SwarmWatcher:
         self.curves.add({s: sum(v) / len(v) for s, v in train.items()}, evals, own=False)
         return True
 
-    async def _read_windows(self, dht: object, run: RunConfig, step: int) -> None:
+    async def _read_windows(self, dht: Any, run: RunConfig, step: int) -> None:
         """The attestation and the verdicts of each recent closed window not attested yet."""
         closed = step // run.verification.window_steps  # windows below this one are closed
         me = self.source.me
@@ -134,8 +135,8 @@ class SwarmWatcher:
                 continue
             try:
                 async with asyncio.timeout(self.cfg.dht_timeout_s):
-                    found = await fetch_attestations(dht, run.run_id, window)  # type: ignore[arg-type]
-                    batches = await fetch_verdicts(dht, run.run_id, window)  # type: ignore[arg-type]
+                    found = await fetch_attestations(dht, run.run_id, window)
+                    batches = await fetch_verdicts(dht, run.run_id, window)
             except (SwarmError, TimeoutError, OSError) as e:
                 log.debug("%s: reading window %d failed: %s", me.short(), window, e)
                 return
