@@ -1,8 +1,8 @@
-"""One swarm node: its identity and its transport (the DHT join and the training role plug in here later).
+"""One swarm node: its identity, its transport, its DHT, its role, and (``--http``) its HTTP endpoints.
 
 ``Node.run(stop_event)`` checks its inputs (the data dir, the run's data file and model factory) before anything
-else, loads or creates the identity, listens, joins through the initial peers, serves until
-the event is set, and shuts down cleanly (no task left running).
+else, loads or creates the identity, listens (and serves HTTP, `swarm.observe`, when ``NodeConfig.http`` is set),
+joins through the initial peers, serves until the event is set, and shuts down cleanly (no task left running).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from swarm.p2p import Transport, TransportConfig
 from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.model.devices import check_precision, resolve_device
+from swarm.observe import HttpConfig, NodeSource, Observer
 from swarm.testing.misbehave import MisbehaveConfig, hooks_for
 from swarm.training.schemas import with_run_schemas
-from swarm.training.trainer import TrainingConfig, build_training_role
+from swarm.training.trainer import TrainingConfig, TrainingRole, build_training_role
 from swarm.training.validator import ValidatorConfig, ValidatorRole
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class NodeConfig(Config, section="node"):
     validator: ValidatorConfig | None = setting(default=None, doc="The validator role, instead of training.")
     misbehave: MisbehaveConfig | None = setting(
         default=None, doc="--misbehave: the training role cheats on purpose (tests, demos); None: honest."
+    )
+    http: HttpConfig | None = setting(
+        default=None, doc="--http: serve /metrics, /health and the status page here; None: no HTTP."
     )
 
     def validate(self) -> None:
@@ -82,6 +86,8 @@ class Node:
         self.identity: Identity | None = None
         self.transport: Transport | None = None
         self.dht: DHT | None = None
+        self.role: TrainingRole | ValidatorRole | None = None
+        self.observer: Observer | None = None
 
     @property
     def peer_id(self) -> PeerID:
@@ -118,9 +124,21 @@ class Node:
         self.transport.on_peer_connected(self._on_peer_connected)
         await self.transport.start()
         log.info("node %s listening on %s", self.identity.peer_id.short(), ", ".join(self.listen_maddrs))
+        if cfg.http is not None:  # HttpServeError (e.g. a port in use) stops the start here
+            source = NodeSource(
+                transport=self.transport,
+                dht=lambda: self.dht,
+                role=lambda: self.role,
+                expects_role=cfg.training is not None or cfg.validator is not None,
+            )
+            observer = Observer(cfg.http, source)
+            await observer.start()
+            self.observer = observer
 
     async def stop(self) -> None:
         """Stop serving: close every connection and wait for every task the node owns."""
+        if self.observer is not None:
+            await self.observer.stop()
         if self.dht is not None:
             await self.dht.shutdown()
         if self.transport is not None:
@@ -133,8 +151,10 @@ class Node:
         *,
         on_listening: Callable[[tuple[str, ...]], None] | None = None,
         on_serving: Callable[[int | None], None] | None = None,
+        on_http: Callable[[Observer], None] | None = None,
     ) -> None:
-        """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
+        """Start, report the listen multiaddrs (and the HTTP endpoints), join, serve until ``stop_event`` is set,
+        then stop.
 
         With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``), built by
         `build_training_role`; its RPC handlers are unregistered when it ends.
@@ -143,6 +163,8 @@ class Node:
             await self.start()
             if on_listening is not None:
                 on_listening(self.listen_maddrs)
+            if on_http is not None and self.observer is not None:
+                on_http(self.observer)
             dht = await self._join()
             if self.config.training is not None and self.transport is not None:
                 role = build_training_role(
@@ -152,6 +174,7 @@ class Node:
                     on_serving=on_serving,
                     hooks=hooks_for(self.config.misbehave),
                 )
+                self.role = role
                 try:
                     await role.run(stop_event)
                 finally:
@@ -160,6 +183,7 @@ class Node:
                 validator = ValidatorRole(
                     self.config.validator, transport=self.transport, dht=dht, identity=self.identity
                 )
+                self.role = validator
                 await validator.run(stop_event)
             else:
                 await stop_event.wait()

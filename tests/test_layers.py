@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("swarm.data",),
     ("swarm.training",),
     ("swarm.testing",),
+    ("swarm.observe",),
     ("swarm.node",),
     ("swarm.local",),
     ("swarm.cli",),

@@ -144,6 +144,7 @@ def test_wheel_holds_only_the_swarm_package_and_its_presets(wheel: Path) -> None
     assert {f"swarm/run/presets/{p}.toml" for p in PRESETS} <= set(names)
     assert {f"swarm/run/hf_presets/{p}.json" for p in HF_PRESETS} <= set(names)
     assert "swarm/py.typed" in names
+    assert {f"swarm/observe/static/{f}" for f in ("index.html", "app.js", "style.css")} <= set(names)  # the page
 
 
 def test_installed_wheel_is_what_runs_and_its_presets_load(venv: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from swarm.averaging.config import AveragerConfig
 from swarm.averaging.matchmaking import GroupStore, Matchmaker
 from swarm.averaging.messages import MemberInfo
 from swarm.averaging.partition import flat_view_or_copy, unflatten_into
+from swarm.averaging.stats import AveragingStats
 from swarm.averaging.wire import CompressionPartCodec, PartCodec
 from swarm.errors import SwarmError
 
@@ -60,6 +61,7 @@ class Averager:
         self.codec = codec if codec is not None else CompressionPartCodec(config.codec)
         self.server = AllReduceServer(config, transport, self.codec)
         self.matchmaker = Matchmaker(config, transport, dht, self.server, clock=clock)
+        self.stats = AveragingStats()  # what the rounds came to (read by the metrics endpoint)
         self.server.register()
         self.matchmaker.register()
 
@@ -115,7 +117,7 @@ class Averager:
                 async with asyncio.TaskGroup() as tg:  # the withdrawal is for later peers: not on our critical path
                     tg.create_task(self.matchmaker.withdraw(group_key))
                     if len(group.members) == 1:
-                        return self._alone(group.round_id)
+                        return self._alone(group.round_id, failed=False)
                     outcome = await self._reduce(group, group_key, flat, float(weight), exclude)
         except TimeoutError:
             log.warning(
@@ -129,10 +131,16 @@ class Averager:
             log.warning("%s: averaging under %r failed (%s); parts not averaged keep local values", me, group_key, e)
             return self._alone()
         await asyncio.to_thread(unflatten_into, flat, tensors)
-        return _result(group, outcome)
+        result = _result(group, outcome)
+        self.stats.record(
+            group_size=result.group_size, with_others=result.with_others, lost_peers=len(result.lost_peers)
+        )
+        return result
 
-    def _alone(self, round_id: bytes = b"") -> AveragingResult:
-        """The result of a step that averaged with nobody: the tensors keep their own values."""
+    def _alone(self, round_id: bytes = b"", *, failed: bool = True) -> AveragingResult:
+        """The result of a step that averaged with nobody: the tensors keep their own values (``failed``: because
+        the round passed its deadline or broke, rather than finding no peer)."""
+        self.stats.record(group_size=1, with_others=False, failed=failed)
         return AveragingResult(with_others=False, group_size=1, group=(self.transport.peer_id,), round_id=round_id)
 
     async def _reduce(

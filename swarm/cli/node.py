@@ -1,7 +1,7 @@
 """`swarm-node`: run a swarm node. Parses options into a NodeConfig and calls Node.run.
 
     swarm-node start --listen /ip4/0.0.0.0/tcp/31337 --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW... \
-        [--data-dir DIR] [--identity FILE]
+        [--data-dir DIR] [--identity FILE] [--http 127.0.0.1:8080]
 
 Prints ``listening on <multiaddr with /p2p/PeerID>`` as soon as it listens (for people); programs pass
 ``--events-file PATH`` and read the node's events there (`swarm.local.events`). SIGINT/SIGTERM stop it cleanly
@@ -22,8 +22,9 @@ from swarm.p2p import TransportConfig
 from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
-from swarm.local.events import EventWriter, ListeningEvent, ServingEvent, StoppedEvent
+from swarm.local.events import EventWriter, HttpEvent, ListeningEvent, ServingEvent, StoppedEvent
 from swarm.node import Node, NodeConfig
+from swarm.observe import HttpConfig, Observer, parse_http_address
 from swarm.testing.misbehave import MisbehaveConfig
 from swarm.training.trainer import TrainingConfig
 from swarm.training.validator import ValidatorConfig
@@ -46,6 +47,11 @@ class _Reporter:
         if self.events is not None:
             self.events.emit(ListeningEvent(maddrs=list(maddrs)))
 
+    def http(self, observer: Observer) -> None:
+        print(f"http: {observer.describe()}", flush=True)
+        if self.events is not None:
+            self.events.emit(HttpEvent(url=observer.url))
+
     def serving(self, stage: int | None) -> None:
         print(f"serving stage {stage if stage is not None else 'none (trainer)'}", flush=True)
         if self.events is not None:
@@ -62,10 +68,20 @@ async def _run_until_signal(config: NodeConfig, reporter: _Reporter) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_event.set)
     try:
-        await Node(config).run(stop_event, on_listening=reporter.listening, on_serving=reporter.serving)
+        await Node(config).run(
+            stop_event, on_listening=reporter.listening, on_serving=reporter.serving, on_http=reporter.http
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _http_config(address: str | None) -> HttpConfig | None:
+    """``--http HOST:PORT`` as an HttpConfig (None: off); ConfigError if malformed."""
+    if address is None:
+        return None
+    host, port = parse_http_address(address)
+    return HttpConfig(host=host, port=port)
 
 
 def _role(cfg: TrainingConfig | ValidatorConfig | None) -> dict[str, Any]:
@@ -121,7 +137,15 @@ def main() -> None:
     "--events-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Append the node's events here, one JSON object per line: listening, serving, stopped (for programs).",
+    help="Append the node's events here, one JSON object per line: listening, http, serving, stopped (for programs).",
+)
+@click.option(
+    "--http",
+    "http_address",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve /metrics (Prometheus), /health and a status page here; off by default. Binds loopback unless a "
+    "HOST is given (0.0.0.0: every interface); port 0 picks a free one.",
 )
 @training_options
 def start(
@@ -133,6 +157,7 @@ def start(
     rpc_timeout_s: float,
     log_level: str,
     events_file: Path | None,
+    http_address: str | None,
     **training: Any,
 ) -> None:
     """Start a node: listen, join through the initial peers, serve until SIGINT/SIGTERM."""
@@ -152,6 +177,7 @@ def start(
             identity_path=identity_path.expanduser() if identity_path is not None else None,
             **_role(training_config(data_dir=data_dir.expanduser(), rpc_timeout_s=rpc_timeout_s, **training)),
             misbehave=MisbehaveConfig(kind=misbehave) if misbehave is not None else None,
+            http=_http_config(http_address),
         )
         asyncio.run(_run_until_signal(config, reporter))
     except SwarmError as e:

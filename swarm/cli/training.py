@@ -179,6 +179,15 @@ def training_config(
     show_default=True,
     help="Every node's torch device; auto: CUDA if there, else MPS, else CPU.",
 )
+@click.option(
+    "--http",
+    "http_address",
+    metavar="HOST:PORT",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Node 0 serves the status page, /metrics and /health here (port 0: any free one; its URL is printed); "
+    "'off': none.",
+)
 def local(
     num_nodes: int,
     config_path: Path | None,
@@ -191,6 +200,7 @@ def local(
     num_validators: int,
     misbehave: tuple[str, ...],
     device: str,
+    http_address: str,
 ) -> None:
     """Train with N node processes on this machine; live view on stderr; stops every process on exit or Ctrl-C."""
     from swarm.local.launcher import LaunchConfig, launch
@@ -208,6 +218,7 @@ def local(
             num_validators=num_validators,
             misbehave=tuple(parse_misbehave_spec(m) for m in misbehave),
             device=device,
+            http=None if http_address == "off" else http_address,
         )
         code = launch(cfg)
     except SwarmError as e:

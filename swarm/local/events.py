@@ -1,7 +1,8 @@
 """Node events: the structured channel from a ``swarm-node start --events-file PATH`` process to its starter.
 
 The node appends one JSON object per line to ``PATH`` (`EventWriter`): ``{"event": "listening", "maddrs": [...]}``
-as soon as it listens, ``{"event": "serving", "stage": 1}`` once it serves a stage (``null``: a trainer serves
+as soon as it listens, ``{"event": "http", "url": "http://127.0.0.1:8080/"}`` when it serves ``--http``,
+``{"event": "serving", "stage": 1}`` once it serves a stage (``null``: a trainer serves
 none), ``{"event": "stopped", "error": null}`` when it stops. `swarm-node local` and the tests read them with an
 `EventReader` and wait on them with their own deadlines; the ``listening on`` lines on stdout are for people only.
 Writing and reading both live here, so the format is defined once.
@@ -39,6 +40,14 @@ class ListeningEvent(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpEvent(Message):
+    """The node serves its HTTP endpoints (``--http``): the status page at ``url``, /metrics and /health beside it."""
+
+    KIND: ClassVar[str] = "http"
+    url: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServingEvent(Message):
     """The node joined the run and serves ``stage`` (None: a trainer, which serves no stage)."""
 
@@ -54,9 +63,11 @@ class StoppedEvent(Message):
     error: str | None = None
 
 
-NodeEvent = ListeningEvent | ServingEvent | StoppedEvent
-EVENT_TYPES: dict[str, type[NodeEvent]] = {cls.KIND: cls for cls in (ListeningEvent, ServingEvent, StoppedEvent)}
-E = TypeVar("E", ListeningEvent, ServingEvent, StoppedEvent)
+NodeEvent = ListeningEvent | HttpEvent | ServingEvent | StoppedEvent
+EVENT_TYPES: dict[str, type[NodeEvent]] = {
+    cls.KIND: cls for cls in (ListeningEvent, HttpEvent, ServingEvent, StoppedEvent)
+}
+E = TypeVar("E", ListeningEvent, HttpEvent, ServingEvent, StoppedEvent)
 
 
 def encode_event(event: NodeEvent) -> str:

@@ -2,7 +2,9 @@
 
 The first process is the bootstrap peer; the others get ``--initial-peers`` with its multiaddr. Each node is
 started after the previous one reports the stage it serves (so self-assignment sees the earlier records) and
-drives no microbatch until all N are in the run's records. A node reports through its events file
+drives no microbatch until all N are in the run's records. Node 0 serves the status page, /metrics and /health
+(``--http``, `LaunchConfig.http`); its URL is printed and is the summary's ``dashboard_url``. A node reports through
+its events file
 (``--events-file``, `swarm.local.events`), never through its output. Logs go to ``runs/<timestamp>/node-<i>.log``;
 checkpoints, events and the node's `NodeSummary` (read at the end) to ``runs/<timestamp>/node-<i>/``. A client-mode
 DHT node reads the run's records for the live view (`swarm.local.live_view`, on stderr: in place on a terminal,
@@ -31,7 +33,8 @@ from swarm.configs import Config, setting
 from swarm.errors import ConfigError, SwarmError
 from swarm.dht.keys import peers_key, progress_key
 from swarm.model.devices import DEVICE_CHOICES, check_precision, resolve_device
-from swarm.local.events import EventReader, ListeningEvent, NodeEventError, ServingEvent
+from swarm.observe.config import parse_http_address
+from swarm.local.events import EventReader, HttpEvent, ListeningEvent, NodeEventError, ServingEvent
 from swarm.testing.misbehave import misbehave_args
 from swarm.training.node_role import Role
 from swarm.training.schemas import with_run_schemas
@@ -69,11 +72,16 @@ class LaunchConfig(Config, section="local"):
     device: str = setting(
         default="auto", choices=DEVICE_CHOICES, doc="Every node's --device (auto: CUDA, then MPS, then CPU)."
     )
+    http: str | None = setting(
+        default="127.0.0.1:0", doc="Node 0's --http HOST:PORT (the status page; port 0: any free one); None: off."
+    )
 
     def validate(self) -> None:
         cheaters = sum(count for _, count in self.misbehave)
         if cheaters > self.num_nodes:
             raise ConfigError(f"local.misbehave: {cheaters} cheaters but only {self.num_nodes} nodes")
+        if self.http is not None:
+            parse_http_address(self.http)  # a bad --http fails here, not in node 0's log
 
 
 @dataclass
@@ -169,6 +177,8 @@ async def _start_all(cfg: LaunchConfig, run_dir: Path, nodes: list[NodeProcess],
         node.misbehaving = i in cheats
         nodes.append(node)
         view.note(f"node {i}: {node.maddr} {node.serving}")
+        if node.dashboard_url is not None:
+            view.note(f"dashboard: {node.dashboard_url} (/metrics, /health beside it)")
     for i in range(cfg.num_nodes, cfg.num_nodes + cfg.num_validators):
         node = await _start_node(cfg, run_dir, i, nodes[0].maddr, ("--role", Role.VALIDATOR))
         nodes.append(node)
@@ -233,6 +243,8 @@ async def _start_node(
         *cfg.extra_node_args,
         *role_args,
     ]
+    if index == 0 and cfg.http is not None:
+        args += ["--http", cfg.http]
     if cfg.config_path is not None:  # a run file goes by its absolute path, a shipped preset by its name
         spec = cfg.config_path.resolve() if cfg.config_path.exists() else cfg.config_path
         args += ["--config", str(spec)]
@@ -252,6 +264,8 @@ async def _start_node(
             node.maddr = (await events.wait_for(ListeningEvent, alive=_alive(proc))).maddrs[0]
             if Role.VALIDATOR not in role_args:
                 node.stage = (await events.wait_for(ServingEvent, alive=_alive(proc))).stage
+            http = events.first(HttpEvent)  # written before the node serves: read with the events above
+            node.dashboard_url = http.url if http is not None else None
     except NodeEventError as e:
         if proc.returncode is None:  # a malformed events line, not an exit
             raise SwarmError(f"node {index}: {e}") from None
@@ -371,6 +385,7 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         "devices": sorted({s.device for s in summaries if s.device}),  # what the nodes' --device resolved to
         "precision": run.precision.compute,
         "peak_rss_bytes": [s.peak_rss_bytes for s in summaries],  # per node process, in the nodes' order
+        "dashboard_url": nodes[0].dashboard_url if nodes else None,  # node 0's status page (gone with the run)
     }
 
 

@@ -32,6 +32,7 @@ from swarm.p2p.framing import Chunk, Frame, WriteScratch
 from swarm.p2p.listener import Listener
 from swarm.p2p.rpc import HandlerEntry, StreamHandler, StreamReply, UnaryHandler
 from swarm.p2p.streams import Stream
+from swarm.p2p.latency import CallLatency
 from swarm.p2p.traffic import Traffic
 from swarm.errors import ConfigError, TransportError
 
@@ -49,6 +50,7 @@ class Transport:
         self._static_key = X25519PrivateKey.generate()
         self._scratch = WriteScratch()
         self.traffic = Traffic()  # bytes per RPC method family, both directions (see traffic.py)
+        self.latency = CallLatency()  # how long this node's calls take, per method (see latency.py)
         self._handlers: dict[str, HandlerEntry] = {}
         self._table = ConnectionTable(identity.peer_id)
         self._admission = Admission(config, log, identity.peer_id.short())  # the connection budgets
@@ -199,8 +201,14 @@ class Transport:
     ) -> M:
         """Send one request and return the typed reply; RpcTimeoutError, RemoteError, TransportError on failure."""
         timeout_s = timeout_s or self.config.rpc_timeout_s
-        conn = await self._connection(peer)  # bounded by connect_timeout_s + handshake_timeout_s
-        return await rpc.call(conn, method, request, reply_type, timeout_s)
+        started, ok = time.monotonic(), False
+        try:
+            conn = await self._connection(peer)  # bounded by connect_timeout_s + handshake_timeout_s
+            reply = await rpc.call(conn, method, request, reply_type, timeout_s)
+            ok = True
+            return reply
+        finally:
+            self.latency.observe(method, time.monotonic() - started, ok=ok)
 
     @contextlib.asynccontextmanager
     async def open_stream(
@@ -219,9 +227,16 @@ class Transport:
         fails within it while a long healthy transfer goes on.
         """
         timeout_s = timeout_s or self.config.rpc_timeout_s
-        conn = await self._connection(peer)
-        async with rpc.open_stream(conn, method, header, reply_type, chunks, timeout_s) as stream:
-            yield stream
+        started, opened = time.monotonic(), False
+        try:
+            conn = await self._connection(peer)
+            async with rpc.open_stream(conn, method, header, reply_type, chunks, timeout_s) as stream:
+                opened = True  # the latency of a stream is its time to the reply header
+                self.latency.observe(method, time.monotonic() - started, ok=True)
+                yield stream
+        finally:
+            if not opened:
+                self.latency.observe(method, time.monotonic() - started, ok=False)
 
     async def ping(self, peer: PeerLike, *, timeout_s: float | None = None) -> float:
         """Round-trip time in seconds of a PING frame to ``peer``."""
