@@ -212,7 +212,14 @@ class StageService:
 
 def _capture(server: StageServer, run_id: str) -> StageState:
     with server.lock:
-        return capture_state(server.model, server.optimizer, run_id=run_id, stage=server.index, step=server.step)
+        return capture_state(
+            server.model,
+            server.optimizer,
+            run_id=run_id,
+            stage=server.index,
+            step=server.step,
+            extra=server.extra_state,
+        )
 
 
 def _device_of(server: StageServer) -> torch.device:

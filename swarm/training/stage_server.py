@@ -75,6 +75,9 @@ class StageServer:
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
         self._graphs: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # tensors that travel with the stage's state besides the model and optimizer (``outer.*``: the local_sgd
+        # outer optimizer's, `swarm.training.outer_sync`); replaced under the lock, with the weights
+        self.extra_state: dict[str, torch.Tensor] = {}
         self.zero_grad()
 
     @property
@@ -181,12 +184,18 @@ class StageServer:
             return [(_grad(p).detach() * scale).cpu() for p in self.parameters()]
 
     def apply_step(
-        self, gradients: list[torch.Tensor], *, new_step: int | None = None, replace: Mapping[int, torch.Tensor] = {}
+        self,
+        gradients: list[torch.Tensor],
+        *,
+        new_step: int | None = None,
+        replace: Mapping[int, torch.Tensor] = {},
+        extra_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Set ``gradients`` (the step's averaged mean), apply the optimizer, zero, open the next step.
 
         ``replace``: parameters (by index in ``parameters()``) overwritten before the update, in the same locked
-        section, so weights still change only together with the step number (the tied matrix's re-tie).
+        section, so weights still change only together with the step number (the tied matrix's re-tie, the
+        local_sgd outer step); ``extra_state`` (when given) replaces `extra_state` in that section too.
         """
         with self.lock:
             params = self.parameters()
@@ -201,6 +210,8 @@ class StageServer:
             with torch.no_grad():
                 for index, value in replace.items():
                     params[index].copy_(value)
+            if extra_state is not None:
+                self.extra_state = extra_state
             for p, g in zip(params, gradients, strict=False):
                 _grad(p).copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
