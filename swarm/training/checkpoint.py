@@ -1,7 +1,8 @@
 """Stage state on disk and on the wire: parameters + optimizer state as a flat tensor dict, saved atomically.
 
 A stage's state is ``param.<name>`` for each parameter and ``optim.<param index>.<key>`` for each tensor of
-the optimizer's per-parameter state, plus ``outer.*`` tensors in local_sgd mode (`swarm.training.outer_sync`); the step, stage and run id travel as safetensors metadata. Files are
+the optimizer's per-parameter state, plus ``outer.*`` tensors in local_sgd mode (`swarm.training.outer_sync`);
+the step, stage and run id travel as safetensors metadata. Files are
 written to a temporary name in the same folder, fsynced, then renamed over the old file, so a crash never
 leaves a torn checkpoint.
 """

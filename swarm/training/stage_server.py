@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from swarm.averaging.digests import weights_digest
 from swarm.configs import Config, setting
 from swarm.errors import SwarmError
 from swarm.model.optim import set_step_lr
@@ -78,6 +79,10 @@ class StageServer:
         # tensors that travel with the stage's state besides the model and optimizer (``outer.*``: the local_sgd
         # outer optimizer's, `swarm.training.outer_sync`); replaced under the lock, with the weights
         self.extra_state: dict[str, torch.Tensor] = {}
+        # verification: the digest of the weights each step's work was computed with (taken under the lock with the
+        # first work of the step, dropped whenever the weights may change), for the work claims to name them
+        self.names_weights = False
+        self._digests: dict[int, bytes] = {}
         self.zero_grad()
 
     @property
@@ -171,6 +176,12 @@ class StageServer:
 
     # ---- steps ---------------------------------------------------------------------------------------------
 
+    def weights_digest_of(self, step: int) -> bytes:
+        """The digest (`swarm.averaging.digests.weights_digest`) of the weights this server computed ``step``'s work
+        with, or b"" when not known (``names_weights`` off, or the weights changed since)."""
+        with self.lock:
+            return self._digests.get(step, b"")
+
     def close_step(self) -> None:
         """Stop accepting work for the current step (averaging is about to start)."""
         with self.lock:
@@ -244,6 +255,7 @@ class StageServer:
     # ---- helpers -------------------------------------------------------------------------------------------
 
     def _reset(self) -> None:
+        self._digests.clear()
         for p in self.parameters():
             _grad(p).zero_()
         self.samples = 0
@@ -256,8 +268,11 @@ class StageServer:
             raise StaleStepError(f"stage {self.index} is at step {self.step}, the request is for step {step}; retry")
 
     def _check_step(self, step: int) -> None:
+        """Under the lock, before computing: the step is open (and its weights' digest taken)."""
         if step != self.step or not self.accepting:
             raise StaleStepError(f"stage {self.index} is not accepting work for step {step} (at {self.step}); retry")
+        if self.names_weights and step not in self._digests:
+            self._digests[step] = weights_digest(p for _, p in self.model.named_parameters())
 
     def _graph_for(self, microbatch_id: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._graphs.pop(microbatch_id, None)

@@ -55,7 +55,9 @@ class Stepper:
         self.averager = averager
         self.tied = tied
         self.replicas = Replicas(state, records=records, sync=sync, checks=checks)
-        self.outer: OuterSync | None = None  # local_sgd mode: inner steps and outer syncs instead of every-step averaging
+        self.outer: OuterSync | None = (
+            None  # local_sgd mode: inner steps and outer syncs instead of every-step averaging
+        )
         if state.run_cfg.averaging.local_sgd:
             self.outer = OuterSync(state, checks=checks, averager=averager, tied=tied, replicas=self.replicas)
 

@@ -203,6 +203,7 @@ class StateSync:
             StageServerConfig(max_batch=st.run_cfg.batch.microbatch_size),
             step=0,
         )
+        server.names_weights = st.run_cfg.verification.enabled  # work claims name the weights (local_sgd replays)
         checkpoint = self.checkpoint_path(stage)
         if checkpoint is not None and checkpoint.exists():
             try:

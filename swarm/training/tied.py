@@ -228,10 +228,9 @@ class TiedService:
                 step,
             )
             return None
-        theirs, their_anchor = answer
-        (u_first, a_first), (u_last, a_last) = (
-            ((update, anchor), (theirs, their_anchor)) if server.index == 0 else ((theirs, their_anchor), (update, anchor))
-        )
+        theirs, their_anchor = answer[0], answer[1]
+        mine_pair, their_pair = (update, anchor), (theirs, their_anchor)
+        (u_first, a_first), (u_last, a_last) = (mine_pair, their_pair) if server.index == 0 else (their_pair, mine_pair)
         return (u_first + u_last) + (a_first + a_last) * 0.5
 
     async def _agreed_answer(
