@@ -5,7 +5,8 @@
 
 - **Inner step.** The replica applies its inner optimizer (the run's, AdamW by default) to the mean gradients of the
   microbatches it served, with no all-reduce; replicas of a stage drift apart until the next sync.
-- **Outer sync** (closing step ``s`` with ``(s + 1) % inner_steps == 0``). The pseudo-gradient ``anchor - weights``
+- **Outer sync** (closing step ``s`` with ``(s + 1) % inner_steps == 0``, and the node's last step ``max_steps``,
+  whose weights are then the synced ones, with no inner update). The pseudo-gradient ``anchor - weights``
   (``anchor``: the weights of the last sync) goes through ``hooks.gradients_to_average`` (a sign-flip cheater flips
   it) and, with ``outer_compression = "topk_q"``, through error feedback and `topk_quantize`; the stage's peers
   all-reduce it (the averager's codec is then the lossless ``sparse``; `reduction` and the gradient checks apply as
@@ -100,13 +101,15 @@ class OuterSync:
         started = time.monotonic()
         replace: dict[int, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] | None = None
-        if self.settings.is_sync_step(step):
+        if self.is_sync_step(step):
             outcome = await self._sync(server, step)
             if outcome is None:  # this replica took a peer's state of the next step instead
                 return
             replace, extra = outcome
         synced = time.monotonic()
-        await asyncio.to_thread(server.apply_step, grads, replace=replace, extra_state=extra)
+        # a run's last step ends on the synced weights: the replicas finish bit-identical (its inner update is dropped)
+        last = extra is not None and st.cfg.max_steps is not None and step + 1 == st.cfg.max_steps
+        await asyncio.to_thread(server.apply_step, grads, replace=replace, extra_state=extra, optimize=not last)
         st.state_age_steps += 1
         now = time.monotonic()
         elapsed, st.step_opened = now - st.step_opened, now
@@ -122,6 +125,12 @@ class OuterSync:
             synced - started,
             now - synced,
         )
+
+    def is_sync_step(self, step: int) -> bool:
+        """Whether closing ``step`` ends with an outer sync: every ``inner_steps``-th step, and the node's last step
+        (``max_steps``), so that a run ends with its replicas synced."""
+        max_steps = self.state.cfg.max_steps
+        return self.settings.is_sync_step(step) or (max_steps is not None and step + 1 == max_steps)
 
     def ensure_anchor(self, server: StageServer) -> None:
         """Give ``server`` an anchor (its weights now) and zero momentum when its state came without them (the run's

@@ -201,12 +201,14 @@ class StageServer:
         new_step: int | None = None,
         replace: Mapping[int, torch.Tensor] = {},
         extra_state: dict[str, torch.Tensor] | None = None,
+        optimize: bool = True,
     ) -> None:
         """Set ``gradients`` (the step's averaged mean), apply the optimizer, zero, open the next step.
 
         ``replace``: parameters (by index in ``parameters()``) overwritten before the update, in the same locked
         section, so weights still change only together with the step number (the tied matrix's re-tie, the
         local_sgd outer step); ``extra_state`` (when given) replaces `extra_state` in that section too.
+        ``optimize=False``: the weights are ``replace``d and the step advances, with no optimizer update.
         """
         with self.lock:
             params = self.parameters()
@@ -226,7 +228,8 @@ class StageServer:
             for p, g in zip(params, gradients, strict=False):
                 _grad(p).copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
-            self.optimizer.step()
+            if optimize:
+                self.optimizer.step()
             self.step = self.step + 1 if new_step is None else new_step
             self._reset()
 

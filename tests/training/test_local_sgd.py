@@ -2,7 +2,8 @@
 
 - a node that joins between two outer syncs downloads a peer's state (the last sync's anchor and momentum plus that
   peer's inner progress) and takes part in the next sync: afterwards both replicas hold the same anchor, bit for
-  bit, and no replica was ever re-downloaded between syncs (the digest check runs at syncs only);
+  bit, and so do their weights once the run ends (its last step is a sync); no replica was ever re-downloaded
+  between syncs (the digest check runs at syncs only);
 - a replica sending a sign-flipped pseudo-gradient at an outer sync (CenteredClip, top-k quantized) is reported by
   its honest stage peers;
 - a lazy replica is flagged by replaying receipts that name the weights that computed them, while the replicas of
@@ -33,7 +34,7 @@ from swarm.training.stage_server import StageServer, StageServerConfig
 from swarm.verification.outliers import fetch_reports
 from swarm.verification.replay import CheckConfig, ReceiptChecker
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
-from tests.training.swarm_harness import LiveNode, Swarm, small_run
+from tests.training.swarm_harness import LiveNode, Swarm, small_run, stage_weights
 from tests.verification.verif_helpers import DirectFetcher, MemoryStore, make_identity
 
 
@@ -72,6 +73,8 @@ async def test_a_node_joining_between_syncs_takes_part_in_the_next_one() -> None
         mine, theirs = anchor_of(first), anchor_of(joiner)
         assert len(mine) == len(theirs) > 0
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+        # the run ends on a sync (max_steps): both replicas hold the same weights, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(stage_weights(first), stage_weights(joiner), strict=True))
         # nobody re-downloaded a state: between syncs the replicas differ and that is no divergence
         assert first.role.state_age_steps == 12 and joiner.role.state_age_steps == 12 - joined_at
     finally:
