@@ -3,7 +3,7 @@
 - a node that joins between two outer syncs downloads a peer's state (the last sync's anchor and momentum plus that
   peer's inner progress) and takes part in the next sync: afterwards both replicas hold the same anchor, bit for
   bit, and so do their weights once the run ends (its last step is a sync); no replica was ever re-downloaded
-  between syncs (the digest check runs at syncs only);
+  between syncs (the digest check runs at syncs only), and the tied matrix's two copies (stages 0 and 1) are equal;
 - a replica sending a sign-flipped pseudo-gradient at an outer sync (CenteredClip, top-k quantized) is reported by
   its honest stage peers;
 - a lazy replica is flagged by replaying receipts that name the weights that computed them, while the replicas of
@@ -31,6 +31,7 @@ from swarm.training.outer_sync import ANCHOR
 from swarm.training.replayer import StageReplayer
 from swarm.training.stage_rpc import encode
 from swarm.training.stage_server import StageServer, StageServerConfig
+from swarm.training.tied import tied_index
 from swarm.verification.outliers import fetch_reports
 from swarm.verification.replay import CheckConfig, ReceiptChecker
 from swarm.verification.witness import ReceiptCollector, ServerWitness, WitnessConfig
@@ -49,6 +50,14 @@ def anchor_of(node: LiveNode) -> list[torch.Tensor]:
     assert server is not None
     with server.lock:
         return [v.clone() for k, v in sorted(server.extra_state.items()) if k.startswith(ANCHOR)]
+
+
+def tied_copy(node: LiveNode) -> torch.Tensor:
+    server = node.role.server
+    assert server is not None
+    index = tied_index(server)
+    assert index is not None
+    return server.parameter_copy(index)
 
 
 async def finish(nodes: list[LiveNode], timeout_s: float = 90.0) -> None:
@@ -75,6 +84,8 @@ async def test_a_node_joining_between_syncs_takes_part_in_the_next_one() -> None
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
         # the run ends on a sync (max_steps): both replicas hold the same weights, bit for bit
         assert all(torch.equal(a, b) for a, b in zip(stage_weights(first), stage_weights(joiner), strict=True))
+        # the tied embedding/head matrix, synced with the outer step: stage 0's copy is the last stage's
+        assert torch.equal(tied_copy(first), tied_copy(last))
         # nobody re-downloaded a state: between syncs the replicas differ and that is no divergence
         assert first.role.state_age_steps == 12 and joiner.role.state_age_steps == 12 - joined_at
     finally:
