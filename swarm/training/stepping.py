@@ -6,7 +6,8 @@ member stating a digest of its weights), adds the other stage's part of the tied
 optimizer, unless `swarm.training.replicas.Replicas` takes a peer's next state instead (this replica's digest lost
 the vote, or it averaged alone). `catch_up` downloads the state of a peer ahead, or jumps to the swarm's step when no
 peer of the stage is ahead; both only go as far as the step-claim rule (`swarm.training.claims`) believes, and peers
-whose claims fail it are reported.
+whose claims fail it are reported. In local_sgd mode (run config ``[averaging]``) `swarm.training.outer_sync.OuterSync`
+closes the step instead: an inner step, and every ``inner_steps`` steps an outer sync.
 """
 
 from __future__ import annotations
@@ -55,9 +56,8 @@ class Stepper:
         self.averager = averager
         self.tied = tied
         self.replicas = Replicas(state, records=records, sync=sync, checks=checks)
-        self.outer: OuterSync | None = (
-            None  # local_sgd mode: inner steps and outer syncs instead of every-step averaging
-        )
+        # local_sgd mode: inner steps and outer syncs instead of every-step averaging
+        self.outer: OuterSync | None = None
         if state.run_cfg.averaging.local_sgd:
             self.outer = OuterSync(state, checks=checks, averager=averager, tied=tied, replicas=self.replicas)
 
