@@ -139,6 +139,7 @@ def _servers(count: int) -> list[StageServer]:
     return servers
 
 
+@pytest.mark.slow
 async def test_a_lazy_replica_is_flagged_while_the_replicas_differ() -> None:
     """Two stage-1 replicas trained on different microbatches for two inner steps (their weights differ), one
     lazy; every receipt names the weights that computed it and the validator replays with exactly those (found by
