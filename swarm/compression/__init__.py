@@ -5,7 +5,7 @@
 >>> tensor = deserialize_tensor(data, max_numel=1 << 24)
 """
 
-from swarm.compression import bf16, blockwise8, fp16, none, topk, uniform8  # noqa: F401  (they register)
+from swarm.compression import bf16, blockwise8, fp16, none, sparse, topk, uniform8  # noqa: F401  (they register)
 from swarm.compression.base import Codec, Encoded, codec_by_id, codec_names, get_codec, register_codec
 from swarm.compression.errors import (
     CorruptPayloadError,

@@ -134,8 +134,8 @@ def codec_by_id(codec_id: int) -> Codec:
 
 
 def _load_builtin_codecs() -> None:
-    if len(_REGISTRY) < 6:
-        from swarm.compression import bf16, blockwise8, fp16, none, topk, uniform8  # noqa: F401  (they register)
+    if len(_REGISTRY) < 7:
+        from swarm.compression import bf16, blockwise8, fp16, none, sparse, topk, uniform8  # noqa: F401  (they register)
 
 
 def ensure_finite(tensor: torch.Tensor, what: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from swarm.configs import Config, apply_overrides, build, canonical_json, flatten, setting
 from swarm.errors import ConfigError
+from swarm.run.averaging import AveragingSettings
 from swarm.run.hf_config import hf_config_sha256, hf_get, read_hf_config
 from swarm.run.precision import PrecisionConfig
 from swarm.verification.settings import VerificationSettings
@@ -199,15 +200,6 @@ class DataConfig(Config, section="data"):
                 raise self.invalid(name, f"must be 64 lowercase hex digits or empty, got {value!r}")
 
 
-class AveragingSettings(Config, section="averaging"):
-    """How a stage's peers reduce their gradients: a plain weighted ``mean``, or ``centered_clip`` (robust to a
-    minority of peers sending huge or sign-flipped gradients; ``clip_tau`` is in gradient-norm units per part)."""
-
-    reduction: str = setting(default="mean", choices=("mean", "centered_clip"), doc="mean or centered_clip.")
-    clip_tau: float = setting(default=1.0, ge=1e-9, le=1e9, doc="centered_clip: clipping radius (gradient norm).")
-    clip_iterations: int = setting(default=20, ge=1, le=10_000, doc="centered_clip: fixed-point iterations.")
-
-
 class EvalConfig(Config, section="eval"):
     """Validation loss every ``every_steps`` steps (and at ``max_steps``): ``batches`` microbatches of the held-out
     data, forward only, run by one driver of the swarm (the lowest PeerID among the drivers it sees) and published
@@ -232,7 +224,9 @@ class RunConfig(Config, section="run"):
     verification: VerificationSettings = setting(
         default_factory=VerificationSettings, doc="Checking of work and rewards."
     )
-    averaging: AveragingSettings = setting(default_factory=AveragingSettings, doc="Gradient reduction.")
+    averaging: AveragingSettings = setting(
+        default_factory=AveragingSettings, doc="How stage replicas combine their work."
+    )
     precision: PrecisionConfig = setting(default_factory=PrecisionConfig, doc="The dtype stages compute in.")
     eval: EvalConfig = setting(default_factory=EvalConfig, doc="Validation loss on held-out data.")
 

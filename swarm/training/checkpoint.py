@@ -1,7 +1,8 @@
 """Stage state on disk and on the wire: parameters + optimizer state as a flat tensor dict, saved atomically.
 
 A stage's state is ``param.<name>`` for each parameter and ``optim.<param index>.<key>`` for each tensor of
-the optimizer's per-parameter state; the step, stage and run id travel as safetensors metadata. Files are
+the optimizer's per-parameter state, plus ``outer.*`` tensors in local_sgd mode (`swarm.training.outer_sync`);
+the step, stage and run id travel as safetensors metadata. Files are
 written to a temporary name in the same folder, fsynced, then renamed over the old file, so a crash never
 leaves a torn checkpoint.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from swarm.errors import SwarmError
 
 log = logging.getLogger(__name__)
+
+EXTRA_PREFIX = "outer."  # tensors besides the model's and the optimizer's (the local_sgd outer optimizer's)
 
 
 class CheckpointError(SwarmError):
@@ -40,16 +44,31 @@ class StageState:
 
 
 def capture_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, run_id: str, stage: int, step: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    run_id: str,
+    stage: int,
+    step: int,
+    extra: Mapping[str, torch.Tensor] = {},
 ) -> StageState:
-    """A detached copy of the model's parameters and the optimizer's tensors."""
+    """A detached copy of the model's parameters and the optimizer's tensors (and ``extra``: ``outer.*`` tensors)."""
     tensors = {f"param.{name}": p.detach().cpu().clone().contiguous() for name, p in model.named_parameters()}
+    for key, value in extra.items():
+        if not key.startswith(EXTRA_PREFIX):
+            raise CheckpointError(f"extra state tensor {key!r} must start with {EXTRA_PREFIX!r}")
+        tensors[key] = value.detach().cpu().clone().contiguous()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
         for key, value in optimizer.state.get(p, {}).items():
             value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             tensors[f"optim.{index}.{key}"] = value.detach().cpu().clone().contiguous()
     return StageState(run_id=run_id, stage=stage, step=step, tensors=tensors)
+
+
+def extra_state(state: StageState) -> dict[str, torch.Tensor]:
+    """The ``outer.*`` tensors of ``state`` (what `capture_state` took as ``extra``)."""
+    return {k: v.clone() for k, v in state.tensors.items() if k.startswith(EXTRA_PREFIX)}
 
 
 def apply_state(

@@ -36,6 +36,7 @@ class ForwardRequest(Message):
 class ForwardReply(Message):
     outputs: bytes
     ack: bytes = b""  # the server's signature of the work claim (swarm.verification.receipts.sign_ack), or empty
+    weights: bytes = b""  # the digest of the weights that computed it, as the work claim names it (b"": not named)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,7 @@ class BackwardReply(Message):
     grad_inputs: bytes | None = None
     loss: float | None = None
     ack: bytes = b""  # the server's signature of the work claim (swarm.verification.receipts.sign_ack), or empty
+    weights: bytes = b""  # the digest of the weights that computed it, as the work claim names it (b"": not named)
 
 
 @dataclass(frozen=True, kw_only=True)

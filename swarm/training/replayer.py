@@ -8,13 +8,13 @@ validator's `swarm.verification.replay.Fetcher` over its transport.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
+from swarm.averaging.digests import weights_digest
 from swarm.errors import CodecError
 from swarm.model.stages import StageInputError, StageModel, build_stages
 from swarm.p2p import Transport
@@ -30,10 +30,12 @@ from swarm.verification.retention import FetchReply, FetchRequest, call_fetch
 class StageReplayer:
     """A `Replayer` over the run's stage models and the per-step weights this validator downloaded from each server.
 
-    A check uses the weights the checked server itself had at that step (replicas differ for a while after a
-    failed averaging round, and an honest server must not be flagged for that). If that server's state could
-    not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if
-    its state was simply not fetched in time, the check is inconclusive.
+        A check uses the weights the receipt names (their digest; any replica's downloaded state with that digest is
+    them, which is what makes local_sgd mode checkable: replicas differ between outer syncs, and weights that synced
+    agree again), else the weights the checked server itself had at that step (replicas differ for a while after a
+        failed averaging round, and an honest server must not be flagged for that). If that server's state could
+        not be downloaded (it refused or failed), the weights every other replica agreed on (two at least) are used; if
+        its state was simply not fetched in time, the check is inconclusive.
     """
 
     def __init__(self, run: RunConfig, keep_steps: int) -> None:
@@ -47,15 +49,25 @@ class StageReplayer:
         return (stage, step, peer) in self._states
 
     def add_state(self, state: StageState, peer: PeerID) -> None:
-        """Keep the parameters ``peer`` had at ``state.step`` (with their digest)."""
+        """Keep the parameters ``peer`` had at ``state.step`` (with their digest: `weights_digest` in the model's
+        parameter order, as the server names its weights in its work claims)."""
         params = {k[len("param.") :]: v for k, v in sorted(state.tensors.items()) if k.startswith("param.")}
-        digest = hashlib.sha256(b"".join(v.float().contiguous().numpy().tobytes() for v in params.values())).digest()
+        names = (
+            [name for name, _ in self.models[state.stage].named_parameters()] if state.stage < len(self.models) else []
+        )
+        digest = weights_digest(params[n] for n in names) if all(n in params for n in names) else b""
         with self._lock:
             self._states[(state.stage, state.step, peer)] = (digest, params)
             while len(self._states) > self.keep:
                 self._states.popitem(last=False)
 
-    def _weights_for(self, stage: int, step: int, server: PeerID | None) -> dict[str, torch.Tensor]:
+    def _weights_for(
+        self, stage: int, step: int, server: PeerID | None, weights: bytes = b""
+    ) -> dict[str, torch.Tensor]:
+        if weights:  # the receipt names the weights: any replica's state with that digest is exactly them
+            named = [v for (s, _, _), v in self._states.items() if s == stage and v[0] == weights]
+            if named:
+                return named[0][1]
         own = self._states.get((stage, step, server)) if server is not None else None
         if own is not None:
             return own[1]
@@ -68,8 +80,8 @@ class StageReplayer:
             raise ReplayUnavailableError(f"no weights of stage {stage} at step {step} that two replicas agree on")
         return others[0][1]
 
-    def _load(self, stage: int, step: int, server: PeerID | None) -> StageModel:
-        params = self._weights_for(stage, step, server)
+    def _load(self, stage: int, step: int, server: PeerID | None, weights: bytes = b"") -> StageModel:
+        params = self._weights_for(stage, step, server, weights)
         model = self.models[stage]
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -77,11 +89,19 @@ class StageReplayer:
         return model
 
     def recompute(
-        self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes], server: PeerID | None = None
+        self,
+        *,
+        stage: int,
+        step: int,
+        kind: str,
+        inputs: Sequence[bytes],
+        server: PeerID | None = None,
+        weights: bytes = b"",
     ) -> list[torch.Tensor]:
-        """Forward outputs, or the gradient w.r.t. the inputs, as `StageServer` computes them."""
+        """Forward outputs, or the gradient w.r.t. the inputs, as `StageServer` computes them, with the weights
+        whose digest is ``weights`` when some replica's state at hand has it, else ``server``'s at ``step``."""
         with self._lock:
-            model = self._load(stage, step, server)
+            model = self._load(stage, step, server, weights)
             try:
                 x = decode(inputs[0], "inputs", dtype=model.input_spec.dtype)
                 if kind == "forward":

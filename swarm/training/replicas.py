@@ -10,6 +10,9 @@ The all-reduce averages gradients, so two replicas whose weights differ stay apa
 - a replica that lost the vote and could not download a majority member's state for `MAX_DIVERGED_STEPS`
   steps in a row stops serving: it leaves the stage's peer records and ends the role with
   `ReplicaDivergedError`, which says why.
+
+In local_sgd mode replicas differ between outer syncs by design: `swarm.training.outer_sync` runs this rule at
+syncs only, on the replicas' anchors (their weights at the last sync).
 """
 
 from __future__ import annotations

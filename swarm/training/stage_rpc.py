@@ -107,9 +107,15 @@ class StageService:
             self.witness.service.unregister(self.transport)
 
     def _ack(
-        self, ctx: RpcContext, req: ForwardRequest | BackwardRequest, kind: str, outputs: list[bytes], num_samples: int
+        self,
+        ctx: RpcContext,
+        req: ForwardRequest | BackwardRequest,
+        kind: str,
+        outputs: list[bytes],
+        num_samples: int,
+        weights: bytes,
     ) -> bytes:
-        """Retain the served payloads and sign the work claim (b"" when verification is off)."""
+        """Retain the served payloads and sign the work claim naming ``weights`` (b"" when verification is off)."""
         if req.upstream and self.collector is not None:
             self.collector.record_upstream(
                 server=ctx.peer_id, step=req.step, upstream=req.upstream, received=[req.inputs]
@@ -128,6 +134,7 @@ class StageService:
             inputs=inputs,
             outputs=outputs,
             num_samples=num_samples,
+            weights=weights,
         )
 
     def _check_caller(self, ctx: RpcContext) -> None:
@@ -155,7 +162,9 @@ class StageService:
         )
         out = self.hooks.stage_outputs("forward", out)
         encoded = await asyncio.to_thread(encode, out, self.policy, Role.ACTIVATIONS)
-        return ForwardReply(outputs=encoded, ack=self._ack(ctx, req, "forward", [encoded], int(inputs.shape[0])))
+        weights = server.weights_digest_of(req.step)
+        ack = self._ack(ctx, req, "forward", [encoded], int(inputs.shape[0]), weights)
+        return ForwardReply(outputs=encoded, ack=ack, weights=weights)
 
     async def rpc_backward(self, ctx: RpcContext, req: BackwardRequest) -> BackwardReply:
         self._check_caller(ctx)
@@ -177,8 +186,9 @@ class StageService:
         if grad is not None:
             grad = self.hooks.stage_outputs("backward", grad)
         encoded = None if grad is None else await asyncio.to_thread(encode, grad, self.policy, Role.ACTIVATION_GRADS)
-        ack = self._ack(ctx, req, "backward", [] if encoded is None else [encoded], int(inputs.shape[0]))
-        return BackwardReply(grad_inputs=encoded, loss=loss, ack=ack)
+        weights = server.weights_digest_of(req.step)
+        ack = self._ack(ctx, req, "backward", [] if encoded is None else [encoded], int(inputs.shape[0]), weights)
+        return BackwardReply(grad_inputs=encoded, loss=loss, ack=ack, weights=weights)
 
     async def rpc_state_download(
         self, ctx: RpcContext, req: StateRequest, chunks: AsyncIterator[bytes]
@@ -212,7 +222,14 @@ class StageService:
 
 def _capture(server: StageServer, run_id: str) -> StageState:
     with server.lock:
-        return capture_state(server.model, server.optimizer, run_id=run_id, stage=server.index, step=server.step)
+        return capture_state(
+            server.model,
+            server.optimizer,
+            run_id=run_id,
+            stage=server.index,
+            step=server.step,
+            extra=server.extra_state,
+        )
 
 
 def _device_of(server: StageServer) -> torch.device:
@@ -283,14 +300,15 @@ class RemoteStageClient:
         self.collector = collector  # verification: signs a receipt for each acknowledged remote result
         self.witness = witness  # verification: witnesses this node's own stage work for the next stage's server
         self.hooks = hooks  # what the server returns passes through hooks.stage_outputs
-        self._own_work: OrderedDict[str, tuple[int, bytes, int]] = OrderedDict()  # mb id -> stage, inputs, samples
+        # mb id -> stage, inputs, samples, the weights' digest
+        self._own_work: OrderedDict[str, tuple[int, bytes, int, bytes]] = OrderedDict()
 
     def _attach_upstream(self, peer: PeerID, req: M) -> M:
         """Attach the witness of this node's own previous-stage forward of this microbatch, if it did one."""
         own = self._own_work.pop(req.microbatch_id, None)
         if own is None or self.witness is None or own[0] != req.stage - 1:
             return req
-        stage, inputs, num_samples = own
+        stage, inputs, num_samples, weights = own
         upstream = self.witness.upstream(
             next_server=peer,
             step=req.step,
@@ -299,6 +317,7 @@ class RemoteStageClient:
             inputs=[inputs],
             outputs=[req.inputs],
             num_samples=num_samples,
+            weights=weights,
         )
         return dataclasses.replace(req, upstream=upstream)
 
@@ -312,6 +331,7 @@ class RemoteStageClient:
                 stage,
                 await asyncio.to_thread(encode, inputs, self.policy, Role.ACTIVATIONS),
                 int(inputs.shape[0]),
+                local.weights_digest_of(step),
             )
             while len(self._own_work) > MAX_OWN_WORK:
                 self._own_work.popitem(last=False)
@@ -325,6 +345,7 @@ class RemoteStageClient:
         outputs: list[bytes],
         num_samples: int,
         ack: bytes,
+        weights: bytes = b"",
     ) -> None:
         if self.collector is None or not ack:
             return
@@ -341,6 +362,7 @@ class RemoteStageClient:
             outputs=outputs,
             num_samples=num_samples,
             ack=ack,
+            weights=weights,
         )
 
     def _local(self, peer: PeerID, stage: int) -> StageServer | None:
@@ -365,7 +387,7 @@ class RemoteStageClient:
         req = self._attach_upstream(peer, req)
         reply = await self.transport.call(peer, "stage.forward", req, ForwardReply, timeout_s=self.rpc_timeout_s)
         outputs = decode(reply.outputs, f"outputs of stage {stage} from {peer.short()}", dtype=self.activation_dtype)
-        self._receipt(peer, req, "forward", [reply.outputs], int(inputs.shape[0]), reply.ack)
+        self._receipt(peer, req, "forward", [reply.outputs], int(inputs.shape[0]), reply.ack, reply.weights)
         return outputs
 
     async def backward(
@@ -411,5 +433,5 @@ class RemoteStageClient:
         if stage > 0 and grad is None:
             raise ProtocolError(f"{peer.short()} answered stage {stage} backward without grad_inputs")
         outputs = [] if reply.grad_inputs is None else [reply.grad_inputs]
-        self._receipt(peer, req, "backward", outputs, int(inputs.shape[0]), reply.ack)
+        self._receipt(peer, req, "backward", outputs, int(inputs.shape[0]), reply.ack, reply.weights)
         return grad, reply.loss

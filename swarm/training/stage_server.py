@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from swarm.averaging.digests import weights_digest
 from swarm.configs import Config, setting
 from swarm.errors import SwarmError
 from swarm.model.optim import set_step_lr
@@ -75,6 +76,13 @@ class StageServer:
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
         self._graphs: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # tensors that travel with the stage's state besides the model and optimizer (``outer.*``: the local_sgd
+        # outer optimizer's, `swarm.training.outer_sync`); replaced under the lock, with the weights
+        self.extra_state: dict[str, torch.Tensor] = {}
+        # verification: the digest of the weights each step's work was computed with (taken under the lock with the
+        # first work of the step, dropped whenever the weights may change), for the work claims to name them
+        self.names_weights = False
+        self._digests: dict[int, bytes] = {}
         self.zero_grad()
 
     @property
@@ -168,6 +176,12 @@ class StageServer:
 
     # ---- steps ---------------------------------------------------------------------------------------------
 
+    def weights_digest_of(self, step: int) -> bytes:
+        """The digest (`swarm.averaging.digests.weights_digest`) of the weights this server computed ``step``'s work
+        with, or b"" when not known (``names_weights`` off, or the weights changed since)."""
+        with self.lock:
+            return self._digests.get(step, b"")
+
     def close_step(self) -> None:
         """Stop accepting work for the current step (averaging is about to start)."""
         with self.lock:
@@ -181,12 +195,20 @@ class StageServer:
             return [(_grad(p).detach() * scale).cpu() for p in self.parameters()]
 
     def apply_step(
-        self, gradients: list[torch.Tensor], *, new_step: int | None = None, replace: Mapping[int, torch.Tensor] = {}
+        self,
+        gradients: list[torch.Tensor],
+        *,
+        new_step: int | None = None,
+        replace: Mapping[int, torch.Tensor] = {},
+        extra_state: dict[str, torch.Tensor] | None = None,
+        optimize: bool = True,
     ) -> None:
         """Set ``gradients`` (the step's averaged mean), apply the optimizer, zero, open the next step.
 
         ``replace``: parameters (by index in ``parameters()``) overwritten before the update, in the same locked
-        section, so weights still change only together with the step number (the tied matrix's re-tie).
+        section, so weights still change only together with the step number (the tied matrix's re-tie, the
+        local_sgd outer step); ``extra_state`` (when given) replaces `extra_state` in that section too.
+        ``optimize=False``: the weights are ``replace``d and the step advances, with no optimizer update.
         """
         with self.lock:
             params = self.parameters()
@@ -201,10 +223,13 @@ class StageServer:
             with torch.no_grad():
                 for index, value in replace.items():
                     params[index].copy_(value)
+            if extra_state is not None:
+                self.extra_state = extra_state
             for p, g in zip(params, gradients, strict=False):
                 _grad(p).copy_(g)
             set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
-            self.optimizer.step()
+            if optimize:
+                self.optimizer.step()
             self.step = self.step + 1 if new_step is None else new_step
             self._reset()
 
@@ -233,6 +258,7 @@ class StageServer:
     # ---- helpers -------------------------------------------------------------------------------------------
 
     def _reset(self) -> None:
+        self._digests.clear()
         for p in self.parameters():
             _grad(p).zero_()
         self.samples = 0
@@ -245,8 +271,11 @@ class StageServer:
             raise StaleStepError(f"stage {self.index} is at step {self.step}, the request is for step {step}; retry")
 
     def _check_step(self, step: int) -> None:
+        """Under the lock, before computing: the step is open (and its weights' digest taken)."""
         if step != self.step or not self.accepting:
             raise StaleStepError(f"stage {self.index} is not accepting work for step {step} (at {self.step}); retry")
+        if self.names_weights and step not in self._digests:
+            self._digests[step] = weights_digest(p for _, p in self.model.named_parameters())
 
     def _graph_for(self, microbatch_id: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._graphs.pop(microbatch_id, None)

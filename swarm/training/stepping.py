@@ -6,7 +6,8 @@ member stating a digest of its weights), adds the other stage's part of the tied
 optimizer, unless `swarm.training.replicas.Replicas` takes a peer's next state instead (this replica's digest lost
 the vote, or it averaged alone). `catch_up` downloads the state of a peer ahead, or jumps to the swarm's step when no
 peer of the stage is ahead; both only go as far as the step-claim rule (`swarm.training.claims`) believes, and peers
-whose claims fail it are reported.
+whose claims fail it are reported. In local_sgd mode (run config ``[averaging]``) `swarm.training.outer_sync.OuterSync`
+closes the step instead: an inner step, and every ``inner_steps`` steps an outer sync.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from swarm.dht.keys import averaging_group_key
 from swarm.errors import SwarmError
 from swarm.p2p.identity import PeerID
 from swarm.training.claims import StepEvidence
+from swarm.training.outer_sync import OuterSync
 from swarm.training.records import RunRecords
 from swarm.training.replicas import Replicas
 from swarm.training.stage_server import StageServer
@@ -54,6 +56,10 @@ class Stepper:
         self.averager = averager
         self.tied = tied
         self.replicas = Replicas(state, records=records, sync=sync, checks=checks)
+        # local_sgd mode: inner steps and outer syncs instead of every-step averaging
+        self.outer: OuterSync | None = None
+        if state.run_cfg.averaging.local_sgd:
+            self.outer = OuterSync(state, checks=checks, averager=averager, tied=tied, replicas=self.replicas)
 
     async def step_loop(self) -> None:
         """Forever: on each change, close the served step once its samples reach the target, else catch up."""
@@ -76,6 +82,13 @@ class Stepper:
         closed = time.monotonic()
         await asyncio.to_thread(server.close_step)
         await self.records.publish_final_part(step, closed=True)
+        if self.outer is not None:  # local_sgd: no all-reduce but every inner_steps (swarm.training.outer_sync)
+            await self.outer.finish_step(server, step)
+            st.notify()
+            if server.step % st.cfg.save_every_steps == 0:
+                await asyncio.to_thread(self.sync.save_checkpoint)
+            await self.records.publish_record()
+            return
         grads = self.checks.hooks.gradients_to_average(step, await asyncio.to_thread(server.mean_gradients))
         offenders = self.checks.offenders()  # caught here or by a quorum: left out of this node's span
         verdict = await self._average(server, step, grads, offenders)

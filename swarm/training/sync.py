@@ -22,7 +22,14 @@ from swarm.model.optim import make_optimizer
 from swarm.model.stages import build_stage
 from swarm.p2p.identity import PeerID
 from swarm.training.balancing import StagePeer, choose_stage
-from swarm.training.checkpoint import CheckpointError, apply_state, capture_state, load_state, save_state
+from swarm.training.checkpoint import (
+    CheckpointError,
+    apply_state,
+    capture_state,
+    extra_state,
+    load_state,
+    save_state,
+)
 from swarm.training.records import RunRecords
 from swarm.training.stage_rpc import call_state_download
 from swarm.training.stage_server import StageServer, StageServerConfig
@@ -196,11 +203,13 @@ class StateSync:
             StageServerConfig(max_batch=st.run_cfg.batch.microbatch_size),
             step=0,
         )
+        server.names_weights = st.run_cfg.verification.enabled  # work claims name the weights (local_sgd replays)
         checkpoint = self.checkpoint_path(stage)
         if checkpoint is not None and checkpoint.exists():
             try:
                 state = await asyncio.to_thread(load_state, checkpoint)
                 apply_state(model, optimizer, state, run_id=st.run_id, stage=stage)
+                server.extra_state = extra_state(state)
                 server.skip_to(state.step)
                 log.info("%s: resumed stage %d at step %d from %s", st.me.short(), stage, state.step, checkpoint)
             except CheckpointError as e:
@@ -218,6 +227,7 @@ class StateSync:
         def load() -> None:
             with server.lock:
                 apply_state(server.model, server.optimizer, state, run_id=st.run_id, stage=server.index)
+                server.extra_state = extra_state(state)
             server.skip_to(state.step)
 
         await asyncio.to_thread(load)
@@ -240,7 +250,12 @@ class StateSync:
             return
         with server.lock:
             state = capture_state(
-                server.model, server.optimizer, run_id=st.run_id, stage=server.index, step=server.step
+                server.model,
+                server.optimizer,
+                run_id=st.run_id,
+                stage=server.index,
+                step=server.step,
+                extra=server.extra_state,
             )
         save_state(path, state)
         log.info("%s: saved stage %d at step %d to %s", st.me.short(), server.index, server.step, path)

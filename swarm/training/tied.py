@@ -20,6 +20,10 @@ decision, so a slow or stuck peer costs ``hedge_s``, not ``rpc_timeout_s``. An a
 within ``hedge_s`` is used alone (the other stage has one live peer). A server already past a step whose gradient
 it never kept (it downloaded a peer's state, or jumped) answers with an error at once instead of waiting.
 
+In local_sgd mode (run config ``[averaging]``) there is no exchange per step: each stage trains its copy on its
+own part, and at each outer sync both stages set the sum of their outer updates on the mean of their copies at the
+last sync (`TiedService.exchange_outer`).
+
 Re-tying: a failed exchange leaves the two copies different, and so would a step where the stages combined
 differing answers. Every ``retie_every_steps`` steps (run config, ``[pipeline]``) each side also fetches the other
 stage's copy of the matrix as it was before the step's update (a second ``stage.tied`` call, ``what="weight"``),
@@ -203,6 +207,31 @@ class TiedService:
                 )
                 return TiedOutcome(combined=True, replace={index: (my_weight + their_weight) * 0.5})  # commutative
         return TiedOutcome(combined=True)
+
+    async def exchange_outer(
+        self, server: StageServer, step: int, update: torch.Tensor, anchor: torch.Tensor, other_peers: Sequence[PeerID]
+    ) -> torch.Tensor | None:
+        """local_sgd, at an outer sync (`swarm.training.outer_sync`): the tied matrix both stages set, from this
+        stage's outer ``update`` of it and its copy at the last sync (``anchor``) and the other stage's pair, as
+        ``update_0 + update_last + (anchor_0 + anchor_last) / 2`` (the same bits on both sides; the anchors' mean
+        re-ties copies a failed exchange left apart). None: no peer of the other stage answered (logged)."""
+        other_stage = self.num_stages - 1 if server.index == 0 else 0
+        self.store.put(step, update, anchor.detach().clone())
+        request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
+        peers = [p for p in other_peers if p != self.transport.peer_id]
+        answer = await self._agreed_answer(peers, request, update, True)
+        if answer is None or answer[1] is None:
+            log.warning(
+                "%s: no agreed tied update of stage %d at outer sync step %d; this stage keeps its own copy",
+                self.transport.peer_id.short(),
+                other_stage,
+                step,
+            )
+            return None
+        theirs, their_anchor = answer[0], answer[1]
+        mine_pair, their_pair = (update, anchor), (theirs, their_anchor)
+        (u_first, a_first), (u_last, a_last) = (mine_pair, their_pair) if server.index == 0 else (their_pair, mine_pair)
+        return (u_first + u_last) + (a_first + a_last) * 0.5
 
     async def _agreed_answer(
         self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor, with_weight: bool

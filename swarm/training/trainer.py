@@ -342,7 +342,7 @@ def _averager_config(cfg: TrainingConfig, checks: NodeVerification) -> AveragerC
     return AveragerConfig(
         matchmaking_time_s=cfg.matchmaking_time_s,
         allreduce_timeout_s=cfg.allreduce_timeout_s,
-        codec=cfg.run.codecs.allreduce,
+        codec=_averager_codec(cfg),
         rpc_timeout_s=min(cfg.rpc_timeout_s, 5.0),
         poll_interval_s=0.05,
         reduction=avg.reduction,
@@ -350,3 +350,10 @@ def _averager_config(cfg: TrainingConfig, checks: NodeVerification) -> AveragerC
         clip_iterations=avg.clip_iterations,
         inspect_parts=checks.inspect_parts,
     )
+
+
+def _averager_codec(cfg: TrainingConfig) -> str:
+    """The all-reduce codec: the run's ``codecs.allreduce``, or ``sparse`` (lossless, for the top-k quantized
+    pseudo-gradients) in local_sgd mode with ``outer_compression = "topk_q"``."""
+    avg = cfg.run.averaging
+    return "sparse" if avg.local_sgd and avg.outer_compression == "topk_q" else cfg.run.codecs.allreduce

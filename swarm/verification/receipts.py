@@ -1,7 +1,9 @@
 """Work receipts: the server acknowledges a result, the caller signs a receipt for it.
 
 A receipt records one forward or backward a server computed for a caller: run, step, stage, both PeerIDs,
-the microbatch id, the SHA-256 of the input and output wire payloads and the number of samples. The server
+the microbatch id, the SHA-256 of the input and output wire payloads, the number of samples and the SHA-256
+of the server's weights that computed it (``weights``: replicas of a stage differ between the outer syncs of
+local_sgd mode, so a validator replays with exactly the weights the receipt names). The server
 signs the facts (its *ack*, returned with the result); the caller checks the ack and the output hash, then
 signs the whole receipt. A receipt counts only when both signatures are valid and the caller is not the
 server, so a node cannot raise its own count, and a caller cannot invent work an honest server never
@@ -43,6 +45,7 @@ class WorkClaim(Message):
     input_hash: bytes
     output_hash: bytes
     num_samples: int
+    weights: bytes = b""  # SHA-256 of the server's weights that computed it (`weights_digest`); b"": not named
 
     def __post_init__(self) -> None:
         if not 0 < len(self.run_id) <= MAX_ID_CHARS or not 0 < len(self.microbatch_id) <= MAX_ID_CHARS:
@@ -55,6 +58,8 @@ class WorkClaim(Message):
             raise ValueError(f"num_samples must be in [1, 2**20], got {self.num_samples}")
         check_digest(self.input_hash, "input_hash")
         check_digest(self.output_hash, "output_hash")
+        if self.weights:
+            check_digest(self.weights, "weights")
         peer_from_bytes(self.server, "server")
         peer_from_bytes(self.caller, "caller")
 

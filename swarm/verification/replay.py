@@ -42,11 +42,19 @@ class Replayer(Protocol):
     """Recomputes one stage's forward or backward at a given step (implemented by `swarm/validator.py`)."""
 
     def recompute(
-        self, *, stage: int, step: int, kind: str, inputs: Sequence[bytes], server: PeerID | None = None
+        self,
+        *,
+        stage: int,
+        step: int,
+        kind: str,
+        inputs: Sequence[bytes],
+        server: PeerID | None = None,
+        weights: bytes = b"",
     ) -> list[torch.Tensor]:
         """The outputs the stage should have produced for these wire inputs, with the weights ``server`` used at
-        ``step`` (replicas can differ after a failed averaging round). Raises ReplayUnavailableError if those
-        weights are not available."""
+        ``step`` (replicas can differ after a failed averaging round, and between the outer syncs of local_sgd
+        mode): the weights whose digest is ``weights`` when the receipt names them and they are at hand. Raises
+        ReplayUnavailableError if those weights are not available. (``weights`` is passed only when named.)"""
         ...
 
     def decode_outputs(self, *, stage: int, kind: str, outputs: Sequence[bytes]) -> list[torch.Tensor]:
@@ -162,6 +170,7 @@ class ReceiptChecker:
                 kind=claim.kind,
                 inputs=reply.inputs,
                 server=claim.server_id,
+                **({"weights": claim.weights} if claim.weights else {}),
             )
         except ReplayUnavailableError:
             raise

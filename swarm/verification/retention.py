@@ -35,6 +35,7 @@ class RetainedWork:
 
     inputs: tuple[bytes, ...]
     outputs: tuple[bytes, ...]
+    weights: bytes = b""  # the digest of the weights that computed it (as its work claim names them)
 
     @property
     def size_bytes(self) -> int:
@@ -51,11 +52,21 @@ class RetentionStore:
         self._latest_step = -1
 
     def put(
-        self, *, step: int, stage: int, microbatch_id: str, kind: str, inputs: Sequence[bytes], outputs: Sequence[bytes]
+        self,
+        *,
+        step: int,
+        stage: int,
+        microbatch_id: str,
+        kind: str,
+        inputs: Sequence[bytes],
+        outputs: Sequence[bytes],
+        weights: bytes = b"",
     ) -> None:
         """Retain one served microbatch; evicts what falls out of the step window or the byte budget."""
         key = (step, stage, microbatch_id, kind)
-        work = RetainedWork(inputs=tuple(bytes(x) for x in inputs), outputs=tuple(bytes(x) for x in outputs))
+        work = RetainedWork(
+            inputs=tuple(bytes(x) for x in inputs), outputs=tuple(bytes(x) for x in outputs), weights=weights
+        )
         old = self._items.pop(key, None)
         if old is not None:
             self._size_bytes -= old.size_bytes
@@ -109,6 +120,7 @@ class FetchReply(Message):
     found: bool
     inputs: list[bytes]
     outputs: list[bytes]
+    weights: bytes = b""  # the digest of the weights that computed the work, as the server retained it
 
 
 class FetchService:
@@ -135,7 +147,7 @@ class FetchService:
         )
         if work is None:
             return FetchReply(found=False, inputs=[], outputs=[])
-        return FetchReply(found=True, inputs=list(work.inputs), outputs=list(work.outputs))
+        return FetchReply(found=True, inputs=list(work.inputs), outputs=list(work.outputs), weights=work.weights)
 
     def register(self, transport: Any) -> None:
         """Serve ``verify.fetch`` on a `swarm.p2p.Transport`."""

@@ -53,8 +53,11 @@ class UpstreamWork(Message):
     input_hash: bytes
     num_samples: int
     ack: bytes
+    weights: bytes = b""  # the digest of the driver's weights that computed it (b"": not named)
 
     def __post_init__(self) -> None:
+        if self.weights:
+            check_digest(self.weights, "weights")
         if self.stage < 0 or not 1 <= self.num_samples <= 1 << 20 or not 0 < len(self.microbatch_id) <= 128:
             raise ValueError("stage must be >= 0, num_samples in [1, 2**20], microbatch_id 1..128 chars")
         check_digest(self.input_hash, "input_hash")
@@ -72,8 +75,10 @@ def make_claim(
     inputs: Sequence[bytes],
     outputs: Sequence[bytes],
     num_samples: int,
+    weights: bytes = b"",
 ) -> WorkClaim:
-    """The claim both ends build from the same payloads (ProtocolError if a field is out of range)."""
+    """The claim both ends build from the same payloads (ProtocolError if a field is out of range); ``weights``:
+    the digest of the server's weights that computed it."""
     try:
         return WorkClaim(
             run_id=run_id,
@@ -86,6 +91,7 @@ def make_claim(
             input_hash=digest_parts(inputs),
             output_hash=digest_parts(outputs),
             num_samples=num_samples,
+            weights=weights,
         )
     except ValueError as e:
         raise ProtocolError(f"work claim: {e}") from None
@@ -111,8 +117,10 @@ class ServerWitness:
         inputs: Sequence[bytes],
         outputs: Sequence[bytes],
         num_samples: int,
+        weights: bytes = b"",
     ) -> bytes:
-        """Retain the payloads and return this server's ack signature for the caller's receipt."""
+        """Retain the payloads and return this server's ack signature for the caller's receipt (``weights``: the
+        digest of the weights that computed them, named in both)."""
         claim = make_claim(
             run_id=self.cfg.run_id,
             server=self.identity.peer_id,
@@ -124,9 +132,16 @@ class ServerWitness:
             inputs=inputs,
             outputs=outputs,
             num_samples=num_samples,
+            weights=weights,
         )
         self.retention.put(
-            step=step, stage=stage, microbatch_id=microbatch_id, kind=kind, inputs=inputs, outputs=outputs
+            step=step,
+            stage=stage,
+            microbatch_id=microbatch_id,
+            kind=kind,
+            inputs=inputs,
+            outputs=outputs,
+            weights=weights,
         )
         return sign_ack(self.identity, claim)
 
@@ -140,6 +155,7 @@ class ServerWitness:
         inputs: Sequence[bytes],
         outputs: Sequence[bytes],
         num_samples: int,
+        weights: bytes = b"",
     ) -> bytes:
         """Witness this node's own forward of ``stage`` whose ``outputs`` go to ``next_server`` (the receipt's
         signer); returns the packed `UpstreamWork` to attach to that request."""
@@ -152,9 +168,15 @@ class ServerWitness:
             inputs=inputs,
             outputs=outputs,
             num_samples=num_samples,
+            weights=weights,
         )
         return UpstreamWork(
-            stage=stage, microbatch_id=microbatch_id, input_hash=digest_parts(inputs), num_samples=num_samples, ack=ack
+            stage=stage,
+            microbatch_id=microbatch_id,
+            input_hash=digest_parts(inputs),
+            num_samples=num_samples,
+            ack=ack,
+            weights=weights,
         ).pack()
 
 
@@ -181,8 +203,10 @@ class ReceiptCollector:
         outputs: Sequence[bytes],
         num_samples: int,
         ack: bytes,
+        weights: bytes = b"",
     ) -> WorkReceipt | None:
-        """Sign a receipt for a result whose ack verifies; None (and a warning) if it does not."""
+        """Sign a receipt for a result whose ack verifies (``weights``: the digest the server's reply named); None
+        (and a warning) if it does not."""
         try:
             claim = make_claim(
                 run_id=self.cfg.run_id,
@@ -195,6 +219,7 @@ class ReceiptCollector:
                 inputs=inputs,
                 outputs=outputs,
                 num_samples=num_samples,
+                weights=weights,
             )
             receipt = sign_receipt(self.identity, claim, ack)
         except (ProtocolError, VerificationError) as e:
@@ -223,6 +248,7 @@ class ReceiptCollector:
                 input_hash=up.input_hash,
                 output_hash=digest_parts(received),
                 num_samples=up.num_samples,
+                weights=up.weights,
             )
             receipt = sign_receipt(self.identity, claim, up.ack)
         except (ProtocolError, ValueError, VerificationError) as e:

@@ -13,6 +13,7 @@ from swarm.p2p.identity import Identity
 from swarm.p2p import Transport, TransportConfig
 from swarm.run.config import RunConfig
 from swarm.training.schemas import with_run_schemas
+from swarm.training.hooks import HONEST, NodeHooks
 from swarm.training.state import TrainerState
 from swarm.training.trainer import TrainingConfig, TrainingRole, build_training_role
 
@@ -65,7 +66,9 @@ class Swarm:
         self.nodes: list[LiveNode] = []
         self.bootstrap: str | None = None
 
-    async def add(self, *, seed: int, timeout_s: float = 30.0, **overrides: object) -> LiveNode:
+    async def add(
+        self, *, seed: int, timeout_s: float = 30.0, hooks: NodeHooks = HONEST, **overrides: object
+    ) -> LiveNode:
         identity = Identity.from_seed(bytes([seed + 1]) * 32)
         transport = Transport(identity, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=3.0))
         await transport.start()
@@ -79,7 +82,7 @@ class Swarm:
             self.bootstrap = transport.listen_maddrs[0]
         cfg = TrainingConfig(run=self.run, seed=seed, **{**FAST, **overrides})  # type: ignore[arg-type]
         serving = asyncio.Event()
-        role = build_training_role(cfg, transport=transport, dht=dht, on_serving=lambda _s: serving.set())
+        role = build_training_role(cfg, transport=transport, dht=dht, on_serving=lambda _s: serving.set(), hooks=hooks)
         node = LiveNode(transport=transport, dht=dht, trainer=role, task=None)  # type: ignore[arg-type]
         node.task = asyncio.create_task(role.run(node.stop))
         self.nodes.append(node)
