@@ -378,6 +378,15 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- closing --
 
+    def detach(self, reason: str) -> tuple[asyncio.Transport | None, bytes]:
+        """Hand the socket and its unread bytes over (a relay splices it into a circuit, ``relay.py``): the
+        connection closes, the socket stays open."""
+        transport, self._transport = self._transport, None
+        rest = bytes(self.read_buffer.view[self.read_buffer.start : self.read_buffer.end])
+        self.read_buffer.discard()
+        self.close(reason, warn=False)
+        return transport, rest
+
     def close(self, reason: str, *, warn: bool) -> None:
         """Close the connection (idempotent): fail its streams (which cancels their handlers), tell the owner."""
         if self._closed.done():
