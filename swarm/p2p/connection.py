@@ -81,6 +81,7 @@ class Connection(asyncio.BufferedProtocol):
         self.peer_id: PeerID | None = None
         self.remote_host = ""
         self.remote_port = 0
+        self.relayed = False  # runs through a relay's circuit: remote_host/port are the relay's
         self.streams: dict[int, Stream] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.last_active_s = time.monotonic()

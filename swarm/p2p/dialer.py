@@ -120,6 +120,7 @@ class Dialer:
             raise TransportError(f"cannot connect to {addr}: {reason}; check that the peer runs there") from None
         self._endpoint.table.all.add(conn)
         if addr.relay is not None:
+            conn.relayed = True
             await self._open_circuit(conn, addr)
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
@@ -162,4 +163,8 @@ class Dialer:
         AutoNAT dial-back (``autonat.py``). TransportError / HandshakeError when it cannot be reached."""
         with self._endpoint.admission.dial_slot():
             conn = await self._dial_and_handshake(addr)
-        conn.close("dial-back done", warn=False)
+        try:  # one PING answered: the peer finished its side of the handshake (closing earlier would look
+            conn.begin_frames()  # like a broken handshake there)
+            await conn.ping(self.config.handshake_timeout_s)
+        finally:
+            conn.close("dial-back done", warn=False)

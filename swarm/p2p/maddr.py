@@ -89,7 +89,9 @@ def _parse_circuit(text: str, parts: list[tuple[object, object]], names: list[st
         )
     relay = _peer_id(text, parts[2][1])
     peer_id = _peer_id(text, parts[4][1]) if len(parts) == 5 else None
-    return PeerAddress(host=str(parts[0][1]), port=int(str(parts[1][1])), protocol=names[0], peer_id=peer_id, relay=relay)
+    return PeerAddress(
+        host=str(parts[0][1]), port=int(str(parts[1][1])), protocol=names[0], peer_id=peer_id, relay=relay
+    )
 
 
 def _peer_id(text: str, value: object) -> PeerID:

@@ -173,7 +173,10 @@ class RelayService:
         try:
             async with asyncio.timeout(self.config.setup_timeout_s):
                 await self.transport.call(
-                    target, "relay.incoming", IncomingRequest(token=token), IncomingReply,
+                    target,
+                    "relay.incoming",
+                    IncomingRequest(token=token),
+                    IncomingReply,
                     timeout_s=self.config.setup_timeout_s,
                 )
                 back = await future

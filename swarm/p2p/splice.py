@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 class TokenBucket:
     """A shared bandwidth budget: ``rate_bytes_per_s`` on average, bursts of up to ``burst_bytes``."""
 
-    def __init__(self, rate_bytes_per_s: float, burst_bytes: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, rate_bytes_per_s: float, burst_bytes: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate_bytes_per_s = rate_bytes_per_s
         self.burst_bytes = burst_bytes
         self._clock = clock

@@ -277,6 +277,7 @@ class Transport:
                 )
         except (OSError, TimeoutError) as e:
             raise TransportError(f"cannot connect back to relay {relay}: {e or 'timed out'}") from None
+        conn.relayed = True
         conn.write_record(CircuitRecord(op="accept", token=token).encode())
 
     def _on_circuit(self, conn: Connection, request: CircuitRecord) -> None:
