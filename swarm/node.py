@@ -17,6 +17,9 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
+from swarm.p2p.autonat import AutoNatServer
+from swarm.p2p.reachability import Reachability, ReachabilityConfig
+from swarm.p2p.relay import RelayConfig, RelayService
 from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.model.devices import check_precision, resolve_device
@@ -46,6 +49,11 @@ class NodeConfig(Config, section="node"):
     identity_path: Path | None = setting(default=None, doc="Key file to use instead of <data_dir>/identity.pem.")
     training: TrainingConfig | None = setting(default=None, doc="The training role (None: a DHT-only node).")
     validator: ValidatorConfig | None = setting(default=None, doc="The validator role, instead of training.")
+    reachability: ReachabilityConfig = setting(
+        default_factory=ReachabilityConfig,
+        doc="Dial-back checks, --announce, relays and reverse connections behind NAT.",
+    )
+    relay: RelayConfig = setting(default_factory=RelayConfig, doc="The relay service a public node offers.")
     misbehave: MisbehaveConfig | None = setting(
         default=None, doc="--misbehave: the training role cheats on purpose (tests, demos); None: honest."
     )
@@ -82,6 +90,9 @@ class Node:
         self.identity: Identity | None = None
         self.transport: Transport | None = None
         self.dht: DHT | None = None
+        self.reachability: Reachability | None = None
+        self.relay: RelayService | None = None
+        self._autonat: AutoNatServer | None = None
 
     @property
     def peer_id(self) -> PeerID:
@@ -118,9 +129,29 @@ class Node:
         self.transport.on_peer_connected(self._on_peer_connected)
         await self.transport.start()
         log.info("node %s listening on %s", self.identity.peer_id.short(), ", ".join(self.listen_maddrs))
+        self._start_reachability(self.transport)
+
+    def _start_reachability(self, transport: Transport) -> None:
+        """Serve dial-backs, offer the relay service while public, and find out whether we are reachable
+        (behind NAT: relays and reverse connections); docs/transport.md, "Reachability and relays"."""
+        cfg = self.config
+        if not cfg.reachability.enabled:
+            return
+        self._autonat = AutoNatServer(transport, dial_timeout_s=cfg.reachability.dial_back_timeout_s)
+        self._autonat.start()
+        reachability = self.reachability = Reachability(cfg.reachability, transport)
+        self.relay = RelayService(cfg.relay, transport, accepting=lambda: reachability.public)
+        self.relay.start()
+        reachability.start()
 
     async def stop(self) -> None:
         """Stop serving: close every connection and wait for every task the node owns."""
+        if self.reachability is not None:
+            await self.reachability.stop()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self._autonat is not None:
+            self._autonat.stop()
         if self.dht is not None:
             await self.dht.shutdown()
         if self.transport is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from swarm.p2p import TransportConfig
+from swarm.p2p.reachability import ReachabilityConfig
 from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
@@ -116,6 +117,13 @@ def main() -> None:
     show_default=True,
     help="Seconds to wait for an answer to one request.",
 )
+@click.option(
+    "--announce",
+    "announce",
+    multiple=True,
+    help="Multiaddr port forwarding makes reachable, e.g. /ip4/203.0.113.5/tcp/31337 (repeatable; announced once "
+    "peers dial it back). Behind a home router without one, leave it out: the node uses relays by itself.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
 @click.option(
     "--events-file",
@@ -131,6 +139,7 @@ def start(
     data_dir: Path,
     identity_path: Path | None,
     rpc_timeout_s: float,
+    announce: tuple[str, ...],
     log_level: str,
     events_file: Path | None,
     **training: Any,
@@ -148,6 +157,7 @@ def start(
         config = NodeConfig(
             transport=TransportConfig(listen_maddrs=_split_maddrs(listen), rpc_timeout_s=rpc_timeout_s),
             initial_peers=_split_maddrs(initial_peers + more_initial_peers),
+            reachability=ReachabilityConfig(announce=_split_maddrs(announce)),
             data_dir=data_dir.expanduser(),
             identity_path=identity_path.expanduser() if identity_path is not None else None,
             **_role(training_config(data_dir=data_dir.expanduser(), rpc_timeout_s=rpc_timeout_s, **training)),

@@ -2,9 +2,9 @@
 
 Relays are public peers (a peer that is not refuses the reservation). Candidates are ranked by rendezvous
 hashing of (our PeerID, the relay's PeerID), so relayed nodes spread evenly over the relays without talking to
-each other; a relay that refused is left alone for a while (1 s, doubling, at most ``retry_s``). A reservation is renewed when half its TTL is
-gone; a relay whose connection closes or whose renewal fails is dropped at once and the next candidate
-reserved (``maintain``), so a node moves to another relay when one goes away.
+each other; a relay that refused is left alone for a while (1 s, doubling, at most ``retry_s``). A reservation
+is renewed when half its TTL is gone; a relay whose connection closes or whose renewal fails is dropped at
+once and the next candidate reserved (``maintain``), so a node moves to another relay when one goes away.
 """
 
 from __future__ import annotations
