@@ -93,6 +93,7 @@ class Node:
         self.reachability: Reachability | None = None
         self.relay: RelayService | None = None
         self._autonat: AutoNatServer | None = None
+        self._on_reachability: Callable[[str, tuple[str, ...]], None] | None = None
 
     @property
     def peer_id(self) -> PeerID:
@@ -139,7 +140,9 @@ class Node:
             return
         self._autonat = AutoNatServer(transport, dial_timeout_s=cfg.reachability.dial_back_timeout_s)
         self._autonat.start()
-        reachability = self.reachability = Reachability(cfg.reachability, transport)
+        reachability = self.reachability = Reachability(
+            cfg.reachability, transport, on_change=self._on_reachability
+        )
         self.relay = RelayService(cfg.relay, transport, accepting=lambda: reachability.public)
         self.relay.start()
         reachability.start()
@@ -164,12 +167,14 @@ class Node:
         *,
         on_listening: Callable[[tuple[str, ...]], None] | None = None,
         on_serving: Callable[[int | None], None] | None = None,
+        on_reachability: Callable[[str, tuple[str, ...]], None] | None = None,
     ) -> None:
         """Start, report the listen multiaddrs, join, serve until ``stop_event`` is set, then stop.
 
         With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``), built by
         `build_training_role`; its RPC handlers are unregistered when it ends.
         """
+        self._on_reachability = on_reachability
         try:
             await self.start()
             if on_listening is not None:

@@ -23,7 +23,7 @@ from swarm.p2p.reachability import ReachabilityConfig
 from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
-from swarm.local.events import EventWriter, ListeningEvent, ServingEvent, StoppedEvent
+from swarm.local.events import EventWriter, ListeningEvent, ReachabilityEvent, ServingEvent, StoppedEvent
 from swarm.node import Node, NodeConfig
 from swarm.testing.misbehave import MisbehaveConfig
 from swarm.training.trainer import TrainingConfig
@@ -52,6 +52,11 @@ class _Reporter:
         if self.events is not None:
             self.events.emit(ServingEvent(stage=stage))
 
+    def reachability(self, status: str, maddrs: tuple[str, ...]) -> None:
+        print(f"reachability {status}: announcing {', '.join(maddrs) or 'no address'}", flush=True)
+        if self.events is not None:
+            self.events.emit(ReachabilityEvent(status=status, maddrs=list(maddrs)))
+
     def stopped(self, error: str | None) -> None:
         if self.events is not None:
             self.events.emit(StoppedEvent(error=error))
@@ -63,7 +68,12 @@ async def _run_until_signal(config: NodeConfig, reporter: _Reporter) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_event.set)
     try:
-        await Node(config).run(stop_event, on_listening=reporter.listening, on_serving=reporter.serving)
+        await Node(config).run(
+            stop_event,
+            on_listening=reporter.listening,
+            on_serving=reporter.serving,
+            on_reachability=reporter.reachability,
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -72,7 +72,7 @@ class Reachability:
     """Runs the dial-back rounds, the relays and the reverse connections of one node (module docstring).
 
     ``needed()`` names the peers a node behind NAT keeps connections to (default: the transport's protected
-    peers).
+    peers); ``on_change(status, maddrs)`` hears each change of what the node announces.
     """
 
     def __init__(
@@ -82,8 +82,10 @@ class Reachability:
         *,
         needed: Callable[[], Iterable[PeerID]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, tuple[str, ...]], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_change = on_change  # (status, announced maddrs) after each change
         self.transport = transport
         self._needed = needed or (lambda: transport.protected_peers())
         self._clock = clock
@@ -242,3 +244,5 @@ class Reachability:
                 ", ".join(self.transport.advertised_maddrs) or "no address",
             )
             self.changed.set()
+            if self._on_change is not None:
+                self._on_change(self.status.value, self.transport.advertised_maddrs)
