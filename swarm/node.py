@@ -17,9 +17,9 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
-from swarm.p2p.autonat import AutoNatServer
-from swarm.p2p.reachability import Reachability, ReachabilityConfig
-from swarm.p2p.relay import RelayConfig, RelayService
+from swarm.p2p.nat import NatServices
+from swarm.p2p.reachability import ReachabilityConfig
+from swarm.p2p.relay import RelayConfig
 from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.model.devices import check_precision, resolve_device
@@ -90,9 +90,7 @@ class Node:
         self.identity: Identity | None = None
         self.transport: Transport | None = None
         self.dht: DHT | None = None
-        self.reachability: Reachability | None = None
-        self.relay: RelayService | None = None
-        self._autonat: AutoNatServer | None = None
+        self.nat: NatServices | None = None
         self._on_reachability: Callable[[str, tuple[str, ...]], None] | None = None
 
     @property
@@ -130,31 +128,14 @@ class Node:
         self.transport.on_peer_connected(self._on_peer_connected)
         await self.transport.start()
         log.info("node %s listening on %s", self.identity.peer_id.short(), ", ".join(self.listen_maddrs))
-        self._start_reachability(self.transport)
-
-    def _start_reachability(self, transport: Transport) -> None:
-        """Serve dial-backs, offer the relay service while public, and find out whether we are reachable
-        (behind NAT: relays and reverse connections); docs/transport.md, "Reachability and relays"."""
-        cfg = self.config
-        if not cfg.reachability.enabled:
-            return
-        self._autonat = AutoNatServer(transport, dial_timeout_s=cfg.reachability.dial_back_timeout_s)
-        self._autonat.start()
-        reachability = self.reachability = Reachability(
-            cfg.reachability, transport, on_change=self._on_reachability
-        )
-        self.relay = RelayService(cfg.relay, transport, accepting=lambda: reachability.public)
-        self.relay.start()
-        reachability.start()
+        # dial-backs, the relay service while public, our own reachability: docs/transport.md, "Reachability"
+        self.nat = NatServices(self.transport, cfg.reachability, cfg.relay, on_change=self._on_reachability)
+        self.nat.start()
 
     async def stop(self) -> None:
         """Stop serving: close every connection and wait for every task the node owns."""
-        if self.reachability is not None:
-            await self.reachability.stop()
-        if self.relay is not None:
-            await self.relay.stop()
-        if self._autonat is not None:
-            self._autonat.stop()
+        if self.nat is not None:
+            await self.nat.stop()
         if self.dht is not None:
             await self.dht.shutdown()
         if self.transport is not None:

@@ -3,7 +3,8 @@
 ``autonat.dial_back`` (served by every node): the caller names its listening ports and its ``--announce``
 addresses; the server dials each port at the caller's observed address, and each announced address whose host
 is that observed address (never a third party's: a dial-back cannot be turned against another host), each on a
-new connection whose handshake must prove the caller's PeerID, and answers with those that worked. A request
+new connection whose handshake must prove the caller's PeerID, and answers with those that worked, and with a
+few other peers it knows (so a node that joined through one peer finds others to ask). A request
 that came through a relay's circuit is refused (the observed address would be the relay's).
 """
 
@@ -14,7 +15,7 @@ import logging
 
 from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
-from swarm.p2p.reach_messages import DialBackReply, DialBackRequest
+from swarm.p2p.reach_messages import MAX_SHARED_PEERS, DialBackReply, DialBackRequest
 from swarm.p2p.rpc import RpcContext
 from swarm.p2p.transport import Transport
 from swarm.errors import AddressError, SwarmError
@@ -73,7 +74,18 @@ class AutoNatServer:
             len(reachable),
             len(targets),
         )
-        return DialBackReply(reachable=reachable, observed_host=ctx.remote_host)
+        return DialBackReply(reachable=reachable, observed_host=ctx.remote_host, peers=self._peers(ctx.peer_id))
+
+    def _peers(self, asker: PeerID) -> list[str]:
+        """A few other peers' direct addresses (the asker's next dial-back candidates)."""
+        out = []
+        for peer in self.transport.known_peers():
+            addr = next((a for a in self.transport.addresses(peer) if a.relay is None), None)
+            if peer != asker and addr is not None:
+                out.append(addr.to_maddr())
+            if len(out) >= MAX_SHARED_PEERS:
+                break
+        return out
 
     async def _try(self, addr: PeerAddress) -> bool:
         try:

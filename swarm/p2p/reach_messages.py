@@ -3,11 +3,12 @@ reservations (``relay.reserve``) and incoming circuits (``relay.incoming``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarm.p2p.messages import Message
 
 MAX_DIAL_BACK_ADDRESSES = 8
+MAX_SHARED_PEERS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,10 +28,16 @@ class DialBackRequest(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class DialBackReply(Message):
-    """The addresses the peer dialled back successfully (its view of them), and the address it sees us at."""
+    """The addresses the peer dialled back successfully (its view of them), the address it sees us at, and a
+    few other peers (direct multiaddrs) to ask next: a new node that knows one peer soon knows enough."""
 
     reachable: list[str]
     observed_host: str
+    peers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.reachable) > MAX_DIAL_BACK_ADDRESSES or len(self.peers) > MAX_SHARED_PEERS:
+            raise ValueError(f"at most {MAX_DIAL_BACK_ADDRESSES} addresses and {MAX_SHARED_PEERS} peers")
 
 
 @dataclass(frozen=True, kw_only=True)

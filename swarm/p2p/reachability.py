@@ -173,12 +173,25 @@ class Reachability:
                 log.debug("%s: no dial-back answer from %s: %s", self._me.short(), peer.short(), reply)
                 continue
             self.answers[peer] = frozenset(reply.reachable)
+            self._learn(reply.peers)
             self.answers.move_to_end(peer)
             while len(self.answers) > MAX_ANSWERS:
                 self.answers.popitem(last=False)
         self._decide()
         interval_s = self.config.probe_interval_s if self.status is Status.UNKNOWN else self.config.recheck_interval_s
         self._next_probe = self._clock() + interval_s
+
+    def _learn(self, maddrs: list[str]) -> None:
+        """Remember peers a dial-back answer named, where we know no address of them yet (a hint: dialling
+        them proves who they are)."""
+        for text in maddrs:
+            try:
+                addr = parse_maddr(text)
+            except AddressError:
+                continue
+            peer = addr.peer_id
+            if peer is not None and addr.relay is None and peer != self._me and not self.transport.addresses(peer):
+                self.transport.add_addresses(peer, [addr])
 
     def _decide(self) -> None:
         need = self.config.min_confirmations

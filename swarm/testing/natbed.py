@@ -16,6 +16,7 @@ left behind. ``unavailable_reason()`` says why the bed cannot run here (not root
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -192,10 +193,8 @@ class NatBed:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
         self.procs.clear()
         for name in reversed(self.created):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)

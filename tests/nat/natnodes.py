@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -13,10 +14,30 @@ from pathlib import Path
 
 import pytest
 
+from swarm.node import IDENTITY_FILE_NAME
+from swarm.p2p.identity import Identity
+from swarm.p2p.maddr import parse_maddr
 from swarm.local.events import EventReader, ListeningEvent, ReachabilityEvent, StoppedEvent
 from swarm.testing.natbed import Host, NatBed, unavailable_reason
 
 PORT = 4001
+# Import the node (seconds: torch) at once, then wait until the bootstrap node listens, then run it: nodes start
+# in parallel while each joins through a node that is already up.
+_AFTER_BOOTSTRAP = """
+import socket, sys, time
+from swarm.cli.node import main
+host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + 90
+while True:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+sys.argv = ["swarm-node", *sys.argv[3:]]
+main()
+"""
 
 
 def skip_without_bed() -> None:
@@ -49,24 +70,59 @@ class BedNode:
         return max((int(m) for m in re.findall(r"step (\d+) done", self.log.read_text())), default=-1)
 
 
-def start_node(bed: NatBed, host: Host, tmp_path: Path, args: list[str], bootstrap: str | None = None) -> BedNode:
+def bootstrap_maddr(host: Host, tmp_path: Path) -> str:
+    """The multiaddr ``host``'s node will listen at: its identity is made here, before it starts, so every
+    node can start at once (each start imports torch: seconds on a busy machine)."""
+    data_dir = tmp_path / host.name.rsplit("-", 1)[-1]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.from_seed(hashlib.sha256(host.name.encode()).digest())
+    identity.save(data_dir / IDENTITY_FILE_NAME)
+    return f"/ip4/{host.ip}/tcp/{PORT}/p2p/{identity.peer_id.to_base58()}"
+
+
+def start_nodes(
+    bed: NatBed, tmp_path: Path, specs: list[tuple[Host, list[str]]], bootstrap: str, *, light: bool = False
+) -> list[BedNode]:
+    """Start a node per (host, extra args), all joining through ``bootstrap``; wait until each listens. Full
+    nodes start at once (see _AFTER_BOOTSTRAP); light ones (`tests.nat.lightnode`) after the bootstrap node."""
+    nodes = []
+    for host, args in specs:
+        own = bootstrap.startswith(f"/ip4/{host.ip}/")
+        nodes.append(launch_node(bed, host, tmp_path, args, None if own else bootstrap, light=light))
+        if light and own:
+            _wait_listening(nodes[-1])
+    for node in nodes:
+        _wait_listening(node)
+    return nodes
+
+
+def _wait_listening(node: BedNode) -> None:
+    node.events.wait_for_blocking(ListeningEvent, alive=lambda: node.proc.poll() is None, timeout_s=90)
+
+
+def launch_node(
+    bed: NatBed, host: Host, tmp_path: Path, args: list[str], bootstrap: str | None = None, *, light: bool = False
+) -> BedNode:
     name = host.name.rsplit("-", 1)[-1]
     log, events, summary = tmp_path / f"{name}.log", tmp_path / f"{name}.events.jsonl", tmp_path / f"{name}.json"
+    if light:
+        head = [sys.executable, "-m", "tests.nat.lightnode"] + (["--initial-peers", bootstrap] if bootstrap else [])
+    elif bootstrap:
+        at = parse_maddr(bootstrap)
+        head = [sys.executable, "-c", _AFTER_BOOTSTRAP, at.host, str(at.port), "start", "--initial-peers", bootstrap]
+    else:
+        head = [sys.executable, "-m", "swarm.cli.node", "start"]
     cmd = [
-        sys.executable, "-m", "swarm.cli.node", "start",
+        *head,
         "--listen", f"/ip4/{host.ip}/tcp/{PORT}",
         "--data-dir", str(tmp_path / name),
         "--events-file", str(events),
         *args,
     ]  # fmt: skip
-    if bootstrap:
-        cmd += ["--initial-peers", bootstrap]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
         proc = bed.popen(host, cmd, stdout=out, stderr=out, text=True, env=env)
-    node = BedNode(host=host, proc=proc, log=log, events=EventReader(events), summary=summary)
-    node.events.wait_for_blocking(ListeningEvent, alive=lambda: proc.poll() is None, timeout_s=60)
-    return node
+    return BedNode(host=host, proc=proc, log=log, events=EventReader(events), summary=summary)
 
 
 def wait_until(what: str, check: object, nodes: list[BedNode], timeout_s: float) -> None:

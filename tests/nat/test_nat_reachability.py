@@ -8,7 +8,7 @@ import pytest
 
 from swarm.p2p.maddr import parse_maddr
 from swarm.testing.natbed import NatBed
-from tests.nat.natnodes import PORT, BedNode, skip_without_bed, start_node, stop_nodes, wait_until
+from tests.nat.natnodes import PORT, BedNode, bootstrap_maddr, skip_without_bed, start_nodes, stop_nodes, wait_until
 
 
 @pytest.mark.slow
@@ -25,15 +25,10 @@ def test_nat_node_learns_it_is_unreachable_and_uses_relays(tmp_path: Path) -> No
             p1, p2 = bed.public_hosts
             home_a, home_b = bed.homes
             bed.forward_port(home_b, PORT)
-            dht = ["--role", "dht"]
-            first = start_node(bed, p1, tmp_path, dht)
-            nodes.append(first)
-            nodes.append(start_node(bed, p2, tmp_path, dht, first.maddr))
-            nat = start_node(bed, home_a, tmp_path, dht, first.maddr)
-            nodes.append(nat)
             announce = f"/ip4/{home_b.wan_ip}/tcp/{PORT}"
-            forwarded = start_node(bed, home_b, tmp_path, [*dht, "--announce", announce], first.maddr)
-            nodes.append(forwarded)
+            specs = [(p1, []), (p2, []), (home_a, []), (home_b, ["--announce", announce])]
+            nodes.extend(start_nodes(bed, tmp_path, specs, bootstrap_maddr(p1, tmp_path), light=True))
+            nat, forwarded = nodes[2], nodes[3]
 
             def settled() -> bool:
                 events = [n.reachability() for n in nodes]

@@ -217,8 +217,8 @@ async def test_relayed_node_moves_to_another_relay(make_transport: MakeTransport
 
 def test_announce_takes_direct_addresses_only() -> None:
     relay_id = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
-    with pytest.raises(ValueError, match="reachability.announce"):
+    with pytest.raises(ValueError, match=r"reachability\.announce"):
         ReachabilityConfig(announce=(f"/ip4/1.2.3.4/tcp/1/p2p/{relay_id}/p2p-circuit",))
-    with pytest.raises(ValueError, match="reachability.announce"):
+    with pytest.raises(ValueError, match=r"reachability\.announce"):
         ReachabilityConfig(announce=("/ip4/1.2.3.4/udp/1",))
     assert ReachabilityConfig(announce=("/ip4/1.2.3.4/tcp/1",)).announce == ("/ip4/1.2.3.4/tcp/1",)
