@@ -16,26 +16,22 @@ import pytest
 
 from swarm.node import IDENTITY_FILE_NAME
 from swarm.p2p.identity import Identity
-from swarm.p2p.maddr import parse_maddr
-from swarm.local.events import EventReader, ListeningEvent, ReachabilityEvent, StoppedEvent
+from swarm.local.events import EventReader, ListeningEvent, ServingEvent, ReachabilityEvent, StoppedEvent
 from swarm.testing.natbed import Host, NatBed, unavailable_reason
 
 PORT = 4001
-# Import the node (seconds: torch) at once, then wait until the bootstrap node listens, then run it: nodes start
-# in parallel while each joins through a node that is already up.
+# Import the node (seconds: torch) at once, then wait until the bootstrap node serves (the test creates the file
+# named first), then run it: nodes import in parallel, and each joins through a node that is up.
 _AFTER_BOOTSTRAP = """
-import socket, sys, time
+import sys, time
+from pathlib import Path
 from swarm.cli.node import main
-host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + 90
-while True:
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.1)
-sys.argv = ["swarm-node", *sys.argv[3:]]
+ready, deadline = Path(sys.argv[1]), time.monotonic() + 120
+while not ready.exists():
+    if time.monotonic() > deadline:
+        raise SystemExit(f"{ready} did not appear")
+    time.sleep(0.1)
+sys.argv = ["swarm-node", *sys.argv[2:]]
 main()
 """
 
@@ -86,11 +82,16 @@ def start_nodes(
     """Start a node per (host, extra args), all joining through ``bootstrap``; wait until each listens. Full
     nodes start at once (see _AFTER_BOOTSTRAP); light ones (`tests.nat.lightnode`) after the bootstrap node."""
     nodes = []
+    ready = tmp_path / "bootstrap-serving"
     for host, args in specs:
         own = bootstrap.startswith(f"/ip4/{host.ip}/")
         nodes.append(launch_node(bed, host, tmp_path, args, None if own else bootstrap, light=light))
-        if light and own:
+        if own and light:
             _wait_listening(nodes[-1])
+    if not light:
+        first = next(n for n in nodes if bootstrap.startswith(f"/ip4/{n.host.ip}/"))
+        first.events.wait_for_blocking(ServingEvent, alive=lambda: first.proc.poll() is None, timeout_s=120)
+        ready.touch()
     for node in nodes:
         _wait_listening(node)
     return nodes
@@ -108,8 +109,8 @@ def launch_node(
     if light:
         head = [sys.executable, "-m", "tests.nat.lightnode"] + (["--initial-peers", bootstrap] if bootstrap else [])
     elif bootstrap:
-        at = parse_maddr(bootstrap)
-        head = [sys.executable, "-c", _AFTER_BOOTSTRAP, at.host, str(at.port), "start", "--initial-peers", bootstrap]
+        ready = tmp_path / "bootstrap-serving"
+        head = [sys.executable, "-c", _AFTER_BOOTSTRAP, str(ready), "start", "--initial-peers", bootstrap]
     else:
         head = [sys.executable, "-m", "swarm.cli.node", "start"]
     cmd = [
@@ -117,6 +118,7 @@ def launch_node(
         "--listen", f"/ip4/{host.ip}/tcp/{PORT}",
         "--data-dir", str(tmp_path / name),
         "--events-file", str(events),
+        *([] if light else ["--summary-file", str(summary)]),
         *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
