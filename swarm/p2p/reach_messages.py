@@ -47,8 +47,12 @@ class ReserveRequest(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class ReserveReply(Message):
+    """``ttl_s`` > 0: reserved for that long. ``refused``: a code (``relay_unavailable``: this node is not
+    confirmed public yet, an everyday answer while a swarm starts, so a reply rather than an error)."""
+
     ttl_s: float
     reservations: int  # how many peers hold one here now (relayed nodes spread over relays)
+    refused: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

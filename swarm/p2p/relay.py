@@ -24,7 +24,6 @@ from swarm.p2p.circuit import (
     RELAY_UNAVAILABLE,
     TOKEN_BYTES,
     CircuitRecord,
-    CircuitRefusedError,
     RelayLimitError,
 )
 from swarm.p2p.connection import Connection
@@ -118,9 +117,9 @@ class RelayService:
             log.debug("%s: the relay reservation of %s expired", self._me, peer.short())
 
     async def rpc_reserve(self, ctx: RpcContext, req: ReserveRequest) -> ReserveReply:
-        if not self._serving():
-            raise CircuitRefusedError(f"{self._me} offers no relay service now (not publicly reachable or disabled)")
         self._expire()
+        if not self._serving():  # not public (yet): an answer, not an error (every relayed node asks at start)
+            return ReserveReply(ttl_s=0.0, reservations=len(self.reservations), refused=RELAY_UNAVAILABLE)
         peer = ctx.peer_id
         if peer not in self.reservations and len(self.reservations) >= self.config.max_reservations:
             raise RelayLimitError(

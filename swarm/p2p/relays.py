@@ -116,7 +116,9 @@ class RelaySet:
                 addr, "relay.reserve", ReserveRequest(), ReserveReply, timeout_s=self.timeout_s
             )
         except SwarmError as e:
-            log.debug("%s: relay %s refused a reservation: %s", self._me.short(), peer.short(), e)
+            reply = ReserveReply(ttl_s=0.0, reservations=0, refused=f"{e.code}: {e}")
+        if reply.refused or reply.ttl_s <= 0:
+            log.debug("%s: relay %s refused a reservation: %s", self._me.short(), peer.short(), reply.refused)
             failures = self._failures[peer] = self._failures.get(peer, 0) + 1
             self._backoff[peer] = self._clock() + min(self.retry_s, 0.5 * 2**failures)
             return False
