@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from swarm.errors import PeerIDMismatchError, RemoteError
+from swarm.errors import PeerIDMismatchError, RemoteError, TransportError
 from swarm.p2p import Transport
 from swarm.p2p.autonat import AutoNatServer
 from swarm.p2p.circuit import CircuitRecord, CircuitRefusedError, RelayLimitError
@@ -16,6 +16,7 @@ from swarm.p2p.reach_messages import ReserveReply, ReserveRequest
 from swarm.p2p.reachability import Reachability, ReachabilityConfig, Status
 from swarm.p2p.relay import RelayConfig, RelayService
 from swarm.p2p.relays import RelaySet
+from swarm.p2p.splice import TokenBucket
 from swarm.p2p.rpc import RpcContext
 from tests.transport.conftest import Echo, MakeTransport
 
@@ -97,9 +98,7 @@ async def test_over_limit_circuit_is_refused_with_a_code(
     assert err.value.code == "relay_limit"
 
 
-async def test_reservations_expire_and_are_bounded(
-    make_transport: MakeTransport, services: list[RelayService]
-) -> None:
+async def test_reservations_expire_and_are_bounded(make_transport: MakeTransport, services: list[RelayService]) -> None:
     relay = await make_transport("relay")
     clock = FakeClock()
     service = RelayService(RelayConfig(reservation_ttl_s=30.0, max_reservations=1), relay, clock=clock)
@@ -222,3 +221,35 @@ def test_announce_takes_direct_addresses_only() -> None:
     with pytest.raises(ValueError, match=r"reachability\.announce"):
         ReachabilityConfig(announce=("/ip4/1.2.3.4/udp/1",))
     assert ReachabilityConfig(announce=("/ip4/1.2.3.4/tcp/1",)).announce == ("/ip4/1.2.3.4/tcp/1",)
+
+
+async def test_circuit_bytes_and_duration_are_bounded(
+    make_transport: MakeTransport, services: list[RelayService]
+) -> None:
+    """A circuit over its byte budget or its duration is closed; the next call opens a new one."""
+    relay = await make_transport("relay")
+    service = RelayService(RelayConfig(max_circuit_bytes=64 * 1024, max_circuit_duration_s=0.5), relay)
+    service.start()
+    services.append(service)
+    peer, _ = await relayed_peer(make_transport, relay, "behind-nat")
+    dialler = await make_transport("dialler", listen_maddrs=())
+    addr = circuit_address(direct(relay), peer.peer_id)
+    with pytest.raises(TransportError, match="closed"):  # over max_circuit_bytes mid-call: the circuit closes
+        await dialler.call(addr, "echo", Echo(text="x" * 100_000), Echo)
+    assert service.stats()["circuits"] == 0 and service.bytes_relayed > 64 * 1024
+    assert (await dialler.call(addr, "echo", Echo(number=7), Echo)).number == 8  # a new circuit
+    assert service.stats()["circuits"] == 1
+    async with asyncio.timeout(5):  # over max_circuit_duration_s: closed
+        while service.stats()["circuits"]:
+            await asyncio.sleep(0.01)
+
+
+def test_token_bucket_paces_to_its_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate_bytes_per_s=1000.0, burst_bytes=500.0, clock=clock)
+    assert bucket.take(500) == 0.0  # the burst
+    assert bucket.take(250) == pytest.approx(0.25)  # 250 bytes over: wait 0.25 s
+    clock.now_s += 0.25
+    assert bucket.take(0) == 0.0
+    clock.now_s += 10.0  # refills up to the burst only
+    assert bucket.take(500) == 0.0 and bucket.take(1) > 0
