@@ -109,6 +109,11 @@ class PeerRecord(Message):
     # relays), "private" (behind NAT, no relay yet: only over the connections it keeps open), "unknown"
     reachability: str = "unknown"
 
+    @property
+    def relayed(self) -> bool:
+        """Behind NAT: reachable only through relays (or over connections it keeps open)."""
+        return self.reachability in ("relayed", "private")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role.parse(self.role, allowed=PEER_RECORD_ROLES))  # ConfigError: ValueError
         if self.reachability not in REACHABILITY_VALUES:
