@@ -61,11 +61,14 @@ def _namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def cleanup_all() -> list[str]:
-    """Remove every namespace whose name starts with ``swnat-`` (after a crash); the names removed."""
+def cleanup_all(prefix: str = PREFIX) -> list[str]:
+    """Remove every namespace whose name starts with ``prefix`` (``swnat-``: every bed's, after a crash; a bed's
+    own prefix is ``swnat-<tag>-``); the names removed."""
+    if not prefix.startswith(PREFIX):
+        raise ValueError(f"prefix must start with {PREFIX!r}: only the beds' namespaces are removed")
     removed = []
     for name in _namespaces():
-        if name.startswith(PREFIX):
+        if name.startswith(prefix):
             subprocess.run(["ip", "netns", "pids", name], capture_output=True, timeout=30)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
             removed.append(name)
