@@ -17,6 +17,9 @@ from swarm.dht import DHT, DHTConfig
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.maddr import PeerAddress, parse_maddr
 from swarm.p2p import Transport, TransportConfig
+from swarm.p2p.nat import NatServices
+from swarm.p2p.reachability import ReachabilityConfig
+from swarm.p2p.relay import RelayConfig
 from swarm.configs import Config, setting
 from swarm.errors import AddressError, ConfigError, SwarmError
 from swarm.model.devices import check_precision, resolve_device
@@ -47,6 +50,11 @@ class NodeConfig(Config, section="node"):
     identity_path: Path | None = setting(default=None, doc="Key file to use instead of <data_dir>/identity.pem.")
     training: TrainingConfig | None = setting(default=None, doc="The training role (None: a DHT-only node).")
     validator: ValidatorConfig | None = setting(default=None, doc="The validator role, instead of training.")
+    reachability: ReachabilityConfig = setting(
+        default_factory=ReachabilityConfig,
+        doc="Dial-back checks, --announce, relays and reverse connections behind NAT.",
+    )
+    relay: RelayConfig = setting(default_factory=RelayConfig, doc="The relay service a public node offers.")
     misbehave: MisbehaveConfig | None = setting(
         default=None, doc="--misbehave: the training role cheats on purpose (tests, demos); None: honest."
     )
@@ -88,6 +96,8 @@ class Node:
         self.dht: DHT | None = None
         self.role: TrainingRole | ValidatorRole | None = None
         self.observer: Observer | None = None
+        self.nat: NatServices | None = None
+        self._on_reachability: Callable[[str, tuple[str, ...]], None] | None = None
 
     @property
     def peer_id(self) -> PeerID:
@@ -124,6 +134,9 @@ class Node:
         self.transport.on_peer_connected(self._on_peer_connected)
         await self.transport.start()
         log.info("node %s listening on %s", self.identity.peer_id.short(), ", ".join(self.listen_maddrs))
+        # dial-backs, the relay service while public, our own reachability: docs/transport.md, "Reachability"
+        self.nat = NatServices(self.transport, cfg.reachability, cfg.relay, on_change=self._on_reachability)
+        self.nat.start()
         if cfg.http is not None:  # HttpServeError (e.g. a port in use) stops the start here
             source = NodeSource(
                 transport=self.transport,
@@ -139,6 +152,8 @@ class Node:
         """Stop serving: close every connection and wait for every task the node owns."""
         if self.observer is not None:
             await self.observer.stop()
+        if self.nat is not None:
+            await self.nat.stop()
         if self.dht is not None:
             await self.dht.shutdown()
         if self.transport is not None:
@@ -152,6 +167,7 @@ class Node:
         on_listening: Callable[[tuple[str, ...]], None] | None = None,
         on_serving: Callable[[int | None], None] | None = None,
         on_http: Callable[[Observer], None] | None = None,
+        on_reachability: Callable[[str, tuple[str, ...]], None] | None = None,
     ) -> None:
         """Start, report the listen multiaddrs (and the HTTP endpoints), join, serve until ``stop_event`` is set,
         then stop.
@@ -159,6 +175,7 @@ class Node:
         With a training config the node runs its `TrainingRole` (which also ends at its ``max_steps``), built by
         `build_training_role`; its RPC handlers are unregistered when it ends.
         """
+        self._on_reachability = on_reachability
         try:
             await self.start()
             if on_listening is not None:

@@ -48,6 +48,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["--steps", "2", "--nodes", "2", "--skip-lossy", "--out-dir", "{tmp}"],
         ["final_loss_ratio", "tokens_per_s_ratio", "goals"],
     ),
+    ("bench_nat.py", ["--size-mib", "8", "--skip-bed"], ["relay_cpu_ms_per_MB", "relayed_MBps", "direct_MBps"]),
     (
         "bench_robustness.py",
         ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],

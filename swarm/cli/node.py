@@ -19,10 +19,11 @@ from typing import Any
 import click
 
 from swarm.p2p import TransportConfig
+from swarm.p2p.reachability import ReachabilityConfig
 from swarm.cli.logs import LOG_LEVELS, setup_logging
 from swarm.cli.training import export, local, training_config, training_options
 from swarm.errors import SwarmError
-from swarm.local.events import EventWriter, HttpEvent, ListeningEvent, ServingEvent, StoppedEvent
+from swarm.local.events import EventWriter, HttpEvent, ListeningEvent, ReachabilityEvent, ServingEvent, StoppedEvent
 from swarm.node import Node, NodeConfig
 from swarm.observe import HttpConfig, Observer, parse_http_address
 from swarm.testing.misbehave import MisbehaveConfig
@@ -57,6 +58,11 @@ class _Reporter:
         if self.events is not None:
             self.events.emit(ServingEvent(stage=stage))
 
+    def reachability(self, status: str, maddrs: tuple[str, ...]) -> None:
+        print(f"reachability {status}: announcing {', '.join(maddrs) or 'no address'}", flush=True)
+        if self.events is not None:
+            self.events.emit(ReachabilityEvent(status=status, maddrs=list(maddrs)))
+
     def stopped(self, error: str | None) -> None:
         if self.events is not None:
             self.events.emit(StoppedEvent(error=error))
@@ -69,7 +75,11 @@ async def _run_until_signal(config: NodeConfig, reporter: _Reporter) -> None:
         loop.add_signal_handler(sig, stop_event.set)
     try:
         await Node(config).run(
-            stop_event, on_listening=reporter.listening, on_serving=reporter.serving, on_http=reporter.http
+            stop_event,
+            on_listening=reporter.listening,
+            on_serving=reporter.serving,
+            on_reachability=reporter.reachability,
+            on_http=reporter.http,
         )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,6 +142,13 @@ def main() -> None:
     show_default=True,
     help="Seconds to wait for an answer to one request.",
 )
+@click.option(
+    "--announce",
+    "announce",
+    multiple=True,
+    help="Multiaddr port forwarding makes reachable, e.g. /ip4/203.0.113.5/tcp/31337 (repeatable; announced once "
+    "peers dial it back). Behind a home router without one, leave it out: the node uses relays by itself.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
 @click.option(
     "--events-file",
@@ -155,6 +172,7 @@ def start(
     data_dir: Path,
     identity_path: Path | None,
     rpc_timeout_s: float,
+    announce: tuple[str, ...],
     log_level: str,
     events_file: Path | None,
     http_address: str | None,
@@ -173,6 +191,7 @@ def start(
         config = NodeConfig(
             transport=TransportConfig(listen_maddrs=_split_maddrs(listen), rpc_timeout_s=rpc_timeout_s),
             initial_peers=_split_maddrs(initial_peers + more_initial_peers),
+            reachability=ReachabilityConfig(announce=_split_maddrs(announce)),
             data_dir=data_dir.expanduser(),
             identity_path=identity_path.expanduser() if identity_path is not None else None,
             **_role(training_config(data_dir=data_dir.expanduser(), rpc_timeout_s=rpc_timeout_s, **training)),

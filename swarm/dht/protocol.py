@@ -85,7 +85,7 @@ class DHTProtocol:
         """What this node says about itself; None in client mode (so nobody adds it to a routing table)."""
         if self.config.client_mode:
             return None
-        return NodeInfo(peer_id=self.peer_id.to_bytes(), maddrs=self.transport.listen_maddrs[:MAX_MADDRS_PER_PEER])
+        return NodeInfo(peer_id=self.peer_id.to_bytes(), maddrs=self.transport.advertised_maddrs[:MAX_MADDRS_PER_PEER])
 
     def _methods(self) -> tuple[tuple[str, type[Message], UnaryHandler], ...]:
         h = self._handlers

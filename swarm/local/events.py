@@ -56,6 +56,16 @@ class ServingEvent(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReachabilityEvent(Message):
+    """What the node learnt about its reachability (`swarm.p2p.reachability`): ``status`` is unknown, public,
+    private or relayed, ``maddrs`` what it announces now (dialled-back or circuit addresses)."""
+
+    KIND: ClassVar[str] = "reachability"
+    status: str
+    maddrs: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
 class StoppedEvent(Message):
     """The node stopped; ``error`` is what made it stop, None for a clean stop."""
 
@@ -63,11 +73,11 @@ class StoppedEvent(Message):
     error: str | None = None
 
 
-NodeEvent = ListeningEvent | HttpEvent | ServingEvent | StoppedEvent
+NodeEvent = ListeningEvent | HttpEvent | ServingEvent | ReachabilityEvent | StoppedEvent
 EVENT_TYPES: dict[str, type[NodeEvent]] = {
-    cls.KIND: cls for cls in (ListeningEvent, HttpEvent, ServingEvent, StoppedEvent)
+    cls.KIND: cls for cls in (ListeningEvent, HttpEvent, ServingEvent, ReachabilityEvent, StoppedEvent)
 }
-E = TypeVar("E", ListeningEvent, HttpEvent, ServingEvent, StoppedEvent)
+E = TypeVar("E", ListeningEvent, HttpEvent, ServingEvent, ReachabilityEvent, StoppedEvent)
 
 
 def encode_event(event: NodeEvent) -> str:

@@ -81,6 +81,7 @@ class Connection(asyncio.BufferedProtocol):
         self.peer_id: PeerID | None = None
         self.remote_host = ""
         self.remote_port = 0
+        self.relayed = False  # runs through a relay's circuit: remote_host/port are the relay's
         self.streams: dict[int, Stream] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.last_active_s = time.monotonic()
@@ -377,6 +378,15 @@ class Connection(asyncio.BufferedProtocol):
         return rtt_s
 
     # -- closing --
+
+    def detach(self, reason: str) -> tuple[asyncio.Transport | None, bytes]:
+        """Hand the socket and its unread bytes over (a relay splices it into a circuit, ``relay.py``): the
+        connection closes, the socket stays open."""
+        transport, self._transport = self._transport, None
+        rest = bytes(self.read_buffer.view[self.read_buffer.start : self.read_buffer.end])
+        self.read_buffer.discard()
+        self.close(reason, warn=False)
+        return transport, rest
 
     def close(self, reason: str, *, warn: bool) -> None:
         """Close the connection (idempotent): fail its streams (which cancels their handlers), tell the owner."""

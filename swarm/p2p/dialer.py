@@ -3,7 +3,9 @@
 A call to a peer reuses its open connection; otherwise one dial per peer (or per address, for a multiaddr
 without ``/p2p/``) is in flight at a time and every concurrent caller awaits it. A dial tries the peer's known
 addresses newest first, each within ``connect_timeout_s`` + ``handshake_timeout_s``, inside a slot of the
-connection budget (OverloadedError when none is free).
+connection budget (OverloadedError when none is free). A circuit address (``.../p2p-circuit/p2p/<peer>``) is
+dialled at its relay, which opens the circuit (``circuit.py``) before the end-to-end handshake; the handshake
+must prove the target's PeerID, so a relay cannot pose as the peer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
+from swarm.p2p.circuit import CircuitRecord, check_circuit_answer
 from swarm.p2p.endpoint import Endpoint
 from swarm.p2p.connection import Connection
 from swarm.p2p.identity import PeerID
@@ -52,6 +55,10 @@ class Dialer:
 
     def addresses(self, peer_id: PeerID) -> tuple[PeerAddress, ...]:
         return tuple(self._addresses.get(peer_id, ()))
+
+    def direct_peers(self) -> list[PeerID]:
+        """Peers with at least one direct (not circuit) address."""
+        return [p for p, addrs in self._addresses.items() if any(a.relay is None for a in addrs)]
 
     async def connection(self, peer: PeerLike) -> Connection:
         """The open connection to ``peer``, dialling it if there is none."""
@@ -112,6 +119,9 @@ class Dialer:
             reason = e or "timed out"
             raise TransportError(f"cannot connect to {addr}: {reason}; check that the peer runs there") from None
         self._endpoint.table.all.add(conn)
+        if addr.relay is not None:
+            conn.relayed = True
+            await self._open_circuit(conn, addr)
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 peer_id = await conn.handshake(self.identity, self._endpoint.static_key, addr.peer_id)
@@ -129,3 +139,32 @@ class Dialer:
         if conn.closed:
             raise TransportError(f"connection to {addr} closed right after the handshake: {conn.close_reason}")
         return conn
+
+    async def _open_circuit(self, conn: Connection, addr: PeerAddress) -> None:
+        """Ask the relay of circuit address ``addr`` for its peer; raise the relay's refusal (RelayLimitError,
+        CircuitRefusedError) or a TransportError if it does not answer within ``connect_timeout_s``."""
+        if addr.peer_id is None:
+            conn.close("a circuit address without the peer", warn=False)
+            raise TransportError(f"circuit address {addr} must end with /p2p/<PeerID> of the peer to reach")
+        where = f"{addr.host}:{addr.port}"
+        conn.write_record(CircuitRecord(op="connect", target=addr.peer_id).encode())
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                check_circuit_answer(await conn.read_handshake_record(), where)
+        except TimeoutError:
+            conn.close("circuit not opened in time", warn=False)
+            raise TransportError(f"relay {where} did not open a circuit to {addr.peer_id.short()} in time") from None
+        except SwarmError:
+            conn.close("circuit refused", warn=False)
+            raise
+
+    async def probe(self, addr: PeerAddress) -> None:
+        """Dial ``addr`` on a fresh connection (never reusing one), prove its PeerID, then close it: the
+        AutoNAT dial-back (``autonat.py``). TransportError / HandshakeError when it cannot be reached."""
+        with self._endpoint.admission.dial_slot():
+            conn = await self._dial_and_handshake(addr)
+        try:  # one PING answered: the peer finished its side of the handshake (closing earlier would look
+            conn.begin_frames()  # like a broken handshake there)
+            await conn.ping(self.config.handshake_timeout_s)
+        finally:
+            conn.close("dial-back done", warn=False)

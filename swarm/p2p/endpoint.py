@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from swarm.p2p.admission import Admission
+from swarm.p2p.circuit import CircuitRecord
 from swarm.p2p.config import TransportConfig
 from swarm.p2p.connection import Connection
 from swarm.p2p.conntable import ConnectionTable
@@ -25,3 +26,4 @@ class Endpoint:
     admission: Admission
     table: ConnectionTable
     establish: Callable[[Connection], None]  # hands a connection that finished its handshake to the transport
+    on_circuit: Callable[[Connection, CircuitRecord], None]  # an accepted socket asks for a circuit (relay.py)

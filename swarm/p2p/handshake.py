@@ -2,7 +2,8 @@
 
 The connection lends its records (a ``HandshakeChannel``); the handshake returns the authenticated PeerID and
 the two cipher states. A dialler that gets a refusal record in place of message 2 (``swarm/p2p/refusal.py``)
-raises OverloadedError for "at its connection limit", TransportError for any other code.
+raises OverloadedError for "at its connection limit", TransportError for any other code. A listener whose
+first record is a circuit request (``swarm/p2p/circuit.py``) raises `CircuitRequest` for its relay service.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import NoReturn, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from swarm.p2p.circuit import CircuitRequest, is_circuit_record, parse_circuit_record
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.noise import CipherState, HandshakeState, make_payload, verify_payload
 from swarm.p2p.refusal import AT_CONNECTION_LIMIT, AT_LIMIT_TEXT, parse_refusal
@@ -55,7 +57,10 @@ async def noise_xx(
             )
         channel.write_record(hs.write_message(payload))
     else:
-        hs.read_message(await channel.read_handshake_record())
+        first = await channel.read_handshake_record()
+        if is_circuit_record(first):  # not a handshake: a circuit request for this node's relay service
+            raise CircuitRequest(parse_circuit_record(first))
+        hs.read_message(first)
         channel.write_record(hs.write_message(payload))
         channel.replied()
         remote = verify_payload(hs.read_message(await channel.read_handshake_record()), hs.rs or b"")

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 
 
+from swarm.p2p.circuit import CircuitRequest
 from swarm.p2p.endpoint import Endpoint
 from swarm.p2p.connection import Connection
 from swarm.p2p.maddr import format_maddr, parse_maddr
@@ -70,6 +71,9 @@ class Listener:
             conn.close(
                 f"handshake not finished within handshake_timeout_s={self.config.handshake_timeout_s}s", warn=True
             )
+            return
+        except CircuitRequest as request:  # not a handshake: a circuit for the relay service (relay.py)
+            self._endpoint.on_circuit(conn, request.request)
             return
         except SwarmError as e:
             conn.close(f"handshake failed: {e}", warn=True)

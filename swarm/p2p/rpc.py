@@ -52,6 +52,7 @@ class RpcContext:
     remote_host: str
     remote_port: int
     method: str
+    relayed: bool = False  # the request came through a relay's circuit (remote_host is the relay's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +79,11 @@ async def serve_request(conn: Connection, stream: Stream, entry: HandlerEntry, h
     if conn.peer_id is None:
         raise TransportError("internal: a request on a connection without an authenticated peer")
     ctx = RpcContext(
-        peer_id=conn.peer_id, remote_host=conn.remote_host, remote_port=conn.remote_port, method=entry.method
+        peer_id=conn.peer_id,
+        remote_host=conn.remote_host,
+        remote_port=conn.remote_port,
+        method=entry.method,
+        relayed=conn.relayed,
     )
     reply_sent = False
     deadline = asyncio.timeout(head.timeout_s)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -22,6 +23,9 @@ from swarm.p2p.maddr import PeerAddress
 from swarm.p2p.messages import Message
 from swarm.p2p import rpc
 from swarm.p2p.admission import Admission
+from swarm.p2p.circuit import CircuitRecord
+from swarm.p2p.refusal import encode_refusal
+from swarm.p2p.circuit import RELAY_UNAVAILABLE
 from swarm.p2p.config import TransportConfig
 from swarm.p2p.connection import Connection
 from swarm.p2p.conntable import ConnectionTable, PeerCallback
@@ -61,10 +65,14 @@ class Transport:
             admission=self._admission,
             table=self._table,
             establish=self._establish,
+            on_circuit=self._on_circuit,
         )
         self._dialer = Dialer(endpoint, make_connection=self._outbound_protocol)
         self._listener = Listener(endpoint, make_connection=self._inbound_protocol)
         self._listen_maddrs: tuple[str, ...] = ()
+        self._circuit_handler: Callable[[Connection, CircuitRecord], None] | None = None
+        self._advertised: tuple[str, ...] | None = None  # None: the listen addresses (see set_advertised)
+        self._reachability = "unknown"
         self._reaper: asyncio.Task[None] | None = None
         self._running = False
 
@@ -76,6 +84,26 @@ class Transport:
     def listen_maddrs(self) -> tuple[str, ...]:
         """The multiaddrs we listen on, with the real ports and ``/p2p/<PeerID>``."""
         return self._listen_maddrs
+
+    @property
+    def advertised_maddrs(self) -> tuple[str, ...]:
+        """The multiaddrs other peers should dial us at: the listen addresses until a reachability check
+        (``reachability.py``) says otherwise (the dialled-back addresses, or circuit addresses through relays)."""
+        return self._listen_maddrs if self._advertised is None else self._advertised
+
+    @property
+    def reachability(self) -> str:
+        """``unknown``, ``public`` (dialled back), ``relayed`` (behind NAT, reachable through relays) or
+        ``private`` (behind NAT, no relay yet): what this node's peer record says."""
+        return self._reachability
+
+    def set_advertised(self, maddrs: tuple[str, ...] | None, reachability: str) -> None:
+        """Set what `advertised_maddrs` and `reachability` say (None: the listen addresses)."""
+        self._advertised, self._reachability = maddrs, reachability
+
+    def set_circuit_handler(self, handler: Callable[[Connection, CircuitRecord], None] | None) -> None:
+        """Hand circuit requests that reach our listener to ``handler`` (the relay service); None refuses them."""
+        self._circuit_handler = handler
 
     async def __aenter__(self) -> Transport:
         await self.start()
@@ -154,6 +182,13 @@ class Transport:
 
     def connected_peers(self) -> list[PeerID]:
         return self._table.connected_peers()
+
+    def is_connected(self, peer_id: PeerID) -> bool:
+        return self._table.open_connection(peer_id) is not None
+
+    def known_peers(self) -> list[PeerID]:
+        """Peers with a direct (not circuit) address in the address book."""
+        return self._dialer.direct_peers()
 
     async def disconnect(self, peer_id: PeerID) -> None:
         """Close every connection to ``peer_id`` (in-flight requests fail with TransportError)."""
@@ -237,6 +272,35 @@ class Transport:
         finally:
             if not opened:
                 self.latency.observe(method, time.monotonic() - started, ok=False)
+
+    async def dial_back(self, addr: PeerAddress) -> None:
+        """Dial ``addr`` on a fresh connection, prove its PeerID, close it (AutoNAT, ``autonat.py``)."""
+        if not self._running:
+            raise TransportError("the transport is not running; call start() first")
+        await self._dialer.probe(addr)
+
+    async def accept_circuit(self, relay: PeerAddress, token: bytes) -> None:
+        """Open a connection back to ``relay`` that it splices to a waiting dialler (``relay.incoming``): we
+        answer the dialler's handshake on it as if we had accepted it (``circuit.py``)."""
+        if not self._running:
+            raise TransportError("the transport is not running; call start() first")
+        family = socket.AF_INET6 if relay.protocol in ("ip6", "dns6") else socket.AF_INET
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    self._inbound_protocol, relay.host, relay.port, family=family
+                )
+        except (OSError, TimeoutError) as e:
+            raise TransportError(f"cannot connect back to relay {relay}: {e or 'timed out'}") from None
+        conn.relayed = True
+        conn.write_record(CircuitRecord(op="accept", token=token).encode())
+
+    def _on_circuit(self, conn: Connection, request: CircuitRecord) -> None:
+        if self._circuit_handler is None:
+            conn.write_record(encode_refusal("this node offers no relay service", RELAY_UNAVAILABLE))
+            conn.close("refused a circuit: no relay service", warn=False)
+            return
+        self._circuit_handler(conn, request)
 
     async def ping(self, peer: PeerLike, *, timeout_s: float | None = None) -> float:
         """Round-trip time in seconds of a PING frame to ``peer``."""

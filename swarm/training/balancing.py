@@ -5,6 +5,11 @@ bottleneck, the minimum over stages. A peer's throughput on a stage is its speed
 compute cost. A joining node takes the stage where it raises the bottleneck most (the stage with the least
 throughput relative to the node's cost there). A serving node moves only if that raises the bottleneck by a
 clear margin (Petals' rule: old minimum < ``move_margin`` x new minimum) and never leaves its stage empty.
+
+Reachability: to a node that can be dialled directly, a stage served only by peers behind NAT (reachable only
+through relays) counts as empty, so a joining public node takes it, and a public node moves there from a stage
+that keeps another peer: a stage is never left served only through relays while direct peers could serve it.
+(A relayed peer's throughput is already measured through its relay: the drivers time every call.)
 """
 
 from __future__ import annotations
@@ -30,6 +35,22 @@ class StagePeer:
     peer: str
     stage: int
     throughput: float
+    relayed: bool = False  # behind NAT: reachable only through relays (its PeerRecord says relayed or private)
+
+
+def _relay_only_stages(peers: Sequence[StagePeer], num_stages: int) -> set[int]:
+    """Stages that have peers, every one of them relayed."""
+    served = {p.stage for p in peers if 0 <= p.stage < num_stages}
+    return {s for s in served if all(p.relayed for p in peers if p.stage == s)}
+
+
+def _totals_for(peers: Sequence[StagePeer], num_stages: int, *, relayed: bool) -> list[float]:
+    """Stage throughputs as a node sees them: to a direct node, a relay-only stage counts 0 (it should go there)."""
+    totals = stage_throughputs(peers, num_stages)
+    if not relayed:
+        for s in _relay_only_stages(peers, num_stages):
+            totals[s] = 0.0
+    return totals
 
 
 def stage_throughputs(peers: Sequence[StagePeer], num_stages: int) -> list[float]:
@@ -42,11 +63,17 @@ def stage_throughputs(peers: Sequence[StagePeer], num_stages: int) -> list[float
 
 
 def choose_stage(
-    peers: Sequence[StagePeer], num_stages: int, *, my_speed: float, stage_costs: Sequence[float] | None = None
+    peers: Sequence[StagePeer],
+    num_stages: int,
+    *,
+    my_speed: float,
+    stage_costs: Sequence[float] | None = None,
+    relayed: bool = False,
 ) -> int:
-    """The stage a joining node should take: an empty stage first, else the one maximising the new bottleneck."""
+    """The stage a joining node should take: an empty stage first (for a direct node, a relay-only stage counts as
+    empty), else the one maximising the new bottleneck."""
     costs = _costs(stage_costs, num_stages)
-    totals = stage_throughputs(peers, num_stages)
+    totals = _totals_for(peers, num_stages, relayed=relayed)
     best_stage, best_key = 0, None
     for s in range(num_stages):
         new = list(totals)
@@ -72,7 +99,11 @@ def choose_move(
         return None
     if sum(1 for p in peers if p.stage == mine.stage) <= 1:
         return None
-    totals = stage_throughputs(peers, num_stages)
+    if not mine.relayed and mine.stage in _relay_only_stages(
+        [p for p in peers if p.peer != mine.peer], num_stages
+    ):  # leaving would leave the stage served only through relays
+        return None
+    totals = _totals_for(peers, num_stages, relayed=mine.relayed)
     old_min = min(totals)
     my_speed = max(mine.throughput, 0.0) * costs[mine.stage]
     best: tuple[float, int] | None = None

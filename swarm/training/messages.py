@@ -15,7 +15,13 @@ from swarm.p2p.messages import Message
 from swarm.training.node_role import PEER_RECORD_ROLES, Role
 
 MAX_RECORD_PERIOD_S = 60.0  # the longest `record_period_s` a node may use
-MAX_PEER_RECORD_TTL_S = 4 * MAX_RECORD_PERIOD_S  # peer, progress and config records: a few record periods at most
+MAX_PEER_RECORD_TTL_S = 4 * MAX_RECORD_PERIOD_S
+REACHABILITY_VALUES = (
+    "unknown",
+    "public",
+    "relayed",
+    "private",
+)  # swarm.p2p.reachability.Status  # peer, progress and config records: a few record periods at most
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,9 +107,19 @@ class PeerRecord(Message):
     throughput: float
     step: int
     config_hash: str
+    # how to reach it: "public" (maddrs were dialled back), "relayed" (maddrs are circuit addresses through
+    # relays), "private" (behind NAT, no relay yet: only over the connections it keeps open), "unknown"
+    reachability: str = "unknown"
+
+    @property
+    def relayed(self) -> bool:
+        """Behind NAT: reachable only through relays (or over connections it keeps open)."""
+        return self.reachability in ("relayed", "private")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role.parse(self.role, allowed=PEER_RECORD_ROLES))  # ConfigError: ValueError
+        if self.reachability not in REACHABILITY_VALUES:
+            raise ValueError(f"reachability must be one of {REACHABILITY_VALUES}")
         if self.stage is not None and self.stage < 0:
             raise ValueError("stage must be >= 0")
         if self.throughput < 0 or self.step < 0:

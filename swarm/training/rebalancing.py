@@ -51,7 +51,7 @@ class Rebalancer:
             return
         default = st.cfg.balance.default_throughput
         peers = [
-            StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or default)
+            StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or default, relayed=r.relayed)
             for p, r in st.view.peers.items()
             if r.stage is not None
         ]

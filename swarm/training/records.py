@@ -69,7 +69,8 @@ class RunRecords:
         record = PeerRecord(
             role=st.cfg.role,
             stage=server.index if server else None,
-            maddrs=list(st.transport.listen_maddrs),
+            maddrs=list(st.transport.advertised_maddrs),
+            reachability=st.transport.reachability,
             throughput=server.throughput() if server else 0.0,
             step=server.step if server else st.current_step(),
             config_hash=st.run_cfg.config_hash(),

@@ -102,12 +102,13 @@ class StateSync:
             return st.cfg.stage
         return choose_stage(
             [
-                StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or 1.0)
+                StagePeer(peer=p.to_base58(), stage=r.stage, throughput=r.throughput or 1.0, relayed=r.relayed)
                 for p, r in st.view.peers.items()
                 if r.stage is not None
             ],
             st.run_cfg.pipeline.num_stages,
             my_speed=1.0,
+            relayed=st.transport.reachability in ("relayed", "private"),
         )
 
     async def become(self, stage: int) -> None:

@@ -195,7 +195,8 @@ class ValidatorRole(RunLoop):
         record = PeerRecord(
             role=Role.VALIDATOR,
             stage=None,
-            maddrs=list(self.transport.listen_maddrs),
+            maddrs=list(self.transport.advertised_maddrs),
+            reachability=self.transport.reachability,
             throughput=0.0,
             step=self.current_step(),
             config_hash=self.cfg.run.config_hash(),

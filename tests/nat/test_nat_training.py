@@ -1,0 +1,71 @@
+"""Training through NAT: a stage-0 driver behind NAT A and a stage-1 server behind NAT B reach each other through
+relays (network namespaces, nftables masquerade), and the swarm trains; when one of their two relays is killed
+mid-run they keep the other, announce only it, and steps keep advancing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from swarm.p2p.maddr import parse_maddr
+from swarm.testing.natbed import NatBed
+from tests.nat.natnodes import BedNode, bootstrap_maddr, skip_without_bed, start_nodes, stop_nodes, wait_until
+from tests.training.swarm_harness import small_run
+
+STEPS = 5  # before the relay is killed, and again after
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_training_through_nat(tmp_path: Path) -> None:
+    skip_without_bed()
+    config = tmp_path / "run.toml"
+    config.write_text(small_run().to_toml())
+    nodes: list[BedNode] = []
+    with NatBed(public=2, homes=2, tag=f"t{tmp_path.name[-6:]}") as bed:
+        try:
+            p1, p2 = bed.public_hosts
+            home_a, home_b = bed.homes
+            common = ["--config", str(config), "--start-after-peers", "4", "--log-level", "INFO"]
+            specs = [
+                (p1, [*common, "--stage", "0"]),
+                (p2, [*common, "--stage", "1"]),
+                (home_a, [*common, "--stage", "0"]),  # a driver (role auto on stage 0) behind NAT A
+                (home_b, [*common, "--stage", "1", "--role", "server"]),  # a stage-1 server behind NAT B
+            ]
+            nodes.extend(start_nodes(bed, tmp_path, specs, bootstrap_maddr(p1, tmp_path)))
+            driver, server = nodes[2], nodes[3]
+
+            def relayed() -> bool:
+                events = [driver.reachability(), server.reachability()]
+                return all(e is not None and e.status == "relayed" for e in events)
+
+            wait_until("both NAT'd nodes relayed", relayed, nodes, 60)
+            wait_until(f"step {STEPS} on every node", lambda: min(n.newest_step() for n in nodes) >= STEPS, nodes, 150)
+            for node in (driver, server):
+                event = node.reachability()
+                assert event is not None and len(event.maddrs) == 2
+                assert all(parse_maddr(m).relay is not None for m in event.maddrs)  # no direct address announced
+            killed, alive = nodes[1], [nodes[0], driver, server]
+            killed.proc.kill()  # a relay (and the public stage-1 server) vanishes mid-run
+            killed.proc.wait(timeout=30)
+            survivor = parse_maddr(nodes[0].maddr).peer_id
+
+            def moved() -> bool:
+                events = [driver.reachability(), server.reachability()]
+                return all(e is not None and {parse_maddr(m).relay for m in e.maddrs} == {survivor} for e in events)
+
+            wait_until("the NAT'd nodes announce only the surviving relay", moved, alive, 30)
+            after = min(n.newest_step() for n in alive) + STEPS
+            wait_until(
+                f"step {after} after the relay died", lambda: min(n.newest_step() for n in alive) >= after, alive, 120
+            )
+        finally:
+            stop_nodes(nodes)
+        summaries = {n.host.name: json.loads(n.summary.read_text()) for n in (nodes[0], driver, server)}
+        assert summaries[driver.host.name]["samples"] > 0  # the NAT'd driver drove ...
+        assert summaries[server.host.name]["served_samples"] > 0  # ... and the NAT'd server served
+        assert min(s["step"] for s in summaries.values()) >= 2 * STEPS
