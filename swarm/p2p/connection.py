@@ -335,7 +335,9 @@ class Connection(asyncio.BufferedProtocol):
             deliver(self, frame)  # a REQUEST gets its stream, and its method, here
             stream = self.streams.get(frame.stream_id)
             self.traffic.received(
-                method_family(stream.method) if stream else OTHER_FAMILY, size_bytes, method=stream.method if stream else None
+                method_family(stream.method) if stream else OTHER_FAMILY,
+                size_bytes,
+                method=stream.method if stream else None,
             )
 
     def _on_connection_error(self, payload: bytes | memoryview) -> None:

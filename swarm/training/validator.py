@@ -305,5 +305,7 @@ class ValidatorRole(RunLoop):
             attested_windows=[a.window for a in self.orchestrator.signed],
             ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
             elapsed_s=time.monotonic() - self.started,
-            traffic=TrafficSummary.of(self.transport.traffic.snapshot().minus(self._traffic_start), self.current_step()),
+            traffic=TrafficSummary.of(
+                self.transport.traffic.snapshot().minus(self._traffic_start), self.current_step()
+            ),
         )
