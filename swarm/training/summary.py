@@ -54,8 +54,9 @@ class TrafficSummary(Message):
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        counts = (self.sent_bytes, self.received_bytes, self.sent_bytes_per_step, self.received_bytes_per_step)
-        counts += (self.method_sent_bytes_per_step, self.method_received_bytes_per_step)
+        counts: list[dict[str, int] | dict[str, float]] = [self.sent_bytes, self.received_bytes]
+        counts += [self.sent_bytes_per_step, self.received_bytes_per_step]
+        counts += [self.method_sent_bytes_per_step, self.method_received_bytes_per_step]
         if any(value < 0 for each in counts for value in each.values()):
             raise ValueError("byte counts must be >= 0")
 

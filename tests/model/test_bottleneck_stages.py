@@ -28,9 +28,9 @@ from swarm.training.checkpoint import CheckpointError, apply_state, capture_stat
 RATIO = 8
 
 
-def gpt_run(ratio: int = RATIO, stages: int = 2, **overrides: str) -> RunConfig:
+def gpt_run(ratio: int = RATIO, stages: int = 2, extra: tuple[str, ...] = ()) -> RunConfig:
     sets = [f"pipeline.activation_bottleneck_ratio={ratio}", f"pipeline.num_stages={stages}", "model.num_blocks=3"]
-    return RunConfig.load(None, sets + [f"{k}={v}" for k, v in overrides.items()])
+    return RunConfig.load(None, [*sets, *extra])
 
 
 def batch(run: RunConfig, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +118,7 @@ def test_the_8bit_codecs_still_work_on_the_narrow_activations() -> None:
 
 
 def test_bf16_precision_sends_narrow_bf16_activations() -> None:
-    run = gpt_run(**{"precision.compute": "bf16"})
+    run = gpt_run(extra=('precision.compute="bf16"',))
     stages = build_stages(run)
     ids, _ = batch(run)
     x = stages[0](ids)
@@ -183,7 +183,8 @@ def test_the_hf_family_gets_the_bottleneck_too() -> None:
     x = stages[0](ids)
     assert x.shape == (2, run.model.seq_len, run.model.width // 32)
     stages[1](x).sum().backward()
-    assert stages[0].bottleneck_down is not None and stages[0].bottleneck_down.proj.weight.grad is not None
+    down = stages[0].bottleneck_down
+    assert isinstance(down, BottleneckDown) and down.proj.weight.grad is not None
 
 
 @pytest.mark.parametrize(

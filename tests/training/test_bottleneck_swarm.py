@@ -48,16 +48,13 @@ async def test_a_swarm_trains_through_the_bottleneck_with_fewer_stage_bytes_and_
             assert not torch.equal(trained, dict(initial[stage].named_parameters())[f"{part}.proj.weight"])
 
         # the activations' bytes, counted by the transports: at most a quarter of the full-width fp32 payloads
-        summaries = [n.trainer.summary() for n in first]
+        traffic = [n.trainer.summary().traffic for n in first]
+        assert all(t is not None and t.steps == STEPS and t.sent_bytes_per_step.get("avg", 0) > 0 for t in traffic)
         sent = sum(
-            s.traffic.method_sent_bytes_per_step.get(m, 0.0)  # type: ignore[union-attr]
-            for s in summaries
-            for m in ACTIVATION_METHODS
+            t.method_sent_bytes_per_step.get(m, 0.0) for t in traffic if t is not None for m in ACTIVATION_METHODS
         )
         microbatches = run.batch.target_batch_size // run.batch.microbatch_size
         full_width = 2 * microbatches * run.batch.microbatch_size * run.model.seq_len * run.model.d_model * 4
         assert 0 < sent < full_width / 4, (sent, full_width)
-        assert all(s.traffic is not None and s.traffic.steps == STEPS for s in summaries)
-        assert all(s.traffic.sent_bytes_per_step.get("avg", 0) > 0 for s in summaries)  # type: ignore[union-attr]
     finally:
         await swarm.close()
