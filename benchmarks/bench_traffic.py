@@ -18,8 +18,8 @@ family; activation bytes are ``stage.forward`` + ``stage.backward`` (activations
 embedding/head exchange (``stage.tied``) is reported on its own. A mode the tree does not have yet (its run-config
 keys are unknown: a ConfigError) is reported as unavailable, with the reason, and the others still run.
 
-    python benchmarks/bench_traffic.py [--steps 10] [--nodes 4] [--blocks 8] [--width 256] [--ratio 32]
-        [--activation-codec none] [--inner-steps 4] [--modes every_step,bottleneck,local_sgd,both]
+    python benchmarks/bench_traffic.py [--steps 10] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
+        [--activation-codec blockwise8] [--inner-steps 4] [--modes every_step,bottleneck,local_sgd,both]
         [--profile loopback] [--out-dir DIR]
 
 Last line: one JSON object with, per mode, ``dp_bytes_ratio`` and ``activation_bytes_ratio`` (reference bytes / mode
@@ -153,8 +153,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32, help="samples per step, swarm-wide")
     parser.add_argument("--microbatch", type=int, default=16)
-    parser.add_argument("--ratio", type=int, default=32, help="the bottleneck's width / features on the wire")
-    parser.add_argument("--activation-codec", default="none", help="codec on top of the bottleneck (none, blockwise8)")
+    parser.add_argument("--ratio", type=int, default=16, help="the bottleneck's width / features on the wire")
+    parser.add_argument("--activation-codec", default="blockwise8", help="codec on top of the bottleneck (none, ...)")
     parser.add_argument("--inner-steps", type=int, default=4, help="local_sgd: inner steps between outer syncs")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
     parser.add_argument("--profile", default="loopback", choices=PROFILES)

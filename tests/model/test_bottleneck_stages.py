@@ -172,6 +172,7 @@ def test_the_single_file_export_keeps_the_projections_and_the_hf_export_refuses(
         write_hf(hf, [], tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_the_hf_family_gets_the_bottleneck_too() -> None:
     pytest.importorskip("transformers")
     run = RunConfig.load("tiny_llama", ["pipeline.activation_bottleneck_ratio=32"])
