@@ -50,6 +50,15 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("bench_nat.py", ["--size-mib", "8", "--skip-bed"], ["relay_cpu_ms_per_MB", "relayed_MBps", "direct_MBps"]),
     (
+        "bench_traffic.py",
+        [
+            *("--config", "tiny_gpt", "--steps", "2", "--nodes", "2", "--blocks", "2", "--width", "32"),
+            *("--heads", "4", "--seq-len", "16", "--batch", "16", "--microbatch", "8", "--ratio", "8"),
+            *("--modes", "every_step,bottleneck,local_sgd", "--out-dir", "{tmp}"),
+        ],
+        ["dp_bytes_ratio", "activation_bytes_ratio", "final_loss_ratio", "tokens_per_s", "unavailable"],
+    ),
+    (
         "bench_robustness.py",
         ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],
         ["final_loss_ratio_centered_clip", "final_loss_ratio_mean", "goals"],

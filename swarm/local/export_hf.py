@@ -6,6 +6,12 @@
 embedding/head matrix is taken from stage 0. A run trained on token shards also gets its tokenizer (`tokenizer_file`,
 saved as a `transformers` fast tokenizer).
 
+A run with a learned activation bottleneck (``pipeline.activation_bottleneck_ratio`` > 1) is refused: a
+`transformers` model has no place for the projections, and folding them away is not exact (the down-projection
+cuts the residual stream to ``width // r`` features, which no layer of the original architecture does). Such a
+run exports with ``--format safetensors``, whose single-process model (`swarm.model.stages.PipelineModel`) keeps
+them under ``stages.<k>.bottleneck_down.*`` and ``stages.<k>.bottleneck_up.*``.
+
 `states_from_run_dir` finds ``stage-<k>.safetensors`` under ``RUN_DIR/**/checkpoints/<run id>/`` (where
 `swarm-node local` puts each node's checkpoints) and keeps, per stage, the one with the newest step.
 """
@@ -53,6 +59,12 @@ def write_hf(run: RunConfig, states: list[StageState], out_dir: Path) -> None:
         raise ConfigError(
             "export --format hf needs a run with model.family = 'hf' (a transformers config); the tiny GPT exports "
             "with --format safetensors"
+        )
+    if run.pipeline.activation_bottleneck_ratio > 1:
+        raise ConfigError(
+            f"export --format hf cannot hold the run's learned activation bottleneck (pipeline."
+            f"activation_bottleneck_ratio = {run.pipeline.activation_bottleneck_ratio}): a transformers model has no "
+            "place for it and folding it away is not exact; export with --format safetensors, which keeps it"
         )
     stages = build_stages(run)
     names = family_for(run).whole_names(run, stages)

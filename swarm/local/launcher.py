@@ -386,7 +386,29 @@ def _summarize(cfg: LaunchConfig, run: RunConfig, run_dir: Path, nodes: list[Nod
         "precision": run.precision.compute,
         "peak_rss_bytes": [s.peak_rss_bytes for s in summaries],  # per node process, in the nodes' order
         "dashboard_url": nodes[0].dashboard_url if nodes else None,  # node 0's status page (gone with the run)
+        "traffic": traffic_summary(summaries),
     }
+
+
+def traffic_summary(summaries: list[NodeSummary]) -> dict[str, dict[str, float]]:
+    """The wire bytes of all nodes together per RPC family (`swarm.p2p.traffic`): totals, and per step (the sum of
+    each node's bytes per step, so a node that joined late counts at its own rate); per step by full method name
+    too (``stage.forward`` and ``stage.backward`` carry the activations, ``stage.tied`` the tied gradient)."""
+    totals: dict[str, dict[str, float]] = {
+        "sent_bytes": {},
+        "received_bytes": {},
+        "sent_bytes_per_step": {},
+        "received_bytes_per_step": {},
+        "method_sent_bytes_per_step": {},
+        "method_received_bytes_per_step": {},
+    }
+    for s in summaries:
+        if s.traffic is None:
+            continue
+        for key, counts in totals.items():
+            for family, value in getattr(s.traffic, key).items():
+                counts[family] = counts.get(family, 0) + value
+    return {key: {k: round(v, 1) for k, v in sorted(counts.items())} for key, counts in totals.items()}
 
 
 def _read_summaries(nodes: list[NodeProcess]) -> list[NodeSummary]:

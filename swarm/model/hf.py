@@ -12,6 +12,8 @@ the sequence length, and attention is causal inside every layer (the ``sdpa`` at
 `transformers` runs with ``is_causal``). With ``tie_word_embeddings`` the LM head is the embedding matrix: one
 Parameter in one process, and across machines the tied exchange (`swarm.training.tied`) keeps the copies of
 stage 0 (``body.embed.weight``) and the last stage (``body.lm_head.weight``) equal.
+A run's activation bottleneck (`swarm.model.stages.add_bottlenecks`) is no part of the `transformers` model: its
+whole-model names are ``bottlenecks.<boundary>.{down,up}.*``, and the Hugging Face export refuses such a run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from swarm.errors import ConfigError
 from swarm.model.gpt import lm_loss
-from swarm.model.stages import InputSpec, StageModel, stage_block_ranges
+from swarm.model.stages import InputSpec, StageModel, bottleneck_whole_names, stage_block_ranges
 from swarm.run.config import RunConfig
 from swarm.run.hf_config import hf_get
 
@@ -167,7 +169,10 @@ class HfFamily:
         return _stage(run, model, index)
 
     def whole_names(self, run: RunConfig, stages: Sequence[StageModel]) -> list[dict[str, str]]:
-        return [{f"body.{k}": v for k, v in _body(stage).whole_names.items()} for stage in stages]
+        return [
+            {**{f"body.{k}": v for k, v in _body(stage).whole_names.items()}, **bottleneck_whole_names(stage)}
+            for stage in stages
+        ]
 
 
 def _stage(run: RunConfig, model: Any, index: int) -> StageModel:

@@ -9,6 +9,10 @@ A stage computes in the run's precision (`swarm.model.precision`): with ``bf16``
 its activations (outputs, and floating inputs) are bfloat16, in one process as across machines.
 A user factory ``package.module:function`` may replace the tiny GPT: it is called with the `RunConfig` and
 returns ``(list_of_stage_modules, loss_fn)``.
+With ``pipeline.activation_bottleneck_ratio`` r > 1, `build_stages` adds a learned bottleneck on every boundary
+(`add_bottlenecks`): the sending stage's ``bottleneck_down`` maps its outputs to ``width // r`` features, the
+receiving stage's ``bottleneck_up`` maps them back; they are ordinary parameters of their stages (optimized,
+averaged, checkpointed, downloaded by joiners) and the receiving stage's `InputSpec` expects the narrow width.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from swarm.compression.bottleneck import BottleneckDown, BottleneckUp, bottleneck_dim
 from swarm.run.config import RunConfig
 from swarm.errors import ConfigError, SwarmError
 from swarm.model.gpt import build_gpt_pieces, lm_loss
@@ -86,6 +91,26 @@ class StageModel(nn.Module):
         self.num_stages = num_stages
         self.input_spec = input_spec
         self._loss_fn = loss_fn
+        self.bottleneck_up: nn.Module | None = None  # first: widens the features received (`add_bottlenecks`)
+        self.bottleneck_down: nn.Module | None = None  # last: narrows the outputs sent to the next stage
+
+    def attach_bottleneck(self, *, up: BottleneckUp | None = None, down: BottleneckDown | None = None) -> None:
+        """Put ``up`` before the body (the stage then accepts ``up``'s narrow features) and ``down`` after it."""
+        if up is not None:
+            if self.is_first or self.bottleneck_up is not None:
+                raise ConfigError(f"stage {self.index} cannot take an up-projection (first stage, or it has one)")
+            self.bottleneck_up = up
+            tail = (*self.input_spec.tail_shape[:-1], bottleneck_dim(up.dim, up.ratio))
+            self.input_spec = dataclasses.replace(self.input_spec, tail_shape=tail)
+        if down is not None:
+            if self.is_last or self.bottleneck_down is not None:
+                raise ConfigError(f"stage {self.index} cannot take a down-projection (last stage, or it has one)")
+            self.bottleneck_down = down
+
+    def _compute(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs if self.bottleneck_up is None else self.bottleneck_up(inputs)
+        x = self.body(x)
+        return x if self.bottleneck_down is None else self.bottleneck_down(x)
 
     def set_precision(self, dtype: torch.dtype) -> None:
         """Compute in ``dtype`` (float32, or bfloat16 under autocast): the outputs sent to the next stage, and the
@@ -107,10 +132,10 @@ class StageModel(nn.Module):
         float32 inputs (the residual stream stays float32 inside the stage), and the outputs are cast to the
         activation dtype, except the last stage's logits, which are float32 (the loss is computed in float32)."""
         if self.activation_dtype == torch.float32:
-            return self.body(inputs)
+            return self._compute(inputs)
         x = inputs.float() if inputs.is_floating_point() else inputs
         with autocast(x.device, self.activation_dtype):
-            outputs = self.body(x)
+            outputs = self._compute(x)
         if not outputs.is_floating_point():
             return outputs
         return outputs.float() if self.is_last else outputs.to(self.activation_dtype)
@@ -157,9 +182,41 @@ def build_stages(cfg: RunConfig) -> list[StageModel]:
     from swarm.model.families import family_for  # the families build on this module
 
     stages = family_for(cfg).build_stages(cfg)
+    add_bottlenecks(stages, width=cfg.model.width, ratio=cfg.pipeline.activation_bottleneck_ratio, seed=cfg.seed)
     for stage in stages:
         stage.set_precision(compute_dtype(cfg.precision.compute))
     return stages
+
+
+BOTTLENECK_SEED_SALT = 0xB077_1E4E  # the bottleneck's init draws from seed ^ salt, not from the model's stream
+
+
+def add_bottlenecks(stages: list[StageModel], *, width: int, ratio: int, seed: int) -> None:
+    """Give every boundary a learned bottleneck (``ratio`` 1, or a single stage: none), with deterministic initial
+    weights: boundary ``k``'s down-projection goes to stage ``k``, its up-projection to stage ``k + 1``."""
+    if ratio == 1 or len(stages) < 2:
+        return
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed ^ BOTTLENECK_SEED_SALT)
+    try:
+        for boundary in range(len(stages) - 1):
+            stages[boundary].attach_bottleneck(down=BottleneckDown(width, ratio))
+            stages[boundary + 1].attach_bottleneck(up=BottleneckUp(width, ratio))
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def bottleneck_whole_names(stage: StageModel) -> dict[str, str]:
+    """``{stage parameter name: whole-model name}`` of the stage's bottleneck projections: boundary ``k``'s
+    down-projection (stage ``k``) is ``bottlenecks.k.down.*``, its up-projection (stage ``k + 1``)
+    ``bottlenecks.k.up.*``."""
+    names = {}
+    for name, _ in stage.named_parameters():
+        if name.startswith("bottleneck_down."):
+            names[name] = f"bottlenecks.{stage.index}.down.{name[len('bottleneck_down.') :]}"
+        elif name.startswith("bottleneck_up."):
+            names[name] = f"bottlenecks.{stage.index - 1}.up.{name[len('bottleneck_up.') :]}"
+    return names
 
 
 def gpt_stages(cfg: RunConfig) -> list[StageModel]:

@@ -287,7 +287,9 @@ class Connection(asyncio.BufferedProtocol):
         self._transport.write(out_view)
         stream = self.streams.get(stream_id) if stream_id else None
         self.traffic.sent(
-            P2P_FAMILY if not stream_id else method_family(stream.method) if stream else OTHER_FAMILY, len(out_view)
+            P2P_FAMILY if not stream_id else method_family(stream.method) if stream else OTHER_FAMILY,
+            len(out_view),
+            method=stream.method if stream else None,
         )
         if self._transport.get_write_buffer_size() == 0:  # the socket took it all: nothing refers to `out`
             self._scratch.give_back(out)
@@ -333,7 +335,11 @@ class Connection(asyncio.BufferedProtocol):
         else:
             deliver(self, frame)  # a REQUEST gets its stream, and its method, here
             stream = self.streams.get(frame.stream_id)
-            self.traffic.received(method_family(stream.method) if stream else OTHER_FAMILY, size_bytes)
+            self.traffic.received(
+                method_family(stream.method) if stream else OTHER_FAMILY,
+                size_bytes,
+                method=stream.method if stream else None,
+            )
 
     def _on_connection_error(self, payload: bytes | memoryview) -> None:
         """An ERROR frame on stream 0: the peer closes the whole connection, e.g. it is at its connection limit."""

@@ -7,6 +7,9 @@ count as ``p2p``; a late frame of a stream already finished counts as ``other``.
 Every count is of wire bytes: the encrypted records, with their length prefixes and tags. On the sending side
 that is what the socket was handed; on the receiving side each record's bytes are counted with the frame that
 completes in it (a sender never puts two frames in one record, so the attribution is exact).
+
+The frames of a stream are also counted under its full method name (``by_method``), so a reader can tell apart
+methods of one family (``stage.forward`` and ``stage.backward``, the activations, from ``stage.tied``).
 """
 
 from __future__ import annotations
@@ -30,15 +33,20 @@ class TrafficSnapshot:
 
     sent_bytes: dict[str, int] = field(default_factory=dict)
     received_bytes: dict[str, int] = field(default_factory=dict)
+    sent_by_method: dict[str, int] = field(default_factory=dict)  # stream frames only, by full method name
+    received_by_method: dict[str, int] = field(default_factory=dict)
 
     def minus(self, earlier: TrafficSnapshot) -> TrafficSnapshot:
-        """The bytes counted since ``earlier`` (families with none left out)."""
+        """The bytes counted since ``earlier`` (families and methods with none left out)."""
 
         def diff(now: dict[str, int], then: dict[str, int]) -> dict[str, int]:
             return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0) > 0}
 
         return TrafficSnapshot(
-            diff(self.sent_bytes, earlier.sent_bytes), diff(self.received_bytes, earlier.received_bytes)
+            diff(self.sent_bytes, earlier.sent_bytes),
+            diff(self.received_bytes, earlier.received_bytes),
+            diff(self.sent_by_method, earlier.sent_by_method),
+            diff(self.received_by_method, earlier.received_by_method),
         )
 
     @property
@@ -53,6 +61,8 @@ class TrafficSnapshot:
         return {
             "sent_bytes": dict(sorted(self.sent_bytes.items())),
             "received_bytes": dict(sorted(self.received_bytes.items())),
+            "sent_by_method": dict(sorted(self.sent_by_method.items())),
+            "received_by_method": dict(sorted(self.received_by_method.items())),
         }
 
 
@@ -62,12 +72,20 @@ class Traffic:
     def __init__(self) -> None:
         self._sent: defaultdict[str, int] = defaultdict(int)
         self._received: defaultdict[str, int] = defaultdict(int)
+        self._sent_by_method: defaultdict[str, int] = defaultdict(int)
+        self._received_by_method: defaultdict[str, int] = defaultdict(int)
 
-    def sent(self, family: str, size_bytes: int) -> None:
+    def sent(self, family: str, size_bytes: int, *, method: str | None = None) -> None:
         self._sent[family] += size_bytes
+        if method is not None:
+            self._sent_by_method[method] += size_bytes
 
-    def received(self, family: str, size_bytes: int) -> None:
+    def received(self, family: str, size_bytes: int, *, method: str | None = None) -> None:
         self._received[family] += size_bytes
+        if method is not None:
+            self._received_by_method[method] += size_bytes
 
     def snapshot(self) -> TrafficSnapshot:
-        return TrafficSnapshot(dict(self._sent), dict(self._received))
+        return TrafficSnapshot(
+            dict(self._sent), dict(self._received), dict(self._sent_by_method), dict(self._received_by_method)
+        )

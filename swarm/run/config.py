@@ -82,6 +82,11 @@ class ModelConfig(Config, section="model"):
         return read_hf_config(path=self.hf_config, preset=self.hf_preset)
 
     @property
+    def width(self) -> int:
+        """The features per token between blocks: ``d_model`` (tiny GPT) or the hf config's hidden size."""
+        return int(hf_get(self.hf_dict(), "hidden_size")) if self.family == "hf" else self.d_model
+
+    @property
     def num_layers(self) -> int:
         """The blocks (tiny GPT) or decoder layers (hf) that stages are cut between."""
         return int(hf_get(self.hf_dict(), "num_layers")) if self.family == "hf" else self.num_blocks
@@ -93,11 +98,18 @@ class PipelineConfig(Config, section="pipeline"):
     ``retie_every_steps``: every that many steps, stage 0 and the last stage set their copies of the tied
     embedding/head matrix to the mean of both before the update, which repairs any drift a failed ``stage.tied``
     exchange left (0: never; a no-op, bit for bit, while the copies are equal).
+
+    ``activation_bottleneck_ratio``: r > 1 puts a learned bottleneck on every stage boundary
+    (`swarm.compression.bottleneck`): the sending stage ends with a down-projection to ``width // r`` features, the
+    receiving stage starts with the up-projection back, both trained with the model; 1 turns it off.
     """
 
     num_stages: int = setting(default=2, ge=1, le=256, doc="Pipeline stages (at most model.num_blocks).")
     retie_every_steps: int = setting(
         default=10, ge=0, le=1_000_000, doc="Steps between re-ties of the tied embedding/head copies (0: never)."
+    )
+    activation_bottleneck_ratio: int = setting(
+        default=1, ge=1, le=1 << 16, doc="Width / features sent between stages by a learned bottleneck (1: off)."
     )
 
 
@@ -239,10 +251,26 @@ class RunConfig(Config, section="run"):
                 f"pipeline.num_stages ({self.pipeline.num_stages}) must not exceed {what} "
                 f"({self.model.num_layers}): stages are cut at block boundaries"
             )
+        self._check_bottleneck()
         if self.data.source == "text" and not self.model.factory and self.model.vocab_size < 256:
             raise ConfigError("model.vocab_size must be >= 256 for data.source = 'text' (byte-level tokens)")
         if self.data.source == "stdlib" and self.model.vocab_size < 258:
             raise ConfigError("model.vocab_size must be >= 258 for data.source = 'stdlib' (it is the BPE's size)")
+
+    def _check_bottleneck(self) -> None:
+        ratio = self.pipeline.activation_bottleneck_ratio
+        if ratio == 1:
+            return
+        if self.model.factory:
+            raise ConfigError(
+                "pipeline.activation_bottleneck_ratio must be 1 with a model.factory (the bottleneck is built for "
+                "the tiny GPT and hf families, whose stage width the run config gives)"
+            )
+        width = self.model.width
+        if width % ratio:
+            raise ConfigError(
+                f"pipeline.activation_bottleneck_ratio ({ratio}) must divide the model width ({width}) exactly"
+            )
 
     # ---- identity of the run -------------------------------------------------------------------------------
 

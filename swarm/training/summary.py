@@ -17,6 +17,7 @@ from typing import Any
 
 from swarm.errors import ProtocolError, SwarmError
 from swarm.p2p.messages import Message
+from swarm.p2p.traffic import TrafficSnapshot
 from swarm.training.node_role import PEER_RECORD_ROLES, Role
 
 MAX_SUMMARY_SIZE_BYTES = 64 * 1024 * 1024
@@ -36,6 +37,47 @@ class VerificationSummary(Message):
     orchestrator_candidate: bool = False
     attested_windows: list[int] = field(default_factory=list)  # the windows it attested as orchestrator
     ledger_path: str | None = None  # its orchestrator ledger (candidates only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrafficSummary(Message):
+    """The wire bytes a node's transport counted per RPC method family (`swarm.p2p.traffic`), from the role's start
+    to the run's last step (or the stop), over ``steps`` steps; ``*_per_step`` divide by ``max(steps, 1)``."""
+
+    steps: int  # the steps the count spans (the step reached minus the step the role started at)
+    sent_bytes: dict[str, int] = field(default_factory=dict)  # family -> bytes sent
+    received_bytes: dict[str, int] = field(default_factory=dict)  # family -> bytes received
+    sent_bytes_per_step: dict[str, float] = field(default_factory=dict)
+    received_bytes_per_step: dict[str, float] = field(default_factory=dict)
+    method_sent_bytes_per_step: dict[str, float] = field(default_factory=dict)  # full method name -> bytes
+    method_received_bytes_per_step: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        counts: list[dict[str, int] | dict[str, float]] = [self.sent_bytes, self.received_bytes]
+        counts += [self.sent_bytes_per_step, self.received_bytes_per_step]
+        counts += [self.method_sent_bytes_per_step, self.method_received_bytes_per_step]
+        if any(value < 0 for each in counts for value in each.values()):
+            raise ValueError("byte counts must be >= 0")
+
+    @classmethod
+    def of(cls, counted: TrafficSnapshot, steps: int) -> TrafficSummary:
+        """The summary of the bytes ``counted`` over ``steps`` steps."""
+        per = max(steps, 1)
+
+        def per_step(counts: dict[str, int]) -> dict[str, float]:
+            return {k: round(v / per, 1) for k, v in sorted(counts.items())}
+
+        return cls(
+            steps=max(steps, 0),
+            sent_bytes=dict(sorted(counted.sent_bytes.items())),
+            received_bytes=dict(sorted(counted.received_bytes.items())),
+            sent_bytes_per_step=per_step(counted.sent_bytes),
+            received_bytes_per_step=per_step(counted.received_bytes),
+            method_sent_bytes_per_step=per_step(counted.sent_by_method),
+            method_received_bytes_per_step=per_step(counted.received_by_method),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +103,7 @@ class NodeSummary(Message):
     device: str | None = None  # the torch device its stage computed on (``--device auto`` resolved)
     precision: str | None = None  # the run's compute precision (fp32, bf16)
     peak_rss_bytes: int | None = None  # the node process's peak resident memory (None where the OS does not say)
+    traffic: TrafficSummary | None = None  # wire bytes per RPC family, in all and per step
     # validators
     checks: int = 0  # receipts checked
     failed: int = 0  # checks that failed

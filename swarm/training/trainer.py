@@ -37,6 +37,7 @@ from swarm.errors import SwarmError
 from swarm.model.devices import check_precision, resolve_device
 from swarm.model.precision import compute_dtype
 from swarm.p2p import Transport
+from swarm.p2p.traffic import TrafficSnapshot
 from swarm.p2p.identity import PeerID
 from swarm.training.driving import Driving
 from swarm.training.eval_rpc import EvalClient, EvalService
@@ -51,7 +52,7 @@ from swarm.training.stage_rpc import RemoteStageClient, StageService
 from swarm.training.state import TrainerState
 from swarm.training.stepping import Stepper
 from swarm.training.sync import StateSync
-from swarm.training.summary import NodeSummary, peak_rss_bytes
+from swarm.training.summary import NodeSummary, TrafficSummary, peak_rss_bytes
 from swarm.training.tied import TiedService
 from swarm.training.training_config import TrainingConfig
 from swarm.training.verifying import NodeVerification
@@ -91,6 +92,8 @@ class TrainingRole(RunLoop):
         self.checks = checks
         self.on_serving = on_serving
         self._unregister = unregister  # undoes every registration `build_training_role` made, in reverse order
+        self._traffic_start = (state.transport.traffic.snapshot(), 0)  # counted from here (bytes, step)
+        self._traffic_end: tuple[TrafficSnapshot, int] | None = None  # taken at max_steps (lingering left out)
 
     async def run(self, stop_event: asyncio.Event) -> None:
         """Join the run, serve and drive until ``stop_event`` is set or ``max_steps`` is reached."""
@@ -101,6 +104,7 @@ class TrainingRole(RunLoop):
         stage = self.sync.first_stage()
         if stage is not None:
             await self.sync.become(stage)
+        self._traffic_start = (self._traffic_start[0], st.current_step())  # a loaded state's step is not counted
         await self.records.publish_record()
         if self.on_serving is not None:
             self.on_serving(st.stage())
@@ -144,6 +148,7 @@ class TrainingRole(RunLoop):
             return False
         log.info("%s: reached max_steps=%d; stopping", st.me.short(), max_steps)
         st.finished_time = time.time()
+        self._traffic_end = (st.transport.traffic.snapshot(), st.current_step())
         serving_first = st.server is not None and st.server.index == 0
         driver = st.cfg.role == Role.TRAINER or (st.cfg.role == Role.AUTO and serving_first)
         await self.evaluation.final(max_steps, driver=driver)
@@ -215,7 +220,14 @@ class TrainingRole(RunLoop):
             device=st.cfg.device,
             precision=st.run_cfg.precision.compute,
             peak_rss_bytes=peak_rss_bytes(),
+            traffic=self.traffic(),
         )
+
+    def traffic(self) -> TrafficSummary:
+        """The bytes this node's transport counted from the role's start to max_steps (or now), per family."""
+        start, start_step = self._traffic_start
+        end, end_step = self._traffic_end or (self.state.transport.traffic.snapshot(), self.state.current_step())
+        return TrafficSummary.of(end.minus(start), end_step - start_step)
 
 
 def build_training_role(

@@ -26,7 +26,7 @@ from swarm.training.replayer import StageReplayer, TransportFetcher
 from swarm.training.stage_rpc import call_state_download
 from swarm.training.node_role import Role
 from swarm.training.runloop import RunLoop, read_view, run_key_prefixes, unprotect_run_peers
-from swarm.training.summary import NodeSummary
+from swarm.training.summary import NodeSummary, TrafficSummary
 from swarm.training.view import SwarmView
 from swarm.training.verifying import orchestrator_config
 from swarm.verification.election import ElectionRole
@@ -103,6 +103,7 @@ class ValidatorRole(RunLoop):
         self._done_since: float | None = None  # since when the swarm is at max_steps (or its trainers are gone)
         self.stats = {"checks": 0, "failed": 0, "windows_checked": 0, "states_synced": 0}
         self.started = time.monotonic()
+        self._traffic_start = transport.traffic.snapshot()  # the summary counts the bytes from here
 
     def current_step(self) -> int:
         """The swarm's step: the slowest stage's newest step, never going back (records expire when nodes stop)."""
@@ -305,4 +306,7 @@ class ValidatorRole(RunLoop):
             attested_windows=[a.window for a in self.orchestrator.signed],
             ledger_path=str(self.cfg.ledger_path) if self.cfg.ledger_path else None,
             elapsed_s=time.monotonic() - self.started,
+            traffic=TrafficSummary.of(
+                self.transport.traffic.snapshot().minus(self._traffic_start), self.current_step()
+            ),
         )

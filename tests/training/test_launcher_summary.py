@@ -13,7 +13,8 @@ import pytest
 from swarm.local.launcher import LaunchConfig, NodeProcess, _summarize
 from swarm.run.config import RunConfig
 from swarm.training.node_role import Role
-from swarm.training.summary import NodeSummary, VerificationSummary
+from swarm.p2p.traffic import TrafficSnapshot
+from swarm.training.summary import NodeSummary, TrafficSummary, VerificationSummary
 
 
 def _trainer(
@@ -70,3 +71,30 @@ async def test_a_malformed_or_missing_node_summary_is_left_out(
         summary = _summarize(cfg, RunConfig(), tmp_path, nodes)
     assert not summary["ok"] and summary["stages"][0] == ["A"]
     assert "node 1: the node summary" in caplog.text and "is not valid JSON" in caplog.text
+
+
+async def test_the_run_summary_adds_the_nodes_bytes_per_step_per_family(tmp_path: Path) -> None:
+    nodes = await _nodes(tmp_path, 2)
+    a = TrafficSnapshot({"stage": 1000, "avg": 400, "dht": 10}, {"stage": 900, "avg": 400}, {"stage.tied": 40})
+    b = TrafficSnapshot({"stage": 900, "avg": 400}, {"stage": 1000, "avg": 400, "dht": 10})
+    for node, counted, peer in ((nodes[0], a, "A"), (nodes[1], b, "B")):
+        summary = _trainer(peer, 0, {0: [1.0]})
+        summary = NodeSummary.from_json({**summary.to_json(), "traffic": TrafficSummary.of(counted, 4).to_wire()})
+        summary.write(node.folder / "summary.json")
+    back = NodeSummary.read(nodes[0].folder / "summary.json")
+    assert back.traffic is not None and back.traffic.sent_bytes_per_step == {"avg": 100.0, "dht": 2.5, "stage": 250.0}
+    cfg = LaunchConfig(num_nodes=2, steps=2, run_dir=tmp_path)
+    traffic = _summarize(cfg, RunConfig(), tmp_path, nodes)["traffic"]
+    assert traffic["sent_bytes"] == {"avg": 800, "dht": 10, "stage": 1900}
+    assert traffic["received_bytes"] == {"avg": 800, "dht": 10, "stage": 1900}
+    assert traffic["sent_bytes_per_step"] == {"avg": 200.0, "dht": 2.5, "stage": 475.0}
+    assert traffic["received_bytes_per_step"] == traffic["sent_bytes_per_step"]
+    assert traffic["method_sent_bytes_per_step"] == {"stage.tied": 10.0}
+
+
+def test_a_traffic_summary_refuses_negative_counts() -> None:
+    with pytest.raises(ValueError, match="steps"):
+        TrafficSummary(steps=-1)
+    with pytest.raises(ValueError, match="byte counts"):
+        TrafficSummary(steps=1, sent_bytes={"stage": -5})
+    assert TrafficSummary.of(TrafficSnapshot({"stage": 7}, {}), 0).sent_bytes_per_step == {"stage": 7.0}

@@ -59,3 +59,14 @@ async def test_each_side_counts_what_the_other_sent_per_family(make_transport: M
     assert got_s.received_bytes["alpha"] == sent_c.sent_bytes["alpha"]
     assert got_s.sent_bytes["alpha"] == sent_c.received_bytes["alpha"]
     assert "other" not in sent_c.sent_bytes and "other" not in got_s.received_bytes
+    # each family here has one method: its per-method count is the family's
+    assert sent_c.sent_by_method == {"alpha.echo": sent_c.sent_bytes["alpha"], "beta.sink": sent_c.sent_bytes["beta"]}
+    assert got_s.received_by_method["beta.sink"] == sent_c.sent_by_method["beta.sink"]
+
+
+def test_methods_of_one_family_are_also_counted_apart() -> None:
+    a = TrafficSnapshot({"stage": 10}, {}, {"stage.forward": 6, "stage.tied": 4}, {})
+    b = TrafficSnapshot({"stage": 30}, {}, {"stage.forward": 26, "stage.tied": 4}, {"stage.tied": 3})
+    diff = b.minus(a)
+    assert diff.sent_by_method == {"stage.forward": 20} and diff.received_by_method == {"stage.tied": 3}
+    assert diff.to_dict()["sent_by_method"] == {"stage.forward": 20}
