@@ -8,8 +8,9 @@ once per mode, on the same tokens (same seed, same data):
 - ``bottleneck``: a learned activation bottleneck of ``--ratio`` between stages
   (``pipeline.activation_bottleneck_ratio``), with ``--activation-codec`` on top (``codecs.activations`` and
   ``codecs.activation_grads``);
-- ``local_sgd``: inner steps without an all-reduce, a compressed outer sync every ``--inner-steps`` steps
-  (``[averaging] mode = "local_sgd"``, ``outer_compression = "topk_q"``);
+- ``local_sgd``: inner steps without an all-reduce, an outer sync every ``--inner-steps`` steps
+  (``[averaging] mode = "local_sgd"``), compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8)
+  and ``--outer-compression`` (``averaging.outer_compression``: none, or topk_q, which needs long runs);
 - ``both``: the two together.
 
 Every figure comes from the run summaries ``swarm-node local --json`` prints (`traffic`: the bytes each node's
@@ -19,7 +20,8 @@ embedding/head exchange (``stage.tied``) is reported on its own. A mode the tree
 keys are unknown: a ConfigError) is reported as unavailable, with the reason, and the others still run.
 
     python benchmarks/bench_traffic.py [--steps 10] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
-        [--activation-codec blockwise8] [--inner-steps 4] [--modes every_step,bottleneck,local_sgd,both]
+        [--activation-codec blockwise8] [--inner-steps 25] [--outer-compression none]
+        [--outer-codec blockwise8] [--modes every_step,bottleneck,local_sgd,both]
         [--profile loopback] [--out-dir DIR]
 
 Last line: one JSON object with, per mode, ``dp_bytes_ratio`` and ``activation_bytes_ratio`` (reference bytes / mode
@@ -60,7 +62,8 @@ def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     local_sgd = [
         'averaging.mode="local_sgd"',
         f"averaging.inner_steps={args.inner_steps}",
-        'averaging.outer_compression="topk_q"',
+        f"averaging.outer_compression={json.dumps(args.outer_compression)}",
+        f"codecs.allreduce={json.dumps(args.outer_codec)}",
     ]
     return {"every_step": [], "bottleneck": bottleneck, "local_sgd": local_sgd, "both": bottleneck + local_sgd}[mode]
 
@@ -155,7 +158,11 @@ def main() -> None:
     parser.add_argument("--microbatch", type=int, default=16)
     parser.add_argument("--ratio", type=int, default=16, help="the bottleneck's width / features on the wire")
     parser.add_argument("--activation-codec", default="blockwise8", help="codec on top of the bottleneck (none, ...)")
-    parser.add_argument("--inner-steps", type=int, default=4, help="local_sgd: inner steps between outer syncs")
+    parser.add_argument("--inner-steps", type=int, default=25, help="local_sgd: inner steps between outer syncs")
+    parser.add_argument(
+        "--outer-compression", default="none", help="local_sgd: averaging.outer_compression (none, topk_q)"
+    )
+    parser.add_argument("--outer-codec", default="blockwise8", help="local_sgd: codecs.allreduce of the outer sync")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
     parser.add_argument("--profile", default="loopback", choices=PROFILES)
     parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
