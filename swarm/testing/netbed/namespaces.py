@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from swarm.errors import SwarmError
+import contextlib
 
 PREFIX = "swwan-"
 NETNS_DIR = Path("/run/netns")
@@ -116,10 +117,8 @@ def kill_namespace_processes(name: str, grace_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             sig = signal.SIGKILL
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         time.sleep(0.1)
 
 
