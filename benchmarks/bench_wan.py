@@ -204,10 +204,11 @@ def _summarize(args: argparse.Namespace, run: RunConfig, sc: Scenario, nodes: li
     }
 
 
-def _blip_findings(result: dict[str, Any], host_steps_key: str = "progress") -> dict[str, Any]:
-    """From the progress lines: did the others step during the blip, did the blipped host catch up?"""
+def _blip_findings(result: dict[str, Any]) -> dict[str, Any]:
+    """From the progress lines: did the others step during the blip, how long did the swarm stall, did the
+    blipped host finish (it rejoined without a restart)?"""
     start, end = result.get("blip_start"), result.get("blip_end")
-    lines = result.pop(host_steps_key, [])
+    lines = result.pop("progress", [])
     if start is None or end is None:
         return {"blip_happened": False}
     during = [ln for ln in lines if start <= ln["t"] <= end]
@@ -215,9 +216,17 @@ def _blip_findings(result: dict[str, Any], host_steps_key: str = "progress") -> 
     if during:
         first, last = during[0]["steps"], during[-1]["steps"]
         others_advanced = max((last[p] - first.get(p, 0) for p in last), default=0)
+    stall_s, top, since = 0.0, -1, None  # the longest time the newest step of the swarm did not change
+    for ln in lines:
+        newest = max(ln["steps"].values(), default=-1)
+        if newest > top:
+            top, since = newest, ln["t"]
+        elif since is not None and 0 < top < result["steps"]:
+            stall_s = max(stall_s, ln["t"] - since)
     return {
         "blip_happened": True,
         "max_steps_advanced_during_blip": others_advanced,
+        "longest_stall_s": round(stall_s, 1),
         "all_nodes_finished": result["ok"],
         "progress_samples": len(lines),
     }
@@ -305,7 +314,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
-    parser.add_argument("--slope-delays-ms", default="0.5,25", help="one-way delays (ms) at lan's rates for the slope")
+    parser.add_argument("--slope-delays-ms", default="0.5,100", help="one-way delays (ms) at lan's rates for the slope")
     parser.add_argument("--faults", action="store_true", help="also a 10 s blackout and a 2%%-loss host, under wan")
     parser.add_argument("--blip-s", type=float, default=10.0)
     parser.add_argument("--mtu", type=int, default=BedConfig().mtu)
