@@ -8,9 +8,11 @@ on its TAP device by the emulator, from the moment every node serves to the end,
 one-way delays ``--slope-delays-ms``) it derives ``rtts_per_step``: the slope of step time over round-trip time,
 i.e. how many round trips a step waits for. ``--faults`` adds two runs under ``wan``: the last host's link drops
 every frame for ``--blip-s`` seconds mid-run (the swarm must route around it and take it back without a
-restart), and the last host loses 2% of its frames each way all run.
+restart), and the last host loses 2% of its frames each way all run. ``--repeat N`` runs every scenario N times,
+interleaved, and reports the run of median step time (on a busy machine, step times vary from run to run).
 
     sudo python benchmarks/bench_wan.py [--config tiny_gpt] [--profiles lan,wan,home,far] [--steps 10] [--faults]
+        [--slope-delays-ms 0.5,100] [--repeat 1] [--hosts 4] [--out-dir DIR]
 
 Needs root, `ip` and /dev/net/tun (the bed's namespaces and TAP devices). Prints one JSON object as its last line.
 """
@@ -137,11 +139,13 @@ async def _blip(bed: Bed, sc: Scenario, lines: list[dict[str, Any]], steps: int)
     sc.notes["steps_at_blip_end"] = lines[-1]["steps"]
 
 
-async def _run_swarm(args: argparse.Namespace, bed: Bed, sc: Scenario, run_id: str) -> tuple[list[HostNode], dict]:
+async def _run_swarm(
+    args: argparse.Namespace, bed: Bed, sc: Scenario, run_id: str, name: str
+) -> tuple[list[HostNode], dict]:
     bed.set_profile(sc.profile)
     if sc.lossy:
         bed.set_link(bed.cfg.hosts - 1, sc.profile.link(loss=sc.lossy))
-    run_dir = args.out_dir / sc.label
+    run_dir = args.out_dir / name
     run_dir.mkdir(parents=True)
     nodes: list[HostNode] = []
     lines: list[dict[str, Any]] = []
@@ -232,6 +236,15 @@ def _blip_findings(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median step time (every run's step time beside it); a failed run counts as the slowest."""
+    ordered = sorted(runs, key=lambda r: r["s_per_step"] if r["ok"] and r["s_per_step"] else float("inf"))
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["s_per_step_runs"] = [r["s_per_step"] for r in runs]
+    median["ok"] = all(r["ok"] for r in runs)
+    return median
+
+
 async def _bench(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
     scenarios = [Scenario(label=name, profile=PROFILES[name]) for name in args.profiles]
     delays = [d for d in args.slope_delays_ms if not any(abs(d - s.profile.one_way_ms) < 1e-9 and s.profile.up_mbit
@@ -244,16 +257,22 @@ async def _bench(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
         wan = PROFILES["wan"]
         scenarios.append(Scenario(label="wan_blip", profile=wan, blip_s=args.blip_s))
         scenarios.append(Scenario(label="wan_lossy_2pct", profile=wan, lossy=0.02))
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {sc.label: [] for sc in scenarios}
     with Bed(BedConfig(hosts=args.hosts, mtu=args.mtu, seed=args.seed)) as bed:
-        for sc in scenarios:
-            print(f"running {sc.label} ({args.hosts} hosts, {args.steps} steps)", file=sys.stderr, flush=True)
-            nodes, traffic = await _run_swarm(args, bed, sc, run.run_id)
-            results[sc.label] = _summarize(args, run, sc, nodes, traffic)
-            if sc.blip_s:
-                results[sc.label].update(_blip_findings(results[sc.label]))
-            print(f"{sc.label}: {json.dumps({k: v for k, v in results[sc.label].items() if k != 'loss_curve'})}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        for rep in range(args.repeat):  # interleaved: a load change on the machine hits every scenario alike
+            for sc in scenarios:
+                print(
+                    f"running {sc.label} #{rep} ({args.hosts} hosts, {args.steps} steps)", file=sys.stderr, flush=True
+                )
+                sc.notes.clear()
+                nodes, traffic = await _run_swarm(args, bed, sc, run.run_id, f"{sc.label}-{rep}")
+                result = _summarize(args, run, sc, nodes, traffic)
+                if sc.blip_s:
+                    result.update(_blip_findings(result))
+                runs[sc.label].append(result)
+                shown = {k: v for k, v in result.items() if k != "loss_curve"}
+                print(f"{sc.label} #{rep}: {json.dumps(shown)}", file=sys.stderr, flush=True)
+    results = {label: _median_run(rs) for label, rs in runs.items()}
     lan_s = results.get("lan", {}).get("s_per_step")
     for r in results.values():
         r["ratio_to_lan"] = round(r["s_per_step"] / lan_s, 3) if lan_s and r["s_per_step"] else None
@@ -313,6 +332,7 @@ def main() -> None:
     parser.add_argument("--profiles", default="lan,wan,home,far", help=f"comma-separated, of {', '.join(PROFILES)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each scenario, interleaved; the median counts")
     parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
     parser.add_argument("--slope-delays-ms", default="0.5,100", help="one-way delays (ms) at lan's rates for the slope")
     parser.add_argument("--faults", action="store_true", help="also a 10 s blackout and a 2%%-loss host, under wan")
