@@ -77,9 +77,8 @@ def _node_argv(args: argparse.Namespace, bed: Bed, host: int, folder: Path, boot
     return argv
 
 
-async def _start_nodes(args: argparse.Namespace, bed: Bed, run_dir: Path) -> list[HostNode]:
-    """One node per host, each after the previous one serves (node 0 is everyone's initial peer)."""
-    nodes: list[HostNode] = []
+async def _start_nodes(args: argparse.Namespace, bed: Bed, run_dir: Path, nodes: list[HostNode]) -> None:
+    """One node per host into ``nodes``, each after the previous one serves (node 0 is everyone's initial peer)."""
     for host in range(args.hosts):
         folder = run_dir / f"node-{host}"
         folder.mkdir(parents=True)
@@ -96,7 +95,6 @@ async def _start_nodes(args: argparse.Namespace, bed: Bed, run_dir: Path) -> lis
                 await events.wait_for(ServingEvent, alive=alive)
         except (NodeEventError, TimeoutError) as e:
             raise SystemExit(f"node {host} did not start ({e!r}); see {run_dir}/node-{host}.log") from None
-    return nodes
 
 
 def _stop(nodes: list[HostNode]) -> None:
@@ -151,7 +149,7 @@ async def _run_swarm(
     lines: list[dict[str, Any]] = []
     tasks: list[asyncio.Task[None]] = []
     try:
-        nodes = await _start_nodes(args, bed, run_dir)
+        await _start_nodes(args, bed, run_dir, nodes)
         before = bed.stats()
         if sc.blip_s:
             tasks = [asyncio.create_task(_observe(bed, nodes, run_id, lines))]
