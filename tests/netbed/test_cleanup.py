@@ -18,10 +18,15 @@ from swarm.testing.netbed.namespaces import list_namespaces
 pytestmark = [pytest.mark.integration]
 
 OWNER = """
-import json, sys, time
+import json, subprocess, sys, time
 from swarm.testing.netbed import Bed, BedConfig
 bed = Bed(BedConfig(hosts=2)).start()
 sleeper = bed.popen(0, ["sleep", "600"])
+deadline = time.monotonic() + 30
+while str(sleeper.pid) not in subprocess.run(["ip", "netns", "pids", bed.namespaces[0]], capture_output=True,
+                                             text=True).stdout.split():  # until it is inside its host
+    assert time.monotonic() < deadline, "the sleeper never entered its namespace"
+    time.sleep(0.02)
 print(json.dumps({"namespaces": bed.namespaces, "sleeper": sleeper.pid}), flush=True)
 time.sleep(600)
 """
@@ -34,7 +39,7 @@ def _start_owner() -> tuple[subprocess.Popen[str], list[str], int]:
     return owner, info["namespaces"], info["sleeper"]
 
 
-def _gone(pid: int, deadline_s: float = 10.0) -> bool:
+def _gone(pid: int, deadline_s: float = 30.0) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
@@ -59,7 +64,7 @@ def test_a_signal_to_the_owner_removes_its_bed(sig: signal.Signals) -> None:
     owner, names, sleeper = _start_owner()
     try:
         owner.send_signal(sig)
-        owner.wait(timeout=20)
+        owner.wait(timeout=60)
         assert not set(names) & set(list_namespaces())
         assert _gone(sleeper)
     finally:

@@ -44,6 +44,7 @@ from swarm.testing.netbed.profiles import PROFILES, LinkConfig, Profile
 log = logging.getLogger(__name__)
 
 _bed_numbers = itertools.count()
+STOP_GRACE_S = 5.0  # how long a process gets between SIGTERM and SIGKILL
 
 
 class BedConfig(Config, section="netbed"):
@@ -74,6 +75,7 @@ class Bed:
         number = next(_bed_numbers)
         self.namespaces = [namespace_name(os.getpid(), number, i) for i in range(self.cfg.hosts)]
         self._created: list[str] = []
+        self._started: list[subprocess.Popen[Any]] = []  # what popen started (it may not be in its namespace yet)
         self._emulator: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._old_sigterm: Any = None
@@ -114,6 +116,7 @@ class Bed:
 
     def stop(self) -> None:
         """Stop every process in the hosts, the emulator (its TAPs go with it) and delete the namespaces."""
+        self._stop_started()
         for name in self._created:
             try:
                 remove_namespace(name)
@@ -133,6 +136,20 @@ class Bed:
                 emulator.stdout.close()
         self._restore_sigterm()
         atexit.unregister(self.stop)
+
+    def _stop_started(self) -> None:
+        """SIGTERM what `popen` started and still runs, then SIGKILL what is left after the grace period."""
+        running = [p for p in self._started if p.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in running:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._started.clear()
 
     def __enter__(self) -> Bed:
         return self.start()
@@ -167,7 +184,9 @@ class Bed:
 
     def popen(self, host: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside host ``host``; `stop` ends it if it still runs."""
-        return subprocess.Popen(self.command(host, argv), **kwargs)
+        proc = subprocess.Popen(self.command(host, argv), **kwargs)
+        self._started = [p for p in self._started if p.poll() is None] + [proc]
+        return proc
 
     def run(self, host: int, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         return subprocess.run(self.command(host, argv), **kwargs)
