@@ -7,6 +7,13 @@ round of each, the ratios, the peak RSS of a swarm peer above its idle RSS, and 
 avoid (gloo's plus AES-GCM's on the same bytes: `encrypted_floor_over_gloo`).
 
     python benchmarks/bench_allreduce.py [--size-mib 100] [--peers 4] [--rounds 3] [--skip-hivemind]
+    sudo python benchmarks/bench_allreduce.py --profile wan [--size-mib 100] [--peers 4] [--rounds 3]
+
+With ``--profile`` (lan, wan, home, far) every peer runs on its own host of the WAN test bed (docs/netbed.md)
+instead of loopback, and the figures are seconds per round against the time the round's bytes need at the
+profile's line rate (a butterfly round sends and receives ``2 (N-1)/N`` of the tensor per peer): goal
+``line_rate_fraction`` >= 0.9, and at most 0.5x hivemind's time on the same bed (skipped, with the reason, when
+hivemind is not installed). gloo is not run on the bed: there the link, not the CPU, is the limit.
 
 ``BENCH_ROUND_TIMEOUT_S`` (default 300) bounds each round; a peer that hangs past it dumps its stack and exits.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -34,6 +42,8 @@ from swarm.averaging.allreduce import AllReduceServer, Group, run_allreduce
 from swarm.averaging.config import AveragerConfig
 from swarm.averaging.messages import MemberInfo, round_id_of
 from swarm.averaging.wire import CompressionPartCodec
+from swarm.testing.netbed import PROFILES, Bed, BedConfig
+from swarm.testing.netbed.namespaces import enter_namespace
 
 ROUND_TIMEOUT_S = float(os.environ.get("BENCH_ROUND_TIMEOUT_S", "300"))
 
@@ -45,9 +55,9 @@ def _numel(size_mib: float) -> int:
 # ---------------------------------------------------------------- swarm
 
 
-async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
-    cfg = AveragerConfig(allreduce_timeout_s=ROUND_TIMEOUT_S, part_timeout_s=60.0, join_timeout_s=60.0)
-    tcfg = TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), rpc_timeout_s=60.0)
+async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any, address: str) -> None:
+    cfg = AveragerConfig(allreduce_timeout_s=ROUND_TIMEOUT_S, part_timeout_s=120.0, join_timeout_s=60.0)
+    tcfg = TransportConfig(listen_maddrs=(f"/ip4/{address}/tcp/0",), rpc_timeout_s=60.0)
     async with Transport(Identity.generate(), tcfg) as transport:
         conn.send((transport.peer_id.to_bytes(), transport.listen_maddrs))
         peers = await asyncio.to_thread(conn.recv)
@@ -78,27 +88,37 @@ async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any) -> Non
         conn.send({"idle_rss": idle_rss, "peak_rss": peak_rss})
 
 
-def _swarm_main(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
+def _swarm_main(rank: int, size_mib: float, rounds: int, conn: Any, host: tuple[str, str] | None) -> None:
     torch.set_num_threads(1)  # 4 peers share the machine's cores: no intra-op thread pools fighting
     faulthandler.dump_traceback_later(ROUND_TIMEOUT_S, exit=True)  # a hung peer shows where it hangs
-    asyncio.run(_swarm_peer(rank, size_mib, rounds, conn))
+    address = "127.0.0.1"
+    if host is not None:  # a host of the WAN test bed: (its namespace, its address)
+        enter_namespace(host[0])
+        address = host[1]
+    asyncio.run(_swarm_peer(rank, size_mib, rounds, conn, address))
 
 
-def bench_swarm(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
+def bench_swarm(peers: int, size_mib: float, rounds: int, bed: Bed | None = None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(peers)]
-    procs = [ctx.Process(target=_swarm_main, args=(i, size_mib, rounds, pipes[i][1])) for i in range(peers)]
+    hosts = [None if bed is None else (bed.namespaces[i], bed.address(i)) for i in range(peers)]
+    procs = [ctx.Process(target=_swarm_main, args=(i, size_mib, rounds, pipes[i][1], hosts[i])) for i in range(peers)]
     for p in procs:
         p.start()
     try:
         infos = [_recv(pipes[i][0]) for i in range(peers)]
         for parent, _ in pipes:
             parent.send(infos)
-        round_times, round_cpu = [], []
+        round_times, round_cpu, round_sent = [], [], []
         for _ in range(rounds + 1):
+            before = bed.stats() if bed is not None else []
             for parent, _ in pipes:
                 parent.send("go")
             answers = [_recv(parent) for parent, _ in pipes]
+            if bed is not None:
+                round_sent.append(
+                    statistics.mean(a["sent_bytes"] - b["sent_bytes"] for a, b in zip(bed.stats(), before, strict=True))
+                )
             round_times.append(max(wall for wall, _ in answers))
             round_cpu.append(statistics.mean(cpu for _, cpu in answers))
         mem = [_recv(parent) for parent, _ in pipes]
@@ -110,6 +130,44 @@ def bench_swarm(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
         "rounds_s": round_times,
         "cpu_s_per_peer": statistics.median(round_cpu[1:]),
         "peak_rss_above_idle_mib": above / 2**20,
+        "sent_bytes_per_peer": statistics.median(round_sent[1:]) if round_sent else None,
+    }
+
+
+def bench_on_bed(args: argparse.Namespace) -> dict[str, Any]:
+    """The swarm's butterfly on the WAN test bed, one peer per host, against the profile's line rate."""
+    profile = PROFILES[args.profile]
+    per_peer_bytes = 2 * (args.peers - 1) / args.peers * _numel(args.size_mib) * 4
+    line_rate_s = per_peer_bytes * 8 / (profile.path_mbit * 1e6)
+    skipped = None
+    if args.skip_hivemind:
+        skipped = "--skip-hivemind"
+    elif importlib.util.find_spec("hivemind") is None:
+        skipped = "hivemind is not installed (pip install -e '.[bench]')"
+    hive = None
+    with Bed(BedConfig(hosts=args.peers, profile=args.profile)) as bed:
+        swarm = bench_swarm(args.peers, args.size_mib, args.rounds, bed)
+        print(f"swarm on the bed ({args.profile}): {swarm}", flush=True)
+        if skipped is None:
+            hive = bench_hivemind(args.peers, args.size_mib, args.rounds, bed)
+            print(f"hivemind on the bed ({args.profile}): {hive}", flush=True)
+    return {
+        "benchmark": "allreduce",
+        "profile": args.profile,
+        "peers": args.peers,
+        "tensor_mib": _numel(args.size_mib) * 4 / 2**20,
+        "rounds": args.rounds,
+        "swarm_median_s": round(swarm["median_s"], 4),
+        "swarm_rounds_s": [round(t, 3) for t in swarm["rounds_s"]],
+        "line_rate_s": round(line_rate_s, 4),
+        "line_rate_fraction": round(line_rate_s / swarm["median_s"], 3),
+        "payload_bytes_per_peer": int(per_peer_bytes),
+        "wire_bytes_sent_per_peer": swarm["sent_bytes_per_peer"],
+        "swarm_cpu_s_per_peer": round(swarm["cpu_s_per_peer"], 4),
+        "hivemind_median_s": None if hive is None else round(hive["median_s"], 4),
+        "swarm_over_hivemind": None if hive is None else round(swarm["median_s"] / hive["median_s"], 3),
+        "hivemind_skipped": skipped,
+        "goal": "line_rate_fraction >= 0.9, swarm_over_hivemind <= 0.5",
     }
 
 
@@ -185,14 +243,18 @@ def bench_gloo(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- hivemind
 
 
-def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
+def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any, host: tuple[str, str] | None = None) -> None:
     import hivemind
     from hivemind.averaging.control import AveragingStage
 
     torch.set_num_threads(1)
     mp.set_start_method("fork", force=True)  # hivemind's averager is an mp.Process that must fork, not spawn
+    address = "127.0.0.1"
+    if host is not None:  # a host of the WAN test bed; the processes hivemind starts inherit its namespace
+        enter_namespace(host[0])
+        address = host[1]
     initial = conn.recv()
-    dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht = hivemind.DHT(start=True, initial_peers=initial, host_maddrs=[f"/ip4/{address}/tcp/0"])
     conn.send([str(a) for a in dht.get_visible_maddrs()])
     tensor = torch.randn(_numel(size_mib), generator=torch.Generator().manual_seed(rank))
     averager = hivemind.averaging.DecentralizedAverager(
@@ -230,10 +292,13 @@ def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any) -> None:
         dht.shutdown()
 
 
-def bench_hivemind(peers: int, size_mib: float, rounds: int) -> dict[str, Any]:
+def bench_hivemind(peers: int, size_mib: float, rounds: int, bed: Bed | None = None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(peers)]
-    procs = [ctx.Process(target=_hivemind_main, args=(i, size_mib, rounds, pipes[i][1])) for i in range(peers)]
+    hosts = [None if bed is None else (bed.namespaces[i], bed.address(i)) for i in range(peers)]
+    procs = [
+        ctx.Process(target=_hivemind_main, args=(i, size_mib, rounds, pipes[i][1], hosts[i])) for i in range(peers)
+    ]
     for p in procs:
         p.start()
     try:
@@ -280,9 +345,13 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--profile", choices=tuple(PROFILES), default=None, help="run on the WAN test bed (root)")
     parser.add_argument("--only-hivemind", action="store_true", help="debugging: run hivemind alone, print its figures")
     args = parser.parse_args()
     tensor_mib = _numel(args.size_mib) * 4 / 2**20
+    if args.profile is not None:
+        print(json.dumps(bench_on_bed(args)))
+        return
     if args.only_hivemind:
         print(json.dumps({"hivemind": bench_hivemind(args.peers, args.size_mib, args.rounds)}))
         return

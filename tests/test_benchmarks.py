@@ -1,7 +1,8 @@
 """Every benchmark still runs: each script with tiny arguments in its own process group, its last line one JSON
 object holding the figures its goals read. A benchmark that rots (an import moved, an output key renamed, a
 second run in the same directory) is found here, not on the day of a measurement. The comparison peers that
-need the ``bench`` extras (hivemind, the ``kademlia`` package, matplotlib) are skipped with the scripts' flags."""
+need the ``bench`` extras (hivemind, the ``kademlia`` package, matplotlib) are skipped with the scripts' flags; the
+benchmarks on the WAN test bed (docs/netbed.md) are skipped, with the reason, where it cannot run (not root)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from swarm.testing.netbed import missing_requirements
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240.0
@@ -63,7 +66,13 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],
         ["final_loss_ratio_centered_clip", "final_loss_ratio_mean", "goals"],
     ),
+    (
+        "bench_wan.py",
+        ["--profiles", "lan", "--steps", "2", "--hosts", "2", "--slope-delays-ms", "0.5", "--out-dir", "{tmp}"],
+        ["rtts_per_step", "profiles", "ok"],
+    ),
 ]
+NEEDS_BED = {"bench_wan.py"}  # they run on the WAN test bed: root, `ip`, /dev/net/tun
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -92,6 +101,8 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 def test_the_benchmark_runs_and_prints_its_figures_as_json(
     script: str, args: list[str], keys: list[str], tmp_path: Path
 ) -> None:
+    if script in NEEDS_BED and (why := missing_requirements()) is not None:
+        pytest.skip(why)
     argv = [sys.executable, str(REPO / "benchmarks" / script), *(a.format(tmp=tmp_path) for a in args)]
     done = _run(argv)
     assert done.returncode == 0, f"{script} exited {done.returncode}; stderr tail:\n{done.stderr[-3000:]}"
@@ -101,3 +112,6 @@ def test_the_benchmark_runs_and_prints_its_figures_as_json(
     assert isinstance(result, dict)
     missing = [k for k in keys if k not in result]
     assert not missing, f"{script}'s JSON lacks {missing}: {sorted(result)}"
+    if script == "bench_wan.py":
+        lan = result["profiles"]["lan"]
+        assert result["ok"] and lan["s_per_step"] > 0 and lan["bytes_per_step_per_host"] > 0, lan
