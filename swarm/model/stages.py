@@ -194,14 +194,23 @@ BOTTLENECK_SEED_SALT = 0xB077_1E4E  # the bottleneck's init draws from seed ^ sa
 def add_bottlenecks(stages: list[StageModel], *, width: int, ratio: int, seed: int) -> None:
     """Give every boundary a learned bottleneck (``ratio`` 1, or a single stage: none), with deterministic initial
     weights: boundary ``k``'s down-projection goes to stage ``k``, its up-projection to stage ``k + 1``."""
-    if ratio == 1 or len(stages) < 2:
+    for stage in stages:
+        attach_stage_bottlenecks(stage, width=width, ratio=ratio, seed=seed)
+
+
+def attach_stage_bottlenecks(stage: StageModel, *, width: int, ratio: int, seed: int) -> None:
+    """Give one stage its side of the bottlenecks of its boundaries: each projection's initial weights draw from a
+    seed of its own (the run seed, the boundary, the side), so a node that builds only its stage gets the same."""
+    if ratio == 1 or stage.num_stages < 2:
         return
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed ^ BOTTLENECK_SEED_SALT)
     try:
-        for boundary in range(len(stages) - 1):
-            stages[boundary].attach_bottleneck(down=BottleneckDown(width, ratio))
-            stages[boundary + 1].attach_bottleneck(up=BottleneckUp(width, ratio))
+        if not stage.is_last:
+            torch.manual_seed((seed ^ BOTTLENECK_SEED_SALT) + 2 * stage.index)
+            stage.attach_bottleneck(down=BottleneckDown(width, ratio))
+        if not stage.is_first:
+            torch.manual_seed((seed ^ BOTTLENECK_SEED_SALT) + 2 * (stage.index - 1) + 1)
+            stage.attach_bottleneck(up=BottleneckUp(width, ratio))
     finally:
         torch.random.set_rng_state(generator_state)
 
@@ -257,6 +266,8 @@ def build_stage(cfg: RunConfig, index: int) -> StageModel:
     if not 0 <= index < cfg.pipeline.num_stages:
         raise ConfigError(f"stage must be in [0, {cfg.pipeline.num_stages}), got {index}")
     stage = family_for(cfg).build_stage(cfg, index)
+    ratio = cfg.pipeline.activation_bottleneck_ratio
+    attach_stage_bottlenecks(stage, width=cfg.model.width, ratio=ratio, seed=cfg.seed)
     stage.set_precision(compute_dtype(cfg.precision.compute))
     return stage
 

@@ -18,7 +18,7 @@ from swarm.compression.wire import deserialize_tensor, serialize_tensor
 from swarm.errors import ConfigError
 from swarm.local.export import write_checkpoint
 from swarm.local.export_hf import write_hf
-from swarm.model import PipelineModel, build_stages
+from swarm.model import PipelineModel, build_stage, build_stages
 from swarm.model.families import family_for
 from swarm.model.optim import make_optimizer
 from swarm.model.stages import StageInputError, StageModel
@@ -56,6 +56,17 @@ def test_each_boundary_carries_width_over_ratio_features_and_checks_them() -> No
     with pytest.raises(StageInputError):
         stages[1].input_spec.check(wide, stage=1, max_batch=8)
     assert stages[-1](x).shape == (4, run.model.seq_len, run.model.vocab_size)
+
+
+def test_a_node_that_builds_only_its_stage_gets_the_same_projections() -> None:
+    run = gpt_run(stages=3)
+    for full in build_stages(run):
+        alone = dict(build_stage(run, full.index).named_parameters())
+        want = dict(full.named_parameters())
+        assert set(alone) == set(want) and any(n.startswith("bottleneck_") for n in want)
+        assert all(torch.equal(alone[n], want[n]) for n in want), full.index
+    a, b = build_stages(run), build_stages(gpt_run(stages=3, extra=("seed=1",)))
+    assert not torch.equal(a[0].bottleneck_down.proj.weight, b[0].bottleneck_down.proj.weight)  # type: ignore[union-attr]
 
 
 def test_gradients_reach_both_projections_and_the_stages_on_either_side() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from dataclasses import dataclass
 
 import pytest
 
@@ -144,27 +143,21 @@ def test_the_live_frame_is_redrawn_in_place() -> None:
     assert text.count("samples/s: samples of completed steps (256 per step) per second of wall time") >= 3
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReachablePeerRecord(PeerRecord):
-    """A peer record that reports reachability (a field peer records may carry)."""
-
-    reachability: str = "public"
-
-
-def test_snapshot_of_a_view_counts_reachability_when_records_carry_it() -> None:
+def test_snapshot_of_a_view_counts_the_peers_reachability() -> None:
     a, b, c = (Identity.from_seed(bytes([i]) * 32).peer_id for i in (7, 8, 9))
     view = SwarmView()
     base = {"role": Role.AUTO, "maddrs": [], "throughput": 4000.0, "config_hash": "h"}
-    view.peers[a] = ReachablePeerRecord(stage=0, step=5, **base)
-    view.peers[b] = ReachablePeerRecord(stage=0, step=6, reachability="relayed", **base)
-    view.peers[c] = PeerRecord(stage=1, step=6, **base)
+    view.peers[a] = PeerRecord(stage=0, step=5, reachability="public", **base)
+    view.peers[b] = PeerRecord(stage=0, step=6, reachability="relayed", **base)
+    view.peers[c] = PeerRecord(stage=1, step=6, **base)  # a node that has not learned it yet
     view.progress[a] = ProgressRecord(step=6, samples=32, samples_per_s=300.0, loss=2.5)
     shot = snapshot_of(view, 2)
     assert shot.step == 6 and shot.loss == 2.5 and shot.num_peers == 3
-    assert dict(shot.stages[0].reachability) == {"public": 1, "relayed": 1} and shot.stages[1].reachability == {}
+    assert dict(shot.stages[0].reachability) == {"public": 1, "relayed": 1}
+    assert dict(shot.stages[1].reachability) == {"unknown": 1}
     model = RunViewModel(total_steps=10, batch_size=BATCH, num_stages=2, clock=Clock())
     model.observe(shot)
-    assert "stage 0: 2 peers (1 public, 1 relayed); stage 1: 1 peers" in plain_line(model)
+    assert "stage 0: 2 peers (1 public, 1 relayed); stage 1: 1 peers (1 unknown)" in plain_line(model)
     out = io.StringIO()
     LiveView(model, stream=out, live=True, width=120).finish()
     assert "reachability" in out.getvalue() and "1 public, 1 relayed" in out.getvalue()
