@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -45,13 +46,9 @@ class _Node:
     stop: asyncio.Event
 
 
-async def _start(
-    seed: int, delay_s: float, bootstrap: str | None, cfg: TrainingConfig, timeout_s: float
-) -> _Node:
+async def _start(seed: int, delay_s: float, bootstrap: str | None, cfg: TrainingConfig, timeout_s: float) -> _Node:
     identity = Identity.from_seed(bytes([seed + 1]) * 32)
-    transport = Transport(
-        identity, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), emulated_delay_s=delay_s)
-    )
+    transport = Transport(identity, TransportConfig(listen_maddrs=("/ip4/127.0.0.1/tcp/0",), emulated_delay_s=delay_s))
     await transport.start()
     dht = DHT.create(
         with_run_schemas(DHTConfig(initial_peers=(bootstrap,) if bootstrap else ())),
@@ -140,7 +137,7 @@ def main() -> None:
     ap.add_argument("--training", action="append", default=[], help="training-config override FIELD=VALUE")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="deadline of one delay's measurement")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=os.environ.get("BENCH_LOG", "ERROR"), format="%(relativeCreated)d %(name)s %(message)s")
     torch.set_num_threads(1)
     run = bind_data(RunConfig.load(args.config, args.overrides))
     data = apply_overrides({"start_after_peers": args.nodes, "rebalance_interval_s": 0}, args.training, TrainingConfig)
