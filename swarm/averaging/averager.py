@@ -158,8 +158,10 @@ class Averager:
             group = await self.direct.form_group(
                 group_key, me, expected, timeout_s=self.config.matchmaking_time_s, avoid=avoid
             )
-            if group is not None:
+            if isinstance(group, Group):
                 return group
+            # the expected peers that did not show up in time are not waited for twice
+            target_group_size = min(group, target_group_size or self.config.target_group_size)
         return await self.matchmaker.form_group(
             group_key,
             weight,

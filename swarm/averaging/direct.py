@@ -9,7 +9,8 @@ leader, no ``avg.join`` / ``avg.begin`` and no DHT round trip, half a round trip
 
 A member that is told another expectation (a peer that sees another membership), or misses an entry within its
 deadline, gives up at once or at the deadline and its caller falls back to matchmaking through the DHT
-(`swarm.averaging.matchmaking`). Every announcement carries its sender's expectation, so the members of one
+(`swarm.averaging.matchmaking`), looking only for the peers that announced themselves by the deadline (the missing
+ones are not waited for twice). Every announcement carries its sender's expectation, so the members of one
 expected set either all form the group directly or all fall back, unless an announcement is lost; the all-reduce
 then treats the missing member as a lost peer. Announcements that arrive before this peer is ready under their key
 are kept until it is (at most ``MAX_ANNOUNCED_KEYS`` keys, the oldest dropped first).
@@ -64,9 +65,10 @@ class DirectMatchmaker:
         *,
         timeout_s: float,
         avoid: Collection[PeerID],
-    ) -> Group | None:
-        """The group of ``expected`` (this peer is added) under ``group_key``, or None when they do not all expect
-        the same membership within ``timeout_s`` (then matchmaking through the DHT should follow)."""
+    ) -> Group | int:
+        """The group of ``expected`` (this peer is added) under ``group_key``; when they do not all expect the same
+        membership within ``timeout_s``, the group size to look for through the DHT instead: all of them after
+        another expectation, those that announced themselves (and this peer) after the deadline."""
         ids = tuple(sorted({p.to_bytes() for p in expected} | {me.peer_id}))
         ignored = frozenset(p.to_bytes() for p in avoid)
         request = AnnounceRequest(group_key=group_key, member=me, expected=ids)
@@ -76,8 +78,8 @@ class DirectMatchmaker:
                 if peer != me.peer_id:
                     self._send_soon(PeerID(peer), request)
             members = await self._wait(group_key, me, ids, ignored, timeout_s)
-            if members is None:
-                return None
+            if isinstance(members, int):
+                return members
             round_id = round_id_of(group_key, members)
             self.server.expect(group_key, round_id)
             return Group(group_key=group_key, round_id=round_id, members=members, my_index=members.index(me))
@@ -87,9 +89,9 @@ class DirectMatchmaker:
 
     async def _wait(
         self, group_key: str, me: MemberInfo, ids: tuple[bytes, ...], ignored: frozenset[bytes], timeout_s: float
-    ) -> tuple[MemberInfo, ...] | None:
-        """The ranked members once every expected peer announced the same expectation; None on another expectation
-        or at the deadline."""
+    ) -> tuple[MemberInfo, ...] | int:
+        """The ranked members once every expected peer announced the same expectation; else the group size to look
+        for through the DHT (`form_group`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -104,7 +106,7 @@ class DirectMatchmaker:
                     len(other.expected),
                     len(ids),
                 )
-                return None
+                return len(ids)
             if all(p in got for p in ids if p != me.peer_id):
                 for announced in got.values():
                     self._learn_addresses(announced.member)
@@ -122,7 +124,7 @@ class DirectMatchmaker:
                     group_key,
                     timeout_s,
                 )
-                return None
+                return 1 + sum(p in got for p in ids if p != me.peer_id)
 
     def _send_soon(self, peer: PeerID, request: AnnounceRequest) -> None:
         task = asyncio.get_running_loop().create_task(self._send(peer, request))

@@ -132,3 +132,25 @@ async def test_the_step_does_not_wait_for_the_withdrawal() -> None:
         found = await pairs[0][1].dht.get("run/avg/0/7", latest=True)
         entries = list(GROUP_SCHEMA.entries(found))
         assert len(entries) == 2 and all(isinstance(e.value, GroupWithdrawal) for e in entries)
+
+
+async def test_a_missing_expected_peer_is_not_waited_for_twice() -> None:
+    """Peers 0 and 1 expect peer 2 too, which never averages: after ``matchmaking_time_s`` without its announcement
+    they group through the DHT looking only for each other (not gathering another full window for peer 2)."""
+    tensors = [random_tensors(40 + i, SHAPES) for i in range(2)]
+    expected = weighted_mean([flatten_tensors(t) for t in tensors], [1.0, 1.0])
+    async with swarm(3, _config(matchmaking_time_s=3.0), salt=34) as (ts, pairs), asyncio.timeout(30):
+        peers = [t.peer_id for t in ts]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            *(
+                a.step(t, weight=1.0, group_key="run/avg/0/3", expected=[p for p in peers if p != a.transport.peer_id])
+                for (a, _), t in zip(pairs[:2], tensors, strict=True)
+            )
+        )
+        elapsed = loop.time() - started
+    assert all(r.with_others and r.group_size == 2 for r in results)
+    assert 3.0 <= elapsed < 5.5  # one window for the direct try, then no second one (that would be >= 6 s)
+    for t in tensors:
+        torch.testing.assert_close(flatten_tensors(t).double(), expected, rtol=1e-6, atol=1e-6)
