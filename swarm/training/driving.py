@@ -2,7 +2,7 @@
 
 Drivers are stage-0 nodes and trainers: each of ``inflight_microbatches`` workers pushes microbatches of this
 node's shard through the pipeline (`swarm.training.driver.Driver`), feeding at most a fair share of the step, and
-tells the run's peers its progress after each microbatch (`RunRecords.publish_progress`, in the background).
+tells the run's peers its progress when its part is done (`RunRecords.publish_progress`, in the background).
 """
 
 from __future__ import annotations
@@ -121,10 +121,11 @@ class Driving:
         st.samples_driven += mb.num_samples
         st.losses.setdefault(step, []).append(loss)
         st.notify()
-        # tell the run's peers at once (each stage server closes the step when its samples reach the target); store
-        # the record in the DHT too when this driver's part of the step is done, else at most every second
-        due = (st.inflight.get(step, 0) == 0 and not self.may_start(step)) or time.monotonic() - st.published > 1.0
-        await self.records.publish_progress(step, store=due, background=True)
+        # when this driver's part of the step is done (each stage server closes the step when the samples reach the
+        # target), else at most every second: tell the run's peers directly and store the record in the DHT, in the
+        # background (nobody waits for the DHT before closing the step)
+        if (st.inflight.get(step, 0) == 0 and not self.may_start(step)) or time.monotonic() - st.published > 1.0:
+            await self.records.publish_progress(step, background=True)
 
 
 async def _nothing(step: int) -> None:

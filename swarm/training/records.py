@@ -2,8 +2,9 @@
 
 - view: read ``{run}/peers`` and ``{run}/progress`` (`refresh_view`, both at once) every ``view_interval_s``;
   progress records a peer told this node directly and that are newer than the DHT's copy are kept;
-- progress: a driver tells its `ProgressRecord` straight to the run's other training peers after each microbatch
-  it completes (``step.hint`` carrying the record, over the connections they already have): a stage server learns
+- progress: a driver tells its `ProgressRecord` straight to the run's other training peers when its part of the
+  step is done, and at least every second (``step.hint`` carrying the record, over the connections they already
+  have): a stage server learns
   that its step is complete half a round trip after the last microbatch, with no DHT round trip before it;
   the same record goes to ``{run}/progress`` (`publish_progress`, `publish_final_part`) for discovery and audit,
   as a background task the step never waits for;
@@ -132,9 +133,9 @@ class RunRecords:
             subkey=owner_subkey(st.me),
         )
 
-    async def publish_progress(self, step: int, *, store: bool = True, background: bool = False) -> None:
-        """Tell this driver's `ProgressRecord` of ``step`` (its samples so far) to the run's training peers and, with
-        ``store``, publish it under ``{run}/progress``; with ``background``, without waiting for either."""
+    async def publish_progress(self, step: int, *, background: bool = False) -> None:
+        """Tell this driver's `ProgressRecord` of ``step`` (its samples so far) to the run's training peers and
+        publish it under ``{run}/progress``; with ``background``, without waiting for either."""
         st = self.state
         elapsed = max(time.monotonic() - st.started, 1e-6)
         losses = st.losses.get(step) or []
@@ -148,15 +149,14 @@ class RunRecords:
             eval_loss=st.eval_losses[max(st.eval_losses)] if st.eval_losses else None,
         )
         st.view.progress[st.me] = record
-        work = [self.tell_progress(record)]
-        if store:
-            st.published = time.monotonic()
-            st.published_samples = {step: record.samples}
-            work.append(
-                self.store(
-                    progress_key(st.run_id), record.to_wire(), ttl_s=self.progress_ttl_s, subkey=owner_subkey(st.me)
-                )
-            )
+        st.published = time.monotonic()
+        st.published_samples = {step: record.samples}
+        work = [
+            self.tell_progress(record),
+            self.store(
+                progress_key(st.run_id), record.to_wire(), ttl_s=self.progress_ttl_s, subkey=owner_subkey(st.me)
+            ),
+        ]
         if background:
             await self._later(*work)
         else:
