@@ -13,7 +13,8 @@ deadline, gives up at once or at the deadline and its caller falls back to match
 ones are not waited for twice). Every announcement carries its sender's expectation, so the members of one
 expected set either all form the group directly or all fall back, unless an announcement is lost; the all-reduce
 then treats the missing member as a lost peer. Announcements that arrive before this peer is ready under their key
-are kept until it is (at most ``MAX_ANNOUNCED_KEYS`` keys, the oldest dropped first).
+are kept until it is (at most ``MAX_ANNOUNCED_KEYS`` keys, the oldest dropped first, and ``MAX_ANNOUNCED_PER_KEY``
+announcements per key).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from swarm.p2p.maddr import parse_maddr
 log = logging.getLogger(__name__)
 
 ANNOUNCE_METHOD = "avg.announce"
-MAX_ANNOUNCED_KEYS = 64
+MAX_ANNOUNCED_KEYS = 16  # keys whose announcements are kept before this peer is ready under them
+MAX_ANNOUNCED_PER_KEY = 64  # announcements kept per key (a larger group goes through the DHT)
 
 
 class DirectMatchmaker:
@@ -148,6 +150,8 @@ class DirectMatchmaker:
             entries = self._announced[request.group_key] = {}
             while len(self._announced) > MAX_ANNOUNCED_KEYS:
                 self._announced.popitem(last=False)
+        if request.member.peer_id not in entries and len(entries) >= MAX_ANNOUNCED_PER_KEY:
+            raise SwarmError(f"more than {MAX_ANNOUNCED_PER_KEY} announcements under {request.group_key!r}")
         entries[request.member.peer_id] = request
         self._changed.set()
         self._changed = asyncio.Event()

@@ -7,12 +7,15 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import torch
 
 from swarm.averaging import Averager, AveragerConfig
-from swarm.averaging.messages import GROUP_SCHEMA, GroupWithdrawal
+from swarm.averaging.direct import ANNOUNCE_METHOD
+from swarm.averaging.messages import GROUP_SCHEMA, AnnounceReply, AnnounceRequest, GroupWithdrawal
 from swarm.averaging.partition import flatten_tensors
 from swarm.dht import DHT, DHTConfig
+from swarm.errors import RemoteError
 from swarm.p2p import Transport
 from tests.averaging.conftest import random_tensors, transports, weighted_mean
 
@@ -154,3 +157,14 @@ async def test_a_missing_expected_peer_is_not_waited_for_twice() -> None:
     assert 4.0 <= elapsed < 7.5  # one window for the direct try, then no second one (that would be >= 8 s)
     for t in tensors:
         torch.testing.assert_close(flatten_tensors(t).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+async def test_an_announcement_of_another_peers_entry_is_refused() -> None:
+    async with swarm(3, _config(), salt=35) as (ts, pairs), asyncio.timeout(20):
+        forged = pairs[2][0].matchmaker.my_info(1.0)  # peer 2's entry, sent by peer 0
+        request = AnnounceRequest(
+            group_key="run/avg/0/5", member=forged, expected=tuple(sorted(t.peer_id.to_bytes() for t in ts))
+        )
+        with pytest.raises(RemoteError, match="own entry"):
+            await ts[0].call(ts[1].peer_id, ANNOUNCE_METHOD, request, AnnounceReply)
+        assert "run/avg/0/5" not in pairs[1][0].direct._announced
