@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -97,6 +98,9 @@ async def measure(
     run: RunConfig, cfg: TrainingConfig, *, nodes: int, delay_s: float, warmup: int, steps: int, timeout_s: float
 ) -> dict[str, Any]:
     """Train a fresh swarm at ``delay_s``; the slowest server's seconds per step over ``steps`` after ``warmup``."""
+    # each node of a real swarm has its own process and worker threads: in one process, the loop's default pool
+    # (cpu + 4 threads) would make the nodes' compute wait for each other's threads
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=16 * nodes))
     live: list[_Node] = []
     try:
         for i in range(nodes):
