@@ -14,7 +14,8 @@ ones are not waited for twice). Every announcement carries its sender's expectat
 expected set either all form the group directly or all fall back, unless an announcement is lost; the all-reduce
 then treats the missing member as a lost peer. Announcements that arrive before this peer is ready under their key
 are kept until it is (at most ``MAX_ANNOUNCED_KEYS`` keys, the oldest dropped first, and ``MAX_ANNOUNCED_PER_KEY``
-announcements per key).
+announcements per key), and count only while their sender may still be waiting (they arrived less than the
+deadline ago): a peer that comes late, e.g. after catching up, does not form a group with peers that gave up on it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class DirectMatchmaker:
         self.config = config
         self.transport = transport
         self.server = server
-        self._announced: OrderedDict[str, dict[bytes, AnnounceRequest]] = OrderedDict()
+        # group key -> announcing PeerID -> (the announcement, when it arrived: loop time)
+        self._announced: OrderedDict[str, dict[bytes, tuple[AnnounceRequest, float]]] = OrderedDict()
         self._changed = asyncio.Event()  # set (and replaced) on each announcement taken
         self._sending: set[asyncio.Task[None]] = set()  # announcements in flight, cancelled by `unregister`
 
@@ -97,7 +99,13 @@ class DirectMatchmaker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            got = {p: a for p, a in self._announced.get(group_key, {}).items() if p not in ignored}
+            # an announcement older than the deadline is its sender's given-up try (e.g. this peer was catching up)
+            fresh_since = loop.time() - timeout_s
+            got = {
+                p: a
+                for p, (a, at) in self._announced.get(group_key, {}).items()
+                if p not in ignored and at >= fresh_since
+            }
             other = next((a for a in got.values() if a.expected != ids), None)
             if other is not None:
                 log.info(
@@ -152,7 +160,7 @@ class DirectMatchmaker:
                 self._announced.popitem(last=False)
         if request.member.peer_id not in entries and len(entries) >= MAX_ANNOUNCED_PER_KEY:
             raise SwarmError(f"more than {MAX_ANNOUNCED_PER_KEY} announcements under {request.group_key!r}")
-        entries[request.member.peer_id] = request
+        entries[request.member.peer_id] = (request, asyncio.get_running_loop().time())
         self._changed.set()
         self._changed = asyncio.Event()
         return AnnounceReply(taken=True)

@@ -168,3 +168,17 @@ async def test_an_announcement_of_another_peers_entry_is_refused() -> None:
         with pytest.raises(RemoteError, match="own entry"):
             await ts[0].call(ts[1].peer_id, ANNOUNCE_METHOD, request, AnnounceReply)
         assert "run/avg/0/5" not in pairs[1][0].direct._announced
+
+
+async def test_a_late_peer_does_not_group_with_a_peer_that_gave_up_on_it() -> None:
+    """Peer 0 waits for peer 1 in vain and averages alone; peer 1 comes later under the same key (it was catching
+    up) and holds peer 0's old announcement: it must not form a group with peer 0, which left the key."""
+    tensors = [random_tensors(50 + i, SHAPES) for i in range(2)]
+    async with swarm(2, _config(matchmaking_time_s=1.0, target_group_size=2), salt=36) as (ts, pairs):
+        async with asyncio.timeout(30):
+            (a, _), (b, _) = pairs
+            first = await a.step(tensors[0], weight=1.0, group_key="run/avg/0/8", expected=[ts[1].peer_id])
+            assert not first.with_others and first.group_size == 1
+            assert "run/avg/0/8" in b.direct._announced  # peer 0's announcement, kept for a try that never came
+            late = await b.step(tensors[1], weight=1.0, group_key="run/avg/0/8", expected=[ts[0].peer_id])
+    assert not late.with_others and late.group_size == 1  # not a group of two whose other member is gone
