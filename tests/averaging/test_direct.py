@@ -137,6 +137,7 @@ async def test_the_step_does_not_wait_for_the_withdrawal() -> None:
         assert len(entries) == 2 and all(isinstance(e.value, GroupWithdrawal) for e in entries)
 
 
+@pytest.mark.slow
 async def test_a_missing_expected_peer_is_not_waited_for_twice() -> None:
     """Peers 0 and 1 expect peer 2 too, which never averages: after ``matchmaking_time_s`` without its announcement
     they group through the DHT looking only for each other (not gathering another full window for peer 2)."""
