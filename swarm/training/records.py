@@ -4,10 +4,9 @@
   progress records a peer told this node directly and that are newer than the DHT's copy are kept;
 - progress: a driver tells its `ProgressRecord` straight to the run's other training peers when its part of the
   step is done, and at least every second (``step.hint`` carrying the record, over the connections they already
-  have): a stage server learns
-  that its step is complete half a round trip after the last microbatch, with no DHT round trip before it;
-  the same record goes to ``{run}/progress`` (`publish_progress`, `publish_final_part`) for discovery and audit,
-  as a background task the step never waits for;
+  have): a stage server learns that its step is complete half a round trip after the last microbatch, with no DHT
+  round trip before it; the same record goes to ``{run}/progress`` (`publish_progress`, `publish_final_part`) for
+  discovery and audit, as a background task the step never waits for;
 - records: publish this node's `PeerRecord` and `RunConfigRecord` every ``record_period_s`` (expiry twice that), and
   at once, in the background, after each step (`publish_record_soon`).
 
