@@ -62,6 +62,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["dp_bytes_ratio", "activation_bytes_ratio", "final_loss_ratio", "tokens_per_s", "unavailable"],
     ),
     (
+        "bench_rtt.py",
+        ["--delays-ms", "0,5", "--steps", "1", "--warmup", "1", "--nodes", "2"],
+        ["per_delay", "rtts_per_step"],
+    ),
+    (
         "bench_robustness.py",
         ["--steps", "3", "--nodes", "4", "--out-dir", "{tmp}"],
         ["final_loss_ratio_centered_clip", "final_loss_ratio_mean", "goals"],

@@ -1,4 +1,5 @@
-"""The averager the training loop calls once per step: matchmaking, then butterfly all-reduce, in place."""
+"""The averager the training loop calls once per step: matchmaking (directly among the expected peers when they
+agree, else through the DHT), then butterfly all-reduce, in place."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from swarm.p2p.identity import PeerID
 from swarm.p2p import Transport
 from swarm.averaging.allreduce import AllReduceOutcome, AllReduceServer, Group, InspectedPart, run_allreduce
 from swarm.averaging.config import AveragerConfig
+from swarm.averaging.direct import DirectMatchmaker
 from swarm.averaging.matchmaking import GroupStore, Matchmaker
 from swarm.averaging.messages import MemberInfo
 from swarm.averaging.partition import flat_view_or_copy, unflatten_into
@@ -62,11 +64,15 @@ class Averager:
         self.server = AllReduceServer(config, transport, self.codec)
         self.matchmaker = Matchmaker(config, transport, dht, self.server, clock=clock)
         self.stats = AveragingStats()  # what the rounds came to (read by the metrics endpoint)
+        self.direct = DirectMatchmaker(config, transport, self.server)
         self.server.register()
         self.matchmaker.register()
+        self.direct.register()
 
     def unregister(self) -> None:
-        """Stop serving the averaging RPCs this averager registered (the transport is shared and stays up)."""
+        """Stop serving the averaging RPCs this averager registered (the transport is shared and stays up), and
+        cancel the withdrawals still in flight."""
+        self.direct.unregister()
         self.matchmaker.unregister()
         self.server.unregister()
 
@@ -82,6 +88,7 @@ class Averager:
         avoid: Collection[PeerID] = (),
         state_digest: bytes = b"",
         state_age_steps: int = 0,
+        expected: Collection[PeerID] = (),
     ) -> AveragingResult:
         """Average ``tensors`` in place with the group under ``group_key``, weighted by ``weight`` (samples).
 
@@ -91,6 +98,9 @@ class Averager:
         ``avoid``: peers matchmaking neither counts, recruits nor follows (confirmed cheaters).
         ``state_digest`` / ``state_age_steps``: this peer's digest of the weights it averages for and their age,
         stated to the group (`swarm.averaging.digests`); the result's ``members`` carry every member's.
+        ``expected``: the peers this one expects in the group (e.g. the stage's peers in the run's records): they
+        first try to agree directly (`swarm.averaging.direct`, within ``matchmaking_time_s``), and fall back to
+        matchmaking through the DHT when their expectations differ.
 
         Never raises on peer faults: when no group forms the tensors keep their own values and ``with_others`` is
         False; when the round breaks part-way, each part holds the group's average or keeps its own values
@@ -98,27 +108,27 @@ class Averager:
         """
         _check_step_args(tensors, weight, target_group_size)
         cfg = self.config
-        total_s = (
-            timeout_s or cfg.matchmaking_time_s + cfg.join_timeout_s + 2 * cfg.rpc_timeout_s + cfg.allreduce_timeout_s
+        direct_s = cfg.matchmaking_time_s if expected else 0.0
+        total_s = timeout_s or (
+            direct_s + cfg.matchmaking_time_s + cfg.join_timeout_s + 2 * cfg.rpc_timeout_s + cfg.allreduce_timeout_s
         )
         me = self.transport.peer_id.short()
         flat = await asyncio.to_thread(flat_view_or_copy, tensors)
         try:
             async with asyncio.timeout(total_s):
-                group = await self.matchmaker.form_group(
+                group = await self._form(
                     group_key,
                     float(weight),
                     target_group_size=target_group_size,
-                    exclude=avoid,
-                    withdraw=False,
+                    avoid=avoid,
+                    expected=expected,
                     state_digest=state_digest,
                     state_age_steps=state_age_steps,
                 )
-                async with asyncio.TaskGroup() as tg:  # the withdrawal is for later peers: not on our critical path
-                    tg.create_task(self.matchmaker.withdraw(group_key))
-                    if len(group.members) == 1:
-                        return self._alone(group.round_id, failed=False)
-                    outcome = await self._reduce(group, group_key, flat, float(weight), exclude)
+                self.matchmaker.withdraw_soon(group_key)  # for later peers: not on our critical path
+                if len(group.members) == 1:
+                    return self._alone(group.round_id, failed=False)
+                outcome = await self._reduce(group, group_key, flat, float(weight), exclude)
         except TimeoutError:
             log.warning(
                 "%s: averaging under %r passed its %.1fs deadline; parts not averaged keep local values",
@@ -136,6 +146,37 @@ class Averager:
             group_size=result.group_size, with_others=result.with_others, lost_peers=len(result.lost_peers)
         )
         return result
+
+    async def _form(
+        self,
+        group_key: str,
+        weight: float,
+        *,
+        target_group_size: int | None,
+        avoid: Collection[PeerID],
+        expected: Collection[PeerID],
+        state_digest: bytes,
+        state_age_steps: int,
+    ) -> Group:
+        """The group: directly among ``expected`` when they agree, else through the DHT."""
+        if expected:
+            me = self.matchmaker.my_info(weight, state_digest=state_digest, state_age_steps=state_age_steps)
+            group = await self.direct.form_group(
+                group_key, me, expected, timeout_s=self.config.matchmaking_time_s, avoid=avoid
+            )
+            if isinstance(group, Group):
+                return group
+            # the expected peers that did not show up in time are not waited for twice
+            target_group_size = min(group, target_group_size or self.config.target_group_size)
+        return await self.matchmaker.form_group(
+            group_key,
+            weight,
+            target_group_size=target_group_size,
+            exclude=avoid,
+            withdraw=False,
+            state_digest=state_digest,
+            state_age_steps=state_age_steps,
+        )
 
     def _alone(self, round_id: bytes = b"", *, failed: bool = True) -> AveragingResult:
         """The result of a step that averaged with nobody: the tensors keep their own values (``failed``: because

@@ -106,6 +106,7 @@ class Matchmaker:
         self.clock = clock
         self._looking: dict[str, _Looking] = {}
         self._stored: dict[str, float] = {}  # keys of formed groups whose entry is not withdrawn yet -> its expiry
+        self._withdrawing: set[asyncio.Task[None]] = set()  # `withdraw_soon`'s tasks, cancelled by `unregister`
 
     def register(self) -> None:
         self.transport.register("avg.join", JoinRequest, self.rpc_join)
@@ -113,8 +114,25 @@ class Matchmaker:
         self.transport.register("avg.ready", ReadyHint, self.rpc_ready)
 
     def unregister(self) -> None:
+        """Stop serving the matchmaking RPCs and cancel the withdrawals still in flight."""
         for method in ("avg.join", "avg.begin", "avg.ready"):
             self.transport.unregister(method)
+        for task in list(self._withdrawing):
+            task.cancel()
+
+    def withdraw_soon(self, group_key: str) -> None:
+        """`withdraw` in the background: it is for later peers, so the caller's round never waits for the DHT store
+        (bounded by ``rpc_timeout_s`` as `withdraw` is; cancelled by `unregister`)."""
+        if group_key not in self._stored:
+            return
+        task = asyncio.get_running_loop().create_task(self.withdraw(group_key))
+        self._withdrawing.add(task)
+        task.add_done_callback(self._withdrawing.discard)
+
+    async def settled(self) -> None:
+        """Wait until the withdrawals started by `withdraw_soon` are done (each is bounded by ``rpc_timeout_s``)."""
+        while self._withdrawing:
+            await asyncio.gather(*list(self._withdrawing), return_exceptions=True)
 
     def my_info(self, weight: float, *, state_digest: bytes = b"", state_age_steps: int = 0) -> MemberInfo:
         return MemberInfo(

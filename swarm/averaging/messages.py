@@ -1,5 +1,5 @@
-"""Typed wire messages of the ``avg.*`` RPCs (matchmaking: join, begin; the all-reduce streams) and the entries
-of a group key in the DHT (`GroupEntry`, `GroupWithdrawal`, checked by `GROUP_SCHEMA`)."""
+"""Typed wire messages of the ``avg.*`` RPCs (matchmaking: join, begin, announce; the all-reduce streams) and the
+entries of a group key in the DHT (`GroupEntry`, `GroupWithdrawal`, checked by `GROUP_SCHEMA`)."""
 
 from __future__ import annotations
 
@@ -173,6 +173,29 @@ class ReadyHint(Message):
 @dataclass(frozen=True, kw_only=True)
 class ReadyHintReply(Message):
     woken: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnnounceRequest(Message):
+    """Direct matchmaking (`swarm.averaging.direct`): a peer ready under ``group_key`` tells each peer it expects in
+    the group its entry (``member``, whose PeerID must be the caller's) and the whole membership it expects
+    (``expected``: PeerID bytes, itself included)."""
+
+    group_key: str
+    member: MemberInfo
+    expected: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _check_key(self.group_key)
+        if not 1 <= len(self.expected) <= MAX_GROUP_SIZE or len(set(self.expected)) != len(self.expected):
+            raise ValueError(f"expected lists 1..{MAX_GROUP_SIZE} distinct peers, got {len(self.expected)}")
+        if any(len(p) != PEER_ID_SIZE_BYTES for p in self.expected) or self.member.peer_id not in self.expected:
+            raise ValueError("expected lists PeerIDs, the announcing member's among them")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnnounceReply(Message):
+    taken: bool
 
 
 @dataclass(frozen=True, kw_only=True)

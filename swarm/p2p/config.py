@@ -65,6 +65,12 @@ class TransportConfig(Config, section="transport"):
     write_buffer_high_bytes: int = setting(
         default=4 * 1024 * 1024, ge=MAX_NOISE_MESSAGE_BYTES, le=1 << 31, doc="Buffered bytes at which writers wait."
     )
+    emulated_delay_s: float = setting(
+        default=0.0,
+        ge=0,
+        le=10,
+        doc="For tests and benchmarks of latency hiding: delay every write by this long (0: off; see p2p/delay.py).",
+    )
 
     def validate(self) -> None:
         for maddr in self.listen_maddrs:

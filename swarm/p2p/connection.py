@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from swarm.p2p.identity import Identity, PeerID
 from swarm.p2p.config import TransportConfig
+from swarm.p2p.delay import DelayedTransport
 from swarm.p2p.demux import deliver
 from swarm.p2p.framing import (
     RECORD_PREFIX,
@@ -121,6 +122,8 @@ class Connection(asyncio.BufferedProtocol):
         tcp = cast(asyncio.Transport, transport)  # a TCP transport, as create_server/create_connection give
         self._transport = tcp
         tcp.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
+        if self.config.emulated_delay_s > 0:  # tests and benchmarks of latency hiding only
+            self._transport = cast(asyncio.Transport, DelayedTransport(tcp, self.config.emulated_delay_s))
         peer = transport.get_extra_info("peername")
         if peer:
             self.remote_host, self.remote_port = str(peer[0]), int(peer[1])

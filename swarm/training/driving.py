@@ -2,7 +2,7 @@
 
 Drivers are stage-0 nodes and trainers: each of ``inflight_microbatches`` workers pushes microbatches of this
 node's shard through the pipeline (`swarm.training.driver.Driver`), feeding at most a fair share of the step, and
-publishes this driver's part of the step when it is done.
+tells the run's peers its progress when its part is done (`RunRecords.publish_progress`, in the background).
 """
 
 from __future__ import annotations
@@ -121,13 +121,11 @@ class Driving:
         st.samples_driven += mb.num_samples
         st.losses.setdefault(step, []).append(loss)
         st.notify()
-        # publish when this driver's part of the step is done (others wait for it), else at most every second
+        # when this driver's part of the step is done (each stage server closes the step when the samples reach the
+        # target), else at most every second: tell the run's peers directly and store the record in the DHT, in the
+        # background (nobody waits for the DHT before closing the step)
         if (st.inflight.get(step, 0) == 0 and not self.may_start(step)) or time.monotonic() - st.published > 1.0:
-            st.published = time.monotonic()
-            await self.records.publish_progress(step)
-            await self.records.refresh_view()  # the others' latest parts: is the step complete now?
-            if st.step_samples(step) >= st.run_cfg.batch.target_batch_size:
-                await self.records.send_step_hints(step)
+            await self.records.publish_progress(step, background=True)
 
 
 async def _nothing(step: int) -> None:

@@ -66,6 +66,9 @@ class Evaluation:
             async with self._lock:  # the other drive workers wait for it
                 if self.due(step):
                     await self.run(step)
+        elif self._lock.locked():  # another worker evaluates (`run` marked the step tried): wait, do not drive
+            async with self._lock:  # the step on (its close would abandon the evaluation of its weights)
+                pass
 
     async def final(self, max_steps: int, *, driver: bool) -> None:
         """At ``max_steps``: the evaluator (a driver) evaluates the final weights; a stage server waits for it."""

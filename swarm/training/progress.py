@@ -64,13 +64,14 @@ def step_samples(records: Iterable[ProgressRecord], step: int) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class StepHint(Message):
-    """``step.hint``: "the samples of ``step`` look complete": the receiver re-reads the progress records now.
-
-    Only a hint: the receiver trusts the DHT records, never the hint itself.
+    """``step.hint``: a driver's `ProgressRecord` told straight to a training peer of the run (``progress``), which
+    the receiver takes as the caller's record (the connection authenticates the caller, as the DHT's owner subkey
+    does); without one, "the samples of ``step`` look complete": the receiver re-reads the records now.
     """
 
     run_id: str
     step: int
+    progress: ProgressRecord | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,10 +1,16 @@
-"""The training role's DHT records: the run's view, this node's records and step hints (`RunRecords`).
+"""The training role's DHT records: the run's view, this node's records and its step progress (`RunRecords`).
 
-- view: read ``{run}/peers`` and ``{run}/progress`` (`refresh_view`) every ``view_interval_s``, and at once on a
-  ``step.hint`` (`rpc_step_hint`);
-- records: publish this node's `PeerRecord` and `RunConfigRecord` every ``record_period_s`` (expiry twice that),
-  and a driver's `ProgressRecord` of a step (`publish_progress`, `publish_final_part`; with this node's latest
-  validation loss, if it evaluates), telling the run's peers when a step looks complete (`send_step_hints`).
+- view: read ``{run}/peers`` and ``{run}/progress`` (`refresh_view`, both at once) every ``view_interval_s``;
+  progress records a peer told this node directly and that are newer than the DHT's copy are kept;
+- progress: a driver tells its `ProgressRecord` straight to the run's other training peers when its part of the
+  step is done, and at least every second (``step.hint`` carrying the record, over the connections they already
+  have): a stage server learns that its step is complete half a round trip after the last microbatch, with no DHT
+  round trip before it; the same record goes to ``{run}/progress`` (`publish_progress`, `publish_final_part`) for
+  discovery and audit, as a background task the step never waits for;
+- records: publish this node's `PeerRecord` and `RunConfigRecord` every ``record_period_s`` (expiry twice that), and
+  at once, in the background, after each step (`publish_record_soon`).
+
+Background work (`outbox_loop`) runs in the role's TaskGroup: cancelled when the role ends, each call bounded.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from swarm.dht.keys import config_key, owner_subkey, peers_key, progress_key
 from swarm.errors import SwarmError
 from swarm.p2p import RpcContext
 from swarm.p2p.identity import PeerID
 from swarm.training.messages import PeerRecord, RunConfigRecord
+from swarm.training.node_role import Role
 from swarm.training.progress import ProgressRecord, StepHint, StepHintReply
 from swarm.training.runloop import read_view
 from swarm.training.state import TrainerState
@@ -32,6 +41,24 @@ class RunRecords:
 
     def __init__(self, state: TrainerState) -> None:
         self.state = state
+        self._outbox: asyncio.TaskGroup | None = None  # while `outbox_loop` runs: where background work goes
+
+    async def outbox_loop(self) -> None:
+        """Forever (in the role's TaskGroup): own the background stores and messages (`_later`) until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            self._outbox = tg
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self._outbox = None
+
+    async def _later(self, *coros: Coroutine[Any, Any, None]) -> None:
+        """Run ``coros`` in the background when `outbox_loop` runs (each catches its own errors), else now."""
+        if self._outbox is not None:
+            for coro in coros:
+                self._outbox.create_task(coro)
+        else:
+            await asyncio.gather(*coros)
 
     async def store(self, key: str, value: object, *, ttl_s: float, subkey: str | None = None) -> None:
         """Store ``value`` under ``key`` for ``ttl_s`` (a failure is logged, not raised: the next period retries)."""
@@ -43,11 +70,13 @@ class RunRecords:
             log.warning("%s: could not store %s in the DHT: %s", st.me.short(), key, e)
 
     async def refresh_view(self) -> bool:
-        """Read the run's peer and progress records into the view and learn the peers' addresses."""
+        """Read the run's peer and progress records into the view and learn the peers' addresses (progress records
+        told directly and newer than the DHT's are kept, see `SwarmView.keep_newer_progress`)."""
         st = self.state
         view = await read_view(st.dht, st.transport, run_id=st.run_id, timeout_s=st.cfg.dht_timeout_s)
         if view is None:
             return False
+        view.keep_newer_progress(st.view, now=time.time(), max_age_s=self.progress_ttl_s)
         st.view = view
         st.notify()
         return True
@@ -61,6 +90,15 @@ class RunRecords:
         except TimeoutError:
             pass
         st.refresh_now.clear()
+
+    @property
+    def progress_ttl_s(self) -> float:
+        """How long a progress record lives (in the DHT, and in the view when told directly)."""
+        return 2 * self.state.cfg.record_period_s + 60
+
+    async def publish_record_soon(self) -> None:
+        """`publish_record` in the background (after a step: nobody waits for the DHT store)."""
+        await self._later(self.publish_record())
 
     async def publish_record(self) -> None:
         """Publish this node's `PeerRecord` (role, stage, addresses, throughput, step) under ``{run}/peers``."""
@@ -95,8 +133,9 @@ class RunRecords:
             subkey=owner_subkey(st.me),
         )
 
-    async def publish_progress(self, step: int) -> None:
-        """Publish this driver's `ProgressRecord` of ``step`` (its samples so far) under ``{run}/progress``."""
+    async def publish_progress(self, step: int, *, background: bool = False) -> None:
+        """Tell this driver's `ProgressRecord` of ``step`` (its samples so far) to the run's training peers and
+        publish it under ``{run}/progress``; with ``background``, without waiting for either."""
         st = self.state
         elapsed = max(time.monotonic() - st.started, 1e-6)
         losses = st.losses.get(step) or []
@@ -110,13 +149,18 @@ class RunRecords:
             eval_loss=st.eval_losses[max(st.eval_losses)] if st.eval_losses else None,
         )
         st.view.progress[st.me] = record
+        st.published = time.monotonic()
         st.published_samples = {step: record.samples}
-        await self.store(
-            progress_key(st.run_id),
-            record.to_wire(),
-            ttl_s=2 * st.cfg.record_period_s + 60,
-            subkey=owner_subkey(st.me),
-        )
+        work = [
+            self.tell_progress(record),
+            self.store(
+                progress_key(st.run_id), record.to_wire(), ttl_s=self.progress_ttl_s, subkey=owner_subkey(st.me)
+            ),
+        ]
+        if background:
+            await self._later(*work)
+        else:
+            await asyncio.gather(*work)
 
     async def publish_eval(self) -> None:
         """Republish this driver's progress record (of the step it last published) with its latest validation loss."""
@@ -134,20 +178,27 @@ class RunRecords:
         mine = st.my_samples.get(step, 0)
         if mine == 0 or (st.inflight.get(step, 0) and not closed) or st.published_samples.get(step) == mine:
             return
-        st.published = time.monotonic()
-        await self.publish_progress(step)
-        await self.send_step_hints(step)
+        await self.publish_progress(step, background=True)
 
     async def rpc_step_hint(self, ctx: RpcContext, req: StepHint) -> StepHintReply:
-        """A driver says a step's samples look complete: re-read the records now instead of at the next poll."""
-        if req.run_id == self.state.run_id and req.step >= self.state.current_step():
-            self.state.refresh_now.set()
+        """A driver tells its progress record (the caller is authenticated: it can only tell its own), which the
+        view takes when newer than what it has; without a record, re-read the records now instead of at the next
+        poll."""
+        st = self.state
+        if req.run_id != st.run_id:
+            return StepHintReply()
+        if req.progress is not None:
+            if ctx.peer_id != st.me and st.view.take_progress(ctx.peer_id, req.progress):
+                st.notify()
+        elif req.step >= st.current_step():
+            st.refresh_now.set()
         return StepHintReply()
 
-    async def send_step_hints(self, step: int) -> None:
-        """Tell every peer of the run that ``step`` looks complete (each call bounded by a short deadline)."""
+    async def tell_progress(self, record: ProgressRecord) -> None:
+        """Tell ``record`` to every training peer of the run (validators read the DHT; each call bounded by
+        ``poll_interval_s * 5``; a failure only logs: the DHT copy and the view loop catch up)."""
         st = self.state
-        hint = StepHint(run_id=st.run_id, step=step)
+        hint = StepHint(run_id=st.run_id, step=record.step, progress=record)
 
         async def send(peer: PeerID) -> None:
             try:
@@ -155,9 +206,10 @@ class RunRecords:
                     peer, STEP_HINT_METHOD, hint, StepHintReply, timeout_s=st.cfg.poll_interval_s * 5
                 )
             except (SwarmError, TimeoutError, OSError) as e:
-                log.debug("%s: step hint to %s failed: %s", st.me.short(), peer.short(), e)
+                log.debug("%s: progress to %s failed: %s", st.me.short(), peer.short(), e)
 
-        await asyncio.gather(*(send(p) for p, r in st.view.peers.items() if p != st.me and r.stage is not None))
+        peers = [p for p, r in st.view.peers.items() if p != st.me and r.role != Role.VALIDATOR]
+        await asyncio.gather(*(send(p) for p in peers))
 
     async def record_loop(self) -> None:
         """Forever: re-publish this node's `PeerRecord` every ``record_period_s`` (jittered)."""

@@ -91,9 +91,11 @@ class Stepper:
             return
         grads = self.checks.hooks.gradients_to_average(step, await asyncio.to_thread(server.mean_gradients))
         offenders = self.checks.offenders()  # caught here or by a quorum: left out of this node's span
-        verdict = await self._average(server, step, grads, offenders)
-        averaged = time.monotonic()
-        retie = await self._combine_tied(server, step, grads, offenders)
+        tied_peers = self._tied_peers(server, offenders)
+        async with self.tied.prefetch(server, step, grads, tied_peers) as early:  # asked while this stage averages
+            verdict = await self._average(server, step, grads, offenders)
+            averaged = time.monotonic()
+            retie = (await self.tied.combine(server, step, grads, tied_peers, early)).replace
         tied_done = time.monotonic()
         if not await self.replicas.settle(server, step + 1, verdict):
             await asyncio.to_thread(server.apply_step, grads, replace=retie)
@@ -116,7 +118,7 @@ class Stepper:
         )
         if server.step % st.cfg.save_every_steps == 0:
             await asyncio.to_thread(self.sync.save_checkpoint)
-        await self.records.publish_record()
+        await self.records.publish_record_soon()  # the DHT copy of the new step: nobody waits for it
 
     async def _average(
         self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
@@ -140,6 +142,7 @@ class Stepper:
             avoid=confirmed,
             state_digest=st.last_digest,
             state_age_steps=st.state_age_steps,
+            expected=others,  # the stage's peers agree on the group directly when their views agree
         )
         await self.checks.inspect(step, server.index, result.inspected)
         if not result.with_others:
@@ -154,17 +157,13 @@ class Stepper:
             return None
         return digest_majority(result.members)
 
-    async def _combine_tied(
-        self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
-    ) -> dict[int, torch.Tensor]:
-        """Add the other stage's part of the tied matrix's gradient (from peers not in ``offenders``); returns the
-        parameters to re-tie at this step."""
+    def _tied_peers(self, server: StageServer, offenders: frozenset[PeerID]) -> list[PeerID]:
+        """The peers of the stage holding the other copy of the tied matrix (not in ``offenders``), shuffled."""
         if tied_index(server) is None:
-            return {}
-        st = self.state
-        other = st.run_cfg.pipeline.num_stages - 1 if server.index == 0 else 0
-        trusted = [p for p in st.view.stage_peers(other) if p not in offenders]
-        return (await self.tied.combine(server, step, grads, st.rng.sample(trusted, len(trusted)))).replace
+            return []
+        other = self.state.run_cfg.pipeline.num_stages - 1 if server.index == 0 else 0
+        trusted = [p for p in self.state.view.stage_peers(other) if p not in offenders]
+        return self.state.rng.sample(trusted, len(trusted))
 
     def report_claims(self, evidence: StepEvidence, own_step: int) -> None:
         """Report every peer whose step claim the records do not back, far ahead of this node (claim rule)."""

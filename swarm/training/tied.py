@@ -34,9 +34,10 @@ and both set ``(stage-0 copy + last-stage copy) / 2`` together with the update (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -51,6 +52,8 @@ from swarm.training.stage_rpc import decode
 from swarm.training.stage_server import StageServer
 
 log = logging.getLogger(__name__)
+
+_Agreed = tuple[torch.Tensor, torch.Tensor | None] | None  # the other stage's gradient (and matrix), if any answered
 
 KEPT_STEPS = 8
 WAIT_STEP_S = 0.01
@@ -165,10 +168,43 @@ class TiedService:
             raise StageInputError(f"step {req.step} is not a re-tie step here: no tied matrix kept for it")
         return TiedReply(tensor=await asyncio.to_thread(serialize_tensor, tensor, get_codec("none")))
 
-    async def combine(
+    @contextlib.asynccontextmanager
+    async def prefetch(
         self, server: StageServer, step: int, grads: list[torch.Tensor], other_peers: Sequence[PeerID]
+    ) -> AsyncIterator[asyncio.Task[_Agreed] | None]:
+        """Ask the other stage for its part of ``step`` at once, while this stage still averages (its peers answer
+        when their own average is done): the answer comes half a round trip after theirs instead of a round trip
+        after ours. Yields the fetch for `combine` (None: this stage holds no tied matrix); cancelled on exit."""
+        index = tied_index(server)
+        if index is None or self.num_stages == 1:
+            yield None
+            return
+        task = asyncio.create_task(self._agreed_answer(*self._request(server, step, other_peers), grads[index]))
+        try:
+            yield task
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _request(
+        self, server: StageServer, step: int, other_peers: Sequence[PeerID]
+    ) -> tuple[list[PeerID], TiedRequest, bool]:
+        other_stage = self.num_stages - 1 if server.index == 0 else 0
+        request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
+        peers = [p for p in other_peers if p != self.transport.peer_id]  # a stale view may still list us there
+        retie = self.retie_every_steps > 0 and step % self.retie_every_steps == 0
+        return peers, request, retie
+
+    async def combine(
+        self,
+        server: StageServer,
+        step: int,
+        grads: list[torch.Tensor],
+        other_peers: Sequence[PeerID],
+        early: asyncio.Task[_Agreed] | None = None,
     ) -> TiedOutcome:
-        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts.
+        """Replace this stage's part of the tied gradient in ``grads`` by the sum of both parts (``early``: the fetch
+        `prefetch` started; asked again now if it found no answer).
 
         On a re-tie step whose copies differ, the outcome's ``replace`` holds the mean of both copies, for
         ``StageServer.apply_step(..., replace=...)`` to set together with the update.
@@ -177,13 +213,13 @@ class TiedService:
         if index is None or self.num_stages == 1:
             return TiedOutcome(combined=True)
         mine = grads[index]
-        retie = self.retie_every_steps > 0 and step % self.retie_every_steps == 0
+        peers, request, retie = self._request(server, step, other_peers)
+        other_stage = request.stage
         my_weight = await asyncio.to_thread(server.parameter_copy, index) if retie else None
         self.store.put(step, mine, my_weight)
-        other_stage = self.num_stages - 1 if server.index == 0 else 0
-        request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
-        peers = [p for p in other_peers if p != self.transport.peer_id]  # a stale view may still list us there
-        answer = await self._agreed_answer(peers, request, mine, retie)
+        answer = await early if early is not None else None
+        if answer is None:
+            answer = await self._agreed_answer(peers, request, retie, mine)
         if answer is None:
             log.warning(
                 "%s: no peer of stage %d sent its tied gradient of step %d; applying this stage's part only",
@@ -219,7 +255,7 @@ class TiedService:
         self.store.put(step, update, anchor.detach().clone())
         request = TiedRequest(run_id=self.run_id, stage=other_stage, step=step)
         peers = [p for p in other_peers if p != self.transport.peer_id]
-        answer = await self._agreed_answer(peers, request, update, True)
+        answer = await self._agreed_answer(peers, request, True, update)
         if answer is None or answer[1] is None:
             log.warning(
                 "%s: no agreed tied update of stage %d at outer sync step %d; this stage keeps its own copy",
@@ -234,8 +270,8 @@ class TiedService:
         return (u_first + u_last) + (a_first + a_last) * 0.5
 
     async def _agreed_answer(
-        self, peers: Sequence[PeerID], request: TiedRequest, mine: torch.Tensor, with_weight: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        self, peers: Sequence[PeerID], request: TiedRequest, with_weight: bool, mine: torch.Tensor
+    ) -> _Agreed:
         """The other stage's gradient (and matrix, ``with_weight``) as ``peers`` agree on it (`robust_combine` of
         up to ``MAX_ANSWERS``); None if none answers. Two equal answers settle it; differing ones call for a third."""
         queue, answers = list(peers), list[_Answer]()

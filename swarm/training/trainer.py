@@ -6,7 +6,8 @@ against the swarm's, picks a stage (``stage=None``: the weakest), loads its stat
 the peer of the stage with the newest step), then runs its loops in one TaskGroup (`swarm.training.runloop`) until
 ``stop_event`` is set or ``max_steps`` is reached:
 
-- view: read ``{run}/peers`` and ``{run}/progress`` every ``view_interval_s``, and at once on a ``step.hint``;
+- view: read ``{run}/peers`` and ``{run}/progress`` every ``view_interval_s``; drivers also tell their progress to
+  the run's peers directly (``step.hint``), so a step closes without waiting for the DHT;
 - records: publish this node's `PeerRecord` every ``record_period_s`` (expiry twice that);
 - steps: when the step's samples reach the target batch size, average gradients with the stage's peers
   (weighted by samples) and apply the optimizer; download state when fallen behind;
@@ -109,6 +110,7 @@ class TrainingRole(RunLoop):
         if self.on_serving is not None:
             self.on_serving(st.stage())
         loops = [
+            self.records.outbox_loop(),
             self.records.record_loop(),
             self.stepper.step_loop(),
             self.checks.run(st.current_step, st.stage),

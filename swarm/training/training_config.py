@@ -52,7 +52,9 @@ class TrainingConfig(Config, section="training"):
     view_interval_s: float = setting(default=0.2, gt=0, le=86400, doc="Seconds between refreshes of the swarm view.")
     rpc_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of one stage request.")
     dht_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of one DHT call.")
-    inflight_microbatches: int = setting(default=2, ge=1, le=10_000, doc="Microbatches a driver has in flight.")
+    inflight_microbatches: int = setting(
+        default=4, ge=1, le=10_000, doc="Microbatches a driver has in flight (enough to hide a round trip per wave)."
+    )
     matchmaking_time_s: float = setting(default=3.0, gt=0, le=86400, doc="How long averaging gathers peers.")
     allreduce_timeout_s: float = setting(default=30.0, gt=0, le=86400, doc="Deadline of one all-reduce.")
     behind_grace_s: float = setting(

@@ -38,6 +38,21 @@ class SwarmView:
                 view.progress[entry.owner] = entry.value
         return view
 
+    def take_progress(self, peer: PeerID, record: ProgressRecord) -> bool:
+        """Take ``record`` as ``peer``'s progress unless the view holds a newer one (by the record's ``time``)."""
+        held = self.progress.get(peer)
+        if held is not None and held.time >= record.time:
+            return False
+        self.progress[peer] = record
+        return True
+
+    def keep_newer_progress(self, before: SwarmView, *, now: float, max_age_s: float) -> None:
+        """Keep the progress records of ``before`` (told directly, or this node's own) that are newer than this
+        view's (read from the DHT, whose copy is stored in the background) and younger than ``max_age_s``."""
+        for peer, record in before.progress.items():
+            if now - record.time < max_age_s:
+                self.take_progress(peer, record)
+
     def stage_peers(self, stage: int) -> list[PeerID]:
         """PeerIDs serving ``stage`` (sorted)."""
         return sorted(p for p, r in self.peers.items() if r.stage == stage)

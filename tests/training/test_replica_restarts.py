@@ -36,8 +36,8 @@ from tests.training.swarm_harness import small_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
-MAX_STEPS = 24  # long enough that the swarm is still mid-run when the restarted node is back (checked)
-CLAIM_MAX_STEPS = 40
+MAX_STEPS = 48  # long enough that the swarm is still mid-run when the restarted node is back (checked)
+CLAIM_MAX_STEPS = 80
 START_S = 60.0  # a process listens and serves within this (importing torch on a busy machine is slow)
 RUN_S = 100.0  # the whole run, from the restart to max_steps
 

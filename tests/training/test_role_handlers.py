@@ -27,6 +27,7 @@ ROLE_METHODS = {
     "avg.join",
     "avg.begin",
     "avg.ready",
+    "avg.announce",
 }
 
 

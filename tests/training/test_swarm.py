@@ -66,6 +66,11 @@ async def test_joining_node_downloads_state_and_serves(tmp_path: Path) -> None:
         late = await swarm.add(seed=22, stage=1)
         assert late.role.server.step >= 2  # downloaded, not the initial step 0
         await swarm.wait_step([late], late.role.server.step + 2, timeout_s=60)
+        # the drivers send it work once their view lists it; steps may be faster than that (progress is told
+        # directly), so give it a few more of them, bounded
+        async with asyncio.timeout(30):
+            while late.role.server.total_samples == 0:
+                await asyncio.sleep(0.05)
         assert late.role.server.samples > 0 or late.role.server.total_samples > 0
         peer = next(n for n in first if n.role.server.index == 1)
         await swarm.wait_step([peer], late.role.server.step, timeout_s=30)
