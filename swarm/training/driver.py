@@ -55,12 +55,16 @@ class Evaluator(Protocol):
 
 class DriverConfig(Config, section="driver"):
     """Retries of one microbatch: after a failure wait ``retry_wait_s`` (give up after ``max_microbatch_attempts``);
-    when a replica is at another step wait ``stale_wait_s`` (at most ``max_stale_retries`` tries in all)."""
+    when a replica is at another step wait ``stale_wait_s``, doubling up to 4x while it stays there (at most
+    ``max_stale_retries`` tries in all)."""
 
     retry_wait_s: float = setting(default=0.5, ge=0, le=600, doc="Seconds to wait after a failed microbatch.")
     max_microbatch_attempts: int = setting(default=20, ge=1, le=10_000, doc="Tries of one microbatch before giving up.")
     stale_wait_s: float = setting(default=0.05, ge=0, le=60, doc="Seconds to wait when a replica is at another step.")
     max_stale_retries: int = setting(default=1000, ge=1, le=1_000_000, doc="Most waits for a replica at another step.")
+
+
+STALE_BACKOFF_DOUBLINGS = 2  # a lagging replica is retried after stale_wait_s, then 2x, then 4x it
 
 
 def is_stale_step(error: BaseException) -> bool:
@@ -129,7 +133,7 @@ class Driver:
         return await self._retried(mb, f"{self.name}/eval/{mb.step}/{mb.index}", pipeline)
 
     async def _retried(self, mb: Microbatch, mb_id: str, pipeline: Callable[[Microbatch, str], Any]) -> float:
-        attempt, tries = 0, 0
+        attempt, tries, stale_streak = 0, 0, 0
         while attempt < self.cfg.max_microbatch_attempts and tries < self.cfg.max_stale_retries:
             tries += 1
             if self.step_of() != mb.step:
@@ -137,8 +141,10 @@ class Driver:
             try:
                 return float(await pipeline(mb, f"{mb_id}#{tries}"))
             except _Stale:
-                # a stage replica is at another step: ours closed (checked above) or it lags; wait, same samples
-                await asyncio.sleep(self.cfg.stale_wait_s)
+                # a stage replica is at another step: ours closed (checked above) or it lags; wait, same samples.
+                # Each try resends the activations, so the wait doubles (to 4x stale_wait_s) while the replica lags
+                await asyncio.sleep(self.cfg.stale_wait_s * (1 << min(stale_streak, STALE_BACKOFF_DOUBLINGS)))
+                stale_streak += 1
                 continue
             except NoPeerError as e:
                 log.warning("%s: microbatch %s attempt %d: %s", self.name, mb_id, attempt + 1, e)

@@ -84,7 +84,11 @@ class Replicas:
                 await self.leave(server, verdict)
             return False
         if verdict is not None:
-            st.diverged_steps = 0
+            # the group voted and this replica's weights are the majority's: they are the state the others
+            # adopt, so an earlier lone round no longer calls for adopting a peer's (both waiting on each other
+            # would stall the stage, and the dissenter would give up)
+            st.diverged_steps, st.needs_sync = 0, False
+            return False
         return st.needs_sync and await self.adopt_reference_state(server, next_step)
 
     async def adopt(self, server: StageServer, next_step: int, sources: Sequence[PeerID]) -> bool:
