@@ -41,7 +41,7 @@ from swarm.p2p.readbuffer import ReadBuffer
 from swarm.p2p.refusal import AT_LIMIT_TEXT, encode_refusal
 from swarm.p2p.sealing import seal_frame
 from swarm.p2p.streams import Stream
-from swarm.p2p.traffic import OTHER_FAMILY, P2P_FAMILY, Traffic, method_family
+from swarm.p2p.traffic import OTHER_FAMILY, P2P_FAMILY, Traffic
 from swarm.errors import HandshakeError, OverloadedError, ProtocolError, SwarmError, TransportError
 
 log = logging.getLogger(__name__)
@@ -289,11 +289,7 @@ class Connection(asyncio.BufferedProtocol):
         out, out_view = seal_frame(self._send, self._scratch, stream_id, ftype, flags, payload)
         self._transport.write(out_view)
         stream = self.streams.get(stream_id) if stream_id else None
-        self.traffic.sent(
-            P2P_FAMILY if not stream_id else method_family(stream.method) if stream else OTHER_FAMILY,
-            len(out_view),
-            method=stream.method if stream else None,
-        )
+        self.traffic.sent(stream.method if stream else P2P_FAMILY if not stream_id else OTHER_FAMILY, len(out_view))
         if self._transport.get_write_buffer_size() == 0:  # the socket took it all: nothing refers to `out`
             self._scratch.give_back(out)
         if ftype is not FrameType.PING and ftype is not FrameType.PONG:
@@ -338,11 +334,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             deliver(self, frame)  # a REQUEST gets its stream, and its method, here
             stream = self.streams.get(frame.stream_id)
-            self.traffic.received(
-                method_family(stream.method) if stream else OTHER_FAMILY,
-                size_bytes,
-                method=stream.method if stream else None,
-            )
+            self.traffic.received(stream.method if stream else OTHER_FAMILY, size_bytes)
 
     def _on_connection_error(self, payload: bytes | memoryview) -> None:
         """An ERROR frame on stream 0: the peer closes the whole connection, e.g. it is at its connection limit."""

@@ -67,25 +67,33 @@ class TrafficSnapshot:
 
 
 class Traffic:
-    """The byte counters of one transport (all its connections add to them)."""
+    """The byte counters of one transport (all its connections add to them): one count per stream method, plus
+    ``p2p`` and ``other`` for frames of no stream; the families are summed from them when a snapshot is taken."""
 
     def __init__(self) -> None:
         self._sent: defaultdict[str, int] = defaultdict(int)
         self._received: defaultdict[str, int] = defaultdict(int)
-        self._sent_by_method: defaultdict[str, int] = defaultdict(int)
-        self._received_by_method: defaultdict[str, int] = defaultdict(int)
 
-    def sent(self, family: str, size_bytes: int, *, method: str | None = None) -> None:
-        self._sent[family] += size_bytes
-        if method is not None:
-            self._sent_by_method[method] += size_bytes
+    def sent(self, key: str, size_bytes: int) -> None:
+        """Count ``size_bytes`` sent under ``key``: a stream's method name, or `P2P_FAMILY` / `OTHER_FAMILY`."""
+        self._sent[key] += size_bytes
 
-    def received(self, family: str, size_bytes: int, *, method: str | None = None) -> None:
-        self._received[family] += size_bytes
-        if method is not None:
-            self._received_by_method[method] += size_bytes
+    def received(self, key: str, size_bytes: int) -> None:
+        """Count ``size_bytes`` received under ``key`` (as `sent`)."""
+        self._received[key] += size_bytes
 
     def snapshot(self) -> TrafficSnapshot:
         return TrafficSnapshot(
-            dict(self._sent), dict(self._received), dict(self._sent_by_method), dict(self._received_by_method)
+            _by_family(self._sent), _by_family(self._received), _by_method(self._sent), _by_method(self._received)
         )
+
+
+def _by_family(counts: dict[str, int]) -> dict[str, int]:
+    families: defaultdict[str, int] = defaultdict(int)
+    for key, size in list(counts.items()):
+        families[method_family(key)] += size
+    return dict(families)
+
+
+def _by_method(counts: dict[str, int]) -> dict[str, int]:
+    return {key: size for key, size in list(counts.items()) if key not in (P2P_FAMILY, OTHER_FAMILY)}
