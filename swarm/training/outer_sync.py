@@ -34,11 +34,11 @@ from collections.abc import Sequence
 import torch
 
 from swarm.averaging import Averager
-from swarm.averaging.digests import DigestVerdict, weights_digest
+from swarm.averaging.digests import DigestVerdict, digest_majority, weights_digest
 from swarm.compression.feedback import ErrorFeedback
 from swarm.compression.sparse import topk_quantize
+from swarm.dht.keys import averaging_group_key
 from swarm.training.replicas import Replicas
-from swarm.training.stage_averaging import average_with_stage
 from swarm.training.stage_server import StageServer
 from swarm.training.state import TrainerState
 from swarm.training.tied import TiedService, tied_index
@@ -210,22 +210,34 @@ class OuterSync:
     async def _average(
         self, server: StageServer, step: int, sent: list[torch.Tensor], digest: bytes
     ) -> DigestVerdict | None:
-        """All-reduce ``sent`` in place with the stage's peers (`average_with_stage`, as `Stepper._average` does the
-        gradients, with the anchor's digest); the verdict on the members' anchors (None: no vote)."""
-
-        async def anchor_digest() -> bytes:
-            return digest
-
-        return await average_with_stage(
-            self.state,
-            self.averager,
-            self.checks,
-            server,
-            step,
+        """All-reduce ``sent`` in place with the stage's peers (as `Stepper._average` does the gradients, with the
+        anchor's digest); the verdict on the members' anchors (None: no vote)."""
+        st = self.state
+        confirmed = self.checks.confirmed_offenders()
+        offenders = self.checks.offenders()
+        others = [p for p in st.view.stage_peers(server.index) if p != st.me and p not in confirmed]
+        if not others:
+            return None
+        st.last_digest = digest
+        result = await self.averager.step(
             sent,
-            weight=float(self.samples_since_sync),
-            offenders=self.checks.offenders(),
-            digest=anchor_digest,
-            what="outer sync at step",
-            direct=False,
+            weight=max(float(self.samples_since_sync), 1e-3),
+            group_key=averaging_group_key(st.run_id, server.index, step),
+            target_group_size=len(others) + 1,
+            exclude=offenders,
+            avoid=confirmed,
+            state_digest=digest,
+            state_age_steps=st.state_age_steps,
         )
+        await self.checks.inspect(step, server.index, result.inspected)
+        if not result.with_others:
+            log.warning(
+                "%s: outer sync at step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",
+                st.me.short(),
+                step,
+                server.index,
+                len(others),
+            )
+            st.needs_sync = True
+            return None
+        return digest_majority(result.members)

@@ -19,12 +19,12 @@ import time
 import torch
 
 from swarm.averaging import Averager
-from swarm.averaging.digests import DigestVerdict
+from swarm.averaging.digests import DigestVerdict, digest_majority
+from swarm.dht.keys import averaging_group_key
 from swarm.errors import SwarmError
 from swarm.p2p.identity import PeerID
 from swarm.training.claims import StepEvidence
 from swarm.training.outer_sync import OuterSync
-from swarm.training.stage_averaging import average_with_stage
 from swarm.training.records import RunRecords
 from swarm.training.replicas import Replicas
 from swarm.training.stage_server import StageServer
@@ -123,25 +123,39 @@ class Stepper:
     async def _average(
         self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
     ) -> DigestVerdict | None:
-        """Average ``grads`` in place with the stage's peers (`average_with_stage`; ``needs_sync`` when that
-        happened alone); returns the group's verdict on the members' weight digests (None: no vote)."""
-
-        async def digest() -> bytes:
-            return await self.replicas.digest(server)
-
-        return await average_with_stage(
-            self.state,
-            self.averager,
-            self.checks,
-            server,
-            step,
+        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone); returns
+        the group's verdict on the members' weight digests (None: no vote)."""
+        st = self.state
+        # offenders are left out of this node's span; confirmed ones are not even grouped with, while a suspect
+        # only this node caught still is, so that its other peers can confirm it
+        confirmed = self.checks.confirmed_offenders()
+        others = [p for p in st.view.stage_peers(server.index) if p != st.me and p not in confirmed]
+        if not others:
+            return None
+        st.last_digest = await self.replicas.digest(server)
+        result = await self.averager.step(
             grads,
-            weight=float(server.samples),
-            offenders=offenders,
-            digest=digest,
-            what="step",
-            direct=True,  # the stage's peers agree on the group directly when their views agree
+            weight=max(float(server.samples), 1e-3),
+            group_key=averaging_group_key(st.run_id, server.index, step),
+            target_group_size=len(others) + 1,
+            exclude=offenders,
+            avoid=confirmed,
+            state_digest=st.last_digest,
+            state_age_steps=st.state_age_steps,
+            expected=others,  # the stage's peers agree on the group directly when their views agree
         )
+        await self.checks.inspect(step, server.index, result.inspected)
+        if not result.with_others:
+            log.warning(
+                "%s: step %d of stage %d averaged alone (peers: %d); will adopt a peer's next state",
+                st.me.short(),
+                step,
+                server.index,
+                len(others),
+            )
+            st.needs_sync = True
+            return None
+        return digest_majority(result.members)
 
     def _tied_peers(self, server: StageServer, offenders: frozenset[PeerID]) -> list[PeerID]:
         """The peers of the stage holding the other copy of the tied matrix (not in ``offenders``), shuffled."""
