@@ -150,7 +150,12 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
         assert first["stage_rows"] == stages, first
         assert first["train_points"] >= 2 and first["eval_points"] >= 1 and first["step"] is not None, first
         assert 'id="eval-points"><circle' in dom  # the validation curve's points are drawn
-        wait_for_status(url, lambda s: s["step"] >= first["step"] + 2, f"step {first['step'] + 2}")
+        # the curves are refreshed every `refresh_s`, the step on each read: wait for both to move on
+        wait_for_status(
+            url,
+            lambda s: s["step"] >= first["step"] + 2 and len(s["loss_curve"]) > first["train_points"],
+            f"step {first['step'] + 2} and a training curve longer than {first['train_points']} points",
+        )
         shot = tmp_path / "status-page.png"
         dom, console = chromium(url, tmp_path / "profile", "--dump-dom", f"--screenshot={shot}")
         later = page_facts(dom)
