@@ -1,20 +1,42 @@
 """Training through NAT: a stage-0 driver behind NAT A and a stage-1 server behind NAT B reach each other through
 relays (network namespaces, nftables masquerade), and the swarm trains; when one of their two relays is killed
-mid-run they keep the other, announce only it, and steps keep advancing."""
+mid-run they keep the other, announce only it, and steps keep advancing. Their work is receipted and rewarded:
+the public bootstrap node stands as orchestrator, and ``swarm-dht attestations --verify``, run from the public
+segment while the swarm trains, finds both NAT'd peers with work and a nonzero share in every attested window."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from swarm.p2p.maddr import parse_maddr
-from swarm.testing.natbed import NatBed
+from swarm.testing.natbed import Host, NatBed
+from swarm.verification.ledger import Ledger
 from tests.nat.natnodes import BedNode, bootstrap_maddr, skip_without_bed, start_nodes, stop_nodes, wait_until
 from tests.training.swarm_harness import small_run
 
 STEPS = 5  # before the relay is killed, and again after
+WINDOWS = {0, 1}  # the reward windows (verification's window_steps: 5) whose attestations are checked
+
+
+def attested_windows(ledger_dir: Path) -> set[int]:
+    """The windows the orchestrator's ledger (``<data dir>/ledger/<run>.jsonl``) holds so far."""
+    return {att.window for path in ledger_dir.glob("*.jsonl") for att in Ledger(path).read()}
+
+
+def audit(bed: NatBed, host: Host, bootstrap: str, run_id: str) -> list[dict[str, Any]]:
+    """``swarm-dht attestations --verify --json`` run on ``host``: every attested window, checked against the
+    receipts and verdicts in the DHT."""
+    cli = [sys.executable, "-m", "swarm.cli.dht", "--initial-peers", bootstrap, "attestations", "--run", run_id]
+    done = subprocess.run(bed.command(host, [*cli, "--verify", "--json"]), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    return rows
 
 
 @pytest.mark.slow
@@ -31,7 +53,7 @@ def test_training_through_nat(tmp_path: Path) -> None:
             home_a, home_b = bed.homes
             common = ["--config", str(config), "--start-after-peers", "4", "--log-level", "INFO"]
             specs = [
-                (p1, [*common, "--stage", "0"]),
+                (p1, [*common, "--stage", "0", "--orchestrator-candidate"]),
                 (p2, [*common, "--stage", "1"]),
                 (home_a, [*common, "--stage", "0"]),  # a driver (role auto on stage 0) behind NAT A
                 (home_b, [*common, "--stage", "1", "--role", "server"]),  # a stage-1 server behind NAT B
@@ -63,9 +85,18 @@ def test_training_through_nat(tmp_path: Path) -> None:
             wait_until(
                 f"step {after} after the relay died", lambda: min(n.newest_step() for n in alive) >= after, alive, 120
             )
+            ledger = tmp_path / "p1" / "ledger"
+            wait_until(f"windows {sorted(WINDOWS)} attested", lambda: attested_windows(ledger) >= WINDOWS, alive, 60)
+            run_id = next(Ledger(path).read()[0].run_id for path in ledger.glob("*.jsonl"))
+            audits = {row["window"]: row for row in audit(bed, p1, nodes[0].maddr, run_id)}
         finally:
             stop_nodes(nodes)
         summaries = {n.host.name: json.loads(n.summary.read_text()) for n in (nodes[0], driver, server)}
         assert summaries[driver.host.name]["samples"] > 0  # the NAT'd driver drove ...
         assert summaries[server.host.name]["served_samples"] > 0  # ... and the NAT'd server served
         assert min(s["step"] for s in summaries.values()) >= 2 * STEPS
+        natted = {parse_maddr(n.maddr).peer_id.to_base58() for n in (driver, server)}  # type: ignore[union-attr]
+        for window in WINDOWS:  # verified, and the NAT'd pair's work receipted and paid in each window
+            row = audits[window]
+            assert row["verified"] and row["ok"], row
+            assert all(row["shares"].get(peer, 0.0) > 0 for peer in natted), (natted, row)
