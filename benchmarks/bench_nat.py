@@ -7,11 +7,14 @@
    the same 4-node, 2-stage swarm twice: all four nodes public, then a stage-0 driver behind NAT A and a stage-1
    server behind NAT B, reaching each other through relays. Step time: the median of the stage servers' step
    durations ("step N done ... X.XXs"), warm-up steps left out; ``--rounds`` alternating runs of each, the best
-   (lowest) of each kind compared, as the machine is shared. Goal: relayed <= 1.3x all public.
+   (lowest) of each kind compared, as the machine is shared (the medians are reported too). Goal: relayed <= 1.3x
+   all public. ``--profile wan`` (also needs /dev/net/tun) runs both swarms on emulated links of that WAN bed
+   profile (``swarm.testing.natwan``): each public host's and each home router's uplink is one access link, so
+   a home reaches a public host at the profile's round trip and two homes through a relay at twice it.
 
 Prints one JSON object as its last line.
 
-    python benchmarks/bench_nat.py [--size-mib 256] [--steps 15] [--rounds 2] [--skip-bed]
+    python benchmarks/bench_nat.py [--size-mib 256] [--steps 15] [--rounds 2] [--skip-bed] [--profile wan]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.nat.natnodes starts the bed's node processes
@@ -39,6 +43,9 @@ from swarm.p2p.maddr import circuit_address, parse_maddr  # noqa: E402
 from swarm.p2p.messages import Message  # noqa: E402
 from swarm.p2p.relay import RelayConfig, RelayService  # noqa: E402
 from swarm.p2p.relays import RelaySet  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.nat.natnodes import AnyNatBed
 
 CHUNK_BYTES = 1 << 20
 GOAL_STEP_RATIO = 1.3
@@ -141,9 +148,19 @@ async def relay_cpu(size_mib: int) -> dict[str, float]:
 STEP_LINE = re.compile(r"step (\d+) done \([^;]*; ([0-9.]+)s:")
 
 
-def swarm_step_time(*, nat: bool, steps: int, work: Path) -> float:
-    """Median step duration (s) of the stage servers of one 4-node swarm on the bed (warm-up steps left out)."""
+def make_bed(*, nat: bool, profile: str | None) -> AnyNatBed:
+    """The bed of one swarm: 2 public hosts and 2 homes (``nat``) or 4 public hosts; on ``profile``'s links."""
     from swarm.testing.natbed import NatBed
+    from swarm.testing.natwan import NatWanBed
+
+    public, homes = (2, 2) if nat else (4, 0)
+    if profile is not None:
+        return NatWanBed(public=public, homes=homes, profile=profile)
+    return NatBed(public=public, homes=homes, tag=("bn" if nat else "bp") + str(os.getpid()))
+
+
+def swarm_step_time(*, nat: bool, steps: int, work: Path, profile: str | None = None) -> float:
+    """Median step duration (s) of the stage servers of one 4-node swarm on the bed (warm-up steps left out)."""
     from tests.nat.natnodes import bootstrap_maddr, start_nodes, stop_nodes
     from tests.training.swarm_harness import small_run
 
@@ -151,7 +168,7 @@ def swarm_step_time(*, nat: bool, steps: int, work: Path) -> float:
     config = work / "run.toml"
     config.write_text(small_run().to_toml())
     common = ["--config", str(config), "--start-after-peers", "4", "--log-level", "INFO"]
-    with NatBed(public=2 if nat else 4, homes=2 if nat else 0, tag=("bn" if nat else "bp") + str(os.getpid())) as bed:
+    with make_bed(nat=nat, profile=profile) as bed:
         hosts = [*bed.public_hosts, *bed.homes]  # nat: p1, p2, home A, home B; else p1..p4
         order = [hosts[0], hosts[1], hosts[2], hosts[3]]
         specs = [
@@ -181,27 +198,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each swarm (best one counts)")
     parser.add_argument("--skip-bed", action="store_true", help="only the relay CPU part (no root needed)")
+    parser.add_argument(
+        "--profile", choices=("lan", "wan", "home", "far"), default=None, help="run the swarms on emulated WAN links"
+    )
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the nodes' logs here (default: a temp dir)")
     parser.add_argument("--relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.relay_child:
         asyncio.run(relay_child())
         return
+    load_start = [round(x, 2) for x in os.getloadavg()]
     result: dict[str, object] = dict(asyncio.run(relay_cpu(args.size_mib)))
     if not args.skip_bed:
         from swarm.testing.natbed import unavailable_reason
+        from swarm.testing.natwan import unavailable_reason as wan_unavailable_reason
 
-        reason = unavailable_reason()
+        reason = unavailable_reason() if args.profile is None else wan_unavailable_reason()
         if reason is not None:
             result["bed_skipped"] = reason
         else:
-            public, relayed = [], []
+            public: list[float] = []
+            relayed: list[float] = []
             with tempfile.TemporaryDirectory() as tmp:
+                root = args.work_dir or Path(tmp)
                 for i in range(args.rounds):
-                    public.append(swarm_step_time(nat=False, steps=args.steps, work=Path(tmp) / f"public{i}"))
-                    relayed.append(swarm_step_time(nat=True, steps=args.steps, work=Path(tmp) / f"nat{i}"))
+                    for nat, times in ((False, public), (True, relayed)):
+                        work = root / f"{'nat' if nat else 'public'}{i}"
+                        times.append(swarm_step_time(nat=nat, steps=args.steps, work=work, profile=args.profile))
             public_s, relayed_s = min(public), min(relayed)
             ratio = relayed_s / public_s
             result.update(
+                profile=args.profile or "none (no emulated links)",
+                uptime_load_start_end=[load_start, [round(x, 2) for x in os.getloadavg()]],
+                step_ratio_of_medians=round(statistics.median(relayed) / statistics.median(public), 3),
                 step_s_all_public_rounds=[round(s, 3) for s in public],
                 step_s_relayed_rounds=[round(s, 3) for s in relayed],
                 step_s_all_public=round(public_s, 3),

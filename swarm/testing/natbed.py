@@ -153,7 +153,7 @@ class NatBed:
             _run("ip", "-n", home.name, "link", "set", "eth0", "up")
             _run("ip", "-n", home.name, "route", "add", "default", "via", f"192.168.{i + 1}.1")
             _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            self._nft(router, _router_rules())
+            nft(router, router_rules("wan"))
 
     def _plug(self, sw: str, sw_end: str, ns: str, ns_end: str, cidr: str) -> None:
         """A veth from the bridge namespace ``sw`` (end ``sw_end``, on br0) into ``ns`` (end ``ns_end``, ``cidr``)."""
@@ -163,23 +163,9 @@ class NatBed:
         _run("ip", "-n", ns, "addr", "add", cidr, "dev", ns_end)
         _run("ip", "-n", ns, "link", "set", ns_end, "up")
 
-    @staticmethod
-    def _nft(ns: str, rules: str) -> None:
-        result = subprocess.run(
-            ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, capture_output=True, text=True, timeout=30
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"nft in {ns} failed: {result.stderr.strip()}")
-
     def forward_port(self, home: Host, port: int) -> None:
         """Port forwarding on ``home``'s router: ``wan_ip:port`` -> ``home.ip:port``."""
-        if home.router is None:
-            raise ValueError(f"{home.name} is not behind a router")
-        self._nft(
-            home.router,
-            "table ip swnat {\n chain pre { type nat hook prerouting priority dstnat; policy accept;\n"
-            f'  iifname "wan" tcp dport {port} dnat to {home.ip}:{port}\n }}\n}}\n',
-        )
+        forward_port(home, port, "wan")
 
     def command(self, host: Host, args: Sequence[str]) -> list[str]:
         """``args`` run inside ``host``'s namespace."""
@@ -216,17 +202,37 @@ class NatBed:
             raise SystemExit(128 + signum)
 
 
-def _router_rules() -> str:
-    """Masquerade what leaves ``wan``; drop new connections that come in on it unless port forwarding
-    (``forward_port``) sent them on."""
+def nft(ns: str, rules: str) -> None:
+    """Load nftables ``rules`` in namespace ``ns``."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, capture_output=True, text=True, timeout=30
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"nft in {ns} failed: {result.stderr.strip()}")
+
+
+def router_rules(wan: str) -> str:
+    """A home router's rules: masquerade what leaves its uplink ``wan``; drop new connections that come in on it
+    unless port forwarding (`forward_port`) sent them on."""
     return (
         "table ip swnat {\n"
         " chain post { type nat hook postrouting priority srcnat; policy accept;\n"
-        '  oifname "wan" masquerade\n }\n'
+        f'  oifname "{wan}" masquerade\n }}\n'
         " chain inbound { type filter hook forward priority 0; policy accept;\n"
-        '  iifname "wan" ct state new ct status dnat accept\n'
-        '  iifname "wan" ct state new drop\n }\n'
+        f'  iifname "{wan}" ct state new ct status dnat accept\n'
+        f'  iifname "{wan}" ct state new drop\n }}\n'
         "}\n"
+    )
+
+
+def forward_port(home: Host, port: int, wan: str) -> None:
+    """Port forwarding on ``home``'s router (uplink ``wan``): ``wan_ip:port`` -> ``home.ip:port``."""
+    if home.router is None:
+        raise ValueError(f"{home.name} is not behind a router")
+    nft(
+        home.router,
+        "table ip swnat {\n chain pre { type nat hook prerouting priority dstnat; policy accept;\n"
+        f'  iifname "{wan}" tcp dport {port} dnat to {home.ip}:{port}\n }}\n}}\n',
     )
 
 

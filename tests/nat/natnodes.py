@@ -18,6 +18,9 @@ from swarm.node import IDENTITY_FILE_NAME
 from swarm.p2p.identity import Identity
 from swarm.local.events import EventReader, ListeningEvent, ServingEvent, ReachabilityEvent, StoppedEvent
 from swarm.testing.natbed import Host, NatBed, unavailable_reason
+from swarm.testing.natwan import NatWanBed
+
+AnyNatBed = NatBed | NatWanBed  # the plain NAT bed, or the one on emulated WAN links
 
 PORT = 4001
 # Import the node (seconds: torch) at once, then wait until the bootstrap node serves (the test creates the file
@@ -77,7 +80,7 @@ def bootstrap_maddr(host: Host, tmp_path: Path) -> str:
 
 
 def start_nodes(
-    bed: NatBed, tmp_path: Path, specs: list[tuple[Host, list[str]]], bootstrap: str, *, light: bool = False
+    bed: AnyNatBed, tmp_path: Path, specs: list[tuple[Host, list[str]]], bootstrap: str, *, light: bool = False
 ) -> list[BedNode]:
     """Start a node per (host, extra args), all joining through ``bootstrap``; wait until each listens. Full
     nodes start at once (see _AFTER_BOOTSTRAP); light ones (`tests.nat.lightnode`) after the bootstrap node."""
@@ -102,7 +105,7 @@ def _wait_listening(node: BedNode) -> None:
 
 
 def launch_node(
-    bed: NatBed, host: Host, tmp_path: Path, args: list[str], bootstrap: str | None = None, *, light: bool = False
+    bed: AnyNatBed, host: Host, tmp_path: Path, args: list[str], bootstrap: str | None = None, *, light: bool = False
 ) -> BedNode:
     name = host.name.rsplit("-", 1)[-1]
     log, events, summary = tmp_path / f"{name}.log", tmp_path / f"{name}.events.jsonl", tmp_path / f"{name}.json"
