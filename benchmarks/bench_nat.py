@@ -159,8 +159,9 @@ def make_bed(*, nat: bool, profile: str | None) -> AnyNatBed:
     return NatBed(public=public, homes=homes, tag=("bn" if nat else "bp") + str(os.getpid()))
 
 
-def swarm_step_time(*, nat: bool, steps: int, work: Path, profile: str | None = None) -> float:
-    """Median step duration (s) of the stage servers of one 4-node swarm on the bed (warm-up steps left out)."""
+def swarm_step_time(*, nat: bool, steps: int, work: Path, profile: str | None = None) -> tuple[float, float]:
+    """The median and the mean step duration (s) of the stage servers of one 4-node swarm on the bed (warm-up steps
+    left out: the first two)."""
     from tests.nat.natnodes import bootstrap_maddr, start_nodes, stop_nodes
     from tests.training.swarm_harness import small_run
 
@@ -189,7 +190,7 @@ def swarm_step_time(*, nat: bool, steps: int, work: Path, profile: str | None = 
         durations = [
             float(s) for n in nodes for step, s in STEP_LINE.findall(n.log.read_text()) if 2 <= int(step) <= steps
         ]
-    return statistics.median(durations)
+    return statistics.median(durations), statistics.fmean(durations)
 
 
 def main() -> None:
@@ -217,22 +218,28 @@ def main() -> None:
         if reason is not None:
             result["bed_skipped"] = reason
         else:
-            public: list[float] = []
-            relayed: list[float] = []
+            public: list[tuple[float, float]] = []
+            relayed: list[tuple[float, float]] = []
             with tempfile.TemporaryDirectory() as tmp:
                 root = args.work_dir or Path(tmp)
                 for i in range(args.rounds):
                     for nat, times in ((False, public), (True, relayed)):
                         work = root / f"{'nat' if nat else 'public'}{i}"
                         times.append(swarm_step_time(nat=nat, steps=args.steps, work=work, profile=args.profile))
-            public_s, relayed_s = min(public), min(relayed)
+            public_s, relayed_s = min(m for m, _ in public), min(m for m, _ in relayed)
             ratio = relayed_s / public_s
+            mean_ratio = min(m for _, m in relayed) / min(m for _, m in public)
             result.update(
                 profile=args.profile or "none (no emulated links)",
                 uptime_load_start_end=[load_start, [round(x, 2) for x in os.getloadavg()]],
-                step_ratio_of_medians=round(statistics.median(relayed) / statistics.median(public), 3),
-                step_s_all_public_rounds=[round(s, 3) for s in public],
-                step_s_relayed_rounds=[round(s, 3) for s in relayed],
+                step_s_all_public_rounds=[round(m, 3) for m, _ in public],
+                step_s_relayed_rounds=[round(m, 3) for m, _ in relayed],
+                step_ratio_median_of_rounds=round(
+                    statistics.median(m for m, _ in relayed) / statistics.median(m for m, _ in public), 3
+                ),
+                mean_step_s_all_public_rounds=[round(m, 3) for _, m in public],
+                mean_step_s_relayed_rounds=[round(m, 3) for _, m in relayed],
+                mean_step_ratio_best=round(mean_ratio, 3),
                 step_s_all_public=round(public_s, 3),
                 step_s_relayed=round(relayed_s, 3),
                 step_ratio_relayed_vs_public=round(ratio, 3),
