@@ -76,6 +76,7 @@ def test_training_through_nat(tmp_path: Path) -> None:
             # the NAT'd driver's stage-0 work, and a server killed as its window closes never publishes them
             wait_until("window 0 attested", lambda: 0 in attested_windows(ledger), nodes, 60)
             killed, alive = nodes[1], [nodes[0], driver, server]
+            killed_at = max(n.newest_step() for n in nodes)
             killed.proc.kill()  # a relay (and the public stage-1 server) vanishes mid-run
             killed.proc.wait(timeout=30)
             survivor = parse_maddr(nodes[0].maddr).peer_id
@@ -89,9 +90,10 @@ def test_training_through_nat(tmp_path: Path) -> None:
             wait_until(
                 f"step {after} after the relay died", lambda: min(n.newest_step() for n in alive) >= after, alive, 120
             )
-            # and a window wholly after the kill: the NAT'd pair's only stage-1 peer / driver is each other
-            windows = {0, max(n.newest_step() for n in alive) // WINDOW_STEPS + 1}
-            wait_until(f"windows {sorted(windows)} attested", lambda: attested_windows(ledger) >= windows, alive, 60)
+            # and two windows wholly after the kill: the NAT'd pair's only stage-1 peer / driver is each other
+            first = killed_at // WINDOW_STEPS + 1
+            later = {first, first + 1}
+            wait_until(f"windows {sorted(later)} attested", lambda: attested_windows(ledger) >= later, alive, 60)
             run_id = next(Ledger(path).read()[0].run_id for path in ledger.glob("*.jsonl"))
             audits = {row["window"]: row for row in audit(bed, p1, nodes[0].maddr, run_id)}
         finally:
@@ -101,7 +103,9 @@ def test_training_through_nat(tmp_path: Path) -> None:
         assert summaries[server.host.name]["served_samples"] > 0  # ... and the NAT'd server served
         assert min(s["step"] for s in summaries.values()) >= 2 * STEPS
         natted = {parse_maddr(n.maddr).peer_id.to_base58() for n in (driver, server)}  # type: ignore[union-attr]
-        for window in windows:  # verified, and the NAT'd pair's work receipted and paid in both windows
-            row = audits[window]
-            assert row["verified"] and row["ok"], row
-            assert all(row["shares"].get(peer, 0.0) > 0 for peer in natted), (natted, row)
+        assert all(row["verified"] and row["ok"] for row in audits.values()), audits  # every window verifies
+        # the NAT'd pair's work receipted and paid: in window 0, and after the kill (a 5-step window is ~2 s, so
+        # a driver that waited out a retry there may have no work in it: the two windows together)
+        assert all(audits[0]["shares"].get(peer, 0.0) > 0 for peer in natted), (natted, audits[0])
+        paid_later = {peer: sum(audits[w]["shares"].get(peer, 0.0) for w in later) for peer in natted}
+        assert all(share > 0 for share in paid_later.values()), (paid_later, [audits[w] for w in later])
