@@ -46,3 +46,42 @@ def test_a_home_reaches_a_public_host_at_the_profiles_round_trip() -> None:
         inward = bed.command(public, [*PROBE, "rtt", "--host", home.wan_ip or "", "--port", str(PORT), "--count", "1"])
         assert subprocess.run(inward, capture_output=True, text=True, timeout=90).returncode != 0
     assert _namespaces() == before
+
+
+_HOLD = """
+import sys, time
+from swarm.testing.natwan import NatWanBed
+bed = NatWanBed(public=1, homes=1)
+bed.create()
+print(" ".join([bed.homes[0].name, *bed.net.namespaces]), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["sigterm", "sigkill+cleanup"])
+def test_the_bed_goes_on_sigterm_and_the_cleanup_command_removes_a_killed_beds(how: str) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    owner = subprocess.Popen([sys.executable, "-c", _HOLD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        names = set(owner.stdout.readline().split())
+        assert len(names) == 3 and names <= _namespaces()
+        if how == "sigterm":
+            owner.terminate()
+            owner.wait(timeout=60)
+        else:
+            owner.kill()
+            owner.wait(timeout=60)
+            assert names <= _namespaces()  # a SIGKILL leaves them behind ...
+            cmd = [sys.executable, "-m", "swarm.testing.natwan", "cleanup"]
+            assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        assert not names & _namespaces()  # ... and the cleanup command removes them
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
