@@ -321,12 +321,9 @@ class TiedService:
     async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor, with_weight: bool) -> _Answer | None:
         """``peer``'s tied gradient (and matrix, ``with_weight``) of the request's step, or None (logged)."""
         try:
-            if with_weight:  # both at once: the peer answers both when its average is done (one round trip, not two)
-                theirs, weight = await asyncio.gather(
-                    self._call(peer, request, mine), self._call(peer, replace(request, what="weight"), mine)
-                )
-                return _Answer(peer=peer, grad=theirs, weight=weight)
-            return _Answer(peer=peer, grad=await self._call(peer, request, mine), weight=None)
+            theirs = await self._call(peer, request, mine)
+            weight = await self._call(peer, replace(request, what="weight"), mine) if with_weight else None
+            return _Answer(peer=peer, grad=theirs, weight=weight)
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning(
                 "%s: tied gradient of step %d from %s failed: %s",
