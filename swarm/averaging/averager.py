@@ -147,6 +147,24 @@ class Averager:
         )
         return result
 
+    def announce_ahead(
+        self,
+        group_key: str,
+        *,
+        expected: Collection[PeerID],
+        state_digest: bytes = b"",
+        state_age_steps: int = 0,
+    ) -> None:
+        """Tell ``expected`` this peer's entry under ``group_key`` before it is ready (`swarm.averaging.direct`): a
+        later `step` with the same key, expectation and digest forms the group without an announcement on its
+        critical path. Calling it again with the same arguments renews the same entry."""
+        if not expected:
+            return
+        me = self.direct.ahead_entry(group_key, expected, state_digest, state_age_steps)
+        if me is None:
+            me = self.matchmaker.my_info(1.0, state_digest=state_digest, state_age_steps=state_age_steps)
+        self.direct.announce_ahead(group_key, me, expected)
+
     async def _form(
         self,
         group_key: str,
@@ -160,7 +178,10 @@ class Averager:
     ) -> Group:
         """The group: directly among ``expected`` when they agree, else through the DHT."""
         if expected:
-            me = self.matchmaker.my_info(weight, state_digest=state_digest, state_age_steps=state_age_steps)
+            # the entry announced ahead, if any: the expected peers may have ranked it already
+            me = self.direct.ahead_entry(group_key, expected, state_digest, state_age_steps) or self.matchmaker.my_info(
+                weight, state_digest=state_digest, state_age_steps=state_age_steps
+            )
             group = await self.direct.form_group(
                 group_key, me, expected, timeout_s=self.config.matchmaking_time_s, avoid=avoid
             )

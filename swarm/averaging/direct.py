@@ -16,6 +16,14 @@ then treats the missing member as a lost peer. Announcements that arrive before 
 are kept until it is (at most ``MAX_ANNOUNCED_KEYS`` keys, the oldest dropped first, and ``MAX_ANNOUNCED_PER_KEY``
 announcements per key), and count only while their sender may still be waiting (they arrived less than the
 deadline ago): a peer that comes late, e.g. after catching up, does not form a group with peers that gave up on it.
+
+Announcing ahead (`announce_ahead`): a peer whose step is still open may send its entry early (``early=True``, the
+same entry it will be ready with; a training stage does so when its step opens). Its peers then hold it when they
+become ready, and a group whose members all announced ahead forms as soon as each is ready, with no announcement
+on the step's critical path. `form_group` reuses the entry announced ahead (so every member ranks the same entries)
+and sends it again, which renews it under the rule above; an early announcement whose expectation differs is
+ignored rather than final (the sender's view may have changed since). While a key is announced ahead, this peer's
+all-reduce server holds parts streamed to it under that key until it is ready.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 ANNOUNCE_METHOD = "avg.announce"
 MAX_ANNOUNCED_KEYS = 16  # keys whose announcements are kept before this peer is ready under them
 MAX_ANNOUNCED_PER_KEY = 64  # announcements kept per key (a larger group goes through the DHT)
+MAX_AHEAD_KEYS = 2  # keys this peer announced ahead and still holds parts for (the current step's, the next one's)
 
 
 class DirectMatchmaker:
@@ -51,6 +60,9 @@ class DirectMatchmaker:
         self._announced: OrderedDict[str, dict[bytes, tuple[AnnounceRequest, float]]] = OrderedDict()
         self._changed = asyncio.Event()  # set (and replaced) on each announcement taken
         self._sending: set[asyncio.Task[None]] = set()  # announcements in flight, cancelled by `unregister`
+        # group key -> the entry and expectation this peer announced ahead under it (`announce_ahead`), oldest first
+        self._ahead: OrderedDict[str, AnnounceRequest] = OrderedDict()
+        self._active: set[str] = set()  # keys `form_group` is forming under now
 
     def register(self) -> None:
         self.transport.register(ANNOUNCE_METHOD, AnnounceRequest, self.rpc_announce)
@@ -60,6 +72,35 @@ class DirectMatchmaker:
         self.transport.unregister(ANNOUNCE_METHOD)
         for task in list(self._sending):
             task.cancel()
+
+    def announce_ahead(self, group_key: str, me: MemberInfo, expected: Collection[PeerID]) -> None:
+        """Send ``me`` (the entry this peer will be ready with) to ``expected`` under ``group_key`` before it is ready
+        (module docstring), and hold parts streamed to this peer under that key until it is. Keys announced ahead
+        before the last `MAX_AHEAD_KEYS` stop being held."""
+        request = AnnounceRequest(group_key=group_key, member=me, expected=_ids(expected, me), early=True)
+        self._ahead.pop(group_key, None)
+        self._ahead[group_key] = request
+        while len(self._ahead) > MAX_AHEAD_KEYS:
+            old, _ = self._ahead.popitem(last=False)
+            if old not in self._active:
+                self.server.forming(old, False)
+        self.server.forming(group_key, True)
+        for peer in request.expected:
+            if peer != me.peer_id:
+                self._send_soon(PeerID(peer), request)
+
+    def ahead_entry(
+        self, group_key: str, expected: Collection[PeerID], state_digest: bytes, age: int
+    ) -> MemberInfo | None:
+        """The entry this peer announced ahead under ``group_key``, if it did with the same expectation, digest and
+        age (`form_group` must then be ready with that entry: its peers may have ranked it already)."""
+        request = self._ahead.get(group_key)
+        if request is None:
+            return None
+        me = request.member
+        if request.expected != _ids(expected, me) or me.state_digest != state_digest or me.state_age_steps != age:
+            return None
+        return me
 
     async def form_group(
         self,
@@ -73,10 +114,11 @@ class DirectMatchmaker:
         """The group of ``expected`` (this peer is added) under ``group_key``; when they do not all expect the same
         membership within ``timeout_s``, the group size to look for through the DHT instead: all of them after
         another expectation, those that announced themselves (and this peer) after the deadline."""
-        ids = tuple(sorted({p.to_bytes() for p in expected} | {me.peer_id}))
+        ids = _ids(expected, me)
         ignored = frozenset(p.to_bytes() for p in avoid)
         request = AnnounceRequest(group_key=group_key, member=me, expected=ids)
         self.server.forming(group_key, True)  # a member that formed the group first may stream to us already
+        self._active.add(group_key)
         try:
             for peer in ids:
                 if peer != me.peer_id:
@@ -88,6 +130,8 @@ class DirectMatchmaker:
             self.server.expect(group_key, round_id)
             return Group(group_key=group_key, round_id=round_id, members=members, my_index=members.index(me))
         finally:
+            self._active.discard(group_key)
+            self._ahead.pop(group_key, None)
             self.server.forming(group_key, False)
             self._announced.pop(group_key, None)
 
@@ -104,7 +148,7 @@ class DirectMatchmaker:
             got = {
                 p: a
                 for p, (a, at) in self._announced.get(group_key, {}).items()
-                if p not in ignored and at >= fresh_since
+                if p not in ignored and at >= fresh_since and (a.expected == ids or not a.early)
             }
             other = next((a for a in got.values() if a.expected != ids), None)
             if other is not None:
@@ -175,3 +219,8 @@ class DirectMatchmaker:
         peer = PeerID(member.peer_id)
         if addrs and peer != self.transport.peer_id:
             self.transport.add_addresses(peer, addrs)
+
+
+def _ids(expected: Collection[PeerID], me: MemberInfo) -> tuple[bytes, ...]:
+    """The expected membership as sorted PeerID bytes, this peer's included."""
+    return tuple(sorted({p.to_bytes() for p in expected} | {me.peer_id}))

@@ -179,11 +179,13 @@ class ReadyHintReply(Message):
 class AnnounceRequest(Message):
     """Direct matchmaking (`swarm.averaging.direct`): a peer ready under ``group_key`` tells each peer it expects in
     the group its entry (``member``, whose PeerID must be the caller's) and the whole membership it expects
-    (``expected``: PeerID bytes, itself included)."""
+    (``expected``: PeerID bytes, itself included). ``early``: sent ahead, before the peer is ready (its step is
+    still open): it counts like any other, except that an expectation it states that differs is not final."""
 
     group_key: str
     member: MemberInfo
     expected: tuple[bytes, ...]
+    early: bool = False
 
     def __post_init__(self) -> None:
         _check_key(self.group_key)

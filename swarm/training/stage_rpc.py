@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 import torch
 
@@ -82,11 +82,15 @@ class StageService:
         collector: ReceiptCollector | None = None,
         hooks: NodeHooks = HONEST,
         refuse: Callable[[PeerID], bool] | None = None,
+        wait_step: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.transport = transport
         self.policy = policy
         self.run_id = run_id
         self.server_of = server_of
+        # a request for the step after the server's waits here (bounded) until the server gets there, instead of
+        # being refused as stale: the driver's next step often starts before this stage's averaging is done
+        self.wait_step = wait_step
         self.witness = witness  # verification: retains served work for verify.fetch and acks it
         self.collector = collector  # verification: signs receipts for callers' own upstream work
         self.hooks = hooks  # what the server returns passes through hooks.stage_outputs
@@ -144,6 +148,15 @@ class StageService:
                 "sending outlier or replayed gradients"
             )
 
+    async def _server_at(self, run_id: str, stage: int, step: int) -> StageServer:
+        """`_server`, after waiting (``wait_step``, bounded) when ``step`` is the one after the server's: a driver's
+        next step may open before this stage is done averaging, and a refusal would cost it a round trip and a wait."""
+        server = self._server(run_id, stage)
+        if self.wait_step is not None and step == server.step + 1:
+            await self.wait_step(step)
+            server = self._server(run_id, stage)
+        return server
+
     def _server(self, run_id: str, stage: int) -> StageServer:
         server = self.server_of()
         if run_id != self.run_id:
@@ -154,7 +167,7 @@ class StageService:
 
     async def rpc_forward(self, ctx: RpcContext, req: ForwardRequest) -> ForwardReply:
         self._check_caller(ctx)
-        server = self._server(req.run_id, req.stage)
+        server = await self._server_at(req.run_id, req.stage, req.step)
         device = _device_of(server)
         inputs = decode(req.inputs, "inputs", dtype=server.model.input_spec.dtype, device=device)
         out = await asyncio.to_thread(
@@ -168,7 +181,7 @@ class StageService:
 
     async def rpc_backward(self, ctx: RpcContext, req: BackwardRequest) -> BackwardReply:
         self._check_caller(ctx)
-        server = self._server(req.run_id, req.stage)
+        server = await self._server_at(req.run_id, req.stage, req.step)
         device = _device_of(server)
         inputs = decode(req.inputs, "inputs", dtype=server.model.input_spec.dtype, device=device)
         mb_id = f"{ctx.peer_id.to_base58()}/{req.microbatch_id}"

@@ -124,6 +124,15 @@ class TrainerState:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    async def wait_step(self, step: int, timeout_s: float) -> None:
+        """Return once the served stage is at ``step`` or past it (or serves none), or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self.server is not None and self.server.step < step:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await self.wait_change(min(left, self.cfg.poll_interval_s / 4))
+
     async def wait_change(self, timeout_s: float) -> None:
         """Return on the next `notify`, or after ``timeout_s``."""
         event = self.changed

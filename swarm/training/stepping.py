@@ -23,6 +23,7 @@ from swarm.averaging.digests import DigestVerdict, digest_majority
 from swarm.dht.keys import averaging_group_key
 from swarm.errors import SwarmError
 from swarm.p2p.identity import PeerID
+from swarm.training.ahead import AheadAnnouncer
 from swarm.training.claims import StepEvidence
 from swarm.training.outer_sync import OuterSync
 from swarm.training.records import RunRecords
@@ -56,6 +57,7 @@ class Stepper:
         self.averager = averager
         self.tied = tied
         self.replicas = Replicas(state, records=records, sync=sync, checks=checks)
+        self.ahead = AheadAnnouncer(state, averager=averager, replicas=self.replicas)  # matchmaking as a step opens
         # local_sgd mode: inner steps and outer syncs instead of every-step averaging
         self.outer: OuterSync | None = None
         if state.run_cfg.averaging.local_sgd:
@@ -73,6 +75,8 @@ class Stepper:
                 await self.finish_step(server)
             else:
                 await self.catch_up(server)
+            if st.server is not None and self.outer is None:
+                await self.ahead.announce(st.server, self.checks.confirmed_offenders())
 
     async def finish_step(self, server: StageServer) -> None:
         """Close the step, average mean gradients with the stage's peers, apply the optimizer (or take the
@@ -129,10 +133,11 @@ class Stepper:
         # offenders are left out of this node's span; confirmed ones are not even grouped with, while a suspect
         # only this node caught still is, so that its other peers can confirm it
         confirmed = self.checks.confirmed_offenders()
-        others = [p for p in st.view.stage_peers(server.index) if p != st.me and p not in confirmed]
+        others = self.ahead.expected(server, confirmed)
         if not others:
             return None
-        st.last_digest = await self.replicas.digest(server)
+        announced = self.ahead.digest_of(server)  # the digest taken as the step opened (the weights are the same)
+        st.last_digest = announced if announced is not None else await self.replicas.digest(server)
         result = await self.averager.step(
             grads,
             weight=max(float(server.samples), 1e-3),

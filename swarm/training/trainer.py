@@ -327,6 +327,7 @@ def _register_handlers(
         collector=checks.collector,
         hooks=checks.hooks,
         refuse=lambda peer: peer in checks.offenders(),
+        wait_step=lambda step: state.wait_step(step, cfg.next_step_hold_s),
     )
     service.register()
     unregister.append(service.unregister)

@@ -52,6 +52,12 @@ class TrainingConfig(Config, section="training"):
     view_interval_s: float = setting(default=0.2, gt=0, le=86400, doc="Seconds between refreshes of the swarm view.")
     rpc_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of one stage request.")
     dht_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of one DHT call.")
+    next_step_hold_s: float = setting(
+        default=2.0,
+        ge=0,
+        le=86400,
+        doc="How long a stage request for the step after the served one waits for it (0: refused as stale at once).",
+    )
     inflight_microbatches: int = setting(
         default=4, ge=1, le=10_000, doc="Microbatches a driver has in flight (enough to hide a round trip per wave)."
     )
@@ -81,6 +87,8 @@ class TrainingConfig(Config, section="training"):
         n = self.run.pipeline.num_stages
         if self.stage is not None and not self.stage < n:
             raise self.invalid("stage", f"must be 'auto' or an int in [0, {n}), got {self.stage!r}")
+        if self.next_step_hold_s >= self.rpc_timeout_s:
+            raise self.invalid("next_step_hold_s", f"must be below rpc_timeout_s ({self.rpc_timeout_s})")
 
 
 def parse_stage(text: str) -> int | None:

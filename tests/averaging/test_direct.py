@@ -183,3 +183,30 @@ async def test_a_late_peer_does_not_group_with_a_peer_that_gave_up_on_it() -> No
             assert "run/avg/0/8" in b.direct._announced  # peer 0's announcement, kept for a try that never came
             late = await b.step(tensors[1], weight=1.0, group_key="run/avg/0/8", expected=[ts[0].peer_id])
     assert not late.with_others and late.group_size == 1  # not a group of two whose other member is gone
+
+
+async def test_entries_announced_ahead_form_the_group_with_no_announcement_at_the_close() -> None:
+    """Both peers announce their entries ahead (their step still open); then nobody can announce any more (the
+    handlers are gone): the group still forms from the entries announced ahead, though peer 1 gets ready 0.3 s after
+    peer 0 already streams to it (its server held the parts), and both average."""
+    tensors = [random_tensors(60 + i, SHAPES) for i in range(2)]
+    expected = weighted_mean([flatten_tensors(t) for t in tensors], [1.0, 3.0])
+    key = "run/avg/0/9"
+    async with swarm(2, _config(target_group_size=2), salt=37) as (ts, pairs), asyncio.timeout(30):
+        (a, _), (b, _) = pairs
+        a.announce_ahead(key, expected=[ts[1].peer_id])
+        b.announce_ahead(key, expected=[ts[0].peer_id])
+        while not (key in a.direct._announced and key in b.direct._announced):
+            await asyncio.sleep(0.01)
+        for t in ts:
+            t.unregister(ANNOUNCE_METHOD)
+
+        async def late() -> Any:
+            await asyncio.sleep(0.3)
+            return await b.step(tensors[1], weight=3.0, group_key=key, expected=[ts[0].peer_id])
+
+        results = await asyncio.gather(a.step(tensors[0], weight=1.0, group_key=key, expected=[ts[1].peer_id]), late())
+    assert all(r.with_others and r.group_size == 2 for r in results)
+    assert len({r.round_id for r in results}) == 1
+    for t in tensors:
+        torch.testing.assert_close(flatten_tensors(t).double(), expected, rtol=1e-6, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,54 @@ def test_apply_step_replaces_parameters_with_the_update_and_refuses_a_wrong_shap
     server.apply_step(zeros, replace={0: target})
     assert server.step == 1
     torch.testing.assert_close(server.parameter_copy(0), target)  # zero gradient: AdamW leaves the value
+
+
+async def test_stage_service_holds_a_request_for_the_next_step_until_the_server_gets_there(cfg: RunConfig) -> None:
+    """A request for the step after the server's waits (``wait_step``) and is served once the step advances; one for
+    a step further ahead is refused as stale at once."""
+    import asyncio
+
+    from swarm.compression import Role
+    from swarm.p2p.identity import Identity
+    from swarm.p2p import RpcContext
+    from swarm.training.messages import ForwardRequest
+    from swarm.training.stage_rpc import StageService, encode
+
+    server = make_server(cfg, 0)
+    advanced = asyncio.Event()
+    waits: list[int] = []
+
+    async def wait_step(step: int) -> None:
+        waits.append(step)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await advanced.wait()
+
+    service = StageService(
+        transport=None,  # type: ignore[arg-type]
+        policy=cfg.codecs.policy(),
+        run_id=cfg.run_id,
+        server_of=lambda: server,
+        wait_step=wait_step,
+    )
+    tokens = encode(
+        torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len)), cfg.codecs.policy(), Role.ACTIVATIONS
+    )
+    ctx = RpcContext(
+        peer_id=Identity.generate().peer_id, remote_host="127.0.0.1", remote_port=1, method="stage.forward"
+    )
+
+    def request(step: int) -> ForwardRequest:
+        return ForwardRequest(run_id=cfg.run_id, stage=0, step=step, microbatch_id=f"mb{step}", inputs=tokens)
+
+    with pytest.raises(StaleStepError):
+        await service.rpc_forward(ctx, request(2))  # two steps ahead: refused at once
+    assert waits == []
+    held = asyncio.create_task(service.rpc_forward(ctx, request(1)))
+    await asyncio.sleep(0.1)
+    assert not held.done()  # held, not refused
+    server.close_step()
+    server.apply_step([torch.zeros_like(p) for p in server.parameters()])
+    advanced.set()
+    reply = await asyncio.wait_for(held, 5.0)
+    assert reply.outputs and server.step == 1 and waits == [1]
