@@ -184,7 +184,10 @@ def figures(summary: dict[str, Any], tail: int) -> dict[str, Any]:
 def load_reference(path: Path, run_id: str, args: argparse.Namespace) -> dict[str, Any]:
     """The every_step run of an earlier result (``--reference``), refused unless it trained the same run (run id,
     steps, profile, nodes) and summed its final loss over the same tail."""
-    earlier: dict[str, Any] = json.loads(path.read_text().strip().splitlines()[-1])
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("{")]  # a saved stdout+stderr too
+    if not lines:
+        raise SystemExit(f"--reference {path}: no JSON line")
+    earlier: dict[str, Any] = json.loads(lines[-1])
     same = {
         "run_id": (earlier.get("run_id"), run_id),
         "steps": (earlier.get("steps"), args.steps),
