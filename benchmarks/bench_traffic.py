@@ -2,38 +2,46 @@
 
 One run (the compute-bound model: ``--blocks`` blocks of width ``--width`` on real text, the ``gpt_stdlib`` preset's
 data; or any ``--config``), trained for ``--steps`` steps by a ``--nodes``-node local swarm (``swarm-node local``),
-once per mode, on the same tokens (same seed, same data):
+once per mode, on the same tokens (same seed, same data); with ``--profile lan|wan|home|far``, on the WAN test bed
+instead (swarm.testing.netbed, docs/netbed.md: one ``swarm-node start`` per emulated host, every host's link of that
+profile; needs root, `ip` and /dev/net/tun), which is where ``tokens_per_s`` means something:
 
 - ``every_step``: the reference, every-step fp32 all-reduce of the gradients, uncompressed activations;
 - ``bottleneck``: a learned activation bottleneck of ``--ratio`` between stages
   (``pipeline.activation_bottleneck_ratio``), with ``--activation-codec`` on top (``codecs.activations`` and
   ``codecs.activation_grads``);
 - ``local_sgd``: inner steps without an all-reduce, an outer sync every ``--inner-steps`` steps
-  (``[averaging] mode = "local_sgd"``), compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8)
+  (``[averaging] mode = "local_sgd"``; ``--inner-steps``, ``--outer-lr``, ``--outer-momentum`` default to the run
+  config's), compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8)
   and ``--outer-compression`` (``averaging.outer_compression``: none, or topk_q, which needs long runs);
 - ``both``: the two together.
 
-Every figure comes from the run summaries ``swarm-node local --json`` prints (`traffic`: the bytes each node's
-transport counted per RPC family and method, summed over the nodes, per step). Data-parallel bytes are the ``avg.*``
-family; activation bytes are ``stage.forward`` + ``stage.backward`` (activations and their gradients); the tied
-embedding/head exchange (``stage.tied``) is reported on its own. A mode the tree does not have yet (its run-config
-keys are unknown: a ConfigError) is reported as unavailable, with the reason, and the others still run.
+Every figure comes from the nodes' run summaries (``swarm-node local --json``, or the nodes' summary files on the bed;
+`traffic`: the bytes each node's transport counted per RPC family and method, summed over the nodes, per step; on the
+bed also the Ethernet bytes each host sent per step, as the emulator counted them). Data-parallel bytes are the
+``avg.*`` family; activation bytes are ``stage.forward`` + ``stage.backward`` (activations and their gradients);
+the tied embedding/head exchange (``stage.tied``) is reported on its own. A mode the tree does not have yet (its
+run-config keys are unknown: a ConfigError) is reported as unavailable, with the reason, and the others still run.
 
     python benchmarks/bench_traffic.py [--steps 10] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
-        [--activation-codec blockwise8] [--inner-steps 25] [--outer-compression none]
-        [--outer-codec blockwise8] [--modes every_step,bottleneck,local_sgd,both]
-        [--profile loopback] [--out-dir DIR]
+        [--activation-codec blockwise8] [--inner-steps N] [--outer-lr X] [--outer-momentum X]
+        [--outer-compression none] [--outer-codec blockwise8] [--modes every_step,bottleneck,local_sgd,both]
+        [--profile loopback|lan|wan|home|far] [--tail 3] [--reference EARLIER.json] [--out-dir DIR]
 
-Last line: one JSON object with, per mode, ``dp_bytes_ratio`` and ``activation_bytes_ratio`` (reference bytes / mode
-bytes), ``final_loss_ratio`` (mode / reference, mean of the last ``--tail`` steps) and ``tokens_per_s``. Goals
-(issue 16): dp_bytes_ratio >= 100, activation_bytes_ratio >= 32, final_loss_ratio <= 1.03 (local steps) and
-<= 1.05 (with the bottleneck), tokens/s >= 3x the reference under the ``home`` profile (the WAN test bed; only
-``loopback`` here, where the figure says little: loopback bytes are nearly free).
+Last line: one JSON object with, per mode, ``dp_bytes_ratio`` and ``activation_bytes_ratio`` (reference bytes /
+mode bytes; ``dp_tied_bytes_ratio`` counts the tied exchange as data-parallel too), ``final_loss_ratio`` (mode /
+reference, mean of the last ``--tail`` steps), with ``--eval-batches`` ``final_eval_loss_ratio`` (the held-out loss
+at the end: in local_sgd of the synced weights), ``tokens_per_s`` and ``tokens_per_s_ratio`` (mode / reference).
+Goals (issue 16): dp_bytes_ratio >= 100, activation_bytes_ratio >= 32, final_loss_ratio <= 1.03 (local steps) and
+<= 1.05 (with the bottleneck), tokens/s >= 3x the reference under the ``home`` profile (on loopback the figure says
+little: loopback bytes are nearly free). ``--reference`` takes the every_step run of an earlier result of the same
+run instead of training it again (to compare settings of a mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -44,12 +52,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bedswarm import BedRun, read_summaries, run_on_bed, swarm_figures
+
 from swarm.errors import ConfigError
+from swarm.local.launcher import traffic_summary
 from swarm.run.config import RunConfig
+from swarm.testing.netbed import PROFILES as BED_PROFILES
+from swarm.testing.netbed import Bed, BedConfig, missing_requirements
 
 MODES = ("every_step", "bottleneck", "local_sgd", "both")
 ACTIVATION_METHODS = ("stage.forward", "stage.backward")
-PROFILES = ("loopback", "home")
+PROFILES = ("loopback", *BED_PROFILES)
 
 
 def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
@@ -61,10 +74,12 @@ def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
     ]
     local_sgd = [
         'averaging.mode="local_sgd"',
-        f"averaging.inner_steps={args.inner_steps}",
         f"averaging.outer_compression={json.dumps(args.outer_compression)}",
         f"codecs.allreduce={json.dumps(args.outer_codec)}",
     ]
+    for key in ("inner_steps", "outer_lr", "outer_momentum"):  # unset: the run config's defaults (what a user gets)
+        if getattr(args, key) is not None:
+            local_sgd.append(f"averaging.{key}={getattr(args, key)}")
     return {"every_step": [], "bottleneck": bottleneck, "local_sgd": local_sgd, "both": bottleneck + local_sgd}[mode]
 
 
@@ -77,25 +92,18 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         f"model.seq_len={args.seq_len}",
         f"batch.target_batch_size={args.batch}",
         f"batch.microbatch_size={args.microbatch}",
-        "eval.every_steps=0",
+        f"eval.every_steps={args.steps if args.eval_batches else 0}",  # at step 0 and at the end: synced weights
+        f"eval.batches={args.eval_batches or 1}",
     ]
 
 
 def check_profile(profile: str) -> None:
-    """Loopback needs nothing; ``home`` needs the WAN test bed (swarm/testing/netbed/), built by another issue."""
+    """Loopback needs nothing; a WAN test bed profile needs root, `ip` and /dev/net/tun (docs/netbed.md)."""
     if profile == "loopback":
         return
-    try:
-        import swarm.testing.netbed  # noqa: F401  (the WAN bed: present once its issue lands)
-    except ImportError:
-        raise SystemExit(
-            f"--profile {profile} needs the WAN test bed (swarm/testing/netbed/), which this tree does not have yet; "
-            "run with --profile loopback"
-        ) from None
-    raise SystemExit(
-        f"--profile {profile}: the WAN test bed is here but bench_traffic does not drive it yet; "
-        "run with --profile loopback"
-    )
+    why = missing_requirements()
+    if why is not None:
+        raise SystemExit(f"--profile {profile} runs on the WAN test bed: {why}")
 
 
 def run_swarm(config: Path, sets: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
@@ -116,6 +124,39 @@ def run_swarm(config: Path, sets: list[str], args: argparse.Namespace, label: st
     return summary
 
 
+def run_swarms_on_bed(
+    config: Path, runs: dict[str, list[str]], args: argparse.Namespace, run: RunConfig
+) -> dict[str, dict[str, Any]]:
+    """Each mode's swarm on the WAN test bed, one after the other on one bed: one node per emulated host, every
+    host's link of ``args.profile``; per mode the summary ``run_swarm`` gives, from the nodes' summary files, plus
+    the Ethernet bytes each host sent per step as the emulator counted them."""
+
+    async def all_modes() -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        with Bed(BedConfig(hosts=args.nodes)) as bed:
+            bed.set_profile(BED_PROFILES[args.profile])
+            for label, sets in runs.items():
+                run_dir = args.out_dir / label
+                shutil.rmtree(run_dir, ignore_errors=True)
+                spec = BedRun(config_spec=str(config), steps=args.steps, hosts=args.nodes, sets=tuple(sets),
+                              timeout_s=args.timeout_s)  # fmt: skip
+                print(f"{label}: training {args.steps} steps on {args.nodes} {args.profile} hosts ...", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                started = time.perf_counter()
+                nodes, wire = await run_on_bed(spec, bed, run_dir, label)
+                summaries = read_summaries(nodes, label)
+                summary = swarm_figures(run, summaries, args.steps, len(nodes))
+                steps = max(summary["steps"], 1)
+                summary["traffic"] = traffic_summary(summaries)
+                summary["wall_s_with_startup"] = round(time.perf_counter() - started, 2)
+                summary["bed_sent_bytes_per_step_per_host"] = [round(b / steps) for b in wire["sent_bytes"]]
+                summary["bed_frames_lost"] = sum(wire["lost"])
+                out[label] = summary
+        return out
+
+    return asyncio.run(all_modes())
+
+
 def figures(summary: dict[str, Any], tail: int) -> dict[str, Any]:
     """The bytes per step (all nodes' sent bytes) and the losses of one run."""
     traffic = summary["traffic"]
@@ -129,13 +170,37 @@ def figures(summary: dict[str, Any], tail: int) -> dict[str, Any]:
         "sent_bytes_per_step": traffic["sent_bytes_per_step"],
         "method_sent_bytes_per_step": methods,
         "final_loss": round(sum(curve[-tail:]) / len(curve[-tail:]), 4) if curve else None,
+        "final_eval_loss": summary.get("final_eval_loss"),
         "initial_loss": summary["initial_loss"],
         "loss_curve": curve,
         "tokens_per_s": summary["tokens_per_s"],
+        "bed_sent_bytes_per_step_per_host": summary.get("bed_sent_bytes_per_step_per_host"),
         "elapsed_s": summary["elapsed_s"],
         "wall_s_with_startup": summary["wall_s_with_startup"],
         "ok": summary.get("ok"),
     }
+
+
+def load_reference(path: Path, run_id: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The every_step run of an earlier result (``--reference``), refused unless it trained the same run (run id,
+    steps, profile, nodes) and summed its final loss over the same tail."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("{")]  # a saved stdout+stderr too
+    if not lines:
+        raise SystemExit(f"--reference {path}: no JSON line")
+    earlier: dict[str, Any] = json.loads(lines[-1])
+    same = {
+        "run_id": (earlier.get("run_id"), run_id),
+        "steps": (earlier.get("steps"), args.steps),
+        "profile": (earlier.get("profile"), args.profile),
+        "nodes": (earlier.get("model", {}).get("nodes"), args.nodes),
+        "tail": (earlier.get("settings", {}).get("tail"), args.tail),
+    }
+    differ = {k: v for k, v in same.items() if v[0] != v[1]}
+    if differ or not earlier.get("modes", {}).get("every_step", {}).get("available"):
+        raise SystemExit(f"--reference {path}: not this run's every_step reference ({differ or 'no every_step run'})")
+    reference: dict[str, Any] = earlier["modes"]["every_step"]
+    reference["from"] = str(path)
+    return reference
 
 
 def ratio(reference: float | None, value: float | None) -> float | None:
@@ -158,7 +223,13 @@ def main() -> None:
     parser.add_argument("--microbatch", type=int, default=16)
     parser.add_argument("--ratio", type=int, default=16, help="the bottleneck's width / features on the wire")
     parser.add_argument("--activation-codec", default="blockwise8", help="codec on top of the bottleneck (none, ...)")
-    parser.add_argument("--inner-steps", type=int, default=25, help="local_sgd: inner steps between outer syncs")
+    parser.add_argument(
+        "--inner-steps", type=int, default=None, help="local_sgd: steps between outer syncs (default: the run's)"
+    )
+    parser.add_argument("--outer-lr", type=float, default=None, help="local_sgd: outer lr (default: the run's)")
+    parser.add_argument(
+        "--outer-momentum", type=float, default=None, help="local_sgd: outer momentum (default: the run's)"
+    )
     parser.add_argument(
         "--outer-compression", default="none", help="local_sgd: averaging.outer_compression (none, topk_q)"
     )
@@ -166,11 +237,20 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
     parser.add_argument("--profile", default="loopback", choices=PROFILES)
     parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
+    parser.add_argument(
+        "--eval-batches", type=int, default=0, help="held-out loss at the end over this many microbatches (0: none)"
+    )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per swarm run")
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="an earlier run's last-line JSON whose every_step run is the reference (same run id, steps, profile)",
+    )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
-    if any(m not in MODES for m in modes) or "every_step" not in modes:
+    if any(m not in MODES for m in modes) or ("every_step" not in modes and args.reference is None):
         raise SystemExit(f"--modes must name modes of {MODES}, every_step (the reference) among them")
     check_profile(args.profile)
     args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-traffic-"))
@@ -180,6 +260,7 @@ def main() -> None:
     config.write_text(base.to_toml())
 
     runs: dict[str, dict[str, Any]] = {}
+    to_run: dict[str, list[str]] = {}
     for mode in modes:
         sets = mode_overrides(mode, args)
         try:
@@ -188,9 +269,21 @@ def main() -> None:
             runs[mode] = {"available": False, "reason": str(e), "overrides": sets}
             print(f"{mode}: unavailable ({e})", file=sys.stderr, flush=True)
             continue
-        print(f"{mode}: training {args.steps} steps on {args.nodes} nodes ...", file=sys.stderr, flush=True)
-        runs[mode] = {"available": True, "overrides": sets, **figures(run_swarm(config, sets, args, mode), args.tail)}
+        to_run[mode] = sets
+    if args.profile == "loopback":
+        for mode, sets in to_run.items():
+            print(f"{mode}: training {args.steps} steps on {args.nodes} nodes ...", file=sys.stderr, flush=True)
+            runs[mode] = {
+                "available": True,
+                "overrides": sets,
+                **figures(run_swarm(config, sets, args, mode), args.tail),
+            }
+    else:
+        for mode, summary in run_swarms_on_bed(config, to_run, args, base).items():
+            runs[mode] = {"available": True, "overrides": to_run[mode], **figures(summary, args.tail)}
 
+    if "every_step" not in runs:
+        runs["every_step"] = load_reference(args.reference, base.run_id, args)
     reference = runs["every_step"]
     result: dict[str, Any] = {
         "benchmark": "traffic",
@@ -199,9 +292,22 @@ def main() -> None:
         "model": {"blocks": args.blocks, "width": args.width, "data": base.data.source, "nodes": args.nodes},
         "steps": args.steps,
         "dp_bytes_ratio": {},
+        "dp_tied_bytes_ratio": {},
         "activation_bytes_ratio": {},
         "final_loss_ratio": {},
+        "final_eval_loss_ratio": {},
         "tokens_per_s": {},
+        "tokens_per_s_ratio": {},
+        "settings": {
+            "inner_steps": args.inner_steps or base.averaging.inner_steps,
+            "outer_lr": args.outer_lr or base.averaging.outer_lr,
+            "outer_momentum": base.averaging.outer_momentum if args.outer_momentum is None else args.outer_momentum,
+            "outer_codec": args.outer_codec,
+            "outer_compression": args.outer_compression,
+            "bottleneck_ratio": args.ratio,
+            "activation_codec": args.activation_codec,
+            "tail": args.tail,
+        },
         "unavailable": {m: r["reason"] for m, r in runs.items() if not r["available"]},
         "modes": runs,
     }
@@ -209,12 +315,19 @@ def main() -> None:
         if not r["available"]:
             continue
         result["dp_bytes_ratio"][mode] = ratio(reference["dp_bytes_per_step"], r["dp_bytes_per_step"])
+        result["dp_tied_bytes_ratio"][mode] = ratio(
+            reference["dp_bytes_per_step"] + reference["tied_bytes_per_step"],
+            r["dp_bytes_per_step"] + r["tied_bytes_per_step"],
+        )
         result["activation_bytes_ratio"][mode] = ratio(
             reference["activation_bytes_per_step"], r["activation_bytes_per_step"]
         )
         loss_ratio = ratio(r["final_loss"], reference["final_loss"])
         result["final_loss_ratio"][mode] = loss_ratio
+        if args.eval_batches:
+            result["final_eval_loss_ratio"][mode] = ratio(r["final_eval_loss"], reference["final_eval_loss"])
         result["tokens_per_s"][mode] = r["tokens_per_s"]
+        result["tokens_per_s_ratio"][mode] = ratio(r["tokens_per_s"], reference["tokens_per_s"])
     print(json.dumps(result), flush=True)
 
 

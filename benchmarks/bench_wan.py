@@ -22,29 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bedswarm import BedRun, HostNode, read_summaries, run_on_bed, swarm_figures
+
 from swarm.data import bind_data
-from swarm.local.events import EventReader, ListeningEvent, NodeEventError, ServingEvent
 from swarm.run.config import RunConfig
 from swarm.testing.netbed import PROFILES, Bed, BedConfig, Profile, missing_requirements
-from swarm.training.summary import NodeSummary, SummaryError
-
-STOP_GRACE_S = 10.0
-
-
-@dataclass
-class HostNode:
-    host: int
-    proc: subprocess.Popen[bytes]
-    folder: Path
-    maddr: str = ""
 
 
 @dataclass
@@ -56,57 +46,6 @@ class Scenario:
     blip_s: float = 0.0  # the last host's link drops everything for this long, mid-run
     lossy: float = 0.0  # the last host's link loses this share of frames each way, all run
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def _node_argv(args: argparse.Namespace, bed: Bed, host: int, folder: Path, bootstrap: str | None) -> list[str]:
-    argv = [
-        sys.executable, "-m", "swarm.cli.node", "start",
-        "--listen", f"/ip4/{bed.address(host)}/tcp/0",
-        "--data-dir", str(folder),
-        "--max-steps", str(args.steps),
-        "--summary-file", str(folder / "summary.json"),
-        "--events-file", str(folder / "events.jsonl"),
-        "--start-after-peers", str(args.hosts),
-        "--device", "cpu",
-        "--config", args.config_spec,
-    ]  # fmt: skip
-    for override in args.set:
-        argv += ["--set", override]
-    if bootstrap is not None:
-        argv += ["--initial-peers", bootstrap]
-    return argv
-
-
-async def _start_nodes(args: argparse.Namespace, bed: Bed, run_dir: Path, nodes: list[HostNode]) -> None:
-    """One node per host into ``nodes``, each after the previous one serves (node 0 is everyone's initial peer)."""
-    for host in range(args.hosts):
-        folder = run_dir / f"node-{host}"
-        folder.mkdir(parents=True)
-        argv = _node_argv(args, bed, host, folder, nodes[0].maddr if nodes else None)
-        with open(run_dir / f"node-{host}.log", "ab") as log_file:
-            proc = bed.popen(host, argv, stdout=log_file, stderr=log_file, start_new_session=True)
-        node = HostNode(host=host, proc=proc, folder=folder)
-        nodes.append(node)
-        events = EventReader(folder / "events.jsonl")
-        alive = lambda p=proc: p.poll() is None  # noqa: E731
-        try:
-            async with asyncio.timeout(args.start_timeout):
-                node.maddr = (await events.wait_for(ListeningEvent, alive=alive)).maddrs[0]
-                await events.wait_for(ServingEvent, alive=alive)
-        except (NodeEventError, TimeoutError) as e:
-            raise SystemExit(f"node {host} did not start ({e!r}); see {run_dir}/node-{host}.log") from None
-
-
-def _stop(nodes: list[HostNode]) -> None:
-    for node in nodes:
-        if node.proc.poll() is None:
-            node.proc.terminate()
-    for node in nodes:
-        try:
-            node.proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait()
 
 
 async def _observe(bed: Bed, nodes: list[HostNode], run_id: str, lines: list[dict[str, Any]]) -> None:
@@ -143,65 +82,44 @@ async def _run_swarm(
     bed.set_profile(sc.profile)
     if sc.lossy:
         bed.set_link(bed.cfg.hosts - 1, sc.profile.link(loss=sc.lossy))
-    run_dir = args.out_dir / name
-    run_dir.mkdir(parents=True)
-    nodes: list[HostNode] = []
     lines: list[dict[str, Any]] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        await _start_nodes(args, bed, run_dir, nodes)
-        before = bed.stats()
-        if sc.blip_s:
-            tasks = [asyncio.create_task(_observe(bed, nodes, run_id, lines))]
-            tasks.append(asyncio.create_task(_blip(bed, sc, lines, args.steps)))
-        async with asyncio.timeout(args.timeout):
-            while any(n.proc.poll() is None for n in nodes):
-                await asyncio.sleep(0.5)
-        after = bed.stats()
-    except TimeoutError:
-        raise SystemExit(f"{sc.label}: the swarm did not finish within {args.timeout}s; logs in {run_dir}") from None
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        _stop(nodes)
+
+    def during(nodes: list[HostNode]) -> list[Coroutine[Any, Any, None]]:
+        if not sc.blip_s:
+            return []
+        return [_observe(bed, nodes, run_id, lines), _blip(bed, sc, lines, args.steps)]
+
+    run = BedRun(
+        config_spec=args.config_spec,
+        steps=args.steps,
+        hosts=args.hosts,
+        sets=tuple(args.set),
+        start_timeout_s=args.start_timeout,
+        timeout_s=args.timeout,
+    )
+    nodes, traffic = await run_on_bed(run, bed, args.out_dir / name, sc.label, during)
     if sc.blip_s:
         sc.notes["progress"] = lines
-    sent = [a["sent_bytes"] - b["sent_bytes"] for a, b in zip(after, before, strict=True)]
-    return nodes, {"sent_bytes": sent, "lost": [a["lost"] - b["lost"] for a, b in zip(after, before, strict=True)]}
+    return nodes, traffic
 
 
 def _summarize(args: argparse.Namespace, run: RunConfig, sc: Scenario, nodes: list[HostNode], traffic: dict) -> dict:
-    summaries: list[NodeSummary] = []
-    for node in nodes:
-        try:
-            summaries.append(NodeSummary.read(node.folder / "summary.json"))
-        except SummaryError as e:
-            print(f"{sc.label}: node {node.host}: {e}", file=sys.stderr)
-    per_step: dict[int, list[float]] = {}
-    for s in summaries:
-        for step, losses in s.losses.items():
-            per_step.setdefault(step, []).extend(losses)
-    curve = [sum(per_step[k]) / len(per_step[k]) for k in sorted(per_step)]
-    steps = min((s.step for s in summaries), default=0)
-    starts = [s.first_sample_time for s in summaries if s.first_sample_time]
-    ends = [s.end_time for s in summaries if s.end_time]
-    elapsed = max(ends) - min(starts) if starts and ends else 0.0
-    samples = sum(s.samples for s in summaries)
+    figures = swarm_figures(run, read_summaries(nodes, sc.label), args.steps, len(nodes))
+    steps, curve, elapsed = figures["steps"], figures["loss_curve"], figures["elapsed_s"]
     tail = curve[-args.tail :]
     return {
         "profile": sc.profile.name,
         "rtt_ms": sc.profile.rtt_ms,
-        "ok": len(summaries) == len(nodes) and steps >= args.steps,
+        "ok": figures["ok"],
         "exit_codes": [n.proc.returncode for n in nodes],
         "steps": steps,
         "s_per_step": round(elapsed / steps, 4) if steps else None,
-        "tokens_per_s": round(samples * run.model.seq_len / elapsed, 1) if elapsed > 0 else 0.0,
+        "tokens_per_s": figures["tokens_per_s"],
         "bytes_per_step_per_host": round(sum(traffic["sent_bytes"]) / len(nodes) / steps) if steps else None,
         "frames_lost": sum(traffic["lost"]),
         "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
-        "loss_curve": [round(x, 4) for x in curve],
-        "elapsed_s": round(elapsed, 2),
+        "loss_curve": curve,
+        "elapsed_s": elapsed,
         **sc.notes,
     }
 

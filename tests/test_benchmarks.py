@@ -61,6 +61,15 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ],
         ["dp_bytes_ratio", "activation_bytes_ratio", "final_loss_ratio", "tokens_per_s", "unavailable"],
     ),
+    (  # the same on the WAN test bed: one node per emulated host (skipped where the bed cannot run)
+        "bench_traffic.py",
+        [
+            *("--config", "tiny_gpt", "--steps", "2", "--nodes", "2", "--blocks", "2", "--width", "32"),
+            *("--heads", "4", "--seq-len", "16", "--batch", "16", "--microbatch", "8"),
+            *("--modes", "every_step,local_sgd", "--profile", "lan", "--out-dir", "{tmp}"),
+        ],
+        ["dp_bytes_ratio", "final_loss_ratio", "tokens_per_s", "tokens_per_s_ratio"],
+    ),
     (
         "bench_rtt.py",
         ["--delays-ms", "0,5", "--steps", "1", "--warmup", "1", "--nodes", "2"],
@@ -77,7 +86,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["rtts_per_step", "profiles", "ok"],
     ),
 ]
-NEEDS_BED = {"bench_wan.py"}  # they run on the WAN test bed: root, `ip`, /dev/net/tun
+NEEDS_BED = {"bench_wan.py"}  # they run on the WAN test bed: root, `ip`, /dev/net/tun (and any with --profile)
+
+
+def _needs_bed(script: str, args: list[str]) -> bool:
+    return script in NEEDS_BED or "--profile" in args
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -102,11 +115,13 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize(("script", "args", "keys"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("script", "args", "keys"), CASES, ids=[c[0] + ("[bed]" if "--profile" in c[1] else "") for c in CASES]
+)
 def test_the_benchmark_runs_and_prints_its_figures_as_json(
     script: str, args: list[str], keys: list[str], tmp_path: Path
 ) -> None:
-    if script in NEEDS_BED and (why := missing_requirements()) is not None:
+    if _needs_bed(script, args) and (why := missing_requirements()) is not None:
         pytest.skip(why)
     argv = [sys.executable, str(REPO / "benchmarks" / script), *(a.format(tmp=tmp_path) for a in args)]
     done = _run(argv)
@@ -117,6 +132,10 @@ def test_the_benchmark_runs_and_prints_its_figures_as_json(
     assert isinstance(result, dict)
     missing = [k for k in keys if k not in result]
     assert not missing, f"{script}'s JSON lacks {missing}: {sorted(result)}"
+    if script == "bench_traffic.py" and "--profile" in args:  # each mode ran on the bed: its hosts sent bytes
+        for mode in ("every_step", "local_sgd"):
+            run = result["modes"][mode]
+            assert run["ok"] and all(b > 0 for b in run["bed_sent_bytes_per_step_per_host"]), run
     if script == "bench_wan.py":
         lan = result["profiles"]["lan"]
         assert result["ok"] and lan["s_per_step"] > 0 and lan["bytes_per_step_per_host"] > 0, lan
