@@ -99,9 +99,12 @@ async def test_a_sign_flipped_pseudo_gradient_is_reported_by_its_stage_peers() -
     run = local_sgd_run(base, inner_steps=2, outer_compression="topk_q", outer_topk_fraction=0.1, outer_bits=4)
     swarm = Swarm(run)
     try:
-        honest = [await swarm.add(seed=130 + i, stage=0, max_steps=6) for i in range(2)]
-        flipper = await swarm.add(seed=132, stage=0, max_steps=6, hooks=Misbehaviour(MisbehaveConfig(kind="sign-flip")))
-        last = await swarm.add(seed=133, stage=1, max_steps=6)
+        # 5 outer syncs: a sync whose group forms without one of the three (a slow joiner) inspects nothing of it
+        steps = 10
+        honest = [await swarm.add(seed=130 + i, stage=0, max_steps=steps) for i in range(2)]
+        flip = Misbehaviour(MisbehaveConfig(kind="sign-flip"))
+        flipper = await swarm.add(seed=132, stage=0, max_steps=steps, hooks=flip)
+        last = await swarm.add(seed=133, stage=1, max_steps=steps)
         await finish([*honest, flipper, last])
         cheat = flipper.transport.peer_id
         for node in honest:
@@ -109,8 +112,9 @@ async def test_a_sign_flipped_pseudo_gradient_is_reported_by_its_stage_peers() -
         async with asyncio.timeout(10):  # the signed reports it published (the orchestrator flags on 2 reporters)
             for node in honest:
                 await node.trainer.checks.gradients.flush()  # type: ignore[union-attr]
-            reports = await fetch_reports(honest[0].dht, run.run_id, 0)
-        reporters = {p for p, r in reports.items() if cheat in {PeerID(e.peer) for e in r.entries}}
+            windows = range(steps // run.verification.window_steps + 1)  # whichever window each caught it in
+            reports = [await fetch_reports(honest[0].dht, run.run_id, w) for w in windows]
+        reporters = {p for r in reports for p, rep in r.items() if cheat in {PeerID(e.peer) for e in rep.entries}}
         assert reporters == {n.transport.peer_id for n in honest}
     finally:
         await swarm.close()
