@@ -12,8 +12,12 @@ avoid (gloo's plus AES-GCM's on the same bytes: `encrypted_floor_over_gloo`).
 With ``--profile`` (lan, wan, home, far) every peer runs on its own host of the WAN test bed (docs/netbed.md)
 instead of loopback, and the figures are seconds per round against the time the round's bytes need at the
 profile's line rate (a butterfly round sends and receives ``2 (N-1)/N`` of the tensor per peer): goal
-``line_rate_fraction`` >= 0.9, and at most 0.5x hivemind's time on the same bed (skipped, with the reason, when
-hivemind is not installed). gloo is not run on the bed: there the link, not the CPU, is the limit.
+``line_rate_fraction`` >= 0.9, and at most 0.5x hivemind's time on the same bed (``ratio_to_hivemind``; skipped,
+with the reason, when hivemind is not installed; if it fails on the bed, the error is reported and it runs on
+loopback instead, labelled by ``hivemind_where``). The same bytes between the same hosts over plain kernel TCP
+(one connection per pair, all at once) run first: ``tcp_line_rate_fraction`` is what the bed and the kernel's
+TCP allow that pattern (``--tcp-ring``: also a ring pattern, one flow per link). gloo is not run on the bed: there
+the link, not the CPU, is the limit.
 
 ``BENCH_ROUND_TIMEOUT_S`` (default 300) bounds each round; a peer that hangs past it dumps its stack and exits.
 """
@@ -88,7 +92,8 @@ async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any, addres
                 raise RuntimeError(f"peer {rank} lost peers in round {r}: {outcome}")
             conn.send((times[-1], time.process_time() - cpu_start, faults))
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        conn.send({"idle_rss": idle_rss, "peak_rss": peak_rss})
+        connections = transport.connection_counts()["established"]
+        conn.send({"idle_rss": idle_rss, "peak_rss": peak_rss, "connections": connections})
         # run_allreduce returns once our results are written to the sockets, not once the others have them: stay
         # up until every peer is done, or closing the transport would cut off the tail of what they fetch
         await asyncio.to_thread(conn.recv)
@@ -125,7 +130,9 @@ def bench_swarm(peers: int, size_mib: float, rounds: int, bed: Bed | None = None
             answers = [_recv(parent) for parent, _ in pipes]
             if bed is not None:
                 after = bed.stats()
-                round_sent.append(statistics.mean(a["sent_bytes"] - b["sent_bytes"] for a, b in zip(after, before, strict=True)))
+                round_sent.append(
+                    statistics.mean(a["sent_bytes"] - b["sent_bytes"] for a, b in zip(after, before, strict=True))
+                )
                 round_drops.append(_dropped(before, after))
             round_times.append(max(wall for wall, _, _ in answers))
             round_faults.append(sum(f for _, _, f in answers))
@@ -145,6 +152,7 @@ def bench_swarm(peers: int, size_mib: float, rounds: int, bed: Bed | None = None
         "sent_bytes_per_peer": statistics.median(round_sent[1:]) if round_sent else None,
         "frames_dropped": round_drops,
         "peer_faults": round_faults,  # owners lost plus senders dropped, summed over peers, per round
+        "connections_per_peer": [m["connections"] for m in mem],
     }
 
 
@@ -163,6 +171,9 @@ def bench_on_bed(args: argparse.Namespace) -> dict[str, Any]:
     with Bed(BedConfig(hosts=args.peers, profile=args.profile)) as bed:
         tcp = bench_tcp(args.peers, args.size_mib, args.rounds, bed)
         print(f"plain TCP on the bed ({args.profile}): {tcp}", flush=True)
+        ring = bench_tcp(args.peers, args.size_mib, args.rounds, bed, ring=True) if args.tcp_ring else None
+        if ring is not None:
+            print(f"plain TCP, ring pattern, on the bed ({args.profile}): {ring}", flush=True)
         swarm = bench_swarm(args.peers, args.size_mib, args.rounds, bed)
         print(f"swarm on the bed ({args.profile}): {swarm}", flush=True)
         if skipped is None:
@@ -188,6 +199,7 @@ def bench_on_bed(args: argparse.Namespace) -> dict[str, Any]:
         "wire_bytes_sent_per_peer": swarm["sent_bytes_per_peer"],
         "swarm_frames_dropped": swarm["frames_dropped"],
         "swarm_peer_faults": swarm["peer_faults"],
+        "swarm_connections_per_peer": swarm["connections_per_peer"],
         "swarm_cpu_s_per_peer": round(swarm["cpu_s_per_peer"], 4),
         # the same bytes between the same hosts over plain kernel TCP (one connection per pair, all at once)
         "tcp_median_s": round(tcp["median_s"], 4),
@@ -195,6 +207,7 @@ def bench_on_bed(args: argparse.Namespace) -> dict[str, Any]:
         "tcp_line_rate_fraction": round(line_rate_s / tcp["median_s"], 3),
         "tcp_frames_dropped": tcp["frames_dropped"],
         "swarm_over_tcp": round(swarm["median_s"] / tcp["median_s"], 3),
+        "tcp_ring_line_rate_fraction": None if ring is None else round(line_rate_s / ring["median_s"], 3),
         "hivemind_median_s": None if hive is None else round(hive["median_s"], 4),
         "hivemind_rounds_s": None if hive is None else [round(t, 3) for t in hive["rounds_s"]],
         "hivemind_where": hive_where,
@@ -220,7 +233,8 @@ def _tcp_main(
 ) -> None:
     """Send ``each_bytes`` to every other host and receive as much from each, over one plain TCP connection per
     pair (kept across rounds, as the transport keeps its connections): the bytes of a butterfly round, without
-    the all-reduce. What the bed and the kernel's TCP allow."""
+    the all-reduce. What the bed and the kernel's TCP allow. ``ring``: the same bytes to the next host only
+    (one flow per link, as a ring all-reduce sends them)."""
     import socket
     import threading
 
@@ -242,12 +256,11 @@ def _tcp_main(
     acceptor.start()
     outgoing = []
     for j in targets:
-        if True:
-            sock = socket.socket()
-            if cc is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
-            sock.connect(addresses[j])
-            outgoing.append(sock)
+        sock = socket.socket()
+        if cc is not None:  # a congestion control other than the host's default (diagnostics)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+        sock.connect(addresses[j])
+        outgoing.append(sock)
     acceptor.join()
     block = memoryview(bytearray(each_bytes))
 
@@ -287,7 +300,8 @@ def bench_tcp(
     pipes = [ctx.Pipe() for _ in range(peers)]
     hosts = [(bed.namespaces[i], bed.address(i)) for i in range(peers)]
     procs = [
-        ctx.Process(target=_tcp_main, args=(i, peers, each_bytes, rounds, pipes[i][1], hosts[i], cc, ring)) for i in range(peers)
+        ctx.Process(target=_tcp_main, args=(i, peers, each_bytes, rounds, pipes[i][1], hosts[i], cc, ring))
+        for i in range(peers)
     ]
     for p in procs:
         p.start()
@@ -330,8 +344,8 @@ def bench_cipher(peers: int, size_mib: float) -> float:
     records = -(-each_way // MAX_PLAINTEXT_BYTES)
     start = time.process_time()
     for _ in range(records):
-        sender.encrypt_into(plain, memoryview(sealed))
-        receiver.decrypt_into(sealed, memoryview(plain))
+        sender.encrypt_into(memoryview(plain), memoryview(sealed))
+        receiver.decrypt_into(memoryview(sealed), memoryview(plain))
     return time.process_time() - start
 
 
@@ -485,6 +499,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--tcp-ring", action="store_true", help="on the bed: also plain TCP in a ring pattern")
     parser.add_argument("--profile", choices=tuple(PROFILES), default=None, help="run on the WAN test bed (root)")
     parser.add_argument("--only-hivemind", action="store_true", help="debugging: run hivemind alone, print its figures")
     args = parser.parse_args()
