@@ -441,6 +441,7 @@ def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any, host: tup
             if not result or len(result) != 4:
                 raise RuntimeError(f"hivemind averaged with {0 if not result else len(result)} peers, not 4")
         conn.send(times)
+        conn.recv()  # every peer is done: shutting down earlier cuts off the tail of what the others fetch
     finally:
         averager.shutdown()
         dht.shutdown()
@@ -469,6 +470,8 @@ def bench_hivemind(peers: int, size_mib: float, rounds: int, bed: Bed | None = N
             for parent, _ in pipes:
                 parent.send("start")
         per_peer = [_recv(parent) for parent, _ in pipes]
+        for parent, _ in pipes:
+            parent.send("done")
     finally:
         _join(procs)
     round_times = [max(t[r] for t in per_peer) for r in range(rounds + 1)]
