@@ -393,13 +393,17 @@ def test_both_ends_pick_the_connection_dialled_by_the_smaller_peer() -> None:
     first, second = sorted(seeded_identity(name).peer_id for name in ("a", "b"))
     for local, remote in ((first, second), (second, first)):
         table = ConnectionTable(local)
-        inbound = SimpleNamespace(is_open=True, initiator=False)
-        outbound = SimpleNamespace(is_open=True, initiator=True)
+        inbound = SimpleNamespace(is_open=True, initiator=False, relayed=False)
+        outbound = SimpleNamespace(is_open=True, initiator=True, relayed=False)
         for order in ([inbound, outbound], [outbound, inbound]):
             table.by_peer[remote] = order  # type: ignore[assignment]
             assert table.open_connection(remote) is (outbound if local == first else inbound)
         outbound.is_open = False  # the preferred one closed: the other still serves
         table.by_peer[remote] = [outbound, inbound]  # type: ignore[list-item]
+        assert table.open_connection(remote) is inbound
+        outbound.is_open, inbound.relayed = True, True  # a direct connection goes before a relayed one
+        assert table.open_connection(remote) is outbound
+        outbound.relayed, inbound.relayed = True, False
         assert table.open_connection(remote) is inbound
 
 
