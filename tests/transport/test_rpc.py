@@ -7,10 +7,13 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from swarm.p2p.connection import Connection
 from swarm.p2p.conntable import ConnectionTable
+from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import Message, packb
 from swarm.p2p import RpcContext, Transport, TransportConfig
@@ -393,18 +396,21 @@ def test_both_ends_pick_the_connection_dialled_by_the_smaller_peer() -> None:
     first, second = sorted(seeded_identity(name).peer_id for name in ("a", "b"))
     for local, remote in ((first, second), (second, first)):
         table = ConnectionTable(local)
+
+        def chosen(conns: list[SimpleNamespace], table: ConnectionTable = table, remote: PeerID = remote) -> object:
+            table.by_peer[remote] = cast(list[Connection], conns)
+            return table.open_connection(remote)
+
         inbound = SimpleNamespace(is_open=True, initiator=False, relayed=False)
         outbound = SimpleNamespace(is_open=True, initiator=True, relayed=False)
         for order in ([inbound, outbound], [outbound, inbound]):
-            table.by_peer[remote] = order  # type: ignore[assignment]
-            assert table.open_connection(remote) is (outbound if local == first else inbound)
+            assert chosen(order) is (outbound if local == first else inbound)
         outbound.is_open = False  # the preferred one closed: the other still serves
-        table.by_peer[remote] = [outbound, inbound]  # type: ignore[list-item]
-        assert table.open_connection(remote) is inbound
+        assert chosen([outbound, inbound]) is inbound
         outbound.is_open, inbound.relayed = True, True  # a direct connection goes before a relayed one
-        assert table.open_connection(remote) is outbound
+        assert chosen([outbound, inbound]) is outbound
         outbound.relayed, inbound.relayed = True, False
-        assert table.open_connection(remote) is inbound
+        assert chosen([outbound, inbound]) is inbound
 
 
 async def test_register_and_config_errors(make_transport: MakeTransport) -> None:
