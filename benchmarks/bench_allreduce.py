@@ -12,8 +12,12 @@ avoid (gloo's plus AES-GCM's on the same bytes: `encrypted_floor_over_gloo`).
 With ``--profile`` (lan, wan, home, far) every peer runs on its own host of the WAN test bed (docs/netbed.md)
 instead of loopback, and the figures are seconds per round against the time the round's bytes need at the
 profile's line rate (a butterfly round sends and receives ``2 (N-1)/N`` of the tensor per peer): goal
-``line_rate_fraction`` >= 0.9, and at most 0.5x hivemind's time on the same bed (skipped, with the reason, when
-hivemind is not installed). gloo is not run on the bed: there the link, not the CPU, is the limit.
+``line_rate_fraction`` >= 0.9, and at most 0.5x hivemind's time on the same bed (``ratio_to_hivemind``; skipped,
+with the reason, when hivemind is not installed; if it fails on the bed, the error is reported and it runs on
+loopback instead, labelled by ``hivemind_where``). The same bytes between the same hosts over plain kernel TCP
+(one connection per pair, all at once) run first: ``tcp_line_rate_fraction`` is what the bed and the kernel's
+TCP allow that pattern (``--tcp-ring``: also a ring pattern, one flow per link). gloo is not run on the bed: there
+the link, not the CPU, is the limit.
 
 ``BENCH_ROUND_TIMEOUT_S`` (default 300) bounds each round; a peer that hangs past it dumps its stack and exits.
 """
@@ -25,6 +29,7 @@ import asyncio
 import faulthandler
 import importlib.util
 import json
+import logging
 import multiprocessing as mp
 import os
 import resource
@@ -78,18 +83,26 @@ async def _swarm_peer(rank: int, size_mib: float, rounds: int, conn: Any, addres
             )
             server.expect(key, group.round_id)
             await asyncio.to_thread(conn.recv)  # the go signal
+            faulthandler.dump_traceback_later(ROUND_TIMEOUT_S, exit=True)  # re-armed: it bounds each round
             start, cpu_start = time.perf_counter(), time.process_time()
             outcome = await run_allreduce(server, group, tensor, 1.0)
             times.append(time.perf_counter() - start)
-            if outcome.lost_owners or outcome.dropped_senders:
+            faults = len(outcome.lost_owners) + len(outcome.dropped_senders)
+            if faults and address == "127.0.0.1":  # loopback never loses a peer; the bed's links may
                 raise RuntimeError(f"peer {rank} lost peers in round {r}: {outcome}")
-            conn.send((times[-1], time.process_time() - cpu_start))
+            conn.send((times[-1], time.process_time() - cpu_start, faults))
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        conn.send({"idle_rss": idle_rss, "peak_rss": peak_rss})
+        connections = transport.connection_counts()["established"]
+        conn.send({"idle_rss": idle_rss, "peak_rss": peak_rss, "connections": connections})
+        # run_allreduce returns once our results are written to the sockets, not once the others have them: stay
+        # up until every peer is done, or closing the transport would cut off the tail of what they fetch
+        await asyncio.to_thread(conn.recv)
 
 
 def _swarm_main(rank: int, size_mib: float, rounds: int, conn: Any, host: tuple[str, str] | None) -> None:
     torch.set_num_threads(1)  # 4 peers share the machine's cores: no intra-op thread pools fighting
+    logging.basicConfig(level=logging.WARNING, format=f"peer {rank} %(asctime)s %(name)s: %(message)s")
+    logging.getLogger("swarm.p2p.connection").setLevel(logging.DEBUG)  # why a connection closed, if one does
     faulthandler.dump_traceback_later(ROUND_TIMEOUT_S, exit=True)  # a hung peer shows where it hangs
     address = "127.0.0.1"
     if host is not None:  # a host of the WAN test bed: (its namespace, its address)
@@ -109,19 +122,25 @@ def bench_swarm(peers: int, size_mib: float, rounds: int, bed: Bed | None = None
         infos = [_recv(pipes[i][0]) for i in range(peers)]
         for parent, _ in pipes:
             parent.send(infos)
-        round_times, round_cpu, round_sent = [], [], []
+        round_times, round_cpu, round_sent, round_drops, round_faults = [], [], [], [], []
         for _ in range(rounds + 1):
             before = bed.stats() if bed is not None else []
             for parent, _ in pipes:
                 parent.send("go")
             answers = [_recv(parent) for parent, _ in pipes]
             if bed is not None:
+                after = bed.stats()
                 round_sent.append(
-                    statistics.mean(a["sent_bytes"] - b["sent_bytes"] for a, b in zip(bed.stats(), before, strict=True))
+                    statistics.mean(a["sent_bytes"] - b["sent_bytes"] for a, b in zip(after, before, strict=True))
                 )
-            round_times.append(max(wall for wall, _ in answers))
-            round_cpu.append(statistics.mean(cpu for _, cpu in answers))
+                round_drops.append(_dropped(before, after))
+            round_times.append(max(wall for wall, _, _ in answers))
+            round_faults.append(sum(f for _, _, f in answers))
+            print(f"swarm round {len(round_times) - 1}: {round_times[-1]:.2f}s, faults {round_faults[-1]}", flush=True)
+            round_cpu.append(statistics.mean(cpu for _, cpu, _ in answers))
         mem = [_recv(parent) for parent, _ in pipes]
+        for parent, _ in pipes:
+            parent.send("done")
     finally:
         _join(procs)
     above = max(m["peak_rss"] - m["idle_rss"] for m in mem)
@@ -131,11 +150,15 @@ def bench_swarm(peers: int, size_mib: float, rounds: int, bed: Bed | None = None
         "cpu_s_per_peer": statistics.median(round_cpu[1:]),
         "peak_rss_above_idle_mib": above / 2**20,
         "sent_bytes_per_peer": statistics.median(round_sent[1:]) if round_sent else None,
+        "frames_dropped": round_drops,
+        "peer_faults": round_faults,  # owners lost plus senders dropped, summed over peers, per round
+        "connections_per_peer": [m["connections"] for m in mem],
     }
 
 
 def bench_on_bed(args: argparse.Namespace) -> dict[str, Any]:
-    """The swarm's butterfly on the WAN test bed, one peer per host, against the profile's line rate."""
+    """Plain TCP, the swarm's butterfly and hivemind's averager on the WAN test bed, one peer per host, against
+    the profile's line rate."""
     profile = PROFILES[args.profile]
     per_peer_bytes = 2 * (args.peers - 1) / args.peers * _numel(args.size_mib) * 4
     line_rate_s = per_peer_bytes * 8 / (profile.path_mbit * 1e6)
@@ -144,31 +167,162 @@ def bench_on_bed(args: argparse.Namespace) -> dict[str, Any]:
         skipped = "--skip-hivemind"
     elif importlib.util.find_spec("hivemind") is None:
         skipped = "hivemind is not installed (pip install -e '.[bench]')"
-    hive = None
+    hive, hive_where, hive_error = None, None, None
     with Bed(BedConfig(hosts=args.peers, profile=args.profile)) as bed:
+        tcp = bench_tcp(args.peers, args.size_mib, args.rounds, bed)
+        print(f"plain TCP on the bed ({args.profile}): {tcp}", flush=True)
+        ring = bench_tcp(args.peers, args.size_mib, args.rounds, bed, ring=True) if args.tcp_ring else None
+        if ring is not None:
+            print(f"plain TCP, ring pattern, on the bed ({args.profile}): {ring}", flush=True)
         swarm = bench_swarm(args.peers, args.size_mib, args.rounds, bed)
         print(f"swarm on the bed ({args.profile}): {swarm}", flush=True)
         if skipped is None:
-            hive = bench_hivemind(args.peers, args.size_mib, args.rounds, bed)
-            print(f"hivemind on the bed ({args.profile}): {hive}", flush=True)
+            try:
+                hive, hive_where = bench_hivemind(args.peers, args.size_mib, args.rounds, bed), args.profile
+            except Exception as e:  # reported, then tried on loopback (clearly labelled) below
+                hive_error = f"{type(e).__name__}: {e}"
+            print(f"hivemind on the bed ({args.profile}): {hive or hive_error}", flush=True)
+    if skipped is None and hive is None:
+        hive, hive_where = bench_hivemind(args.peers, args.size_mib, args.rounds), "loopback (not the bed)"
+        print(f"hivemind on loopback: {hive}", flush=True)
     return {
         "benchmark": "allreduce",
         "profile": args.profile,
         "peers": args.peers,
         "tensor_mib": _numel(args.size_mib) * 4 / 2**20,
         "rounds": args.rounds,
+        "line_rate_s": round(line_rate_s, 4),
+        "payload_bytes_per_peer": int(per_peer_bytes),
         "swarm_median_s": round(swarm["median_s"], 4),
         "swarm_rounds_s": [round(t, 3) for t in swarm["rounds_s"]],
-        "line_rate_s": round(line_rate_s, 4),
         "line_rate_fraction": round(line_rate_s / swarm["median_s"], 3),
-        "payload_bytes_per_peer": int(per_peer_bytes),
         "wire_bytes_sent_per_peer": swarm["sent_bytes_per_peer"],
+        "swarm_frames_dropped": swarm["frames_dropped"],
+        "swarm_peer_faults": swarm["peer_faults"],
+        "swarm_connections_per_peer": swarm["connections_per_peer"],
         "swarm_cpu_s_per_peer": round(swarm["cpu_s_per_peer"], 4),
+        # the same bytes between the same hosts over plain kernel TCP (one connection per pair, all at once)
+        "tcp_median_s": round(tcp["median_s"], 4),
+        "tcp_rounds_s": [round(t, 3) for t in tcp["rounds_s"]],
+        "tcp_line_rate_fraction": round(line_rate_s / tcp["median_s"], 3),
+        "tcp_frames_dropped": tcp["frames_dropped"],
+        "swarm_over_tcp": round(swarm["median_s"] / tcp["median_s"], 3),
+        "tcp_ring_line_rate_fraction": None if ring is None else round(line_rate_s / ring["median_s"], 3),
         "hivemind_median_s": None if hive is None else round(hive["median_s"], 4),
-        "swarm_over_hivemind": None if hive is None else round(swarm["median_s"] / hive["median_s"], 3),
+        "hivemind_rounds_s": None if hive is None else [round(t, 3) for t in hive["rounds_s"]],
+        "hivemind_where": hive_where,
+        "hivemind_bed_error": hive_error,
+        "ratio_to_hivemind": None if hive is None else round(swarm["median_s"] / hive["median_s"], 3),
         "hivemind_skipped": skipped,
-        "goal": "line_rate_fraction >= 0.9, swarm_over_hivemind <= 0.5",
+        "goal": "line_rate_fraction >= 0.9, ratio_to_hivemind <= 0.5",
     }
+
+
+# ---------------------------------------------------------------- plain TCP, the same pattern
+
+
+def _tcp_main(
+    rank: int,
+    peers: int,
+    each_bytes: int,
+    rounds: int,
+    conn: Any,
+    host: tuple[str, str],
+    cc: str | None = None,
+    ring: bool = False,
+) -> None:
+    """Send ``each_bytes`` to every other host and receive as much from each, over one plain TCP connection per
+    pair (kept across rounds, as the transport keeps its connections): the bytes of a butterfly round, without
+    the all-reduce. What the bed and the kernel's TCP allow. ``ring``: the same bytes to the next host only
+    (one flow per link, as a ring all-reduce sends them)."""
+    import socket
+    import threading
+
+    enter_namespace(host[0])
+    listener = socket.create_server((host[1], 0))
+    conn.send((host[1], listener.getsockname()[1]))
+    addresses = conn.recv()
+    incoming: list[socket.socket] = []
+
+    targets = [(rank + 1) % peers] if ring else [j for j in range(peers) if j != rank]
+    if ring:
+        each_bytes *= peers - 1
+
+    def accept() -> None:
+        for _ in range(len(targets)):
+            incoming.append(listener.accept()[0])
+
+    acceptor = threading.Thread(target=accept)
+    acceptor.start()
+    outgoing = []
+    for j in targets:
+        sock = socket.socket()
+        if cc is not None:  # a congestion control other than the host's default (diagnostics)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+        sock.connect(addresses[j])
+        outgoing.append(sock)
+    acceptor.join()
+    block = memoryview(bytearray(each_bytes))
+
+    def send(sock: socket.socket) -> None:
+        sock.sendall(block)
+
+    def receive(sock: socket.socket) -> None:
+        buf, left = bytearray(1 << 20), each_bytes
+        while left > 0:
+            n = sock.recv_into(buf, min(len(buf), left))
+            if n == 0:
+                raise ConnectionError("closed early")
+            left -= n
+
+    times = []
+    for _ in range(rounds + 1):
+        conn.recv()  # the go signal
+        start = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(s,)) for s in outgoing]
+        threads += [threading.Thread(target=receive, args=(s,)) for s in incoming]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times.append(time.perf_counter() - start)
+        conn.send(times[-1])
+    for s in [*outgoing, *incoming, listener]:
+        s.close()
+
+
+def bench_tcp(
+    peers: int, size_mib: float, rounds: int, bed: Bed, cc: str | None = None, ring: bool = False
+) -> dict[str, Any]:
+    """The round's bytes over plain TCP on the bed: ``2 / N`` of the tensor from every host to every other."""
+    each_bytes = int(2 * _numel(size_mib) * 4 / peers)
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(peers)]
+    hosts = [(bed.namespaces[i], bed.address(i)) for i in range(peers)]
+    procs = [
+        ctx.Process(target=_tcp_main, args=(i, peers, each_bytes, rounds, pipes[i][1], hosts[i], cc, ring))
+        for i in range(peers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        addresses = [_recv(parent) for parent, _ in pipes]
+        for parent, _ in pipes:
+            parent.send(addresses)
+        round_times, drops = [], []
+        for _ in range(rounds + 1):
+            before = bed.stats()
+            for parent, _ in pipes:
+                parent.send("go")
+            round_times.append(max(_recv(parent) for parent, _ in pipes))
+            drops.append(_dropped(before, bed.stats()))
+    finally:
+        _join(procs)
+    return {"median_s": statistics.median(round_times[1:]), "rounds_s": round_times, "frames_dropped": drops}
+
+
+def _dropped(before: list[dict[str, int]], after: list[dict[str, int]]) -> int:
+    return sum(a["queue_drops"] + a["lost"] - b["queue_drops"] - b["lost"] for a, b in zip(after, before, strict=True))
 
 
 # ---------------------------------------------------------------- the cipher's share
@@ -190,8 +344,8 @@ def bench_cipher(peers: int, size_mib: float) -> float:
     records = -(-each_way // MAX_PLAINTEXT_BYTES)
     start = time.process_time()
     for _ in range(records):
-        sender.encrypt_into(plain, memoryview(sealed))
-        receiver.decrypt_into(sealed, memoryview(plain))
+        sender.encrypt_into(memoryview(plain), memoryview(sealed))
+        receiver.decrypt_into(memoryview(sealed), memoryview(plain))
     return time.process_time() - start
 
 
@@ -287,6 +441,7 @@ def _hivemind_main(rank: int, size_mib: float, rounds: int, conn: Any, host: tup
             if not result or len(result) != 4:
                 raise RuntimeError(f"hivemind averaged with {0 if not result else len(result)} peers, not 4")
         conn.send(times)
+        conn.recv()  # every peer is done: shutting down earlier cuts off the tail of what the others fetch
     finally:
         averager.shutdown()
         dht.shutdown()
@@ -315,6 +470,8 @@ def bench_hivemind(peers: int, size_mib: float, rounds: int, bed: Bed | None = N
             for parent, _ in pipes:
                 parent.send("start")
         per_peer = [_recv(parent) for parent, _ in pipes]
+        for parent, _ in pipes:
+            parent.send("done")
     finally:
         _join(procs)
     round_times = [max(t[r] for t in per_peer) for r in range(rounds + 1)]
@@ -345,6 +502,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--tcp-ring", action="store_true", help="on the bed: also plain TCP in a ring pattern")
     parser.add_argument("--profile", choices=tuple(PROFILES), default=None, help="run on the WAN test bed (root)")
     parser.add_argument("--only-hivemind", action="store_true", help="debugging: run hivemind alone, print its figures")
     args = parser.parse_args()

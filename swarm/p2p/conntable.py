@@ -31,11 +31,20 @@ class ConnectionTable:
         self.on_disconnected: list[PeerCallback] = []
 
     def open_connection(self, peer_id: PeerID) -> Connection | None:
-        """An open connection to ``peer_id`` to reuse, if there is one."""
+        """An open connection to ``peer_id`` to reuse, if there is one (a direct one before a relayed one).
+
+        Two peers that dial each other at once keep both connections; both then pick the one dialled by the
+        smaller peer id, so their traffic shares one TCP flow instead of two competing for the same links.
+        """
+        dialled_by_us = self.local < peer_id
+        best: tuple[bool, bool] | None = None
+        chosen = None
         for conn in self.by_peer.get(peer_id, ()):
             if conn.is_open:
-                return conn
-        return None
+                rank = (conn.relayed, conn.initiator != dialled_by_us)
+                if best is None or rank < best:
+                    best, chosen = rank, conn
+        return chosen
 
     def connected_peers(self) -> list[PeerID]:
         return [peer for peer, conns in self.by_peer.items() if any(c.is_open for c in conns)]

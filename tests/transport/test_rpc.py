@@ -6,9 +6,14 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from swarm.p2p.connection import Connection
+from swarm.p2p.conntable import ConnectionTable
+from swarm.p2p.identity import PeerID
 from swarm.p2p.maddr import parse_maddr
 from swarm.p2p.messages import Message, packb
 from swarm.p2p import RpcContext, Transport, TransportConfig
@@ -382,6 +387,30 @@ async def test_simultaneous_dials_are_safe(make_transport: MakeTransport) -> Non
             )
             assert (r1.number, r2.number) == (2, 3)
     assert len(a._table.all) <= 2 and len(b._table.all) <= 2
+    # both ends use the same connection (one TCP flow), even when both dials survived
+    ca, cb = a._table.open_connection(b.peer_id), b._table.open_connection(a.peer_id)
+    assert ca is not None and cb is not None and ca.initiator != cb.initiator
+
+
+def test_both_ends_pick_the_connection_dialled_by_the_smaller_peer() -> None:
+    first, second = sorted(seeded_identity(name).peer_id for name in ("a", "b"))
+    for local, remote in ((first, second), (second, first)):
+        table = ConnectionTable(local)
+
+        def chosen(conns: list[SimpleNamespace], table: ConnectionTable = table, remote: PeerID = remote) -> object:
+            table.by_peer[remote] = cast(list[Connection], conns)
+            return table.open_connection(remote)
+
+        inbound = SimpleNamespace(is_open=True, initiator=False, relayed=False)
+        outbound = SimpleNamespace(is_open=True, initiator=True, relayed=False)
+        for order in ([inbound, outbound], [outbound, inbound]):
+            assert chosen(order) is (outbound if local == first else inbound)
+        outbound.is_open = False  # the preferred one closed: the other still serves
+        assert chosen([outbound, inbound]) is inbound
+        outbound.is_open, inbound.relayed = True, True  # a direct connection goes before a relayed one
+        assert chosen([outbound, inbound]) is outbound
+        outbound.relayed, inbound.relayed = True, False
+        assert chosen([outbound, inbound]) is inbound
 
 
 async def test_register_and_config_errors(make_transport: MakeTransport) -> None:
