@@ -26,14 +26,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from swarm.testing.natbed import PREFIX as NAT_PREFIX
 from swarm.testing.natbed import Host, forward_port, nft, router_rules
 from swarm.testing.natbed import unavailable_reason as nat_unavailable
-from swarm.testing.netbed.bed import STOP_GRACE_S, Bed, BedConfig
+from swarm.testing.netbed.bed import Bed, BedConfig, stop_processes
 from swarm.testing.netbed.namespaces import (
     TAP_NAME,
     create_namespace,
@@ -126,16 +125,7 @@ class NatWanBed:
     def destroy(self) -> None:
         """SIGTERM what `popen` started (SIGKILL after a grace period), remove the home namespaces, stop the netbed
         `Bed` (its namespaces and emulator). Idempotent."""
-        running = [p for p in self.procs if p.poll() is None]
-        for proc in running:
-            proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in running:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         self.procs.clear()
         for name in reversed(self.created):
             with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -47,6 +47,21 @@ _bed_numbers = itertools.count()
 STOP_GRACE_S = 5.0  # how long a process gets between SIGTERM and SIGKILL
 
 
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM those of ``procs`` still running, then SIGKILL what is left after ``grace_s`` (all share one
+    deadline)."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class BedConfig(Config, section="netbed"):
     """How many hosts, their profile, the TAP MTU, the hosts' subnet, the loss RNG's seed."""
 
@@ -138,17 +153,8 @@ class Bed:
         atexit.unregister(self.stop)
 
     def _stop_started(self) -> None:
-        """SIGTERM what `popen` started and still runs, then SIGKILL what is left after the grace period."""
-        running = [p for p in self._started if p.poll() is None]
-        for proc in running:
-            proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in running:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop what `popen` started (`stop_processes`)."""
+        stop_processes(self._started)
         self._started.clear()
 
     def __enter__(self) -> Bed:
