@@ -2,7 +2,8 @@
 relays (network namespaces, nftables masquerade), and the swarm trains; when one of their two relays is killed
 mid-run they keep the other, announce only it, and steps keep advancing. Their work is receipted and rewarded:
 the public bootstrap node stands as orchestrator, and ``swarm-dht attestations --verify``, run from the public
-segment while the swarm trains, finds both NAT'd peers with work and a nonzero share in every attested window."""
+segment while the swarm trains, verifies every attested window and finds both NAT'd peers paid, over the windows before the kill (from their
+relaying on) and over two windows after it."""
 
 from __future__ import annotations
 
@@ -66,15 +67,19 @@ def test_training_through_nat(tmp_path: Path) -> None:
                 return all(e is not None and e.status == "relayed" for e in events)
 
             wait_until("both NAT'd nodes relayed", relayed, nodes, 60)
+            # the steps before both were relayed may hold no work of theirs (the public nodes start at once): the
+            # windows up to the first one wholly after that are checked together
+            relayed_at = max(n.newest_step() for n in nodes)
+            early = set(range(relayed_at // WINDOW_STEPS + 2))
             wait_until(f"step {STEPS} on every node", lambda: min(n.newest_step() for n in nodes) >= STEPS, nodes, 150)
             for node in (driver, server):
                 event = node.reachability()
                 assert event is not None and len(event.maddrs) == 2
                 assert all(parse_maddr(m).relay is not None for m in event.maddrs)  # no direct address announced
             ledger = tmp_path / "p1" / "ledger"  # the orchestrator's (the public bootstrap node's)
-            # window 0 (all four nodes up) attested before the kill: the killed stage-1 server signed receipts of
-            # the NAT'd driver's stage-0 work, and a server killed as its window closes never publishes them
-            wait_until("window 0 attested", lambda: 0 in attested_windows(ledger), nodes, 60)
+            # those windows (all four nodes up) attested before the kill: the killed stage-1 server signed receipts
+            # of the NAT'd driver's stage-0 work, and a server killed as its window closes never publishes them
+            wait_until(f"windows {sorted(early)} attested", lambda: attested_windows(ledger) >= early, nodes, 60)
             killed, alive = nodes[1], [nodes[0], driver, server]
             killed_at = max(n.newest_step() for n in nodes)
             killed.proc.kill()  # a relay (and the public stage-1 server) vanishes mid-run
@@ -104,8 +109,9 @@ def test_training_through_nat(tmp_path: Path) -> None:
         assert min(s["step"] for s in summaries.values()) >= 2 * STEPS
         natted = {parse_maddr(n.maddr).peer_id.to_base58() for n in (driver, server)}  # type: ignore[union-attr]
         assert all(row["verified"] and row["ok"] for row in audits.values()), audits  # every window verifies
-        # the NAT'd pair's work receipted and paid: in window 0, and after the kill (a 5-step window is ~2 s, so
+        # the NAT'd pair's work receipted and paid: before the kill, and after it (a 5-step window is ~2 s, so
         # a driver that waited out a retry there may have no work in it: the two windows together)
-        assert all(audits[0]["shares"].get(peer, 0.0) > 0 for peer in natted), (natted, audits[0])
+        paid_early = {peer: sum(audits[w]["shares"].get(peer, 0.0) for w in early) for peer in natted}
+        assert all(share > 0 for share in paid_early.values()), (paid_early, [audits[w] for w in sorted(early)])
         paid_later = {peer: sum(audits[w]["shares"].get(peer, 0.0) for w in later) for peer in natted}
         assert all(share > 0 for share in paid_later.values()), (paid_later, [audits[w] for w in later])
