@@ -2,8 +2,8 @@
 relays (network namespaces, nftables masquerade), and the swarm trains; when one of their two relays is killed
 mid-run they keep the other, announce only it, and steps keep advancing. Their work is receipted and rewarded:
 the public bootstrap node stands as orchestrator, and ``swarm-dht attestations --verify``, run from the public
-segment while the swarm trains, verifies every attested window and finds both NAT'd peers paid, over the windows before the kill (from their
-relaying on) and over two windows after it."""
+segment while the swarm trains, verifies every attested window and finds both NAT'd peers paid: over the windows
+before the kill (from their relaying on) and over two windows after it."""
 
 from __future__ import annotations
 
