@@ -6,7 +6,8 @@ no lossy codec and once with ``blockwise8`` activations. Prints both loss curves
 the last ``--tail`` steps, swarm / single), both throughputs in tokens/s (the swarm's measured from its first
 microbatch to its last step, i.e. without process start-up), and writes a PNG plot of the curves.
 
-    python benchmarks/bench_convergence.py [--steps 30] [--nodes 4] [--config NAME|FILE] [--out-dir DIR] [--skip-lossy]
+    python benchmarks/bench_convergence.py [--steps 30] [--nodes 4] [--config NAME|FILE] [--set FIELD=VALUE]...
+        [--out-dir DIR] [--skip-lossy]
 
 When the run evaluates (``[eval] every_steps``, e.g. ``--config llama_stdlib``), both validation-loss curves are
 reported, computed on the same held-out microbatches at the same steps, and their final ratio. Peak RSS is reported
@@ -108,11 +109,18 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
     parser.add_argument("--config", default=None, help="a run file, or a shipped preset by name")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="run-config override FIELD=VALUE (repeatable), e.g. averaging.delayed_update=true: the swarm's run "
+        "(the single-process loop has no averaging to change)",
+    )
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--skip-lossy", action="store_true", help="skip the blockwise8-activations swarm")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as each node process does
-    run = RunConfig.from_toml(args.config)
+    run = RunConfig.load(args.config, args.set)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-convergence-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,7 +1,9 @@
 """The run config's ``[averaging]`` section: how a stage's replicas combine their work (docs/averaging.md).
 
 ``mode = "every_step"`` (the default) all-reduces every step's mean gradients before the optimizer, so the replicas
-of a stage hold identical weights at every step. ``mode = "local_sgd"`` (DiLoCo) lets each replica apply its inner
+of a stage hold identical weights at every step; with ``delayed_update = true`` it applies each step's averaged
+gradients one step late (at the close of the next step), so the all-reduce runs while the next step computes
+(`swarm.training.delayed`). ``mode = "local_sgd"`` (DiLoCo) lets each replica apply its inner
 optimizer to its own gradients for ``inner_steps`` steps, then all-reduces the pseudo-gradient (its weights at the
 last sync minus its weights now) and applies Nesterov SGD (``outer_lr``, ``outer_momentum``) to the weights of the
 last sync; ``outer_compression = "topk_q"`` sends only the ``outer_topk_fraction`` largest entries of each tensor,
@@ -24,6 +26,11 @@ class AveragingSettings(Config, section="averaging"):
     norm units per part)."""
 
     mode: str = setting(default="every_step", choices=AVERAGING_MODES, doc="every_step or local_sgd (DiLoCo).")
+    delayed_update: bool = setting(
+        default=False,
+        doc="every_step: apply each step's averaged gradients at the close of the next step (the all-reduce then "
+        "overlaps the next step's compute; gradients are one step stale).",
+    )
     reduction: str = setting(default="mean", choices=("mean", "centered_clip"), doc="mean or centered_clip.")
     clip_tau: float = setting(default=1.0, ge=1e-9, le=1e9, doc="centered_clip: clipping radius (gradient norm).")
     clip_iterations: int = setting(default=20, ge=1, le=10_000, doc="centered_clip: fixed-point iterations.")
@@ -41,6 +48,10 @@ class AveragingSettings(Config, section="averaging"):
     outer_bits: int = setting(
         default=2, ge=1, le=8, doc="topk_q: bits per sent value (uniform levels, per-tensor scale)."
     )
+
+    def validate(self) -> None:
+        if self.delayed_update and self.mode != "every_step":
+            raise self.invalid("delayed_update", f"applies to mode 'every_step' only, not {self.mode!r}")
 
     @property
     def local_sgd(self) -> bool:

@@ -1,8 +1,9 @@
 """Stage state on disk and on the wire: parameters + optimizer state as a flat tensor dict, saved atomically.
 
 A stage's state is ``param.<name>`` for each parameter and ``optim.<param index>.<key>`` for each tensor of
-the optimizer's per-parameter state, plus ``outer.*`` tensors in local_sgd mode (`swarm.training.outer_sync`);
-the step, stage and run id travel as safetensors metadata. Files are
+the optimizer's per-parameter state, plus ``outer.*`` tensors in local_sgd mode (`swarm.training.outer_sync`)
+and ``delayed.*`` ones with delayed updates (`swarm.training.delayed`); the step, stage and run id travel as
+safetensors metadata. Files are
 written to a temporary name in the same folder, fsynced, then renamed over the old file, so a crash never
 leaves a torn checkpoint.
 """
@@ -24,7 +25,9 @@ from swarm.errors import SwarmError
 
 log = logging.getLogger(__name__)
 
-EXTRA_PREFIX = "outer."  # tensors besides the model's and the optimizer's (the local_sgd outer optimizer's)
+# tensors besides the model's and the optimizer's: the local_sgd outer optimizer's (``outer.``), and a delayed
+# update's averaged gradients still to apply (``delayed.``, `swarm.training.delayed`)
+EXTRA_PREFIXES = ("outer.", "delayed.")
 
 
 class CheckpointError(SwarmError):
@@ -52,11 +55,12 @@ def capture_state(
     step: int,
     extra: Mapping[str, torch.Tensor] = {},
 ) -> StageState:
-    """A detached copy of the model's parameters and the optimizer's tensors (and ``extra``: ``outer.*`` tensors)."""
+    """A detached copy of the model's parameters and the optimizer's tensors (and ``extra``: ``outer.*`` and
+    ``delayed.*`` tensors)."""
     tensors = {f"param.{name}": p.detach().cpu().clone().contiguous() for name, p in model.named_parameters()}
     for key, value in extra.items():
-        if not key.startswith(EXTRA_PREFIX):
-            raise CheckpointError(f"extra state tensor {key!r} must start with {EXTRA_PREFIX!r}")
+        if not key.startswith(EXTRA_PREFIXES):
+            raise CheckpointError(f"extra state tensor {key!r} must start with one of {EXTRA_PREFIXES}")
         tensors[key] = value.detach().cpu().clone().contiguous()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
@@ -67,8 +71,8 @@ def capture_state(
 
 
 def extra_state(state: StageState) -> dict[str, torch.Tensor]:
-    """The ``outer.*`` tensors of ``state`` (what `capture_state` took as ``extra``)."""
-    return {k: v.clone() for k, v in state.tensors.items() if k.startswith(EXTRA_PREFIX)}
+    """The ``outer.*`` and ``delayed.*`` tensors of ``state`` (what `capture_state` took as ``extra``)."""
+    return {k: v.clone() for k, v in state.tensors.items() if k.startswith(EXTRA_PREFIXES)}
 
 
 def apply_state(

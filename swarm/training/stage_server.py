@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -211,27 +211,49 @@ class StageServer:
         ``optimize=False``: the weights are ``replace``d and the step advances, with no optimizer update.
         """
         with self.lock:
-            params = self.parameters()
-            if len(gradients) != len(params):
-                raise SwarmError(f"apply_step got {len(gradients)} gradients for {len(params)} parameters")
-            for index, value in replace.items():
-                if value.shape != params[index].shape:
-                    raise SwarmError(
-                        f"apply_step: parameter {index} replaced by shape {list(value.shape)}, "
-                        f"expected {list(params[index].shape)}"
-                    )
-            with torch.no_grad():
-                for index, value in replace.items():
-                    params[index].copy_(value)
+            self._update(gradients, replace, optimize=optimize)
             if extra_state is not None:
                 self.extra_state = extra_state
-            for p, g in zip(params, gradients, strict=False):
-                _grad(p).copy_(g)
-            set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
-            if optimize:
-                self.optimizer.step()
             self.step = self.step + 1 if new_step is None else new_step
             self._reset()
+
+    def apply_updates(
+        self,
+        updates: Sequence[tuple[list[torch.Tensor], Mapping[int, torch.Tensor]]],
+        *,
+        new_step: int,
+        extra_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """`apply_step` for any number of (gradients, replace) updates in order, in one locked section, then open
+        ``new_step`` (none: the step only advances). Delayed updates (`swarm.training.delayed`) apply two at a
+        node's last step."""
+        with self.lock:
+            for gradients, replace in updates:
+                self._update(gradients, replace, optimize=True)
+            if extra_state is not None:
+                self.extra_state = extra_state
+            self.step = new_step
+            self._reset()
+
+    def _update(self, gradients: list[torch.Tensor], replace: Mapping[int, torch.Tensor], *, optimize: bool) -> None:
+        """Under the lock: overwrite the ``replace``d parameters, set ``gradients``, apply the optimizer."""
+        params = self.parameters()
+        if len(gradients) != len(params):
+            raise SwarmError(f"apply_step got {len(gradients)} gradients for {len(params)} parameters")
+        for index, value in replace.items():
+            expected = list(params[index].shape) if 0 <= index < len(params) else "no such parameter"
+            if expected != list(value.shape):
+                raise SwarmError(
+                    f"apply_step: parameter {index} replaced by shape {list(value.shape)}, expected {expected}"
+                )
+        with torch.no_grad():
+            for index, value in replace.items():
+                params[index].copy_(value)
+        for p, g in zip(params, gradients, strict=False):
+            _grad(p).copy_(g)
+        set_step_lr(self.optimizer, self.optimizer_cfg, self.step)
+        if optimize:
+            self.optimizer.step()
 
     def parameter_copy(self, index: int) -> torch.Tensor:
         """A copy of parameter ``index`` (as ``parameters()`` orders them), taken under the step lock."""

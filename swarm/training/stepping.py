@@ -25,6 +25,7 @@ from swarm.errors import SwarmError
 from swarm.p2p.identity import PeerID
 from swarm.training.ahead import AheadAnnouncer
 from swarm.training.claims import StepEvidence
+from swarm.training.delayed import DelayedUpdate, Stated
 from swarm.training.outer_sync import OuterSync
 from swarm.training.records import RunRecords
 from swarm.training.replicas import Replicas
@@ -62,21 +63,29 @@ class Stepper:
         self.outer: OuterSync | None = None
         if state.run_cfg.averaging.local_sgd:
             self.outer = OuterSync(state, checks=checks, averager=averager, tied=tied, replicas=self.replicas)
+        # delayed_update: the all-reduce of a step runs while the next one computes (swarm.training.delayed)
+        self.delayed: DelayedUpdate | None = None
+        if state.run_cfg.averaging.delayed_update:
+            self.delayed = DelayedUpdate(state, replicas=self.replicas, tied=tied, average=self._average)
 
     async def step_loop(self) -> None:
         """Forever: on each change, close the served step once its samples reach the target, else catch up."""
         st = self.state
-        while True:
-            await st.wait_change(st.cfg.poll_interval_s)
-            server = st.server
-            if server is None:
-                continue
-            if st.step_samples(server.step) >= st.run_cfg.batch.target_batch_size:
-                await self.finish_step(server)
-            else:
-                await self.catch_up(server)
-            if st.server is not None and self.outer is None:
-                await self.ahead.announce(st.server, self.checks.confirmed_offenders())
+        try:
+            while True:
+                await st.wait_change(st.cfg.poll_interval_s)
+                server = st.server
+                if server is None:
+                    continue
+                if st.step_samples(server.step) >= st.run_cfg.batch.target_batch_size:
+                    await self.finish_step(server)
+                else:
+                    await self.catch_up(server)
+                if st.server is not None and self.outer is None:
+                    await self.ahead.announce(st.server, self.checks.confirmed_offenders())
+        finally:
+            if self.delayed is not None:  # a round still running in the background ends with the loop
+                await self.delayed.cancel()
 
     async def finish_step(self, server: StageServer) -> None:
         """Close the step, average mean gradients with the stage's peers, apply the optimizer (or take the
@@ -96,39 +105,72 @@ class Stepper:
         grads = self.checks.hooks.gradients_to_average(step, await asyncio.to_thread(server.mean_gradients))
         offenders = self.checks.offenders()  # caught here or by a quorum: left out of this node's span
         tied_peers = self._tied_peers(server, offenders)
-        async with self.tied.prefetch(server, step, grads, tied_peers) as early:  # asked while this stage averages
-            verdict = await self._average(server, step, grads, offenders)
-            averaged = time.monotonic()
-            retie = (await self.tied.combine(server, step, grads, tied_peers, early)).replace
-        tied_done = time.monotonic()
-        if not await self.replicas.settle(server, step + 1, verdict):
-            await asyncio.to_thread(server.apply_step, grads, replace=retie)
-            st.state_age_steps += 1
+        digest = b""  # of the weights that computed the step, stated to the averaging group (none: no group)
+        if self.ahead.expected(server, self.checks.confirmed_offenders()):
+            announced = self.ahead.digest_of(server)  # taken as the step opened (the weights are the same)
+            digest = announced if announced is not None else await self.replicas.digest(server)
+        stated = Stated(digest=digest, weight=max(float(server.samples), 1e-3), age_steps=st.state_age_steps)
+        if self.delayed is not None:  # the previous step's average applied, this one's averaged in the background
+            waited_s, applied_s = await self.delayed.finish_step(
+                server, step, grads, offenders, stated=stated, tied_peers=tied_peers
+            )
+            phases = f"{waited_s:.3f}s waiting for step {step - 1}'s average, {applied_s:.3f}s applying"
+        else:
+            phases = await self._average_and_apply(server, step, grads, offenders, stated, tied_peers)
         st.notify()
         now = time.monotonic()
         elapsed, st.step_opened = now - st.step_opened, now
         log.info(
-            "%s: stage %d step %d done (%d samples served in all; %.2fs: %.2fs feeding, %.3fs averaging, "
-            "%.3fs tied, %.3fs optimizer)",
+            "%s: stage %d step %d done (%d samples served in all; %.2fs: %.2fs feeding, %s)",
             st.me.short(),
             server.index,
             step,
             server.total_samples,
             elapsed,
             closed - (now - elapsed),
-            averaged - closed,
-            tied_done - averaged,
-            now - tied_done,
+            phases,
         )
         if server.step % st.cfg.save_every_steps == 0:
             await asyncio.to_thread(self.sync.save_checkpoint)
         await self.records.publish_record_soon()  # the DHT copy of the new step: nobody waits for it
 
+    async def _average_and_apply(
+        self,
+        server: StageServer,
+        step: int,
+        grads: list[torch.Tensor],
+        offenders: frozenset[PeerID],
+        stated: Stated,
+        tied_peers: list[PeerID],
+    ) -> str:
+        """Average ``grads``, add the tied part, apply the optimizer (or take the majority's state); returns the
+        time each phase took, for the step's log line."""
+        st = self.state
+        started = time.monotonic()
+        async with self.tied.prefetch(server, step, grads, tied_peers) as early:  # asked while this stage averages
+            verdict = await self._average(server, step, grads, offenders, stated)
+            averaged = time.monotonic()
+            retie = (await self.tied.combine(server, step, grads, tied_peers, early)).replace
+        tied_done = time.monotonic()
+        if not await self.replicas.settle(server, step + 1, verdict):
+            await asyncio.to_thread(server.apply_step, grads, replace=retie)
+            st.state_age_steps += 1
+        now = time.monotonic()
+        return (
+            f"{averaged - started:.3f}s averaging, {tied_done - averaged:.3f}s tied, {now - tied_done:.3f}s optimizer"
+        )
+
     async def _average(
-        self, server: StageServer, step: int, grads: list[torch.Tensor], offenders: frozenset[PeerID]
+        self,
+        server: StageServer,
+        step: int,
+        grads: list[torch.Tensor],
+        offenders: frozenset[PeerID],
+        stated: Stated,
     ) -> DigestVerdict | None:
-        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone); returns
-        the group's verdict on the members' weight digests (None: no vote)."""
+        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone), with what
+        the step stated as it opened (`Stated`); returns the group's verdict on the members' weight digests (None:
+        no vote)."""
         st = self.state
         # offenders are left out of this node's span; confirmed ones are not even grouped with, while a suspect
         # only this node caught still is, so that its other peers can confirm it
@@ -136,17 +178,16 @@ class Stepper:
         others = self.ahead.expected(server, confirmed)
         if not others:
             return None
-        announced = self.ahead.digest_of(server)  # the digest taken as the step opened (the weights are the same)
-        st.last_digest = announced if announced is not None else await self.replicas.digest(server)
+        st.last_digest = stated.digest
         result = await self.averager.step(
             grads,
-            weight=max(float(server.samples), 1e-3),
+            weight=stated.weight,
             group_key=averaging_group_key(st.run_id, server.index, step),
             target_group_size=len(others) + 1,
             exclude=offenders,
             avoid=confirmed,
-            state_digest=st.last_digest,
-            state_age_steps=st.state_age_steps,
+            state_digest=stated.digest,
+            state_age_steps=stated.age_steps,
             expected=others,  # the stage's peers agree on the group directly when their views agree
         )
         await self.checks.inspect(step, server.index, result.inspected)

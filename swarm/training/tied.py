@@ -136,8 +136,10 @@ class TiedService:
         rpc_timeout_s: float,
         hedge_s: float = HEDGE_S,
         retie_every_steps: int = 0,
+        lag_steps: int = 0,
     ) -> None:
         self.transport = transport
+        self.lag_steps = lag_steps  # steps a server may be past a step before it keeps that step's part (delayed)
         self.retie_every_steps = retie_every_steps
         self.hedge_s = hedge_s
         self.policy = policy
@@ -157,7 +159,8 @@ class TiedService:
         server = self.server_of()
         if req.run_id != self.run_id or server is None or server.index != req.stage or tied_index(server) is None:
             raise StageInputError(f"this node does not hold the tied matrix of stage {req.stage} of run {req.run_id!r}")
-        if server.step > req.step and not self.store.has(req.step):  # it was put before the step advanced, or never
+        # it was put before the step advanced (with delayed updates, within one step after), or never
+        if server.step > req.step + self.lag_steps and not self.store.has(req.step):
             raise StageInputError(
                 f"stage {server.index} is at step {server.step} and has no tied gradient of step "
                 f"{req.step} (it skipped or downloaded that step); ask another peer"

@@ -342,6 +342,7 @@ def _register_handlers(
         server_of=lambda: state.server,
         rpc_timeout_s=cfg.rpc_timeout_s,
         retie_every_steps=cfg.run.pipeline.retie_every_steps,
+        lag_steps=1 if cfg.run.averaging.delayed_update else 0,
     )
     tied.register()
     unregister.append(tied.unregister)
