@@ -443,6 +443,7 @@ class Connection(asyncio.BufferedProtocol):
         started = time.monotonic()
         try:
             async with asyncio.timeout(linger_s):
+                transport.resume_reading()  # what comes in is dropped, but the peer's EOF must be seen
                 if transport.can_write_eof():
                     transport.write_eof()  # our FIN follows the bytes still buffered
                 await asyncio.wait([self._peer_eof, self._lost], return_when=asyncio.FIRST_COMPLETED)
@@ -460,4 +461,6 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             if not self._lost.done():
                 transport.abort()
-        log.debug("%s: connection to %s closed after %.3fs", self.local_short, self.peer_short, time.monotonic() - started)
+        log.debug(
+            "%s: connection to %s closed after %.3fs", self.local_short, self.peer_short, time.monotonic() - started
+        )

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -35,7 +36,7 @@ async def _written(sender: Transport, method: str, size_bytes: int) -> None:
             await asyncio.sleep(0)
 
 
-def _blob_sink(received: asyncio.Future[bytes]):  # type: ignore[no-untyped-def]
+def _blob_sink(received: asyncio.Future[bytes]) -> Callable[[RpcContext, Blob], Awaitable[Echo]]:
     async def handler(ctx: RpcContext, request: Blob) -> Echo:
         if not received.done():
             received.set_result(request.data)
