@@ -64,7 +64,7 @@ class WiringConfig(Config, section="wiring"):
         default=4.0, ge=1, le=1000, doc="An adaptive deadline is this many times the peer's recent p90 call time."
     )
     deadline_window: int = setting(
-        default=32, ge=1, le=10_000, doc="Recent answered call times per peer and kind the p90 is taken over."
+        default=16, ge=1, le=10_000, doc="Recent answered call times per peer and kind the p90 is taken over."
     )
     deadline_min_samples: int = setting(
         default=4, ge=1, le=10_000, doc="Answers of a kind a peer must have given before its deadline applies."
