@@ -32,6 +32,12 @@ class TransportConfig(Config, section="transport"):
     handshake_timeout_s: float = setting(default=5.0, gt=0, le=86400, doc="Deadline of the Noise handshake.")
     write_timeout_s: float = setting(default=10.0, gt=0, le=86400, doc="Deadline of draining one write.")
     idle_timeout_s: float = setting(default=120.0, gt=0, le=86400, doc="A connection idle this long is closed.")
+    close_linger_s: float = setting(
+        default=2.0,
+        ge=0,
+        le=600,
+        doc="On stop or disconnect, how long a connection may wait for its peer to read what we wrote (0: abort).",
+    )
     max_connections: int = setting(
         default=512, ge=1, le=1_000_000, doc="Most established connections, both directions together."
     )

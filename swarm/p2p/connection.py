@@ -7,6 +7,12 @@ buffer), and frames go to their streams synchronously (``demux.py``). Writes are
 encrypts straight into a reused buffer, see WriteScratch); callers then ``await drain()``, which has the
 ``write_timeout_s`` deadline, so frames of concurrent streams never interleave mid-frame. The Noise XX handshake
 is in ``handshake.py``, keep-alive PINGs in ``keepalive.py``.
+
+A graceful close (``close(..., linger_s=...)``: the transport stopping, a disconnect on request) lingers: the
+streams fail at once, but the socket half-closes behind the bytes still buffered and stays open, dropping what the
+peer still sends, until the peer has read everything and closed its end (its EOF) or ``linger_s`` passes; only
+then is it closed (or aborted). Closing at once would cut the tail of what we wrote, and closing a socket with
+unread input would reset it. Every other close (a protocol error, a bad peer, a failed handshake) is immediate.
 """
 
 from __future__ import annotations
@@ -103,6 +109,9 @@ class Connection(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._pinger = Pinger(lambda ftype, payload: self.send_frame(0, ftype, 0, payload))
         self._closed = asyncio.get_running_loop().create_future()
+        self._lingering = False  # closed gracefully: the socket stays open until the peer has read our bytes
+        self._peer_eof = asyncio.get_running_loop().create_future()  # set once lingering and the peer closed
+        self._lost = asyncio.get_running_loop().create_future()  # connection_lost ran: the socket is closed
 
     @property
     def peer_short(self) -> str:
@@ -134,7 +143,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         rb = self.read_buffer
-        if self._refusing is not None:  # refused: drop what the peer still sends until it closes
+        if self._refusing is not None or self._lingering:  # refused or closing: drop what the peer still sends
             rb.discard()
             return
         rb.filled(nbytes)
@@ -179,6 +188,10 @@ class Connection(asyncio.BufferedProtocol):
         rb.start = pos
 
     def eof_received(self) -> bool:
+        if self._lingering:  # the peer read what we wrote and closed: the linger closes the socket (after a delay)
+            if not self._peer_eof.done():
+                self._peer_eof.set_result(None)
+            return True
         if self._refusing is not None:
             self.close("refused; the peer closed the connection", warn=False)
         elif self._send is None:  # a dialler's handshake raises the reason (a refusal may be in the buffer)
@@ -190,6 +203,8 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost.done():
+            self._lost.set_result(None)
         self.close(f"connection lost ({exc})" if exc else "connection closed", warn=False)
         for waiter in self._drain_waiters:
             if not waiter.done():
@@ -389,10 +404,19 @@ class Connection(asyncio.BufferedProtocol):
         self.close(reason, warn=False)
         return transport, rest
 
-    def close(self, reason: str, *, warn: bool) -> None:
-        """Close the connection (idempotent): fail its streams (which cancels their handlers), tell the owner."""
+    def close(self, reason: str, *, warn: bool, linger_s: float = 0.0) -> None:
+        """Close the connection (idempotent): fail its streams (which cancels their handlers), tell the owner.
+
+        ``linger_s`` > 0 (a graceful close; not with ``warn``): the socket lingers, an owned task in ``tasks``,
+        until the peer has read what we wrote and closed its end, at most ``linger_s`` (see the module's doc).
+        """
         if self._closed.done():
             return
+        transport = self._transport
+        if transport is not None and linger_s > 0 and not warn and self._send is not None:
+            self._lingering = True
+            self.read_buffer.discard()
+            self.spawn(self._linger(transport, linger_s))
         self.close_reason = reason
         self._closed.set_result(None)
         if self._refusing is not None:
@@ -401,7 +425,7 @@ class Connection(asyncio.BufferedProtocol):
             self.owner.on_connection_warning(self, reason)
         else:
             log.debug("%s: closing connection to %s: %s", self.local_short, self.peer_short, reason)
-        if self._transport is not None:
+        if self._transport is not None and not self._lingering:
             if self._transport.get_write_buffer_size() == 0 and not warn:
                 self._transport.close()
             else:
@@ -413,3 +437,30 @@ class Connection(asyncio.BufferedProtocol):
         if self._handshake_waiter is not None and not self._handshake_waiter.done():
             self._handshake_waiter.set_result(None)
         self.owner.on_connection_closed(self)
+
+    async def _linger(self, transport: asyncio.Transport, linger_s: float) -> None:
+        """Half-close behind the buffered bytes; close once the peer closed its end, abort after ``linger_s``."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(linger_s):
+                transport.resume_reading()  # what comes in is dropped, but the peer's EOF must be seen
+                if transport.can_write_eof():
+                    transport.write_eof()  # our FIN follows the bytes still buffered
+                await asyncio.wait([self._peer_eof, self._lost], return_when=asyncio.FIRST_COMPLETED)
+                transport.close()  # nothing left to send (the peer read up to our FIN): a plain close
+                await self._lost
+        except TimeoutError:
+            log.debug(
+                "%s: %s did not read what we wrote within close_linger_s=%.1fs; aborting the connection",
+                self.local_short,
+                self.peer_short,
+                linger_s,
+            )
+        except OSError as e:  # the peer is gone already
+            log.debug("%s: closing the connection to %s: %s", self.local_short, self.peer_short, e)
+        finally:
+            if not self._lost.done():
+                transport.abort()
+        log.debug(
+            "%s: connection to %s closed after %.3fs", self.local_short, self.peer_short, time.monotonic() - started
+        )

@@ -125,7 +125,8 @@ class Transport:
         log.debug("transport %s listening on %s", self.peer_id.short(), maddrs)
 
     async def stop(self) -> None:
-        """Close listeners and connections, cancel every task this transport owns, and wait for them."""
+        """Close listeners and connections, cancel every task this transport owns, and wait for them. Each
+        connection lingers until its peer has read what we wrote, at most ``close_linger_s`` (docs/transport.md)."""
         self._running = False
         self._listener.close()
         tasks: list[asyncio.Task[Any]] = [*self._listener.tasks, *self._dialer.tasks]
@@ -134,11 +135,13 @@ class Transport:
         for task in tasks:
             task.cancel()
         self._admission.close_all()
+        linger_s = self.config.close_linger_s
         for conn in list(self._table.all):
-            conn.close("the transport is stopping", warn=False)
+            # what we wrote last (e.g. an all-reduce's results) still reaches the peer, for at most close_linger_s
+            conn.close("the transport is stopping", warn=False, linger_s=linger_s)
             tasks.extend(conn.tasks)
         if tasks:
-            await asyncio.wait(tasks, timeout=self.config.write_timeout_s)
+            await asyncio.wait(tasks, timeout=max(self.config.write_timeout_s, linger_s))
         await self._listener.wait_closed()
         self._table.clear()
         self._reaper = None
@@ -191,9 +194,10 @@ class Transport:
         return self._dialer.direct_peers()
 
     async def disconnect(self, peer_id: PeerID) -> None:
-        """Close every connection to ``peer_id`` (in-flight requests fail with TransportError)."""
+        """Close every connection to ``peer_id`` (in-flight requests fail with TransportError); what we wrote
+        still reaches it, for at most ``close_linger_s`` (the connections linger in the background)."""
         for conn in list(self._table.by_peer.get(peer_id, ())):
-            conn.close("disconnected on request", warn=False)
+            conn.close("disconnected on request", warn=False, linger_s=self.config.close_linger_s)
 
     # -- protected peers (docs/transport.md, "Connection budgets") --
 

@@ -20,7 +20,7 @@ from swarm.data import Microbatch
 from swarm.configs import Config, setting
 from swarm.errors import ConfigError, RemoteError, SwarmError
 from swarm.training.stage_server import StaleStepError
-from swarm.training.wiring import NoPeerError, PeerSelector, call_with_retry
+from swarm.training.wiring import NoPeerError, PeerDeadlineError, PeerSelector, call_with_retry, call_within_deadline
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Driver:
                 async def call(p: Any, s: int = stage, x: torch.Tensor = acts, t: torch.Tensor | None = targets) -> Any:
                     return await evaluator.evaluate(p, stage=s, step=mb.step, inputs=x, targets=t)
 
-                _, (out, loss) = await self._call(stage, mb, f"evaluation {mb_id}", call)
+                _, (out, loss) = await self._call(stage, mb, f"evaluation {mb_id}", call, kind="evaluation")
                 if stage == last:
                     if loss is None:
                         raise SwarmError(f"the last stage answered evaluation {mb_id} without a loss")
@@ -178,7 +178,7 @@ class Driver:
             async def forward(p: Any, s: int = stage) -> torch.Tensor:
                 return await self.client.forward(p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s])
 
-            peer, out = await self._call(stage, mb, "forward", forward)
+            peer, out = await self._call(stage, mb, "forward", forward, kind="forward")
             forward_peers.append(peer)
             acts.append(out)
         _, (grad, loss) = await self._call(
@@ -188,6 +188,7 @@ class Driver:
             lambda p: self.client.backward(
                 p, stage=last, step=mb.step, microbatch_id=mb_id, inputs=acts[last], targets=mb.targets
             ),
+            kind="loss+backward",
         )
         for stage in range(last - 1, -1, -1):
             grad_out = grad
@@ -199,14 +200,17 @@ class Driver:
                     p, stage=s, step=mb.step, microbatch_id=mb_id, inputs=acts[s], grad_outputs=g
                 )
 
-            _, (grad, _) = await self._call(stage, mb, "backward", call, prefer=forward_peers[stage])
+            _, (grad, _) = await self._call(stage, mb, "backward", call, kind="backward", prefer=forward_peers[stage])
         if loss is None:
             raise SwarmError(f"the last stage answered microbatch {mb_id} without a loss")
         return loss
 
     async def _call(
-        self, stage: int, mb: Microbatch, what: str, call: Callable[[Any], Any], prefer: Any = None
+        self, stage: int, mb: Microbatch, what: str, call: Callable[[Any], Any], *, kind: str, prefer: Any = None
     ) -> tuple[Any, Any]:
+        """``call`` on a peer of ``stage`` (``prefer`` first, if usable), each try cut at that peer's adaptive
+        deadline for ``kind`` (wiring.py): a peer gone dark costs a few of its call times, not the RPC deadline."""
+
         async def guarded(peer: Any) -> Any:
             try:
                 return await call(peer)
@@ -218,11 +222,12 @@ class Driver:
         selector = self.selectors[stage]
         if prefer is not None and prefer in self.peers_of(stage) and not selector.is_banned(prefer):
             try:
-                return prefer, await guarded(prefer)
+                result, _ = await call_within_deadline(selector, prefer, guarded, kind=kind)
+                return prefer, result
             except _Stale:
                 raise
             except (SwarmError, TimeoutError, OSError) as e:
-                selector.report_failure(prefer)
+                selector.report_failure(prefer, missed_deadline=isinstance(e, PeerDeadlineError))
                 log.warning(
                     "%s: %s on stage %d failed at the forward's peer (%s); recomputing on another replica",
                     self.name,
@@ -236,5 +241,6 @@ class Driver:
             guarded,
             num_samples=mb.num_samples,
             what=f"{what} on stage {stage}",
+            kind=kind,
             passthrough=(_Stale,),
         )

@@ -5,13 +5,24 @@ picks among the unbanned peers of a stage with probability proportional to that 
 is probed first (new peers are tried soon). A failed or timed-out peer is banned for
 ``ban_base_s * 2**(failures-1)`` (capped at ``ban_max_s``); a success resets its failure count. The clock and
 the random generator are injected so tests are deterministic.
+
+Adaptive deadlines: a peer whose link went dark (a Wi-Fi blip drops every packet) answers nothing, and without them
+each call to it would wait out the transport's whole ``rpc_timeout_s`` before the wiring bans it. Each peer keeps its
+last ``deadline_window`` answered call times per kind of call (forward, backward, ...); once it has answered
+``deadline_min_samples`` of a kind, a call of that kind is cut at ``max(deadline_floor_s, deadline_factor x p90)``,
+doubled for each deadline the peer missed in a row (a slow but live peer gets more time, and its slow answers then
+raise its p90), and never beyond the RPC's own deadline (the call's own timeout stays in force). A missed deadline is
+a failure like any other: a ban, and the request goes to another peer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -23,6 +34,8 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=Hashable)
 R = TypeVar("R")
+
+MAX_DEADLINE_DOUBLINGS = 6  # a peer that keeps missing its deadline gets at most 64x it (the RPC's own caps it)
 
 
 class NoPeerError(NotFoundError):
@@ -38,10 +51,32 @@ class WiringConfig(Config, section="wiring"):
     ban_base_s: float = setting(default=1.0, gt=0, le=3600, doc="Ban after a peer's first failure; doubles each time.")
     ban_max_s: float = setting(default=60.0, le=86400, doc="Longest ban (>= ban_base_s).")
     max_attempts: int = setting(default=4, ge=1, le=100, doc="Peers one request may try.")
+    adaptive_deadlines: bool = setting(
+        default=True, doc="Cut a call at its peer's adaptive deadline (off: only the RPC's own deadline)."
+    )
+    deadline_floor_s: float = setting(
+        default=3.0,
+        gt=0,
+        le=3600,
+        doc="Shortest adaptive deadline of one call (above a stage server's 2 s hold of a next-step request).",
+    )
+    deadline_factor: float = setting(
+        default=4.0, ge=1, le=1000, doc="An adaptive deadline is this many times the peer's recent p90 call time."
+    )
+    deadline_window: int = setting(
+        default=16, ge=1, le=10_000, doc="Recent answered call times per peer and kind the p90 is taken over."
+    )
+    deadline_min_samples: int = setting(
+        default=4, ge=1, le=10_000, doc="Answers of a kind a peer must have given before its deadline applies."
+    )
 
     def validate(self) -> None:
         if self.ban_max_s < self.ban_base_s:
             raise self.invalid("ban_max_s", f"must be in [ban_base_s, 86400], got {self.ban_max_s!r}")
+        if self.deadline_min_samples > self.deadline_window:
+            raise self.invalid(
+                "deadline_min_samples", f"must be at most deadline_window, got {self.deadline_min_samples!r}"
+            )
 
 
 @dataclass
@@ -52,6 +87,16 @@ class PeerStats:
     failures: int = 0
     banned_until: float = 0.0
     successes: int = 0
+    call_times_s: dict[str, deque[float]] = field(default_factory=dict)  # recent answered calls, by kind
+    missed_deadlines: int = 0  # adaptive deadlines missed in a row (each doubles the next one)
+
+    def call_time_p90_s(self, kind: str, min_samples: int) -> float | None:
+        """The 90th percentile of the recent answered calls of ``kind`` (None with fewer than ``min_samples``)."""
+        times = self.call_times_s.get(kind)
+        if times is None or len(times) < min_samples:
+            return None
+        ordered = sorted(times)
+        return ordered[math.ceil(0.9 * len(ordered)) - 1]
 
 
 @dataclass
@@ -85,10 +130,33 @@ class PeerSelector(Generic[P]):
         stats.failures = 0
         stats.successes += 1
 
-    def report_failure(self, peer: P) -> float:
-        """Ban the peer with exponential backoff; returns the ban duration in seconds."""
+    def report_call_time(self, peer: P, kind: str, elapsed_s: float) -> None:
+        """``peer`` answered a call of ``kind`` in ``elapsed_s``: it feeds the peer's adaptive deadline."""
+        stats = self.stats.setdefault(peer, PeerStats())
+        times = stats.call_times_s.get(kind)
+        if times is None:
+            times = stats.call_times_s[kind] = deque(maxlen=self.cfg.deadline_window)
+        times.append(elapsed_s)
+        stats.missed_deadlines = 0
+
+    def deadline_s(self, peer: P, kind: str) -> float | None:
+        """How long a call of ``kind`` to ``peer`` may take (see the module's doc); None: only the RPC's deadline."""
+        stats = self.stats.get(peer)
+        if not self.cfg.adaptive_deadlines or stats is None:
+            return None
+        p90_s = stats.call_time_p90_s(kind, self.cfg.deadline_min_samples)
+        if p90_s is None:
+            return None
+        base_s = max(self.cfg.deadline_floor_s, self.cfg.deadline_factor * p90_s)
+        return base_s * 2 ** min(stats.missed_deadlines, MAX_DEADLINE_DOUBLINGS)
+
+    def report_failure(self, peer: P, *, missed_deadline: bool = False) -> float:
+        """Ban the peer with exponential backoff; returns the ban duration in seconds. ``missed_deadline``: it
+        missed its adaptive deadline (the next one doubles until it answers)."""
         stats = self.stats.setdefault(peer, PeerStats())
         stats.failures += 1
+        if missed_deadline:
+            stats.missed_deadlines += 1
         duration = min(self.cfg.ban_base_s * 2 ** (stats.failures - 1), self.cfg.ban_max_s)
         stats.banned_until = self.clock() + duration
         return duration
@@ -101,6 +169,39 @@ class PeerSelector(Generic[P]):
         return stats.throughput_ema if stats else None
 
 
+async def call_within_deadline(
+    selector: PeerSelector[P],
+    peer: P,
+    call: Callable[[P], Awaitable[R]],
+    *,
+    kind: str,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[R, float]:
+    """Run ``call(peer)`` cut at the peer's adaptive deadline for ``kind``; returns (result, elapsed seconds) and
+    records the time. A missed deadline raises `PeerDeadlineError` (the caller reports the failure)."""
+    deadline_s = selector.deadline_s(peer, kind)
+    started = clock()
+    if deadline_s is None:
+        result = await call(peer)
+    else:
+        try:
+            async with asyncio.timeout(deadline_s):
+                result = await call(peer)
+        except TimeoutError:
+            raise PeerDeadlineError(
+                f"{_short(peer)} did not answer a {kind} within its adaptive deadline of {deadline_s:.1f}s"
+            ) from None
+    elapsed_s = clock() - started
+    selector.report_call_time(peer, kind, elapsed_s)
+    return result, elapsed_s
+
+
+class PeerDeadlineError(SwarmError):
+    """A peer did not answer within its adaptive deadline (its recent call times say it should have)."""
+
+    code = "peer_deadline"
+
+
 async def call_with_retry(
     selector: PeerSelector[P],
     candidates: Callable[[], Iterable[P]],
@@ -108,10 +209,12 @@ async def call_with_retry(
     *,
     num_samples: int,
     what: str,
+    kind: str = "call",
     clock: Callable[[], float] = time.perf_counter,
     passthrough: tuple[type[BaseException], ...] = (),
 ) -> tuple[P, R]:
-    """Run ``call`` on a chosen peer; on failure ban it and retry on another, up to ``max_attempts``.
+    """Run ``call`` on a chosen peer, cut at its adaptive deadline for ``kind``; on failure ban it and retry on
+    another, up to ``max_attempts``.
 
     Returns (peer, result). Errors in ``passthrough`` (e.g. a stale step) propagate at once without a ban.
     Raises NoPeerError when no usable peer remains, or the last error.
@@ -124,13 +227,12 @@ async def call_with_retry(
         except NoPeerError:
             break
         tried.append(peer)
-        started = clock()
         try:
-            result = await call(peer)
+            result, elapsed_s = await call_within_deadline(selector, peer, call, kind=kind, clock=clock)
         except passthrough:
             raise
         except (SwarmError, TimeoutError, OSError) as e:
-            ban_s = selector.report_failure(peer)
+            ban_s = selector.report_failure(peer, missed_deadline=isinstance(e, PeerDeadlineError))
             log.warning(
                 "%s on %s failed (%s: %s); banned for %.1f s, retrying on another peer",
                 what,
@@ -141,7 +243,7 @@ async def call_with_retry(
             )
             last_error = e
             continue
-        selector.report_success(peer, num_samples, clock() - started)
+        selector.report_success(peer, num_samples, elapsed_s)
         return peer, result
     if last_error is not None:
         raise last_error
