@@ -42,6 +42,7 @@ class RunRecords:
     def __init__(self, state: TrainerState) -> None:
         self.state = state
         self._outbox: asyncio.TaskGroup | None = None  # while `outbox_loop` runs: where background work goes
+        self._published: PeerRecord | None = None  # the peer record this node last published (in this life)
 
     async def outbox_loop(self) -> None:
         """Forever (in the role's TaskGroup): own the background stores and messages (`_later`) until cancelled."""
@@ -77,6 +78,8 @@ class RunRecords:
         if view is None:
             return False
         view.keep_newer_progress(st.view, now=time.time(), max_age_s=self.progress_ttl_s)
+        if self._published is not None:  # its own record as it last published it: a read begun earlier is older
+            view.peers[st.me] = self._published
         st.view = view
         st.notify()
         return True
@@ -113,7 +116,7 @@ class RunRecords:
             step=server.step if server else st.current_step(),
             config_hash=st.run_cfg.config_hash(),
         )
-        st.view.peers[st.me] = record
+        st.view.peers[st.me] = self._published = record
         await asyncio.gather(
             self.store(
                 peers_key(st.run_id), record.to_wire(), ttl_s=2 * st.cfg.record_period_s, subkey=owner_subkey(st.me)
