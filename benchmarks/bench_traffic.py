@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,8 @@ from bedswarm import BedRun, read_summaries, run_on_bed, swarm_figures
 
 from swarm.errors import ConfigError
 from swarm.local.launcher import traffic_summary
+from swarm.node import IDENTITY_FILE_NAME
+from swarm.p2p.identity import Identity
 from swarm.run.config import RunConfig
 from swarm.testing.netbed import PROFILES as BED_PROFILES
 from swarm.testing.netbed import Bed, BedConfig, missing_requirements
@@ -77,7 +80,8 @@ def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
         f"averaging.outer_compression={json.dumps(args.outer_compression)}",
         f"codecs.allreduce={json.dumps(args.outer_codec)}",
     ]
-    for key in ("inner_steps", "outer_lr", "outer_momentum"):  # unset: the run config's defaults (what a user gets)
+    # unset: the run config's defaults (what a user gets)
+    for key in ("inner_steps", "outer_lr", "outer_momentum", "outer_topk_fraction", "outer_bits"):
         if getattr(args, key) is not None:
             local_sgd.append(f"averaging.{key}={getattr(args, key)}")
     return {"every_step": [], "bottleneck": bottleneck, "local_sgd": local_sgd, "both": bottleneck + local_sgd}[mode]
@@ -106,10 +110,25 @@ def check_profile(profile: str) -> None:
         raise SystemExit(f"--profile {profile} runs on the WAN test bed: {why}")
 
 
+def pin_identities(run_dir: Path, nodes: int) -> None:
+    """Give node ``i`` of every run the same key (so the same peer id): a driver's data windows are keyed by its peer
+    id, so with fresh random keys two runs of one config train on different tokens and their losses differ by
+    several percent; pinned, every mode (and a later ``--reference`` run) reads the same windows."""
+    for index in range(nodes):
+        seed = hashlib.sha256(f"bench_traffic node {index}".encode()).digest()
+        Identity.from_seed(seed).save(run_dir / f"node-{index}" / IDENTITY_FILE_NAME)
+
+
+def identities(args: argparse.Namespace) -> str:
+    """How the nodes got their keys: ``pinned`` on loopback (`pin_identities`), ``random`` on the WAN test bed."""
+    return "pinned" if args.profile == "loopback" else "random"
+
+
 def run_swarm(config: Path, sets: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
     """One ``swarm-node local --json`` run; its summary, with the wall time including start-up."""
     run_dir = args.out_dir / label
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's checkpoints would resume at its end
+    pin_identities(run_dir, args.nodes)
     argv = [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", str(args.nodes), "--steps", str(args.steps)]
     argv += ["--json", "--config", str(config), "--run-dir", str(run_dir)]
     for item in sets:
@@ -194,6 +213,7 @@ def load_reference(path: Path, run_id: str, args: argparse.Namespace) -> dict[st
         "profile": (earlier.get("profile"), args.profile),
         "nodes": (earlier.get("model", {}).get("nodes"), args.nodes),
         "tail": (earlier.get("settings", {}).get("tail"), args.tail),
+        "identities": (earlier.get("settings", {}).get("identities"), identities(args)),
     }
     differ = {k: v for k, v in same.items() if v[0] != v[1]}
     if differ or not earlier.get("modes", {}).get("every_step", {}).get("available"):
@@ -230,6 +250,10 @@ def main() -> None:
     parser.add_argument(
         "--outer-momentum", type=float, default=None, help="local_sgd: outer momentum (default: the run's)"
     )
+    parser.add_argument(
+        "--outer-topk-fraction", type=float, default=None, help="topk_q: share of entries sent (default: the run's)"
+    )
+    parser.add_argument("--outer-bits", type=int, default=None, help="topk_q: bits per sent value (default: the run's)")
     parser.add_argument(
         "--outer-compression", default="none", help="local_sgd: averaging.outer_compression (none, topk_q)"
     )
@@ -304,9 +328,12 @@ def main() -> None:
             "outer_momentum": base.averaging.outer_momentum if args.outer_momentum is None else args.outer_momentum,
             "outer_codec": args.outer_codec,
             "outer_compression": args.outer_compression,
+            "outer_topk_fraction": args.outer_topk_fraction or base.averaging.outer_topk_fraction,
+            "outer_bits": args.outer_bits or base.averaging.outer_bits,
             "bottleneck_ratio": args.ratio,
             "activation_codec": args.activation_codec,
             "tail": args.tail,
+            "identities": identities(args),
         },
         "unavailable": {m: r["reason"] for m, r in runs.items() if not r["available"]},
         "modes": runs,
