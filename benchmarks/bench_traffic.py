@@ -2,18 +2,20 @@
 
 One run (the compute-bound model: ``--blocks`` blocks of width ``--width`` on real text, the ``gpt_stdlib`` preset's
 data; or any ``--config``), trained for ``--steps`` steps by a ``--nodes``-node local swarm (``swarm-node local``),
-once per mode, on the same tokens (same seed, same data); with ``--profile lan|wan|home|far``, on the WAN test bed
-instead (swarm.testing.netbed, docs/netbed.md: one ``swarm-node start`` per emulated host, every host's link of that
-profile; needs root, `ip` and /dev/net/tun), which is where ``tokens_per_s`` means something:
+once per mode, on the same tokens (same seed, same data, and on loopback the same node keys: `pin_identities`);
+with ``--profile lan|wan|home|far``, on the WAN test bed instead (swarm.testing.netbed, docs/netbed.md: one
+``swarm-node start`` per emulated host, every host's link of that profile; needs root, `ip` and /dev/net/tun), which
+is where ``tokens_per_s`` means something:
 
 - ``every_step``: the reference, every-step fp32 all-reduce of the gradients, uncompressed activations;
 - ``bottleneck``: a learned activation bottleneck of ``--ratio`` between stages
   (``pipeline.activation_bottleneck_ratio``), with ``--activation-codec`` on top (``codecs.activations`` and
   ``codecs.activation_grads``);
 - ``local_sgd``: inner steps without an all-reduce, an outer sync every ``--inner-steps`` steps
-  (``[averaging] mode = "local_sgd"``; ``--inner-steps``, ``--outer-lr``, ``--outer-momentum`` default to the run
-  config's), compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8)
-  and ``--outer-compression`` (``averaging.outer_compression``: none, or topk_q, which needs long runs);
+  (``[averaging] mode = "local_sgd"``; ``--inner-steps``, ``--outer-lr``, ``--outer-momentum``,
+  ``--outer-topk-fraction``, ``--outer-bits`` default to the run config's: 34 inner steps, plain averaging),
+  compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8) and ``--outer-compression``
+  (``averaging.outer_compression``: none, or topk_q, which pays only in long runs: docs/averaging.md);
 - ``both``: the two together.
 
 Every figure comes from the nodes' run summaries (``swarm-node local --json``, or the nodes' summary files on the bed;
@@ -23,10 +25,11 @@ bed also the Ethernet bytes each host sent per step, as the emulator counted the
 the tied embedding/head exchange (``stage.tied``) is reported on its own. A mode the tree does not have yet (its
 run-config keys are unknown: a ConfigError) is reported as unavailable, with the reason, and the others still run.
 
-    python benchmarks/bench_traffic.py [--steps 10] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
+    python benchmarks/bench_traffic.py [--steps 100] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
         [--activation-codec blockwise8] [--inner-steps N] [--outer-lr X] [--outer-momentum X]
-        [--outer-compression none] [--outer-codec blockwise8] [--modes every_step,bottleneck,local_sgd,both]
-        [--profile loopback|lan|wan|home|far] [--tail 3] [--reference EARLIER.json] [--out-dir DIR]
+        [--outer-compression none] [--outer-topk-fraction X] [--outer-bits N] [--outer-codec blockwise8]
+        [--modes every_step,bottleneck,local_sgd,both] [--profile loopback|lan|wan|home|far] [--tail 10]
+        [--eval-batches 8] [--reference EARLIER.json] [--out-dir DIR]
 
 Last line: one JSON object with, per mode, ``dp_bytes_ratio`` and ``activation_bytes_ratio`` (reference bytes /
 mode bytes; ``dp_tied_bytes_ratio`` counts the tied exchange as data-parallel too), ``final_loss_ratio`` (mode /
@@ -232,7 +235,7 @@ def ratio(reference: float | None, value: float | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=100, help="steps per mode (the goals are judged at 100)")
     parser.add_argument("--nodes", type=int, default=4, help="nodes of the swarm (2 stages: 2 replicas each at 4)")
     parser.add_argument("--config", default=None, help="a run file or preset instead of gpt_stdlib (resized alike)")
     parser.add_argument("--blocks", type=int, default=8)
@@ -260,9 +263,9 @@ def main() -> None:
     parser.add_argument("--outer-codec", default="blockwise8", help="local_sgd: codecs.allreduce of the outer sync")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
     parser.add_argument("--profile", default="loopback", choices=PROFILES)
-    parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
+    parser.add_argument("--tail", type=int, default=10, help="final loss = mean of the last TAIL steps")
     parser.add_argument(
-        "--eval-batches", type=int, default=0, help="held-out loss at the end over this many microbatches (0: none)"
+        "--eval-batches", type=int, default=8, help="held-out loss at the end over this many microbatches (0: none)"
     )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per swarm run")
     parser.add_argument("--out-dir", type=Path, default=None)
