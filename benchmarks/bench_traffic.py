@@ -2,18 +2,20 @@
 
 One run (the compute-bound model: ``--blocks`` blocks of width ``--width`` on real text, the ``gpt_stdlib`` preset's
 data; or any ``--config``), trained for ``--steps`` steps by a ``--nodes``-node local swarm (``swarm-node local``),
-once per mode, on the same tokens (same seed, same data); with ``--profile lan|wan|home|far``, on the WAN test bed
-instead (swarm.testing.netbed, docs/netbed.md: one ``swarm-node start`` per emulated host, every host's link of that
-profile; needs root, `ip` and /dev/net/tun), which is where ``tokens_per_s`` means something:
+once per mode, on the same tokens (same seed, same data, and on loopback the same node keys: `pin_identities`);
+with ``--profile lan|wan|home|far``, on the WAN test bed instead (swarm.testing.netbed, docs/netbed.md: one
+``swarm-node start`` per emulated host, every host's link of that profile; needs root, `ip` and /dev/net/tun), which
+is where ``tokens_per_s`` means something:
 
 - ``every_step``: the reference, every-step fp32 all-reduce of the gradients, uncompressed activations;
 - ``bottleneck``: a learned activation bottleneck of ``--ratio`` between stages
   (``pipeline.activation_bottleneck_ratio``), with ``--activation-codec`` on top (``codecs.activations`` and
   ``codecs.activation_grads``);
 - ``local_sgd``: inner steps without an all-reduce, an outer sync every ``--inner-steps`` steps
-  (``[averaging] mode = "local_sgd"``; ``--inner-steps``, ``--outer-lr``, ``--outer-momentum`` default to the run
-  config's), compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8)
-  and ``--outer-compression`` (``averaging.outer_compression``: none, or topk_q, which needs long runs);
+  (``[averaging] mode = "local_sgd"``; ``--inner-steps``, ``--outer-lr``, ``--outer-momentum``,
+  ``--outer-topk-fraction``, ``--outer-bits`` default to the run config's: 34 inner steps, plain averaging),
+  compressed by ``--outer-codec`` (``codecs.allreduce``, default blockwise8) and ``--outer-compression``
+  (``averaging.outer_compression``: none, or topk_q, which pays only in long runs: docs/averaging.md);
 - ``both``: the two together.
 
 Every figure comes from the nodes' run summaries (``swarm-node local --json``, or the nodes' summary files on the bed;
@@ -23,10 +25,11 @@ bed also the Ethernet bytes each host sent per step, as the emulator counted the
 the tied embedding/head exchange (``stage.tied``) is reported on its own. A mode the tree does not have yet (its
 run-config keys are unknown: a ConfigError) is reported as unavailable, with the reason, and the others still run.
 
-    python benchmarks/bench_traffic.py [--steps 10] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
+    python benchmarks/bench_traffic.py [--steps 100] [--nodes 4] [--blocks 8] [--width 256] [--ratio 16]
         [--activation-codec blockwise8] [--inner-steps N] [--outer-lr X] [--outer-momentum X]
-        [--outer-compression none] [--outer-codec blockwise8] [--modes every_step,bottleneck,local_sgd,both]
-        [--profile loopback|lan|wan|home|far] [--tail 3] [--reference EARLIER.json] [--out-dir DIR]
+        [--outer-compression none] [--outer-topk-fraction X] [--outer-bits N] [--outer-codec blockwise8]
+        [--modes every_step,bottleneck,local_sgd,both] [--profile loopback|lan|wan|home|far] [--tail 10]
+        [--eval-batches 8] [--reference EARLIER.json] [--out-dir DIR]
 
 Last line: one JSON object with, per mode, ``dp_bytes_ratio`` and ``activation_bytes_ratio`` (reference bytes /
 mode bytes; ``dp_tied_bytes_ratio`` counts the tied exchange as data-parallel too), ``final_loss_ratio`` (mode /
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +60,8 @@ from bedswarm import BedRun, read_summaries, run_on_bed, swarm_figures
 
 from swarm.errors import ConfigError
 from swarm.local.launcher import traffic_summary
+from swarm.node import IDENTITY_FILE_NAME
+from swarm.p2p.identity import Identity
 from swarm.run.config import RunConfig
 from swarm.testing.netbed import PROFILES as BED_PROFILES
 from swarm.testing.netbed import Bed, BedConfig, missing_requirements
@@ -77,7 +83,8 @@ def mode_overrides(mode: str, args: argparse.Namespace) -> list[str]:
         f"averaging.outer_compression={json.dumps(args.outer_compression)}",
         f"codecs.allreduce={json.dumps(args.outer_codec)}",
     ]
-    for key in ("inner_steps", "outer_lr", "outer_momentum"):  # unset: the run config's defaults (what a user gets)
+    # unset: the run config's defaults (what a user gets)
+    for key in ("inner_steps", "outer_lr", "outer_momentum", "outer_topk_fraction", "outer_bits"):
         if getattr(args, key) is not None:
             local_sgd.append(f"averaging.{key}={getattr(args, key)}")
     return {"every_step": [], "bottleneck": bottleneck, "local_sgd": local_sgd, "both": bottleneck + local_sgd}[mode]
@@ -106,10 +113,25 @@ def check_profile(profile: str) -> None:
         raise SystemExit(f"--profile {profile} runs on the WAN test bed: {why}")
 
 
+def pin_identities(run_dir: Path, nodes: int) -> None:
+    """Give node ``i`` of every run the same key (so the same peer id): a driver's data windows are keyed by its peer
+    id, so with fresh random keys two runs of one config train on different tokens and their losses differ by
+    several percent; pinned, every mode (and a later ``--reference`` run) reads the same windows."""
+    for index in range(nodes):
+        seed = hashlib.sha256(f"bench_traffic node {index}".encode()).digest()
+        Identity.from_seed(seed).save(run_dir / f"node-{index}" / IDENTITY_FILE_NAME)
+
+
+def identities(args: argparse.Namespace) -> str:
+    """How the nodes got their keys: ``pinned`` on loopback (`pin_identities`), ``random`` on the WAN test bed."""
+    return "pinned" if args.profile == "loopback" else "random"
+
+
 def run_swarm(config: Path, sets: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
     """One ``swarm-node local --json`` run; its summary, with the wall time including start-up."""
     run_dir = args.out_dir / label
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's checkpoints would resume at its end
+    pin_identities(run_dir, args.nodes)
     argv = [sys.executable, "-m", "swarm.cli.node", "local", "--nodes", str(args.nodes), "--steps", str(args.steps)]
     argv += ["--json", "--config", str(config), "--run-dir", str(run_dir)]
     for item in sets:
@@ -194,6 +216,7 @@ def load_reference(path: Path, run_id: str, args: argparse.Namespace) -> dict[st
         "profile": (earlier.get("profile"), args.profile),
         "nodes": (earlier.get("model", {}).get("nodes"), args.nodes),
         "tail": (earlier.get("settings", {}).get("tail"), args.tail),
+        "identities": (earlier.get("settings", {}).get("identities"), identities(args)),
     }
     differ = {k: v for k, v in same.items() if v[0] != v[1]}
     if differ or not earlier.get("modes", {}).get("every_step", {}).get("available"):
@@ -212,7 +235,7 @@ def ratio(reference: float | None, value: float | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=100, help="steps per mode (the goals are judged at 100)")
     parser.add_argument("--nodes", type=int, default=4, help="nodes of the swarm (2 stages: 2 replicas each at 4)")
     parser.add_argument("--config", default=None, help="a run file or preset instead of gpt_stdlib (resized alike)")
     parser.add_argument("--blocks", type=int, default=8)
@@ -231,14 +254,18 @@ def main() -> None:
         "--outer-momentum", type=float, default=None, help="local_sgd: outer momentum (default: the run's)"
     )
     parser.add_argument(
+        "--outer-topk-fraction", type=float, default=None, help="topk_q: share of entries sent (default: the run's)"
+    )
+    parser.add_argument("--outer-bits", type=int, default=None, help="topk_q: bits per sent value (default: the run's)")
+    parser.add_argument(
         "--outer-compression", default="none", help="local_sgd: averaging.outer_compression (none, topk_q)"
     )
     parser.add_argument("--outer-codec", default="blockwise8", help="local_sgd: codecs.allreduce of the outer sync")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
     parser.add_argument("--profile", default="loopback", choices=PROFILES)
-    parser.add_argument("--tail", type=int, default=3, help="final loss = mean of the last TAIL steps")
+    parser.add_argument("--tail", type=int, default=10, help="final loss = mean of the last TAIL steps")
     parser.add_argument(
-        "--eval-batches", type=int, default=0, help="held-out loss at the end over this many microbatches (0: none)"
+        "--eval-batches", type=int, default=8, help="held-out loss at the end over this many microbatches (0: none)"
     )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per swarm run")
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -304,9 +331,12 @@ def main() -> None:
             "outer_momentum": base.averaging.outer_momentum if args.outer_momentum is None else args.outer_momentum,
             "outer_codec": args.outer_codec,
             "outer_compression": args.outer_compression,
+            "outer_topk_fraction": args.outer_topk_fraction or base.averaging.outer_topk_fraction,
+            "outer_bits": args.outer_bits or base.averaging.outer_bits,
             "bottleneck_ratio": args.ratio,
             "activation_codec": args.activation_codec,
             "tail": args.tail,
+            "identities": identities(args),
         },
         "unavailable": {m: r["reason"] for m, r in runs.items() if not r["available"]},
         "modes": runs,

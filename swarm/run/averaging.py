@@ -6,9 +6,10 @@ gradients one step late (at the close of the next step), so the all-reduce runs 
 (`swarm.training.delayed`). ``mode = "local_sgd"`` (DiLoCo) lets each replica apply its inner
 optimizer to its own gradients for ``inner_steps`` steps, then all-reduces the pseudo-gradient (its weights at the
 last sync minus its weights now) and applies Nesterov SGD (``outer_lr``, ``outer_momentum``) to the weights of the
-last sync; ``outer_compression = "topk_q"`` sends only the ``outer_topk_fraction`` largest entries of each tensor,
-quantized to ``outer_bits`` bits, with error feedback (SparseLoCo). ``reduction`` applies to whichever all-reduce the
-mode runs.
+last sync (the defaults, lr 1 and momentum 0, are plain averaging: measured best for runs of a few syncs; DiLoCo's
+0.7 and 0.9 are for runs of hundreds, docs/averaging.md); ``outer_compression = "topk_q"`` sends only the
+``outer_topk_fraction`` largest entries of each tensor, quantized to ``outer_bits`` bits, with error feedback
+(SparseLoCo). ``reduction`` applies to whichever all-reduce the mode runs.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ class AveragingSettings(Config, section="averaging"):
     reduction: str = setting(default="mean", choices=("mean", "centered_clip"), doc="mean or centered_clip.")
     clip_tau: float = setting(default=1.0, ge=1e-9, le=1e9, doc="centered_clip: clipping radius (gradient norm).")
     clip_iterations: int = setting(default=20, ge=1, le=10_000, doc="centered_clip: fixed-point iterations.")
-    inner_steps: int = setting(default=50, ge=1, le=1_000_000, doc="local_sgd: steps between outer syncs.")
-    outer_lr: float = setting(default=0.7, gt=0.0, le=10.0, doc="local_sgd: learning rate of the outer Nesterov SGD.")
-    outer_momentum: float = setting(default=0.9, ge=0.0, lt=1.0, doc="local_sgd: momentum of the outer Nesterov SGD.")
+    inner_steps: int = setting(default=34, ge=1, le=1_000_000, doc="local_sgd: steps between outer syncs.")
+    outer_lr: float = setting(default=1.0, gt=0.0, le=10.0, doc="local_sgd: learning rate of the outer Nesterov SGD.")
+    outer_momentum: float = setting(
+        default=0.0, ge=0.0, lt=1.0, doc="local_sgd: momentum of the outer Nesterov SGD (0: plain averaging)."
+    )
     outer_compression: str = setting(
         default="none",
         choices=OUTER_COMPRESSIONS,

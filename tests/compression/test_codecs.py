@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swarm.compression import Codec, codec_names, deserialize_tensor, get_codec, serialize_tensor
-from swarm.compression.errors import NonFiniteError, UnsupportedDtypeError
+from swarm.compression.errors import CorruptPayloadError, NonFiniteError, UnsupportedDtypeError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("gaussian", "heavy", "constant", "empty", "single")
@@ -54,6 +54,32 @@ def test_none_handles_any_dtype(dtype: torch.dtype) -> None:
     x = (torch.arange(-6, 6) % 3).to(dtype).reshape(3, 4)
     y = roundtrip(get_codec("none"), x)
     assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "width"),
+    [
+        ([0, 7, 255], torch.int64, 1),
+        ([0, 2047, 65535], torch.int64, 2),  # token ids: a quarter of their int64 bytes
+        ([-1, 70_000], torch.int64, 4),
+        ([0, 1 << 40], torch.int64, 8),  # no narrower type holds it: its own bytes
+        ([0, 300], torch.int32, 2),
+        ([-5, 5], torch.int16, 2),
+    ],
+)
+def test_none_narrows_integers_losslessly(values: list[int], dtype: torch.dtype, width: int) -> None:
+    x = torch.tensor(values * 100, dtype=dtype).reshape(20, -1)
+    encoded = get_codec("none").encode(x)
+    assert encoded.payload_size_bytes == x.numel() * width
+    y = deserialize_tensor(serialize_tensor(x, get_codec("none")))
+    assert y.dtype == dtype and torch.equal(x, y)
+
+
+def test_none_refuses_a_narrowing_its_dtype_cannot_take() -> None:
+    codec = get_codec("none")
+    for dtype, params in ((torch.float32, {"narrow": 2}), (torch.int16, {"narrow": 2}), (torch.int64, {"narrow": 3})):
+        with pytest.raises(CorruptPayloadError):
+            codec.payload_size_bytes(numel=4, dtype=dtype, params=params)
 
 
 @pytest.mark.parametrize("name", ["fp16", "bf16"])

@@ -27,6 +27,16 @@ def test_outer_step_matches_hand_computed_nesterov() -> None:
     assert anchor[0].tolist() == [1.0, 2.0]  # inputs untouched
 
 
+def test_the_default_outer_step_is_the_mean_of_the_replicas_weights() -> None:
+    """lr 1, momentum 0 (the defaults): the anchor minus the mean pseudo-gradient is the replicas' mean weights."""
+    anchor = torch.tensor([1.0, -2.0, 0.5])
+    replicas = [torch.tensor([0.5, -1.0, 0.5]), torch.tensor([1.5, -2.5, 1.5])]
+    mean_pseudo = sum(anchor - w for w in replicas) / len(replicas)
+    weights, buffers = outer_step([anchor], [torch.zeros(3)], [mean_pseudo], lr=1.0, momentum_factor=0.0)
+    assert weights[0].tolist() == pytest.approx([1.0, -1.75, 1.0])  # (w1 + w2) / 2
+    assert buffers[0].tolist() == pytest.approx(mean_pseudo.tolist())
+
+
 def test_outer_step_is_torch_sgd_with_nesterov_over_rounds() -> None:
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(5, 3, generator=gen)
@@ -118,7 +128,9 @@ def test_sparse_codec_refuses_corrupt_payloads() -> None:
 
 def test_run_config_names_the_mode() -> None:
     run = RunConfig.load(None, ['averaging.mode="local_sgd"', "averaging.inner_steps=4"])
-    assert run.averaging.local_sgd and run.averaging.outer_lr == 0.7 and run.averaging.outer_momentum == 0.9
+    # the defaults: plain averaging (docs/averaging.md, "When to choose which", has the figures)
+    assert run.averaging.local_sgd and run.averaging.outer_lr == 1.0 and run.averaging.outer_momentum == 0.0
+    assert RunConfig.load(None).averaging.inner_steps == 34
     assert [s for s in range(12) if run.averaging.is_sync_step(s)] == [3, 7, 11]
     assert not RunConfig.load(None).averaging.local_sgd
     with pytest.raises(ConfigError, match=r"averaging\.mode"):
