@@ -39,7 +39,6 @@ from swarm.p2p.identity import PeerID
 from swarm.training.replicas import Replicas
 from swarm.training.stage_server import StageServer
 from swarm.training.state import TrainerState
-from swarm.training.tied import TiedService
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +49,31 @@ REPLACE = "delayed.replace."  # the tied matrix's re-tie value, by parameter ind
 
 
 @dataclass(frozen=True)
-class Stated:
-    """What a step's averaging entry states, fixed as the step closes (before a delayed update changes them): the
-    digest of the weights that computed its gradients, its samples, and the state's age in steps."""
+class ClosedStep:
+    """A closed step's work to average, and what its averaging entry states, fixed as the step closes (before a
+    delayed update changes them): the digest of the weights that computed ``grads``, the samples (``weight``) and
+    the state's age in steps. ``offenders`` are left out of this node's span; ``tied_peers`` hold the other copy
+    of the tied matrix."""
 
+    step: int
+    grads: list[torch.Tensor]
+    offenders: frozenset[PeerID]
+    tied_peers: list[PeerID]
     digest: bytes
     weight: float
     age_steps: int
 
 
-# averages ``grads`` in place; returns the group's digest verdict (None: no vote)
-AverageFn = Callable[[StageServer, int, list[torch.Tensor], frozenset[PeerID], Stated], Awaitable[DigestVerdict | None]]
-
-
 @dataclass(frozen=True)
 class Pending:
-    """The averaged gradients of ``step`` (with the tied part added), to apply at the close of ``step + 1``."""
+    """The averaged gradients of ``step`` (with the tied part added), to apply at the close of ``step + 1``;
+    ``averaged_s``: how long the all-reduce took (the rest of the round was the tied exchange)."""
 
     step: int
     grads: list[torch.Tensor]
     replace: dict[int, torch.Tensor] = field(default_factory=dict)
     verdict: DigestVerdict | None = None
+    averaged_s: float = 0.0
 
     def to_extra(self) -> dict[str, torch.Tensor]:
         extra = {STEP_KEY: torch.tensor(self.step, dtype=torch.int64)}
@@ -109,35 +112,30 @@ def _like(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     return tensor.shape == param.shape and tensor.dtype == param.dtype and bool(torch.isfinite(tensor).all())
 
 
+# averages a closed step's gradients with the stage's peers and adds the tied part (`Stepper.average_round`)
+RoundFn = Callable[[StageServer, ClosedStep], Awaitable[Pending]]
+
+
 class DelayedUpdate:
     """Closes steps with the previous step's averaged gradients and averages the closed step's in the background."""
 
-    def __init__(self, state: TrainerState, *, replicas: Replicas, tied: TiedService, average: AverageFn) -> None:
+    def __init__(self, state: TrainerState, *, replicas: Replicas, average_round: RoundFn) -> None:
         self.state = state
         self.replicas = replicas
-        self.tied = tied
-        self.average = average
+        self.average_round = average_round
         self._task: asyncio.Task[Pending] | None = None
         self._task_of: tuple[StageServer | None, int] = (None, -1)  # the server and step the running round averages
 
-    async def finish_step(
-        self,
-        server: StageServer,
-        step: int,
-        grads: list[torch.Tensor],
-        offenders: frozenset[PeerID],
-        *,
-        stated: Stated,
-        tied_peers: list[PeerID],
-    ) -> tuple[float, float]:
-        """Close ``step``: apply step ``step - 1``'s averaged gradients (or settle on a peer's state), open the next
-        step, then average ``grads`` in the background; on the node's last step average them first and apply both,
-        so a run ends with every gradient applied. Returns the seconds spent waiting for the previous round, and
-        averaging (the last step only) and applying."""
+    async def finish_step(self, server: StageServer, closed: ClosedStep) -> tuple[float, float]:
+        """Close ``closed.step``: apply the previous step's averaged gradients (or settle on a peer's state), open
+        the next step, then average ``closed.grads`` in the background; on the node's last step average them first
+        and apply both, so a run ends with every gradient applied. Returns the seconds spent waiting for the previous
+        round, and averaging (the last step only) and applying."""
+        step = closed.step
         started = time.monotonic()
         pending = await self._take(server, step - 1)
         waited = time.monotonic()
-        round_ = self._round(server, step, grads, offenders, stated, tied_peers)
+        round_ = self._round(server, closed)
         max_steps = self.state.cfg.max_steps
         if max_steps is not None and step + 1 >= max_steps:
             await self._apply(server, step, pending, last=await round_)
@@ -184,23 +182,11 @@ class DelayedUpdate:
         await asyncio.to_thread(server.apply_updates, updates, new_step=step + 1, extra_state={})
         st.state_age_steps += 1
 
-    async def _round(
-        self,
-        server: StageServer,
-        step: int,
-        grads: list[torch.Tensor],
-        offenders: frozenset[PeerID],
-        stated: Stated,
-        tied_peers: list[PeerID],
-    ) -> Pending:
-        """Average step ``step``'s gradients and add the other stage's tied part; once done, the result travels
-        with the state of ``step + 1``."""
-        async with self.tied.prefetch(server, step, grads, tied_peers) as early:
-            verdict = await self.average(server, step, grads, offenders, stated)
-            retie = (await self.tied.combine(server, step, grads, tied_peers, early)).replace
-        pending = Pending(step=step, grads=grads, replace=retie, verdict=verdict)
+    async def _round(self, server: StageServer, closed: ClosedStep) -> Pending:
+        """The closed step's round; once done, its result travels with the state of the step after it."""
+        pending = await self.average_round(server, closed)
         with server.lock:
-            if server.step == step + 1:
+            if server.step == closed.step + 1:
                 server.extra_state = pending.to_extra()
         return pending
 

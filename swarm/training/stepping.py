@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 
-import torch
 
 from swarm.averaging import Averager
 from swarm.averaging.digests import DigestVerdict, digest_majority
@@ -25,7 +24,7 @@ from swarm.errors import SwarmError
 from swarm.p2p.identity import PeerID
 from swarm.training.ahead import AheadAnnouncer
 from swarm.training.claims import StepEvidence
-from swarm.training.delayed import DelayedUpdate, Stated
+from swarm.training.delayed import ClosedStep, DelayedUpdate, Pending
 from swarm.training.outer_sync import OuterSync
 from swarm.training.records import RunRecords
 from swarm.training.replicas import Replicas
@@ -66,7 +65,7 @@ class Stepper:
         # delayed_update: the all-reduce of a step runs while the next one computes (swarm.training.delayed)
         self.delayed: DelayedUpdate | None = None
         if state.run_cfg.averaging.delayed_update:
-            self.delayed = DelayedUpdate(state, replicas=self.replicas, tied=tied, average=self._average)
+            self.delayed = DelayedUpdate(state, replicas=self.replicas, average_round=self.average_round)
 
     async def step_loop(self) -> None:
         """Forever: on each change, close the served step once its samples reach the target, else catch up."""
@@ -109,14 +108,20 @@ class Stepper:
         if self.ahead.expected(server, self.checks.confirmed_offenders()):
             announced = self.ahead.digest_of(server)  # taken as the step opened (the weights are the same)
             digest = announced if announced is not None else await self.replicas.digest(server)
-        stated = Stated(digest=digest, weight=max(float(server.samples), 1e-3), age_steps=st.state_age_steps)
+        closed_step = ClosedStep(
+            step=step,
+            grads=grads,
+            offenders=offenders,
+            tied_peers=tied_peers,
+            digest=digest,
+            weight=max(float(server.samples), 1e-3),
+            age_steps=st.state_age_steps,
+        )
         if self.delayed is not None:  # the previous step's average applied, this one's averaged in the background
-            waited_s, applied_s = await self.delayed.finish_step(
-                server, step, grads, offenders, stated=stated, tied_peers=tied_peers
-            )
+            waited_s, applied_s = await self.delayed.finish_step(server, closed_step)
             phases = f"{waited_s:.3f}s waiting for step {step - 1}'s average, {applied_s:.3f}s applying"
         else:
-            phases = await self._average_and_apply(server, step, grads, offenders, stated, tied_peers)
+            phases = await self._average_and_apply(server, closed_step)
         st.notify()
         now = time.monotonic()
         elapsed, st.step_opened = now - st.step_opened, now
@@ -134,60 +139,52 @@ class Stepper:
             await asyncio.to_thread(self.sync.save_checkpoint)
         await self.records.publish_record_soon()  # the DHT copy of the new step: nobody waits for it
 
-    async def _average_and_apply(
-        self,
-        server: StageServer,
-        step: int,
-        grads: list[torch.Tensor],
-        offenders: frozenset[PeerID],
-        stated: Stated,
-        tied_peers: list[PeerID],
-    ) -> str:
-        """Average ``grads``, add the tied part, apply the optimizer (or take the majority's state); returns the
-        time each phase took, for the step's log line."""
+    async def _average_and_apply(self, server: StageServer, closed: ClosedStep) -> str:
+        """Average the closed step's gradients, add the tied part, apply the optimizer (or take the majority's
+        state); returns the time each phase took, for the step's log line."""
         st = self.state
         started = time.monotonic()
-        async with self.tied.prefetch(server, step, grads, tied_peers) as early:  # asked while this stage averages
-            verdict = await self._average(server, step, grads, offenders, stated)
-            averaged = time.monotonic()
-            retie = (await self.tied.combine(server, step, grads, tied_peers, early)).replace
+        done = await self.average_round(server, closed)
         tied_done = time.monotonic()
-        if not await self.replicas.settle(server, step + 1, verdict):
-            await asyncio.to_thread(server.apply_step, grads, replace=retie)
+        if not await self.replicas.settle(server, closed.step + 1, done.verdict):
+            await asyncio.to_thread(server.apply_step, done.grads, replace=done.replace)
             st.state_age_steps += 1
         now = time.monotonic()
-        return (
-            f"{averaged - started:.3f}s averaging, {tied_done - averaged:.3f}s tied, {now - tied_done:.3f}s optimizer"
-        )
+        tied_s = tied_done - started - done.averaged_s
+        return f"{done.averaged_s:.3f}s averaging, {tied_s:.3f}s tied, {now - tied_done:.3f}s optimizer"
 
-    async def _average(
-        self,
-        server: StageServer,
-        step: int,
-        grads: list[torch.Tensor],
-        offenders: frozenset[PeerID],
-        stated: Stated,
-    ) -> DigestVerdict | None:
-        """Average ``grads`` in place with the stage's peers (``needs_sync`` when that happened alone), with what
-        the step stated as it opened (`Stated`); returns the group's verdict on the members' weight digests (None:
-        no vote)."""
-        st = self.state
+    async def average_round(self, server: StageServer, closed: ClosedStep) -> Pending:
+        """Average the closed step's gradients (in place) with the stage's peers and add the other stage's part of
+        the tied matrix's gradient, asked while this stage averages."""
+        step, grads, tied_peers = closed.step, closed.grads, closed.tied_peers
+        started = time.monotonic()
+        async with self.tied.prefetch(server, step, grads, tied_peers) as early:
+            verdict = await self._average(server, closed)
+            averaged_s = time.monotonic() - started
+            retie = (await self.tied.combine(server, step, grads, tied_peers, early)).replace
+        return Pending(step=step, grads=grads, replace=retie, verdict=verdict, averaged_s=averaged_s)
+
+    async def _average(self, server: StageServer, closed: ClosedStep) -> DigestVerdict | None:
+        """Average the closed step's gradients in place with the stage's peers (``needs_sync`` when that happened
+        alone), with what the step stated as it closed; returns the group's verdict on the members' weight digests
+        (None: no vote)."""
+        st, step = self.state, closed.step
         # offenders are left out of this node's span; confirmed ones are not even grouped with, while a suspect
         # only this node caught still is, so that its other peers can confirm it
         confirmed = self.checks.confirmed_offenders()
         others = self.ahead.expected(server, confirmed)
         if not others:
             return None
-        st.last_digest = stated.digest
+        st.last_digest = closed.digest
         result = await self.averager.step(
-            grads,
-            weight=stated.weight,
+            closed.grads,
+            weight=closed.weight,
             group_key=averaging_group_key(st.run_id, server.index, step),
             target_group_size=len(others) + 1,
-            exclude=offenders,
+            exclude=closed.offenders,
             avoid=confirmed,
-            state_digest=stated.digest,
-            state_age_steps=stated.age_steps,
+            state_digest=closed.digest,
+            state_age_steps=closed.age_steps,
             expected=others,  # the stage's peers agree on the group directly when their views agree
         )
         await self.checks.inspect(step, server.index, result.inspected)

@@ -131,7 +131,7 @@ async def test_a_round_of_a_stage_the_node_left_is_not_applied() -> None:
     """A node that moved to another stage (rebalancing) while a round of its old stage ran applies what its new
     stage's loaded state carries, never the old stage's gradients."""
     old, new = server(5), server(6)
-    delayed = DelayedUpdate(None, replicas=None, tied=None, average=None)  # type: ignore[arg-type]
+    delayed = DelayedUpdate(None, replicas=None, average_round=None)  # type: ignore[arg-type]
     mine = Pending(step=3, grads=[torch.ones_like(p) for p in old.parameters()])
 
     async def round_() -> Pending:
