@@ -17,6 +17,7 @@ import pytest
 
 from swarm.p2p.maddr import parse_maddr
 from swarm.testing.natbed import Host, NatBed
+from swarm.verification.attestation import Attestation
 from swarm.verification.ledger import Ledger
 from tests.nat.natnodes import BedNode, bootstrap_maddr, skip_without_bed, start_nodes, stop_nodes, wait_until
 from tests.training.swarm_harness import small_run
@@ -25,19 +26,19 @@ STEPS = 5  # before the relay is killed, and again after
 WINDOW_STEPS = 5  # verification's window_steps in the run (its default)
 
 
+def attestations(ledger_dir: Path) -> list[Attestation]:
+    """What the orchestrator's ledger (``<data dir>/ledger/<run>.jsonl``) holds so far."""
+    return [att for path in ledger_dir.glob("*.jsonl") for att in Ledger(path).read()]
+
+
 def attested_windows(ledger_dir: Path) -> set[int]:
-    """The windows the orchestrator's ledger (``<data dir>/ledger/<run>.jsonl``) holds so far."""
-    return {att.window for path in ledger_dir.glob("*.jsonl") for att in Ledger(path).read()}
+    """The windows the orchestrator's ledger holds so far."""
+    return {att.window for att in attestations(ledger_dir)}
 
 
 def paid_windows(ledger_dir: Path, peer: bytes) -> set[int]:
     """The windows of the orchestrator's ledger in which ``peer`` has a share."""
-    return {
-        att.window
-        for path in ledger_dir.glob("*.jsonl")
-        for att in Ledger(path).read()
-        if any(e.peer == peer and e.share > 0 for e in att.shares)
-    }
+    return {att.window for att in attestations(ledger_dir) if any(e.peer == peer and e.share > 0 for e in att.shares)}
 
 
 def audit(bed: NatBed, host: Host, bootstrap: str, run_id: str) -> list[dict[str, Any]]:
