@@ -148,10 +148,28 @@ def read_summaries(nodes: Sequence[HostNode], label: str) -> list[NodeSummary]:
     return summaries
 
 
+STEADY_WARMUP_STEPS = 2  # steps 0 and 1 pay the connections' and the first group's set-up
+
+
+def _steady_s_per_step(summaries: Sequence[NodeSummary], *, warmup_steps: int) -> float | None:
+    """Seconds per step once the swarm runs: the swarm finished step k when its last stage server did; the time
+    from the end of step ``warmup_steps - 1`` to the end of the last step, per step (None: too few steps)."""
+    done: dict[int, float] = {}
+    for s in summaries:
+        for step, t in s.step_times.items():
+            done[step] = max(done.get(step, t), t)
+    first, last = warmup_steps - 1, max(done, default=-1)
+    if first not in done or last <= first:
+        return None
+    return (done[last] - done[first]) / (last - first)
+
+
 def swarm_figures(run: RunConfig, summaries: Sequence[NodeSummary], steps: int, nodes: int) -> dict[str, Any]:
     """From the nodes' summaries, as ``swarm-node local --json`` reports them: ``ok`` (every node wrote a summary
     and reached ``steps``), ``steps``, ``loss_curve`` (mean loss per step over the drivers), ``initial_loss``,
     ``tokens_per_s`` and ``elapsed_s`` (from the first microbatch to the last node's end, without start-up),
+    ``steady_s_per_step`` (from the end of step 1 to the end of the last step: the first steps' connection and group
+    set-up excluded),
     ``final_eval_loss`` (the held-out loss of the last evaluation, None without one)."""
     per_step: dict[int, list[float]] = {}
     for s in summaries:
@@ -163,6 +181,7 @@ def swarm_figures(run: RunConfig, summaries: Sequence[NodeSummary], steps: int, 
     ends = [s.end_time for s in summaries if s.end_time]
     elapsed = max(ends) - min(starts) if starts and ends else 0.0
     samples = sum(s.samples for s in summaries)
+    steady = _steady_s_per_step(summaries, warmup_steps=STEADY_WARMUP_STEPS)
     evals = {step: loss for s in summaries for step, loss in s.eval_losses.items()}  # one evaluator per step
     return {
         "ok": len(summaries) == nodes and reached >= steps,
@@ -171,5 +190,6 @@ def swarm_figures(run: RunConfig, summaries: Sequence[NodeSummary], steps: int, 
         "initial_loss": round(curve[0], 4) if curve else None,
         "tokens_per_s": round(samples * run.model.seq_len / elapsed, 1) if elapsed > 0 else 0.0,
         "elapsed_s": round(elapsed, 2),
+        "steady_s_per_step": round(steady, 4) if steady is not None else None,
         "final_eval_loss": round(evals[max(evals)], 4) if evals else None,
     }

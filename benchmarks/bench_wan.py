@@ -4,9 +4,12 @@ for ``--steps`` steps under each link profile.
 Per profile: ``s_per_step`` (from the first microbatch to the last step, without start-up), ``tokens_per_s``,
 ``ratio_to_lan`` (its s_per_step over lan's), ``bytes_per_step_per_host`` (Ethernet bytes a host sent, counted
 on its TAP device by the emulator, from the moment every node serves to the end, per step, mean over hosts) and
-``final_loss`` (mean of the last ``--tail`` steps). From two runs that differ only in delay (lan's rates at the
-one-way delays ``--slope-delays-ms``) it derives ``rtts_per_step``: the slope of step time over round-trip time,
-i.e. how many round trips a step waits for. ``--faults`` adds two runs under ``wan``: the last host's link drops
+``final_loss`` (mean of the last ``--tail`` steps), and ``steady_s_per_step`` (from the end of step 1 to the end
+of the last step, as the stage servers report them: the first steps' connection and group set-up excluded). From
+two runs that differ only in delay (lan's rates at the one-way delays ``--slope-delays-ms``) it derives
+``rtts_per_step``: the slope of the steady step time over round-trip time, i.e. how many round trips a
+running step waits for (``rtts_per_step_overall``: the same from ``s_per_step``, set-up included).
+``--faults`` adds two runs under ``wan``: the last host's link drops
 every frame for ``--blip-s`` seconds mid-run (the swarm must route around it and take it back without a
 restart), and the last host loses 2% of its frames each way all run. ``--repeat N`` runs every scenario N times,
 interleaved, and reports the run of median step time (on a busy machine, step times vary from run to run).
@@ -114,6 +117,7 @@ def _summarize(args: argparse.Namespace, run: RunConfig, sc: Scenario, nodes: li
         "exit_codes": [n.proc.returncode for n in nodes],
         "steps": steps,
         "s_per_step": round(elapsed / steps, 4) if steps else None,
+        "steady_s_per_step": figures["steady_s_per_step"],
         "tokens_per_s": figures["tokens_per_s"],
         "bytes_per_step_per_host": round(sum(traffic["sent_bytes"]) / len(nodes) / steps) if steps else None,
         "frames_lost": sum(traffic["lost"]),
@@ -192,15 +196,8 @@ async def _bench(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
     lan_s = results.get("lan", {}).get("s_per_step")
     for r in results.values():
         r["ratio_to_lan"] = round(r["s_per_step"] / lan_s, 3) if lan_s and r["s_per_step"] else None
-    by_delay = sorted(
-        (r["rtt_ms"], r["s_per_step"])
-        for label, r in results.items()
-        if r["s_per_step"] and (label == "lan" or label.startswith("lan_rate_"))
-    )
-    slope = None
-    if len(by_delay) >= 2 and by_delay[-1][0] > by_delay[0][0]:
-        (r0, s0), (r1, s1) = by_delay[0], by_delay[-1]
-        slope = round((s1 - s0) / ((r1 - r0) / 1000), 2)
+    slope, by_delay = _slope(results, "steady_s_per_step")
+    slope_overall, by_delay_overall = _slope(results, "s_per_step")
     return {
         "benchmark": "wan",
         "config": args.config_spec,
@@ -209,10 +206,26 @@ async def _bench(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
         "steps": args.steps,
         "mtu": args.mtu,
         "rtts_per_step": slope,
-        "rtts_per_step_from": [{"rtt_ms": r, "s_per_step": s} for r, s in by_delay],
+        "rtts_per_step_from": [{"rtt_ms": r, "steady_s_per_step": s} for r, s in by_delay],
+        "rtts_per_step_overall": slope_overall,
+        "rtts_per_step_overall_from": [{"rtt_ms": r, "s_per_step": s} for r, s in by_delay_overall],
         "profiles": results,
         "ok": all(r["ok"] for r in results.values()),
     }
+
+
+def _slope(results: dict[str, dict[str, Any]], key: str) -> tuple[float | None, list[tuple[float, float]]]:
+    """Round trips per step: the slope of ``key`` (seconds per step) over the round-trip time, from the runs at lan's
+    rates (lowest and highest delay); with the (rtt_ms, seconds) points it came from."""
+    by_delay = sorted(
+        (r["rtt_ms"], r[key])
+        for label, r in results.items()
+        if r.get(key) and (label == "lan" or label.startswith("lan_rate_"))
+    )
+    if len(by_delay) < 2 or by_delay[-1][0] <= by_delay[0][0]:
+        return None, by_delay
+    (r0, s0), (r1, s1) = by_delay[0], by_delay[-1]
+    return round((s1 - s0) / ((r1 - r0) / 1000), 2), by_delay
 
 
 async def observe(peer: str, run_id: str, interval_s: float) -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from swarm.p2p.identity import PeerID
+from swarm.averaging.mirrored import is_mirrored, run_mirrored
 from swarm.averaging.messages import PartAck, PartHeader, ResultHeader, ResultRequest
 from swarm.averaging.partition import part_bounds, part_numel
 from swarm.averaging.reducer import SpanReducer
@@ -50,6 +51,8 @@ async def run_allreduce(
     Members in ``exclude`` (found cheating by this peer's gradient checks) are left out of the span this peer
     reduces: their ``avg.part`` is refused; they may still fetch the result.
     """
+    if is_mirrored(group):  # two members: each sends the other everything, half a round trip
+        return await run_mirrored(server, group, flat, weight, exclude)
     cfg = server.config
     deadline = asyncio.get_running_loop().time() + cfg.allreduce_timeout_s
     spans = group.spans(flat.numel())

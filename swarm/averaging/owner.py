@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -22,6 +22,9 @@ from swarm.averaging.wire import PartCodec
 from swarm.errors import SwarmError
 from swarm.p2p import RpcContext, Transport
 from swarm.p2p.identity import PeerID
+
+if TYPE_CHECKING:
+    from swarm.averaging.mirrored import MirrorInbox
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +64,7 @@ class RoundState:
     encoded: dict[int, tuple[tuple[Any, ...], int]] = field(default_factory=dict)  # part -> (message, fetches left)
     excluded: set[int] = field(default_factory=set)  # members whose parts this owner refuses (gradient checks)
     served: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # lossy codecs: each result part as sent
+    mirror: MirrorInbox | None = None  # a mirrored round (two members, `swarm.averaging.mirrored`): the peer's vector
 
     def fetches_settled(self) -> bool:
         others = set(range(len(self.group.members))) - {self.group.my_index}
@@ -100,6 +104,7 @@ class AllReduceServer:
         self._expected: dict[tuple[str, bytes], asyncio.Event] = {}
         self._forming: set[str] = set()  # group keys our matchmaker is still forming a group under
         self._agreed = asyncio.Event()  # set (and replaced) whenever a round is expected or a key stops forming
+        self._kept: set[asyncio.Task[None]] = set()  # work a round leaves behind (a mirrored upload's ack)
 
     def register(self) -> None:
         self.transport.register_stream("avg.part", PartHeader, self.rpc_part)
@@ -108,6 +113,16 @@ class AllReduceServer:
     def unregister(self) -> None:
         for method in ("avg.part", "avg.result"):
             self.transport.unregister(method)
+        for task in self._kept:
+            task.cancel()
+
+    def keep(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task this server owns: it may outlive the round that started it, and `unregister`
+        cancels it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._kept.add(task)
+        task.add_done_callback(self._kept.discard)
+        return task
 
     def expect(self, group_key: str, round_id: bytes) -> None:
         """A round we agreed to: requests for it wait (up to ``join_timeout_s``) until it opens."""
@@ -168,18 +183,13 @@ class AllReduceServer:
     async def rpc_part(self, ctx: RpcContext, header: PartHeader, chunks: AsyncIterator[bytes]) -> tuple[PartAck, None]:
         """Take a sender's parts of our span, one chunk per part; drop the sender on stall, garbage or break."""
         state, sender = await self._round_for(ctx, header.group_key, header.round_id)
+        if state.mirror is not None:
+            self._start_sending(state, sender, ctx)
+            return await state.mirror.receive(self.codec, self.config.part_timeout_s, header, chunks), None
         reducer = state.reducer
         if reducer is None:
             raise SwarmError("this peer owns no span in the round (client mode or empty span)")
-        if sender in state.excluded:
-            raise SwarmError(
-                f"{ctx.peer_id.short()} is left out of this peer's span: its gradient parts failed "
-                "this peer's gradient checks (outlier or replayed)"
-            )
-        if sender in state.started:
-            raise SwarmError(f"{ctx.peer_id.short()} opened avg.part twice in one round")
-        state.started.add(sender)
-        state.changed.set()
+        self._start_sending(state, sender, ctx)
         received, why = 0, "the stream was cancelled (connection lost)"
         try:
             for index, (start, end) in enumerate(state.span_parts):
@@ -209,6 +219,19 @@ class AllReduceServer:
                 reducer.fail(sender)
                 state.changed.set()  # the round's own task reduces the parts this completes
         return PartAck(parts_received=received), None
+
+    @staticmethod
+    def _start_sending(state: RoundState, sender: int, ctx: RpcContext) -> None:
+        """SwarmError unless ``sender`` may send its parts now (not excluded, first time this round)."""
+        if sender in state.excluded:
+            raise SwarmError(
+                f"{ctx.peer_id.short()} is left out of this peer's span: its gradient parts failed "
+                "this peer's gradient checks (outlier or replayed)"
+            )
+        if sender in state.started:
+            raise SwarmError(f"{ctx.peer_id.short()} opened avg.part twice in one round")
+        state.started.add(sender)
+        state.changed.set()
 
     async def rpc_result(
         self, ctx: RpcContext, request: ResultRequest, chunks: AsyncIterator[bytes]

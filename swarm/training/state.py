@@ -26,6 +26,8 @@ from swarm.training.training_config import TrainingConfig
 from swarm.training.view import SwarmView
 from swarm.training.wiring import PeerSelector
 
+MAX_STEP_TIMES = 10_000  # step finish times a node keeps for its summary
+
 
 @dataclass(eq=False, kw_only=True)
 class TrainerState:
@@ -48,6 +50,7 @@ class TrainerState:
     samples_driven: int = 0
     first_sample_time: float | None = None
     finished_time: float | None = None  # when max_steps was reached (the run's end, lingering excluded)
+    step_times: dict[int, float] = field(default_factory=dict)  # step -> when the served stage finished it (wall)
     needs_sync: bool = False  # the last step was averaged alone: adopt a peer's next state
     state_age_steps: int = 0  # steps applied since the served weights were last loaded (digest tie-break)
     last_digest: bytes = b""  # the served weights' digest stated at the last averaging
@@ -113,6 +116,12 @@ class TrainerState:
             if r.stage == stage and p != self.me and p not in exclude and evidence.backs(r.step)
         ]
         return sorted(found, key=lambda item: (-item[1], item[0].to_bytes()))
+
+    def record_step_time(self, step: int) -> None:
+        """Note when the served stage finished ``step`` (the newest ``MAX_STEP_TIMES`` are kept, for the summary)."""
+        self.step_times[step] = time.time()
+        while len(self.step_times) > MAX_STEP_TIMES:
+            del self.step_times[next(iter(self.step_times))]
 
     def step_samples(self, step: int) -> int:
         """The samples of ``step`` done so far: the others' progress records plus this node's own count."""

@@ -97,6 +97,7 @@ class Stepper:
         if self.outer is not None:  # local_sgd: no all-reduce but every inner_steps (swarm.training.outer_sync)
             await self.outer.finish_step(server, step)
             st.notify()
+            st.record_step_time(step)
             if server.step % st.cfg.save_every_steps == 0:
                 await asyncio.to_thread(self.sync.save_checkpoint)
             await self.records.publish_record()
@@ -123,6 +124,7 @@ class Stepper:
         else:
             phases = await self._average_and_apply(server, closed_step)
         st.notify()
+        st.record_step_time(step)
         now = time.monotonic()
         elapsed, st.step_opened = now - st.step_opened, now
         log.info(

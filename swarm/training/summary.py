@@ -97,6 +97,7 @@ class NodeSummary(Message):
     served_samples: int = 0  # samples its stage served
     first_sample_time: float | None = None
     end_time: float | None = None  # when it reached max_steps (or stopped)
+    step_times: dict[int, float] = field(default_factory=dict)  # step -> when its stage finished it (wall clock)
     loss_floor: float | None = None  # the data's loss floor, when known
     eval_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss (the evaluator only)
     verification: VerificationSummary | None = None
@@ -128,16 +129,17 @@ class NodeSummary(Message):
         return self.verification is not None and self.verification.misbehave is not None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of the file (step keys of ``losses`` as strings)."""
+        """The JSON object of the file (step keys of ``losses``, ``eval_losses``, ``step_times`` as strings)."""
         obj = self.to_wire()
         obj["losses"] = {str(step): list(losses) for step, losses in sorted(self.losses.items())}
         obj["eval_losses"] = {str(step): loss for step, loss in sorted(self.eval_losses.items())}
+        obj["step_times"] = {str(step): t for step, t in sorted(self.step_times.items())}
         return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> NodeSummary:
         """Check a decoded JSON object; ProtocolError if it is not a summary."""
-        for name in ("losses", "eval_losses"):
+        for name in ("losses", "eval_losses", "step_times"):
             if isinstance(obj, dict) and isinstance(obj.get(name), dict):
                 try:
                     obj = {**obj, name: {int(step): value for step, value in obj[name].items()}}

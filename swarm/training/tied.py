@@ -324,9 +324,16 @@ class TiedService:
     async def _fetch(self, peer: PeerID, request: TiedRequest, mine: torch.Tensor, with_weight: bool) -> _Answer | None:
         """``peer``'s tied gradient (and matrix, ``with_weight``) of the request's step, or None (logged)."""
         try:
-            theirs = await self._call(peer, request, mine)
-            weight = await self._call(peer, replace(request, what="weight"), mine) if with_weight else None
-            return _Answer(peer=peer, grad=theirs, weight=weight)
+            if not with_weight:
+                return _Answer(peer=peer, grad=await self._call(peer, request, mine), weight=None)
+            # a re-tie step: both asked at once (each waits on the peer for the same step), not one after the other
+            grad = asyncio.ensure_future(self._call(peer, request, mine))
+            try:
+                weight = await self._call(peer, replace(request, what="weight"), mine)
+                return _Answer(peer=peer, grad=await grad, weight=weight)
+            finally:
+                grad.cancel()
+                await asyncio.gather(grad, return_exceptions=True)
         except (SwarmError, TimeoutError, OSError) as e:
             log.warning(
                 "%s: tied gradient of step %d from %s failed: %s",

@@ -215,6 +215,7 @@ class TrainingRole(RunLoop):
             elapsed_s=time.monotonic() - st.started,
             first_sample_time=st.first_sample_time,
             end_time=st.finished_time or time.time(),
+            step_times=dict(st.step_times),
             loss_floor=self.driving.data.loss_floor,
             run_id=st.run_id,
             served_samples=st.server.total_samples if st.server else 0,

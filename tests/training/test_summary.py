@@ -24,6 +24,7 @@ TRAINER = NodeSummary(
     served_samples=128,
     first_sample_time=1_700_000_000.0,
     end_time=1_700_000_010.0,
+    step_times={9: 1_700_000_009.0, 10: 1_700_000_009.75},
     loss_floor=1.25,
     verification=VerificationSummary(misbehave="lazy", orchestrator_candidate=True, attested_windows=[0, 1]),
 )
@@ -58,6 +59,7 @@ def test_the_file_keeps_the_keys_the_launcher_and_older_readers_know(tmp_path: P
     obj = json.loads(path.read_text())
     assert obj["role"] == "auto" and obj["peer_id"] == "12D3KooWtrainer" and obj["stage"] == 1
     assert obj["losses"] == {"0": [5.5, 5.25], "10": [3.0]}
+    assert obj["step_times"] == {"9": 1_700_000_009.0, "10": 1_700_000_009.75}
     assert obj["verification"]["misbehave"] == "lazy" and obj["verification"]["attested_windows"] == [0, 1]
     assert TRAINER.misbehaving and not VALIDATOR.misbehaving
 
