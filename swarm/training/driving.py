@@ -99,11 +99,16 @@ class Driving:
         st = self.state
         index = st.next_index.get(step, 0)
         st.next_index[step] = index + 1
-        mb = await asyncio.to_thread(self.data.microbatch, step, index)
-        if st.first_sample_time is None:
-            st.first_sample_time = time.time()
-        st.inflight[step] = st.inflight.get(step, 0) + mb.num_samples
+        # counted in flight before the microbatch loads: the other workers' `may_start` must see it at once, or
+        # every worker starts one while the first still loads and the driver feeds more than its share
+        reserved = st.run_cfg.batch.microbatch_size
+        st.inflight[step] = st.inflight.get(step, 0) + reserved
         try:
+            mb = await asyncio.to_thread(self.data.microbatch, step, index)
+            st.inflight[step] += mb.num_samples - reserved
+            reserved = mb.num_samples
+            if st.first_sample_time is None:
+                st.first_sample_time = time.time()
             loss = await self.driver.run_microbatch(mb)
         except StaleStepError:
             loss = None
@@ -113,7 +118,7 @@ class Driving:
             await asyncio.sleep(1.0)
             return
         finally:
-            st.inflight[step] -= mb.num_samples
+            st.inflight[step] -= reserved
         if loss is None:  # the step closed first: the others must still see this driver's whole part of it
             await self.records.publish_final_part(step)
             return

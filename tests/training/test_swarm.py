@@ -26,6 +26,10 @@ async def test_four_nodes_train_two_per_stage_and_replicas_agree() -> None:
         async with asyncio.timeout(120):
             await asyncio.gather(*(n.task for n in nodes))
         assert all(n.role.server.step == 4 for n in nodes)
+        # each of the 2 drivers feeds its share (2 of the step's 4 microbatches), though it has 4 workers: at most
+        # one more microbatch each per step (a retry), not a whole extra share
+        fed = sum(n.role.server.total_samples for n in nodes if n.role.server.index == 0)
+        assert fed <= 4 * (64 + 2 * 16), fed
         losses = [sum(v) / len(v) for n in nodes for k, v in sorted(n.role.losses.items()) if k == 0]
         last = [sum(v) / len(v) for n in nodes for k, v in sorted(n.role.losses.items()) if k == 3]
         assert losses and last and max(last) < min(losses) - 0.2
