@@ -151,9 +151,10 @@ async def run_mirrored(
     state = RoundState(group=group, span_parts=parts, reducer=None, excluded=excluded, mirror=inbox)
     upload = _Upload(server, group, flat, parts, weight)
     server.open(state)
+    sending = None
     try:
         deadline = asyncio.get_running_loop().time() + cfg.allreduce_timeout_s
-        server.keep(upload.run(deadline))
+        sending = server.keep(upload.run(deadline))
         async with asyncio.timeout_at(deadline):
             await _wait_inbox(server, group, inbox)
             await upload.settled.wait()
@@ -166,6 +167,9 @@ async def run_mirrored(
         )
     finally:
         server.close(state)
+        if sending is not None and not upload.handed_over:  # it may still read the vector we are about to write
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
     mine = upload.own if upload.handed_over and not upload.failed else None
     theirs = inbox.values if inbox.complete else None
     entries = [(group.my_index, weight, mine), (1 - group.my_index, inbox.weight, theirs)]
