@@ -18,8 +18,11 @@ from swarm.testing.netbed.namespaces import list_namespaces
 pytestmark = [pytest.mark.integration]
 
 OWNER = """
-import json, subprocess, sys, time
+import json, signal, subprocess, sys, time
 from swarm.testing.netbed import Bed, BedConfig
+# Python's usual SIGINT handling, as in a script started from a shell: a background job of a non-interactive shell
+# (a CI runner's) starts with SIGINT ignored, which the owner would inherit and then never see the signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 bed = Bed(BedConfig(hosts=2)).start()
 sleeper = bed.popen(0, ["sleep", "600"])
 deadline = time.monotonic() + 30
